@@ -1,0 +1,268 @@
+"""The stack config: one YAML file, validated by pydantic models with extra="forbid".
+
+Errors name the file, the key path and what is allowed (`ConfigError`). Engine arguments are
+checked against vLLM's own argument parser (`serving.engine.args`), so a typo or a bad value
+fails at start, not inside a replica half a minute later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; str() is the message a user reads."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    gateway_replicas: int = Field(
+        1, ge=1, description="Gateway replicas per node; they share the port (SO_REUSEPORT)."
+    )
+    engine_host: str = Field(
+        "127.0.0.1",
+        description="Address each engine replica's HTTP server binds to. Use 0.0.0.0 on a "
+        "multi-node cluster; replicas then advertise their node IP to the gateway.",
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger requests get 413.")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray cluster to join (e.g. 'auto'); null starts a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray.")
+
+
+class AutoscalingConfig(_Strict):
+    """Passed to Ray Serve's autoscaling_config as it is."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve options for the deployment that serves one model."""
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count.")
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per replica.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per replica (tensor_parallel_size).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="How long a replica may take to load weights and answer."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        return self
+
+
+class ModelConfig(_Strict):
+    weights: str = Field(description="Name of a model manifest under models/ (models/NAME/manifest.yaml).")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (the `vllm serve` flags, snake_case), validated by vLLM.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for the engine process (e.g. VLLM_CPU_KVCACHE_SPACE)."
+    )
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_keys_owned_by_keel(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(engine) & ENGINE_ARGS_SET_BY_KEEL)
+        if owned:
+            raise ValueError(
+                f"{', '.join(owned)} is set by Keel (weights come from the manifest, the "
+                "served name is the key under models:, host/port are per replica)"
+            )
+        return engine
+
+
+# Engine flags Keel derives itself; a config that sets them is rejected.
+ENGINE_ARGS_SET_BY_KEEL = {"model", "served_model_name", "host", "port", "tokenizer"}
+
+
+class KeelConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    models: dict[str, ModelConfig] = Field(description="Public model name -> how it is served.")
+    models_dir: str | None = Field(
+        None, description="Directory of model manifests; default: the repository's models/."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        if not models:
+            raise ValueError("configure at least one model")
+        for name in models:
+            if not name or any(c.isspace() for c in name):
+                raise ValueError(f"model name {name!r} must be non-empty with no whitespace")
+        return models
+
+
+class ModelManifest(_Strict):
+    """models/NAME/manifest.yaml: a registered set of weights."""
+
+    name: str
+    description: str = ""
+    format: Literal["huggingface"] = "huggingface"
+    path: str = Field(description="Weights directory; relative paths are relative to the manifest.")
+    builder: Literal["demo"] | None = Field(
+        None, description="How Keel makes the weights when they are missing (demo: the tiny Llama)."
+    )
+    corpus: str | None = Field(None, description="Tokenizer training text for the demo builder.")
+
+    def resolved_path(self, manifest_dir: Path) -> Path:
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else (manifest_dir / p).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, *, check_engine_args: bool = True) -> KeelConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, source=str(path), check_engine_args=check_engine_args)
+
+
+def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool = True) -> KeelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with at least `models:`")
+    try:
+        cfg = KeelConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, KeelConfig)) from None
+    problems = []
+    for name, model in cfg.models.items():
+        try:
+            load_manifest(cfg, model.weights)
+        except ConfigError as e:
+            problems.append(f"{source}: models.{name}.weights: {e}")
+    if check_engine_args:
+        from serving.engine.args import EngineArgsError, validate_engine_args
+
+        for name, model in cfg.models.items():
+            try:
+                validate_engine_args(model.engine)
+            except EngineArgsError as e:
+                problems.append(f"{source}: models.{name}.engine{('.' + e.key) if e.key else ''}: {e.message}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def models_dir(cfg: KeelConfig) -> Path:
+    return Path(cfg.models_dir).resolve() if cfg.models_dir else DEFAULT_MODELS_DIR
+
+
+def load_manifest(cfg: KeelConfig, name: str) -> tuple[ModelManifest, Path]:
+    """Return the manifest of registered weights NAME and the directory the weights live in."""
+    base = models_dir(cfg)
+    file = base / name / "manifest.yaml"
+    if not file.is_file():
+        known = sorted(p.parent.name for p in base.glob("*/manifest.yaml"))
+        raise ConfigError(f"no model manifest {file}; registered: {', '.join(known) or 'none'}")
+    try:
+        manifest = ModelManifest.model_validate(yaml.safe_load(file.read_text()))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(file), ModelManifest)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+    return manifest, manifest.resolved_path(file.parent)
+
+
+def config_json_schema() -> dict:
+    schema = KeelConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Keel stack config"
+    return schema
+
+
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, e["loc"][:-1])
+            msg = "unknown key"
+            if allowed:
+                close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+                msg += f"; did you mean {close[0]!r}?" if close else ""
+                msg += f" Allowed: {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("dict_type", "model_type"):
+            msg += f" (got {json.dumps(e['input'], default=str)})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the pydantic model found at loc (walks dict values by key)."""
+    model: Any = root
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(str(part))
+        if field is None:  # a dict key such as a model name
+            continue
+        model = _inner_model(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return sorted(model.model_fields)
+    return []
+
+
+def _inner_model(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,119 @@
+"""The gateway's request path: a list of stages, each one small class with one interface.
+
+A stage sees a request once, after its head and body are read and before any byte goes to an
+engine (`on_request`), and once more when the request ends, however it ends (`on_complete`).
+It rejects a request by raising `GatewayError`. Stages never see the response stream: after
+the decision the gateway only copies bytes (see docs/architecture.md for why).
+
+Adding a concern to the request path (auth, quotas, guardrails, routing, audit) is one class
+here and one entry in `default_stages`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serving.errors import GatewayError
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)
+    payload: dict[str, Any] | None = None  # the parsed JSON body
+    model: str | None = None  # the public model name
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the engine
+    response_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the client
+    stages_entered: int = 0  # how many stages' on_request ran: they, and only they, see on_complete
+
+
+@dataclass
+class Outcome:
+    """How a request ended, as the client saw it."""
+
+    status: int  # HTTP status sent; 499 when the client went away first
+    error: str | None = None  # the error message sent, if any
+    first_byte_at: float | None = None
+    finished_at: float = field(default_factory=time.monotonic)
+    bytes_out: int = 0
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_request(self, ctx: RequestContext) -> None: ...
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None: ...
+
+
+class Pipeline:
+    """Runs stages in order; every stage whose on_request ran sees on_complete (in reverse)."""
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = list(stages)
+
+    async def admit(self, ctx: RequestContext) -> None:
+        """Run each stage's on_request; a GatewayError from one stops the rest and propagates."""
+        for stage in self.stages:
+            ctx.stages_entered += 1
+            await stage.on_request(ctx)
+
+    def complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        for stage in reversed(self.stages[: ctx.stages_entered]):
+            stage.on_complete(ctx, outcome)
+
+
+class ParseBody:
+    """Malformed JSON, or a body that is not an object, is a 400 before anything else runs."""
+
+    name = "parse_body"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if not ctx.body:
+            raise GatewayError(400, "The request body is empty; send a JSON object.")
+        try:
+            payload = json.loads(ctx.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise GatewayError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+        ctx.payload = payload
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        pass
+
+
+class ResolveModel:
+    """The `model` field names one of the configured public models, or the request is 404."""
+
+    name = "resolve_model"
+
+    def __init__(self, models: list[str]):
+        self.models = set(models)
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        model = (ctx.payload or {}).get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "`model` is required and must be a string.", param="model")
+        if model not in self.models:
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist. Available: {', '.join(sorted(self.models))}.",
+                code="model_not_found",
+                param="model",
+            )
+        ctx.model = model
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        pass
+
+
+def default_stages(models: list[str]) -> list[Stage]:
+    return [ParseBody(), ResolveModel(models)]
