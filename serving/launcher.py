@@ -1,0 +1,86 @@
+"""`keel serve`: start Ray (or join a cluster), deploy the stack, wait until it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from serving.config import KeelConfig
+from serving.httpraw import http_get
+from serving.models import ensure_weights
+
+log = logging.getLogger("keel")
+
+
+def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=None) -> None:
+    for name, mc in cfg.models.items():
+        ensure_weights(cfg, mc.weights)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app
+
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
+        url = f"http://{cfg.server.host}:{cfg.server.port}"
+        wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop)
+        if stop.is_set():
+            return
+        print(ready_message(cfg, url), flush=True)
+        if on_ready:
+            on_ready()
+        while not stop.wait(1.0):
+            pass
+        print("\nKeel: stopping...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        print("Keel: stopped.", flush=True)
+
+
+def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    check_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            status, _ = asyncio.run(http_get(check_host, port, "/health", timeout=2.0))
+            if status == 200:
+                return
+        except (OSError, asyncio.TimeoutError, ValueError):
+            pass
+        time.sleep(0.5)
+    if not stop.is_set():
+        raise TimeoutError(f"Keel did not become ready on {host}:{port} within {timeout_s:.0f}s")
+
+
+def ready_message(cfg: KeelConfig, url: str) -> str:
+    model = next(iter(cfg.models))
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello"}], '
+            '"max_tokens": 32, "stream": true}' % model)
+    return (
+        f"\nKeel is ready on {url}  models: {', '.join(cfg.models)}\n"
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"  (Ctrl-C stops Keel and Ray)\n"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `keel serve`")
