@@ -19,6 +19,8 @@ from serving.gateway.replica import GatewayReplica
 from serving.registry import EndpointRegistry
 
 APP_NAME = "keel"
+# Serve's access log would log every heartbeat and registry poll; requests never pass Ray.
+_QUIET = {"enable_access_log": False}
 
 
 class _RegistryClient:
@@ -71,6 +73,7 @@ def engine_deployment_options(cfg: KeelConfig, name: str) -> dict:
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
         "graceful_shutdown_timeout_s": 30,
+        "logging_config": _QUIET,
     }
     if d.autoscaling is not None:
         opts["autoscaling_config"] = {
@@ -84,7 +87,12 @@ def engine_deployment_options(cfg: KeelConfig, name: str) -> dict:
 
 def build_app(cfg: KeelConfig) -> serve.Application:
     registry = serve.deployment(
-        EndpointRegistry, name="endpoint-registry", num_replicas=1, ray_actor_options={"num_cpus": 0}
+        EndpointRegistry,
+        name="endpoint-registry",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,  # long polls from every gateway + heartbeats
+        logging_config=_QUIET,
     ).bind()
     engines = {
         f"engine_{i}": serve.deployment(EngineDeployment, **engine_deployment_options(cfg, name)).bind(
@@ -97,4 +105,5 @@ def build_app(cfg: KeelConfig) -> serve.Application:
         name="gateway",
         num_replicas=cfg.server.gateway_replicas,
         ray_actor_options={"num_cpus": 0},
+        logging_config=_QUIET,
     ).bind(cfg.model_dump(mode="json"), registry, **engines)

@@ -16,7 +16,7 @@ from serving.gateway.stages import Pipeline, default_stages
 
 log = logging.getLogger("keel.gateway")
 
-REFRESH_S = 0.5
+WATCH_TIMEOUT_S = 30.0
 
 
 def build_gateway(cfg: KeelConfig) -> Gateway:
@@ -77,20 +77,23 @@ class GatewayReplica:
         self.cfg = KeelConfig.model_validate(config)
         self.registry = registry
         self.server = GatewayThread(build_gateway(self.cfg))
-        await self._refresh()
+        self._version = -1
+        await self._refresh(timeout_s=0)
         self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
         log.info("gateway listening on %s:%s", self.cfg.server.host, self.cfg.server.port)
 
-    async def _refresh(self) -> None:
-        self.server.update_endpoints(await self.registry.snapshot.remote())
+    async def _refresh(self, timeout_s: float = WATCH_TIMEOUT_S) -> None:
+        self._version, snapshot = await self.registry.watch.remote(self._version, timeout_s)
+        self.server.update_endpoints(snapshot)
 
     async def _poll_loop(self) -> None:
+        """Long-polls the registry: a replica that comes or goes reaches the gateway at once."""
         while True:
-            await asyncio.sleep(REFRESH_S)
             try:
                 await self._refresh()
             except Exception:
                 log.warning("endpoint registry unreachable; keeping the last snapshot", exc_info=True)
+                await asyncio.sleep(1.0)
 
     async def check_health(self) -> None:
         if not self.server.alive():

@@ -1,0 +1,86 @@
+"""A stand-in engine HTTP server for gateway unit tests (the e2e tests use real vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+
+METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="demo"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="demo"} 3.0
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 1.0
+"""
+
+
+class FakeEngine:
+    """Streams `chunks` SSE events per request, `delay` apart; or answers `error_status`."""
+
+    def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b""):
+        self.chunks = chunks
+        self.delay = delay
+        self.error_status = error_status
+        self.error_body = error_body
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.disconnects = 0
+        self.completed = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        lines = head.split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if ":" in l)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        if lines[0].startswith("GET /metrics"):
+            text = METRICS.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(text) + text)
+            await writer.drain()
+            writer.close()
+            return
+        self.requests.append((lines[0], headers, body))
+        if self.error_status:
+            writer.write(
+                f"HTTP/1.1 {self.error_status} Err\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(self.error_body)}\r\nconnection: close\r\n\r\n".encode() + self.error_body
+            )
+            await writer.drain()
+            writer.close()
+            return
+        stream = json.loads(body).get("stream", False)
+        try:
+            if not stream:
+                payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
+                             b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                for i in range(self.chunks):
+                    event = b"data: " + json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() + b"\n\n"
+                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    await writer.drain()
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    if reader.at_eof():
+                        raise ConnectionResetError
+                done = b"data: [DONE]\n\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+            self.completed += 1
+        except (ConnectionResetError, BrokenPipeError):
+            self.disconnects += 1
+        finally:
+            writer.close()

@@ -1,0 +1,122 @@
+"""Config validation: a bad config fails at start naming the file, the key path and what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.cli import main as keel
+from serving.config import ConfigError, config_json_schema, load_config, parse_config
+from serving.engine.args import EngineArgsError, to_cli_args, validate_engine_args
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {"models": {"demo": {"weights": "demo-tiny", "engine": {"dtype": "float32", "max_model_len": 512}}}}
+
+
+def write(tmp_path, doc) -> Path:
+    p = tmp_path / "stack.yaml"
+    p.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)
+    return p
+
+
+def err(tmp_path, doc, check_engine_args=False) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, doc), check_engine_args=check_engine_args)
+    return str(e.value)
+
+
+def test_shipped_configs_are_valid():
+    for name in ("local.yaml", "gpu.example.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.models
+
+
+def test_unknown_key_names_file_path_and_allowed_keys(tmp_path):
+    msg = err(tmp_path, {**GOOD, "server": {"prot": 8000}})
+    assert str(tmp_path / "stack.yaml") in msg
+    assert "server.prot: unknown key; did you mean 'port'?" in msg
+    assert "Allowed: " in msg and "host" in msg
+
+
+def test_unknown_key_inside_a_named_model(tmp_path):
+    doc = {"models": {"demo": {"weights": "demo-tiny", "deployment": {"replicas": 2}}}}
+    msg = err(tmp_path, doc)
+    assert "models.demo.deployment.replicas: unknown key" in msg
+    assert "num_replicas" in msg
+
+
+def test_wrong_type_shows_the_value(tmp_path):
+    msg = err(tmp_path, {**GOOD, "server": {"port": "eighty"}})
+    assert "server.port:" in msg and '"eighty"' in msg
+
+
+def test_missing_models_and_empty_models(tmp_path):
+    assert "models: required key is missing" in err(tmp_path, {"server": {}})
+    assert "at least one model" in err(tmp_path, {"models": {}})
+
+
+def test_unregistered_weights_list_the_registered_ones(tmp_path):
+    msg = err(tmp_path, {"models": {"demo": {"weights": "gpt-17"}}})
+    assert "models.demo.weights" in msg and "demo-tiny" in msg
+
+
+def test_replicas_and_autoscaling_are_exclusive(tmp_path):
+    doc = {"models": {"demo": {"weights": "demo-tiny", "deployment": {
+        "num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3}}}}}
+    assert "either num_replicas or autoscaling" in err(tmp_path, doc)
+
+
+def test_engine_args_that_keel_sets_are_rejected(tmp_path):
+    doc = {"models": {"demo": {"weights": "demo-tiny", "engine": {"port": 9000}}}}
+    assert "port is set by Keel" in err(tmp_path, doc)
+
+
+def test_engine_args_are_checked_by_vllm(tmp_path):
+    typo = {"models": {"demo": {"weights": "demo-tiny", "engine": {"max_model_lenn": 512}}}}
+    msg = err(tmp_path, typo, check_engine_args=True)
+    assert "models.demo.engine.max_model_lenn: not a vLLM engine argument; did you mean max_model_len" in msg
+    bad_choice = {"models": {"demo": {"weights": "demo-tiny", "engine": {"dtype": "float33"}}}}
+    msg = err(tmp_path, bad_choice, check_engine_args=True)
+    assert "models.demo.engine.dtype" in msg and "float32" in msg  # lists the allowed values
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    assert "not valid YAML" in err(tmp_path, "models: [unclosed")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_engine_mapping_becomes_vllm_flags():
+    flags = to_cli_args({"max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False,
+                         "served_extra": None, "override_generation_config": {"temperature": 0.5}})
+    assert flags == ["--max-model-len", "512", "--enforce-eager", "--no-enable-prefix-caching",
+                     "--override-generation-config", '{"temperature": 0.5}']
+    validate_engine_args({"max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False})
+    with pytest.raises(EngineArgsError):
+        validate_engine_args({"max_model_len": "lots"})
+
+
+def test_json_schema_forbids_unknown_keys_and_documents_fields():
+    schema = config_json_schema()
+    assert schema["additionalProperties"] is False
+    assert "models" in schema["required"]
+    server = schema["$defs"]["ServerConfig"]
+    assert server["additionalProperties"] is False and "port" in server["properties"]
+
+
+def test_cli_validate_and_schema(tmp_path, capsys):
+    assert keel(["config", "validate", str(REPO / "configs" / "local.yaml")]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert keel(["config", "validate", str(write(tmp_path, {**GOOD, "extra": 1}))]) == 2
+    assert "extra: unknown key" in capsys.readouterr().err
+    out = tmp_path / "schema.json"
+    assert keel(["config", "schema", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["title"] == "Keel stack config"
+
+
+def test_parse_config_rejects_non_mapping():
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["models"], check_engine_args=False)

@@ -1,0 +1,96 @@
+"""Endpoint registry, replica choice and the autoscaling policy: plain Python, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from serving.autoscaling import engine_load_policy
+from serving.engine.replica import engine_load
+from serving.gateway.endpoints import EndpointPool
+from serving.registry import EndpointRegistry
+from tests.unit.fake_engine import METRICS
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_registry_expires_silent_replicas_and_versions_changes():
+    clock = Clock()
+    reg = EndpointRegistry(ttl_s=10, clock=clock)
+    reg.heartbeat("demo", "a", "127.0.0.1", 9001)
+    reg.heartbeat("demo", "b", "127.0.0.1", 9002)
+    v = reg.version
+    clock.t += 6
+    reg.heartbeat("demo", "a", "127.0.0.1", 9001)  # a renewal is not a change
+    assert reg.version == v
+    clock.t += 6
+    assert [e["replica_id"] for e in reg.snapshot()["demo"]] == ["a"]
+    assert reg.version == v + 1
+    reg.remove("a")
+    assert reg.snapshot() == {}
+
+
+def test_registry_watch_returns_on_change_and_on_timeout():
+    async def go():
+        reg = EndpointRegistry()
+        v0, snap0 = await reg.watch(-1, timeout_s=5)  # unknown version: answers at once
+        waiter = asyncio.create_task(reg.watch(v0, timeout_s=5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        reg.heartbeat("demo", "a", "10.0.0.1", 9000)
+        v1, snap1 = await asyncio.wait_for(waiter, 1)
+        v2, _ = await reg.watch(v1, timeout_s=0.05)
+        return snap0, v0, v1, snap1, v2
+
+    snap0, v0, v1, snap1, v2 = asyncio.run(go())
+    assert snap0 == {} and v1 == v0 + 1 and v2 == v1
+    assert snap1 == {"demo": [{"model": "demo", "replica_id": "a", "host": "10.0.0.1", "port": 9000}]}
+
+
+def test_pool_prefers_least_loaded_and_skips_down_replicas():
+    clock = Clock()
+    pool = EndpointPool(cooldown_s=5, clock=clock)
+    pool.update({"demo": [{"replica_id": r, "host": "h", "port": p} for r, p in (("a", 1), ("b", 2))]})
+    a, b = pool.all()
+    a.in_flight = 3
+    assert pool.pick("demo") is b
+    pool.mark_down(b)
+    assert pool.pick("demo") is a and pool.count("demo") == 1
+    clock.t += 6
+    assert pool.pick("demo") is b
+    assert pool.pick("other") is None
+
+
+def test_pool_update_keeps_in_flight_counts_of_surviving_replicas():
+    pool = EndpointPool()
+    pool.update({"demo": [{"replica_id": "a", "host": "h", "port": 1}]})
+    pool.all()[0].in_flight = 2
+    pool.update({"demo": [{"replica_id": "a", "host": "h", "port": 1}, {"replica_id": "b", "host": "h", "port": 2}]})
+    assert sorted(e.in_flight for e in pool.all()) == [0, 2]
+
+
+def test_engine_load_sums_running_and_waiting():
+    assert engine_load(METRICS) == 5.0
+    assert engine_load("") == 0.0
+
+
+def _ctx(current, loads, target=16):
+    return SimpleNamespace(
+        current_num_replicas=current,
+        target_num_replicas=current,
+        aggregated_metrics={"ongoing_requests": dict(enumerate(loads))},
+        config=SimpleNamespace(get_target_ongoing_requests=lambda: target),
+    )
+
+
+def test_autoscaling_policy_scales_with_engine_load():
+    assert engine_load_policy(_ctx(2, [32, 32]))[0] == 4  # 64 in flight / 16 per replica
+    assert engine_load_policy(_ctx(2, [4, 4]))[0] == 0.5  # Ray clamps to min_replicas
+    assert engine_load_policy(_ctx(1, []))[0] == 0
+    assert engine_load_policy(_ctx(0, [])) == (0, {})
