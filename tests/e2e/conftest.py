@@ -1,0 +1,84 @@
+"""Starts the real stack (keel serve: Ray Serve + vLLM on the demo model) once per session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, url: str, model: str, log: Path):
+        self.url = url
+        self.model = model
+        self.log = log
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, frozenset(s.labels.items()))] = s.value
+        return out
+
+    def metric_sum(self, name: str, **labels) -> float:
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.metrics().items() if n == name and want <= ls)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    cfg = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    port = _free_port()
+    cfg["server"]["port"] = port
+    tmp = tmp_path_factory.mktemp("stack")
+    cfg_path = tmp / "stack.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log = tmp / "keel-serve.log"
+    keel = Path(sys.executable).with_name("keel")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(keel), "serve", str(cfg_path)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "Keel is ready" not in log.read_text(errors="replace"):
+            if proc.poll() is not None:
+                pytest.fail(f"keel serve exited with {proc.returncode}:\n{log.read_text(errors='replace')[-5000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"keel serve not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text(errors='replace')[-5000:]}")
+            time.sleep(1)
+        yield Stack(url, next(iter(cfg["models"])), log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Serve and Ray shut down
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def client(stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)

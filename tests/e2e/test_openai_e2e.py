@@ -1,0 +1,118 @@
+"""The real path, driven by the official openai client: gateway -> engine replica (Ray Serve) -> vLLM."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+IGNORE_EOS = {"ignore_eos": True}
+
+
+def test_streaming_chat_with_usage(client, stack):
+    stream = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "Tell me about licences."}],
+        max_tokens=24, stream=True, stream_options={"include_usage": True}, extra_body=IGNORE_EOS,
+    )
+    text, usage, chunks = "", None, 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            chunks += 1
+        if chunk.usage:
+            usage = chunk.usage
+    assert text.strip()
+    assert usage is not None and usage.completion_tokens == 24 and usage.prompt_tokens > 0
+    assert chunks >= 2  # streamed, not delivered in one piece
+
+
+def test_non_streaming_completion(client, stack):
+    r = client.completions.create(model=stack.model, prompt="The licence says", max_tokens=8, extra_body=IGNORE_EOS)
+    assert r.choices[0].text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+
+
+def test_models_endpoint_lists_the_configured_model(client, stack):
+    assert [m.id for m in client.models.list().data] == [stack.model]
+
+
+def test_usage_matches_what_the_engine_counted(client, stack):
+    before_p = stack.metric_sum("vllm:prompt_tokens_total")
+    before_g = stack.metric_sum("vllm:generation_tokens_total")
+    r = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "count me"}],
+                                       max_tokens=17, extra_body=IGNORE_EOS)
+    assert stack.metric_sum("vllm:prompt_tokens_total") - before_p == r.usage.prompt_tokens
+    assert stack.metric_sum("vllm:generation_tokens_total") - before_g == r.usage.completion_tokens == 17
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404
+    assert e.value.body["code"] == "model_not_found"
+    assert e.value.response.headers["x-request-id"]
+
+
+def test_malformed_json_is_400(stack):
+    r = httpx.post(stack.url + "/v1/chat/completions", content=b'{"model": "demo", "messages": [',
+                   headers={"content-type": "application/json", "x-request-id": "bad-json-1"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.headers["x-request-id"] == "bad-json-1" == r.json()["error"]["request_id"]
+
+
+def test_prompt_plus_max_tokens_over_context_is_400(client, stack):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    assert e.value.status_code == 400
+    assert "512" in e.value.message  # names the model's context length
+    long_prompt = "licence " * 2000
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=stack.model, prompt=long_prompt, max_tokens=16)
+
+
+def test_request_id_is_echoed(stack):
+    r = httpx.post(stack.url + "/v1/completions", headers={"x-request-id": "trace-42"},
+                   json={"model": stack.model, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+
+
+def test_client_disconnect_aborts_generation_in_the_engine(client, stack):
+    max_tokens = 480  # several seconds of generation on the demo model
+    before = stack.metric_sum("vllm:generation_tokens_total")
+    stream = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "go on"}], max_tokens=max_tokens,
+        stream=True, extra_body=IGNORE_EOS,
+    )
+    # Hang up as soon as the stream has started (response head received). Reading chunks first
+    # would race the tiny model, which can finish 480 tokens before a slow client reads four.
+    stream.close()
+    deadline = time.monotonic() + 30
+    while stack.metric_sum("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stack.metric_sum("vllm:num_requests_running") == 0
+    time.sleep(1.0)
+    generated = stack.metric_sum("vllm:generation_tokens_total") - before
+    assert generated < max_tokens, "the engine generated every token: the request was not aborted"
+    assert stack.metric_sum("keel_requests_total", model=stack.model, status="499") >= 1
+
+
+def test_metrics_count_the_requests_made(client, stack):
+    ok_before = stack.metric_sum("keel_requests_total", model=stack.model, status="200")
+    for _ in range(3):
+        client.completions.create(model=stack.model, prompt="x", max_tokens=2)
+    assert stack.metric_sum("keel_requests_total", model=stack.model, status="200") - ok_before == 3
+    m = stack.metrics()
+    names = {n for n, _ in m}
+    for family in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                   "vllm:e2e_request_latency_seconds_bucket", "keel_request_duration_seconds_bucket"):
+        assert family in names, family
+
+
+def test_health_is_ready(stack):
+    r = httpx.get(stack.url + "/health")
+    assert r.status_code == 200 and r.json()["replicas"] == {stack.model: 1}
