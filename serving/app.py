@@ -104,6 +104,14 @@ def build_app(cfg: KeelConfig) -> serve.Application:
         GatewayDeployment,
         name="gateway",
         num_replicas=cfg.server.gateway_replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.gateway_resources)},
         logging_config=_QUIET,
     ).bind(cfg.model_dump(mode="json"), registry, **engines)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """For Serve config files and KubeRay RayService: `import_path: serving.app:app_builder`,
+    `args: {config: /path/to/keel.yaml}`."""
+    from serving.config import load_config
+
+    return build_app(load_config(args["config"]))

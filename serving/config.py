@@ -38,6 +38,11 @@ class ServerConfig(_Strict):
         description="Address each engine replica's HTTP server binds to. Use 0.0.0.0 on a "
         "multi-node cluster; replicas then advertise their node IP to the gateway.",
     )
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each gateway replica needs, e.g. {keel-gateway: 1} given "
+        "only to the nodes a load balancer sends traffic to.",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger requests get 413.")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
 
