@@ -23,6 +23,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from serving.priority import run_at_normal_priority
+
+    run_at_normal_priority("the engine")  # before any thread or the engine core starts: they inherit it
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--keel-parent"]:
         parent = int(argv[1])

@@ -13,6 +13,7 @@ import threading
 from serving.config import KeelConfig
 from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
+from serving.priority import run_at_normal_priority
 
 log = logging.getLogger("keel.gateway")
 
@@ -44,6 +45,7 @@ class GatewayThread:
         self.error: BaseException | None = None
 
         def run():
+            run_at_normal_priority("the gateway")  # this thread only; Ray's threads keep theirs
             asyncio.set_event_loop(self.loop)
             try:
                 self.loop.run_until_complete(gateway.start())
