@@ -53,7 +53,12 @@ class EngineReplica:
         cmd = [
             sys.executable, "-m", "serving.engine.server", "--keel-parent", str(os.getpid()),
             "--model", s.weights_path, "--served-model-name", s.model,
-            "--host", s.bind_host, "--port", str(self.port), *s.cli_args,
+            "--host", s.bind_host, "--port", str(self.port),
+            # A log line per request costs CPU in the engine, Ray's log monitor, the GCS and the
+            # driver, on the cores that generate tokens; the gateway accounts for requests.
+            # A config can turn it back on (disable_uvicorn_access_log: false): later flags win.
+            "--disable-uvicorn-access-log",
+            *s.cli_args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **s.env}
         # Own session: the whole engine (API server + engine core) can be signalled as a group.

@@ -308,3 +308,27 @@ def test_metrics_include_engine_metrics_labelled_by_replica():
     text = run(go())
     assert 'vllm:num_requests_running{engine="0",model_name="demo",replica="r1"} 2.0' in text
     assert "python_gc_objects_collected_total{" not in text.split("vllm:")[-1]
+
+
+def test_one_base_url_routes_each_model_to_its_own_replicas():
+    async def go():
+        a, b = FakeEngine(chunks=1), FakeEngine(chunks=1)
+        pa, pb = await a.start(), await b.start()
+        gw = Gateway(GatewaySettings(port=0, reuse_port=False), ["alpha", "beta"],
+                     Pipeline(default_stages(["alpha", "beta"])))
+        gw.update_endpoints({
+            "alpha": [{"model": "alpha", "replica_id": "a1", "host": "127.0.0.1", "port": pa}],
+            "beta": [{"model": "beta", "replica_id": "b1", "host": "127.0.0.1", "port": pb}],
+        })
+        await gw.start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
+            for model in ("alpha", "beta", "beta"):
+                assert (await c.post("/v1/completions", json={"model": model, "prompt": "x"})).status_code == 200
+            models = (await c.get("/v1/models")).json()
+        await gw.stop(); await a.stop(); await b.stop()
+        return a, b, models
+
+    a, b, models = run(go())
+    assert [json.loads(body)["model"] for _, _, body in a.requests] == ["alpha"]
+    assert [json.loads(body)["model"] for _, _, body in b.requests] == ["beta", "beta"]
+    assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
