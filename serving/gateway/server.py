@@ -402,6 +402,9 @@ class _Client(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length and length.isdigit() and int(length) > self.gateway.settings.max_body_bytes:
             self._too_large = True
+        elif self._headers.get("expect", "").lower() == "100-continue":
+            # curl sends this for bodies over 1 KiB and waits a second for it otherwise.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:

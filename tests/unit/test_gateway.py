@@ -332,3 +332,23 @@ def test_one_base_url_routes_each_model_to_its_own_replicas():
     assert [json.loads(body)["model"] for _, _, body in a.requests] == ["alpha"]
     assert [json.loads(body)["model"] for _, _, body in b.requests] == ["beta", "beta"]
     assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
+
+
+def test_expect_100_continue_is_answered_at_once():
+    async def go():
+        engine = FakeEngine()
+        gw, url = await start_gateway(engine)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        body = json.dumps({**CHAT, "stream": False}).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)  # curl would wait 1 s
+        writer.write(body)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        await gw.stop(); await engine.stop()
+        return interim, final
+
+    interim, final = run(go())
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200 OK")
