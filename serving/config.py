@@ -58,7 +58,9 @@ class RayConfig(_Strict):
 class AutoscalingConfig(_Strict):
     """Passed to Ray Serve's autoscaling_config as it is."""
 
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(
+        1, ge=1, description="At least 1: requests reach engines without passing Ray, so nothing "
+        "would wake a model scaled to zero.")
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(16, gt=0)
