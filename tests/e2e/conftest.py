@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,12 +45,15 @@ class Stack:
         return sum(v for (n, ls), v in self.metrics().items() if n == name and want <= ls)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    cfg = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+def local_config() -> dict:
+    return yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+
+
+@contextlib.contextmanager
+def running_stack(cfg: dict, tmp: Path):
+    """`keel serve` on cfg (port replaced by a free one) until ready; Ctrl-C on exit."""
     port = _free_port()
     cfg["server"]["port"] = port
-    tmp = tmp_path_factory.mktemp("stack")
     cfg_path = tmp / "stack.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     log = tmp / "keel-serve.log"
@@ -75,6 +79,12 @@ def stack(tmp_path_factory) -> Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    with running_stack(local_config(), tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 @pytest.fixture
