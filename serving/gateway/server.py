@@ -171,6 +171,7 @@ class Gateway:
                     code="model_not_ready",
                     headers={"retry-after": str(RETRY_AFTER_S)},
                 )
+            ep.in_flight += 1  # counted from the pick, so concurrent picks spread while connecting
             upstream = _Upstream(client, ctx, loop)
             try:
                 await asyncio.wait_for(
@@ -179,10 +180,13 @@ class Gateway:
                 )
                 break
             except (OSError, asyncio.TimeoutError):
+                ep.in_flight -= 1
                 log.warning("replica %s of %s at %s:%s unreachable", ep.replica_id, model, ep.host, ep.port)
                 self.pool.mark_down(ep)
                 tried += (ep,)
-        ep.in_flight += 1
+            except asyncio.CancelledError:
+                ep.in_flight -= 1
+                raise
         self.metrics.in_flight.labels(model).inc()
         try:
             if client.closed:
