@@ -36,11 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
     args = ap.parse_args(argv)
+    from serving.launcher import StartupError
+
     try:
         return _run(args)
     except ConfigError as e:
         print(f"keel: invalid config:\n{e}", file=sys.stderr)
         return 2
+    except (StartupError, TimeoutError) as e:
+        print(f"keel: {e}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -17,9 +18,29 @@ from serving.models import ensure_weights
 log = logging.getLogger("keel")
 
 
+class StartupError(RuntimeError):
+    """The stack could not start; str() is the message a user reads."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in a second, with a clear message, instead of after Ray's replica retries."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise StartupError(
+                f"{host}:{port} is not available ({e.strerror}): another Keel or server is listening "
+                "there; stop it or set server.port in the config"
+            ) from None
+
+
 def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=None) -> None:
     for name, mc in cfg.models.items():
         ensure_weights(cfg, mc.weights)
+    if not cfg.ray.address:  # on a cluster the gateway may run on another node
+        check_port_free(cfg.server.host, cfg.server.port)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's controller reconciles every 0.1 s by default; at 0.5 s it takes a fifth of the
     # CPU it did from the cores the engine uses, and replicas still start and heal in seconds.
@@ -40,7 +61,11 @@ def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=N
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(proxy_location="Disabled")
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
+        try:
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
+        except RuntimeError as e:  # Ray has logged each replica's error above
+            raise StartupError(f"the stack failed to start: {str(e).splitlines()[0]} (replica errors above; "
+                               "Serve logs in /tmp/ray/session_latest/logs/serve/)") from None
         url = f"http://{cfg.server.host}:{cfg.server.port}"
         wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop)
         if stop.is_set():

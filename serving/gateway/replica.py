@@ -25,7 +25,10 @@ def build_gateway(cfg: KeelConfig) -> Gateway:
     s = cfg.server
     return Gateway(
         GatewaySettings(host=s.host, port=s.port, max_body_bytes=s.max_body_bytes,
-                        connect_timeout_s=s.upstream_connect_timeout_s),
+                        connect_timeout_s=s.upstream_connect_timeout_s,
+                        # Only replicas of one stack share a port: a second stack started on a
+                        # taken port must fail, not silently take half the traffic.
+                        reuse_port=s.gateway_replicas > 1),
         models,
         Pipeline(default_stages(models)),
         model_info={m: {"max_model_len": c.engine.get("max_model_len")} for m, c in cfg.models.items()

@@ -120,3 +120,17 @@ def test_cli_validate_and_schema(tmp_path, capsys):
 def test_parse_config_rejects_non_mapping():
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         parse_config(["models"], check_engine_args=False)
+
+
+def test_serve_fails_fast_when_the_port_is_taken():
+    import socket
+
+    from serving.launcher import StartupError, check_port_free
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(StartupError, match=f"127.0.0.1:{port} is not available.*server.port"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
