@@ -46,6 +46,13 @@ class GatewayError(Exception):
         return error_body(self.status, self.message, code=self.code, param=self.param, request_id=request_id)
 
 
+def status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
@@ -93,7 +100,7 @@ def reshape_upstream_error(status: int, body: bytes, request_id: str) -> bytes:
         elif isinstance(doc.get("message"), str):
             message = doc["message"]
     if not message:
-        message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "engine error"
+        message = status_phrase(status)
     if status >= 500:
         # Engine internals are not the client's business; the request id finds them in the logs.
         message = f"The model server failed to complete the request ({status})."

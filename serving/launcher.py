@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -108,7 +107,3 @@ def ready_message(cfg: KeelConfig, url: str) -> str:
         f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
         f"  (Ctrl-C stops Keel and Ray)\n"
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `keel serve`")

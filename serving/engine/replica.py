@@ -81,8 +81,7 @@ class EngineReplica:
 
     async def _engine_healthy(self) -> bool:
         try:
-            status, _ = await http_get("127.0.0.1" if self.spec.bind_host in ("0.0.0.0", "::") else self.spec.bind_host,
-                                       self.port, "/health", timeout=5.0)
+            status, _ = await http_get(self._local_host(), self.port, "/health", timeout=5.0)
         except (OSError, asyncio.TimeoutError, ValueError):
             return False
         return status == 200
@@ -119,9 +118,6 @@ class EngineReplica:
         if status != 200:
             return 0.0
         return engine_load(body.decode())
-
-    def address(self) -> dict:
-        return {"model": self.spec.model, "replica_id": self.replica_id, "host": self.host, "port": self.port}
 
     def __del__(self):
         self.shutdown()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import httptools
 
-from serving.errors import GatewayError, error_body, reshape_upstream_error
+from serving.errors import GatewayError, error_body, reshape_upstream_error, status_phrase
 from serving.gateway.endpoints import Endpoint, EndpointPool
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
@@ -49,7 +49,7 @@ class GatewaySettings:
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024
     connect_timeout_s: float = 5.0
-    reuse_port: bool = True
+    reuse_port: bool = False  # only replicas of one stack may share a port
 
 
 class Gateway:
@@ -456,7 +456,7 @@ class _Client(asyncio.Protocol):
 
     # writing
     def write_head(self, status: int, header_lines: list[str], rid: str, extra: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {_reason(status)}", *header_lines, f"x-request-id: {rid}"]
+        lines = [f"HTTP/1.1 {status} {status_phrase(status)}", *header_lines, f"x-request-id: {rid}"]
         lines += [f"{k}: {v}" for k, v in extra.items()]
         lines.append("connection: keep-alive" if self.keep_alive else "connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -481,11 +481,3 @@ class _Client(asyncio.Protocol):
         self.respond(status, error_body(status, message, request_id=rid), rid)
         self.transport.close()
 
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"

@@ -30,6 +30,17 @@ async def start_gateway(engine: FakeEngine | None, models=("demo",), stages=None
     return gw, f"http://127.0.0.1:{gw.port}"
 
 
+async def post_once(engine: FakeEngine, body: dict = CHAT, **settings) -> httpx.Response:
+    """One POST /v1/chat/completions through a fresh gateway in front of engine."""
+    gw, url = await start_gateway(engine, **settings)
+    try:
+        async with httpx.AsyncClient(base_url=url) as c:
+            return await c.post("/v1/chat/completions", json=body)
+    finally:
+        await gw.stop()
+        await engine.stop()
+
+
 def error_of(resp: httpx.Response) -> dict:
     body = resp.json()
     assert set(body) == {"error"}
@@ -159,15 +170,7 @@ def test_engine_errors_are_reshaped_keeping_status_and_message():
     vllm_body = json.dumps({"error": {"message": "max_tokens=9000 cannot be greater than max_model_len=512.",
                                       "type": "BadRequestError", "param": "max_tokens", "code": 400}}).encode()
 
-    async def go():
-        engine = FakeEngine(error_status=400, error_body=vllm_body)
-        gw, url = await start_gateway(engine)
-        async with httpx.AsyncClient(base_url=url) as c:
-            r = await c.post("/v1/chat/completions", json=CHAT)
-        await gw.stop(); await engine.stop()
-        return r
-
-    r = run(go())
+    r = run(post_once(FakeEngine(error_status=400, error_body=vllm_body)))
     assert r.status_code == 400
     err = error_of(r)
     assert err["type"] == "invalid_request_error" and err["param"] == "max_tokens"
@@ -175,15 +178,8 @@ def test_engine_errors_are_reshaped_keeping_status_and_message():
 
 
 def test_engine_500_does_not_leak_internals():
-    async def go():
-        engine = FakeEngine(error_status=500, error_body=b'{"error": {"message": "CUDA error at /src/kernel.cu:12"}}')
-        gw, url = await start_gateway(engine)
-        async with httpx.AsyncClient(base_url=url) as c:
-            r = await c.post("/v1/chat/completions", json=CHAT)
-        await gw.stop(); await engine.stop()
-        return r
-
-    r = run(go())
+    engine = FakeEngine(error_status=500, error_body=b'{"error": {"message": "CUDA error at /src/kernel.cu:12"}}')
+    r = run(post_once(engine))
     assert r.status_code == 500
     assert "kernel.cu" not in error_of(r)["message"]
 
@@ -212,15 +208,9 @@ def test_client_disconnect_mid_stream_closes_the_engine_connection():
 
 
 def test_oversized_body_is_413():
-    async def go():
-        engine = FakeEngine()
-        gw, url = await start_gateway(engine, max_body_bytes=2048)
-        async with httpx.AsyncClient(base_url=url) as c:
-            r = await c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
-        await gw.stop(); await engine.stop()
-        return r, engine
-
-    r, engine = run(go())
+    engine = FakeEngine()
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    r = run(post_once(engine, big, max_body_bytes=2048))
     assert r.status_code == 413 and error_of(r)["type"] == "invalid_request_error"
     assert engine.requests == []
 
