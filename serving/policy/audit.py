@@ -1,0 +1,446 @@
+"""The audit trail: one record per request, append-only JSONL with a hash chain.
+
+Each line is the caller's record plus `seq` (0, 1, 2, ... per file), `prev` (the previous
+record's hash, "0"*64 for the first) and `hash`: sha256 over the canonical JSON of the record
+including `seq` and `prev` but not `hash`. Canonical JSON is orjson with sorted keys: compact,
+UTF-8 (no ASCII escaping), floats in shortest round-trip form; the stdlib's `json.dumps(r,
+sort_keys=True, separators=(",", ":"), ensure_ascii=False)` gives the same bytes except for floats
+it writes with a two-digit exponent (1e-07 vs 1e-7). A line is that canonical body with `"hash"`
+appended as its last key. Unserialisable values are written as str(); a field that still fails
+(e.g. a dict with int keys) is dropped and named in `audit_error`.
+
+Beside each file the writer keeps `<file>.head` ({"seq", "hash"} of the last record written,
+seq -1 before the first), replaced atomically after every batch, so `verify` can tell a file
+whose tail was cut off from one that simply ended. A file verified without its head is not OK:
+the writer always makes one; `verify(..., require_head=False)` (`keel audit verify --no-head`)
+checks a copy shipped without it, and says the tail was not checked.
+
+Several gateway processes share a directory: each holds an exclusive flock on
+`audit-<n>.jsonl.lock` for the smallest free n and alone writes `audit-<n>.jsonl`; a restarted
+process that gets the same n continues that file's chain.
+
+The chain makes accidental damage and naive edits visible; it is not a signature: someone who can
+rewrite the file and its head can forge a consistent chain. Ship files off the host for that.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+RESERVED_FIELDS = ("seq", "prev", "hash")
+_MAX_SLOTS = 4096
+_WAKE_AT_QUEUED = 4096  # a burst this big is written now rather than at the next tick
+_TAIL_CHUNK = 64 * 1024
+
+
+class AuditError(RuntimeError):
+    """The audit file cannot be continued safely; an operator has to look at it."""
+
+
+def canonical_json(record: dict) -> bytes:
+    """The exact bytes a record's hash covers (the writer and `verify` both use this)."""
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+
+def record_hash(record: dict) -> str:
+    """The hash of a record that carries `seq` and `prev` (and no `hash`)."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def head_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".head")
+
+
+class AuditLog:
+    """The writer. `write` only enqueues; a background thread chains and appends in batches."""
+
+    def __init__(self, directory: str | Path, *, flush_interval_s: float = 0.2, fsync: bool = False):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._flush_interval_s = flush_interval_s
+        self._fsync = fsync
+        self._lock_fd, self.slot = _claim_slot(self.directory)
+        try:
+            self.path = self.directory / f"audit-{self.slot}.jsonl"
+            self._head_path = head_path(self.path)
+            self._next_seq, self._prev = _resume_point(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._write_head()
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._unwritten = b""  # bytes already chained but not yet on disk (after a write error)
+        self._flush_waiters: list[threading.Event] = []
+        self._thread = threading.Thread(target=self._run, name=f"keel-audit-{self.slot}", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # -- caller side (the gateway's event loop) --------------------------------------------------
+
+    def write(self, record: dict) -> None:
+        """Enqueue one record. Serialisation happens on the writer thread: don't mutate nested
+        values of `record` afterwards (the top level is copied)."""
+        if self._closed:
+            raise RuntimeError(f"audit log {self.path} is closed")
+        if "seq" in record or "prev" in record or "hash" in record:
+            raise ValueError(f"audit records must not set {', '.join(RESERVED_FIELDS)}: the log adds them")
+        q = self._queue
+        q.append(dict(record))
+        if len(q) == _WAKE_AT_QUEUED:
+            self._wake.set()
+
+    def flush(self, timeout: float = 5) -> None:
+        """Block until every record enqueued before this call is on disk (and its head written)."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._queue.append(done)
+        self._wake.set()
+        if not done.wait(timeout):
+            raise TimeoutError(f"audit log {self.path}: records not on disk after {timeout}s")
+
+    def close(self) -> None:
+        """Write everything enqueued, then release the file. Safe to call twice (atexit does)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._drain()  # a write that raced with close
+        if self._unwritten:
+            log.error("audit log %s: closing with %d bytes that could not be written",
+                      self.path, len(self._unwritten))
+        os.close(self._fd)
+        os.close(self._lock_fd)  # releases the flock: the slot is free for the next process
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writer thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._flush_interval_s)
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception:  # the thread must survive anything: the next tick retries
+                log.exception("audit log %s: writing a batch failed", self.path)
+            if self._stopping and not self._queue:
+                return
+
+    def _drain(self) -> None:
+        q = self._queue
+        lines: list[bytes] = []
+        while q:
+            item = q.popleft()
+            if isinstance(item, threading.Event):
+                self._flush_waiters.append(item)
+            else:
+                lines.append(self._chain(item))
+        if lines or self._unwritten:
+            data = self._unwritten + b"".join(lines) if self._unwritten else b"".join(lines)
+            try:
+                _write_all(self._fd, data)
+            except _PartialWrite as e:
+                # Keep the chained bytes, in order, for the next tick; flush() waiters wait for them.
+                if not self._unwritten:
+                    log.error("audit log %s: cannot write: %s (retrying every tick)", self.path, e.error)
+                self._unwritten = data[e.written:]
+                return
+            if self._unwritten:
+                log.warning("audit log %s: writes succeed again", self.path)
+                self._unwritten = b""
+            if self._fsync:
+                os.fsync(self._fd)
+            self._write_head()
+        for ev in self._flush_waiters:
+            ev.set()
+        self._flush_waiters.clear()
+
+    def _chain(self, record: dict) -> bytes:
+        record["seq"] = self._next_seq
+        record["prev"] = self._prev
+        body = _serialise(record)
+        digest = hashlib.sha256(body).hexdigest()
+        self._next_seq += 1
+        self._prev = digest
+        # `body` is the canonical form; appending "hash" as the last key keeps it recoverable.
+        return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
+
+    def _write_head(self) -> None:
+        head = orjson.dumps({"seq": self._next_seq - 1, "hash": self._prev})
+        tmp = self._head_path.with_name(self._head_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, head + b"\n")  # a few dozen bytes: one write
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._head_path)
+
+
+class _PartialWrite(Exception):
+    def __init__(self, written: int, error: OSError):
+        super().__init__(str(error))
+        self.written = written
+        self.error = error
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        try:
+            written += os.write(fd, view[written:])
+        except OSError as e:
+            raise _PartialWrite(written, e) from e
+
+
+def _serialise(record: dict) -> bytes:
+    """Canonical bytes of a record; a field that cannot be serialised is dropped and named."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)
+    except (TypeError, orjson.JSONEncodeError) as first_error:
+        kept: dict[str, Any] = {}
+        dropped = []
+        for k, v in record.items():
+            if not isinstance(k, str):
+                dropped.append(repr(k))
+                continue
+            try:
+                orjson.dumps(v, option=orjson.OPT_SORT_KEYS, default=str)
+            except (TypeError, orjson.JSONEncodeError):
+                dropped.append(k)
+                continue
+            kept[k] = v
+        kept["audit_error"] = f"fields dropped, not serialisable: {', '.join(dropped)} ({first_error})"
+        return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS, default=str)
+
+
+def _claim_slot(directory: Path) -> tuple[int, int]:
+    """Lock the smallest free `audit-<n>.jsonl.lock`; the lock lives as long as the fd."""
+    for n in range(_MAX_SLOTS):
+        fd = os.open(directory / f"audit-{n}.jsonl.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for an operator
+        return fd, n
+    raise AuditError(f"{directory}: all {_MAX_SLOTS} audit slots are locked by other processes")
+
+
+def _read_last_line(path: Path) -> tuple[bytes | None, int, int]:
+    """(last complete line or None, offset where complete lines end, file size)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        buf = b""
+        pos = size
+        while pos > 0:
+            step = min(_TAIL_CHUNK, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            end = buf.rfind(b"\n")
+            if end == -1:
+                continue
+            start = buf.rfind(b"\n", 0, end)
+            if start != -1 or pos == 0:
+                return buf[start + 1:end + 1], pos + end + 1, size
+        return None, 0, size
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    try:
+        doc = orjson.loads(head_path(path).read_bytes())
+        seq, digest = doc["seq"], doc["hash"]
+        if isinstance(seq, int) and isinstance(digest, str):
+            return seq, digest
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    log.warning("audit log %s: ignoring an unreadable head file", path)
+    return None
+
+
+def _resume_point(path: Path) -> tuple[int, str]:
+    """(next seq, prev hash) to continue this file's chain after a restart."""
+    head = _read_head(path)
+    last = None
+    if path.exists():
+        line, complete_end, size = _read_last_line(path)
+        if complete_end < size:
+            # A torn write from a crash: never acknowledged by flush(), and it would corrupt
+            # the next line, so it goes.
+            log.warning("audit log %s: removing an incomplete last line (%d bytes) left by a crash",
+                        path, size - complete_end)
+            os.truncate(path, complete_end)
+        if line is not None:
+            try:
+                doc = orjson.loads(line)
+                last = (doc["seq"], doc["hash"])
+                if not isinstance(last[0], int) or not isinstance(last[1], str):
+                    raise TypeError
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise AuditError(f"{path}: the last line is not an audit record, so its chain cannot be "
+                                 f"continued; run `keel audit verify {path}` and move the file aside "
+                                 f"({type(e).__name__})") from None
+    if last is None and head is None:
+        return 0, GENESIS
+    # The head wins a tie or when ahead: records lost from the tail then show up as a gap in the
+    # chain instead of being papered over. A head behind the file is a crash before its update.
+    if last is None or (head is not None and head[0] >= last[0]):
+        if last is not None and head != last:
+            log.warning("audit log %s: the file ends at seq %d but its head says %d; continuing after "
+                        "the head, so `keel audit verify` will show the gap", path, last[0], head[0])
+        return head[0] + 1, head[1]
+    return last[0] + 1, last[1]
+
+
+# -- verification -------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    records: int
+    problems: list[str]  # each names a line number; any problem makes ok False
+    warnings: list[str] = field(default_factory=list)  # worth knowing, but the file still verifies
+
+
+def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
+    """Check a file's chain line by line, and its last record against the head sidecar."""
+    path = Path(path)
+    problems: list[str] = []
+    warnings: list[str] = []
+    records = 0
+    next_seq = 0  # one past the highest seq seen
+    last: tuple[int, int, str] | None = None  # (line, seq, hash) of the last record line
+    recent: dict[int, tuple[int, str]] = {}  # seq -> (line, hash), for prev checks after a reorder
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        return VerifyResult(False, 0, [f"cannot read: {e.strerror}"])
+    with f:
+        lineno = 0
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                problems.append(f"line {lineno}: incomplete last line (a write was cut off)")
+                break
+            if not raw.strip():
+                problems.append(f"line {lineno}: empty line")
+                continue
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                problems.append(f"line {lineno}: not JSON")
+                continue
+            if not isinstance(rec, dict):
+                problems.append(f"line {lineno}: not a JSON object")
+                continue
+            stored = rec.pop("hash", None)
+            seq, prev = rec.get("seq"), rec.get("prev")
+            if not isinstance(stored, str) or not isinstance(seq, int) or not isinstance(prev, str):
+                problems.append(f"line {lineno}: not an audit record (needs seq, prev and hash)")
+                continue
+            records += 1
+            try:
+                actual = record_hash(rec)
+            except (TypeError, orjson.JSONEncodeError):
+                actual = None
+            if actual != stored:
+                problems.append(f"line {lineno}: record was altered (seq {seq}: its hash does not match its content)")
+            if seq > next_seq:
+                missing = seq - next_seq
+                problems.append(f"line {lineno}: seq jumps from {next_seq - 1} to {seq}: "
+                                f"{missing} record(s) missing before this line")
+            elif seq < next_seq:
+                where = recent.get(seq)
+                problems.append(f"line {lineno}: seq {seq} comes after seq {next_seq - 1}: records out of order"
+                                + (f" or duplicated (seq {seq} also on line {where[0]})" if where else ""))
+            if seq == 0:
+                expected_prev, prev_line = GENESIS, None
+            elif seq - 1 in recent:
+                prev_line, expected_prev = recent[seq - 1]
+            else:
+                expected_prev = None  # its predecessor is missing: already reported as a gap
+            if expected_prev is not None and prev != expected_prev:
+                what = f"the hash of seq {seq - 1} (line {prev_line})" if prev_line else "the chain's start"
+                problems.append(f"line {lineno}: prev does not match {what}: a record before it was "
+                                "altered and re-hashed, or replaced")
+            recent[seq] = (lineno, stored)
+            if len(recent) > 1024:
+                del recent[next(iter(recent))]
+            next_seq = max(next_seq, seq + 1)
+            last = (lineno, seq, stored)
+
+    head = _read_head(path)
+    if head is None:
+        if head_path(path).exists():
+            problems.append(f"head file {head_path(path).name} is unreadable: the tail cannot be checked")
+        elif require_head:
+            problems.append(f"no head file {head_path(path).name}: cannot tell whether records were cut "
+                            "from the end (verify a copy without it with --no-head)")
+        else:
+            warnings.append("no head file: not checked whether records were cut from the end")
+    else:
+        head_seq, head_hash = head
+        last_line, last_seq, last_hash = last if last else (lineno, -1, GENESIS)
+        if head_seq > last_seq:
+            problems.append(f"line {last_line}: the file ends at seq {last_seq} but its head records seq "
+                            f"{head_seq}: {head_seq - last_seq} record(s) removed from the end")
+        elif head_seq == last_seq and head_hash != last_hash:
+            problems.append(f"line {last_line}: the last record (seq {last_seq}) is not the one its head "
+                            "records: it was replaced")
+        elif head_seq < last_seq:
+            at = recent.get(head_seq)
+            if at is not None and at[1] != head_hash:
+                problems.append(f"line {at[0]}: seq {head_seq} is not the record its head records: it was replaced")
+            else:
+                warnings.append(f"the head is behind the file (seq {head_seq} of {last_seq}): the writer "
+                                "stopped before updating it, e.g. a crash")
+    return VerifyResult(ok=not problems, records=records, problems=problems, warnings=warnings)
+
+
+def tail(path: str | Path, n: int = 10) -> list[dict]:
+    """The last `n` records of a file, parsed (lines that are not JSON are skipped)."""
+    with open(path, "rb") as f:
+        lines = collections.deque(f, maxlen=n)
+    out = []
+    for line in lines:
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return out

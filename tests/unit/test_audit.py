@@ -1,0 +1,290 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.policy.audit import GENESIS, AuditLog, head_path, record_hash, verify
+
+
+def write_records(directory, n, **fields):
+    with AuditLog(directory, flush_interval_s=0.01) as log:
+        for i in range(n):
+            log.write({"request_id": f"req-{i}", "tenant": "acme", "status": 200, **fields})
+        path = log.path
+    return path
+
+
+def read_lines(path):
+    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def write_lines(path, lines):
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def problems_text(result):
+    return "\n".join(result.problems)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def test_records_round_trip_with_seq_prev_and_hash(tmp_path):
+    path = write_records(tmp_path, 3, note="héllo ✓")
+    records = [json.loads(line) for line in read_lines(path)]
+    assert [r["request_id"] for r in records] == ["req-0", "req-1", "req-2"]
+    assert [r["seq"] for r in records] == [0, 1, 2]
+    assert records[0]["note"] == "héllo ✓"
+    assert records[0]["prev"] == GENESIS
+    assert records[1]["prev"] == records[0]["hash"] and records[2]["prev"] == records[1]["hash"]
+
+
+def test_hash_covers_the_record_with_seq_and_prev_but_not_hash(tmp_path):
+    path = write_records(tmp_path, 1)
+    record = json.loads(read_lines(path)[0])
+    stored = record.pop("hash")
+    assert stored == record_hash(record)
+
+
+def test_flush_puts_records_on_disk_while_the_log_stays_open(tmp_path):
+    log = AuditLog(tmp_path, flush_interval_s=60)
+    try:
+        log.write({"request_id": "r1"})
+        log.flush()
+        assert json.loads(read_lines(log.path)[0])["request_id"] == "r1"
+    finally:
+        log.close()
+
+
+def test_close_writes_everything_enqueued(tmp_path):
+    log = AuditLog(tmp_path, flush_interval_s=60)
+    for i in range(500):
+        log.write({"i": i})
+    log.close()
+    assert len(read_lines(log.path)) == 500
+    assert verify(log.path).ok
+
+
+def test_records_of_a_process_that_exits_without_close_are_on_disk(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from serving.policy.audit import AuditLog\n"
+            "log = AuditLog(sys.argv[1], flush_interval_s=60)\n"
+            "for i in range(100): log.write({'i': i})\n")
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60, cwd=repo)
+    path = tmp_path / "audit-0.jsonl"
+    assert len(read_lines(path)) == 100
+    assert verify(path).ok
+
+
+def test_caller_mutating_its_dict_after_write_does_not_change_the_record(tmp_path):
+    with AuditLog(tmp_path, flush_interval_s=60) as log:
+        record = {"status": 200}
+        log.write(record)
+        record["status"] = 500
+    assert json.loads(read_lines(log.path)[0])["status"] == 200
+
+
+def test_records_may_not_set_chain_fields(tmp_path):
+    with AuditLog(tmp_path) as log:
+        with pytest.raises(ValueError, match="seq"):
+            log.write({"seq": 7})
+
+
+def test_unserialisable_field_is_dropped_and_named_but_the_record_is_kept(tmp_path):
+    with AuditLog(tmp_path, flush_interval_s=60) as log:
+        log.write({"request_id": "r1", "weird": {1: "int key"}})
+    record = json.loads(read_lines(log.path)[0])
+    assert record["request_id"] == "r1"
+    assert "weird" not in record and "weird" in record["audit_error"]
+    assert verify(log.path).ok
+
+
+def test_two_logs_on_one_directory_write_different_files(tmp_path):
+    a, b = AuditLog(tmp_path), AuditLog(tmp_path)
+    try:
+        a.write({"from": "a"})
+        b.write({"from": "b"})
+    finally:
+        a.close()
+        b.close()
+    assert a.path != b.path
+    assert [json.loads(x)["from"] for x in read_lines(a.path)] == ["a"]
+    assert [json.loads(x)["from"] for x in read_lines(b.path)] == ["b"]
+    assert verify(a.path).ok and verify(b.path).ok
+
+
+def test_a_closed_log_frees_its_file_for_the_next_process(tmp_path):
+    first = AuditLog(tmp_path)
+    first.close()
+    second = AuditLog(tmp_path)
+    second.close()
+    assert first.path == second.path
+
+
+def test_reopening_continues_the_chain_and_the_file_still_verifies(tmp_path):
+    write_records(tmp_path, 2)
+    path = write_records(tmp_path, 2)
+    records = [json.loads(line) for line in read_lines(path)]
+    assert [r["seq"] for r in records] == [0, 1, 2, 3]
+    assert records[2]["prev"] == records[1]["hash"]
+    assert verify(path).ok
+
+
+def test_torn_last_line_from_a_crash_is_dropped_on_reopen_and_the_chain_continues(tmp_path):
+    path = write_records(tmp_path, 2)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"request_id": "half-writ')
+    path = write_records(tmp_path, 1)
+    assert [json.loads(x)["seq"] for x in read_lines(path)] == [0, 1, 2]
+    assert verify(path).ok
+
+
+def test_records_cut_from_the_tail_while_stopped_stay_visible_after_reopen(tmp_path):
+    path = write_records(tmp_path, 3)
+    write_lines(path, read_lines(path)[:2])
+    write_records(tmp_path, 1)
+    result = verify(path)
+    assert not result.ok
+    assert "line 3" in problems_text(result) and "missing" in problems_text(result)
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+def test_verify_passes_an_intact_file(tmp_path):
+    path = write_records(tmp_path, 5)
+    result = verify(path)
+    assert result.ok and result.records == 5 and result.problems == []
+
+
+def test_verify_passes_an_empty_log(tmp_path):
+    with AuditLog(tmp_path) as log:
+        pass
+    assert verify(log.path).ok
+
+
+def test_verify_detects_an_edited_field(tmp_path):
+    path = write_records(tmp_path, 3)
+    lines = read_lines(path)
+    lines[1] = lines[1].replace('"status":200', '"status":201')
+    write_lines(path, lines)
+    result = verify(path)
+    assert not result.ok
+    assert "line 2" in problems_text(result) and "altered" in problems_text(result)
+
+
+def test_verify_detects_an_edited_record_whose_hash_was_recomputed(tmp_path):
+    path = write_records(tmp_path, 3)
+    lines = read_lines(path)
+    record = json.loads(lines[1])
+    record.pop("hash")
+    record["tenant"] = "globex"
+    record["hash"] = record_hash(record)
+    lines[1] = json.dumps(record) + "\n"
+    write_lines(path, lines)
+    result = verify(path)
+    assert not result.ok
+    assert "line 3" in problems_text(result)
+
+
+def test_verify_detects_a_removed_middle_record(tmp_path):
+    path = write_records(tmp_path, 4)
+    lines = read_lines(path)
+    write_lines(path, lines[:1] + lines[2:])
+    result = verify(path)
+    assert not result.ok
+    assert "line 2: seq jumps from 0 to 2: 1 record(s) missing" in problems_text(result)
+
+
+def test_verify_detects_swapped_records(tmp_path):
+    path = write_records(tmp_path, 4)
+    lines = read_lines(path)
+    lines[1], lines[2] = lines[2], lines[1]
+    write_lines(path, lines)
+    result = verify(path)
+    assert not result.ok
+    assert "out of order" in problems_text(result)
+    assert "line 2" in problems_text(result) and "line 3" in problems_text(result)
+
+
+def test_verify_detects_a_removed_last_record_via_the_head(tmp_path):
+    path = write_records(tmp_path, 3)
+    write_lines(path, read_lines(path)[:2])
+    result = verify(path)
+    assert not result.ok
+    assert "1 record(s) removed from the end" in problems_text(result)
+
+
+def test_verify_detects_a_replaced_last_record_via_the_head(tmp_path):
+    path = write_records(tmp_path, 2)
+    lines = read_lines(path)
+    record = json.loads(lines[1])
+    record.pop("hash")
+    record["status"] = 500
+    record["hash"] = record_hash(record)
+    lines[1] = json.dumps(record) + "\n"
+    write_lines(path, lines)
+    result = verify(path)
+    assert not result.ok
+    assert "replaced" in problems_text(result)
+
+
+def test_verify_detects_a_garbage_line(tmp_path):
+    path = write_records(tmp_path, 3)
+    lines = read_lines(path)
+    write_lines(path, lines[:2] + ["this is not json\n"] + lines[2:])
+    result = verify(path)
+    assert not result.ok
+    assert result.problems == ["line 3: not JSON"]
+
+
+def test_verify_without_head_fails_unless_told_the_copy_has_none(tmp_path):
+    path = write_records(tmp_path, 2)
+    head_path(path).unlink()
+    assert not verify(path).ok
+    relaxed = verify(path, require_head=False)
+    assert relaxed.ok and relaxed.warnings
+
+
+def test_verify_reports_an_unreadable_file(tmp_path):
+    result = verify(tmp_path / "nope.jsonl")
+    assert not result.ok and "cannot read" in result.problems[0]
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_audit_verify_exits_0_when_every_file_verifies(tmp_path, capsys):
+    from serving.cli import main
+
+    a = write_records(tmp_path / "a", 3)
+    b = write_records(tmp_path / "b", 2)
+    assert main(["audit", "verify", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"{a}: OK (3 records, chain intact)" in out and f"{b}: OK (2 records, chain intact)" in out
+
+
+def test_cli_audit_verify_exits_1_and_names_the_line_when_one_file_is_broken(tmp_path, capsys):
+    from serving.cli import main
+
+    good = write_records(tmp_path / "good", 2)
+    bad = write_records(tmp_path / "bad", 3)
+    lines = read_lines(bad)
+    write_lines(bad, lines[:1] + lines[2:])
+    assert main(["audit", "verify", str(good), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{good}: OK" in out
+    assert f"{bad}: line 2: seq jumps" in out
+
+
+def test_cli_audit_tail_prints_the_last_records(tmp_path, capsys):
+    from serving.cli import main
+
+    path = write_records(tmp_path, 5)
+    assert main(["audit", "tail", str(path), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"request_id": "req-4"' in out and '"request_id": "req-3"' in out
+    assert "req-2" not in out
