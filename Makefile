@@ -10,7 +10,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed-$(ENGINE)
 
-.PHONY: setup serve test unit e2e bench clean
+.PHONY: setup redis serve test unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,18 @@ endif
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Quotas shared by several gateways live in Redis; tests run a real redis-server, and
+# `keel serve` starts one when the config asks for a loopback Redis.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  if command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q redis-server >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)) \
+	      && systemctl disable --now redis-server >/dev/null 2>&1; true; \
+	  elif command -v brew >/dev/null; then brew install redis; fi; \
+	  command -v redis-server >/dev/null || { echo "could not install redis-server; install it (apt-get install redis-server)"; exit 1; }; }
+
+setup: $(STAMP) redis
 	$(BIN)/keel models ensure $(CONFIG)
 
 serve: setup

@@ -85,7 +85,9 @@ def engine_deployment_options(cfg: KeelConfig, name: str) -> dict:
     return opts
 
 
-def build_app(cfg: KeelConfig) -> serve.Application:
+def build_app(cfg: KeelConfig, *, with_policy: bool = True) -> serve.Application:
+    """with_policy=False leaves the gateway's user_config to the deploy schema (`keel serve`,
+    `keel apply`), so that a policy change is a user_config change: reconfigure, no restart."""
     registry = serve.deployment(
         EndpointRegistry,
         name="endpoint-registry",
@@ -100,18 +102,58 @@ def build_app(cfg: KeelConfig) -> serve.Application:
         )
         for i, name in enumerate(cfg.models)
     }
+    gateway_opts = {}
+    if with_policy:
+        gateway_opts["user_config"] = cfg.policy().model_dump(mode="json")
     return serve.deployment(
         GatewayDeployment,
         name="gateway",
         num_replicas=cfg.server.gateway_replicas,
         ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.gateway_resources)},
         logging_config=_QUIET,
-    ).bind(cfg.model_dump(mode="json"), registry, **engines)
+        **gateway_opts,
+    ).bind(cfg.stack_dict(), registry, **engines)
 
 
 def app_builder(args: dict) -> serve.Application:
-    """For Serve config files and KubeRay RayService: `import_path: serving.app:app_builder`,
-    `args: {config: /path/to/keel.yaml}`."""
-    from serving.config import load_config
+    """The application as Serve config files build it (`import_path: serving.app:app_builder`).
 
-    return build_app(load_config(args["config"]))
+    `args: {config: /path/to/keel.yaml}` (KubeRay RayService): the whole file, policy included.
+    `args: {stack: {...}}` (`keel serve`, `keel apply`): the stack part only; the policy arrives
+    as the gateway deployment's user_config in the same schema.
+    """
+    from serving.config import load_config, parse_config
+
+    if "config" in args:
+        return build_app(load_config(args["config"]))
+    return build_app(parse_config(args["stack"], source="<deployed stack>", check_engine_args=False),
+                     with_policy=False)
+
+
+def deploy_schema(cfg: KeelConfig) -> dict:
+    """The Serve deploy schema of a stack: what `keel serve` and `keel apply` submit."""
+    return {"applications": [{
+        "name": APP_NAME,
+        "import_path": "serving.app:app_builder",
+        "route_prefix": None,
+        "args": {"stack": cfg.stack_dict()},
+        "deployments": [{"name": "gateway", "user_config": cfg.policy().model_dump(mode="json")}],
+    }]}
+
+
+def submit(cfg: KeelConfig) -> None:
+    """Deploy (or update) the stack on the connected Ray cluster. Only a changed policy: the
+    gateways reconfigure in place. A changed stack part: Serve redeploys."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(deploy_schema(cfg)))
+
+
+def deployed_schema() -> dict | None:
+    """The schema the running stack was last deployed with (None: no stack)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    app = (details.get("applications") or {}).get(APP_NAME)
+    return (app or {}).get("deployed_app_config")

@@ -35,6 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     e = msub.add_parser("ensure", help="build whatever a config's models need")
     e.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
+    p = sub.add_parser("keys", help="API keys for tenants (the config stores only their digests)")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    k = ksub.add_parser("create", help="make a key; prints it once, and the config line to paste")
+    k.add_argument("--tenant", required=True, help="tenant name (a key under tenants:)")
+    k.add_argument("--role", choices=["app", "admin"], default="app")
+    k.add_argument("--id", type=_key_id, default=None, help="key id shown in audit and metrics "
+                   "(default: key- and 6 random hex characters)")
+    ksub.add_parser("digest", help="read a key from stdin and print its digest (keeps it out of shell history)")
+
+    p = sub.add_parser("audit", help="the hash-chained audit files")
+    asub = p.add_subparsers(dest="audit_cmd", required=True)
+    a = asub.add_parser("verify", help="check files' hash chains; exit status 0 only if all verify")
+    a.add_argument("files", nargs="+", metavar="FILE")
+    a.add_argument("--no-head", action="store_true",
+                   help="for copies shipped without their .head file: skip the truncation check")
+    t = asub.add_parser("tail", help="pretty-print the last records of a file")
+    t.add_argument("file", metavar="FILE")
+    t.add_argument("-n", type=int, default=10, help="how many records (default 10)")
+
     args = ap.parse_args(argv)
     from serving.launcher import StartupError
 
@@ -83,7 +102,74 @@ def _run(args) -> int:
             return 0
         print(ensure_weights(cfg, args.name, rebuild=args.force))
         return 0
+    if args.cmd == "keys":
+        return _keys(args)
+    if args.cmd == "audit":
+        return _audit(args)
     return 1
+
+
+def _key_id(s: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s):
+        raise argparse.ArgumentTypeError("use letters, digits, '.', '_' and '-' (at most 64), starting "
+                                         "with a letter or digit")
+    return s
+
+
+def _keys(args) -> int:
+    import secrets
+
+    from serving.policy.identity import generate_key, key_digest
+
+    if args.keys_cmd == "create":
+        key = generate_key()
+        key_id = args.id or f"key-{secrets.token_hex(3)}"
+        print(f"New API key for tenant `{args.tenant}` (id {key_id}, role {args.role}):\n\n    {key}\n")
+        print("This key is shown only once: store it now (Keel keeps only its digest).")
+        print(f"\nPaste under tenants.{args.tenant}.keys in your config:\n")
+        print(f'    - {{id: {key_id}, digest: "{key_digest(key)}", role: {args.role}}}')
+        return 0
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        print("keel: no key on stdin", file=sys.stderr)
+        return 2
+    print(key_digest(key))
+    return 0
+
+
+def _audit(args) -> int:
+    from serving.policy.audit import tail, verify
+
+    if args.audit_cmd == "tail":
+        try:
+            records = tail(args.file, args.n)
+        except OSError as e:
+            print(f"keel: {args.file}: {e.strerror}", file=sys.stderr)
+            return 1
+        for record in records:
+            print(json.dumps(record, indent=2, ensure_ascii=False))
+        return 0
+    all_ok = True
+    for f in args.files:
+        result = verify(f, require_head=not args.no_head)
+        all_ok = all_ok and result.ok
+        if result.ok:
+            print(f"{f}: OK ({result.records} records, chain intact)")
+        else:
+            print(f"{f}: FAILED ({result.records} records, {len(result.problems)} problem(s))")
+        for problem in result.problems:
+            print(f"{f}: {problem}")
+        for warning in result.warnings:
+            print(f"{f}: warning: {warning}")
+    return 0 if all_ok else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from serving.schema import Strict
+
+from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
@@ -23,8 +27,7 @@ class ConfigError(ValueError):
     """A config file that cannot be used; str() is the message a user reads."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = Strict  # the name policy modules and older code import
 
 
 class ServerConfig(_Strict):
@@ -124,7 +127,9 @@ class ModelConfig(_Strict):
 ENGINE_ARGS_SET_BY_KEEL = {"model", "served_model_name", "host", "port", "tokenizer"}
 
 
-class KeelConfig(_Strict):
+class KeelConfig(PolicyConfig):
+    """The whole file: the stack (server, ray, models) plus the policy keys of PolicyConfig."""
+
     server: ServerConfig = Field(default_factory=ServerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(description="Public model name -> how it is served.")
@@ -141,6 +146,14 @@ class KeelConfig(_Strict):
             if not name or any(c.isspace() for c in name):
                 raise ValueError(f"model name {name!r} must be non-empty with no whitespace")
         return models
+
+    def policy(self) -> PolicyConfig:
+        """The part `keel apply` changes live."""
+        return PolicyConfig.model_validate(self.model_dump(include=set(POLICY_KEYS)))
+
+    def stack_dict(self) -> dict:
+        """The part that shapes deployments: a change here redeploys (engines restart)."""
+        return self.model_dump(mode="json", exclude=set(POLICY_KEYS))
 
 
 class ModelManifest(_Strict):
@@ -182,7 +195,9 @@ def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool 
         cfg = KeelConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, KeelConfig)) from None
-    problems = []
+    problems = [f"{source}: {p}" for p in check_policy_refs(cfg, list(cfg.models))]
+    if not Path(cfg.audit.dir).is_absolute():  # gateway replicas run in Ray's working directory
+        cfg.audit.dir = str(Path(cfg.audit.dir).resolve())
     for name, model in cfg.models.items():
         try:
             load_manifest(cfg, model.weights)

@@ -46,10 +46,26 @@ def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=N
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    redis = None
+    if cfg.quotas.backend == "redis":  # a loopback Redis the config asks for is ours to start
+        from serving.policy.redis_server import ensure_local_redis
+
+        try:
+            redis = ensure_local_redis(cfg.quotas.redis_url)
+        except RuntimeError as e:
+            raise StartupError(str(e)) from None
+    try:
+        _serve(cfg, ready_timeout_s, on_ready)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build_app
+    from serving.app import APP_NAME, submit
 
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
@@ -60,13 +76,11 @@ def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=N
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(proxy_location="Disabled")
-        try:
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
-        except RuntimeError as e:  # Ray has logged each replica's error above
-            raise StartupError(f"the stack failed to start: {str(e).splitlines()[0]} (replica errors above; "
-                               "Serve logs in /tmp/ray/session_latest/logs/serve/)") from None
+        # Declarative, as `serve deploy` does it: the policy is the gateway's user_config, so
+        # `keel apply` can change it later without restarting anything.
+        submit(cfg)
         url = f"http://{cfg.server.host}:{cfg.server.port}"
-        wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop)
+        wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop, deploy_failed=_deploy_error)
         if stop.is_set():
             return
         print(ready_message(cfg, url), flush=True)
@@ -83,10 +97,33 @@ def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=N
         print("Keel: stopped.", flush=True)
 
 
-def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event) -> None:
+def _deploy_error() -> str | None:
+    """The first line of Serve's error once the application failed to deploy, else None."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    msg = app.message or "deploy failed"
+    for d in app.deployments.values():
+        if d.status == "DEPLOY_FAILED" or "UNHEALTHY" in str(d.status):
+            msg = d.message or msg
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    # Serve's message carries the replica's traceback; its last line is the error itself.
+    return lines[-1] if lines else msg
+
+
+def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, deploy_failed=None) -> None:
     deadline = time.monotonic() + timeout_s
     check_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     while time.monotonic() < deadline and not stop.is_set():
+        if deploy_failed is not None:
+            err = deploy_failed()
+            if err:
+                raise StartupError(f"the stack failed to start: {err} (Serve logs in "
+                                   "/tmp/ray/session_latest/logs/serve/)")
         try:
             status, _ = asyncio.run(http_get(check_host, port, "/health", timeout=2.0))
             if status == 200:

@@ -28,8 +28,32 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "keel_requests", "Requests answered by the gateway, by model and HTTP status "
-            "(499: the client went away first).", ["model", "status"], registry=r)
+            "keel_requests", "Requests answered by the gateway, by tenant, public model, variant (the "
+            "model deployment that served it) and HTTP status (499: the client went away first).",
+            ["tenant", "model", "variant", "status"], registry=r)
+        self.tokens = Counter(
+            "keel_tokens", "Tokens by tenant, model, variant and kind (prompt, completion), as the "
+            "engine reported them.", ["tenant", "model", "variant", "kind"], registry=r)
+        self.quota_rejections = Counter(
+            "keel_quota_rejections", "Requests refused with 429 by tenant and the limit that refused "
+            "them.", ["tenant", "limit"], registry=r)
+        self.reserved_tokens = Gauge(
+            "keel_quota_reserved_tokens", "Tokens reserved by requests in flight and not yet settled.",
+            ["tenant"], registry=r)
+        self.quota_backend_errors = Counter(
+            "keel_quota_backend_errors", "Requests that found the quota backend unreachable, by what "
+            "happened to them (fail_open: admitted without quotas; fail_closed: 503).", ["mode"], registry=r)
+        self.guardrail_actions = Counter(
+            "keel_guardrail_actions", "Guardrail hits by tenant, guardrail, action (block, redact, flag) "
+            "and direction (input, output).", ["tenant", "guardrail", "action", "direction"], registry=r)
+        self.shadow_requests = Counter(
+            "keel_shadow_requests", "Mirrored requests to an experiment's shadow variant, by status "
+            "(dropped: too many in flight; no_replica; error).", ["model", "variant", "status"], registry=r)
+        self.shadow_duration = Histogram(
+            "keel_shadow_request_duration_seconds", "End-to-end time of shadow requests.",
+            ["model", "variant"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.shadow_tokens = Counter(
+            "keel_shadow_tokens", "Tokens used by shadow requests.", ["model", "variant", "kind"], registry=r)
         self.duration = Histogram(
             "keel_request_duration_seconds", "Time from request received to response end, as the "
             "gateway saw it.", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -41,9 +65,23 @@ class GatewayMetrics:
         self.endpoints = Gauge(
             "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r)
 
-    def observe(self, model: str | None, started: float, outcome) -> None:
+    def observe_request(self, ctx, outcome) -> None:
+        tenant = ctx.tenant or UNROUTED
+        self.observe(ctx.model, ctx.received_at, outcome, tenant, ctx.variant)
+        u = ctx.usage
+        if ctx.model is not None and u:
+            variant = ctx.variant or ctx.model
+            self.tokens.labels(tenant, ctx.model, variant, "prompt").inc(u.get("prompt_tokens") or 0)
+            self.tokens.labels(tenant, ctx.model, variant, "completion").inc(u.get("completion_tokens") or 0)
+        if ctx.tenant is not None:
+            for a in ctx.guardrail_actions:
+                if a.direction == "output":  # input actions are counted when they happen
+                    self.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
+
+    def observe(self, model: str | None, started: float, outcome, tenant: str = UNROUTED,
+                variant: str | None = None) -> None:
         label = model or UNROUTED
-        self.requests.labels(label, str(outcome.status)).inc()
+        self.requests.labels(tenant, label, variant or label, str(outcome.status)).inc()
         if model is not None:
             self.duration.labels(label).observe(outcome.finished_at - started)
             if outcome.first_byte_at is not None:

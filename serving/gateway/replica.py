@@ -10,14 +10,39 @@ import asyncio
 import logging
 import threading
 
-from serving.config import KeelConfig
+import json
+
+from serving.config import KeelConfig, load_manifest
+from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
+from serving.policy.config import PolicyConfig, check_policy_refs
+from serving.policy.tokens import TokenCounter
 from serving.gateway.stages import Pipeline, default_stages
 from serving.priority import run_at_normal_priority
 
 log = logging.getLogger("keel.gateway")
 
 WATCH_TIMEOUT_S = 30.0
+
+
+def model_infos(cfg: KeelConfig) -> dict[str, ModelInfo]:
+    """Each model's tokenizer (for quotas and max_prompt_tokens) and context length."""
+    infos = {}
+    for name, mc in cfg.models.items():
+        _, weights = load_manifest(cfg, mc.weights)
+        try:
+            counter = TokenCounter.from_model_dir(weights)
+        except Exception as e:  # the engine still serves; token limits then count output only
+            log.warning("model %s: no tokenizer in %s (%s); prompt tokens will not be counted", name, weights, e)
+            counter = None
+        max_len = mc.engine.get("max_model_len")
+        if max_len is None:
+            try:
+                max_len = json.loads((weights / "config.json").read_text()).get("max_position_embeddings")
+            except (OSError, ValueError):
+                max_len = None
+        infos[name] = ModelInfo(name, counter, max_len)
+    return infos
 
 
 def build_gateway(cfg: KeelConfig) -> Gateway:
@@ -45,28 +70,28 @@ class GatewayThread:
         self.gateway = gateway
         self.loop = uvloop.new_event_loop()
         started = threading.Event()
-        self.error: BaseException | None = None
 
         def run():
             run_at_normal_priority("the gateway")  # this thread only; Ray's threads keep theirs
             asyncio.set_event_loop(self.loop)
-            try:
-                self.loop.run_until_complete(gateway.start())
-            except BaseException as e:  # e.g. the port is taken
-                self.error = e
-                started.set()
-                return
-            started.set()
+            self.loop.call_soon(started.set)
             self.loop.run_forever()
 
         self.thread = threading.Thread(target=run, daemon=True, name="keel-gateway")
         self.thread.start()
         started.wait()
-        if self.error is not None:
-            raise self.error
 
     def update_endpoints(self, snapshot: dict) -> None:
         self.loop.call_soon_threadsafe(self.gateway.update_endpoints, snapshot)
+
+    def call(self, fn, *args, timeout: float = 30):
+        """Run fn(*args) on the gateway's loop and return its result (policy objects bind to it)."""
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def listen(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.start(), self.loop).result(timeout=30)
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -74,18 +99,42 @@ class GatewayThread:
     def stop(self) -> None:
         if self.thread.is_alive():
             asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop).result(timeout=5)
+            if self.gateway.runtime is not None:
+                self.call(self.gateway.runtime.close)  # the audit log's last records reach the disk
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 class GatewayReplica:
+    """The gateway listens only once it has a policy: Serve calls `reconfigure` with the policy
+    (its user_config) right after construction, and again on every `keel apply`."""
+
     async def __init__(self, config: dict, registry):
         self.cfg = KeelConfig.model_validate(config)
         self.registry = registry
+        self.infos = model_infos(self.cfg)
         self.server = GatewayThread(build_gateway(self.cfg))
+        self.listening = False
         self._version = -1
         await self._refresh(timeout_s=0)
         self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
-        log.info("gateway listening on %s:%s", self.cfg.server.host, self.cfg.server.port)
+
+    def reconfigure(self, user_config: dict) -> None:
+        policy = PolicyConfig.model_validate(user_config or {})
+        problems = check_policy_refs(policy, list(self.cfg.models))
+        if problems:
+            raise ValueError("invalid policy: " + "; ".join(problems))
+        gw = self.server.gateway
+
+        def swap():
+            gw.set_policy(PolicyRuntime(policy, self.infos, gw.metrics, previous=gw.runtime))
+            return gw.runtime.version
+
+        version = self.server.call(swap)
+        if not self.listening:
+            self.server.listen()
+            self.listening = True
+            log.info("gateway listening on %s:%s", self.cfg.server.host, self.cfg.server.port)
+        log.info("gateway policy %s in force (%d tenants)", version, len(policy.tenants))
 
     async def _refresh(self, timeout_s: float = WATCH_TIMEOUT_S) -> None:
         self._version, snapshot = await self.registry.watch.remote(self._version, timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -26,9 +27,13 @@ import httptools
 
 from serving.errors import GatewayError, error_body, reshape_upstream_error, status_phrase
 from serving.gateway.endpoints import Endpoint, EndpointPool
+from serving.gateway.inspect import StreamInspector, blocked_event, inspect_json
 from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.policy import allowed_models
+from serving.policy.identity import AuthError
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
-from serving.httpraw import decode_chunked, http_get, parse_head
+from serving.httpraw import decode_chunked, parse_head
+from serving.policy.guardrails import GuardrailBlocked
 
 log = logging.getLogger("keel.gateway")
 
@@ -40,6 +45,8 @@ _DROP_REQUEST_HEADERS = {
 }
 _DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "server", "x-request-id"}
 MAX_ERROR_BODY = 1 << 20
+MAX_SHADOWS_IN_FLIGHT = 32  # past this, shadow copies are dropped (counted), never queued
+SHADOW_TIMEOUT_S = 300
 RETRY_AFTER_S = 5
 
 
@@ -68,6 +75,9 @@ class Gateway:
         self.pool = pool or EndpointPool()
         self.metrics = metrics or GatewayMetrics()
         self.model_info = model_info or {}
+        self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
+        self._shadows_in_flight = 0
+        self._shadow_tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
         self._created = int(time.time())
 
@@ -102,20 +112,28 @@ class Gateway:
 
     # -- request handling ------------------------------------------------------------------
 
+    def set_policy(self, runtime) -> None:
+        """Swap in a new policy version; requests in flight finish on the one they started with."""
+        old, self.runtime = self.runtime, runtime
+        self.pipeline = runtime.pipeline
+        if old is not None and old.audit_log is not runtime.audit_log:
+            old.close()
+
     async def handle(self, client: "_Client", req: "_Request") -> None:
         rid = req.headers.get("x-request-id") or uuid.uuid4().hex
         path = req.path
         try:
             if path in PROXIED_PATHS:
                 if req.method != "POST":
+                    self._audit_refused(req, rid, 405, "method not allowed")
                     raise GatewayError(405, f"Use POST for {path}.")
                 await self._proxy(client, req, rid)
                 return
             if path == "/v1/models" and req.method == "GET":
-                client.respond(200, json.dumps(self._models_body()).encode(), rid)
+                client.respond(200, json.dumps(self._models_body(req)).encode(), rid)
             elif path.startswith("/v1/models/") and req.method == "GET":
                 name = path[len("/v1/models/"):]
-                card = next((m for m in self._models_body()["data"] if m["id"] == name), None)
+                card = next((m for m in self._models_body(req)["data"] if m["id"] == name), None)
                 if card is None:
                     raise GatewayError(404, f"The model `{name}` does not exist.", code="model_not_found")
                 client.respond(200, json.dumps(card).encode(), rid)
@@ -128,6 +146,9 @@ class Gateway:
             elif path == "/metrics" and req.method == "GET":
                 text = await self.metrics.render(self.pool.all())
                 client.respond(200, text, rid, content_type=GatewayMetrics.CONTENT_TYPE)
+            elif path.startswith("/v1/admin/"):
+                body = self._admin(req, rid)
+                client.respond(200, json.dumps(body).encode(), rid)
             else:
                 raise GatewayError(404, f"No route {req.method} {path}.", code="unknown_route")
         except GatewayError as e:
@@ -136,14 +157,49 @@ class Gateway:
             log.exception("request %s failed", rid)
             client.respond(500, error_body(500, "Internal gateway error.", request_id=rid), rid)
 
+    def _principal(self, req: "_Request"):
+        """The caller's identity when tenants are configured (401 otherwise); None in open mode."""
+        rt = self.runtime
+        if rt is None or rt.open:
+            return None
+        try:
+            return rt.keyring.authenticate(req.headers.get("authorization"))
+        except AuthError as e:
+            raise GatewayError(401, e.message, code="invalid_api_key") from None
+
+    def _admin(self, req: "_Request", rid: str) -> dict:
+        p = self._principal(req)
+        status, error = 200, None
+        try:
+            if p is not None and p.role != "admin":
+                raise GatewayError(403, "The admin API needs an admin key.", code="admin_only")
+            if req.method != "GET" or req.path != "/v1/admin/policy":
+                raise GatewayError(404, f"No admin route {req.method} {req.path}; try GET /v1/admin/policy.",
+                                   code="unknown_route")
+            return policy_summary(self.runtime)
+        except GatewayError as e:
+            status, error = e.status, e.message
+            raise
+        finally:
+            if self.runtime is not None:
+                self.runtime.audit_plain(rid, req.method, req.path, status, error, req.received_at,
+                                         tenant=p.tenant if p else None, key_id=p.key_id if p else None)
+
+    def _audit_refused(self, req: "_Request", rid: str, status: int, error: str) -> None:
+        if self.runtime is not None:
+            self.runtime.audit_plain(rid, req.method, req.path, status, error, req.received_at)
+
     async def _proxy(self, client: "_Client", req: "_Request", rid: str) -> None:
         ctx = RequestContext(rid, req.method, req.path, req.headers, req.body, received_at=req.received_at)
         if "x-request-id" in req.headers:
             # The engine needs ids unique among requests in flight; a client's may repeat.
             ctx.upstream_headers["x-request-id"] = f"{rid}-{uuid.uuid4().hex[:8]}"
+        pipeline = self.pipeline  # a reload mid-request must not change who sees on_complete
         outcome: Outcome | None = None
         try:
-            await self.pipeline.admit(ctx)
+            await pipeline.admit(ctx)
+            if ctx.shadow is not None:
+                self._spawn_shadow(ctx)
             outcome = await self._relay(client, ctx)
         except GatewayError as e:
             client.respond(e.status, e.body(rid), rid, {**ctx.response_headers, **e.headers})
@@ -154,11 +210,11 @@ class Gateway:
         finally:
             if outcome is None:  # an unexpected error: the caller answers 500
                 outcome = Outcome(500, error="internal error")
-            self.pipeline.complete(ctx, outcome)
-            self.metrics.observe(ctx.model, ctx.received_at, outcome)
+            pipeline.complete(ctx, outcome)
+            self.metrics.observe_request(ctx, outcome)
 
     async def _relay(self, client: "_Client", ctx: RequestContext) -> Outcome:
-        model = ctx.model
+        model = ctx.target
         assert model is not None
         tried: tuple[Endpoint, ...] = ()
         loop = asyncio.get_running_loop()
@@ -167,7 +223,7 @@ class Gateway:
             if ep is None:
                 raise GatewayError(
                     503,
-                    f"No replica of `{model}` is ready yet; retry shortly.",
+                    f"No replica of `{ctx.model}` is ready yet; retry shortly.",
                     code="model_not_ready",
                     headers={"retry-after": str(RETRY_AFTER_S)},
                 )
@@ -200,13 +256,96 @@ class Gateway:
             ep.in_flight -= 1
             self.metrics.in_flight.labels(model).dec()
 
-    def _models_body(self) -> dict:
+    # -- shadow traffic ----------------------------------------------------------------------
+
+    def _spawn_shadow(self, ctx: RequestContext) -> None:
+        """Mirror the request to ctx.shadow; its answer is read, measured and dropped."""
+        if self._shadows_in_flight >= MAX_SHADOWS_IN_FLIGHT:
+            self.metrics.shadow_requests.labels(ctx.model, ctx.shadow, "dropped").inc()
+            return
+        ep = self.pool.pick(ctx.shadow)
+        if ep is None:
+            self.metrics.shadow_requests.labels(ctx.model, ctx.shadow, "no_replica").inc()
+            return
+        payload = dict(ctx.payload)
+        payload["model"] = ctx.shadow
+        if payload.get("stream"):
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        body = json.dumps(payload).encode()
+        shadow_ctx = RequestContext(f"{ctx.request_id}-shadow", ctx.method, ctx.path, {}, body)
+        shadow_ctx.upstream_headers["content-type"] = "application/json"
+        self._shadows_in_flight += 1
+        ep.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._shadow(shadow_ctx, ctx.model, ctx.shadow, ep))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, sctx: RequestContext, model: str, variant: str, ep: Endpoint) -> None:
+        started = time.monotonic()
+        status = "error"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port),
+                                                    self.settings.connect_timeout_s)
+            try:
+                writer.write(_request_bytes(sctx, ep))
+                data = await asyncio.wait_for(reader.read(-1), SHADOW_TIMEOUT_S)
+            finally:
+                writer.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            code, _ = parse_head(head)
+            status = str(code)
+            usage = _last_usage(body)
+            if usage:
+                self.metrics.shadow_tokens.labels(model, variant, "prompt").inc(usage.get("prompt_tokens") or 0)
+                self.metrics.shadow_tokens.labels(model, variant, "completion").inc(usage.get("completion_tokens") or 0)
+        except (OSError, asyncio.TimeoutError, ValueError):
+            status = "error"
+        finally:
+            ep.in_flight -= 1
+            self._shadows_in_flight -= 1
+            self.metrics.shadow_requests.labels(model, variant, status).inc()
+            self.metrics.shadow_duration.labels(model, variant).observe(time.monotonic() - started)
+
+    def _models_body(self, req: "_Request") -> dict:
+        p = self._principal(req)
+        rt = self.runtime
+        names = list(self.models) + ([e for e in rt.policy.experiments] if rt is not None else [])
+        if p is not None:
+            allowed = allowed_models(rt.tenants[p.tenant], set(names))
+            names = [n for n in names if n in allowed]
         data = []
-        for m in self.models:
+        for m in names:
             card = {"id": m, "object": "model", "created": self._created, "owned_by": "keel"}
             card.update(self.model_info.get(m, {}))
+            if rt is not None and m in rt.policy.experiments:
+                card["variants"] = list(rt.policy.experiments[m].variants)
             data.append(card)
         return {"object": "list", "data": data}
+
+
+_USAGE_RE = re.compile(rb'"usage":(\{[^{}]*\})')
+
+
+def _last_usage(body: bytes) -> dict | None:
+    found = _USAGE_RE.findall(body)
+    if not found:
+        return None
+    try:
+        return json.loads(found[-1])
+    except ValueError:
+        return None
+
+
+def policy_summary(rt) -> dict:
+    """What GET /v1/admin/policy shows: the policy in force, without key digests."""
+    if rt is None:
+        return {"tenants": {}, "experiments": {}}
+    pol = rt.policy.model_dump(mode="json")
+    for t in pol["tenants"].values():
+        for k in t["keys"]:
+            k.pop("digest", None)
+    pol["version"] = rt.version
+    return pol
 
 
 def _request_bytes(ctx: RequestContext, ep: Endpoint) -> bytes:
@@ -246,9 +385,15 @@ class _Upstream(asyncio.Protocol):
         self.last = b""
         self.body_length: int | None = None  # content-length, when the engine sent one
         self.chunked = False
+        self.inspecting = False
+        self.cut = False  # an output guardrail ended the response
+        self.complete = False  # inspect mode: the whole body reached the client
+        self.blocked_status: int | None = None
 
     def body_complete(self) -> bool:
         """Did the client get the whole body? (It may close before the engine's EOF reaches us.)"""
+        if self.inspecting:
+            return self.complete
         if self.chunked:
             return self.last.endswith(b"0\r\n\r\n")
         return self.body_length is not None and self.bytes_out >= self.body_length
@@ -263,6 +408,9 @@ class _Upstream(asyncio.Protocol):
             self.last = data
             if self.first_byte_at is None:
                 self.first_byte_at = time.monotonic()
+            return
+        if self.inspecting:
+            self._inspect(data)
             return
         self.buf += data
         if self.is_error:
@@ -287,15 +435,113 @@ class _Upstream(asyncio.Protocol):
                 self.body_length = int(v)
             elif k == "transfer-encoding" and "chunked" in v.lower():
                 self.chunked = True
+        self.buf = bytearray()
+        if self.ctx.inspect:
+            self._start_inspecting(headers)
+            if rest:
+                self.data_received(rest)
+            return
         if self.body_length is None and not self.chunked:
             self.client.keep_alive = False  # body ends when the connection does
         out = [k + ": " + v for k, v in headers if k not in _DROP_RESPONSE_HEADERS]
         self.client.write_head(status, out, self.ctx.request_id, self.ctx.response_headers)
         self.head_sent = True
         self.relaying = True
-        self.buf = bytearray()
         if rest:
             self.data_received(rest)
+
+    # -- inspect mode: a policy needs the response (usage, output guardrails, audit text) ----
+
+    def _start_inspecting(self, headers: list[tuple[str, str]]) -> None:
+        self.inspecting = True
+        self.chat = self.ctx.path.endswith("/chat/completions")
+        framing = b"transfer-encoding: chunked\r\n" if self.chunked else (
+            b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
+        self.decoder = httptools.HttpResponseParser(self)
+        self.decoder.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+        ctype = next((v for k, v in headers if k == "content-type"), "")
+        self.out_headers = [k + ": " + v for k, v in headers
+                            if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")]
+        if ctype.startswith("text/event-stream"):
+            self.stream = StreamInspector(self.ctx, self.chat)
+            self.client.write_head(self.status, [*self.out_headers, "transfer-encoding: chunked"],
+                                   self.ctx.request_id, self.ctx.response_headers)
+            self.head_sent = True
+        else:
+            self.stream = None
+            self.body_parts: list[bytes] = []
+
+    def _inspect(self, data: bytes) -> None:
+        if self.cut:
+            return
+        try:
+            self.decoder.feed_data(data)
+        except httptools.HttpParserError:
+            log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
+            self.transport.abort()
+
+    # httptools callbacks of self.decoder
+    def on_body(self, body: bytes) -> None:
+        if self.stream is None:
+            self.body_parts.append(body)
+            return
+        try:
+            out = self.stream.feed(body)
+        except GuardrailBlocked as e:
+            self._cut(e)
+            return
+        self._send_chunk(out)
+
+    def on_message_complete(self) -> None:
+        if self.cut:
+            return
+        if self.stream is not None:
+            try:
+                out = self.stream.finish()
+            except GuardrailBlocked as e:
+                self._cut(e)
+                return
+            self._send_chunk(out)
+            self.client.transport.write(b"0\r\n\r\n")
+            self.complete = True
+            return
+        rid = self.ctx.request_id
+        try:
+            body = inspect_json(self.ctx, b"".join(self.body_parts), self.chat)
+        except GuardrailBlocked as e:
+            self.ctx.blocked = e
+            self.blocked_status = 400
+            self.client.respond(400, error_body(400, e.message, code="content_policy_violation", request_id=rid),
+                                rid, self.ctx.response_headers)
+            self.complete = True
+            return
+        self.client.write_head(self.status, [*self.out_headers, f"content-length: {len(body)}"], rid,
+                               self.ctx.response_headers)
+        self.head_sent = True
+        self.client.transport.write(body)
+        self._count(body)
+        self.complete = True
+
+    def _send_chunk(self, out: bytes) -> None:
+        if out and not self.client.closed:
+            self.client.transport.write(b"%x\r\n%b\r\n" % (len(out), out))
+            self._count(out)
+
+    def _count(self, out: bytes) -> None:
+        self.bytes_out += len(out)
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+
+    def _cut(self, e: GuardrailBlocked) -> None:
+        """An output guardrail blocked: end the stream with an error event and stop the engine."""
+        self.cut = True
+        self.ctx.blocked = e
+        self.stream.note_all_actions()
+        self._send_chunk(blocked_event(e, self.ctx.request_id))
+        if not self.client.closed:
+            self.client.transport.write(b"0\r\n\r\n")
+        self.complete = True
+        self.transport.abort()
 
     def pause_client_reads(self) -> None:
         if self.transport is not None:
@@ -323,10 +569,14 @@ class _Upstream(asyncio.Protocol):
             msg = "The model replica closed the connection before answering."
             self.client.respond(502, error_body(502, msg, request_id=rid), rid)
             outcome = Outcome(502, error=msg)
+        elif self.blocked_status is not None:
+            outcome = Outcome(self.blocked_status, error=self.ctx.blocked.message)
         else:
-            if exc is not None:  # cut mid-body: the client must not read a truncated body as whole
+            if exc is not None or (self.inspecting and not self.complete):
+                # cut mid-body: the client must not read a truncated body as whole
                 self.client.keep_alive = False
-            outcome = Outcome(self.status, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+            error = self.ctx.blocked.message if self.cut else None
+            outcome = Outcome(self.status, error=error, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
         self.done.set_result(outcome)
 
 
@@ -436,6 +686,9 @@ class _Client(asyncio.Protocol):
             self.keep_alive = False
             self.respond(413, error_body(413, f"The request body exceeds {limit} bytes.", request_id=rid), rid)
             self.gateway.metrics.observe(None, self._started, Outcome(413, error="too large"))
+            if self.gateway.runtime is not None:
+                self.gateway.runtime.audit_plain(rid, req.method, req.path, 413, "request body too large",
+                                                 self._started)
             self.transport.close()
             return
         self.queue.append(req)

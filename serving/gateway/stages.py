@@ -32,6 +32,27 @@ class RequestContext:
     upstream_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the engine
     response_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the client
     stages_entered: int = 0  # how many stages' on_request ran: they, and only they, see on_complete
+    # Set by the policy stages (serving/gateway/policy.py); their defaults mean "no policy".
+    tenant: str | None = None
+    key_id: str | None = None
+    role: str | None = None
+    target: str | None = None  # the model deployment the request goes to (an experiment's variant)
+    variant: str | None = None  # reported in x-keel-variant, metrics and audit
+    shadow: str | None = None  # a model deployment that gets a mirrored copy
+    payload_changed: bool = False  # the body is re-serialised from payload before it is sent
+    prompt_tokens: int | None = None  # counted with the model's tokenizer
+    reserved_tokens: int = 0
+    reservation: Any = None
+    quota: str | None = None  # the quota decision, for the audit record
+    guardrail_actions: list = field(default_factory=list)
+    blocked: Any = None  # the GuardrailBlocked that ended the request, if one did
+    inspect: bool = False  # the relay reads the response (usage, output guardrails, audit text)
+    client_wants_usage: bool = True
+    output_guard: Any = None
+    keep_text: bool = False  # audit_content: keep the (redacted) response text
+    response_text: list = field(default_factory=list)
+    usage: dict | None = None  # the engine's own usage, when the response carried it
+    completion_chunks: int = 0
 
 
 @dataclass
@@ -91,7 +112,8 @@ class ParseBody:
 
 
 class ResolveModel:
-    """The `model` field names one of the configured public models, or the request is 404."""
+    """The `model` field names one of the configured public models, or the request is 404.
+    (With a policy, serving.gateway.policy.Route does this and more.)"""
 
     name = "resolve_model"
 
@@ -109,7 +131,7 @@ class ResolveModel:
                 code="model_not_found",
                 param="model",
             )
-        ctx.model = model
+        ctx.model = ctx.target = ctx.variant = model
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         pass

@@ -21,7 +21,12 @@ python_gc_objects_collected_total{generation="0"} 1.0
 class FakeEngine:
     """Streams `chunks` SSE events per request, `delay` apart; or answers `error_status`."""
 
-    def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b""):
+    def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b"",
+                 tokens: list[str] | None = None, prompt_tokens: int = 7):
+        """tokens: answer like vLLM does, with these as the generated text pieces (role chunk,
+        content chunks, a finish_reason chunk, a usage chunk when asked, [DONE])."""
+        self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
         self.chunks = chunks
         self.delay = delay
         self.error_status = error_status
@@ -60,6 +65,9 @@ class FakeEngine:
             writer.close()
             return
         stream = json.loads(body).get("stream", False)
+        if self.tokens is not None:
+            await self._answer_like_vllm(reader, writer, json.loads(body), lines[0])
+            return
         try:
             if not stream:
                 payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
@@ -78,6 +86,61 @@ class FakeEngine:
                         raise ConnectionResetError
                 done = b"data: [DONE]\n\n"
                 writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+            self.completed += 1
+        except (ConnectionResetError, BrokenPipeError):
+            self.disconnects += 1
+        finally:
+            writer.close()
+
+    async def _answer_like_vllm(self, reader, writer, req: dict, line: str) -> None:
+        chat = "/chat/" in line
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
+                 "total_tokens": self.prompt_tokens + len(self.tokens)}
+        base = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                "model": req.get("model")}
+
+        def choice(text=None, finish=None, role=None):
+            if chat:
+                delta = {}
+                if role:
+                    delta["role"] = role
+                if text is not None:
+                    delta["content"] = text
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        try:
+            if not req.get("stream"):
+                text = "".join(self.tokens)
+                ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                      if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+                payload = json.dumps({**base, "object": "chat.completion" if chat else "text_completion",
+                                      "choices": [ch], "usage": usage}, separators=(",", ":")).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+                await writer.drain()
+                self.completed += 1
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            events = []
+            if chat:
+                events.append({**base, "choices": [choice("", role="assistant")]})
+            events += [{**base, "choices": [choice(t)]} for t in self.tokens]
+            events.append({**base, "choices": [choice("", finish="stop")]})
+            if (req.get("stream_options") or {}).get("include_usage"):
+                events.append({**base, "choices": [], "usage": usage})
+            for ev in events:
+                data = b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if reader.at_eof():
+                    raise ConnectionResetError
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             await writer.drain()
             self.completed += 1
         except (ConnectionResetError, BrokenPipeError):

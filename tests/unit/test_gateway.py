@@ -133,7 +133,7 @@ def test_bad_requests_get_openai_errors_and_never_reach_the_engine(body, status,
     assert err["code"] == code
     assert "Traceback" not in err["message"]
     assert engine.requests == []
-    assert f'keel_requests_total{{model="-",status="{status}"}} 1.0' in metrics
+    assert f'keel_requests_total{{model="-",status="{status}",tenant="-",variant="-"}} 1.0' in metrics
 
 
 def test_no_ready_replica_is_503_with_retry_after_and_health_says_starting():
@@ -203,7 +203,7 @@ def test_client_disconnect_mid_stream_closes_the_engine_connection():
 
     engine, metrics, gw = run(go())
     assert engine.disconnects == 1 and engine.completed == 0
-    assert 'keel_requests_total{model="demo",status="499"} 1.0' in metrics
+    assert 'keel_requests_total{model="demo",status="499",tenant="-",variant="demo"} 1.0' in metrics
     assert gw.pool.all()[0].in_flight == 0
 
 
@@ -247,8 +247,8 @@ def test_metrics_count_requests_by_model_and_status():
         return text
 
     text = run(go())
-    assert 'keel_requests_total{model="demo",status="200"} 3.0' in text
-    assert 'keel_requests_total{model="-",status="404"} 1.0' in text
+    assert 'keel_requests_total{model="demo",status="200",tenant="-",variant="demo"} 3.0' in text
+    assert 'keel_requests_total{model="-",status="404",tenant="-",variant="-"} 1.0' in text
     assert 'keel_request_duration_seconds_count{model="demo"} 3.0' in text
     assert 'keel_time_to_first_byte_seconds_count{model="demo"} 3.0' in text
 

@@ -1,0 +1,185 @@
+"""Reading the engine's response on its way to the client, for requests whose policies need it.
+
+With no tenant policy the gateway copies the engine's bytes untouched (server.py). When a
+policy needs the response (the quota settles to the engine's real token usage, the audit
+records tokens and maybe text, output guardrails must see text before the client does), the
+relay decodes the HTTP body and hands it here:
+
+- a stream (text/event-stream) is handled one SSE event at a time. The engine is asked for a
+  usage chunk (`stream_options.include_usage`), which is taken out again when the client did
+  not ask for it. Without output guardrails an event is only searched, not parsed, so the cost
+  per token stays a few bytes scans; with them each event's text goes through a StreamScanner,
+  which holds back only what could still be part of a match.
+- a JSON body is parsed once at the end, checked and re-serialised only if a guardrail changed it.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from serving.errors import error_body
+from serving.policy.guardrails import GuardrailBlocked
+
+_DONE = b"data: [DONE]"
+
+
+class StreamInspector:
+    """SSE in (decoded body bytes), SSE out. Raises GuardrailBlocked; the caller cuts the stream."""
+
+    def __init__(self, ctx, chat: bool):
+        self.ctx = ctx
+        self.chat = chat
+        self.guard = ctx.output_guard
+        self.scanners: dict[int, object] = {}
+        self.keep_text = ctx.keep_text
+        self.strip_usage = not ctx.client_wants_usage
+        self.buf = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        if b"\n\n" not in self.buf:
+            return b""
+        *events, self.buf = self.buf.split(b"\n\n")
+        out = []
+        for ev in events:
+            res = self._event(ev)
+            if res is not None:
+                out.append(res)
+                out.append(b"\n\n")
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """End of the body: whatever an unterminated last event and held-back text amount to."""
+        out = self.feed(b"\n\n") if self.buf.strip() else b""
+        return out + self._release_held()
+
+    def _event(self, ev: bytes) -> bytes | None:
+        if not ev.startswith(b"data: "):
+            return ev
+        if ev.startswith(_DONE):
+            return self._release_held() + ev
+        ctx = self.ctx
+        if self.guard is None and not self.keep_text:
+            # Fast path: find the usage chunk and count content chunks without parsing JSON.
+            if b'"usage":{' in ev and b'"choices":[]' in ev:
+                ctx.usage = orjson.loads(ev[6:]).get("usage")
+                return None if self.strip_usage else ev
+            if b'"choices":[{' in ev:
+                ctx.completion_chunks += 1
+            return ev
+        try:
+            obj = orjson.loads(ev[6:])
+        except orjson.JSONDecodeError:
+            return ev
+        choices = obj.get("choices")
+        if not choices:
+            if obj.get("usage"):
+                ctx.usage = obj["usage"]
+                return None if self.strip_usage else ev
+            return ev
+        ctx.completion_chunks += 1
+        changed = False
+        keep = False
+        for choice in choices:
+            idx = choice.get("index", 0)
+            holder, key = self._text_slot(choice)
+            text = holder.get(key) if holder is not None else None
+            finished = choice.get("finish_reason") is not None
+            released = text or ""
+            if self.guard is not None:
+                scanner = self.scanners.get(idx)
+                if scanner is None:
+                    scanner = self.scanners[idx] = self.guard.stream()
+                released = scanner.feed(text) if text else ""
+                if finished:
+                    released += scanner.flush()
+                    self._note_actions(scanner)
+                    del self.scanners[idx]
+                if holder is not None and released != (text or ""):
+                    holder[key] = released
+                    changed = True
+                elif holder is None and released:
+                    choice.setdefault("delta", {})["content"] = released
+                    changed = True
+            if self.keep_text and released:
+                ctx.response_text.append(released)
+            if released or finished or _has_more_than_text(choice, self.chat):
+                keep = True
+        if not keep:
+            return None  # everything in it is held back for now
+        return b"data: " + orjson.dumps(obj) if changed else ev
+
+    def _text_slot(self, choice: dict):
+        if self.chat:
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                return delta, "content"
+            return None, None
+        if isinstance(choice.get("text"), str):
+            return choice, "text"
+        return None, None
+
+    def _release_held(self) -> bytes:
+        """Text still held when the stream ends without a finish_reason: decide on it and send it."""
+        out = []
+        for idx, scanner in list(self.scanners.items()):
+            text = scanner.flush()
+            self._note_actions(scanner)
+            del self.scanners[idx]
+            if text:
+                if self.keep_text:
+                    self.ctx.response_text.append(text)
+                out.append(b"data: " + orjson.dumps(self._chunk_with(idx, text)) + b"\n\n")
+        return b"".join(out)
+
+    def _chunk_with(self, idx: int, text: str) -> dict:
+        if self.chat:
+            return {"object": "chat.completion.chunk", "choices": [{"index": idx, "delta": {"content": text}}]}
+        return {"object": "text_completion", "choices": [{"index": idx, "text": text}]}
+
+    def _note_actions(self, scanner) -> None:
+        self.ctx.guardrail_actions.extend(scanner.actions)
+
+    def note_all_actions(self) -> None:
+        for scanner in self.scanners.values():
+            self._note_actions(scanner)
+
+
+def _has_more_than_text(choice: dict, chat: bool) -> bool:
+    if chat:
+        delta = choice.get("delta") or {}
+        return any(k != "content" and v is not None for k, v in delta.items()) or choice.get("logprobs") is not None
+    return choice.get("logprobs") is not None
+
+
+def blocked_event(e: GuardrailBlocked, request_id: str) -> bytes:
+    """The last event of a stream an output guardrail cut: an OpenAI-shaped error."""
+    body = error_body(400, e.message, code="content_policy_violation", request_id=request_id)
+    return b"data: " + body + b"\n\n"
+
+
+def inspect_json(ctx, body: bytes, chat: bool) -> bytes:
+    """A whole (non-streamed) response: record usage, apply output guardrails; may raise GuardrailBlocked."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(obj, dict):
+        return body
+    if isinstance(obj.get("usage"), dict):
+        ctx.usage = obj["usage"]
+    changed = False
+    for choice in obj.get("choices") or ():
+        holder, key = (choice.get("message"), "content") if chat else (choice, "text")
+        if not isinstance(holder, dict) or not isinstance(holder.get(key), str):
+            continue
+        text = holder[key]
+        if ctx.output_guard is not None:
+            new, actions = ctx.output_guard.check_text(text)
+            ctx.guardrail_actions.extend(actions)
+            if new != text:
+                holder[key] = text = new
+                changed = True
+        if ctx.keep_text:
+            ctx.response_text.append(text)
+    return orjson.dumps(obj) if changed else body

@@ -1,0 +1,469 @@
+"""The policy stages of the request path, built from the policy part of the config.
+
+Order (each a Stage: `on_request` may raise GatewayError, `on_complete` always runs):
+
+  Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> Admit -> Prepare
+
+Audit comes first so that every request, however early it is rejected, leaves a record. The
+decisions themselves live in serving/policy/ (plain Python, unit-tested without a gateway);
+these classes only read the request, call them, and translate their answers into HTTP.
+
+`PolicyRuntime` is one immutable version of the policy. `keel apply` builds a new one in each
+gateway (Ray Serve `reconfigure`); requests in flight finish on the version they started with.
+The quota backend and the audit log carry over between versions, so a reload loses no
+reservation and does not restart a hash chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+
+from serving.errors import GatewayError
+from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
+from serving.policy.audit import AuditLog
+from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
+from serving.policy.guardrails import GuardrailBlocked, InputGuard, OutputGuard
+from serving.policy.identity import AuthError, KeyEntry, KeyRing
+from serving.policy.quotas import QuotaBackend, QuotaBackendError, Scope, make_backend
+from serving.policy.routing import assign_variant, shadow_selected
+
+log = logging.getLogger("keel.gateway")
+
+VARIANT_HEADER = "x-keel-variant"
+OPEN_TENANT = "-"  # tenant label of requests when no tenants are configured
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway knows of a configured model without asking its engine."""
+
+    name: str
+    counter: object | None  # serving.policy.tokens.TokenCounter
+    max_model_len: int | None
+
+
+class PolicyRuntime:
+    def __init__(self, policy: PolicyConfig, models: dict[str, ModelInfo], metrics,
+                 previous: "PolicyRuntime | None" = None):
+        self.policy = policy
+        self.version = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:12]
+        self.models = models
+        self.metrics = metrics
+        self.tenants = policy.tenants
+        self.open = not policy.tenants
+        self.keyring = KeyRing([KeyEntry(k.digest, t, k.id, k.role)
+                                for t, tc in policy.tenants.items() for k in tc.keys])
+        self.key_quotas = {(t, k.id): k.quotas for t, tc in policy.tenants.items() for k in tc.keys if k.quotas}
+        self.input_guards = {n: InputGuard(g.input) for n, g in policy.guardrails.items()}
+        self.output_guards = {n: OutputGuard(g.output) for n, g in policy.guardrails.items()}
+        self.public = set(models) | set(policy.experiments)
+        # State that outlives a reload: kept when its config did not change.
+        if previous is not None and previous.policy.quotas == policy.quotas:
+            self.quota_backend = previous.quota_backend
+        else:
+            self.quota_backend = make_backend(policy.quotas) if not self.open else None
+            if previous is not None and previous.quota_backend is not None:
+                previous.retire_backend()
+        if previous is not None and previous.policy.audit == policy.audit:
+            self.audit_log = previous.audit_log
+        else:
+            self.audit_log = AuditLog(policy.audit.dir) if policy.audit.enabled else None
+            if previous is not None and previous.audit_log is not None:
+                previous.audit_log.close()
+        self.pipeline = Pipeline(self._stages())
+
+    def _stages(self) -> list[Stage]:
+        stages: list[Stage] = []
+        if self.audit_log is not None:
+            stages.append(Audit(self))
+        stages.append(ParseBody())
+        if not self.open:
+            stages.append(Authenticate(self))
+        stages.append(Route(self))
+        if not self.open:
+            stages += [CountTokens(self), GuardInput(self), Admit(self)]
+        stages.append(Prepare(self))
+        return stages
+
+    @property
+    def inspects(self) -> bool:
+        """Does the relay read responses? Only when something needs usage or text."""
+        return not self.open or self.audit_log is not None
+
+    def tenant(self, ctx: RequestContext) -> TenantConfig | None:
+        return self.tenants.get(ctx.tenant) if ctx.tenant else None
+
+    def retire_backend(self) -> None:
+        backend = self.quota_backend
+        if backend is not None:
+            # Settlements still running on it finish first; a few seconds is plenty.
+            asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(backend.close()))
+
+    def audit_plain(self, rid: str, method: str, path: str, status: int, error: str | None,
+                    received_at: float, tenant: str | None = None, key_id: str | None = None) -> None:
+        """A record for a request that does not go through the pipeline (413, 405, admin API)."""
+        if self.audit_log is None:
+            return
+        ctx = RequestContext(rid, method, path, {}, b"", received_at=received_at)
+        ctx.tenant, ctx.key_id = tenant, key_id
+        Audit(self).on_complete(ctx, Outcome(status, error=error))
+
+    def close(self) -> None:
+        if self.audit_log is not None:
+            self.audit_log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+class _PolicyStage:
+    def __init__(self, rt: PolicyRuntime):
+        self.rt = rt
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        pass
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        pass
+
+
+class Audit(_PolicyStage):
+    """One hash-chained record per request, written when it ends, whatever the ending."""
+
+    name = "audit"
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        usage = ctx.usage or {}
+        rec = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": ctx.request_id,
+            "method": ctx.method,
+            "path": ctx.path,
+            "tenant": ctx.tenant,
+            "key_id": ctx.key_id,
+            "model": ctx.model,
+            "variant": ctx.variant,
+            "shadow": ctx.shadow,
+            "status": outcome.status,
+            "error": outcome.error,
+            "prompt_tokens": usage.get("prompt_tokens", ctx.prompt_tokens),
+            "completion_tokens": usage.get("completion_tokens"),
+            "reserved_tokens": ctx.reserved_tokens or None,
+            "latency_ms": round((outcome.finished_at - ctx.received_at) * 1000, 3),
+            "ttfb_ms": round((outcome.first_byte_at - ctx.received_at) * 1000, 3) if outcome.first_byte_at else None,
+            "guardrails": [_action_dict(a) for a in ctx.guardrail_actions],
+            "quota": ctx.quota,
+        }
+        if ctx.keep_text and ctx.payload is not None:
+            rec["prompt"] = ctx.payload.get("messages", ctx.payload.get("prompt"))
+            rec["response"] = "".join(ctx.response_text)
+        self.rt.audit_log.write(rec)
+
+
+def _action_dict(a) -> dict:
+    return {"guardrail": a.guardrail, "action": a.action, "direction": a.direction,
+            "entity": a.entity, "count": a.count}
+
+
+class Authenticate(_PolicyStage):
+    """Bearer key -> tenant, key id and role; 401 otherwise."""
+
+    name = "authenticate"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        try:
+            p = self.rt.keyring.authenticate(ctx.headers.get("authorization"))
+        except AuthError as e:
+            raise GatewayError(401, e.message, code="invalid_api_key",
+                               headers={"www-authenticate": 'Bearer realm="keel"'}) from None
+        ctx.tenant, ctx.key_id, ctx.role = p.tenant, p.key_id, p.role
+        tenant = self.rt.tenants[p.tenant]
+        ctx.keep_text = tenant.audit_content
+
+
+class Route(_PolicyStage):
+    """Public name -> model deployment: 404 unknown, 403 not the tenant's, experiments pick a
+    sticky variant (or the one an admin key forces), and maybe a shadow."""
+
+    name = "route"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        payload = ctx.payload or {}
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "`model` is required and must be a string.", param="model")
+        rt = self.rt
+        tenant = rt.tenant(ctx)
+        visible = sorted(rt.public if tenant is None else allowed_models(tenant, rt.public))
+        if model not in rt.public:
+            raise GatewayError(404, f"The model `{model}` does not exist. Available: {', '.join(visible)}.",
+                               code="model_not_found", param="model")
+        if tenant is not None and model not in visible:
+            raise GatewayError(403, f"Tenant `{ctx.tenant}` may not use the model `{model}`. "
+                               f"Available to it: {', '.join(visible) or 'none'}.",
+                               code="model_not_allowed", param="model")
+        ctx.model = model
+        exp = rt.policy.experiments.get(model)
+        forced = ctx.headers.get(VARIANT_HEADER)
+        if exp is None:
+            ctx.target = ctx.variant = model
+        elif forced:
+            if ctx.role != "admin":
+                raise GatewayError(403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
+                                   code="variant_override_not_allowed")
+            if forced not in exp.variants:
+                raise GatewayError(400, f"`{forced}` is not a variant of `{model}`; variants: "
+                                   f"{', '.join(exp.variants)}.", code="unknown_variant")
+            ctx.target = ctx.variant = forced
+        else:
+            user = payload.get("user") or ctx.headers.get(exp.user_header) or ctx.key_id or "anonymous"
+            ctx.target = ctx.variant = assign_variant(model, ctx.tenant or OPEN_TENANT, str(user), exp.variants)
+        if exp is not None:
+            if exp.shadow is not None and exp.shadow.variant != ctx.target \
+                    and shadow_selected(model, ctx.request_id, exp.shadow.percent):
+                ctx.shadow = exp.shadow.variant
+            payload["model"] = ctx.target  # the engine serves the variant under its own name
+            ctx.payload_changed = True
+        ctx.response_headers[VARIANT_HEADER] = ctx.variant
+
+
+def allowed_models(tenant: TenantConfig, public: set[str]) -> set[str]:
+    return set(public) if ALL_MODELS in tenant.models else set(tenant.models) & public
+
+
+class CountTokens(_PolicyStage):
+    """Prompt tokens with the model's own tokenizer, and the most the request may generate."""
+
+    name = "count_tokens"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        info = self.rt.models.get(ctx.target)
+        if info is None or info.counter is None:
+            return
+        ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+
+
+def output_cap(ctx: RequestContext, info: ModelInfo | None) -> int:
+    """Tokens the request may generate: max_tokens (x n choices), else what the context leaves."""
+    p = ctx.payload or {}
+    cap = p.get("max_completion_tokens") or p.get("max_tokens")
+    if not isinstance(cap, int) or cap <= 0:
+        limit = info.max_model_len if info is not None else None
+        cap = max(0, (limit or 4096) - (ctx.prompt_tokens or 0))
+    n = p.get("n") if isinstance(p.get("n"), int) and p.get("n", 1) > 1 else 1
+    return cap * n
+
+
+class GuardInput(_PolicyStage):
+    """The tenant's input guardrails over every prompt text: block (400), redact in place, or flag."""
+
+    name = "guard_input"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        tenant = self.rt.tenant(ctx)
+        if tenant is None or tenant.guardrails is None:
+            return
+        out_guard = self.rt.output_guards[tenant.guardrails]
+        if out_guard.active:
+            ctx.output_guard = out_guard
+        guard = self.rt.input_guards[tenant.guardrails]
+        slots = prompt_slots(ctx.payload)
+        try:
+            texts, actions = guard.check([get() for get, _ in slots], ctx.prompt_tokens)
+        except GuardrailBlocked as e:
+            ctx.blocked = e
+            ctx.guardrail_actions.append(_blocked_action(e))
+            self._count(ctx, [_blocked_action(e)])
+            raise GatewayError(400, e.message, code="content_policy_violation") from None
+        ctx.guardrail_actions.extend(actions)
+        self._count(ctx, actions)
+        changed = False
+        for (get, put), new in zip(slots, texts):
+            if new != get():
+                put(new)
+                changed = True
+        if changed:
+            ctx.payload_changed = True
+            info = self.rt.models.get(ctx.target)
+            if info is not None and info.counter is not None:
+                ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+
+    def _count(self, ctx, actions) -> None:
+        for a in actions:
+            self.rt.metrics.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
+
+
+def _blocked_action(e: GuardrailBlocked):
+    from serving.policy.guardrails import GuardrailAction
+
+    return GuardrailAction(e.guardrail, "block", e.direction, e.entity)
+
+
+def prompt_slots(payload: dict | None) -> list[tuple]:
+    """(get, put) pairs for every prompt text in a chat or completion body, in order."""
+    slots = []
+    if not payload:
+        return slots
+    msgs = payload.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                slots.append(_slot(m, "content"))
+            elif isinstance(c, list):
+                slots += [_slot(part, "text") for part in c
+                          if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        slots.append(_slot(payload, "prompt"))
+    elif isinstance(prompt, list):
+        slots += [_slot(prompt, i) for i, p in enumerate(prompt) if isinstance(p, str)]
+    return slots
+
+
+def _slot(holder, key):
+    def put(v):
+        holder[key] = v
+    return (lambda: holder[key]), put
+
+
+class Admit(_PolicyStage):
+    """Token and request quotas: reserve at admission, settle to the engine's usage at the end."""
+
+    name = "quota"
+
+    def __init__(self, rt: PolicyRuntime):
+        super().__init__(rt)
+        self.fail_open = rt.policy.quotas.on_backend_error == "fail_open"
+
+    def scopes(self, ctx: RequestContext) -> list[Scope]:
+        tenant = self.rt.tenant(ctx)
+        scopes = []
+        if tenant is not None and _any_limit(tenant.quotas):
+            scopes.append(Scope("tenant", ctx.tenant, tenant.quotas))
+        kq = self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
+        if kq is not None and _any_limit(kq):
+            scopes.append(Scope("key", f"{ctx.tenant}/{ctx.key_id}", kq))
+        return scopes
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        scopes = self.scopes(ctx)
+        if not scopes:
+            ctx.quota = "unlimited"
+            return
+        info = self.rt.models.get(ctx.target)
+        prompt = ctx.prompt_tokens or 0
+        cap = output_cap(ctx, info)
+        tokens = prompt + cap
+        m = self.rt.metrics
+        try:
+            adm = await self.rt.quota_backend.reserve(scopes, tokens, ctx.request_id)
+        except QuotaBackendError as e:
+            mode = "fail_open" if self.fail_open else "fail_closed"
+            m.quota_backend_errors.labels(mode).inc()
+            _warn_backend(e, mode)
+            ctx.quota = mode
+            if self.fail_open:
+                return
+            raise GatewayError(503, "The quota service is unavailable; retry shortly.",
+                               code="quota_service_unavailable", headers={"retry-after": "1"}) from None
+        ctx.response_headers.update(adm.headers)
+        if not adm.allowed:
+            m.quota_rejections.labels(ctx.tenant, adm.limit).inc()
+            ctx.quota = f"rejected:{adm.scope.name}:{adm.limit}"
+            who = f"{adm.scope.name} `{adm.scope.id}`"
+            if adm.never_fits:
+                raise GatewayError(
+                    429, f"Request too large for the {adm.limit} limit of {who}: it may use up to {tokens} "
+                    f"tokens (prompt {prompt} + output {cap}), more than the limit allows at once. "
+                    "Lower max_tokens or shorten the prompt.", code="request_too_large")
+            retry = max(adm.retry_after_s, 0.001)
+            raise GatewayError(
+                429, f"Rate limit reached for {who} on {adm.limit}. Retry in {retry:.3g}s.",
+                code="rate_limit_exceeded", headers={"retry-after": str(max(1, math.ceil(retry)))})
+        ctx.reservation = adm.reservation
+        ctx.reserved_tokens = tokens
+        ctx.quota = "admitted"
+        m.reserved_tokens.labels(ctx.tenant).inc(tokens)
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        r = ctx.reservation
+        if r is None:
+            return
+        ctx.reservation = None
+        if ctx.usage and isinstance(ctx.usage.get("total_tokens"), int):
+            actual = ctx.usage["total_tokens"]
+        elif outcome.bytes_out:  # cut short (client gone): what it had generated by then
+            actual = (ctx.prompt_tokens or 0) + ctx.completion_chunks
+        else:  # nothing generated: the whole reservation goes back
+            actual = 0
+        _spawn(self._settle(r, actual, ctx.tenant, ctx.reserved_tokens))
+
+    async def _settle(self, r, actual: int, tenant: str, reserved: int) -> None:
+        try:
+            for attempt in range(3):
+                try:
+                    await self.rt.quota_backend.settle(r, actual)
+                    return
+                except QuotaBackendError as e:
+                    if attempt == 2:
+                        log.warning("could not settle reservation %s (%s); its lease expires it", r.id, e)
+                    else:
+                        await asyncio.sleep(0.2 * (attempt + 1))
+        finally:
+            self.rt.metrics.reserved_tokens.labels(tenant).dec(reserved)
+
+
+def _any_limit(q) -> bool:
+    return any(v is not None for v in (q.requests_per_minute, q.tokens_per_minute, q.tokens_per_day,
+                                       q.concurrent_requests))
+
+
+_last_backend_warning = [0.0]
+
+
+def _warn_backend(e: Exception, mode: str) -> None:
+    now = time.monotonic()
+    if now - _last_backend_warning[0] > 10:  # at most one line per 10 s while the backend is down
+        _last_backend_warning[0] = now
+        log.warning("quota backend unreachable (%s): %s", e, "admitting without quotas (fail_open)"
+                    if mode == "fail_open" else "rejecting requests with 503 (fail_closed)")
+
+
+_tasks: set = set()
+
+
+def _spawn(coro) -> None:
+    """A settlement runs after the response is done; keep a reference so it is not collected."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+class Prepare(_PolicyStage):
+    """Last: ask the engine for usage when a policy reads the response; serialise changed bodies."""
+
+    name = "prepare"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        p = ctx.payload
+        ctx.inspect = self.rt.inspects or ctx.output_guard is not None
+        if ctx.inspect and p.get("stream"):
+            so = p.get("stream_options")
+            ctx.client_wants_usage = isinstance(so, dict) and bool(so.get("include_usage"))
+            if not ctx.client_wants_usage:
+                p["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+                ctx.payload_changed = True
+        if ctx.payload_changed:
+            ctx.body = orjson.dumps(p)

@@ -1,0 +1,1 @@
+"""Request-path policies: plain Python over plain data, no Ray, no vLLM."""

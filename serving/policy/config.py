@@ -1,0 +1,98 @@
+"""The policy part of the stack config: tenants and their keys, quotas, guardrails, experiments,
+audit. It lives in the same YAML file as the models, and is the part `keel apply` changes live
+(it reaches the gateways as Ray Serve `user_config`; engines are not restarted).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from serving.schema import Strict as _Strict
+from serving.policy.guardrails import GuardrailPolicy
+from serving.policy.identity import check_digest
+from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
+from serving.policy.routing import Experiment
+
+ALL_MODELS = "*"
+
+
+class KeyConfig(_Strict):
+    id: str = Field(description="Key id: what audit records, logs and metrics show (never the key).")
+    digest: str = Field(description="sha256:<hex> of the key, as `keel keys create` prints it.")
+    role: Literal["app", "admin"] = Field(
+        "app", description="app: inference on the tenant's models. admin: also the admin API and "
+        "forcing an experiment variant with the x-keel-variant header.")
+    quotas: QuotaLimits | None = Field(None, description="Limits for this key alone, on top of the tenant's.")
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        return check_digest(v)
+
+
+class TenantConfig(_Strict):
+    keys: list[KeyConfig] = Field(default_factory=list)
+    models: list[str] = Field(
+        default_factory=lambda: [ALL_MODELS],
+        description="Public model names (models or experiments) this tenant may use; '*' = all.")
+    quotas: QuotaLimits = Field(default_factory=QuotaLimits)
+    guardrails: str | None = Field(None, description="Name of a policy under guardrails:.")
+    audit_content: bool = Field(
+        False, description="Also record the (redacted) prompt and response in the audit log.")
+
+
+class AuditConfig(_Strict):
+    enabled: bool = True
+    dir: str = Field(".keel/audit", description="Directory of the hash-chained JSONL files "
+                     "(one per gateway process: audit-0.jsonl, audit-1.jsonl, ...).")
+
+
+class PolicyConfig(_Strict):
+    """Everything the gateway decides per request. No tenants: every request is accepted without a key."""
+
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    quotas: QuotaBackendConfig = Field(default_factory=QuotaBackendConfig)
+    guardrails: dict[str, GuardrailPolicy] = Field(
+        default_factory=dict, description="Named guardrail policies; tenants pick one by name.")
+    experiments: dict[str, Experiment] = Field(
+        default_factory=dict, description="Public model name -> weighted variants (configured models).")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+
+POLICY_KEYS = tuple(PolicyConfig.model_fields)
+
+
+def check_policy_refs(policy: PolicyConfig, models: list[str]) -> list[str]:
+    """Cross-references a schema cannot check; each problem as 'key.path: message'."""
+    problems = []
+    public = set(models) | set(policy.experiments)
+    for name, exp in policy.experiments.items():
+        if name in models:
+            problems.append(f"experiments.{name}: `{name}` is already a model name; give the experiment "
+                            "its own public name")
+        for v in exp.variants:
+            if v not in models:
+                problems.append(f"experiments.{name}.variants.{v}: no such model; configured: {', '.join(models)}")
+        if exp.shadow is not None and exp.shadow.variant not in models:
+            problems.append(f"experiments.{name}.shadow.variant: no such model `{exp.shadow.variant}`; "
+                            f"configured: {', '.join(models)}")
+    seen: dict[str, str] = {}
+    for tname, t in policy.tenants.items():
+        for m in t.models:
+            if m != ALL_MODELS and m not in public:
+                problems.append(f"tenants.{tname}.models: no model or experiment `{m}`; "
+                                f"available: {', '.join(sorted(public))}")
+        if t.guardrails is not None and t.guardrails not in policy.guardrails:
+            problems.append(f"tenants.{tname}.guardrails: no guardrail policy `{t.guardrails}`; "
+                            f"defined: {', '.join(policy.guardrails) or 'none'}")
+        for i, k in enumerate(t.keys):
+            where = f"tenants.{tname}.keys.{i}"
+            if k.digest in seen:
+                problems.append(f"{where}.digest: the same key is also registered as {seen[k.digest]}")
+            seen[k.digest] = f"tenants.{tname} key {k.id}"
+        ids = [k.id for k in t.keys]
+        for dup in sorted({i for i in ids if ids.count(i) > 1}):
+            problems.append(f"tenants.{tname}.keys: key id `{dup}` is used twice")
+    return problems
