@@ -104,7 +104,7 @@ def build_app(cfg: KeelConfig, *, with_policy: bool = True) -> serve.Application
     }
     gateway_opts = {}
     if with_policy:
-        gateway_opts["user_config"] = cfg.policy().model_dump(mode="json")
+        gateway_opts["user_config"] = cfg.policy_dict()
     return serve.deployment(
         GatewayDeployment,
         name="gateway",
@@ -137,7 +137,7 @@ def deploy_schema(cfg: KeelConfig) -> dict:
         "import_path": "serving.app:app_builder",
         "route_prefix": None,
         "args": {"stack": cfg.stack_dict()},
-        "deployments": [{"name": "gateway", "user_config": cfg.policy().model_dump(mode="json")}],
+        "deployments": [{"name": "gateway", "user_config": cfg.policy_dict()}],
     }]}
 
 

@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="start the stack in the foreground")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
+    p = sub.add_parser("apply", help="apply a changed config to the running stack (policy changes: live, no restart)")
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
+    p.add_argument("--address", default="auto", help="Ray cluster of the running stack (default: this machine's)")
+    p.add_argument("--restart", action="store_true",
+                   help="also apply changes to server/ray/models, which redeploys the stack (engines restart)")
+
     p = sub.add_parser("config", help="validate a config or print its JSON Schema")
     csub = p.add_subparsers(dest="config_cmd", required=True)
     v = csub.add_parser("validate", help="check a config file (including engine arguments)")
@@ -74,6 +80,11 @@ def _run(args) -> int:
         from serving.launcher import serve_forever
 
         serve_forever(load_config(args.config))
+        return 0
+    if args.cmd == "apply":
+        from serving.launcher import apply_config
+
+        print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart))
         return 0
     if args.cmd == "config":
         if args.config_cmd == "validate":

@@ -147,9 +147,13 @@ class KeelConfig(PolicyConfig):
                 raise ValueError(f"model name {name!r} must be non-empty with no whitespace")
         return models
 
+    def policy_dict(self) -> dict:
+        """The part `keel apply` changes live, as the gateway's user_config. Only what the file
+        set: defaults stay implicit, so the dict validates again as it was written."""
+        return self.model_dump(mode="json", include=set(POLICY_KEYS), exclude_unset=True)
+
     def policy(self) -> PolicyConfig:
-        """The part `keel apply` changes live."""
-        return PolicyConfig.model_validate(self.model_dump(include=set(POLICY_KEYS)))
+        return PolicyConfig.model_validate(self.policy_dict())
 
     def stack_dict(self) -> dict:
         """The part that shapes deployments: a change here redeploys (engines restart)."""
@@ -196,8 +200,9 @@ def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool 
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, KeelConfig)) from None
     problems = [f"{source}: {p}" for p in check_policy_refs(cfg, list(cfg.models))]
-    if not Path(cfg.audit.dir).is_absolute():  # gateway replicas run in Ray's working directory
-        cfg.audit.dir = str(Path(cfg.audit.dir).resolve())
+    # Gateway replicas run in Ray's working directory: the audit dir goes to them absolute.
+    cfg.audit = cfg.audit.model_copy(update={"dir": str(Path(cfg.audit.dir).resolve())})
+    cfg.audit.model_fields_set.add("dir")
     for name, model in cfg.models.items():
         try:
             load_manifest(cfg, model.weights)

@@ -83,7 +83,7 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
         wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop, deploy_failed=_deploy_error)
         if stop.is_set():
             return
-        print(ready_message(cfg, url), flush=True)
+        print(ready_message(cfg, url, ray.get_runtime_context().gcs_address), flush=True)
         if on_ready:
             on_ready()
         while not stop.wait(1.0):
@@ -135,12 +135,66 @@ def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, de
         raise TimeoutError(f"Keel did not become ready on {host}:{port} within {timeout_s:.0f}s")
 
 
-def ready_message(cfg: KeelConfig, url: str) -> str:
+def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> str:
     model = next(iter(cfg.models))
     body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello"}], '
             '"max_tokens": 32, "stream": true}' % model)
+    auth = ""
+    if cfg.tenants:
+        auth = " -H 'Authorization: Bearer $KEEL_API_KEY'"
+        demo = "sk-keel-demo" if any(k.id == "demo-key" for t in cfg.tenants.values() for k in t.keys) else None
+        key_line = f"  (KEEL_API_KEY={demo}: the demo tenant's key)\n" if demo else ""
+    else:
+        key_line = "  (no tenants configured: every request is accepted without a key)\n"
+    apply = f"keel apply --address {ray_address} CONFIG" if ray_address else "keel apply CONFIG"
     return (
-        f"\nKeel is ready on {url}  models: {', '.join(cfg.models)}\n"
-        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"\nKeel is ready on {url}  models: {', '.join(list(cfg.models) + list(cfg.experiments))}\n"
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
+        f"{key_line}"
+        f"  Policy changes apply live: {apply}\n"
         f"  (Ctrl-C stops Keel and Ray)\n"
     )
+
+
+def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool = False,
+                 timeout_s: float = 120.0) -> str:
+    """`keel apply`: hand a changed config to the running stack and wait until it is in force."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A local `keel serve` cluster uses Ray's default token auth (~/.ray/auth_token); a client
+    # joining it must send the token, which Ray only does with the mode set explicitly.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, deploy_schema, deployed_schema, submit
+
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise StartupError(f"no running Ray cluster at {address!r} ({e}); is `keel serve` running?") from None
+    try:
+        current = deployed_schema()
+        if current is None:
+            raise StartupError("no Keel stack is deployed on this Ray cluster; start one with `keel serve`")
+        new = deploy_schema(cfg)["applications"][0]
+        restart = current.get("args") != new["args"]
+        if restart and not allow_restart:
+            raise StartupError(
+                "this config also changes server/ray/models, which redeploys the stack and restarts "
+                "the engines; re-run with --restart to do that (policy-only changes apply live)")
+        submit(cfg)
+        deadline = time.monotonic() + timeout_s
+        time.sleep(1.0)  # the controller picks the new config up on its next loop
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get(APP_NAME)
+            if app is not None and app.status == "RUNNING":
+                break
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise StartupError(f"the new config failed to deploy: {_deploy_error()}")
+            time.sleep(0.5)
+        else:
+            raise StartupError(f"the stack did not settle within {timeout_s:.0f}s; see `serve status`")
+        what = "stack redeployed" if restart else "policy applied live; engines untouched"
+        return f"keel: {what} ({len(cfg.tenants)} tenants, {len(cfg.experiments)} experiments)"
+    finally:
+        ray.shutdown()

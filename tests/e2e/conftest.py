@@ -17,6 +17,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
+DEMO_KEY = "sk-keel-demo"  # the demo tenant's key in configs/local.yaml
+AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 STARTUP_TIMEOUT_S = 900
 
 
@@ -91,4 +93,4 @@ def stack(tmp_path_factory) -> Stack:
 def client(stack):
     from openai import OpenAI
 
-    return OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=stack.url + "/v1", api_key=DEMO_KEY, max_retries=0, timeout=60)

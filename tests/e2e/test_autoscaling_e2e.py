@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import local_config, running_stack
+from tests.e2e.conftest import AUTH, local_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ def test_engine_load_scales_the_model_up_and_traffic_reaches_the_new_replica(aut
 
     def load():
         body = {"model": stack.model, "prompt": "scale", "max_tokens": 128, "ignore_eos": True}
-        with httpx.Client(base_url=stack.url, timeout=120) as c:
+        with httpx.Client(base_url=stack.url, timeout=120, headers=AUTH) as c:
             while not stop.is_set():
                 c.post("/v1/completions", json=body)
 
@@ -55,7 +55,7 @@ def test_engine_load_scales_the_model_up_and_traffic_reaches_the_new_replica(aut
 
     for _ in range(16):  # ties in flight break at random: both replicas get some (p fail = 2^-15)
         r = httpx.post(stack.url + "/v1/completions", json={"model": stack.model, "prompt": "x", "max_tokens": 4},
-                       timeout=60)
+                       headers=AUTH, timeout=60)
         assert r.status_code == 200
     per_replica = {dict(labels)["replica"]: v for (name, labels), v in stack.metrics().items()
                    if name == "vllm:request_success_total" and v > 0}

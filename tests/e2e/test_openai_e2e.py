@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.conftest import AUTH, DEMO_KEY
+
 pytestmark = pytest.mark.e2e
 
 IGNORE_EOS = {"ignore_eos": True}
@@ -61,7 +63,7 @@ def test_unknown_model_is_404(client):
 
 def test_malformed_json_is_400(stack):
     r = httpx.post(stack.url + "/v1/chat/completions", content=b'{"model": "demo", "messages": [',
-                   headers={"content-type": "application/json", "x-request-id": "bad-json-1"})
+                   headers={"content-type": "application/json", "x-request-id": "bad-json-1", **AUTH})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert r.headers["x-request-id"] == "bad-json-1" == r.json()["error"]["request_id"]
@@ -78,7 +80,7 @@ def test_prompt_plus_max_tokens_over_context_is_400(client, stack):
 
 
 def test_request_id_is_echoed(stack):
-    r = httpx.post(stack.url + "/v1/completions", headers={"x-request-id": "trace-42"},
+    r = httpx.post(stack.url + "/v1/completions", headers={"x-request-id": "trace-42", **AUTH},
                    json={"model": stack.model, "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
 
@@ -94,6 +96,7 @@ def test_client_disconnect_aborts_generation_in_the_engine(stack):
     # first races the tiny model: in some runs vLLM sends nothing until the generation is done.)
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer %s\r\n" % DEMO_KEY.encode() +
                   b"content-length: %d\r\n\r\n" % len(body) + body)
         time.sleep(0.3)
     deadline = time.monotonic() + 30
