@@ -8,6 +8,11 @@ the tiny model c=1 TTFT is bimodal per run; see benchmarks/README.md).
 
     python -m benchmarks.compare                      # 3 rounds, c = 1, 16, 64
     python -m benchmarks.compare --rounds 5 --requests 64:48,16:256,64:512
+    python -m benchmarks.compare --baseline policies-off  # Keel with the config's policies vs none
+
+With `--baseline policies-off` the two servers are both `keel serve`: the config as it is (its
+tenants, quotas, guardrails, audit) and the same stack with every policy key removed and the
+audit off (a byte relay), so the table is the cost of the policies end to end.
 """
 
 from __future__ import annotations
@@ -76,9 +81,16 @@ def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_keel(config_path: Path, port: int, tmp: Path, log) -> subprocess.Popen:
+POLICY_KEYS = ("tenants", "quotas", "guardrails", "experiments", "audit")
+
+
+def start_keel(config_path: Path, port: int, tmp: Path, log, policies: bool = True) -> subprocess.Popen:
     doc = yaml.safe_load(config_path.read_text())
     doc.setdefault("server", {})["port"] = port
+    if not policies:
+        for k in POLICY_KEYS:
+            doc.pop(k, None)
+        doc["audit"] = {"enabled": False}
     path = tmp / "bench-keel.yaml"
     path.write_text(yaml.safe_dump(doc))
     keel = Path(sys.executable).with_name("keel")
@@ -86,22 +98,25 @@ def start_keel(config_path: Path, port: int, tmp: Path, log) -> subprocess.Popen
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def measure(url: str, model: str, points: list[tuple[int, int]], max_tokens: int) -> dict[int, dict]:
-    asyncio.run(run_load(url, model, 4, 8, max_tokens))  # warm-up, not recorded
+def measure(url: str, model: str, points: list[tuple[int, int]], max_tokens: int,
+            api_key: str | None = None) -> dict[int, dict]:
+    asyncio.run(run_load(url, model, 4, 8, max_tokens, api_key=api_key))  # warm-up, not recorded
     out = {}
     for c, n in points:
-        out[c] = asyncio.run(run_load(url, model, c, n, max_tokens, seed=c))
+        out[c] = asyncio.run(run_load(url, model, c, n, max_tokens, seed=c, api_key=api_key))
         r = out[c]
         print(f"    c={c:<3} {r['output_throughput']:8.0f} tok/s  ttft p50 {r['median_ttft_ms']:7.1f} ms  "
               f"tpot p50 {r['median_tpot_ms']:6.2f} ms  failed {r['failed']}", flush=True)
     return out
 
 
-def table(runs: dict[str, list[dict[int, dict]]], points: list[tuple[int, int]]) -> str:
+def table(runs: dict[str, list[dict[int, dict]]], points: list[tuple[int, int]],
+          names: tuple[str, str] = ("bare", "Keel")) -> str:
     med = lambda server, c, key: statistics.median(r[c][key] for r in runs[server])  # noqa: E731
     best = lambda server, c, key: min(r[c][key] for r in runs[server])  # noqa: E731
+    b, k = names
     rows = [
-        "| c | bare out tok/s | Keel out tok/s | ratio | bare TTFT p50 | Keel TTFT p50 | Δ TTFT | bare TPOT p50 | Keel TPOT p50 | failed (bare/Keel) |",
+        f"| c | {b} out tok/s | {k} out tok/s | ratio | {b} TTFT p50 | {k} TTFT p50 | Δ TTFT | {b} TPOT p50 | {k} TPOT p50 | failed ({b}/{k}) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, _ in points:
@@ -117,7 +132,7 @@ def table(runs: dict[str, list[dict[int, dict]]], points: list[tuple[int, int]])
     c1 = points[0][0]
     b1, k1 = best("bare", c1, "median_ttft_ms"), best("keel", c1, "median_ttft_ms")
     rows.append("")
-    rows.append(f"Best-of-rounds TTFT p50 at c={c1}: bare {b1:.1f} ms, Keel {k1:.1f} ms (Δ {k1 - b1:+.1f} ms).")
+    rows.append(f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms).")
     return "\n".join(rows)
 
 
@@ -129,6 +144,9 @@ def main() -> None:
     ap.add_argument("--requests", default="1:32,16:256,64:384", help="concurrency:requests,...")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--baseline", choices=["bare", "policies-off"], default="bare",
+                    help="bare: vLLM's own server; policies-off: the same Keel stack without policies")
+    ap.add_argument("--api-key", default="sk-keel-demo", help="key for the config's tenants (demo key)")
     a = ap.parse_args()
 
     cfg = load_config(a.config)
@@ -144,17 +162,23 @@ def main() -> None:
                 port = _free_port()
                 print(f"round {rnd + 1}/{a.rounds}: {server} on :{port}", flush=True)
                 t0 = time.monotonic()
-                proc = (start_bare(cfg, model, port, log) if server == "bare"
-                        else start_keel(Path(a.config), port, RESULTS, log))
+                bare = server == "bare" and a.baseline == "bare"
+                with_policies = server == "keel"
+                if bare:
+                    proc = start_bare(cfg, model, port, log)
+                else:
+                    proc = start_keel(Path(a.config), port, RESULTS, log, policies=with_policies)
+                key = a.api_key if with_policies and cfg.tenants else None
                 try:
                     _wait_http(f"http://127.0.0.1:{port}", proc, a.startup_timeout)
                     print(f"    ready in {time.monotonic() - t0:.0f}s", flush=True)
-                    runs[server].append(measure(f"http://127.0.0.1:{port}", model, points, a.max_tokens))
+                    runs[server].append(measure(f"http://127.0.0.1:{port}", model, points, a.max_tokens, key))
                 finally:
-                    _stop(proc, signal.SIGINT if server == "keel" else signal.SIGTERM)
+                    _stop(proc, signal.SIGTERM if bare else signal.SIGINT)
                 time.sleep(2)
-    text = table(runs, points)
-    header = (f"Keel vs bare vLLM: model `{model}` ({cfg.models[model].weights}), {a.rounds} rounds, "
+    names = ("bare", "Keel") if a.baseline == "bare" else ("policies off", "policies on")
+    text = table(runs, points, names)
+    header = (f"{names[1]} vs {names[0]}: model `{model}` ({cfg.models[model].weights}), {a.rounds} rounds, "
               f"streaming chat, {a.max_tokens} output tokens (ignore_eos), medians over rounds\n")
     print("\n" + header + "\n" + text)
     out = RESULTS / f"compare-{stamp}.json"

@@ -134,8 +134,10 @@ class InstantEngine(asyncio.Protocol):
     """Answers chat requests like vLLM's OpenAI server, with no generation time in between.
 
     A stream's events are written one per event-loop turn, so a relay reads them as separate
-    chunks (as from a real engine) rather than as one burst.
+    chunks (as from a real engine) rather than as one burst; `burst` writes them all at once.
     """
+
+    burst = False
 
     def __init__(self):
         self.buf = bytearray()
@@ -162,7 +164,8 @@ class InstantEngine(asyncio.Protocol):
         body = bytes(self.buf[end + 4:end + 4 + length])
         del self.buf[:end + 4 + length]
         close = b"connection: close" in head
-        self._send(engine_answer(orjson.loads(body), close), 0, close)
+        pieces = engine_answer(orjson.loads(body), close)
+        self._send([b"".join(pieces)] if self.burst else pieces, 0, close)
 
     def _send(self, pieces: list[bytes], i: int, close: bool) -> None:
         if self.transport is None:
@@ -238,10 +241,11 @@ def build_gateways(engine_port: int, workdir: str, redis_url: str | None) -> dic
     return gateways
 
 
-async def serve(redis: bool) -> None:
+async def serve(redis: bool, burst: bool) -> None:
     """The child: start everything, print the ports as one JSON line, answer commands on stdin."""
     import logging
 
+    InstantEngine.burst = burst
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     loop = asyncio.get_running_loop()
     # uvicorn's (so vLLM's) backlog: with asyncio's default of 100, SYNs are dropped under overload
@@ -503,9 +507,10 @@ async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: fl
 
 
 class _Child:
-    def __init__(self, redis: bool):
+    def __init__(self, redis: bool, burst: bool):
         cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", "--serve"]
         cmd += ["--redis"] if redis else []
+        cmd += ["--burst"] if burst else []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT, text=True)
         hello = self._read()
         self.ports = hello["ports"]
@@ -575,7 +580,7 @@ def _cpu_delta(before: dict, after: dict, config: str) -> dict:
 async def benchmark(a) -> dict:
     configs = ["direct", "off", "on"] + (["redis"] if a.redis else [])
     kinds = [True] + ([False] if a.non_streaming else [])
-    child = _Child(a.redis)
+    child = _Child(a.redis, a.burst)
     try:
         checks = {("stream" if s else "json"): await check_answers(child, configs, s) for s in kinds}
         for kind, seen in checks.items():
@@ -627,18 +632,71 @@ class _NullTransport(asyncio.Transport):
 
 
 _WITHOUT_OUTPUT_GUARDS = "  (the same response without output guardrails)"
+_AUDIT_THREAD = "audit writer thread, CPU (serialise, hash, write)"
+
+
+def _relay_response(ctx, client, loop):
+    """Feed the engine's answer to ctx through the gateway's response handling (an Outcome)."""
+    from serving.gateway.server import _Upstream
+
+    up = _Upstream(client, ctx, loop)
+    up.connection_made(_NullTransport())
+    for piece in engine_answer(orjson.loads(ctx.body), close=True):
+        up.data_received(piece)
+    up.connection_lost(None)
+    return up.done.result()
+
+
+async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str, float]) -> None:
+    """One streamed request through gw's request path, adding each step's wall time to `spent`."""
+    from serving.gateway import policy as policy_module
+    from serving.gateway.server import _Client, _request_bytes
+    from serving.gateway.stages import RequestContext
+
+    loop = asyncio.get_running_loop()
+    clock = time.perf_counter
+    stages = gw.pipeline.stages
+    started = clock()
+    ctx = RequestContext(rid, "POST", PATH, dict(headers), body)
+    for stage in stages:
+        t = clock()
+        await stage.on_request(ctx)
+        spent[f"{stage.name}: on_request"] += clock() - t
+    t = clock()
+    _request_bytes(ctx, gw.pool.pick(ctx.target))
+    spent["pick a replica, write the request to it"] += clock() - t
+    client = _Client(gw)
+    client.transport = _NullTransport()
+    t = clock()
+    outcome = _relay_response(ctx, client, loop)
+    spent["response: 19 events relayed, or inspected + output guardrails"] += clock() - t
+    if outcome.status != 200:
+        raise RuntimeError(f"the profiled request ended with {outcome}")
+    if ctx.output_guard is not None:  # the same response again, without output guardrails
+        bare = dataclasses.replace(ctx, output_guard=None, response_text=[], usage=None,
+                                   completion_chunks=0, guardrail_actions=[])
+        t = clock()
+        _relay_response(bare, client, loop)
+        spent[_WITHOUT_OUTPUT_GUARDS] += clock() - t
+        started += clock() - t  # not part of the request's own path
+    for stage in reversed(stages):
+        t = clock()
+        stage.on_complete(ctx, outcome)
+        spent[f"{stage.name}: on_complete"] += clock() - t
+    t = clock()
+    gw.metrics.observe_request(ctx, outcome)
+    spent["metrics"] += clock() - t
+    spent["total on the event loop"] += clock() - started
+    t = clock()
+    if policy_module._tasks:  # the quota settlement, spawned to run after the response
+        await asyncio.gather(*list(policy_module._tasks))
+    spent["quota settlement (a task after the response)"] += clock() - t
 
 
 async def stage_costs(redis: bool, requests: int = 200, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """µs per request of each step a streamed request takes through each gateway configuration:
-    the stages' on_request, the request to the engine, the response (19 SSE events through the
-    relay, or through inspection and output guardrails), the stages' on_complete, metrics, and the
-    quota settlement. Median over `repeats` runs of the mean over `requests` requests."""
-    from serving.gateway import policy as policy_module
-    from serving.gateway.server import _Client, _request_bytes, _Upstream
-    from serving.gateway.stages import Outcome, RequestContext
-
-    loop = asyncio.get_running_loop()
+    """µs per request of each step a streamed request takes through each gateway configuration,
+    run in this process with sockets stubbed out: the median over `repeats` runs of the mean over
+    `requests` requests (after one run that warms caches)."""
     tmp = tempfile.TemporaryDirectory(prefix="keel-bench-profile-")
     redis_server = None
     if redis:
@@ -649,66 +707,21 @@ async def stage_costs(redis: bool, requests: int = 200, repeats: int = 5) -> dic
     out = {}
     try:
         for name, gw in gateways.items():
-            stages = gw.pipeline.stages
             bodies = request_bodies(name, True)
-            runs: dict[str, list[float]] = defaultdict(list)
             audit = gw.runtime.audit_log
-            for rep in range(repeats + 1):  # the first run warms caches and is not counted
+            runs: dict[str, list[float]] = defaultdict(list)
+            for rep in range(repeats + 1):
                 spent: dict[str, float] = defaultdict(float)
                 audit_cpu = _thread_cpu_s(audit._thread) if audit else 0.0
                 for i in range(requests):
                     headers, body = bodies[i % len(bodies)]
-                    t = time.perf_counter()
-                    ctx = RequestContext(f"{rep}-{i}", "POST", PATH, dict(headers), body)
-                    for stage in stages:
-                        t0 = time.perf_counter()
-                        await stage.on_request(ctx)
-                        spent[f"{stage.name}: on_request"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    ep = gw.pool.pick(ctx.target)
-                    _request_bytes(ctx, ep)
-                    spent["pick a replica, write the request to it"] += time.perf_counter() - t0
-                    client = _Client(gw)
-                    client.transport = _NullTransport()
-                    up = _Upstream(client, ctx, loop)
-                    up.connection_made(_NullTransport())
-                    t0 = time.perf_counter()
-                    for piece in engine_answer(orjson.loads(ctx.body), close=True):
-                        up.data_received(piece)
-                    up.connection_lost(None)
-                    spent["response: 19 events relayed, or inspected + output guardrails"] += time.perf_counter() - t0
-                    outcome: Outcome = up.done.result()
-                    if ctx.output_guard is not None:  # the same response without output guardrails
-                        bare = dataclasses.replace(ctx, output_guard=None, response_text=[], usage=None,
-                                                   completion_chunks=0, guardrail_actions=[])
-                        up = _Upstream(client, bare, loop)
-                        up.connection_made(_NullTransport())
-                        t0 = time.perf_counter()
-                        for piece in engine_answer(orjson.loads(ctx.body), close=True):
-                            up.data_received(piece)
-                        up.connection_lost(None)
-                        spent[_WITHOUT_OUTPUT_GUARDS] += time.perf_counter() - t0
-                    for stage in reversed(stages):
-                        t0 = time.perf_counter()
-                        stage.on_complete(ctx, outcome)
-                        spent[f"{stage.name}: on_complete"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    gw.metrics.observe_request(ctx, outcome)
-                    spent["metrics"] += time.perf_counter() - t0
-                    spent["total on the event loop"] += time.perf_counter() - t
-                    t0 = time.perf_counter()
-                    if policy_module._tasks:  # the quota settlement, which runs after the response
-                        await asyncio.gather(*list(policy_module._tasks))
-                    spent["quota settlement (a task after the response)"] += time.perf_counter() - t0
-                    if outcome.status != 200:
-                        raise RuntimeError(f"{name}: the profiled request ended with {outcome}")
+                    await _profile_one(gw, f"{rep}-{i}", headers, body, spent)
                 if audit is not None:
                     audit.flush()
-                    spent["audit writer thread, CPU (serialise, hash, write)"] = _thread_cpu_s(audit._thread) - audit_cpu
-                if rep:
-                    for k, v in spent.items():
-                        runs[k].append(v / requests * 1e6)
-            out[name] = {k: statistics.median(v) for k, v in runs.items()}
+                    spent[_AUDIT_THREAD] = _thread_cpu_s(audit._thread) - audit_cpu
+                for k, v in spent.items():
+                    runs[k].append(v / requests * 1e6)
+            out[name] = {k: statistics.median(v[1:]) for k, v in runs.items()}
     finally:
         for gw in gateways.values():
             gw.runtime.close()
@@ -753,8 +766,7 @@ def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, flo
 def profile_table(costs: dict[str, dict[str, float]]) -> str:
     names = list(costs)
     keys = list(dict.fromkeys(k for c in sorted(costs.values(), key=len, reverse=True) for k in c))
-    last = ["total on the event loop", "quota settlement (a task after the response)",
-            "audit writer thread, CPU (serialise, hash, write)"]
+    last = ["total on the event loop", "quota settlement (a task after the response)", _AUDIT_THREAD]
     keys = [k for k in keys if k not in last] + [k for k in last if k in keys]
     lines = ["| µs per streamed request | " + " | ".join(CONFIGS[n] for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
@@ -842,13 +854,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="add a row with the Redis quota backend")
     ap.add_argument("--non-streaming", action="store_true", help="also measure non-streaming requests")
+    ap.add_argument("--burst", action="store_true",
+                    help="the responder writes a whole stream at once (per-chunk relay cost drops out)")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, time each step of the request path in-process (µs per request)")
     ap.add_argument("--out", default=str(RESULTS / "gateway_overhead.json"))
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
     a = ap.parse_args()
     if a.serve:
-        uvloop.run(serve(a.redis))
+        uvloop.run(serve(a.redis, a.burst))
         return
 
     load_before = os.getloadavg()
@@ -875,7 +889,7 @@ def main() -> None:
         "command": " ".join(["python", "-m", "benchmarks.gateway_overhead", *sys.argv[1:]]),
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "python": platform.python_version(), "uvloop": uvloop.__version__, "rate": a.rate,
-        "seconds": a.seconds, "rounds": a.rounds, "output_tokens": OUTPUT_TOKENS,
+        "seconds": a.seconds, "rounds": a.rounds, "output_tokens": OUTPUT_TOKENS, "burst": a.burst,
         "wall_s": time.time() - started,
     }
     out = Path(a.out)
