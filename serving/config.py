@@ -15,9 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs
 from serving.schema import Strict
-
-from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"

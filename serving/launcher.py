@@ -65,7 +65,7 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, submit
+    from serving.app import submit
 
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)

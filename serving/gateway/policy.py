@@ -32,7 +32,7 @@ from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
 from serving.policy.guardrails import GuardrailBlocked, InputGuard, OutputGuard
 from serving.policy.identity import AuthError, KeyEntry, KeyRing
-from serving.policy.quotas import QuotaBackend, QuotaBackendError, Scope, make_backend
+from serving.policy.quotas import QuotaBackendError, Scope, make_backend
 from serving.policy.routing import assign_variant, shadow_selected
 
 log = logging.getLogger("keel.gateway")

@@ -7,17 +7,16 @@ The server thread owns the listening socket and every client connection; Ray's e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
-
-import json
 
 from serving.config import KeelConfig, load_manifest
 from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
+from serving.gateway.stages import Pipeline, default_stages
 from serving.policy.config import PolicyConfig, check_policy_refs
 from serving.policy.tokens import TokenCounter
-from serving.gateway.stages import Pipeline, default_stages
 from serving.priority import run_at_normal_priority
 
 log = logging.getLogger("keel.gateway")

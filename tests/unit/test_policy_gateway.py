@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import httpx
-import pytest
 
 from serving.config import REPO_ROOT
 from serving.gateway.policy import ModelInfo, PolicyRuntime
