@@ -16,9 +16,10 @@ Configurations, alternated within each round so drift in this noisy machine hits
 - with --redis, the same with the Redis quota backend (a local redis-server).
 
     python -m benchmarks.gateway_overhead                    # 200 req/s, 3 rounds x 10 s, ~2 min
-    python -m benchmarks.gateway_overhead --redis --non-streaming
-    python -m benchmarks.gateway_overhead --profile          # + µs per stage, measured in-process
+    python -m benchmarks.gateway_overhead --redis --profile  # + Redis row, + µs per stage (~2.5 min)
+    python -m benchmarks.gateway_overhead --non-streaming    # + the same for non-streaming requests
     python -m benchmarks.gateway_overhead --rounds 0 --profile   # the stage profile alone
+    python -m benchmarks.gateway_overhead --configs on --burst   # direct vs on, whole answers at once
 
 Prints a markdown table (medians over rounds; "added" = config minus direct in the same round,
 then the median) and writes benchmarks/results/gateway_overhead.json.
@@ -290,7 +291,8 @@ async def serve(redis: bool, burst: bool) -> None:
                 out[n] = {"status": dict(statuses)}
                 if gw.runtime.audit_log is not None:
                     gw.runtime.audit_log.flush()
-                    out[n]["audit_records"] = sum(1 for _ in open(gw.runtime.audit_log.path, "rb"))
+                    with open(gw.runtime.audit_log.path, "rb") as f:
+                        out[n]["audit_records"] = sum(1 for _ in f)
             answer(out)
     for gw in gateways.values():
         await gw.stop()
@@ -339,6 +341,7 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self.transport.close()
+            self.open = False
             self._end(None, f"bad response: {e}")
 
     def connection_lost(self, exc) -> None:
@@ -385,6 +388,7 @@ class _Pool:
         self.outstanding = 0
         self.phase = 0  # answers to an earlier phase's requests are not counted in this one
         self.extra_connections = 0
+        self.last_done = 0.0
         self.drained: asyncio.Event | None = None
 
     async def connect(self) -> _Connection:
@@ -400,6 +404,7 @@ class _Pool:
     def reset(self) -> None:
         self.phase += 1
         self.outstanding = 0
+        self.last_done = 0.0
         self.latencies = []
         self.errors = defaultdict(int)
         self.extra_connections = 0
@@ -433,6 +438,7 @@ class _Pool:
         if conn is not None and conn.phase != self.phase:
             return
         self.outstanding -= 1
+        self.last_done = time.perf_counter()
         if error is None:
             self.latencies.append(latency)
         else:
@@ -496,7 +502,8 @@ async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: fl
         "sent": total,
         "ok": len(lat),
         "errors": dict(pool.errors),
-        "achieved_rps": len(lat) / sent_for,
+        # answered per second, from the first request sent to the last answer (a backlog shows)
+        "achieved_rps": len(lat) / (max(pool.last_done, start + sent_for) - start),
         "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99),
         "max_ms": max(lat) if lat else 0.0,
         "mean_ms": statistics.fmean(lat) if lat else 0.0,
@@ -578,7 +585,7 @@ def _cpu_delta(before: dict, after: dict, config: str) -> dict:
 
 
 async def benchmark(a) -> dict:
-    configs = ["direct", "off", "on"] + (["redis"] if a.redis else [])
+    configs = a.configs
     kinds = [True] + ([False] if a.non_streaming else [])
     child = _Child(a.redis, a.burst)
     try:
@@ -693,7 +700,7 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
     spent["quota settlement (a task after the response)"] += clock() - t
 
 
-async def stage_costs(redis: bool, requests: int = 200, repeats: int = 5) -> dict[str, dict[str, float]]:
+async def stage_costs(redis: bool, requests: int = 200, repeats: int = 7) -> dict[str, dict[str, float]]:
     """µs per request of each step a streamed request takes through each gateway configuration,
     run in this process with sockets stubbed out: the median over `repeats` runs of the mean over
     `requests` requests (after one run that warms caches)."""
@@ -704,13 +711,12 @@ async def stage_costs(redis: bool, requests: int = 200, repeats: int = 5) -> dic
 
         redis_server = RedisServer(dir=f"{tmp.name}/redis")
     gateways = build_gateways(1, tmp.name, redis_server.url if redis_server else None)
-    out = {}
+    runs: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in gateways}
     try:
-        for name, gw in gateways.items():
-            bodies = request_bodies(name, True)
-            audit = gw.runtime.audit_log
-            runs: dict[str, list[float]] = defaultdict(list)
-            for rep in range(repeats + 1):
+        for rep in range(repeats + 1):
+            for name, gw in gateways.items():  # alternating, so a busy moment hits every column
+                bodies = request_bodies(name, True)
+                audit = gw.runtime.audit_log
                 spent: dict[str, float] = defaultdict(float)
                 audit_cpu = _thread_cpu_s(audit._thread) if audit else 0.0
                 for i in range(requests):
@@ -720,15 +726,14 @@ async def stage_costs(redis: bool, requests: int = 200, repeats: int = 5) -> dic
                     audit.flush()
                     spent[_AUDIT_THREAD] = _thread_cpu_s(audit._thread) - audit_cpu
                 for k, v in spent.items():
-                    runs[k].append(v / requests * 1e6)
-            out[name] = {k: statistics.median(v[1:]) for k, v in runs.items()}
+                    runs[name][k].append(v / requests * 1e6)
+        return {name: {k: statistics.median(v[1:]) for k, v in r.items()} for name, r in runs.items()}
     finally:
         for gw in gateways.values():
             gw.runtime.close()
         if redis_server is not None:
             redis_server.stop()
         tmp.cleanup()
-    return out
 
 
 def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, float]]:
@@ -847,6 +852,18 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _git_version() -> str:
+    """The commit measured, with "+changes" when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "serving"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=200, help="requests per second (open loop)")
@@ -860,14 +877,18 @@ def main() -> None:
                     help="afterwards, time each step of the request path in-process (µs per request)")
     ap.add_argument("--out", default=str(RESULTS / "gateway_overhead.json"))
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--configs", default="direct,off,on",
+                    help="which rows, of direct,off,on (direct, the baseline, is always measured)")
     a = ap.parse_args()
+    a.configs = ["direct"] + [c for c in CONFIGS if c in a.configs.split(",") and c not in ("direct", "redis")]
+    a.configs += ["redis"] if a.redis else []
     if a.serve:
         uvloop.run(serve(a.redis, a.burst))
         return
 
     load_before = os.getloadavg()
     started = time.time()
-    configs = ["direct", "off", "on"] + (["redis"] if a.redis else [])
+    configs = a.configs
     kinds = {"stream": True, **({"json": False} if a.non_streaming else {})}
     result = uvloop.run(benchmark(a)) if a.rounds > 0 else {}
     summaries = {k: summarize(result["phases"], configs, s) for k, s in kinds.items()} if result else {}
@@ -875,17 +896,19 @@ def main() -> None:
           f"configuration, {os.cpu_count()} CPUs (load average before {load_before[0]:.2f}), chat with "
           f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct in the same round")
     for kind, rows in summaries.items():
-        print(f"\n{'Streaming' if kind == 'stream' else 'Non-streaming'}:\n\n" + table(rows) + "\n\n" + verdict(rows))
+        print(f"\n{'Streaming' if kind == 'stream' else 'Non-streaming'}:\n\n" + table(rows))
+        if verdict(rows):
+            print("\n" + verdict(rows))
     if a.profile:
         result["stage_costs_us"] = costs = uvloop.run(stage_costs(a.redis))
         result["guardrail_rule_costs_us"] = rules = rule_costs()
         print("\nWhere the time goes (--profile: each step run in this process without sockets; "
-              "median of 5 x 200 streamed requests):\n\n" + profile_table(costs))
+              "median of 7 x 200 streamed requests; wall time, so Redis rows include the round trip):\n\n" + profile_table(costs))
         print("\nGuardrail rules alone, µs per request (input: the prompt texts; output: 16 streamed "
               "tokens):\n\n| rule | input | output |\n|---|---|---|\n"
               + "\n".join(f"| {r} | {c['input']:.1f} | {c['output']:.1f} |" for r, c in rules.items()))
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git_version(),
         "command": " ".join(["python", "-m", "benchmarks.gateway_overhead", *sys.argv[1:]]),
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "python": platform.python_version(), "uvloop": uvloop.__version__, "rate": a.rate,
