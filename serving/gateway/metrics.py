@@ -75,8 +75,7 @@ class GatewayMetrics:
             self.tokens.labels(tenant, ctx.model, variant, "completion").inc(u.get("completion_tokens") or 0)
         if ctx.tenant is not None:
             for a in ctx.guardrail_actions:
-                if a.direction == "output":  # input actions are counted when they happen
-                    self.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
+                self.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
 
     def observe(self, model: str | None, started: float, outcome, tenant: str = UNROUTED,
                 variant: str | None = None) -> None:

@@ -30,7 +30,7 @@ from serving.errors import GatewayError
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
-from serving.policy.guardrails import GuardrailBlocked, InputGuard, OutputGuard
+from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGuard, OutputGuard
 from serving.policy.identity import AuthError, KeyEntry, KeyRing
 from serving.policy.quotas import QuotaBackendError, Scope, make_backend
 from serving.policy.routing import assign_variant, shadow_selected
@@ -78,12 +78,13 @@ class PolicyRuntime:
             self.audit_log = AuditLog(policy.audit.dir) if policy.audit.enabled else None
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
+        self.audit = Audit(self) if self.audit_log is not None else None
         self.pipeline = Pipeline(self._stages())
 
     def _stages(self) -> list[Stage]:
         stages: list[Stage] = []
-        if self.audit_log is not None:
-            stages.append(Audit(self))
+        if self.audit is not None:
+            stages.append(self.audit)
         stages.append(ParseBody())
         if not self.open:
             stages.append(Authenticate(self))
@@ -110,11 +111,11 @@ class PolicyRuntime:
     def audit_plain(self, rid: str, method: str, path: str, status: int, error: str | None,
                     received_at: float, tenant: str | None = None, key_id: str | None = None) -> None:
         """A record for a request that does not go through the pipeline (413, 405, admin API)."""
-        if self.audit_log is None:
+        if self.audit is None:
             return
         ctx = RequestContext(rid, method, path, {}, b"", received_at=received_at)
         ctx.tenant, ctx.key_id = tenant, key_id
-        Audit(self).on_complete(ctx, Outcome(status, error=error))
+        self.audit.on_complete(ctx, Outcome(status, error=error))
 
     def close(self) -> None:
         if self.audit_log is not None:
@@ -298,10 +299,8 @@ class GuardInput(_PolicyStage):
         except GuardrailBlocked as e:
             ctx.blocked = e
             ctx.guardrail_actions.append(_blocked_action(e))
-            self._count(ctx, [_blocked_action(e)])
             raise GatewayError(400, e.message, code="content_policy_violation") from None
         ctx.guardrail_actions.extend(actions)
-        self._count(ctx, actions)
         changed = False
         for (get, put), new in zip(slots, texts):
             if new != get():
@@ -313,14 +312,8 @@ class GuardInput(_PolicyStage):
             if info is not None and info.counter is not None:
                 ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
 
-    def _count(self, ctx, actions) -> None:
-        for a in actions:
-            self.rt.metrics.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
 
-
-def _blocked_action(e: GuardrailBlocked):
-    from serving.policy.guardrails import GuardrailAction
-
+def _blocked_action(e: GuardrailBlocked) -> GuardrailAction:
     return GuardrailAction(e.guardrail, "block", e.direction, e.entity)
 
 
@@ -362,6 +355,8 @@ class Admit(_PolicyStage):
     def __init__(self, rt: PolicyRuntime):
         super().__init__(rt)
         self.fail_open = rt.policy.quotas.on_backend_error == "fail_open"
+        self._settling: set[asyncio.Task] = set()  # referenced so they are not collected mid-run
+        self._last_warning = 0.0
 
     def scopes(self, ctx: RequestContext) -> list[Scope]:
         tenant = self.rt.tenant(ctx)
@@ -388,7 +383,7 @@ class Admit(_PolicyStage):
         except QuotaBackendError as e:
             mode = "fail_open" if self.fail_open else "fail_closed"
             m.quota_backend_errors.labels(mode).inc()
-            _warn_backend(e, mode)
+            self._warn_backend(e, mode)
             ctx.quota = mode
             if self.fail_open:
                 return
@@ -424,7 +419,16 @@ class Admit(_PolicyStage):
             actual = (ctx.prompt_tokens or 0) + ctx.completion_chunks
         else:  # nothing generated: the whole reservation goes back
             actual = 0
-        _spawn(self._settle(r, actual, ctx.tenant, ctx.reserved_tokens))
+        task = asyncio.get_running_loop().create_task(self._settle(r, actual, ctx.tenant, ctx.reserved_tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def _warn_backend(self, e: Exception, mode: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 10:  # at most one line per 10 s while the backend is down
+            self._last_warning = now
+            log.warning("quota backend unreachable (%s): %s", e, "admitting without quotas (fail_open)"
+                        if mode == "fail_open" else "rejecting requests with 503 (fail_closed)")
 
     async def _settle(self, r, actual: int, tenant: str, reserved: int) -> None:
         try:
@@ -444,27 +448,6 @@ class Admit(_PolicyStage):
 def _any_limit(q) -> bool:
     return any(v is not None for v in (q.requests_per_minute, q.tokens_per_minute, q.tokens_per_day,
                                        q.concurrent_requests))
-
-
-_last_backend_warning = [0.0]
-
-
-def _warn_backend(e: Exception, mode: str) -> None:
-    now = time.monotonic()
-    if now - _last_backend_warning[0] > 10:  # at most one line per 10 s while the backend is down
-        _last_backend_warning[0] = now
-        log.warning("quota backend unreachable (%s): %s", e, "admitting without quotas (fail_open)"
-                    if mode == "fail_open" else "rejecting requests with 503 (fail_closed)")
-
-
-_tasks: set = set()
-
-
-def _spawn(coro) -> None:
-    """A settlement runs after the response is done; keep a reference so it is not collected."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
 
 
 class Prepare(_PolicyStage):

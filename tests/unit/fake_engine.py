@@ -76,16 +76,8 @@ class FakeEngine:
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
                              b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-                for i in range(self.chunks):
-                    event = b"data: " + json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() + b"\n\n"
-                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-                    await writer.drain()
-                    if self.delay:
-                        await asyncio.sleep(self.delay)
-                    if reader.at_eof():
-                        raise ConnectionResetError
-                done = b"data: [DONE]\n\n"
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                await self._send_events(reader, writer, [
+                    json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() for i in range(self.chunks)])
             await writer.drain()
             self.completed += 1
         except (ConnectionResetError, BrokenPipeError):
@@ -131,19 +123,23 @@ class FakeEngine:
             events.append({**base, "choices": [choice("", finish="stop")]})
             if (req.get("stream_options") or {}).get("include_usage"):
                 events.append({**base, "choices": [], "usage": usage})
-            for ev in events:
-                data = b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await writer.drain()
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if reader.at_eof():
-                    raise ConnectionResetError
-            done = b"data: [DONE]\n\n"
-            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await self._send_events(reader, writer, [json.dumps(ev, separators=(",", ":")).encode() for ev in events])
             await writer.drain()
             self.completed += 1
         except (ConnectionResetError, BrokenPipeError):
             self.disconnects += 1
         finally:
             writer.close()
+
+    async def _send_events(self, reader, writer, payloads: list[bytes]) -> None:
+        """SSE events, one HTTP chunk each, `delay` apart, then [DONE]; a hang-up raises."""
+        for payload in payloads:
+            data = b"data: " + payload + b"\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if reader.at_eof():
+                raise ConnectionResetError
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
