@@ -38,7 +38,9 @@ it: its analyzer pulls spaCy and a model download, and it cannot match partially
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -310,30 +312,40 @@ def _accept_ipv6(m: regex.Match) -> int | None:
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _HEX4 = r"[0-9A-Fa-f]{1,4}"
 
-# entity -> [(pattern, validator, lazy)]. `lazy` patterns (a lazy quantifier up to a terminator)
-# are final once they match, so they skip the any-path probe, which would hold them to the end.
-_PII: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | None, bool]]] = {
+
+
+def _has(*literals: str) -> Callable[[str], bool]:
+    return lambda text: any(lit in text for lit in literals)
+
+
+_has_digit = re.compile(r"\d").search  # the same Unicode digits as the patterns' \d
+
+# entity -> [(pattern, validator, lazy, needs)]. `lazy` patterns (a lazy quantifier up to a
+# terminator) are final once they match, so they skip the any-path probe, which would hold them
+# to the end. `needs(text)` is false for a text no match can be in (every match holds one of
+# those characters or strings): a whole text that fails it is not searched at all.
+_PII: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | None, bool, Callable[[str], object]]]] = {
     "email": [(
         r"(?<![\w.%+-])[\w%+-](?:[\w.%+-]{0,62}[\w%+-])?"
         r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
-        r"(?![\w-]|\.[A-Za-z0-9])", None, False)],
+        r"(?![\w-]|\.[A-Za-z0-9])", None, False, _has("@"))],
     # International (E.164: + and 7-15 digits) or NANP with separators. Bare digit runs, dates
     # (2024-01-31), versions (1.2.3) and prices are not phone numbers here.
     "phone": [(
         r"(?<![\w+.-])(?:"
         r"\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,7}"
         r"|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
-        r")(?![\w]|[.-]\d)", _accept_phone, False)],
-    "credit_card": [(r"(?<![\w+-])(?:\d[ -]?){12,18}\d(?!\w)", _accept_card, False)],
+        r")(?![\w]|[.-]\d)", _accept_phone, False, _has_digit)],
+    "credit_card": [(r"(?<![\w+-])(?:\d[ -]?){12,18}\d(?!\w)", _accept_card, False, _has_digit)],
     "iban": [(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
-              _accept_iban, False)],
+              _accept_iban, False, _has_digit)],
     "us_ssn": [(r"(?<![\w+.-])\d{3}(?P<ssn_sep>[- ]?)\d{2}(?P=ssn_sep)\d{4}(?!\w|-\d)",
-                _accept_ssn, False)],
+                _accept_ssn, False, _has_digit)],
     "ip_address": [
         # An IPv4 address right after "hex:" is the tail of an IPv6 one (::ffff:192.0.2.1).
-        (rf"(?<![\w.]|[0-9A-Fa-f]:|::){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", None, False),
+        (rf"(?<![\w.]|[0-9A-Fa-f]:|::){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", None, False, _has_digit),
         (rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_HEX4}|{_OCTET}(?:\.{_OCTET}){{3}})?"
-         r"(?![\w:]|\.\d)", _accept_ipv6, False),
+         r"(?![\w:]|\.\d)", _accept_ipv6, False, _has(":")),
     ],
     "secret": [
         (r"(?<![\w-])(?:"
@@ -345,10 +357,12 @@ _PII: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | None, bool
          r"|AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"  # Google API key
          r"|[sr]k_live_[A-Za-z0-9]{16,}"  # Stripe
          r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWT
-         r")", None, False),
+         r")", None, False,
+         _has("sk-", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "AIza",
+              "k_live_", "eyJ")),
         # A PEM private key through its matching END line; an unterminated one to the end.
         (r"-----BEGIN (?P<pem_label>(?:[A-Z0-9]+ )*)PRIVATE KEY-----[\s\S]*?"
-         r"(?:-----END (?P=pem_label)PRIVATE KEY-----|\Z)", None, True),
+         r"(?:-----END (?P=pem_label)PRIVATE KEY-----|\Z)", None, True, _has("PRIVATE KEY-----")),
     ],
 }
 
@@ -422,6 +436,10 @@ class _Detector:
     probe: regex.Pattern | None  # (?:P)(?!): where could a P match still be forming?
     accept: Callable[[regex.Match], int | None] | None = None  # validated end, or None
     starts: frozenset[str] | None = None  # ASCII characters a match can start with; None: any
+    # (previous character, character) pairs, as prev * 128 + char over ASCII, at which a match
+    # can start: most patterns cannot start right after a letter or digit
+    pairs: frozenset[int] | None = None
+    needs: Callable[[str], object] | None = None  # see _PII
     weights: dict[str, float] | None = None  # prompt injection: group name -> weight
     threshold: float = 0.0
     score_key: object = None  # prompt injection: the rule; its detectors' phrases add up
@@ -429,13 +447,14 @@ class _Detector:
 
 def _detector(rule: GuardrailRule, entity: str | None, mask: str, source: str, flags: int = 0,
               accept=None, lazy: bool = False, builtin: bool = True, weights=None,
-              threshold: float = 0.0) -> _Detector:
+              threshold: float = 0.0, needs=None) -> _Detector:
     pattern = regex.compile(source, flags)
+    starts, pairs = _start_table(source, flags) if builtin else (None, None)
     return _Detector(
         guardrail=rule.label, action=rule.action, entity=entity, mask=mask, source=source,
         pattern=pattern,
         probe=None if lazy else regex.compile(_probe_source(source), flags),
-        accept=accept, starts=_start_chars(pattern) if builtin else None, weights=weights,
+        accept=accept, starts=starts, pairs=pairs, needs=needs, weights=weights,
         threshold=threshold, score_key=rule if weights is not None else None)
 
 
@@ -445,10 +464,17 @@ def _probe_source(source: str) -> str:
     return f"(?:{source})(?!)"
 
 
-def _start_chars(pattern: regex.Pattern) -> frozenset[str]:
-    """The ASCII characters a match (or a match still forming) can begin with. Only for our own
-    patterns: a positive lookbehind would fail on a lone character and hide a real start."""
-    return frozenset(ch for ch in map(chr, range(128)) if pattern.match(ch, partial=True))
+@functools.lru_cache(maxsize=256)
+def _start_table(source: str, flags: int) -> tuple[frozenset[str], frozenset[int]]:
+    """The ASCII characters a match (or a match still forming) can begin with, alone and after
+    each ASCII character. Only for our own patterns, whose lookbehinds are negative or `^[ \t]*`,
+    so that less context never hides a start: a positive lookbehind in general could fail on one
+    character of context and hide a real start. Computed once per pattern (~5 ms)."""
+    pattern = regex.compile(source, flags)
+    starts = frozenset(ch for ch in map(chr, range(128)) if pattern.match(ch, partial=True))
+    pairs = frozenset(p << 7 | ord(ch) for ch in starts for p in range(128)
+                      if pattern.match(chr(p) + ch, 1, partial=True))
+    return starts, pairs
 
 
 def _term_source(terms: list[str]) -> str:
@@ -460,8 +486,9 @@ def _detectors(rule: GuardrailRule) -> list[_Detector]:
     if rule.type == "pii":
         out = []
         for entity in rule.entities or PII_ENTITIES:
-            for source, accept, lazy in _PII[entity]:
-                out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy))
+            for source, accept, lazy, needs in _PII[entity]:
+                out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy,
+                                     needs=needs))
         return out
     if rule.type == "deny":
         out = []
@@ -565,28 +592,76 @@ class _Plan:
         # character may begin anything. Detectors with no known start set are always searched.
         always = sum(1 << i for i, d in enumerate(self.dets) if d.starts is None)
         self.starts_with = {chr(c): always for c in range(128)}
+        self.after = [always] * (128 * 128)  # prev << 7 | char -> detectors that can start there
         for i, d in enumerate(self.dets):
             for ch in d.starts or ():
                 self.starts_with[ch] |= 1 << i
+            for pair in d.pairs or ():
+                self.after[pair] |= 1 << i
+        # A whole text lacking what every match of a detector holds skips that detector.
+        self.needs = [(1 << i, d.needs) for i, d in enumerate(self.dets) if d.needs is not None]
+        self._piece_bits: dict[tuple[str, str], int] = {}
 
-    def bits_for(self, text: str) -> int:
-        """The detectors a match of which could begin somewhere in text (a streamed piece)."""
-        table, bits = self.starts_with, 0
+    def bits_for(self, text: str, prev: str) -> int:
+        """The detectors a match of which could begin somewhere in text (a streamed piece that
+        follows the character prev, "" at the very start)."""
+        first, after, bits = self.starts_with, self.after, 0
+        p = ord(prev) if prev else 128
         for ch in text:
-            bits |= table.get(ch, self.all_bits)
+            c = ord(ch)
+            if c >= 128:
+                return self.all_bits
+            bits |= after[p << 7 | c] if p < 128 else first[ch]
+            p = c
+        return bits
+
+    def bits_for_piece(self, piece: str, prev: str) -> int:
+        """The detectors a match of which could begin in a streamed piece, remembered per
+        (previous character, piece): pieces are tokens, and tokens repeat.
+
+        Of our own detectors, only those that the piece itself could begin (a partial search of
+        prev + piece; one character of context, which can only let more through) are woken: a
+        token such as " the" wakes none of them, though "t" may begin a phrase."""
+        key = (prev, piece)
+        bits = self._piece_bits.get(key)
+        if bits is None:
+            if len(self._piece_bits) >= 8192:
+                self._piece_bits.clear()
+            bits = self.bits_for(piece, prev)
+            if len(piece) <= 32:
+                text, at = prev + piece, len(prev)
+                for i, det in enumerate(self.dets):
+                    bit = 1 << i
+                    if bits & bit and det.starts is not None:
+                        m = det.pattern.search(text, at, partial=True)
+                        # a partial match at the very end starts in the next piece, which is checked then
+                        if m is None or m.start() >= len(text):
+                            bits &= ~bit
+            self._piece_bits[key] = bits
+        return bits
+
+    def possible(self, text: str) -> int:
+        """The detectors that could match somewhere in a whole text."""
+        bits = self.all_bits
+        for bit, needs in self.needs:
+            if not needs(text):
+                bits &= ~bit
         return bits
 
 
 class _Scan:
     """One text, scanned as it arrives. `feed` and `finish` return the text that is decided."""
 
-    def __init__(self, plan: _Plan, tally: _Tally):
+    def __init__(self, plan: _Plan, tally: _Tally, mask: int = -1):
+        """mask: the detectors to run (a whole text need not run those that cannot match it)."""
         self.plan = plan
         self.tally = tally
-        cursors = [_Cursor(d, 1 << i) for i, d in enumerate(plan.dets)]
-        self.block = cursors[:len(plan.block)]
-        self.redact = cursors[len(plan.block):len(plan.block) + len(plan.redact)]
-        self.flag = cursors[len(plan.block) + len(plan.redact):]
+        self.mask = mask
+        n_block, n_redact = len(plan.block), len(plan.redact)
+        cursors = [_Cursor(d, 1 << i) if (1 << i) & mask else None for i, d in enumerate(plan.dets)]
+        self.block = [c for c in cursors[:n_block] if c is not None]
+        self.redact = [c for c in cursors[n_block:n_block + n_redact] if c is not None]
+        self.flag = [c for c in cursors[n_block + n_redact:] if c is not None]
         self.text = ""  # what is kept: _CONTEXT released characters, then the undecided rest
         self.base = 0  # absolute offset of text[0]
         self.released = 0  # absolute offset up to which text has been released
@@ -596,9 +671,11 @@ class _Scan:
     def feed(self, piece: str) -> str:
         self.text += piece
         out = self._run(final=False)
-        if self.base + len(self.text) - self._oldest_pending() > MAX_HOLD:
+        oldest = self._oldest_pending()
+        if self.base + len(self.text) - oldest > MAX_HOLD:
             out += self._run(final=True)  # held too long: decide on what has arrived
-        self._trim()
+            oldest = self._oldest_pending()
+        self._trim(oldest)
         return out
 
     def finish(self) -> str:
@@ -607,7 +684,8 @@ class _Scan:
         return out
 
     def whole(self, text: str) -> str:
-        """A text that is complete: the same decisions as feeding it in pieces, in one pass."""
+        """A text that is complete: the same decisions as feeding it in pieces, in one pass.
+        (Construct the scan with mask=plan.possible(text) to skip what cannot match.)"""
         self.text = text
         return self.finish()
 
@@ -619,7 +697,11 @@ class _Scan:
         end = base + len(s)
         self.scanned = end
         self.runs += 1
-        woken = self.plan.bits_for(s[new_from - base:]) if end - new_from <= 64 else self.plan.all_bits
+        at = new_from - base
+        if end - new_from <= 64:
+            woken = self.plan.bits_for_piece(s[at:], s[at - 1] if at > 0 else "")
+        else:
+            woken = self.plan.all_bits
         hold = end
         for c in self.block:
             if c.kind == _PENDING or c.bit & woken:
@@ -668,10 +750,12 @@ class _Scan:
         run = self.runs
         pos = self.released
         out = []
+        # An idle detector that no character of the new text could begin a match of stays idle.
+        cursors = [c for c in self.redact if c.kind != _IDLE or c.bit & woken]
         while True:
             best = None
             hold = block_hold
-            for c in self.redact:
+            for c in cursors:
                 kind = c.kind
                 if kind == _IDLE:
                     if c.run == run or not c.bit & woken:
@@ -713,11 +797,15 @@ class _Scan:
                 oldest = c.start
         return oldest
 
-    def _trim(self) -> None:
-        cut = self._oldest_pending() - _CONTEXT - self.base
+    def _trim(self, oldest: int | None = None) -> None:
+        cut = (self._oldest_pending() if oldest is None else oldest) - _CONTEXT - self.base
         if cut > 256:  # trim in steps: slicing the kept text on every piece would cost more
             self.text = self.text[cut:]
             self.base += cut
+
+
+def _whole(plan: _Plan, tally: _Tally, text: str) -> str:
+    return _Scan(plan, tally, plan.possible(text)).whole(text)
 
 
 # -- guards ----------------------------------------------------------------------------------------
@@ -746,7 +834,7 @@ class InputGuard:
                     tally.add(rule.label, rule.action, None)
         if self._plan.empty:
             return list(texts), tally.actions
-        return [_Scan(self._plan, tally).whole(text) for text in texts], tally.actions
+        return [_whole(self._plan, tally, text) for text in texts], tally.actions
 
 
 class OutputGuard:
@@ -766,7 +854,7 @@ class OutputGuard:
         tally = _Tally("output")
         if self._plan.empty:
             return text, tally.actions
-        return _Scan(self._plan, tally).whole(text), tally.actions
+        return _whole(self._plan, tally, text), tally.actions
 
     def stream(self) -> StreamScanner:
         return StreamScanner(self._plan)

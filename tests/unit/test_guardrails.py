@@ -556,3 +556,59 @@ def test_unknown_rule_key_suggests_the_right_one():
 def test_blank_deny_term_is_rejected():
     with pytest.raises(ValidationError, match="term 1 is empty"):
         rule(type="deny", terms=["ok", "  "])
+
+
+# -- the shortcuts the scan takes must never hide a match ------------------------------------------
+
+
+def _fuzz_texts(n: int, seed: int) -> list[str]:
+    """Random texts over the characters PII, secrets and injections are made of, with real
+    values spliced in."""
+    rng = random.Random(seed)
+    alphabet = "aAeEkKsSxXyYzZ09123456789 .:-_@+()/\n\t#<|>[]="
+    values = [v for vs in POSITIVES.values() for v in vs] + INJECTIONS
+    texts = []
+    for _ in range(n):
+        parts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+                 for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.6:
+            parts.insert(rng.randint(0, len(parts)), rng.choice(values))
+        texts.append("".join(parts))
+    return texts
+
+
+def test_a_whole_text_skips_a_detector_only_when_no_match_of_it_can_be_in_the_text():
+    from serving.policy.guardrails import _detectors
+
+    dets = [d for r in (rule(type="pii", action="redact"), rule(type="prompt_injection", action="flag"))
+            for d in _detectors(r)]
+    assert any(d.needs is not None for d in dets)
+    for text in _fuzz_texts(3000, seed=7):
+        for d in dets:
+            if d.needs is not None and d.pattern.search(text):
+                assert d.needs(text), (d.entity, text)
+
+
+def test_a_stream_wakes_every_detector_that_can_start_after_the_previous_character():
+    """The wake-up table (which detectors a new piece could begin a match of, given the
+    character before each position) agrees with the regexes on every ASCII pair."""
+    from serving.policy.guardrails import _Plan
+
+    rules = [rule(type="pii", action="redact"), rule(type="prompt_injection", action="flag"),
+             rule(type="deny", terms=["zebra crossing"], action="block")]
+    plan = _Plan(rules)
+    for i, d in enumerate(plan.dets):
+        for p in map(chr, range(128)):
+            for c in "aAsSeE0159 .:-_@+(<[#\n":
+                could = d.pattern.match(p + c, 1, partial=True) is not None
+                woken = bool(plan.bits_for(c, p) & (1 << i))
+                assert woken or not could, (d.entity, p, c)
+
+
+def test_stream_equals_check_text_on_random_texts_fed_a_character_at_a_time():
+    guard = OutputGuard(STREAM_RULES)
+    for text in _fuzz_texts(150, seed=11):
+        whole, actions = guard.check_text(text)
+        out, stream_actions = stream_all(guard, list(text))
+        assert out == whole, text
+        assert action_counts(stream_actions) == action_counts(actions), text
