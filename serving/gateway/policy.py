@@ -419,6 +419,11 @@ class Admit(_PolicyStage):
             actual = (ctx.prompt_tokens or 0) + ctx.completion_chunks
         else:  # nothing generated: the whole reservation goes back
             actual = 0
+        settle_now = getattr(self.rt.quota_backend, "settle_now", None)
+        if settle_now is not None:  # in memory: nothing to wait for, so no task either
+            settle_now(r, actual)
+            self.rt.metrics.reserved_tokens.labels(ctx.tenant).dec(ctx.reserved_tokens)
+            return
         task = asyncio.get_running_loop().create_task(self._settle(r, actual, ctx.tenant, ctx.reserved_tokens))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)

@@ -47,6 +47,7 @@ gateway replicas: one Lua script per operation, on Redis's own clock). A Redis f
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import time
@@ -195,18 +196,32 @@ class _Limit:
         return n
 
 
-def _limits_of(scopes: list[Scope] | tuple[Scope, ...]) -> list[_Limit]:
-    out = []
-    for scope in scopes:
-        lim = scope.limits
+_LimitSpec = tuple[str, int, int, int, int]  # _Limit's fields but the scope
+_specs_cache: dict[tuple, tuple[_LimitSpec, ...]] = {}
+
+
+def _limit_specs(lim: QuotaLimits) -> tuple[_LimitSpec, ...]:
+    """The limits one QuotaLimits defines; memoized by value (the arithmetic runs once per set of limits)."""
+    key = (lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests,
+           lim.burst_fraction)
+    specs = _specs_cache.get(key)
+    if specs is None:
+        out = []
         for name, period in _PERIOD_US.items():
             value = getattr(lim, name)
             if value is not None:
                 capacity = max(1, math.floor(lim.burst_fraction * value + 1e-9))
-                out.append(_Limit(scope, name, value, capacity, period, math.ceil(capacity * period / value)))
+                out.append((name, value, capacity, period, math.ceil(capacity * period / value)))
         if lim.concurrent_requests is not None:
-            out.append(_Limit(scope, CONCURRENT_REQUESTS, lim.concurrent_requests, lim.concurrent_requests))
-    return out
+            out.append((CONCURRENT_REQUESTS, lim.concurrent_requests, lim.concurrent_requests, 0, 0))
+        if len(_specs_cache) >= 4096:
+            _specs_cache.clear()
+        specs = _specs_cache[key] = tuple(out)
+    return specs
+
+
+def _limits_of(scopes: list[Scope] | tuple[Scope, ...]) -> list[_Limit]:
+    return [_Limit(scope, *spec) for scope in scopes for spec in _limit_specs(scope.limits)]
 
 
 def _limited(scopes) -> list[Scope]:
@@ -348,6 +363,10 @@ class MemoryQuotaBackend:
         return _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        self.settle_now(reservation, actual_tokens)
+
+    def settle_now(self, reservation: Reservation, actual_tokens: int) -> None:
+        """settle, without a coroutine: nothing here waits, so the gateway calls it inline."""
         _check_tokens(actual_tokens)
         if reservation.settled:
             return
@@ -470,11 +489,41 @@ def redis_key(prefix: str, scope: Scope, what: str) -> str:
     return f"{prefix}:{_tenant_tag(scope)}:{scope.name}:{scope.id}:{_SHORT.get(what, what)}"
 
 
+# Commands are written in the Redis protocol (RESP) here, not through redis-py's command layer:
+# its per-command machinery (argument encoding, connection pool, retry and observability hooks,
+# a Task per write for the socket timeout) cost several times what the call itself does.
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _bulk_int(value: int) -> bytes:
+    digits = b"%d" % value
+    return b"$%d\r\n%s\r\n" % (len(digits), digits)
+
+
+class _Script:
+    """A Lua script as the head of an EVALSHA command, and of an EVAL one for when Redis lacks it."""
+
+    def __init__(self, lua: str):
+        body = lua.encode()
+        self.evalsha = _bulk(b"EVALSHA") + _bulk(hashlib.sha1(body).hexdigest().encode())
+        self.eval = _bulk(b"EVAL") + _bulk(body)  # EVAL also caches the script: EVALSHA works after
+
+
+_RESERVE = _Script(_RESERVE_LUA)
+_SETTLE = _Script(_SETTLE_LUA)
+
+
 class RedisQuotaBackend:
     """Counters in Redis, shared by every gateway replica; Redis's clock is the one clock.
 
     Each key expires once its state equals "empty" (a TAT in the past, no open reservation), so
     idle tenants leave nothing behind.
+
+    Connections are redis-py's (URL, TLS, AUTH, database, handshake, socket timeouts, parser), at
+    most _POOL_SIZE, each running one command at a time; the backend keeps the idle ones itself.
     """
 
     def __init__(self, cfg: QuotaBackendConfig):
@@ -485,28 +534,114 @@ class RedisQuotaBackend:
         self._cfg = cfg
         self._lease_us = round(cfg.lease_s * _US)
         # No retries: a quota check must answer within about timeout_s or let the gateway decide.
-        # The pool wait is bounded too, but longer: under a burst, waiting for a connection is normal.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.redis_url, max_connections=_POOL_SIZE, timeout=max(1.0, 4 * cfg.timeout_s),
-            socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
+        # The pool is only a factory of configured connections: nothing is taken from it.
+        self._factory = aioredis.ConnectionPool.from_url(
+            cfg.redis_url, socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
-        self._reserve_script = self._redis.register_script(_RESERVE_LUA)
-        self._settle_script = self._redis.register_script(_SETTLE_LUA)
+        self._connections: list = []  # every connection made, for close()
+        self._idle: list = []  # last in, first out: a few stay busy, the rest idle
+        self._slots = asyncio.Semaphore(_POOL_SIZE)
+        # Waiting for a connection is bounded too, but longer: under a burst, it is normal.
+        self._slot_wait_s = max(1.0, 4 * cfg.timeout_s)
+        self._keys: dict[tuple[str, str], tuple[str, bytes, dict[str, bytes]]] = {}
         self._background: set[asyncio.Task] = set()  # settles and abandons nobody waits for
         self._closing = asyncio.Event()
 
-    async def _call(self, script, keys: list[str], args: list) -> object:
+    # --- the Redis call ---
+
+    async def _call(self, script: _Script, keys: list[bytes], args: list[bytes]) -> object:
+        """EVALSHA `script` with `keys` and `args` (each already a RESP bulk string)."""
         import redis.exceptions
 
         try:
-            return await script(keys=keys, args=args)
+            body = b"".join([_bulk_int(len(keys)), *keys, *args])
+            head = b"*%d\r\n" % (3 + len(keys) + len(args))
+            conn = await self._acquire()
+            try:
+                try:
+                    return await self._roundtrip(conn, head + script.evalsha + body)
+                except redis.exceptions.NoScriptError:  # a restarted or flushed Redis
+                    return await self._roundtrip(conn, head + script.eval + body)
+            except redis.exceptions.ResponseError:
+                raise  # an answer: the connection is in step
+            except BaseException:
+                try:
+                    await conn.disconnect(nowait=True)  # it may get a late reply: never reuse it as is
+                except Exception:
+                    pass
+                raise
+            finally:
+                self._idle.append(conn)
+                self._slots.release()
         except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as e:
             raise QuotaBackendError(f"quota store {self._cfg.redis_url}: {type(e).__name__}: {e}") from e
 
-    def _tombstone(self, scopes: list[Scope], rid: str) -> str:
-        return f"{self._cfg.key_prefix}:{_tenant_tag(scopes[0])}:gone:{rid}"
+    async def _acquire(self):
+        import redis.exceptions
+
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._slot_wait_s)
+            except asyncio.TimeoutError:
+                raise redis.exceptions.ConnectionError("No connection available.") from None
+        else:
+            await self._slots.acquire()  # returns at once
+        if self._idle:
+            return self._idle.pop()
+        try:
+            conn = self._factory.make_connection()  # not connected yet: no I/O here
+        except BaseException:
+            self._slots.release()
+            raise
+        self._connections.append(conn)
+        return conn
+
+    async def _roundtrip(self, conn, command: bytes) -> object:
+        import redis.exceptions
+
+        if conn.is_connected:
+            # As redis-py's pool does: a connection Redis closed (restart, idle timeout), or one
+            # holding unread data, is replaced instead of failing the call.
+            try:
+                stale = await _can_read(conn)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                stale = True
+            if stale:
+                await conn.disconnect()
+        if not conn.is_connected:
+            await conn.connect()
+        elif conn.health_check_interval:  # set by the URL's health_check_interval: PING if idle that long
+            await conn.check_health()
+        writer = getattr(conn, "_writer", None)  # redis-py's stream (4.2 to 8.x at least)
+        if writer is None:
+            await conn.send_packed_command(command, check_health=False)  # slower: a Task per write
+        else:
+            try:
+                # No drain: one command of a few hundred bytes at a time never fills the transport's
+                # buffer, and the reply's socket timeout bounds a Redis that does not answer.
+                writer.write(command)
+            except RuntimeError as e:  # uvloop: the transport is already closed
+                raise redis.exceptions.ConnectionError(f"Error writing to {self._cfg.redis_url}: {e}") from e
+        return await conn.read_response()
+
+    # --- keys and arguments ---
+
+    def _scope_keys(self, scope: Scope) -> tuple[str, bytes, dict[str, bytes]]:
+        """(tombstone key prefix, open-set key, key per rate limit), the keys as RESP bulk strings."""
+        keys = self._keys.get((scope.name, scope.id))
+        if keys is None:
+            prefix = self._cfg.key_prefix
+            keys = (f"{prefix}:{_tenant_tag(scope)}:gone:",
+                    _bulk(redis_key(prefix, scope, "open").encode()),
+                    {name: _bulk(redis_key(prefix, scope, name).encode()) for name in _PERIOD_US})
+            if len(self._keys) >= 65536:  # scopes come from the configuration: this is a backstop
+                self._keys.clear()
+            self._keys[(scope.name, scope.id)] = keys
+        return keys
+
+    def _tombstone(self, scopes: list[Scope], rid: str) -> bytes:
+        return _bulk((self._scope_keys(scopes[0])[0] + rid).encode())
 
     async def reserve(self, scopes: list[Scope], tokens: int, request_id: str) -> Admission:
         _check_tokens(tokens)
@@ -515,16 +650,16 @@ class RedisQuotaBackend:
             return Admission(True, Reservation(rid, tuple(scopes), tokens, time.time()))
         rates = [lim for lim in limits if lim.is_rate]
         keys = [self._tombstone(limited, rid)]
-        keys += [redis_key(self._cfg.key_prefix, s, "open") for s in limited]
-        keys += [redis_key(self._cfg.key_prefix, lim.scope, lim.name) for lim in rates]
-        args: list = [rid, self._lease_us, len(limited)]
-        args += [s.limits.concurrent_requests or 0 for s in limited]
+        keys += [self._scope_keys(s)[1] for s in limited]
+        keys += [self._scope_keys(lim.scope)[2][lim.name] for lim in rates]
+        args = [_bulk(rid.encode()), _bulk_int(self._lease_us), _bulk_int(len(limited))]
+        args += [_bulk_int(s.limits.concurrent_requests or 0) for s in limited]
         for lim in rates:
             never = lim.cost(tokens) > lim.capacity  # a tolerance of -1 makes the script reject it
-            args += [lim.span_us(lim.cost(tokens)), -1 if never else lim.tolerance_us]
-        # Shielded: a caller going away does not cut the call (and its pooled connection) short,
-        # and once it ends we know whether there is anything to release.
-        task = asyncio.ensure_future(self._call(self._reserve_script, keys, args))
+            args += [_bulk_int(lim.span_us(lim.cost(tokens))), _bulk_int(-1 if never else lim.tolerance_us)]
+        # Shielded: a caller going away does not cut the call (and its connection) short, and
+        # once it ends we know whether there is anything to release.
+        task = asyncio.ensure_future(self._call(_RESERVE, keys, args))
         try:
             reply = [int(x) for x in await asyncio.shield(task)]
         except asyncio.CancelledError:
@@ -574,17 +709,18 @@ class RedisQuotaBackend:
                 except asyncio.TimeoutError:
                     pass
             try:
-                await self._call(self._settle_script, keys, args)
+                await self._call(_SETTLE, keys, args)
                 return
             except QuotaBackendError:
                 continue
 
     def _settle_call(self, limited: list[Scope], reserved: int, actual: int, rid: str, abandon: bool):
         token_limits = [lim for lim in _limits_of(limited) if lim.name in _TOKEN_LIMITS]
-        deltas = [_settle_delta_us(lim, reserved, actual) for lim in token_limits]
-        keys = [self._tombstone(limited, rid)] + [redis_key(self._cfg.key_prefix, s, "open") for s in limited]
-        keys += [redis_key(self._cfg.key_prefix, lim.scope, lim.name) for lim in token_limits]
-        return keys, [rid, len(limited), int(abandon), _TOMBSTONE_MS, *deltas]
+        keys = [self._tombstone(limited, rid)] + [self._scope_keys(s)[1] for s in limited]
+        keys += [self._scope_keys(lim.scope)[2][lim.name] for lim in token_limits]
+        args = [_bulk(rid.encode()), _bulk_int(len(limited)), _bulk_int(int(abandon)), _bulk_int(_TOMBSTONE_MS)]
+        args += [_bulk_int(_settle_delta_us(lim, reserved, actual)) for lim in token_limits]
+        return keys, args
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         _check_tokens(actual_tokens)
@@ -594,7 +730,7 @@ class RedisQuotaBackend:
         keys, args = self._settle_call(limited, reservation.tokens, actual_tokens, reservation.id, abandon=False)
         # Shielded and kept: a settle the caller stops waiting for still happens. On an error the
         # caller may retry: the script is idempotent.
-        task = asyncio.ensure_future(self._call(self._settle_script, keys, args))
+        task = asyncio.ensure_future(self._call(_SETTLE, keys, args))
         self._keep(task)
         await asyncio.shield(task)
         reservation.settled = True
@@ -607,8 +743,17 @@ class RedisQuotaBackend:
             await asyncio.wait(set(self._background), timeout=deadline - time.monotonic())
         for task in self._background:
             task.cancel()
-        await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
+        # As redis-py's pool disconnects: all at once, the first failure raised.
+        results = await asyncio.gather(*(c.disconnect() for c in self._connections), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+
+
+async def _can_read(conn) -> bool:
+    """Whether a connection has data waiting or was closed (redis-py 5 names it can_read_destructive)."""
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive
+    return await check()
 
 
 def make_backend(cfg: QuotaBackendConfig) -> QuotaBackend:

@@ -338,6 +338,61 @@ def test_a_settle_that_failed_can_be_retried(cfg, tenant_id):
     assert run(with_backend(cfg, body)).allowed
 
 
+def test_a_redis_that_lost_the_scripts_gets_them_again(cfg, tenant_id):
+    scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=1000, concurrent_requests=1))]
+
+    async def body(q):
+        await q.settle((await q.reserve(scopes, 100, "a")).reservation, 0)
+        admin = aioredis.Redis.from_url(cfg.redis_url)
+        try:
+            await admin.script_flush()  # as after a Redis restart
+        finally:
+            await admin.aclose()
+        held = await q.reserve(scopes, 100, "b")
+        blocked = await q.reserve(scopes, 100, "c")
+        await q.settle(held.reservation, 0)
+        return held, blocked, await q.reserve(scopes, 1000, "d")
+
+    held, blocked, full = run(with_backend(cfg, body))
+    assert held.allowed and blocked.limit == "concurrent_requests" and full.allowed
+
+
+def test_connections_redis_closed_are_replaced_without_an_error(cfg, tenant_id):
+    scopes = [Scope("tenant", tenant_id, QuotaLimits(requests_per_minute=100))]
+
+    async def body(q):
+        await asyncio.gather(*(q.reserve(scopes, 1, f"a{i}") for i in range(4)))  # a few connections
+        admin = aioredis.Redis.from_url(cfg.redis_url)
+        try:
+            assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1  # idle timeout, restart
+        finally:
+            await admin.aclose()
+        await asyncio.sleep(0.05)
+        return await asyncio.gather(*(q.reserve(scopes, 1, f"b{i}") for i in range(4)))
+
+    assert all(a.allowed for a in run(with_backend(cfg, body)))
+
+
+def test_more_concurrent_calls_than_connections_all_get_answers(cfg, tenant_id):
+    # 64 connections opened at once on a busy 2-core box may take longer than the default 0.25 s
+    # to connect; this test is about sharing them, not about timeouts.
+    cfg = cfg.model_copy(update={"timeout_s": 2.0})
+    scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=10**9, concurrent_requests=1000))]
+
+    async def pair(q, i):
+        a = await q.reserve(scopes, 10, f"r{i}")
+        await q.settle(a.reservation, 5)
+        return a.allowed
+
+    async def body(q):
+        return await asyncio.gather(*(pair(q, i) for i in range(3 * quotas._POOL_SIZE))), len(q._connections)
+
+    admitted, connections = run(with_backend(cfg, body))
+    assert all(admitted) and connections <= quotas._POOL_SIZE
+    keys = run(tenant_keys(cfg, tenant_id))
+    assert redis_key("keel", scopes[0], "open") not in keys  # every reservation settled
+
+
 def _hammer(url: str, tenant_id: str, seconds: float, start, in_flight, peak, results) -> None:
     """One gateway process: 8 concurrent request loops against one tenant."""
     scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=LIMIT, burst_fraction=BURST / LIMIT,
