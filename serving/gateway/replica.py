@@ -12,6 +12,7 @@ import logging
 import threading
 
 from serving.config import KeelConfig, load_manifest
+from serving.gateway.heap import freeze_long_lived
 from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
@@ -129,6 +130,7 @@ class GatewayReplica:
             return gw.runtime.version
 
         version = self.server.call(swap)
+        freeze_long_lived()
         if not self.listening:
             self.server.listen()
             self.listening = True
