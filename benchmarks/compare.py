@@ -22,54 +22,19 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from benchmarks.loadgen import run_load
+from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
 from serving.config import REPO_ROOT, load_config, load_manifest
 from serving.engine.args import to_cli_args
 from serving.models import ensure_weights
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
@@ -79,23 +44,6 @@ def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), *to_cli_args(mc.engine)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **mc.env}
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-POLICY_KEYS = ("tenants", "quotas", "guardrails", "experiments", "audit")
-
-
-def start_keel(config_path: Path, port: int, tmp: Path, log, policies: bool = True) -> subprocess.Popen:
-    doc = yaml.safe_load(config_path.read_text())
-    doc.setdefault("server", {})["port"] = port
-    if not policies:
-        for k in POLICY_KEYS:
-            doc.pop(k, None)
-        doc["audit"] = {"enabled": False}
-    path = tmp / "bench-keel.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    keel = Path(sys.executable).with_name("keel")
-    return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def measure(url: str, model: str, points: list[tuple[int, int]], max_tokens: int,
@@ -159,7 +107,7 @@ def main() -> None:
     with open(RESULTS / f"compare-{stamp}.log", "wb") as log:
         for rnd in range(a.rounds):
             for server in ("bare", "keel"):
-                port = _free_port()
+                port = free_port()
                 print(f"round {rnd + 1}/{a.rounds}: {server} on :{port}", flush=True)
                 t0 = time.monotonic()
                 bare = server == "bare" and a.baseline == "bare"
@@ -167,14 +115,14 @@ def main() -> None:
                 if bare:
                     proc = start_bare(cfg, model, port, log)
                 else:
-                    proc = start_keel(Path(a.config), port, RESULTS, log, policies=with_policies)
+                    proc = start_keel(keel_doc(Path(a.config), port, policies=with_policies), RESULTS, log)
                 key = a.api_key if with_policies and cfg.tenants else None
                 try:
-                    _wait_http(f"http://127.0.0.1:{port}", proc, a.startup_timeout)
+                    wait_ready(f"http://127.0.0.1:{port}", proc, a.startup_timeout)
                     print(f"    ready in {time.monotonic() - t0:.0f}s", flush=True)
                     runs[server].append(measure(f"http://127.0.0.1:{port}", model, points, a.max_tokens, key))
                 finally:
-                    _stop(proc, signal.SIGTERM if bare else signal.SIGINT)
+                    stop(proc, signal.SIGTERM if bare else signal.SIGINT)
                 time.sleep(2)
     names = ("bare", "Keel") if a.baseline == "bare" else ("policies off", "policies on")
     text = table(runs, points, names)

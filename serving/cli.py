@@ -60,6 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("file", metavar="FILE")
     t.add_argument("-n", type=int, default=10, help="how many records (default 10)")
 
+    p = sub.add_parser("bench", help="measure throughput, latency and cost; sweep settings; report")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    r = bsub.add_parser("run", help="run a bench spec (see configs/bench/demo.yaml): every setting, "
+                        "every load point; writes one result file")
+    r.add_argument("spec", metavar="SPEC")
+    r.add_argument("--out", default=None, help="result file (default benchmarks/results/bench-LABEL-TIME.json)")
+    r.add_argument("--report", default=None, metavar="DIR", help="also write the report into DIR")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp = bsub.add_parser("report", help="HTML page, PNG plots and a Markdown summary of result files; "
+                         "with several, compare them (the first is the baseline)")
+    rp.add_argument("results", nargs="+", metavar="RESULTS")
+    rp.add_argument("--out", default=None, metavar="DIR", help="default: next to the first result file")
+    rp.add_argument("--title", default=None)
+
     args = ap.parse_args(argv)
     from serving.launcher import StartupError
 
@@ -117,7 +131,43 @@ def _run(args) -> int:
         return _keys(args)
     if args.cmd == "audit":
         return _audit(args)
+    if args.cmd == "bench":
+        return _bench(args)
     return 1
+
+
+def _bench(args) -> int:
+    from benchmarks.suite.report import load_results, write_report
+
+    if args.bench_cmd == "run":
+        from benchmarks.suite.runner import run_spec
+        from benchmarks.suite.spec import load_spec
+
+        spec_path = Path(args.spec)
+        spec = load_spec(spec_path)
+        command = f"keel bench run {args.spec}" + (f" --out {args.out}" if args.out else "")
+        try:
+            out = run_spec(spec, spec_path, Path(args.out) if args.out else None,
+                           progress=not args.no_progress, command=command)
+        except ValueError as e:
+            print(f"keel: {e}", file=sys.stderr)
+            return 2
+        print(f"results: {out}")
+        if args.report:
+            paths = write_report(load_results([out]), Path(args.report))
+            print(f"report: {paths['html']}\n{Path(paths['markdown']).read_text()}")
+        return 0
+    try:
+        results = load_results([Path(p) for p in args.results])
+    except ValueError as e:
+        print(f"keel: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out else Path(args.results[0]).parent / (
+        Path(args.results[0]).stem + "-report")
+    paths = write_report(results, out_dir, title=args.title)
+    print(Path(paths["markdown"]).read_text())
+    print(f"report: {paths['html']} ({len(paths['png'])} plots in {out_dir})")
+    return 0
 
 
 def _key_id(s: str) -> str:

@@ -1,0 +1,1 @@
+"""`keel bench`: load, sweeps, goodput, cost and reports (see benchmarks/README.md)."""

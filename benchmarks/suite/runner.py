@@ -1,0 +1,177 @@
+"""`keel bench run SPEC`: for each setting, start the stack, run the load points, tear down;
+judge each point against the SLO, price it, recommend a deployment, write one result file.
+
+With `url:` instead of `config:` the server is measured as it is (one setting)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
+from benchmarks.suite.datasets import make_requests
+from benchmarks.suite.loadgen import run_point, warmup
+from benchmarks.suite.metrics import summarize
+from benchmarks.suite.records import FORMAT_VERSION
+from benchmarks.suite.slo import meets_slo, slo_max
+from benchmarks.suite.spec import BenchSpec, load_hardware
+from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
+from serving.config import REPO_ROOT, load_config, load_manifest
+from serving.models import ensure_weights
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+DEMO_KEY = "sk-keel-demo"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _api_key(spec: BenchSpec, has_tenants: bool) -> str | None:
+    key = spec.api_key
+    if key and key.startswith("$"):
+        key = os.environ.get(key[1:])
+        if not key:
+            raise ValueError(f"api_key: the environment variable {spec.api_key[1:]} is not set")
+    if key is None and has_tenants:
+        key = DEMO_KEY
+    return key
+
+
+def _tokenizer(weights: Path | None):
+    if weights is None or not (weights / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(weights / "tokenizer.json"))
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress: bool = True,
+             command: str = "") -> Path:
+    """Runs the whole spec; returns the path of the result file."""
+    base = spec_path.parent
+    hw_name, hardware = load_hardware(spec, base)
+    weights = None
+    if spec.config is not None:
+        config_path = (base / spec.config) if not Path(spec.config).is_absolute() else Path(spec.config)
+        if not config_path.is_file() and Path(spec.config).is_file():
+            config_path = Path(spec.config)  # relative to the working directory, like keel serve
+        cfg = load_config(config_path)
+        model = spec.model or next(iter(cfg.models))
+        if model not in cfg.models:
+            raise ValueError(f"model `{model}` is not in {config_path} (models: {', '.join(cfg.models)})")
+        mc = cfg.models[model]
+        ensure_weights(cfg, mc.weights)
+        _, weights = load_manifest(cfg, mc.weights)
+        key = _api_key(spec, bool(cfg.tenants))
+        weights_name, base_engine = mc.weights, dict(mc.engine)
+        base_model = (yaml.safe_load(config_path.read_text()).get("models") or {}).get(model)
+    else:
+        config_path = None
+        if not spec.model:
+            raise ValueError("with `url`, give `model`: the name the server serves")
+        model, key, weights_name, base_engine = spec.model, _api_key(spec, False), spec.model, {}
+        base_model = None
+    tokenizer = _tokenizer(weights)
+    load = spec.load
+    dataset = spec.dataset
+    if dataset.path and not Path(dataset.path).is_absolute() and (base / dataset.path).is_file():
+        dataset = dataset.model_copy(update={"path": str(base / dataset.path)})  # relative to the spec
+    percentiles = tuple(sorted({50.0, 90.0, 99.0, float(spec.slo.percentile)}))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    label = spec.label or spec_path.stem
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = out or RESULTS / f"bench-{label}-{stamp}.json"
+    log_path = out.with_suffix(".log")
+    settings = []
+    with open(log_path, "wb") as log:
+        for setting in spec.settings:
+            name = setting.label()
+            _say(f"setting {name}")
+            proc = None
+            url = spec.url
+            if config_path is not None:
+                port = free_port()
+                doc = keel_doc(config_path, port, model=model, engine=setting.engine, replicas=setting.replicas)
+                t0 = time.monotonic()
+                proc = start_keel(doc, out.parent / f"{out.stem}-stack", log)
+                url = f"http://127.0.0.1:{port}"
+            try:
+                if proc is not None:
+                    wait_ready(url, proc, spec.startup_timeout_s)
+                    _say(f"  stack ready in {time.monotonic() - t0:.0f}s at {url} (log: {log_path})")
+                if load.warmup_requests:
+                    warm = make_requests(dataset, load.warmup_requests, load.seed + 10_000, tokenizer)
+                    failed = asyncio.run(warmup(url, model, warm, load.warmup_requests, key, load.endpoint))
+                    if failed:
+                        _say(f"  warning: {failed} of {load.warmup_requests} warm-up requests failed")
+                points = []
+                for i, level in enumerate(load.levels):
+                    reqs = make_requests(dataset, load.num_requests, load.seed + i, tokenizer)
+                    records, duration = asyncio.run(run_point(url, model, reqs, load, level, key, progress))
+                    point = summarize(records, duration, spec.slo, percentiles)
+                    point["load"] = {"kind": load.mode, "value": level, "burstiness": load.burstiness}
+                    point["replicas"] = setting.replicas
+                    point["cost_per_million_output_tokens"] = cost_per_million_output_tokens(
+                        point["output_throughput"], setting.replicas, hardware.price_per_replica_hour)
+                    point["meets_slo"] = meets_slo(point, spec.slo)
+                    points.append(point)
+                    _say(_point_line(point, spec.slo.percentile, hardware.currency))
+            finally:
+                if proc is not None:
+                    stop(proc)
+            settings.append({"name": name, "engine": setting.engine, "replicas": setting.replicas,
+                             "points": points, "slo_max": slo_max(points)})
+            best = settings[-1]["slo_max"]
+            _say(f"  SLO-compliant maximum: {_load_text(best['load']) if best else 'none'}")
+    rec, note = None, None
+    if spec.target is not None:
+        rec = recommend(settings, spec.target, spec.slo, hw_name, hardware, model, weights_name, base_engine,
+                        base_model=base_model)
+        if rec is None:
+            note = no_recommendation_reason(settings, spec.slo)
+            _say(f"no recommendation: {note}")
+    result = {
+        "keel_bench": FORMAT_VERSION,
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git(), "command": command,
+                 "label": label, "host": platform.node(), "cpus": os.cpu_count(), "model": model,
+                 "url": spec.url, "config": str(config_path) if config_path else None},
+        "spec": spec.model_dump(mode="json"),
+        "hardware": {"name": hw_name, "price_per_replica_hour": hardware.price_per_replica_hour,
+                     "currency": hardware.currency},
+        "slo": spec.slo.model_dump(mode="json"),
+        "settings": settings,
+        "recommendation": rec,
+        "recommendation_note": note,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
+def _load_text(load: dict) -> str:
+    v = load["value"]
+    return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g} req/s"
+
+
+def _point_line(p: dict, pct: float, currency: str) -> str:
+    q = f"p{pct:g}"
+    cost = p.get("cost_per_million_output_tokens")
+    return (f"  {_load_text(p['load']):>10}  {p['output_throughput']:8.1f} tok/s  {p['request_throughput']:6.2f} req/s  "
+            f"TTFT {q} {p.get(f'{q}_ttft_ms') or 0:8.1f} ms  TPOT {q} {p.get(f'{q}_tpot_ms') or 0:6.2f} ms  "
+            f"failed {p['failed']}  {'' if cost is None else f'{cost:.3f} {currency}/M out'}  "
+            f"{'meets SLO' if p['meets_slo'] else 'misses SLO'}")

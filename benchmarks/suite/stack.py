@@ -1,0 +1,80 @@
+"""Starting and stopping a whole Keel stack (`keel serve`) for a measurement, from a config
+document with changes applied (port, engine arguments, replicas, policies)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from serving.policy.config import POLICY_KEYS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str | None = None,
+             engine: dict | None = None, replicas: int | None = None) -> dict:
+    """The config file's document with the gateway on `port`; optionally without policies, and
+    with `model`'s engine arguments overridden and a fixed replica count (autoscaling off)."""
+    doc = yaml.safe_load(config_path.read_text())
+    doc.setdefault("server", {})["port"] = port
+    if not policies:
+        for k in POLICY_KEYS:
+            doc.pop(k, None)
+        doc["audit"] = {"enabled": False}
+    if model is not None:
+        mc = doc["models"][model]
+        mc["engine"] = {**(mc.get("engine") or {}), **(engine or {})}
+        if replicas is not None:
+            dep = mc.setdefault("deployment", {})
+            dep.pop("autoscaling", None)
+            dep["num_replicas"] = replicas
+    return doc  # relative paths in it (audit dir, models_dir) stay relative to the working directory
+
+
+def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel.yaml") -> subprocess.Popen:
+    """`keel serve` on a config written from `doc`, in its own process group (stop() ends it)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / name
+    path.write_text(yaml.safe_dump(doc))
+    keel = Path(sys.executable).with_name("keel")
+    return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until GET url/health answers 200; fails early when the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """Ctrl-C to the whole process group (keel serve then stops Serve and Ray), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
