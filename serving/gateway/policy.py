@@ -65,6 +65,7 @@ class PolicyRuntime:
         self.input_guards = {n: InputGuard(g.input) for n, g in policy.guardrails.items()}
         self.output_guards = {n: OutputGuard(g.output) for n, g in policy.guardrails.items()}
         self.public = set(models) | set(policy.experiments)
+        self.allowed = {t: allowed_models(tc, self.public) for t, tc in policy.tenants.items()}
         # State that outlives a reload: kept when its config did not change.
         if previous is not None and previous.policy.quotas == policy.quotas:
             self.quota_backend = previous.quota_backend
@@ -203,14 +204,14 @@ class Route(_PolicyStage):
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "`model` is required and must be a string.", param="model")
         rt = self.rt
-        tenant = rt.tenant(ctx)
-        visible = sorted(rt.public if tenant is None else allowed_models(tenant, rt.public))
+        allowed = rt.allowed.get(ctx.tenant) if ctx.tenant else None
         if model not in rt.public:
+            visible = sorted(rt.public if allowed is None else allowed)
             raise GatewayError(404, f"The model `{model}` does not exist. Available: {', '.join(visible)}.",
                                code="model_not_found", param="model")
-        if tenant is not None and model not in visible:
+        if allowed is not None and model not in allowed:
             raise GatewayError(403, f"Tenant `{ctx.tenant}` may not use the model `{model}`. "
-                               f"Available to it: {', '.join(visible) or 'none'}.",
+                               f"Available to it: {', '.join(sorted(allowed)) or 'none'}.",
                                code="model_not_allowed", param="model")
         ctx.model = model
         exp = rt.policy.experiments.get(model)
