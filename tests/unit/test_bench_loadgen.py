@@ -425,3 +425,18 @@ def test_sharegpt_file_problems_name_the_path_and_what_is_wrong(tmp_path, data, 
     with pytest.raises(ValueError) as e:
         make_requests(DatasetSpec(kind="sharegpt", path=str(path)), 4, seed=0)
     assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_the_one_point_front_end_used_by_compare_summarises_with_vllm_field_names():
+    from benchmarks.loadgen import run_load
+
+    async def go():
+        async with FakeOpenAI() as srv:
+            return await run_load(srv.url, "demo", concurrency=2, num_requests=6, max_tokens=7,
+                                  prompt_words=5, api_key="k"), srv
+
+    summary, srv = run(go())
+    assert summary["completed"] == 6 and summary["failed"] == 0 and summary["concurrency"] == 2
+    assert summary["total_output_tokens"] == 6 * 7
+    assert summary["median_ttft_ms"] > 0 and summary["median_tpot_ms"] > 0 and summary["output_throughput"] > 0
+    assert srv.max_in_flight <= 2 and all(b["max_tokens"] == 7 for b in srv.bodies)
