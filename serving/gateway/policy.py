@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -242,6 +243,21 @@ def allowed_models(tenant: TenantConfig, public: set[str]) -> set[str]:
     return set(public) if ALL_MODELS in tenant.models else set(tenant.models) & public
 
 
+# Prompts longer than this (request body bytes, ~4 bytes a token) are counted on a worker
+# thread: the tokenizer releases the GIL, so a long prompt (~1 µs a token) does not hold the
+# event loop, and every other request's stream, for milliseconds. Shorter ones are counted
+# inline: handing work to a thread and back costs more than counting them.
+OFFLOAD_COUNT_BYTES = 8192
+_count_pool: ThreadPoolExecutor | None = None
+
+
+def _counting_pool() -> ThreadPoolExecutor:
+    global _count_pool
+    if _count_pool is None:
+        _count_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="keel-count-tokens")
+    return _count_pool
+
+
 class CountTokens(_PolicyStage):
     """Prompt tokens with the model's own tokenizer, for tenants whose token quotas or
     max_prompt_tokens guardrail need them before the engine runs (about 1 µs a token; the
@@ -267,7 +283,12 @@ class CountTokens(_PolicyStage):
         info = self.rt.models.get(ctx.target)
         if info is None or info.counter is None:
             return
-        ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+        if len(ctx.body) > OFFLOAD_COUNT_BYTES:
+            # Nothing else touches this request's payload until the count is back.
+            ctx.prompt_tokens = await asyncio.get_running_loop().run_in_executor(
+                _counting_pool(), info.counter.count, ctx.path, ctx.payload)
+        else:
+            ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
 
 
 def output_cap(ctx: RequestContext, info: ModelInfo | None) -> int:

@@ -428,3 +428,43 @@ def test_no_tenants_means_open_access_and_a_byte_relay(tmp_path):
     r, engine_requests = run(go())
     assert r.status_code == 200
     assert "stream_options" not in json.loads(engine_requests[0][2])  # body passed through untouched
+
+
+def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
+    """Counting is ~1 µs a token: a long prompt goes to a worker thread (the tokenizer releases
+    the GIL) so it does not stall other requests; short ones are counted inline."""
+    import threading
+
+    from serving.gateway import policy as policy_stages
+
+    pol = policy(tmp_path, guardrails={})
+    pol["tenants"]["acme"].pop("guardrails")
+    pol["tenants"]["acme"]["quotas"] = {"tokens_per_minute": 10_000_000}
+    long_text = " ".join(f"word{i}" for i in range(3000))  # ~20 KB body
+    threads = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def count(self, path, payload):
+            threads.append(threading.current_thread().name)
+            return self.inner.count(path, payload)
+
+    async def go():
+        async with Harness(pol, {"demo": FakeEngine(tokens=["a"], prompt_tokens=10)}) as h:
+            counter = h.infos["demo"].counter
+            h.infos["demo"].counter = Recording(counter)
+            long_body = {**CHAT, "messages": [{"role": "user", "content": long_text}], "max_tokens": 1}
+            short = await h.post({**CHAT, "max_tokens": 1})
+            long = await h.post(long_body)
+            records = {r["request_id"]: r for r in h.audit_records()}
+            return short, long, counter.count("/v1/chat/completions", long_body), records
+
+    short, long, expected, records = run(go())
+    assert short.status_code == long.status_code == 200
+    assert len(long.request.content) > policy_stages.OFFLOAD_COUNT_BYTES
+    assert threads[0] == "MainThread" and threads[1].startswith("keel-count-tokens")
+    # the long request reserved its exact prompt count + max_tokens
+    assert expected > 3000
+    assert records[long.headers["x-request-id"]]["reserved_tokens"] == expected + 1
