@@ -479,6 +479,8 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
         rows.append(row)
     align = "l" + "r" * (len(header) - 2) + "c"
     blocks: list[Block] = [_Heading(3, head), _Para(desc)]
+    if setting.get("error"):
+        blocks.append(_Para([_Bold("This setting failed:"), " " + str(setting["error"]).splitlines()[0]]))
     blocks.append(_Table(header, rows, align) if rows else _Para("No load points."))
     best = setting.get("slo_max")
     if best:
@@ -487,6 +489,8 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
                 f"TPOT {pw} {_num(_q(best, s.pct, 'tpot'))} ms")
         cost = best.get("cost_per_million_output_tokens")
         text += f", {s.currency} {_num(cost)} per million output tokens." if cost is not None else "."
+    elif setting.get("error") and not rows:
+        text = " none: the setting was not measured."
     else:
         text = " none: no load point met the SLO (the lowest load already misses it)."
     blocks.append(_Para([_Bold("SLO-compliant maximum:"), text]))

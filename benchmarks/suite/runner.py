@@ -23,7 +23,7 @@ from benchmarks.suite.records import FORMAT_VERSION
 from benchmarks.suite.slo import meets_slo, slo_max
 from benchmarks.suite.spec import BenchSpec, load_hardware
 from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
-from serving.config import REPO_ROOT, load_config, load_manifest
+from serving.config import REPO_ROOT, ConfigError, load_config, load_manifest, parse_config
 from serving.models import ensure_weights
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -105,22 +105,28 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             _say(f"setting {name}")
             proc = None
             url = spec.url
-            if config_path is not None:
-                port = free_port()
-                doc = keel_doc(config_path, port, model=model, engine=setting.engine, replicas=setting.replicas)
-                t0 = time.monotonic()
-                proc = start_keel(doc, out.parent / f"{out.stem}-stack", log)
-                url = f"http://127.0.0.1:{port}"
+            points: list[dict] = []
+            error = None
             try:
-                if proc is not None:
-                    wait_ready(url, proc, spec.startup_timeout_s)
+                if config_path is not None:
+                    port = free_port()
+                    doc = keel_doc(config_path, port, model=model, engine=setting.engine, replicas=setting.replicas)
+                    parse_config(doc, source=f"{spec_path}: setting `{name}`", check_engine_args=False)
+                    t0 = time.monotonic()
+                    log.flush()
+                    log_start = log.tell()
+                    proc = start_keel(doc, out.parent / f"{out.stem}-stack", log)
+                    url = f"http://127.0.0.1:{port}"
+                    try:
+                        wait_ready(url, proc, spec.startup_timeout_s)
+                    except (RuntimeError, TimeoutError) as e:
+                        raise RuntimeError(f"{e}; the end of its log:\n{_log_tail(log_path, log_start)}") from None
                     _say(f"  stack ready in {time.monotonic() - t0:.0f}s at {url} (log: {log_path})")
                 if load.warmup_requests:
                     warm = make_requests(dataset, load.warmup_requests, load.seed + 10_000, tokenizer)
                     failed = asyncio.run(warmup(url, model, warm, load.warmup_requests, key, load.endpoint))
                     if failed:
                         _say(f"  warning: {failed} of {load.warmup_requests} warm-up requests failed")
-                points = []
                 for i, level in enumerate(load.levels):
                     reqs = make_requests(dataset, load.num_requests, load.seed + i, tokenizer)
                     records, duration = asyncio.run(run_point(url, model, reqs, load, level, key, progress))
@@ -132,12 +138,20 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                     point["meets_slo"] = meets_slo(point, spec.slo)
                     points.append(point)
                     _say(_point_line(point, spec.slo.percentile, hardware.currency))
+            except (RuntimeError, ConfigError, OSError) as e:
+                # One setting that cannot start (bad engine arguments, out of memory) does not
+                # lose the others: it is recorded with its error and the sweep goes on.
+                error = str(e)
+                _say(f"  setting `{name}` failed: {error}")
             finally:
                 if proc is not None:
                     stop(proc)
-            settings.append({"name": name, "engine": setting.engine, "replicas": setting.replicas,
-                             "points": points, "slo_max": slo_max(points)})
-            best = settings[-1]["slo_max"]
+            entry = {"name": name, "engine": setting.engine, "replicas": setting.replicas,
+                     "points": points, "slo_max": slo_max(points)}
+            if error is not None:
+                entry["error"] = error
+            settings.append(entry)
+            best = entry["slo_max"]
             _say(f"  SLO-compliant maximum: {_load_text(best['load']) if best else 'none'}")
     rec, note = None, None
     if spec.target is not None:
@@ -161,6 +175,13 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
     }
     out.write_text(json.dumps(result, indent=2))
     return out
+
+
+def _log_tail(path: Path, start: int, lines: int = 15) -> str:
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", "replace")
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def _load_text(load: dict) -> str:

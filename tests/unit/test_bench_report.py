@@ -265,3 +265,14 @@ def test_write_report_does_not_change_the_results(tmp_path):
     before = copy.deepcopy(r)
     write_report([r, candidate()], tmp_path)
     assert r == before
+
+
+def test_a_setting_that_failed_to_start_is_reported_with_its_error(tmp_path):
+    res = baseline()
+    res["settings"].append({"name": "max_num_seqs=9999", "engine": {"max_num_seqs": 9999}, "replicas": 1,
+                               "points": [], "slo_max": None,
+                               "error": "server exited with 1 before it was ready; the end of its log:\nOOM"})
+    paths = write_report([res], tmp_path)
+    md = paths["markdown"].read_text()
+    assert "This setting failed:** server exited with 1 before it was ready" in md
+    assert "none: the setting was not measured." in md
