@@ -63,8 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="measure throughput, latency and cost; sweep settings; report")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     r = bsub.add_parser("run", help="run a bench spec (see configs/bench/demo.yaml): every setting, "
-                        "every load point; writes one result file")
-    r.add_argument("spec", metavar="SPEC")
+                        "every load point; writes one result file. Or measure a running server: "
+                        "keel bench run --url URL --model NAME [--levels 1,4,16] ...")
+    r.add_argument("spec", metavar="SPEC", nargs="?")
+    r.add_argument("--url", help="without SPEC: an OpenAI-compatible server already running")
+    r.add_argument("--model", help="without SPEC: the model name to request")
+    r.add_argument("--api-key", help="without SPEC: bearer key ($NAME reads the environment)")
+    r.add_argument("--mode", choices=["concurrency", "rate"], default="concurrency")
+    r.add_argument("--levels", default="1,4,16", help="without SPEC: load points, comma-separated")
+    r.add_argument("--num-requests", type=int, default=64)
+    r.add_argument("--input-len", type=int, default=256)
+    r.add_argument("--output-len", type=int, default=128)
+    r.add_argument("--slo", default="ttft=1000,tpot=100,p=99",
+                   help="without SPEC: thresholds in ms and the percentile, e.g. ttft=500,tpot=50,e2el=20000,p=90")
+    r.add_argument("--hardware", default="cpu-2core", help="without SPEC: a profile in configs/bench/hardware.yaml")
+    r.add_argument("--label", default=None)
     r.add_argument("--out", default=None, help="result file (default benchmarks/results/bench-LABEL-TIME.json)")
     r.add_argument("--report", default=None, metavar="DIR", help="also write the report into DIR")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -136,6 +149,35 @@ def _run(args) -> int:
     return 1
 
 
+def _adhoc_spec(args):
+    """A bench spec from `keel bench run --url ...` flags."""
+    from pydantic import ValidationError
+
+    from benchmarks.suite.spec import BenchSpec
+    from serving.config import format_validation_error
+
+    slo: dict = {}
+    for part in filter(None, args.slo.split(",")):
+        key, _, value = part.partition("=")
+        names = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms", "p": "percentile"}
+        if key not in names or not value:
+            raise ConfigError(f"--slo: `{part}` is not one of ttft=MS, tpot=MS, e2el=MS, p=PERCENTILE")
+        slo[names[key]] = float(value)
+    doc = {"url": args.url, "model": args.model, "api_key": args.api_key, "label": args.label or "adhoc",
+           "dataset": {"kind": "random", "input_len": args.input_len, "output_len": args.output_len},
+           "load": {"mode": args.mode, "levels": [float(x) for x in args.levels.split(",") if x],
+                    "num_requests": args.num_requests},
+           "slo": slo, "hardware": args.hardware}
+    try:
+        spec = BenchSpec.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "keel bench run flags", BenchSpec)) from None
+    cmd = (f"keel bench run --url {args.url} --model {args.model} --mode {args.mode} --levels {args.levels} "
+           f"--num-requests {args.num_requests} --input-len {args.input_len} --output-len {args.output_len} "
+           f"--slo {args.slo} --hardware {args.hardware}")
+    return spec, cmd
+
+
 def _bench(args) -> int:
     from benchmarks.suite.report import load_results, write_report
 
@@ -143,9 +185,16 @@ def _bench(args) -> int:
         from benchmarks.suite.runner import run_spec
         from benchmarks.suite.spec import load_spec
 
-        spec_path = Path(args.spec)
-        spec = load_spec(spec_path)
-        command = f"keel bench run {args.spec}" + (f" --out {args.out}" if args.out else "")
+        if args.spec:
+            spec_path = Path(args.spec)
+            spec = load_spec(spec_path)
+            command = f"keel bench run {args.spec}" + (f" --out {args.out}" if args.out else "")
+        else:
+            if not args.url or not args.model:
+                print("keel: give a SPEC file, or --url and --model to measure a running server", file=sys.stderr)
+                return 2
+            spec, command = _adhoc_spec(args)
+            spec_path = Path.cwd() / f"{spec.label}.yaml"  # relative paths resolve from here
         try:
             out = run_spec(spec, spec_path, Path(args.out) if args.out else None,
                            progress=not args.no_progress, command=command)

@@ -88,3 +88,25 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     assert "server exited with 1" in failed["error"] and failed["points"] == [] and failed["slo_max"] is None
     assert "error" not in ok and len(ok["points"]) == 2
     assert result["recommendation"]["setting"] == "max_num_seqs=4"
+
+
+def test_keel_bench_run_measures_a_running_server_from_flags_alone(tmp_path, server, capsys):
+    from serving.cli import main
+
+    out = tmp_path / "adhoc.json"
+    rc = main(["bench", "run", "--url", server.url, "--model", "demo", "--levels", "1,2", "--num-requests", "4",
+               "--input-len", "8", "--output-len", "3", "--slo", "ttft=60000,p=90", "--out", str(out),
+               "--report", str(tmp_path / "report"), "--no-progress"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [p["load"]["value"] for p in result["settings"][0]["points"]] == [1, 2]
+    assert result["slo"]["ttft_ms"] == 60000 and result["slo"]["percentile"] == 90
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_bad_flags_are_a_clear_error(capsys):
+    from serving.cli import main
+
+    assert main(["bench", "run", "--url", "http://x", "--model", "m", "--slo", "ttft=5,speed=3"]) == 2
+    assert "speed=3" in capsys.readouterr().err
+    assert main(["bench", "run", "--model", "m"]) == 2
