@@ -86,14 +86,20 @@ def test_request_id_is_echoed(stack):
 
 
 def test_client_disconnect_aborts_generation_in_the_engine(stack):
+    """The gateway closes the engine connection when its client goes; vLLM cancels the request.
+
+    Non-streaming, because there vLLM cancels on the disconnect itself (its with_cancellation
+    wrapper listens for it). A streamed response notices only at its next write, and with the
+    tiny model on a busy CPU vLLM sometimes writes nothing until the generation is done, so a
+    streamed variant of this test was flaky. The gateway's side of a streamed disconnect (engine
+    connection closed, 499 recorded) is covered by the unit tests."""
     max_tokens = 480  # about two seconds of generation on the demo model
     before = stack.metric_sum("vllm:generation_tokens_total")
     cut_before = stack.metric_sum("keel_requests_total", model=stack.model, status="499")
     body = json.dumps({"model": stack.model, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": max_tokens, "stream": True, "ignore_eos": True}).encode()
+                       "max_tokens": max_tokens, "stream": False, "ignore_eos": True}).encode()
     host, port = stack.url.removeprefix("http://").split(":")
-    # Hang up 0.3 s into the request, whatever has arrived by then. (Waiting for the response head
-    # first races the tiny model: in some runs vLLM sends nothing until the generation is done.)
+    # Hang up 0.3 s into the request, long before the answer.
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\n"
                   b"authorization: Bearer %s\r\n" % DEMO_KEY.encode() +
