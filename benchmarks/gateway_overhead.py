@@ -242,7 +242,7 @@ def build_gateways(engine_port: int, workdir: str, redis_url: str | None) -> dic
     return gateways
 
 
-async def serve(redis: bool, burst: bool, freeze: bool = True) -> None:
+async def serve(redis: bool, burst: bool) -> None:
     """The child: start everything, print the ports as one JSON line, answer commands on stdin."""
     import logging
 
@@ -261,10 +261,9 @@ async def serve(redis: bool, burst: bool, freeze: bool = True) -> None:
     gateways = build_gateways(engine_port, tmp.name, redis_server.url if redis_server else None)
     for gw in gateways.values():
         await gw.start()
-    if freeze:
-        from serving.gateway.heap import freeze_long_lived
+    from serving.gateway.heap import freeze_long_lived
 
-        freeze_long_lived()  # as a gateway replica does once its policy is in force
+    freeze_long_lived()  # as a gateway replica does once its policy is in force
 
     def cpu_now() -> dict:
         ru = resource.getrusage(resource.RUSAGE_SELF)

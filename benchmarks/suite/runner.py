@@ -13,8 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import yaml
-
 from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
 from benchmarks.suite.datasets import make_requests
 from benchmarks.suite.loadgen import run_point, warmup
@@ -80,7 +78,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
         _, weights = load_manifest(cfg, mc.weights)
         key = _api_key(spec, bool(cfg.tenants))
         weights_name, base_engine = mc.weights, dict(mc.engine)
-        base_model = (yaml.safe_load(config_path.read_text()).get("models") or {}).get(model)
+        base_model = mc.model_dump(mode="json", exclude_unset=True)  # the entry as the file wrote it
     else:
         config_path = None
         if not spec.model:

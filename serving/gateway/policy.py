@@ -377,6 +377,8 @@ class Admit(_PolicyStage):
     def __init__(self, rt: PolicyRuntime):
         super().__init__(rt)
         self.fail_open = rt.policy.quotas.on_backend_error == "fail_open"
+        # The in-memory backend settles without waiting: inline, no task per request.
+        self._settle_now = getattr(rt.quota_backend, "settle_now", None)
         self._settling: set[asyncio.Task] = set()  # referenced so they are not collected mid-run
         self._last_warning = 0.0
 
@@ -441,9 +443,8 @@ class Admit(_PolicyStage):
             actual = (ctx.prompt_tokens or 0) + ctx.completion_chunks
         else:  # nothing generated: the whole reservation goes back
             actual = 0
-        settle_now = getattr(self.rt.quota_backend, "settle_now", None)
-        if settle_now is not None:  # in memory: nothing to wait for, so no task either
-            settle_now(r, actual)
+        if self._settle_now is not None:
+            self._settle_now(r, actual)
             self.rt.metrics.reserved_tokens.labels(ctx.tenant).dec(ctx.reserved_tokens)
             return
         task = asyncio.get_running_loop().create_task(self._settle(r, actual, ctx.tenant, ctx.reserved_tokens))
