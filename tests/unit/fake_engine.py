@@ -64,26 +64,29 @@ class FakeEngine:
             await writer.drain()
             writer.close()
             return
-        stream = json.loads(body).get("stream", False)
-        if self.tokens is not None:
-            await self._answer_like_vllm(reader, writer, json.loads(body), lines[0])
-            return
+        req = json.loads(body)
         try:
-            if not stream:
-                payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+            if self.tokens is not None:
+                await self._answer_like_vllm(reader, writer, req, lines[0])
             else:
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
-                             b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-                await self._send_events(reader, writer, [
-                    json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() for i in range(self.chunks)])
+                await self._answer_plain(reader, writer, req.get("stream", False))
             await writer.drain()
             self.completed += 1
         except (ConnectionResetError, BrokenPipeError):
             self.disconnects += 1
         finally:
             writer.close()
+
+    async def _answer_plain(self, reader, writer, stream: bool) -> None:
+        if not stream:
+            payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
+                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            await self._send_events(reader, writer, [
+                json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() for i in range(self.chunks)])
 
     async def _answer_like_vllm(self, reader, writer, req: dict, line: str) -> None:
         chat = "/chat/" in line
@@ -102,34 +105,25 @@ class FakeEngine:
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-        try:
-            if not req.get("stream"):
-                text = "".join(self.tokens)
-                ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": text, "finish_reason": "stop"})
-                payload = json.dumps({**base, "object": "chat.completion" if chat else "text_completion",
-                                      "choices": [ch], "usage": usage}, separators=(",", ":")).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
-                await writer.drain()
-                self.completed += 1
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-            events = []
-            if chat:
-                events.append({**base, "choices": [choice("", role="assistant")]})
-            events += [{**base, "choices": [choice(t)]} for t in self.tokens]
-            events.append({**base, "choices": [choice("", finish="stop")]})
-            if (req.get("stream_options") or {}).get("include_usage"):
-                events.append({**base, "choices": [], "usage": usage})
-            await self._send_events(reader, writer, [json.dumps(ev, separators=(",", ":")).encode() for ev in events])
-            await writer.drain()
-            self.completed += 1
-        except (ConnectionResetError, BrokenPipeError):
-            self.disconnects += 1
-        finally:
-            writer.close()
+        if not req.get("stream"):
+            text = "".join(self.tokens)
+            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                  if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+            payload = json.dumps({**base, "object": "chat.completion" if chat else "text_completion",
+                                  "choices": [ch], "usage": usage}, separators=(",", ":")).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                     b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        events = []
+        if chat:
+            events.append({**base, "choices": [choice("", role="assistant")]})
+        events += [{**base, "choices": [choice(t)]} for t in self.tokens]
+        events.append({**base, "choices": [choice("", finish="stop")]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": usage})
+        await self._send_events(reader, writer, [json.dumps(ev, separators=(",", ":")).encode() for ev in events])
 
     async def _send_events(self, reader, writer, payloads: list[bytes]) -> None:
         """SSE events, one HTTP chunk each, `delay` apart, then [DONE]; a hang-up raises."""
