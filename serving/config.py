@@ -26,7 +26,7 @@ class ConfigError(ValueError):
     """A config file that cannot be used; str() is the message a user reads."""
 
 
-_Strict = Strict  # the name policy modules and older code import
+_Strict = Strict
 
 
 class ServerConfig(_Strict):
@@ -150,9 +150,6 @@ class KeelConfig(PolicyConfig):
         """The part `keel apply` changes live, as the gateway's user_config. Only what the file
         set: defaults stay implicit, so the dict validates again as it was written."""
         return self.model_dump(mode="json", include=set(POLICY_KEYS), exclude_unset=True)
-
-    def policy(self) -> PolicyConfig:
-        return PolicyConfig.model_validate(self.policy_dict())
 
     def stack_dict(self) -> dict:
         """The part that shapes deployments: a change here redeploys (engines restart)."""

@@ -32,7 +32,7 @@ from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext,
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
 from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGuard, OutputGuard
-from serving.policy.identity import AuthError, KeyEntry, KeyRing
+from serving.policy.identity import KeyRing
 from serving.policy.quotas import QuotaBackendError, Scope, make_backend
 from serving.policy.routing import assign_variant, shadow_selected
 
@@ -60,8 +60,7 @@ class PolicyRuntime:
         self.metrics = metrics
         self.tenants = policy.tenants
         self.open = not policy.tenants
-        self.keyring = KeyRing([KeyEntry(k.digest, t, k.id, k.role)
-                                for t, tc in policy.tenants.items() for k in tc.keys])
+        self.keyring = KeyRing.from_tenants(policy.tenants)
         self.key_quotas = {(t, k.id): k.quotas for t, tc in policy.tenants.items() for k in tc.keys if k.quotas}
         self.input_guards = {n: InputGuard(g.input) for n, g in policy.guardrails.items()}
         self.output_guards = {n: OutputGuard(g.output) for n, g in policy.guardrails.items()}
@@ -81,6 +80,9 @@ class PolicyRuntime:
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None
+        # Does the relay read responses? Only when something needs usage or text (output
+        # guardrails exist only with tenants, so they are covered by `not open`).
+        self.inspects = not self.open or self.audit_log is not None
         self.pipeline = Pipeline(self._stages())
 
     def _stages(self) -> list[Stage]:
@@ -96,10 +98,6 @@ class PolicyRuntime:
         stages.append(Prepare(self))
         return stages
 
-    @property
-    def inspects(self) -> bool:
-        """Does the relay read responses? Only when something needs usage or text."""
-        return not self.open or self.audit_log is not None
 
     def tenant(self, ctx: RequestContext) -> TenantConfig | None:
         return self.tenants.get(ctx.tenant) if ctx.tenant else None
@@ -183,11 +181,7 @@ class Authenticate(_PolicyStage):
     name = "authenticate"
 
     async def on_request(self, ctx: RequestContext) -> None:
-        try:
-            p = self.rt.keyring.authenticate(ctx.headers.get("authorization"))
-        except AuthError as e:
-            raise GatewayError(401, e.message, code="invalid_api_key",
-                               headers={"www-authenticate": 'Bearer realm="keel"'}) from None
+        p = self.rt.keyring.authenticate(ctx.headers.get("authorization"))  # AuthError: a 401
         ctx.tenant, ctx.key_id, ctx.role = p.tenant, p.key_id, p.role
         tenant = self.rt.tenants[p.tenant]
         ctx.keep_text = tenant.audit_content
@@ -280,15 +274,19 @@ class CountTokens(_PolicyStage):
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.tenant not in self.needed:
             return
-        info = self.rt.models.get(ctx.target)
-        if info is None or info.counter is None:
-            return
-        if len(ctx.body) > OFFLOAD_COUNT_BYTES:
-            # Nothing else touches this request's payload until the count is back.
-            ctx.prompt_tokens = await asyncio.get_running_loop().run_in_executor(
-                _counting_pool(), info.counter.count, ctx.path, ctx.payload)
-        else:
-            ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+        await count_prompt(ctx, self.rt.models.get(ctx.target))
+
+
+async def count_prompt(ctx: RequestContext, info: ModelInfo | None) -> None:
+    """ctx.prompt_tokens from the model's tokenizer: inline, or on a worker thread when long."""
+    if info is None or info.counter is None:
+        return
+    if len(ctx.body) > OFFLOAD_COUNT_BYTES:
+        # Nothing else touches this request's payload until the count is back.
+        ctx.prompt_tokens = await asyncio.get_running_loop().run_in_executor(
+            _counting_pool(), info.counter.count, ctx.path, ctx.payload)
+    else:
+        ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
 
 
 def output_cap(ctx: RequestContext, info: ModelInfo | None) -> int:
@@ -330,9 +328,8 @@ class GuardInput(_PolicyStage):
                 changed = True
         if changed:
             ctx.payload_changed = True
-            info = self.rt.models.get(ctx.target)
-            if info is not None and info.counter is not None:
-                ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+            if ctx.prompt_tokens is not None:  # counted before: count the redacted prompt again
+                await count_prompt(ctx, self.rt.models.get(ctx.target))
 
 
 def _blocked_action(e: GuardrailBlocked) -> GuardrailAction:
@@ -385,10 +382,10 @@ class Admit(_PolicyStage):
     def scopes(self, ctx: RequestContext) -> list[Scope]:
         tenant = self.rt.tenant(ctx)
         scopes = []
-        if tenant is not None and _any_limit(tenant.quotas):
+        if tenant is not None and not tenant.quotas.is_empty():
             scopes.append(Scope("tenant", ctx.tenant, tenant.quotas))
         kq = self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
-        if kq is not None and _any_limit(kq):
+        if kq is not None and not kq.is_empty():
             scopes.append(Scope("key", f"{ctx.tenant}/{ctx.key_id}", kq))
         return scopes
 
@@ -473,10 +470,6 @@ class Admit(_PolicyStage):
             self.rt.metrics.reserved_tokens.labels(tenant).dec(reserved)
 
 
-def _any_limit(q) -> bool:
-    return any(v is not None for v in (q.requests_per_minute, q.tokens_per_minute, q.tokens_per_day,
-                                       q.concurrent_requests))
-
 
 class Prepare(_PolicyStage):
     """Last: ask the engine for usage when a policy reads the response; serialise changed bodies."""
@@ -485,7 +478,7 @@ class Prepare(_PolicyStage):
 
     async def on_request(self, ctx: RequestContext) -> None:
         p = ctx.payload
-        ctx.inspect = self.rt.inspects or ctx.output_guard is not None
+        ctx.inspect = self.rt.inspects
         if ctx.inspect and p.get("stream"):
             so = p.get("stream_options")
             ctx.client_wants_usage = isinstance(so, dict) and bool(so.get("include_usage"))

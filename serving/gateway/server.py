@@ -29,8 +29,6 @@ from serving.errors import GatewayError, error_body, reshape_upstream_error, sta
 from serving.gateway.endpoints import Endpoint, EndpointPool
 from serving.gateway.inspect import StreamInspector, blocked_event, inspect_json
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.policy import allowed_models
-from serving.policy.identity import AuthError
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
 from serving.httpraw import decode_chunked, parse_head
 from serving.policy.guardrails import GuardrailBlocked
@@ -114,10 +112,9 @@ class Gateway:
 
     def set_policy(self, runtime) -> None:
         """Swap in a new policy version; requests in flight finish on the one they started with."""
-        old, self.runtime = self.runtime, runtime
+        # The new version closed what of the old one it does not carry over (PolicyRuntime).
+        self.runtime = runtime
         self.pipeline = runtime.pipeline
-        if old is not None and old.audit_log is not runtime.audit_log:
-            old.close()
 
     async def handle(self, client: "_Client", req: "_Request") -> None:
         rid = req.headers.get("x-request-id") or uuid.uuid4().hex
@@ -162,10 +159,7 @@ class Gateway:
         rt = self.runtime
         if rt is None or rt.open:
             return None
-        try:
-            return rt.keyring.authenticate(req.headers.get("authorization"))
-        except AuthError as e:
-            raise GatewayError(401, e.message, code="invalid_api_key") from None
+        return rt.keyring.authenticate(req.headers.get("authorization"))  # AuthError: a 401
 
     def _admin(self, req: "_Request", rid: str) -> dict:
         p = self._principal(req)
@@ -309,10 +303,9 @@ class Gateway:
     def _models_body(self, req: "_Request") -> dict:
         p = self._principal(req)
         rt = self.runtime
-        names = list(self.models) + ([e for e in rt.policy.experiments] if rt is not None else [])
+        names = list(self.models) + (list(rt.policy.experiments) if rt is not None else [])
         if p is not None:
-            allowed = allowed_models(rt.tenants[p.tenant], set(names))
-            names = [n for n in names if n in allowed]
+            names = [n for n in names if n in rt.allowed[p.tenant]]
         data = []
         for m in names:
             card = {"id": m, "object": "model", "created": self._created, "owned_by": "keel"}

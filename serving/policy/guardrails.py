@@ -47,8 +47,8 @@ from typing import Callable, Literal
 import regex
 from pydantic import Field, field_validator, model_validator
 
-# serving.config re-exports this class as `_Strict`; importing it from there would be circular
-# (serving.config imports serving.policy.config, which imports this module).
+# From serving.schema, not serving.config: that would be circular (serving.config imports
+# serving.policy.config, which imports this module).
 from serving.schema import Strict as _Strict
 
 PII_ENTITIES = ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address", "secret")
@@ -841,12 +841,11 @@ class OutputGuard:
     """A policy's output rules, applied to whole responses (`check_text`) or streams (`stream`)."""
 
     def __init__(self, rules: list[GuardrailRule]):
-        self._rules = list(rules)
-        self._plan = _Plan(self._rules)
+        self._plan = _Plan(rules)
 
     @property
     def active(self) -> bool:
-        return bool(self._rules)
+        return not self._plan.empty
 
     def check_text(self, text: str) -> tuple[str, list[GuardrailAction]]:
         """A whole (non-streamed) output: the text as the client may see it, and the actions.

@@ -71,7 +71,8 @@ class TokenCounter:
         self._special_tokens = dict(special_tokens)
         env = _template_environment()
         self._templates = {name: env.from_string(src) for name, src in chat_templates.items()}
-        self._template_sources = dict(chat_templates)
+        # Templates that know the `developer` role; for the others it is sent as `system` (vLLM's way).
+        self._developer_role = {name: "developer" in src for name, src in chat_templates.items()}
         self._openai_content = {name: _loops_over_content_parts(env, src)
                                 for name, src in chat_templates.items()}
 
@@ -151,7 +152,7 @@ class TokenCounter:
         tools = template_kwargs.pop("tools", None)
         name = self._template_name(tools)
         conversation = _conversation(messages, openai_parts=self._openai_content[name],
-                                     developer_role="developer" in self._template_sources[name])
+                                     developer_role=self._developer_role[name])
         add_generation_prompt = bool(template_kwargs.pop("add_generation_prompt", False))
         continue_final = template_kwargs.pop("continue_final_message", False)
         documents = template_kwargs.pop("documents", None)

@@ -97,9 +97,13 @@ def test_unknown_role_is_rejected():
         ring_with((generate_key(), "acme", "key-1", "owner"))
 
 
+DIGEST_OF_EXAMPLE = "b72fd17001a0780a27e54d8be3c7942e0daf01e66abeab3b7b6f44e1bda1bf39"  # sha256("sk-keel-example")
+
+
 def test_key_digest_is_sha256_hex_and_passes_the_format_check():
     d = key_digest("sk-keel-example")
-    assert d == "sha256:" + __import__("hashlib").sha256(b"sk-keel-example").hexdigest()
+    # a fixed value: SHA-256 of the UTF-8 key, hex, with the scheme prefix
+    assert d == "sha256:" + DIGEST_OF_EXAMPLE
     assert check_digest(d) == d
 
 

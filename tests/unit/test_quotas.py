@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -215,7 +216,10 @@ def test_settling_twice_refunds_once(quotas):
     first = reserve(quotas, scopes, 500)
     assert reserve(quotas, scopes, 500).allowed
     settle(quotas, first, 0)
-    settle(quotas, first, 0)
+    # A second settle of the same reservation from another copy of it (e.g. a retry that lost
+    # the flag): the ledger, not the object's `settled` flag, must stop a second refund.
+    again = dataclasses.replace(first, reservation=dataclasses.replace(first.reservation, settled=False))
+    settle(quotas, again, 0)
     assert reserve(quotas, scopes, 500).allowed
     assert not reserve(quotas, scopes, 1).allowed
 

@@ -88,19 +88,12 @@ def test_assigning_with_no_positive_weight_is_an_error():
         assign_variant("chat", "acme", "u1", {"model-a": 0})
 
 
-def test_tenants_get_independent_assignments():
+@pytest.mark.parametrize("field, one, other", [("tenant", "acme", "globex"), ("experiment", "chat", "code")])
+def test_tenants_and_experiments_get_independent_assignments(field, one, other):
     variants = {"model-a": 50, "model-b": 50}
-    acme = assignments(variants, tenant="acme", users=USERS[:20_000])
-    globex = assignments(variants, tenant="globex", users=USERS[:20_000])
-    agree = sum(a == b for a, b in zip(acme, globex)) / len(acme)
-    assert agree == pytest.approx(0.5, abs=0.02)
-
-
-def test_experiments_get_independent_assignments():
-    variants = {"model-a": 50, "model-b": 50}
-    chat = assignments(variants, experiment="chat", users=USERS[:20_000])
-    code = assignments(variants, experiment="code", users=USERS[:20_000])
-    agree = sum(a == b for a, b in zip(chat, code)) / len(chat)
+    a = assignments(variants, **{field: one}, users=USERS[:20_000])
+    b = assignments(variants, **{field: other}, users=USERS[:20_000])
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
     assert agree == pytest.approx(0.5, abs=0.02)
 
 
