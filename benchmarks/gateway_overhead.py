@@ -44,10 +44,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import httptools
+import numpy as np
 import orjson
 import uvloop
 
-from benchmarks.loadgen import WORDS, _pct, make_prompt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -60,6 +60,9 @@ TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 3.0
 OUTPUT_TOKENS = 16
 DENY_TERMS = ["project nightingale", "internal codename", "confidential roadmap"]
+# The responder's 16 output words, and the words prompts are drawn from.
+WORDS = ("the quick brown fox jumps over a lazy dog while model servers stream tokens to many "
+         "clients across replicas and regions under load with quotas guardrails and routing").split()
 POOL_SIZE = 16  # keep-alive connections opened per target before each phase
 USERS = 64  # distinct `user` values: the experiment's sticky routing sees many users
 
@@ -200,6 +203,10 @@ def policy_on(audit_dir: str, redis_url: str | None = None) -> dict:
         "experiments": {EXPERIMENT: {"variants": {"demo": 50, "demo-b": 50}}},
         "audit": {"enabled": True, "dir": audit_dir},
     }
+
+
+def _pct(values: list[float], p: float) -> float:
+    return float(np.percentile(values, p)) if values else 0.0
 
 
 def _thread_cpu_s(thread) -> float:
@@ -457,7 +464,7 @@ def request_bodies(config: str, stream: bool, n: int = USERS, seed: int = 0) -> 
     for i in range(n):
         body = {"model": EXPERIMENT if config in ("on", "redis") else "demo",
                 "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                             {"role": "user", "content": make_prompt(rng, 32)}],
+                             {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(32))}],
                 "max_tokens": OUTPUT_TOKENS, "temperature": 0.7, "stream": stream,
                 "user": f"user-{i}"}
         headers = {"content-type": "application/json", "accept": "*/*"}
@@ -915,8 +922,9 @@ def main() -> None:
           f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct, stages add = minus policies off, in the same round")
     for kind, rows in summaries.items():
         print(f"\n{'Streaming' if kind == 'stream' else 'Non-streaming'}:\n\n" + table(rows))
-        if verdict(rows):
-            print("\n" + verdict(rows))
+        judged = verdict(rows)
+        if judged:
+            print("\n" + judged)
     if a.profile:
         result["stage_costs_us"] = costs = uvloop.run(stage_costs(a.redis))
         result["guardrail_rule_costs_us"] = rules = rule_costs()

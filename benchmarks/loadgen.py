@@ -15,22 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 
 from benchmarks.suite.datasets import make_requests
 from benchmarks.suite.loadgen import run_point
 from benchmarks.suite.metrics import summarize
 from benchmarks.suite.spec import DatasetSpec, LoadSpec
-
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while model servers stream tokens to many "
-    "clients across replicas and regions under load with quotas guardrails and routing"
-).split()
-
-
-def make_prompt(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
 
 async def run_load(
     base_url: str,
@@ -53,16 +42,6 @@ async def run_load(
     summary = summarize(records, duration)
     summary["concurrency"] = concurrency
     return summary
-
-
-def _pct(values: list[float], p: float) -> float:
-    """Linear-interpolated percentile (numpy's default), for the overhead benchmark's latencies."""
-    if not values:
-        return 0.0
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def main() -> None:

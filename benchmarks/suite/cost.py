@@ -15,7 +15,7 @@ import textwrap
 
 import yaml
 
-from benchmarks.suite.metrics import percentile_key
+from benchmarks.suite.metrics import percentile_word
 from benchmarks.suite.spec import HardwareProfile, SLOSpec, TargetSpec
 
 # Deployment keys the recommendation decides; the rest of a base deployment carries over.
@@ -124,7 +124,7 @@ def describe_slo(slo: SLOSpec) -> str:
     """e.g. "p99 TTFT <= 500 ms, TPOT <= 50 ms"."""
     parts = [f"{name} <= {limit:g} ms" for name, limit in
              (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms), ("E2EL", slo.e2el_ms)) if limit is not None]
-    word = percentile_key(slo.percentile, "x").split("_")[0]
+    word = percentile_word(slo.percentile)
     return f"{word} " + ", ".join(parts)
 
 

@@ -29,10 +29,14 @@ LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 MAX_SAMPLE_ERRORS = 3
 
 
+def percentile_word(p: float) -> str:
+    """99 -> "p99", 99.9 -> "p99.9" (vLLM's naming)."""
+    return "p" + (str(int(p)) if int(p) == p else str(p))
+
+
 def percentile_key(p: float, metric: str) -> str:
     """vLLM's field name: (99, "ttft") -> "p99_ttft_ms", (99.9, "ttft") -> "p99.9_ttft_ms"."""
-    word = str(int(p)) if int(p) == p else str(p)
-    return f"p{word}_{metric}_ms"
+    return f"{percentile_word(p)}_{metric}_ms"
 
 
 def summarize(records: list[RequestRecord], duration_s: float, slo: SLOSpec | None = None,

@@ -45,3 +45,9 @@ class RequestRecord:
     prompt_tokens: int = 0  # from the server's usage (else the dataset's count)
     output_tokens: int = 0  # from the server's usage (else the number of text chunks)
     error: str = ""
+
+
+def load_text(load: dict) -> str:
+    """A load point's load as people write it: "c=16" or "2.5 req/s"."""
+    v = float(load["value"])
+    return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g} req/s"

@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from benchmarks.suite.metrics import percentile_key
-from benchmarks.suite.records import FORMAT_VERSION
+from benchmarks.suite.metrics import percentile_key, percentile_word
+from benchmarks.suite.records import FORMAT_VERSION, load_text
 
 PLOT_FILES = ("latency_vs_throughput.png", "cost_vs_load.png", "goodput_vs_load.png")
 
@@ -144,11 +144,6 @@ def _setting_name(s: dict, i: int) -> str:
     return str(s.get("name") or f"setting {i + 1}")
 
 
-def _pw(pct: float) -> str:
-    """99 -> "p99", 99.9 -> "p99.9"."""
-    return f"p{pct:g}"
-
-
 def _q(point: dict | None, pct: float, metric: str) -> float | None:
     """A latency percentile of a point in ms, e.g. p99 TTFT; None when the point lacks it."""
     if point is None:
@@ -181,11 +176,6 @@ def _ratio(base: float | None, other: float | None) -> str:
     return f"{other / base:.2f}×"
 
 
-def _load_text(load: dict) -> str:
-    v = float(load["value"])
-    return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g} req/s"
-
-
 def _load_short(load: dict) -> str:
     v = float(load["value"])
     return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g}/s"
@@ -196,7 +186,7 @@ def _load_axis(kind: str) -> str:
 
 
 def _slo_text(s: _Set) -> str:
-    parts = [f"{name} {_pw(s.pct)} ≤ {s.slo[key]:g} ms"
+    parts = [f"{name} {percentile_word(s.pct)} ≤ {s.slo[key]:g} ms"
              for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("E2EL", "e2el_ms"))
              if s.slo.get(key) is not None]
     return ", ".join(parts) if parts else "none"
@@ -462,14 +452,14 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
     engine = setting.get("engine") or {}
     if engine:
         desc += ["; engine: ", _Code(", ".join(f"{k}={v}" for k, v in engine.items()))]
-    pw = _pw(s.pct)
+    pw = percentile_word(s.pct)
     e2el = s.slo.get("e2el_ms") is not None
     header = ["load", "req/s", "output tok/s", "TTFT p50 (ms)", f"TTFT {pw} (ms)", "TPOT p50 (ms)",
               f"TPOT {pw} (ms)"] + ([f"E2EL {pw} (ms)"] if e2el else []) + \
              ["goodput (req/s)", "failed", f"{s.currency}/M output tok", "meets SLO"]
     rows = []
     for p in _sorted_points(setting):
-        row: list[Text] = [_load_text(p["load"]), _num(p.get("request_throughput")), _num(p.get("output_throughput")),
+        row: list[Text] = [load_text(p["load"]), _num(p.get("request_throughput")), _num(p.get("output_throughput")),
                            _num(p.get("median_ttft_ms")), _over(_q(p, s.pct, "ttft"), s.slo.get("ttft_ms")),
                            _num(p.get("median_tpot_ms")), _over(_q(p, s.pct, "tpot"), s.slo.get("tpot_ms"))]
         if e2el:
@@ -484,7 +474,7 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
     blocks.append(_Table(header, rows, align) if rows else _Para("No load points."))
     best = setting.get("slo_max")
     if best:
-        text = (f" {_load_text(best['load'])}: {_num(best.get('request_throughput'))} req/s, "
+        text = (f" {load_text(best['load'])}: {_num(best.get('request_throughput'))} req/s, "
                 f"{_num(best.get('output_throughput'))} output tok/s, TTFT {pw} {_num(_q(best, s.pct, 'ttft'))} ms, "
                 f"TPOT {pw} {_num(_q(best, s.pct, 'tpot'))} ms")
         cost = best.get("cost_per_million_output_tokens")
@@ -548,7 +538,7 @@ def _recommendation_blocks(s: _Set) -> list[Block]:
 def _describe(value: Any, s: _Set) -> str:
     """A short text for a recommendation field that may be a load point, a mapping or a value."""
     if isinstance(value, dict) and isinstance(value.get("load"), dict):
-        return (f"{_load_text(value['load'])}: {_num(value.get('request_throughput'))} req/s, "
+        return (f"{load_text(value['load'])}: {_num(value.get('request_throughput'))} req/s, "
                 f"{_num(value.get('output_throughput'))} output tok/s")
     if isinstance(value, dict):
         return ", ".join(f"{k}={_describe(v, s)}" for k, v in value.items())
@@ -608,7 +598,7 @@ def _match(base: _Set, other: _Set) -> _Match:
 
 def _compare_blocks(sets: list[_Set]) -> list[Block]:
     base = sets[0]
-    pw = _pw(base.pct)
+    pw = percentile_word(base.pct)
     blocks: list[Block] = [_Heading(2, "Comparison with the baseline")]
     who: list[Inline] = ["Sets: "]
     for i, s in enumerate(sets):
@@ -642,7 +632,7 @@ def _compare_blocks(sets: list[_Set]) -> list[Block]:
         for bname, oname, p, q in m.rows:
             name: Text = [_Code(bname)] if bname == oname else [_Code(bname), " ↔ ", _Code(oname)]
             cb, co = p.get("cost_per_million_output_tokens"), q.get("cost_per_million_output_tokens")
-            rows.append([name, _load_text(p["load"]),
+            rows.append([name, load_text(p["load"]),
                          _num(p.get("output_throughput")), _num(q.get("output_throughput")),
                          _ratio(p.get("output_throughput"), q.get("output_throughput")),
                          _num(_q(p, base.pct, "ttft")), _num(_q(q, base.pct, "ttft")),
@@ -658,8 +648,8 @@ def _compare_blocks(sets: list[_Set]) -> list[Block]:
                 ["setting", f"max load {a}", b, f"output tok/s {a}", b, "ratio", f"{cur}/M output tok {a}", b, "ratio"],
                 [_max_row(sb, so, nb, no, same_currency) for sb, so, nb, no in m.settings], "lllrrrrrr"))
         if m.only_base or m.only_other:
-            items: list[Text] = [[f"only in {a}: setting ", _Code(n), f", {_load_text(p['load'])}"] for n, p in m.only_base]
-            items += [[f"only in {b}: setting ", _Code(n), f", {_load_text(p['load'])}"] for n, p in m.only_other]
+            items: list[Text] = [[f"only in {a}: setting ", _Code(n), f", {load_text(p['load'])}"] for n, p in m.only_base]
+            items += [[f"only in {b}: setting ", _Code(n), f", {load_text(p['load'])}"] for n, p in m.only_other]
             blocks += [_Para([_Bold("Unmatched load points"), f" ({len(items)}, not in the table above):"]), _List(items)]
         else:
             blocks.append(_Para("Every load point matched."))
@@ -674,7 +664,7 @@ def _max_row(sb: dict, so: dict, nb: str, no: str, same_currency: bool) -> list[
         return p.get(k) if p else None
 
     cb, co = get(pb, "cost_per_million_output_tokens"), get(po, "cost_per_million_output_tokens")
-    return [name, _load_text(pb["load"]) if pb else "none", _load_text(po["load"]) if po else "none",
+    return [name, load_text(pb["load"]) if pb else "none", load_text(po["load"]) if po else "none",
             _num(get(pb, "output_throughput")), _num(get(po, "output_throughput")),
             _ratio(get(pb, "output_throughput"), get(po, "output_throughput")),
             _num(cb), _num(co), _ratio(cb, co) if same_currency else "–"]
@@ -773,7 +763,7 @@ def _finish(fig: Figure, handles: list, labels: list[str], legend_title: str | N
 
 def _pct_label(lines: list[_Line]) -> str:
     pcts = {ln.set.pct for ln in lines}
-    return _pw(next(iter(pcts))) if len(pcts) == 1 else "at SLO percentile"
+    return percentile_word(next(iter(pcts))) if len(pcts) == 1 else "at SLO percentile"
 
 
 def _slo_lines(lines: list[_Line], metric: str, name: str) -> dict[str, float]:
@@ -781,8 +771,8 @@ def _slo_lines(lines: list[_Line], metric: str, name: str) -> dict[str, float]:
     pcts: dict[float, list[str]] = {}
     for ln in lines:
         limit = ln.set.slo.get(f"{metric}_ms")
-        if limit is not None and _pw(ln.set.pct) not in pcts.setdefault(limit, []):
-            pcts[limit].append(_pw(ln.set.pct))
+        if limit is not None and percentile_word(ln.set.pct) not in pcts.setdefault(limit, []):
+            pcts[limit].append(percentile_word(ln.set.pct))
     return {f"SLO: {name} {' / '.join(pws)} ≤ {limit:g} ms": limit for limit, pws in pcts.items()}
 
 

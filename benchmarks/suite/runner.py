@@ -16,8 +16,8 @@ from pathlib import Path
 from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
 from benchmarks.suite.datasets import make_requests
 from benchmarks.suite.loadgen import run_point, warmup
-from benchmarks.suite.metrics import summarize
-from benchmarks.suite.records import FORMAT_VERSION
+from benchmarks.suite.metrics import percentile_key, percentile_word, summarize
+from benchmarks.suite.records import FORMAT_VERSION, load_text
 from benchmarks.suite.slo import meets_slo, slo_max
 from benchmarks.suite.spec import BenchSpec, load_hardware
 from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
@@ -90,7 +90,6 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
     dataset = spec.dataset
     if dataset.path and not Path(dataset.path).is_absolute() and (base / dataset.path).is_file():
         dataset = dataset.model_copy(update={"path": str(base / dataset.path)})  # relative to the spec
-    percentiles = tuple(sorted({50.0, 90.0, 99.0, float(spec.slo.percentile)}))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     label = spec.label or spec_path.stem
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -128,7 +127,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 for i, level in enumerate(load.levels):
                     reqs = make_requests(dataset, load.num_requests, load.seed + i, tokenizer)
                     records, duration = asyncio.run(run_point(url, model, reqs, load, level, key, progress))
-                    point = summarize(records, duration, spec.slo, percentiles)
+                    point = summarize(records, duration, spec.slo)  # 50, 90, 99 and the SLO's
                     point["load"] = {"kind": load.mode, "value": level, "burstiness": load.burstiness}
                     point["replicas"] = setting.replicas
                     point["cost_per_million_output_tokens"] = cost_per_million_output_tokens(
@@ -150,7 +149,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 entry["error"] = error
             settings.append(entry)
             best = entry["slo_max"]
-            _say(f"  SLO-compliant maximum: {_load_text(best['load']) if best else 'none'}")
+            _say(f"  SLO-compliant maximum: {load_text(best['load']) if best else 'none'}")
     rec, note = None, None
     if spec.target is not None:
         rec = recommend(settings, spec.target, spec.slo, hw_name, hardware, model, weights_name, base_engine,
@@ -182,15 +181,11 @@ def _log_tail(path: Path, start: int, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _load_text(load: dict) -> str:
-    v = load["value"]
-    return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g} req/s"
-
-
 def _point_line(p: dict, pct: float, currency: str) -> str:
-    q = f"p{pct:g}"
+    q = percentile_word(pct)
     cost = p.get("cost_per_million_output_tokens")
-    return (f"  {_load_text(p['load']):>10}  {p['output_throughput']:8.1f} tok/s  {p['request_throughput']:6.2f} req/s  "
-            f"TTFT {q} {p.get(f'{q}_ttft_ms') or 0:8.1f} ms  TPOT {q} {p.get(f'{q}_tpot_ms') or 0:6.2f} ms  "
+    return (f"  {load_text(p['load']):>10}  {p['output_throughput']:8.1f} tok/s  {p['request_throughput']:6.2f} req/s  "
+            f"TTFT {q} {p.get(percentile_key(pct, 'ttft')) or 0:8.1f} ms  "
+            f"TPOT {q} {p.get(percentile_key(pct, 'tpot')) or 0:6.2f} ms  "
             f"failed {p['failed']}  {'' if cost is None else f'{cost:.3f} {currency}/M out'}  "
             f"{'meets SLO' if p['meets_slo'] else 'misses SLO'}")

@@ -43,10 +43,10 @@ def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str 
     return doc  # relative paths in it (audit dir, models_dir) stay relative to the working directory
 
 
-def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel.yaml") -> subprocess.Popen:
+def start_keel(doc: dict, workdir: Path, log) -> subprocess.Popen:
     """`keel serve` on a config written from `doc`, in its own process group (stop() ends it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / name
+    path = workdir / "bench-keel.yaml"
     path.write_text(yaml.safe_dump(doc))
     keel = Path(sys.executable).with_name("keel")
     return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,

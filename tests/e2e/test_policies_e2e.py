@@ -5,7 +5,6 @@ by the official openai client."""
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from serving.policy.identity import key_digest
-from tests.e2e.conftest import DEMO_KEY, local_config, running_stack
+from tests.e2e.conftest import DEMO_KEY, _free_port, local_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +24,6 @@ LIMITED_KEY = "sk-keel-e2e-limited"
 GUARDED_KEY = "sk-keel-e2e-guarded"
 ADMIN_KEY = "sk-keel-e2e-admin"
 KEEL = Path(sys.executable).with_name("keel")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def policy_config(tmp: Path, limited_rpm: int = 2) -> dict:

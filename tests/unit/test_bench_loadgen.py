@@ -9,15 +9,13 @@ import statistics
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from benchmarks.suite.datasets import BenchRequest, length_range, make_requests, read_sharegpt
 from benchmarks.suite.loadgen import arrival_times, run_point, warmup
 from benchmarks.suite.spec import DatasetSpec, LoadSpec
+from tests.unit.fake_openai import CHUNKS, USAGE_PROMPT_TOKENS, FakeOpenAI
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / ".keel" / "models" / "demo-tiny" / "tokenizer.json"
-CHUNKS = 5  # text chunks the fake server streams per request
-USAGE_PROMPT_TOKENS = 11
 
 
 def run(coro):
@@ -31,106 +29,6 @@ def demo_tokenizer():
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(DEMO_TOKENIZER))
-
-
-# --- the fake server --------------------------------------------------------------------------------
-
-class FakeOpenAI:
-    """Streams CHUNKS text chunks then usage (completion_tokens = max_tokens); a marker in the
-    prompt picks a failure: #429, #500, #error, #empty, #drop, #refuse, #slow, #nousage."""
-
-    def __init__(self, delay: float = 0.01):
-        self.delay = delay
-        self.bodies: list[dict] = []
-        self.auth: list[str | None] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.url = ""
-        self.release = asyncio.Event()  # ends #slow requests when the server stops
-
-    async def __aenter__(self) -> "FakeOpenAI":
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        app.router.add_post("/v1/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.release.set()
-        await self.runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.bodies.append(body)
-        self.auth.append(request.headers.get("Authorization"))
-        chat = "messages" in body
-        prompt = body["messages"][0]["content"] if chat else body["prompt"]
-        if "#429" in prompt:
-            return web.json_response({"error": {"message": "quota exceeded for tenant t1",
-                                                "type": "rate_limit_error", "code": 429}}, status=429)
-        if "#500" in prompt:
-            return web.Response(status=500, text="Internal Server Error")
-        if "#refuse" in prompt:
-            request.transport.close()
-            return web.Response()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        left = False
-
-        def leave() -> None:  # before the last bytes, so the client cannot have moved on yet
-            nonlocal left
-            if not left:
-                left = True
-                self.in_flight -= 1
-
-        try:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-
-            async def send(doc) -> None:
-                data = doc if isinstance(doc, str) else json.dumps(doc)
-                await resp.write(f"data: {data}\n\n".encode())
-
-            def chunk(text: str) -> dict:
-                choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
-                return {"id": "x", "choices": [choice]}
-
-            if chat:  # vLLM's first chunk: the role, no text
-                role = {"role": "assistant", "content": ""}
-                await send({"id": "x", "choices": [{"index": 0, "delta": role}]})
-            if "#error" in prompt:
-                await send(chunk("partial"))
-                leave()
-                await send({"error": {"message": "engine died", "type": "InternalServerError", "code": 500}})
-            elif "#empty" in prompt:
-                leave()
-                await send({"id": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0}})
-            elif "#drop" in prompt:
-                await send(chunk("tok"))
-                leave()
-                request.transport.close()
-                return resp
-            elif "#slow" in prompt:
-                await self.release.wait()
-                return resp
-            else:
-                for i in range(CHUNKS):
-                    await asyncio.sleep(self.delay)
-                    await send(chunk(f"t{i} "))
-                leave()
-                if "#nousage" not in prompt:
-                    await send({"id": "x", "choices": [], "usage": {
-                        "prompt_tokens": USAGE_PROMPT_TOKENS, "completion_tokens": body["max_tokens"]}})
-            await send("[DONE]")
-            await resp.write_eof()
-            return resp
-        finally:
-            leave()
 
 
 def load(**kw) -> LoadSpec:
@@ -186,22 +84,14 @@ def test_http_errors_keep_status_and_message_in_request_order():
     assert (crash.ok, crash.status, crash.error) == (False, 500, "Internal Server Error")
 
 
-def test_error_event_in_stream_fails_the_request_with_status_200():
+@pytest.mark.parametrize("marker, error", [("#error", "engine died"), ("#empty", "empty stream")])
+def test_a_200_stream_with_an_error_event_or_no_output_fails_the_request(marker, error):
     async def go():
         async with FakeOpenAI() as srv:
-            return await run_point(srv.url, "demo", reqs("x #error"), load(), 1)
+            return await run_point(srv.url, "demo", reqs(f"x {marker}"), load(), 1)
 
     [r], _ = run(go())
-    assert (r.ok, r.status, r.error) == (False, 200, "engine died")
-
-
-def test_stream_without_output_is_an_empty_stream():
-    async def go():
-        async with FakeOpenAI() as srv:
-            return await run_point(srv.url, "demo", reqs("x #empty"), load(), 1)
-
-    [r], _ = run(go())
-    assert (r.ok, r.status, r.error) == (False, 200, "empty stream")
+    assert (r.ok, r.status, r.error) == (False, 200, error)
 
 
 def test_transport_failures_have_status_0():

@@ -13,7 +13,7 @@ import yaml
 
 from benchmarks.suite import runner
 from benchmarks.suite.spec import BenchSpec
-from tests.unit.test_bench_loadgen import FakeOpenAI
+from tests.unit.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
         def __init__(self, doc):
             self.doc = doc
 
-    def fake_start(doc, workdir, log, name="bench-keel.yaml"):
+    def fake_start(doc, workdir, log):
         started.append(doc["models"]["demo"]["engine"]["max_num_seqs"])
         return Proc(doc)
 

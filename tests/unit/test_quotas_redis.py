@@ -217,7 +217,7 @@ def test_lease_expiry_frees_a_slot_a_crashed_gateway_left_behind(cfg, tenant_id)
         try:
             assert (await q.reserve(scopes, 1, "live")).allowed  # its lease runs 0.5 s past the lost one's
             blocked = await q.reserve(scopes, 1, "a")
-            while not (later := await q.reserve(scopes, 1, "a")).allowed:
+            while not (await q.reserve(scopes, 1, "a")).allowed:
                 await asyncio.sleep(0.02)
             return blocked, await q.reserve(scopes, 1, "b")
         finally:
