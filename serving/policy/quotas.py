@@ -30,11 +30,14 @@ a release: the request did reach the gateway, and refunding it would let a clien
 at once escape the request limit.
 
 Concurrency: the open reservations of a scope, each with a lease (`lease_s`, default 15 min)
-after which it no longer counts, so a gateway that crashed cannot hold a slot forever. A request
-running longer than its lease stops counting against concurrency, and stays charged as
-reserved: settling applies only to an open reservation, which is also what makes settling
-idempotent (a retried settle, or a release of what was never reserved, changes nothing).
-Rejected for concurrency, a request is told to retry after 1 s.
+after which it no longer counts, so a gateway that crashed cannot hold a slot forever. The
+gateway that made a reservation renews its lease every lease_s/3 while the request runs
+(`_Renewals`), so a request longer than the lease keeps its slot and its refund; only a gateway
+that stopped renewing (it died, or could not reach Redis for a whole lease) loses them. A lease
+that did run out leaves its request charged as reserved: settling applies only to an open
+reservation, which is also what makes settling idempotent (a retried settle, or a release of
+what was never reserved, changes nothing). Rejected for concurrency, a request is told to
+retry after 1 s.
 
 All limits of all scopes of a request are checked and applied atomically, all or nothing: a
 request rejected by one limit consumes nothing from any other.
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import time
@@ -58,6 +62,8 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 
 from serving.schema import Strict as _Strict
+
+log = logging.getLogger(__name__)
 
 REQUESTS_PER_MINUTE = "requests_per_minute"
 TOKENS_PER_MINUTE = "tokens_per_minute"
@@ -98,8 +104,9 @@ class QuotaBackendConfig(_Strict):
         "fail_open admits the request without a quota check.")
     timeout_s: float = Field(0.25, gt=0, description="Socket timeout for each Redis call.")
     lease_s: float = Field(
-        900, gt=0, description="A request still open after this long stops counting against "
-        "concurrent_requests (so a crashed gateway cannot hold slots forever).")
+        900, gt=0, description="How long a request's concurrency slot lasts without renewal. The "
+        "gateway renews it every lease_s/3 while the request runs; one that dies stops renewing, "
+        "so its slots free at most this long later.")
     key_prefix: str = Field("keel", min_length=1, description="Prefix of every Redis key Keel writes.")
 
     @field_validator("redis_url")
@@ -318,6 +325,50 @@ def _reservation_id(request_id: str) -> str:
     return f"{request_id}:{os.urandom(4).hex()}"  # unique even if a client reuses a request id
 
 
+class _Renewals:
+    """The reservations this gateway process holds open, with their leases renewed every
+    lease/3 (through the backend's `renew`) until they are settled. One asyncio task, running
+    only while something is open."""
+
+    def __init__(self, lease_us: int, renew):
+        self._open: dict[str, Reservation] = {}
+        self._renew = renew  # async (list[Reservation]) -> None
+        self.interval_s = lease_us / _US / 3
+        self._task: asyncio.Task | None = None
+
+    def opened(self, reservation: Reservation) -> None:
+        self._open[reservation.id] = reservation
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def closed(self, reservation: Reservation) -> None:
+        self._open.pop(reservation.id, None)
+
+    async def _run(self) -> None:
+        failing = False
+        try:
+            while self._open:
+                await asyncio.sleep(self.interval_s)
+                if not self._open:
+                    break
+                try:
+                    await self._renew(list(self._open.values()))
+                    if failing:
+                        log.warning("quota leases are renewed again")
+                    failing = False
+                except QuotaBackendError as e:
+                    if not failing:  # once per outage; the next tick retries
+                        log.warning("could not renew %d quota leases (%s); they run out unless a "
+                                    "later renewal succeeds", len(self._open), e)
+                    failing = True
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 # --- in-memory backend ----------------------------------------------------------------------
 
 
@@ -330,6 +381,7 @@ class MemoryQuotaBackend:
         self._lease_us = round(lease_s * _US)
         self._tats: dict[tuple[str, str, str], int] = {}  # (scope name, scope id, limit) -> TAT µs
         self._open: dict[tuple[str, str], dict[str, int]] = {}  # scope -> {reservation id: lease end µs}
+        self._renewals = _Renewals(self._lease_us, self.renew)
 
     def _now(self) -> int:
         return round(self._clock() * _US)
@@ -360,7 +412,19 @@ class MemoryQuotaBackend:
                     self._tats[(lim.scope.name, lim.scope.id, lim.name)] = states[i]
                 else:
                     states[i] += 1
-        return _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
+        adm = _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
+        if adm.allowed and _limited(scopes):
+            self._renewals.opened(adm.reservation)
+        return adm
+
+    async def renew(self, reservations: list[Reservation]) -> None:
+        """Extends the lease of each reservation that is still open to now + lease."""
+        now = self._now()
+        for r in reservations:
+            for scope in _limited(r.scopes):
+                leases = self._open.get((scope.name, scope.id))
+                if leases is not None and r.id in leases:
+                    leases[r.id] = now + self._lease_us
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         self.settle_now(reservation, actual_tokens)
@@ -371,6 +435,7 @@ class MemoryQuotaBackend:
         if reservation.settled:
             return
         reservation.settled = True
+        self._renewals.closed(reservation)
         now = self._now()
         was_open = False
         for scope in _limited(reservation.scopes):
@@ -384,7 +449,7 @@ class MemoryQuotaBackend:
                 self._tats[key] = _settled_tat(self._tats.get(key, now), now, delta)
 
     async def close(self) -> None:
-        pass
+        self._renewals.close()
 
 
 # --- Redis backend --------------------------------------------------------------------------
@@ -471,6 +536,24 @@ end
 return was_open
 """
 
+# KEYS: one scope's open-set. ARGV: lease µs, then reservation ids.
+# Moves the lease end of each id still in the set to now + lease (ZADD XX adds none back).
+_RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lease = tonumber(ARGV[1])
+local args = {}
+for i = 2, #ARGV do
+  args[#args + 1] = now + lease
+  args[#args + 1] = ARGV[i]
+end
+local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', unpack(args))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1)
+end
+return changed
+"""
+
 _SHORT = {REQUESTS_PER_MINUTE: "rpm", TOKENS_PER_MINUTE: "tpm", TOKENS_PER_DAY: "tpd"}
 _POOL_SIZE = 64
 _TOMBSTONE_MS = 600_000  # far longer than any command waits in Redis's input buffer
@@ -514,6 +597,7 @@ class _Script:
 
 _RESERVE = _Script(_RESERVE_LUA)
 _SETTLE = _Script(_SETTLE_LUA)
+_RENEW = _Script(_RENEW_LUA)
 
 
 class RedisQuotaBackend:
@@ -547,6 +631,7 @@ class RedisQuotaBackend:
         self._keys: dict[tuple[str, str], tuple[str, bytes, dict[str, bytes]]] = {}
         self._background: set[asyncio.Task] = set()  # settles and abandons nobody waits for
         self._closing = asyncio.Event()
+        self._renewals = _Renewals(self._lease_us, self.renew)
 
     # --- the Redis call ---
 
@@ -679,7 +764,21 @@ class RedisQuotaBackend:
         if not admitted:
             # Same arithmetic, same state: this names the limit and tells "never fits" from "wait".
             worst, retry_us, never_fits = _verdict(limits, tokens, now, states)
-        return _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
+        adm = _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
+        if adm.allowed:
+            self._renewals.opened(adm.reservation)
+        return adm
+
+    async def renew(self, reservations: list[Reservation]) -> None:
+        """Extends the lease of each reservation still open to now + lease (Redis's clock): one
+        call per scope. Raises QuotaBackendError."""
+        by_scope: dict[bytes, list[bytes]] = {}
+        for r in reservations:
+            for scope in _limited(r.scopes):
+                by_scope.setdefault(self._scope_keys(scope)[1], []).append(_bulk(r.id.encode()))
+        for key, ids in by_scope.items():
+            for at in range(0, len(ids), 1000):  # bounded arguments per call
+                await self._call(_RENEW, [key], [_bulk_int(self._lease_us), *ids[at:at + 1000]])
 
     def _abandon_unless_rejected(self, task: asyncio.Task, limited, tokens: int, rid: str) -> None:
         if not task.cancelled() and task.exception() is None and int(task.result()[0]) == 0:
@@ -727,6 +826,7 @@ class RedisQuotaBackend:
         limited = _limited(reservation.scopes)
         if reservation.settled or not limited:
             return
+        self._renewals.closed(reservation)  # settled or not, this gateway stops renewing it
         keys, args = self._settle_call(limited, reservation.tokens, actual_tokens, reservation.id, abandon=False)
         # Shielded and kept: a settle the caller stops waiting for still happens. On an error the
         # caller may retry: the script is idempotent.
@@ -738,6 +838,7 @@ class RedisQuotaBackend:
     async def close(self) -> None:
         """Waits briefly for settles and abandons still in flight, then disconnects."""
         self._closing.set()
+        self._renewals.close()
         deadline = time.monotonic() + max(1.0, 4 * self._cfg.timeout_s)
         while self._background and time.monotonic() < deadline:  # a reserve ending here adds an abandon
             await asyncio.wait(set(self._background), timeout=deadline - time.monotonic())

@@ -258,6 +258,30 @@ def test_a_request_settled_after_its_lease_ran_out_stays_charged_as_reserved(clo
     assert not reserve(quotas, scopes, 100).allowed
 
 
+def test_a_request_longer_than_the_lease_keeps_its_slot_and_its_refund_while_it_runs(clock):
+    """The gateway renews the leases of what it holds open (every lease/3, on the event loop):
+    only a gateway that stopped renewing loses its slots."""
+    scopes = [tenant(concurrent_requests=1, tokens_per_day=1000)]
+
+    async def body():
+        q = MemoryQuotaBackend(clock=clock, lease_s=0.3)  # renewed every 0.1 s of real time
+        try:
+            long = await q.reserve(scopes, 1000, "long")
+            for _ in range(10):  # a whole second of the backend's time: three leases
+                clock.advance(0.1)
+                await asyncio.sleep(0.12)  # a renewal tick passes meanwhile
+            held = await q.reserve(scopes, 0, "other")  # 0 tokens: only the slot can refuse it
+            await q.settle(long.reservation, 100)  # still open: 900 tokens come back
+            return long, held, await q.reserve(scopes, 900, "after")
+        finally:
+            await q.close()
+
+    long, held, after = asyncio.run(body())
+    assert long.allowed
+    assert not held.allowed and held.limit == "concurrent_requests"
+    assert after.allowed
+
+
 def test_scopes_without_limits_admit_everything(quotas):
     admission = reserve(quotas, [tenant(), key()], 10**9)
     assert admission.allowed and admission.headers == {}

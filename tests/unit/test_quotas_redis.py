@@ -228,6 +228,29 @@ def test_lease_expiry_frees_a_slot_a_crashed_gateway_left_behind(cfg, tenant_id)
     assert full_again.limit == "concurrent_requests"  # the live request still holds its slot
 
 
+def test_a_request_longer_than_the_lease_keeps_its_slot_and_its_refund_while_it_runs(cfg, tenant_id):
+    cfg = cfg.model_copy(update={"lease_s": 0.6})  # renewed every 0.2 s
+    scopes = [Scope("tenant", tenant_id, QuotaLimits(concurrent_requests=1, tokens_per_day=1000))]
+
+    async def body():
+        q = make_backend(cfg)
+        try:
+            long = await q.reserve(scopes, 1000, "long")
+            await asyncio.sleep(1.5)  # two and a half leases
+            held = await q.reserve(scopes, 0, "other")  # 0 tokens: only the slot can refuse it
+            ttl = (await tenant_keys(cfg, tenant_id))[redis_key(cfg.key_prefix, scopes[0], "open")][1]
+            await q.settle(long.reservation, 100)  # still open: 900 tokens come back
+            return long, held, ttl, await q.reserve(scopes, 900, "after")
+        finally:
+            await q.close()
+
+    long, held, ttl, after = run(body())
+    assert long.allowed
+    assert not held.allowed and held.limit == "concurrent_requests"
+    assert 0 < ttl <= 601  # the open set's expiry moves with its renewed leases
+    assert after.allowed
+
+
 _BUSY_LUA = """
 local s = redis.call('TIME')
 while true do
