@@ -1,10 +1,12 @@
 """The gateway's own cost per request: every policy stage off vs every stage on.
 
 The engine is replaced by an instant responder (precomputed vLLM-shaped answers), so what is
-measured is the router alone. One child process runs the responder and the gateways on one
-uvloop event loop (the gateway runs on a uvloop loop in production too); this process is the
-load generator: open-loop at a fixed rate, over a pool of keep-alive connections, latency from
-the request's first byte written to its response's last byte read (time.perf_counter).
+measured is the router alone. One child process runs the gateways on one uvloop event loop (as
+a gateway replica runs), another the responder (an engine is its own process in production
+too; `--one-process` puts it on the gateways' loop, as this benchmark did until 2026-11-26,
+where its work queues with theirs); this process is the load generator: open-loop at a fixed
+rate, over a pool of keep-alive connections, latency from the request's first byte written to
+its response's last byte read (time.perf_counter). "server CPU/req" is both children's CPU.
 
 Configurations, alternated within each round so drift in this noisy machine hits them all:
 - direct: load straight to the responder (the baseline);
@@ -249,16 +251,51 @@ def build_gateways(engine_port: int, workdir: str, redis_url: str | None) -> dic
     return gateways
 
 
-async def serve(redis: bool, burst: bool) -> None:
-    """The child: start everything, print the ports as one JSON line, answer commands on stdin."""
+async def _start_engine(burst: bool):
+    InstantEngine.burst = burst
+    # uvicorn's (so vLLM's) backlog: with asyncio's default of 100, SYNs are dropped under overload
+    engine = await asyncio.get_running_loop().create_server(InstantEngine, "127.0.0.1", 0, backlog=2048)
+    return engine, engine.sockets[0].getsockname()[1]
+
+
+def _answer(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def _commands():
+    """The lines the parent writes on stdin, until it closes it."""
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).strip():
+        yield line
+
+
+def _own_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+async def serve_engine(burst: bool) -> None:
+    """The engine child (the default): the instant responder alone, in its own process, as an
+    engine is in production: its work does not share the gateways' event loop."""
+    engine, port = await _start_engine(burst)
+    _answer({"ports": {"direct": port}})
+    async for line in _commands():
+        if line == b"cpu":
+            _answer({"cpu_s": _own_cpu_s()})
+    engine.close()
+
+
+async def serve(redis: bool, burst: bool, engine_port: int | None = None) -> None:
+    """The gateways' child: start them (and the responder too, unless it runs in its own process
+    on engine_port), print the ports as one JSON line, answer commands on stdin."""
     import logging
 
-    InstantEngine.burst = burst
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    loop = asyncio.get_running_loop()
-    # uvicorn's (so vLLM's) backlog: with asyncio's default of 100, SYNs are dropped under overload
-    engine = await loop.create_server(InstantEngine, "127.0.0.1", 0, backlog=2048)
-    engine_port = engine.sockets[0].getsockname()[1]
+    engine = None
+    if engine_port is None:
+        engine, engine_port = await _start_engine(burst)
     tmp = tempfile.TemporaryDirectory(prefix="keel-bench-overhead-")
     redis_server = None
     if redis:
@@ -273,23 +310,16 @@ async def serve(redis: bool, burst: bool) -> None:
     freeze_long_lived()  # as a gateway replica does once its policy is in force
 
     def cpu_now() -> dict:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
         audit = {n: _thread_cpu_s(gw.runtime.audit_log._thread) for n, gw in gateways.items()
                  if gw.runtime.audit_log is not None}
-        return {"cpu_s": ru.ru_utime + ru.ru_stime, "audit_thread_cpu_s": audit,
+        return {"cpu_s": _own_cpu_s(), "audit_thread_cpu_s": audit,
                 "redis_cpu_s": _proc_cpu_s(redis_server.pid) if redis_server else 0.0}
 
-    def answer(obj) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    answer({"ports": {"direct": engine_port, **{n: gw.port for n, gw in gateways.items()}},
-            "redis_pid": redis_server.pid if redis_server else None})
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while line := (await reader.readline()).strip():
+    _answer({"ports": {"direct": engine_port, **{n: gw.port for n, gw in gateways.items()}},
+             "redis_pid": redis_server.pid if redis_server else None})
+    async for line in _commands():
         if line == b"cpu":
-            answer(cpu_now())
+            _answer(cpu_now())
         elif line == b"counts":
             out = {}
             for n, gw in gateways.items():
@@ -303,13 +333,14 @@ async def serve(redis: bool, burst: bool) -> None:
                     gw.runtime.audit_log.flush()
                     with open(gw.runtime.audit_log.path, "rb") as f:
                         out[n]["audit_records"] = sum(1 for _ in f)
-            answer(out)
+            _answer(out)
     for gw in gateways.values():
         await gw.stop()
     await asyncio.sleep(0.1)  # quota settlements scheduled by the last responses
     for gw in gateways.values():
         gw.runtime.close()
-    engine.close()
+    if engine is not None:
+        engine.close()
     if redis_server is not None:
         redis_server.stop()
     tmp.cleanup()
@@ -524,10 +555,8 @@ async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: fl
 
 
 class _Child:
-    def __init__(self, redis: bool, burst: bool):
-        cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", "--serve"]
-        cmd += ["--redis"] if redis else []
-        cmd += ["--burst"] if burst else []
+    def __init__(self, *args: str):
+        cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT, text=True)
         hello = self._read()
         self.ports = hello["ports"]
@@ -553,7 +582,30 @@ class _Child:
                 self.proc.wait()
 
 
-async def check_answers(child: _Child, configs: list[str], stream: bool) -> dict[str, str]:
+class _Servers:
+    """The server side: the gateways' process and, unless --one-process, the responder's own.
+    `cpu` is their CPU together: "server CPU/req" counts the engine's work in every row."""
+
+    def __init__(self, redis: bool, burst: bool, one_process: bool):
+        flags = ["--burst"] if burst else []
+        self.engine = None if one_process else _Child("--serve-engine", *flags)
+        engine_port = [] if self.engine is None else ["--engine-port", str(self.engine.ports["direct"])]
+        self.gateways = _Child("--serve", *flags, *(["--redis"] if redis else []), *engine_port)
+        self.ports = self.gateways.ports
+
+    def ask(self, command: str) -> dict:
+        out = self.gateways.ask(command)
+        if command == "cpu" and self.engine is not None:
+            out["cpu_s"] += self.engine.ask("cpu")["cpu_s"]
+        return out
+
+    def stop(self) -> None:
+        self.gateways.stop()
+        if self.engine is not None:
+            self.engine.stop()
+
+
+async def check_answers(child: _Servers, configs: list[str], stream: bool) -> dict[str, str]:
     """One request per configuration, read whole: each must be a complete, unrefused answer."""
     from serving.httpraw import decode_chunked, parse_head
 
@@ -597,7 +649,7 @@ def _cpu_delta(before: dict, after: dict, config: str) -> dict:
 async def benchmark(a) -> dict:
     configs = a.configs
     kinds = [True] + ([False] if a.non_streaming else [])
-    child = _Child(a.redis, a.burst)
+    child = _Servers(a.redis, a.burst, a.one_process)
     try:
         checks = {("stream" if s else "json"): await check_answers(child, configs, s) for s in kinds}
         for kind, seen in checks.items():
@@ -901,14 +953,22 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, time each step of the request path in-process (µs per request)")
     ap.add_argument("--out", default=str(RESULTS / "gateway_overhead.json"))
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--one-process", action="store_true",
+                    help="run the responder on the gateways' event loop (how this benchmark ran before "
+                         "2026-11-26) instead of in its own process")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the gateways' child process
+    ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)  # the responder's
+    ap.add_argument("--engine-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--configs", default="direct,off,on",
                     help="which rows, of direct,off,on (direct, the baseline, is always measured)")
     a = ap.parse_args()
     a.configs = ["direct"] + [c for c in CONFIGS if c in a.configs.split(",") and c not in ("direct", "redis")]
     a.configs += ["redis"] if a.redis else []
+    if a.serve_engine:
+        uvloop.run(serve_engine(a.burst))
+        return
     if a.serve:
-        uvloop.run(serve(a.redis, a.burst))
+        uvloop.run(serve(a.redis, a.burst, a.engine_port))
         return
 
     load_before = os.getloadavg()
@@ -939,6 +999,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "python": platform.python_version(), "uvloop": uvloop.__version__, "rate": a.rate,
         "seconds": a.seconds, "rounds": a.rounds, "output_tokens": OUTPUT_TOKENS, "burst": a.burst,
+        "responder": "gateways' process" if a.one_process else "own process",
         "wall_s": time.time() - started,
     }
     out = Path(a.out)
