@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("audit", help="the hash-chained audit files")
     asub = p.add_subparsers(dest="audit_cmd", required=True)
-    a = asub.add_parser("verify", help="check files' hash chains; exit status 0 only if all verify")
-    a.add_argument("files", nargs="+", metavar="FILE")
+    a = asub.add_parser("verify", help="check files' hash chains, and that rotated files link up; "
+                        "exit status 0 only if all verify")
+    a.add_argument("files", nargs="+", metavar="FILE_OR_DIR",
+                   help="audit files, or directories (every audit-*.jsonl in them)")
     a.add_argument("--no-head", action="store_true",
                    help="for copies shipped without their .head file: skip the truncation check")
     t = asub.add_parser("tail", help="pretty-print the last records of a file")
@@ -256,7 +258,7 @@ def _keys(args) -> int:
 
 
 def _audit(args) -> int:
-    from serving.policy.audit import tail, verify
+    from serving.policy.audit import chain_order, tail, verify_chain
 
     if args.audit_cmd == "tail":
         try:
@@ -267,9 +269,20 @@ def _audit(args) -> int:
         for record in records:
             print(json.dumps(record, indent=2, ensure_ascii=False))
         return 0
+    paths = []
+    for name in args.files:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(p.glob("audit-*.jsonl"))
+            if not found:
+                print(f"keel: {name}: no audit-*.jsonl files in this directory", file=sys.stderr)
+                return 1
+            paths += found
+        else:
+            paths.append(p)
     all_ok = True
-    for f in args.files:
-        result = verify(f, require_head=not args.no_head)
+    checked = [pr for chain in chain_order(paths) for pr in verify_chain(chain, require_head=not args.no_head)]
+    for f, result in checked:
         all_ok = all_ok and result.ok
         if result.ok:
             print(f"{f}: OK ({result.records} records, chain intact)")

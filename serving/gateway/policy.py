@@ -76,7 +76,9 @@ class PolicyRuntime:
         if previous is not None and previous.policy.audit == policy.audit:
             self.audit_log = previous.audit_log
         else:
-            self.audit_log = AuditLog(policy.audit.dir) if policy.audit.enabled else None
+            mb = policy.audit.max_file_mb
+            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=mb * 2**20 if mb else None) \
+                if policy.audit.enabled else None
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None

@@ -19,6 +19,15 @@ Several gateway processes share a directory: each holds an exclusive flock on
 `audit-<n>.jsonl.lock` for the smallest free n and alone writes `audit-<n>.jsonl`; a restarted
 process that gets the same n continues that file's chain.
 
+Rotation (`max_file_bytes`): once `audit-<n>.jsonl` reaches the size, it and its head are
+renamed `audit-<n>.<UTC time>.jsonl` (+ `.head`) and a new `audit-<n>.jsonl` continues the
+same chain: its first record's seq follows the last one's and its prev is that record's hash.
+A head also records where its file's chain starts (`start_seq`, `start_prev`; 0 and "0"*64
+for a first file), so records removed from the start of a continuation file show too, and
+`verify_chain` checks that each file starts exactly where the one before it ended (a missing,
+reordered or replaced file breaks that). Keel never deletes rotated files: ship them off the
+host, then remove them there.
+
 The chain makes accidental damage and naive edits visible; it is not a signature: someone who can
 rewrite the file and its head can forge a consistent chain. Ship files off the host for that.
 """
@@ -31,8 +40,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +77,57 @@ def head_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
+_FILE_NAME = re.compile(r"audit-(\d+)(?:\.(\d{8}T\d{6}\.\d{6}Z(?:-\d+)?))?\.jsonl")
+
+
+def rotated_files(directory: Path, slot: int) -> list[Path]:
+    """A slot's rotated files, oldest first (their names sort by rotation time)."""
+    out = []
+    for p in directory.glob(f"audit-{slot}.*.jsonl"):
+        m = _FILE_NAME.fullmatch(p.name)
+        if m and m.group(2):
+            out.append(p)
+    return sorted(out, key=lambda p: p.name)
+
+
+def chain_order(paths: list[Path]) -> list[list[Path]]:
+    """Audit files grouped into chains: per directory and slot, the rotated files by rotation
+    time, then the current file. A file named otherwise is a chain of its own."""
+    slots: dict[tuple[str, int], list[Path]] = {}
+    alone = []
+    for p in dict.fromkeys(Path(p) for p in paths):  # each once, in the order given
+        m = _FILE_NAME.fullmatch(p.name)
+        if m is None:
+            alone.append([p])
+        else:
+            slots.setdefault((str(p.parent.resolve()), int(m.group(1))), []).append(p)
+    ordered = [sorted(files, key=lambda p: (_FILE_NAME.fullmatch(p.name).group(2) is None, p.name))
+               for _, files in sorted(slots.items())]
+    return ordered + alone
+
+
 class AuditLog:
     """The writer. `write` only enqueues; a background thread chains and appends in batches."""
 
-    def __init__(self, directory: str | Path, *, flush_interval_s: float = 0.2, fsync: bool = False):
+    def __init__(self, directory: str | Path, *, flush_interval_s: float = 0.2, fsync: bool = False,
+                 max_file_bytes: int | None = None):
+        """max_file_bytes: rotate the file once it is this big (None: never)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._flush_interval_s = flush_interval_s
         self._fsync = fsync
+        self._max_file_bytes = max_file_bytes
         self._lock_fd, self.slot = _claim_slot(self.directory)
         try:
             self.path = self.directory / f"audit-{self.slot}.jsonl"
             self._head_path = head_path(self.path)
-            self._next_seq, self._prev = _resume_point(self.path)
+            self._next_seq, self._prev, self._start = _resume(self.directory, self.slot)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._size = os.fstat(self._fd).st_size
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self._rotate_at = max_file_bytes
         self._write_head()
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -179,7 +224,10 @@ class AuditLog:
                 self._unwritten = b""
             if self._fsync:
                 os.fsync(self._fd)
+            self._size += len(data)
             self._write_head()
+            if self._rotate_at is not None and self._size >= self._rotate_at:
+                self._rotate()
         for ev in self._flush_waiters:
             ev.set()
         self._flush_waiters.clear()
@@ -194,8 +242,34 @@ class AuditLog:
         # `body` is the canonical form; appending "hash" as the last key keeps it recoverable.
         return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
 
+    def _rotate(self) -> None:
+        """Rename the full file and its head aside; a new file continues the chain."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        rotated = self.directory / f"audit-{self.slot}.{stamp}.jsonl"
+        n = 0
+        while rotated.exists() or head_path(rotated).exists():  # a clock that went back
+            n += 1
+            rotated = self.directory / f"audit-{self.slot}.{stamp}-{n}.jsonl"
+        try:
+            # The file first: a crash before the head follows is repaired by _resume.
+            os.rename(self.path, rotated)
+            os.rename(self._head_path, head_path(rotated))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as e:
+            # Keep writing where we are; try again after another tenth of the size.
+            self._rotate_at = self._size + max(1, self._max_file_bytes // 10)
+            log.error("audit log %s: cannot rotate (%s); still writing to it", self.path, e)
+            return
+        os.close(self._fd)
+        self._fd, self._size = fd, 0
+        self._rotate_at = self._max_file_bytes
+        self._start = (self._next_seq, self._prev)
+        self._write_head()
+        log.info("audit log %s: rotated to %s at seq %d", self.path, rotated.name, self._next_seq - 1)
+
     def _write_head(self) -> None:
-        head = orjson.dumps({"seq": self._next_seq - 1, "hash": self._prev})
+        head = orjson.dumps({"seq": self._next_seq - 1, "hash": self._prev,
+                             "start_seq": self._start[0], "start_prev": self._start[1]})
         tmp = self._head_path.with_name(self._head_path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
@@ -280,18 +354,47 @@ def _read_last_line(path: Path) -> tuple[bytes | None, int, int]:
         return None, 0, size
 
 
-def _read_head(path: Path) -> tuple[int, str] | None:
+def _read_head_doc(path: Path) -> dict | None:
+    """The head sidecar: {"seq", "hash", "start_seq", "start_prev"}; heads written before
+    rotation existed lack the start, which was then always 0 and GENESIS."""
     try:
         doc = orjson.loads(head_path(path).read_bytes())
         seq, digest = doc["seq"], doc["hash"]
-        if isinstance(seq, int) and isinstance(digest, str):
-            return seq, digest
+        start = (doc.get("start_seq", 0), doc.get("start_prev", GENESIS))
+        if isinstance(seq, int) and isinstance(digest, str) and isinstance(start[0], int) \
+                and isinstance(start[1], str):
+            return {"seq": seq, "hash": digest, "start": start}
     except FileNotFoundError:
         return None
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         pass
     log.warning("audit log %s: ignoring an unreadable head file", path)
     return None
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    doc = _read_head_doc(path)
+    return (doc["seq"], doc["hash"]) if doc is not None else None
+
+
+def _resume(directory: Path, slot: int) -> tuple[int, str, tuple[int, str]]:
+    """(next seq, prev hash, where the current file's chain starts) for a slot's writer."""
+    path = directory / f"audit-{slot}.jsonl"
+    if path.exists():
+        next_seq, prev = _resume_point(path)
+        doc = _read_head_doc(path)
+        return next_seq, prev, doc["start"] if doc is not None else (0, GENESIS)
+    rotated = rotated_files(directory, slot)
+    if not rotated:
+        return 0, GENESIS, (0, GENESIS)
+    newest = rotated[-1]
+    stale = head_path(path)
+    if not head_path(newest).exists() and stale.exists():
+        # A rotation stopped between renaming the file and its head: finish it.
+        os.rename(stale, head_path(newest))
+        log.warning("audit log %s: finished an interrupted rotation (moved its head)", newest)
+    next_seq, prev = _resume_point(newest)
+    return next_seq, prev, (next_seq, prev)
 
 
 def _resume_point(path: Path) -> tuple[int, str]:
@@ -337,15 +440,20 @@ class VerifyResult:
     records: int
     problems: list[str]  # each names a line number; any problem makes ok False
     warnings: list[str] = field(default_factory=list)  # worth knowing, but the file still verifies
+    start: tuple[int, str] | None = None  # (seq, prev) the file's chain starts from
+    end: tuple[int, str] | None = None  # (seq, hash) of its last record (start - 1 and start prev if none)
 
 
 def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
-    """Check a file's chain line by line, and its last record against the head sidecar."""
+    """Check a file's chain line by line, its start and its last record against the head sidecar."""
     path = Path(path)
     problems: list[str] = []
     warnings: list[str] = []
     records = 0
-    next_seq = 0  # one past the highest seq seen
+    head_doc = _read_head_doc(path)
+    # Where the chain starts: from the head; without one, from the first record (checked below).
+    start = head_doc["start"] if head_doc is not None else None
+    next_seq = start[0] if start else 0  # one past the highest seq seen
     last: tuple[int, int, str] | None = None  # (line, seq, hash) of the last record line
     recent: dict[int, tuple[int, str]] = {}  # seq -> (line, hash), for prev checks after a reorder
     try:
@@ -375,6 +483,12 @@ def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
                 problems.append(f"line {lineno}: not an audit record (needs seq, prev and hash)")
                 continue
             records += 1
+            if start is None:  # no head: the file's first record says where it starts
+                start = (seq, prev)
+                next_seq = seq
+                if seq != 0:
+                    warnings.append(f"starts at seq {seq}, continuing an earlier file: without the head "
+                                    "it is not checked whether records were cut from the start")
             try:
                 actual = record_hash(rec)
             except (TypeError, orjson.JSONEncodeError):
@@ -383,20 +497,24 @@ def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
                 problems.append(f"line {lineno}: record was altered (seq {seq}: its hash does not match its content)")
             if seq > next_seq:
                 missing = seq - next_seq
-                problems.append(f"line {lineno}: seq jumps from {next_seq - 1} to {seq}: "
-                                f"{missing} record(s) missing before this line")
+                if last is None:
+                    problems.append(f"line {lineno}: the file's chain starts at seq {next_seq} but its first "
+                                    f"record is seq {seq}: {missing} record(s) removed from the start")
+                else:
+                    problems.append(f"line {lineno}: seq jumps from {next_seq - 1} to {seq}: "
+                                    f"{missing} record(s) missing before this line")
             elif seq < next_seq:
                 where = recent.get(seq)
                 problems.append(f"line {lineno}: seq {seq} comes after seq {next_seq - 1}: records out of order"
                                 + (f" or duplicated (seq {seq} also on line {where[0]})" if where else ""))
-            if seq == 0:
-                expected_prev, prev_line = GENESIS, None
+            if seq == start[0]:
+                expected_prev, prev_line = start[1], None
             elif seq - 1 in recent:
                 prev_line, expected_prev = recent[seq - 1]
             else:
                 expected_prev = None  # its predecessor is missing: already reported as a gap
             if expected_prev is not None and prev != expected_prev:
-                what = f"the hash of seq {seq - 1} (line {prev_line})" if prev_line else "the chain's start"
+                what = f"the hash of seq {seq - 1} (line {prev_line})" if prev_line else "where the file's chain starts"
                 problems.append(f"line {lineno}: prev does not match {what}: a record before it was "
                                 "altered and re-hashed, or replaced")
             recent[seq] = (lineno, stored)
@@ -405,7 +523,9 @@ def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
             next_seq = max(next_seq, seq + 1)
             last = (lineno, seq, stored)
 
-    head = _read_head(path)
+    if start is None:  # no head, no records
+        start = (0, GENESIS)
+    head = (head_doc["seq"], head_doc["hash"]) if head_doc is not None else None
     if head is None:
         if head_path(path).exists():
             problems.append(f"head file {head_path(path).name} is unreadable: the tail cannot be checked")
@@ -416,7 +536,7 @@ def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
             warnings.append("no head file: not checked whether records were cut from the end")
     else:
         head_seq, head_hash = head
-        last_line, last_seq, last_hash = last if last else (lineno, -1, GENESIS)
+        last_line, last_seq, last_hash = last if last else (lineno, start[0] - 1, start[1])
         if head_seq > last_seq:
             problems.append(f"line {last_line}: the file ends at seq {last_seq} but its head records seq "
                             f"{head_seq}: {head_seq - last_seq} record(s) removed from the end")
@@ -430,7 +550,29 @@ def verify(path: str | Path, *, require_head: bool = True) -> VerifyResult:
             else:
                 warnings.append(f"the head is behind the file (seq {head_seq} of {last_seq}): the writer "
                                 "stopped before updating it, e.g. a crash")
-    return VerifyResult(ok=not problems, records=records, problems=problems, warnings=warnings)
+    end = (last[1], last[2]) if last else (start[0] - 1, start[1])
+    return VerifyResult(ok=not problems, records=records, problems=problems, warnings=warnings,
+                        start=start, end=end)
+
+
+def verify_chain(paths: list[Path], *, require_head: bool = True) -> list[tuple[Path, VerifyResult]]:
+    """verify() each file of one chain (oldest first, see chain_order), and that each file
+    starts exactly where the one before it ended; a break is a problem of the later file."""
+    out = []
+    before: tuple[Path, VerifyResult] | None = None
+    for path in paths:
+        result = verify(path, require_head=require_head)
+        if before is not None and before[1].end is not None and result.start is not None:
+            (end_seq, end_hash), (start_seq, start_prev) = before[1].end, result.start
+            if (start_seq, start_prev) != (end_seq + 1, end_hash):
+                result.problems.append(
+                    f"does not continue {before[0].name}, which ends at seq {end_seq}: this file starts at "
+                    f"seq {start_seq}" + ("" if start_seq != end_seq + 1 else " after another hash")
+                    + ": a file between them is missing, or one of them was replaced")
+                result.ok = False
+        out.append((path, result))
+        before = (path, result)
+    return out
 
 
 def tail(path: str | Path, n: int = 10) -> list[dict]:

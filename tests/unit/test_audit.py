@@ -288,3 +288,124 @@ def test_cli_audit_tail_prints_the_last_records(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"request_id": "req-4"' in out and '"request_id": "req-3"' in out
     assert "req-2" not in out
+
+
+# -- rotation --------------------------------------------------------------------------------------
+
+
+def write_rotating(directory, n, max_file_bytes=1500, start=0):
+    """n records through a log that rotates at max_file_bytes, each batch flushed (so each
+    rotation happens at a known record)."""
+    with AuditLog(directory, flush_interval_s=0.01, max_file_bytes=max_file_bytes) as log:
+        for i in range(start, start + n):
+            log.write({"request_id": f"req-{i}", "tenant": "acme", "status": 200})
+            log.flush()
+        return log.path
+
+
+def chain_results(directory):
+    from serving.policy.audit import chain_order, verify_chain
+
+    (chain,) = chain_order(sorted(Path(directory).glob("audit-*.jsonl")))
+    return chain, verify_chain(chain)
+
+
+def test_a_full_file_is_rotated_and_the_next_file_continues_its_chain(tmp_path):
+    current = write_rotating(tmp_path, 40)
+    chain, results = chain_results(tmp_path)
+    assert len(chain) >= 3 and chain[-1] == current  # rotated ones first, oldest first
+    assert all(p.stat().st_size < 1500 + 200 for p in chain)  # each closed right after passing the size
+    assert all(r.ok for _, r in results), [r.problems for _, r in results]
+    seqs = [json.loads(line)["seq"] for p in chain for line in read_lines(p)]
+    assert seqs == list(range(40))  # one chain across the files, in order, nothing lost
+    for (_, before), (_, after) in zip(results, results[1:]):
+        assert after.start == (before.end[0] + 1, before.end[1])
+    for p in chain[:-1]:
+        assert head_path(p).exists()
+
+
+def test_a_restarted_writer_continues_the_chain_across_a_rotation(tmp_path):
+    write_rotating(tmp_path, 25)
+    write_rotating(tmp_path, 25, start=25)
+    chain, results = chain_results(tmp_path)
+    assert all(r.ok for _, r in results), [r.problems for _, r in results]
+    assert [json.loads(line)["request_id"] for p in chain for line in read_lines(p)] == \
+        [f"req-{i}" for i in range(50)]
+
+
+def test_verify_chain_detects_a_missing_rotated_file(tmp_path):
+    write_rotating(tmp_path, 40)
+    chain, _ = chain_results(tmp_path)
+    chain[1].unlink()
+    head_path(chain[1]).unlink()
+    _, results = chain_results(tmp_path)
+    broken = [(p, r) for p, r in results if not r.ok]
+    assert [p for p, _ in broken] == [chain[2]]
+    assert f"does not continue {chain[0].name}" in problems_text(broken[0][1])
+
+
+def test_verify_detects_records_removed_from_the_start_of_a_continuation_file(tmp_path):
+    write_rotating(tmp_path, 40)
+    chain, _ = chain_results(tmp_path)
+    lines = read_lines(chain[1])
+    write_lines(chain[1], lines[2:])  # the rest of the chain is intact
+    result = verify(chain[1])
+    assert not result.ok
+    assert "line 1: the file's chain starts at seq" in problems_text(result)
+    assert "2 record(s) removed from the start" in problems_text(result)
+
+
+def test_a_continuation_file_copied_without_its_head_verifies_with_a_warning(tmp_path):
+    write_rotating(tmp_path, 40)
+    chain, _ = chain_results(tmp_path)
+    head_path(chain[1]).unlink()
+    result = verify(chain[1], require_head=False)
+    assert result.ok
+    assert any("continuing an earlier file" in w for w in result.warnings)
+
+
+def test_a_rotation_cut_short_by_a_crash_is_finished_on_restart(tmp_path):
+    """The file was renamed but its head was not, and no new file was made."""
+    current = write_rotating(tmp_path, 5, max_file_bytes=10**9)
+    os_rename = __import__("os").rename
+    os_rename(current, current.with_name("audit-0.20261126T120000.000000Z.jsonl"))
+    write_rotating(tmp_path, 5, max_file_bytes=10**9, start=5)
+    chain, results = chain_results(tmp_path)
+    assert len(chain) == 2
+    assert all(r.ok for _, r in results), [r.problems for _, r in results]
+    assert [json.loads(line)["seq"] for p in chain for line in read_lines(p)] == list(range(10))
+
+
+def test_cli_audit_verify_checks_a_directory_and_the_links_between_rotated_files(tmp_path, capsys):
+    from serving.cli import main
+
+    write_rotating(tmp_path, 40)
+    assert main(["audit", "verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": OK (") == len(list(tmp_path.glob("audit-*.jsonl"))) >= 3
+    chain, _ = chain_results(tmp_path)
+    chain[1].unlink()
+    head_path(chain[1]).unlink()
+    assert main(["audit", "verify", str(tmp_path)]) == 1
+    assert f"{chain[2]}: does not continue {chain[0].name}" in capsys.readouterr().out
+
+
+def test_the_policy_audit_block_sets_the_rotation_size(tmp_path):
+    from serving.gateway.metrics import GatewayMetrics
+    from serving.gateway.policy import PolicyRuntime
+    from serving.policy.audit import chain_order, verify_chain
+    from serving.policy.config import AuditConfig, PolicyConfig
+
+    assert AuditConfig().max_file_mb == 1024 and AuditConfig(max_file_mb=None).max_file_mb is None
+    pol = PolicyConfig.model_validate({"audit": {"dir": str(tmp_path), "max_file_mb": 1}})
+    rt = PolicyRuntime(pol, {}, GatewayMetrics())
+    try:
+        for i in range(3):  # three batches of ~0.6 MiB: the file passes 1 MiB in the second
+            for j in range(3000):
+                rt.audit_log.write({"request_id": f"req-{i}-{j}", "note": "x" * 150})
+            rt.audit_log.flush()
+    finally:
+        rt.close()
+    (chain,) = chain_order(sorted(tmp_path.glob("audit-*.jsonl")))
+    assert len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20
+    assert all(r.ok for _, r in verify_chain(chain))
