@@ -33,6 +33,7 @@ from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_r
 from serving.config import REPO_ROOT, load_config, load_manifest
 from serving.engine.args import to_cli_args
 from serving.models import ensure_weights
+from serving.policy.identity import DEMO_KEY
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--baseline", choices=["bare", "policies-off"], default="bare",
                     help="bare: vLLM's own server; policies-off: the same Keel stack without policies")
-    ap.add_argument("--api-key", default="sk-keel-demo", help="key for the config's tenants (demo key)")
+    ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
     a = ap.parse_args()
 
     cfg = load_config(a.config)

@@ -50,6 +50,8 @@ import numpy as np
 import orjson
 import uvloop
 
+from benchmarks.suite.records import git_version
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -929,17 +931,6 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _git_version() -> str:
-    """The commit measured, with "+changes" when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "serving"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+changes" if dirty else "")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -994,7 +985,7 @@ def main() -> None:
               "tokens):\n\n| rule | input | output |\n|---|---|---|\n"
               + "\n".join(f"| {r} | {c['input']:.1f} | {c['output']:.1f} |" for r, c in rules.items()))
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(),
         "command": " ".join(["python", "-m", "benchmarks.gateway_overhead", *sys.argv[1:]]),
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "python": platform.python_version(), "uvloop": uvloop.__version__, "rate": a.rate,

@@ -13,6 +13,7 @@ import time
 from serving.config import KeelConfig
 from serving.httpraw import http_get
 from serving.models import ensure_weights
+from serving.policy.identity import DEMO_KEY, key_digest
 
 log = logging.getLogger("keel")
 
@@ -142,7 +143,8 @@ def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> 
     auth = ""
     if cfg.tenants:
         auth = " -H 'Authorization: Bearer $KEEL_API_KEY'"
-        demo = "sk-keel-demo" if any(k.id == "demo-key" for t in cfg.tenants.values() for k in t.keys) else None
+        demo_digest = key_digest(DEMO_KEY)
+        demo = DEMO_KEY if any(k.digest == demo_digest for t in cfg.tenants.values() for k in t.keys) else None
         key_line = f"  (KEEL_API_KEY={demo}: the demo tenant's key)\n" if demo else ""
     else:
         key_line = "  (no tenants configured: every request is accepted without a key)\n"

@@ -26,6 +26,8 @@ where a LoadPoint is the metrics summary of one load level plus
 
 from __future__ import annotations
 
+import subprocess
+
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
@@ -51,3 +53,17 @@ def load_text(load: dict) -> str:
     """A load point's load as people write it: "c=16" or "2.5 req/s"."""
     v = float(load["value"])
     return f"c={v:g}" if load["kind"] == "concurrency" else f"{v:g} req/s"
+
+
+def git_version() -> str:
+    """The commit measured, with "+changes" when the working tree's serving/ differs from it."""
+    from serving.config import REPO_ROOT
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "serving"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")

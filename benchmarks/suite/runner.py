@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,15 +16,15 @@ from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendat
 from benchmarks.suite.datasets import make_requests
 from benchmarks.suite.loadgen import run_point, warmup
 from benchmarks.suite.metrics import percentile_key, percentile_word, summarize
-from benchmarks.suite.records import FORMAT_VERSION, load_text
+from benchmarks.suite.records import FORMAT_VERSION, git_version, load_text
 from benchmarks.suite.slo import meets_slo, slo_max
 from benchmarks.suite.spec import BenchSpec, load_hardware
 from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
 from serving.config import REPO_ROOT, ConfigError, load_config, load_manifest, parse_config
 from serving.models import ensure_weights
+from serving.policy.identity import DEMO_KEY
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-DEMO_KEY = "sk-keel-demo"
 
 
 def _say(msg: str) -> None:
@@ -49,14 +48,6 @@ def _tokenizer(weights: Path | None):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(weights / "tokenizer.json"))
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress: bool = True,
@@ -159,7 +150,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             _say(f"no recommendation: {note}")
     result = {
         "keel_bench": FORMAT_VERSION,
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git(), "command": command,
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(), "command": command,
                  "label": label, "host": platform.node(), "cpus": os.cpu_count(), "model": model,
                  "url": spec.url, "config": str(config_path) if config_path else None},
         "spec": spec.model_dump(mode="json"),

@@ -25,6 +25,10 @@ NOT_BEARER_MESSAGE = "Unsupported Authorization header: send `Authorization: Bea
 INVALID_KEY_MESSAGE = "Invalid API key"
 
 
+# The key of the demo tenant in configs/local.yaml. Public: for loopback use only.
+DEMO_KEY = "sk-keel-demo"
+
+
 def generate_key() -> str:
     """A new API key: the prefix (so scanners and people recognise it) and 256 random bits."""
     return KEY_PREFIX + secrets.token_urlsafe(32)

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_KEY = "sk-keel-demo"  # the demo tenant's key in configs/local.yaml
+from serving.policy.identity import DEMO_KEY  # the demo tenant's key in configs/local.yaml
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 STARTUP_TIMEOUT_S = 900
 

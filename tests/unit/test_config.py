@@ -134,3 +134,16 @@ def test_serve_fails_fast_when_the_port_is_taken():
         with pytest.raises(StartupError, match=f"127.0.0.1:{port} is not available.*server.port"):
             check_port_free("127.0.0.1", port)
     check_port_free("127.0.0.1", port)  # free again
+
+
+def test_the_ready_message_names_the_demo_key_only_when_the_config_holds_it():
+    """`keel serve` prints how to call it; the demo key only for a config that accepts it."""
+    from serving.launcher import ready_message
+    from serving.policy.identity import DEMO_KEY, key_digest
+
+    local = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    assert f"KEEL_API_KEY={DEMO_KEY}" in ready_message(parse_config(local, check_engine_args=False),
+                                                       "http://127.0.0.1:8000")
+    local["tenants"]["demo"]["keys"][0]["digest"] = key_digest("sk-keel-another-key")  # same id, other key
+    message = ready_message(parse_config(local, check_engine_args=False), "http://127.0.0.1:8000")
+    assert DEMO_KEY not in message and "Bearer $KEEL_API_KEY" in message
