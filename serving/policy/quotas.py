@@ -162,6 +162,8 @@ class QuotaBackend(Protocol):
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None: ...
 
+    async def renew(self, reservations: list[Reservation]) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -403,8 +405,9 @@ class MemoryQuotaBackend:
             else:
                 states.append(len(self._ledger(lim.scope, now)))
         worst, retry_us, never_fits = _verdict(limits, tokens, now, states)
+        limited = _limited(scopes)
         if worst < 0:
-            for scope in _limited(scopes):
+            for scope in limited:
                 self._ledger(scope, now)[rid] = now + self._lease_us
             for i, lim in enumerate(limits):
                 if lim.is_rate:
@@ -413,7 +416,7 @@ class MemoryQuotaBackend:
                 else:
                     states[i] += 1
         adm = _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
-        if adm.allowed and _limited(scopes):
+        if adm.allowed and limited:
             self._renewals.opened(adm.reservation)
         return adm
 
