@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import time
-
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import AUTH, DEMO_KEY
+from benchmarks.engine_disconnect import hang_up
+from tests.e2e.conftest import AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -92,26 +89,13 @@ def test_client_disconnect_aborts_generation_in_the_engine(stack):
     listens for it), not at its next write. The gateway's side of a streamed disconnect (engine
     connection closed, 499 recorded) is covered by the unit tests."""
     max_tokens = 480  # about two seconds of generation on the demo model
-    body = json.dumps({"model": stack.model, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": max_tokens, "stream": False, "ignore_eos": True}).encode()
-    host, port = stack.url.removeprefix("http://").split(":")
 
     def hang_up_early() -> float:
         """Send the request, hang up 0.3 s in (long before the answer); tokens the engine made."""
-        before = stack.metric_sum("vllm:generation_tokens_total")
         cut_before = stack.metric_sum("keel_requests_total", model=stack.model, status="499")
-        with socket.create_connection((host, int(port))) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\n"
-                      b"authorization: Bearer %s\r\n" % DEMO_KEY.encode() +
-                      b"content-length: %d\r\n\r\n" % len(body) + body)
-            time.sleep(0.3)
-        deadline = time.monotonic() + 30
-        while stack.metric_sum("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert stack.metric_sum("vllm:num_requests_running") == 0
-        time.sleep(1.0)
+        generated = hang_up(stack.url, stack.model, max_tokens, 0.3, headers=AUTH)
         assert stack.metric_sum("keel_requests_total", model=stack.model, status="499") == cut_before + 1
-        return stack.metric_sum("vllm:generation_tokens_total") - before
+        return generated
 
     # Up to three tries: now and then vLLM itself runs a request whose client has gone to the
     # end. `python -m benchmarks.engine_disconnect` shows it on bare vLLM 0.29 with no gateway in
