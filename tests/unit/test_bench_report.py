@@ -215,10 +215,20 @@ def test_compare_matches_by_setting_position_when_the_names_differ(tmp_path):
     assert "Every load point matched." in md
 
 
-def test_compare_plots_overlay_both_sets(compared, single):
-    for one, both in zip(single["png"], compared["png"]):
-        assert both.read_bytes() != one.read_bytes()
-        assert matplotlib.image.imread(both).std() > 0.05
+def test_compare_plots_overlay_both_sets(compared):
+    """Each plot draws every setting of both sets: a setting keeps its colour across the sets,
+    and each set has its own line style and marker."""
+    from benchmarks.suite import report
+
+    lines = report._lines(report._sets([baseline(), candidate()]))
+    assert [ln.set.label for ln in lines] == ["keel-main"] * 2 + ["keel-branch"] * 2
+    main, branch = lines[:2], lines[2:]
+    assert [ln.color for ln in main] == [ln.color for ln in branch] and main[0].color != main[1].color
+    assert {ln.style for ln in main} != {ln.style for ln in branch}
+    assert {ln.marker for ln in main} != {ln.marker for ln in branch}
+    assert branch[0].points[1]["output_throughput"] == 272.6 * 0.94  # the candidate's own numbers
+    for path in compared["png"]:
+        assert matplotlib.image.imread(path).std() > 0.05  # drawn, not blank
 
 
 def test_same_results_give_the_same_files(tmp_path):
