@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--title", default=None)
 
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in bench results
     from serving.launcher import StartupError
 
     try:
@@ -164,20 +166,17 @@ def _adhoc_spec(args):
         names = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms", "p": "percentile"}
         if key not in names or not value:
             raise ConfigError(f"--slo: `{part}` is not one of ttft=MS, tpot=MS, e2el=MS, p=PERCENTILE")
-        slo[names[key]] = float(value)
+        slo[names[key]] = value  # converted and checked by BenchSpec, like every other flag
     doc = {"url": args.url, "model": args.model, "api_key": args.api_key, "label": args.label or "adhoc",
            "dataset": {"kind": "random", "input_len": args.input_len, "output_len": args.output_len},
-           "load": {"mode": args.mode, "levels": [float(x) for x in args.levels.split(",") if x],
+           "load": {"mode": args.mode, "levels": [x for x in args.levels.split(",") if x],
                     "num_requests": args.num_requests},
            "slo": slo, "hardware": args.hardware}
     try:
         spec = BenchSpec.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "keel bench run flags", BenchSpec)) from None
-    cmd = (f"keel bench run --url {args.url} --model {args.model} --mode {args.mode} --levels {args.levels} "
-           f"--num-requests {args.num_requests} --input-len {args.input_len} --output-len {args.output_len} "
-           f"--slo {args.slo} --hardware {args.hardware}")
-    return spec, cmd
+    return spec
 
 
 def _bench(args) -> int:
@@ -190,16 +189,15 @@ def _bench(args) -> int:
         if args.spec:
             spec_path = Path(args.spec)
             spec = load_spec(spec_path)
-            command = f"keel bench run {args.spec}" + (f" --out {args.out}" if args.out else "")
         else:
             if not args.url or not args.model:
                 print("keel: give a SPEC file, or --url and --model to measure a running server", file=sys.stderr)
                 return 2
-            spec, command = _adhoc_spec(args)
+            spec = _adhoc_spec(args)
             spec_path = Path.cwd() / f"{spec.label}.yaml"  # relative paths resolve from here
         try:
             out = run_spec(spec, spec_path, Path(args.out) if args.out else None,
-                           progress=not args.no_progress, command=command)
+                           progress=not args.no_progress, command="keel " + shlex.join(args.argv))
         except ValueError as e:
             print(f"keel: {e}", file=sys.stderr)
             return 2

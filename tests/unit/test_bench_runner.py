@@ -69,7 +69,7 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
             self.doc = doc
 
     def fake_start(doc, workdir, log):
-        started.append(doc["models"]["demo"]["engine"]["max_num_seqs"])
+        started.append(doc["models"]["demo"]["engine"].get("max_num_seqs"))
         return Proc(doc)
 
     def fake_ready(url, proc, timeout):
@@ -81,10 +81,12 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     monkeypatch.setattr(runner, "stop", lambda proc: None)
     monkeypatch.setattr(runner, "free_port", lambda: port)  # the "stack" is the stand-in server
     s, path = spec(tmp_path, config=str(REPO / "configs" / "local.yaml"),
-                   settings=[{"engine": {"max_num_seqs": 1}}, {"engine": {"max_num_seqs": 4}}])
+                   settings=[{"engine": {"max_num_seqs": 1}}, {"engine": {"max_num_seqz": 4}},
+                             {"engine": {"max_num_seqs": 4}}])
     result = json.loads(runner.run_spec(s, path, tmp_path / "r.json", progress=False).read_text())
-    failed, ok = result["settings"]
-    assert started == [1, 4]
+    failed, misspelt, ok = result["settings"]
+    assert started == [1, 4]  # the misspelt setting never started a stack
+    assert "max_num_seqz" in misspelt["error"] and misspelt["points"] == []
     assert "server exited with 1" in failed["error"] and failed["points"] == [] and failed["slo_max"] is None
     assert "error" not in ok and len(ok["points"]) == 2
     assert result["recommendation"]["setting"] == "max_num_seqs=4"
@@ -101,6 +103,7 @@ def test_keel_bench_run_measures_a_running_server_from_flags_alone(tmp_path, ser
     result = json.loads(out.read_text())
     assert [p["load"]["value"] for p in result["settings"][0]["points"]] == [1, 2]
     assert result["slo"]["ttft_ms"] == 60000 and result["slo"]["percentile"] == 90
+    assert result["meta"]["command"].startswith(f"keel bench run --url {server.url} --model demo --levels 1,2")
     assert (tmp_path / "report" / "report.html").is_file()
 
 
@@ -109,4 +112,7 @@ def test_bad_flags_are_a_clear_error(capsys):
 
     assert main(["bench", "run", "--url", "http://x", "--model", "m", "--slo", "ttft=5,speed=3"]) == 2
     assert "speed=3" in capsys.readouterr().err
+    for flags in (["--levels", "1,a"], ["--slo", "ttft=fast"]):  # not numbers: an error, not a traceback
+        assert main(["bench", "run", "--url", "http://x", "--model", "m", *flags]) == 2
+        assert "unable to parse string as a number" in capsys.readouterr().err
     assert main(["bench", "run", "--model", "m"]) == 2
