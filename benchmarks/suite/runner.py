@@ -99,7 +99,8 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 if config_path is not None:
                     port = free_port()
                     doc = keel_doc(config_path, port, model=model, engine=setting.engine, replicas=setting.replicas)
-                    parse_config(doc, source=f"{spec_path}: setting `{name}`", check_engine_args=False)
+                    # vLLM's own check of the setting's engine arguments, before a stack starts
+                    parse_config(doc, source=f"{spec_path}: setting `{name}`")
                     t0 = time.monotonic()
                     log.flush()
                     log_start = log.tell()
