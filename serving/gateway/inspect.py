@@ -36,7 +36,7 @@ class StreamInspector:
         self.buf = b""
 
     def feed(self, data: bytes) -> bytes:
-        if not self.buf and data.find(b"\n\n") == len(data) - 2:
+        if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2:
             # The usual piece: exactly one whole event (vLLM writes one per chunk).
             res = self._event(data[:-2])
             return b"" if res is None else res + b"\n\n"
