@@ -73,11 +73,15 @@ class PolicyRuntime:
             self.quota_backend = make_backend(policy.quotas) if not self.open else None
             if previous is not None and previous.quota_backend is not None:
                 previous.retire_backend()
-        if previous is not None and previous.policy.audit == policy.audit:
+        mb = policy.audit.max_file_mb
+        max_file_bytes = mb * 2**20 if mb is not None else None
+        if previous is not None and _same_log(previous.policy.audit, policy.audit):
+            # The same file and chain; a changed rotation size applies to it as it is.
             self.audit_log = previous.audit_log
+            if self.audit_log is not None:
+                self.audit_log.max_file_bytes = max_file_bytes
         else:
-            mb = policy.audit.max_file_mb
-            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=mb * 2**20 if mb else None) \
+            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes) \
                 if policy.audit.enabled else None
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
@@ -122,6 +126,11 @@ class PolicyRuntime:
     def close(self) -> None:
         if self.audit_log is not None:
             self.audit_log.close()
+
+
+def _same_log(a, b) -> bool:
+    """Two audit configs that write the same log (the rotation size aside)."""
+    return a.model_copy(update={"max_file_mb": None}) == b.model_copy(update={"max_file_mb": None})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Several gateway processes share a directory: each holds an exclusive flock on
 process that gets the same n continues that file's chain.
 
 Rotation (`max_file_bytes`): once `audit-<n>.jsonl` reaches the size, it and its head are
-renamed `audit-<n>.<UTC time>.jsonl` (+ `.head`) and a new `audit-<n>.jsonl` continues the
+renamed `audit-<n>.<its first seq>.jsonl` (+ `.head`) and a new `audit-<n>.jsonl` continues the
 same chain: its first record's seq follows the last one's and its prev is that record's hash.
 A head also records where its file's chain starts (`start_seq`, `start_prev`; 0 and "0"*64
 for a first file), so records removed from the start of a continuation file show too, and
@@ -43,7 +43,6 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,33 +76,35 @@ def head_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
-_FILE_NAME = re.compile(r"audit-(\d+)(?:\.(\d{8}T\d{6}\.\d{6}Z(?:-\d+)?))?\.jsonl")
+# audit-<slot>.jsonl (the current file) or audit-<slot>.<first seq, 12 digits>[-<n>].jsonl (rotated;
+# -<n> only if a restarted chain meets an older file that starts at the same seq).
+_FILE_NAME = re.compile(r"audit-(\d+)(?:\.(\d{12})(?:-(\d+))?)?\.jsonl")
+
+
+def _chain_position(m: re.Match) -> tuple:
+    """Where a file named by m comes in its slot's chain: rotated ones by first seq, then the current."""
+    return (0, int(m.group(2)), int(m.group(3) or 0)) if m.group(2) else (1, 0, 0)
 
 
 def rotated_files(directory: Path, slot: int) -> list[Path]:
-    """A slot's rotated files, oldest first (their names sort by rotation time)."""
-    out = []
-    for p in directory.glob(f"audit-{slot}.*.jsonl"):
-        m = _FILE_NAME.fullmatch(p.name)
-        if m and m.group(2):
-            out.append(p)
-    return sorted(out, key=lambda p: p.name)
+    """A slot's rotated files, in chain order."""
+    found = [(m, p) for p in directory.glob(f"audit-{slot}.*.jsonl")
+             if (m := _FILE_NAME.fullmatch(p.name)) and m.group(2)]
+    return [p for m, p in sorted(found, key=lambda mp: _chain_position(mp[0]))]
 
 
 def chain_order(paths: list[Path]) -> list[list[Path]]:
-    """Audit files grouped into chains: per directory and slot, the rotated files by rotation
-    time, then the current file. A file named otherwise is a chain of its own."""
-    slots: dict[tuple[str, int], list[Path]] = {}
+    """Audit files grouped into chains: per directory and slot, the rotated files by their first
+    seq, then the current file. A file named otherwise is a chain of its own."""
+    slots: dict[tuple[str, int], list[tuple[tuple, Path]]] = {}
     alone = []
     for p in dict.fromkeys(Path(p) for p in paths):  # each once, in the order given
         m = _FILE_NAME.fullmatch(p.name)
         if m is None:
             alone.append([p])
         else:
-            slots.setdefault((str(p.parent.resolve()), int(m.group(1))), []).append(p)
-    ordered = [sorted(files, key=lambda p: (_FILE_NAME.fullmatch(p.name).group(2) is None, p.name))
-               for _, files in sorted(slots.items())]
-    return ordered + alone
+            slots.setdefault((str(p.parent.resolve()), int(m.group(1))), []).append((_chain_position(m), p))
+    return [[p for _, p in sorted(files)] for _, files in sorted(slots.items())] + alone
 
 
 class AuditLog:
@@ -242,19 +243,41 @@ class AuditLog:
         # `body` is the canonical form; appending "hash" as the last key keeps it recoverable.
         return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
 
+    @property
+    def max_file_bytes(self) -> int | None:
+        return self._max_file_bytes
+
+    @max_file_bytes.setter
+    def max_file_bytes(self, value: int | None) -> None:
+        """A new rotation size for the file being written (a policy reload that changed only it)."""
+        self._max_file_bytes = self._rotate_at = value
+
     def _rotate(self) -> None:
-        """Rename the full file and its head aside; a new file continues the chain."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        rotated = self.directory / f"audit-{self.slot}.{stamp}.jsonl"
+        """The full file and its head are renamed aside; a new file continues the chain.
+
+        A new empty file is made first under a temporary name, then three renames: the full
+        file, its head, the new file into place, each undone if a later one fails. A crash in
+        between leaves a state `_resume` completes."""
+        first = self._start[0]
+        rotated = self.directory / f"audit-{self.slot}.{first:012d}.jsonl"
         n = 0
-        while rotated.exists() or head_path(rotated).exists():  # a clock that went back
+        while rotated.exists() or head_path(rotated).exists():  # a restarted chain met an older file
             n += 1
-            rotated = self.directory / f"audit-{self.slot}.{stamp}-{n}.jsonl"
+            rotated = self.directory / f"audit-{self.slot}.{first:012d}-{n}.jsonl"
+        fresh = _fresh_path(self.path)
+        done: list[tuple[Path, Path]] = []
         try:
-            # The file first: a crash before the head follows is repaired by _resume.
-            os.rename(self.path, rotated)
-            os.rename(self._head_path, head_path(rotated))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                for src, dst in ((self.path, rotated), (self._head_path, head_path(rotated)), (fresh, self.path)):
+                    os.rename(src, dst)
+                    done.append((src, dst))
+            except OSError:
+                for src, dst in reversed(done):
+                    os.rename(dst, src)
+                os.close(fd)
+                fresh.unlink(missing_ok=True)
+                raise
         except OSError as e:
             # Keep writing where we are; try again after another tenth of the size.
             self._rotate_at = self._size + max(1, self._max_file_bytes // 10)
@@ -377,13 +400,20 @@ def _read_head(path: Path) -> tuple[int, str] | None:
     return (doc["seq"], doc["hash"]) if doc is not None else None
 
 
+def _fresh_path(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
+
+
 def _resume(directory: Path, slot: int) -> tuple[int, str, tuple[int, str]]:
     """(next seq, prev hash, where the current file's chain starts) for a slot's writer."""
     path = directory / f"audit-{slot}.jsonl"
-    if path.exists():
+    _fresh_path(path).unlink(missing_ok=True)  # made by a rotation a crash cut short
+    if path.exists() and (path.stat().st_size > 0 or head_path(path).exists()):
         next_seq, prev = _resume_point(path)
         doc = _read_head_doc(path)
         return next_seq, prev, doc["start"] if doc is not None else (0, GENESIS)
+    # No current file, or an empty one a rotation put in place just before a crash (its head
+    # not yet written): the chain goes on from the newest rotated file.
     rotated = rotated_files(directory, slot)
     if not rotated:
         return 0, GENESIS, (0, GENESIS)

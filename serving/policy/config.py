@@ -49,7 +49,7 @@ class AuditConfig(_Strict):
                      "(one per gateway process: audit-0.jsonl, audit-1.jsonl, ...).")
     max_file_mb: int | None = Field(
         1024, gt=0, description="Rotate a file once it reaches this many MiB: it is renamed "
-        "audit-<n>.<UTC time>.jsonl and a new audit-<n>.jsonl continues its chain. Keel never "
+        "audit-<n>.<its first seq>.jsonl and a new audit-<n>.jsonl continues its chain. Keel never "
         "deletes rotated files. null: never rotate.")
 
 

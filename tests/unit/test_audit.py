@@ -343,12 +343,47 @@ def test_a_rotation_cut_short_by_a_crash_is_finished_on_restart(tmp_path):
     """The file was renamed but its head was not, and no new file was made."""
     current = write_rotating(tmp_path, 5, max_file_bytes=10**9)
     os_rename = __import__("os").rename
-    os_rename(current, current.with_name("audit-0.20261126T120000.000000Z.jsonl"))
+    os_rename(current, current.with_name("audit-0.000000000000.jsonl"))
     write_rotating(tmp_path, 5, max_file_bytes=10**9, start=5)
     chain, results = chain_results(tmp_path)
     assert len(chain) == 2
     assert all(r.ok for _, r in results), [r.problems for _, r in results]
     assert [json.loads(line)["seq"] for p in chain for line in read_lines(p)] == list(range(10))
+
+
+def test_a_crash_right_after_the_new_file_was_put_in_place_continues_the_chain(tmp_path):
+    """The rotation's last step: an empty current file whose head was not written yet."""
+    current = write_rotating(tmp_path, 40)
+    before = chain_results(tmp_path)[0]
+    __import__("os").rename(current, current.with_name("audit-0.999999999999.jsonl"))
+    __import__("os").rename(head_path(current), head_path(current.with_name("audit-0.999999999999.jsonl")))
+    current.write_bytes(b"")  # in place, no head: the crash came here
+    write_rotating(tmp_path, 3, start=40, max_file_bytes=10**9)
+    chain, results = chain_results(tmp_path)
+    assert len(chain) == len(before) + 1
+    assert all(r.ok for _, r in results), [r.problems for _, r in results]
+    assert [json.loads(line)["seq"] for p in chain for line in read_lines(p)] == list(range(43))
+
+
+def test_a_rotation_that_fails_part_way_is_undone_and_writing_goes_on(tmp_path, monkeypatch):
+    """The head cannot be renamed: the full file gets its name back, and is still written."""
+    import os
+
+    from serving.policy import audit
+
+    real = os.rename
+
+    def rename(src, dst):
+        if str(src).endswith(".head"):
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(audit.os, "rename", rename)
+    current = write_rotating(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
+        ["audit-0.jsonl", "audit-0.jsonl.head"]
+    result = verify(current)
+    assert result.ok and result.records == 20
 
 
 def test_cli_audit_verify_checks_a_directory_and_the_links_between_rotated_files(tmp_path, capsys):
@@ -384,3 +419,19 @@ def test_the_policy_audit_block_sets_the_rotation_size(tmp_path):
     (chain,) = chain_order(sorted(tmp_path.glob("audit-*.jsonl")))
     assert len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20
     assert all(r.ok for _, r in verify_chain(chain))
+
+
+def test_a_reload_that_changes_only_the_rotation_size_keeps_the_file_and_its_chain(tmp_path):
+    from serving.gateway.metrics import GatewayMetrics
+    from serving.gateway.policy import PolicyRuntime
+    from serving.policy.config import PolicyConfig
+
+    metrics = GatewayMetrics()
+    first = PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path)}}), {}, metrics)
+    second = PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path), "max_file_mb": 1}}),
+                           {}, metrics, previous=first)
+    try:
+        assert second.audit_log is first.audit_log and second.audit_log.path.name == "audit-0.jsonl"
+        assert second.audit_log.max_file_bytes == 2**20
+    finally:
+        second.close()
