@@ -327,6 +327,9 @@ def _reservation_id(request_id: str) -> str:
     return f"{request_id}:{os.urandom(4).hex()}"  # unique even if a client reuses a request id
 
 
+_RENEW_RETRY_S = 1.0
+
+
 class _Renewals:
     """The reservations this gateway process holds open, with their leases renewed every
     lease/3 (through the backend's `renew`) until they are settled. One asyncio task, running
@@ -350,7 +353,8 @@ class _Renewals:
         failing = False
         try:
             while self._open:
-                await asyncio.sleep(self.interval_s)
+                # After a failure, retry within a second: a lease must not run out for a blip.
+                await asyncio.sleep(min(self.interval_s, _RENEW_RETRY_S) if failing else self.interval_s)
                 if not self._open:
                     break
                 try:
@@ -550,11 +554,11 @@ for i = 2, #ARGV do
   args[#args + 1] = now + lease
   args[#args + 1] = ARGV[i]
 end
-local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', unpack(args))
+redis.call('ZADD', KEYS[1], 'XX', unpack(args))
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1)
 end
-return changed
+return 0
 """
 
 _SHORT = {REQUESTS_PER_MINUTE: "rpm", TOKENS_PER_MINUTE: "tpm", TOKENS_PER_DAY: "tpd"}
@@ -779,9 +783,15 @@ class RedisQuotaBackend:
         for r in reservations:
             for scope in _limited(r.scopes):
                 by_scope.setdefault(self._scope_keys(scope)[1], []).append(_bulk(r.id.encode()))
-        for key, ids in by_scope.items():
+        failed: QuotaBackendError | None = None
+        for key, ids in by_scope.items():  # every scope, even after one failed
             for at in range(0, len(ids), 1000):  # bounded arguments per call
-                await self._call(_RENEW, [key], [_bulk_int(self._lease_us), *ids[at:at + 1000]])
+                try:
+                    await self._call(_RENEW, [key], [_bulk_int(self._lease_us), *ids[at:at + 1000]])
+                except QuotaBackendError as e:
+                    failed = failed or e
+        if failed is not None:
+            raise failed
 
     def _abandon_unless_rejected(self, task: asyncio.Task, limited, tokens: int, rid: str) -> None:
         if not task.cancelled() and task.exception() is None and int(task.result()[0]) == 0:

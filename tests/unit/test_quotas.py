@@ -282,6 +282,36 @@ def test_a_request_longer_than_the_lease_keeps_its_slot_and_its_refund_while_it_
     assert after.allowed
 
 
+def test_a_failed_lease_renewal_is_retried_soon_not_a_whole_interval_later(clock, monkeypatch):
+    from serving.policy import quotas as quotas_module
+    from serving.policy.quotas import QuotaBackendError
+
+    monkeypatch.setattr(quotas_module, "_RENEW_RETRY_S", 0.05)
+    calls = []
+
+    async def body():
+        q = MemoryQuotaBackend(clock=clock, lease_s=3.0)  # renewed every second
+        loop = asyncio.get_running_loop()
+        renew = q._renewals._renew
+
+        async def flaky(reservations):
+            calls.append(loop.time())
+            if len(calls) == 1:
+                raise QuotaBackendError("redis timed out")
+            await renew(reservations)
+
+        q._renewals._renew = flaky
+        try:
+            await q.reserve([tenant(concurrent_requests=1)], 1, "long")
+            while len(calls) < 2:
+                await asyncio.sleep(0.01)
+        finally:
+            await q.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+    assert calls[1] - calls[0] < 0.5  # the retry, not the next tick a second later
+
+
 def test_scopes_without_limits_admit_everything(quotas):
     admission = reserve(quotas, [tenant(), key()], 10**9)
     assert admission.allowed and admission.headers == {}
