@@ -675,7 +675,7 @@ async def benchmark(a) -> dict:
                     print(f"round {rnd + 1}/{a.rounds} {'stream' if s else 'json':6} {CONFIGS[config]:36} "
                           f"p50 {res['p50_ms']:6.3f}  p90 {res['p90_ms']:6.3f}  p99 {res['p99_ms']:6.3f} ms  "
                           f"{res['achieved_rps']:6.1f} req/s  errors {sum(res['errors'].values())}  "
-                          f"server CPU {res['server_cpu_s'] / max(1, res['ok']) * 1e6:5.0f} µs/req", flush=True)
+                          f"server CPU {_per_req_us(res):5.0f} µs/req", flush=True)
         counts = child.ask("counts")
     finally:
         child.stop()
@@ -759,7 +759,7 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
     spent["metrics"] += clock() - t
     spent["total on the event loop"] += clock() - started
     t = clock()
-    settling = [t for s in stages if isinstance(s, policy_module.Admit) for t in s._settling]
+    settling = [task for s in stages if isinstance(s, policy_module.Admit) for task in s._settling]
     if settling:  # the quota settlement, spawned to run after the response
         await asyncio.gather(*settling)
     spent["quota settlement (a task after the response)"] += clock() - t
@@ -852,43 +852,49 @@ def profile_table(costs: dict[str, dict[str, float]]) -> str:
 # Report
 
 
+def _per_req_us(p: dict, key: str = "server_cpu_s") -> float:
+    return p[key] / max(1, p["ok"]) * 1e6
+
+
 def summarize(phases: list[dict], configs: list[str], stream: bool) -> list[dict]:
     rows = []
     rounds = sorted({p["round"] for p in phases})
     by = {(p["round"], p["config"]): p for p in phases if p["stream"] == stream}
     med = statistics.median
+
+    def pairs(config: str, ref: str) -> list[tuple[dict, dict]]:
+        """(config's phase, ref's phase) of each round that measured both."""
+        return [(by[(r, config)], by[(r, ref)]) for r in rounds if (r, config) in by and (r, ref) in by]
+
     for config in configs:
         mine = [by[(r, config)] for r in rounds if (r, config) in by]
         if not mine:
             continue
-        base = [by[(r, "direct")] for r in rounds if (r, config) in by]
-        cpu = [p["server_cpu_s"] / max(1, p["ok"]) * 1e6 for p in mine]
-        base_cpu = [p["server_cpu_s"] / max(1, p["ok"]) * 1e6 for p in base]
+        vs_direct = pairs(config, "direct")
         row = {
             "config": config, "label": CONFIGS[config], "rounds": len(mine),
             "p50_ms": med(p["p50_ms"] for p in mine), "p90_ms": med(p["p90_ms"] for p in mine),
             "p99_ms": med(p["p99_ms"] for p in mine),
-            "added_p50_ms": med(p["p50_ms"] - b["p50_ms"] for p, b in zip(mine, base)),
-            "added_p90_ms": med(p["p90_ms"] - b["p90_ms"] for p, b in zip(mine, base)),
-            "added_p99_ms": med(p["p99_ms"] - b["p99_ms"] for p, b in zip(mine, base)),
-            "p50_ratio": med(p["p50_ms"] / b["p50_ms"] for p, b in zip(mine, base) if b["p50_ms"]),
-            "server_cpu_us_per_req": med(cpu),
-            "added_cpu_us_per_req": med(c - b for c, b in zip(cpu, base_cpu)),
-            "audit_thread_cpu_us_per_req": med(p["audit_thread_cpu_s"] / max(1, p["ok"]) * 1e6 for p in mine),
+            "added_p50_ms": med(p["p50_ms"] - b["p50_ms"] for p, b in vs_direct),
+            "added_p90_ms": med(p["p90_ms"] - b["p90_ms"] for p, b in vs_direct),
+            "added_p99_ms": med(p["p99_ms"] - b["p99_ms"] for p, b in vs_direct),
+            "p50_ratio": med(p["p50_ms"] / b["p50_ms"] for p, b in vs_direct if b["p50_ms"]),
+            "server_cpu_us_per_req": med(_per_req_us(p) for p in mine),
+            "added_cpu_us_per_req": med(_per_req_us(p) - _per_req_us(b) for p, b in vs_direct),
+            "audit_thread_cpu_us_per_req": med(_per_req_us(p, "audit_thread_cpu_s") for p in mine),
             "achieved_rps": med(p["achieved_rps"] for p in mine),
             "errors": sum(sum(p["errors"].values()) for p in mine),
             "sent": sum(p["sent"] for p in mine),
             "send_lag_p99_ms": max(p["send_lag_p99_ms"] for p in mine),
             "p99_per_round_ms": [round(p["p99_ms"], 3) for p in mine],
         }
-        if config in ("on", "redis") and "off" in configs:  # what the policy stages add to the relay
-            off = [by[(r, "off")] for r in rounds if (r, config) in by and (r, "off") in by]
-            off_cpu = [p["server_cpu_s"] / max(1, p["ok"]) * 1e6 for p in off]
-            row["vs_off_p50_ms"] = med(p["p50_ms"] - o["p50_ms"] for p, o in zip(mine, off))
-            row["vs_off_p99_ms"] = med(p["p99_ms"] - o["p99_ms"] for p, o in zip(mine, off))
-            row["vs_off_cpu_us_per_req"] = med(c - o for c, o in zip(cpu, off_cpu))
+        vs_off = pairs(config, "off") if config in ("on", "redis") else []
+        if vs_off:  # what the policy stages add to the relay
+            row["vs_off_p50_ms"] = med(p["p50_ms"] - o["p50_ms"] for p, o in vs_off)
+            row["vs_off_p99_ms"] = med(p["p99_ms"] - o["p99_ms"] for p, o in vs_off)
+            row["vs_off_cpu_us_per_req"] = med(_per_req_us(p) - _per_req_us(o) for p, o in vs_off)
         if config == "redis":
-            row["redis_cpu_us_per_req"] = med(p["redis_cpu_s"] / max(1, p["ok"]) * 1e6 for p in mine)
+            row["redis_cpu_us_per_req"] = med(_per_req_us(p, "redis_cpu_s") for p in mine)
         rows.append(row)
     return rows
 
