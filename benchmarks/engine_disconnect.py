@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import time
 import urllib.request
 
@@ -92,7 +91,6 @@ def main() -> None:
         print(f"\nran to the end after the hang-up: {len(ran_to_end)} of {a.tries} (tries {ran_to_end})")
     finally:
         stop(proc)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

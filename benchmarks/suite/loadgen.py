@@ -123,23 +123,11 @@ async def warmup(url: str, model: str, requests: list[BenchRequest], n: int,
     how many failed, so a caller can warn before measuring a server that does not answer."""
     if n <= 0 or not requests:
         return 0
-    target = endpoint_url(url, endpoint)
-    headers = _headers(api_key)
-    pending = iter(range(n))
-    failed = 0
-    async with _session(WARMUP_TIMEOUT_S) as session:
-        start = time.perf_counter()
-
-        async def worker() -> None:
-            nonlocal failed
-            for i in pending:
-                request = requests[i % len(requests)]
-                record = await _send(session, target, request_body(model, request, endpoint),
-                                     headers, request, start, WARMUP_TIMEOUT_S)
-                failed += not record.ok
-
-        await asyncio.gather(*(worker() for _ in range(min(WARMUP_CONCURRENCY, n))))
-    return failed
+    load = LoadSpec(mode="concurrency", levels=[WARMUP_CONCURRENCY], endpoint=endpoint,
+                    request_timeout_s=WARMUP_TIMEOUT_S)
+    records, _ = await run_point(url, model, [requests[i % len(requests)] for i in range(n)], load,
+                                 WARMUP_CONCURRENCY, api_key)
+    return sum(not r.ok for r in records)
 
 
 def endpoint_url(url: str, endpoint: str) -> str:

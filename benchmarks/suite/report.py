@@ -76,7 +76,7 @@ def load_results(paths: list[Path]) -> list[dict]:
             raise ValueError(f"{path}: not a keel bench result (not JSON: {e})") from None
         if not isinstance(doc, dict) or "keel_bench" not in doc:
             raise ValueError(f'{path}: not a keel bench result (no "keel_bench" key; '
-                             "result files are written by `keel bench run` / `keel bench sweep`)")
+                             "result files are written by `keel bench run`)")
         if doc["keel_bench"] != FORMAT_VERSION:
             raise ValueError(f"{path}: keel bench result format {doc['keel_bench']!r}; "
                              f"this version of Keel reads format {FORMAT_VERSION}")

@@ -1,6 +1,6 @@
 """The bench spec: what `keel bench` loads, sweeps, judges and prices. YAML, validated strictly.
 
-    keel bench sweep configs/bench/demo.yaml
+    keel bench run configs/bench/demo.yaml
 
 A spec names the stack (a Keel config started once per setting, or the URL of a server that is
 already running), the dataset, the load levels, the SLO, the hardware price and the settings to

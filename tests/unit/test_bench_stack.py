@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from benchmarks.suite.spec import BenchSpec, SettingSpec
@@ -40,9 +41,5 @@ def test_settings_are_named_after_their_overrides_and_must_differ():
     assert SettingSpec(engine={"max_num_seqs": 8}).label() == "max_num_seqs=8"
     assert SettingSpec(engine={"max_num_seqs": 8}, replicas=2).label() == "max_num_seqs=8, replicas=2"
     base = {"config": "c.yaml", "load": {"levels": [1]}, "slo": {"ttft_ms": 100}, "hardware": "cpu-2core"}
-    try:
+    with pytest.raises(ValueError, match="same name"):
         BenchSpec.model_validate({**base, "settings": [{"engine": {"max_num_seqs": 8}}] * 2})
-    except ValueError as e:
-        assert "same name" in str(e)
-    else:
-        raise AssertionError("two identical settings were accepted")
