@@ -177,15 +177,19 @@ class ModelManifest(_Strict):
 # Loading
 
 
-def load_config(path: str | Path, *, check_engine_args: bool = True) -> KeelConfig:
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's document; ConfigError naming the file when it is missing or not YAML."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(raw, source=str(path), check_engine_args=check_engine_args)
+
+
+def load_config(path: str | Path, *, check_engine_args: bool = True) -> KeelConfig:
+    return parse_config(read_yaml(path), source=str(path), check_engine_args=check_engine_args)
 
 
 def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool = True) -> KeelConfig:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from serving.config import REPO_ROOT, ConfigError, format_validation_error
+from serving.config import REPO_ROOT, ConfigError, format_validation_error, read_yaml
 from serving.schema import Strict
 
 DEFAULT_HARDWARE_FILE = REPO_ROOT / "configs" / "bench" / "hardware.yaml"
@@ -165,7 +164,7 @@ def load_hardware(spec: BenchSpec, base: Path) -> tuple[str, HardwareProfile]:
     path = Path(spec.hardware_file) if spec.hardware_file else DEFAULT_HARDWARE_FILE
     if not path.is_absolute() and spec.hardware_file:
         path = base / path
-    profiles = _read_yaml(path)
+    profiles = read_yaml(path)
     if not isinstance(profiles, dict) or spec.hardware not in profiles:
         known = ", ".join(sorted(profiles)) if isinstance(profiles, dict) else "none"
         raise ConfigError(f"{path}: no hardware profile `{spec.hardware}`; profiles: {known}")
@@ -177,19 +176,10 @@ def load_hardware(spec: BenchSpec, base: Path) -> tuple[str, HardwareProfile]:
 
 def load_spec(path: str | Path) -> BenchSpec:
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     try:
         return BenchSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(path), BenchSpec)) from None
-
-
-def _read_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None

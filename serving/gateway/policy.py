@@ -104,7 +104,6 @@ class PolicyRuntime:
         stages.append(Prepare(self))
         return stages
 
-
     def tenant(self, ctx: RequestContext) -> TenantConfig | None:
         return self.tenants.get(ctx.tenant) if ctx.tenant else None
 
@@ -479,7 +478,6 @@ class Admit(_PolicyStage):
                         await asyncio.sleep(0.2 * (attempt + 1))
         finally:
             self.rt.metrics.reserved_tokens.labels(tenant).dec(reserved)
-
 
 
 class Prepare(_PolicyStage):
