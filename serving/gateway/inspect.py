@@ -9,7 +9,9 @@ relay decodes the HTTP body and hands it here:
   usage chunk (`stream_options.include_usage`), which is taken out again when the client did
   not ask for it. Without output guardrails an event is only searched, not parsed, so the cost
   per token stays a few bytes scans; with them each event's text goes through a StreamScanner,
-  which holds back only what could still be part of a match.
+  which holds back only what could still be part of a match. When the gateway falls behind
+  the engine and reads several token events at once, consecutive events that only add text are
+  merged into one: one guardrail scan and one event for the lot instead of one per token.
 - a JSON body is parsed once at the end, checked and re-serialised only if a guardrail changed it.
 """
 
@@ -33,11 +35,12 @@ class StreamInspector:
         self.scanners: dict[int, object] = {}
         self.keep_text = ctx.keep_text
         self.strip_usage = not ctx.client_wants_usage
+        self.parse = self.guard is not None or self.keep_text  # else events are only searched
         self.buf = b""
 
     def feed(self, data: bytes) -> bytes:
         if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2:
-            # The usual piece: exactly one whole event (vLLM writes one per chunk).
+            # The usual piece while the gateway keeps up: one whole event (vLLM writes one per chunk).
             res = self._event(data[:-2])
             return b"" if res is None else res + b"\n\n"
         self.buf += data
@@ -45,12 +48,64 @@ class StreamInspector:
             return b""
         *events, self.buf = self.buf.split(b"\n\n")
         out = []
-        for ev in events:
-            res = self._event(ev)
+        items = self._merged(events) if len(events) > 1 and self.parse else events
+        for ev in items:
+            res = self._event(ev) if isinstance(ev, bytes) else self._parsed(*ev)
             if res is not None:
                 out.append(res)
                 out.append(b"\n\n")
         return b"".join(out)
+
+    def _merged(self, events: list[bytes]) -> list:
+        """Several events at once (the gateway fell behind the engine): consecutive events that
+        only carry more text of the same choice become one, so the guardrails scan, and the
+        client gets, that text in one piece instead of one per token. Anything else (role,
+        finish, logprobs, tool calls, usage) keeps its own event, in order.
+        Items: raw event bytes, or (event bytes or b"" once merged, parsed event, how many
+        events it stands for)."""
+        out: list = []
+        run = None  # [event bytes, latest parsed event, its text holder, key, texts]
+        for ev in events:
+            obj, holder, key = self._text_only(ev)
+            if holder is not None and run is not None and _same_stream(run[1], obj):
+                run[0], run[1], run[2], run[3] = b"", obj, holder, key
+                run[4].append(holder[key])
+                continue
+            if run is not None:
+                out.append(_close(run))
+                run = None
+            if holder is not None:
+                run = [ev, obj, holder, key, [holder[key]]]
+            else:
+                out.append(ev if obj is None else (ev, obj, 1))
+        if run is not None:
+            out.append(_close(run))
+        return out
+
+    def _text_only(self, ev: bytes) -> tuple:
+        """(parsed event, text holder, key) when the event is one choice adding text and nothing
+        else; (parsed event, None, None) for another parsed event; (None, None, None) for one to
+        handle as bytes ([DONE], comments, not JSON)."""
+        if not ev.startswith(b"data: {"):
+            return None, None, None
+        try:
+            obj = orjson.loads(ev[6:])
+        except orjson.JSONDecodeError:
+            return None, None, None
+        if not isinstance(obj, dict):
+            return None, None, None
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return obj, None, None
+        choice = choices[0]
+        holder, key = self._text_slot(choice)
+        if holder is None:
+            return obj, None, None
+        if any(v is not None for k, v in choice.items() if k not in _CHOICE_KEYS):
+            return obj, None, None  # finish_reason, logprobs, ...
+        if holder is not choice and any(v is not None for k, v in holder.items() if k != key):
+            return obj, None, None  # role, tool calls, reasoning, ...
+        return obj, holder, key
 
     def finish(self) -> bytes:
         """End of the body: whatever an unterminated last event and held-back text amount to."""
@@ -63,7 +118,7 @@ class StreamInspector:
         if ev.startswith(_DONE):
             return self._release_held() + ev
         ctx = self.ctx
-        if self.guard is None and not self.keep_text:
+        if not self.parse:
             # Fast path: find the usage chunk and count content chunks without parsing JSON.
             if b'"usage":{' in ev and b'"choices":[]' in ev:
                 ctx.usage = orjson.loads(ev[6:]).get("usage")
@@ -75,14 +130,19 @@ class StreamInspector:
             obj = orjson.loads(ev[6:])
         except orjson.JSONDecodeError:
             return ev
+        return self._parsed(ev, obj, 1) if isinstance(obj, dict) else ev
+
+    def _parsed(self, ev: bytes, obj: dict, events: int) -> bytes | None:
+        """One parsed event (ev: its bytes, b"" for a merged one standing for `events` events)."""
+        ctx = self.ctx
         choices = obj.get("choices")
         if not choices:
             if obj.get("usage"):
                 ctx.usage = obj["usage"]
                 return None if self.strip_usage else ev
             return ev
-        ctx.completion_chunks += 1
-        changed = False
+        ctx.completion_chunks += events
+        changed = not ev
         keep = False
         for choice in choices:
             idx = choice.get("index", 0)
@@ -147,6 +207,23 @@ class StreamInspector:
     def note_all_actions(self) -> None:
         for scanner in self.scanners.values():
             self._note_actions(scanner)
+
+
+_CHOICE_KEYS = frozenset({"index", "delta", "text"})
+
+
+def _same_stream(a: dict, b: dict) -> bool:
+    """b continues a's choice with nothing else changed (usage may grow: the latest is kept)."""
+    ca, cb = a["choices"][0], b["choices"][0]
+    return (ca.get("index", 0) == cb.get("index", 0) and a.keys() == b.keys()
+            and all(a[k] == b[k] for k in a if k != "choices" and k != "usage"))
+
+
+def _close(run: list) -> tuple[bytes, dict, int]:
+    ev, obj, holder, key, texts = run
+    if len(texts) > 1:
+        holder[key] = "".join(texts)
+    return ev, obj, len(texts)
 
 
 def _has_more_than_text(choice: dict, chat: bool) -> bool:

@@ -382,6 +382,8 @@ class _Upstream(asyncio.Protocol):
         self.cut = False  # an output guardrail ended the response
         self.complete = False  # inspect mode: the whole body reached the client
         self.blocked_status: int | None = None
+        self.pending: list[bytes] = []  # inspect mode: stream body decoded from the current read
+        self.out: list[bytes] = []  # inspect mode: chunks for the client from the current read
 
     def body_complete(self) -> bool:
         """Did the client get the whole body? (It may close before the engine's EOF reaches us.)"""
@@ -465,19 +467,34 @@ class _Upstream(asyncio.Protocol):
             self.body_parts: list[bytes] = []
 
     def _inspect(self, data: bytes) -> None:
+        """One read of the engine's body: decoded, inspected in one pass, written in one write
+        (a read often holds many token events when the gateway is behind the engine)."""
         if self.cut:
             return
         try:
             self.decoder.feed_data(data)
         except httptools.HttpParserError:
             log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
+            self._drain()
+            self._flush()
             self.transport.abort()
+            return
+        self._drain()
+        self._flush()
 
     # httptools callbacks of self.decoder
     def on_body(self, body: bytes) -> None:
         if self.stream is None:
             self.body_parts.append(body)
+        else:
+            self.pending.append(body)
+
+    def _drain(self) -> None:
+        """Inspect the stream's body decoded so far; its output waits in self.out for _flush."""
+        if not self.pending or self.cut:
             return
+        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
         try:
             out = self.stream.feed(body)
         except GuardrailBlocked as e:
@@ -489,13 +506,16 @@ class _Upstream(asyncio.Protocol):
         if self.cut:
             return
         if self.stream is not None:
+            self._drain()
+            if self.cut:
+                return
             try:
                 out = self.stream.finish()
             except GuardrailBlocked as e:
                 self._cut(e)
                 return
             self._send_chunk(out)
-            self.client.transport.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
             self.complete = True
             return
         rid = self.ctx.request_id
@@ -516,9 +536,18 @@ class _Upstream(asyncio.Protocol):
         self.complete = True
 
     def _send_chunk(self, out: bytes) -> None:
-        if out and not self.client.closed:
-            self.client.transport.write(b"%x\r\n%b\r\n" % (len(out), out))
-            self._count(out)
+        if out:
+            self.out.append(b"%x\r\n%b\r\n" % (len(out), out))
+
+    def _flush(self) -> None:
+        """Write what this read produced to the client, in one write."""
+        if not self.out:
+            return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        if not self.client.closed:
+            self.client.transport.write(data)
+            self._count(data)
 
     def _count(self, out: bytes) -> None:
         self.bytes_out += len(out)
@@ -528,11 +557,12 @@ class _Upstream(asyncio.Protocol):
     def _cut(self, e: GuardrailBlocked) -> None:
         """An output guardrail blocked: end the stream with an error event and stop the engine."""
         self.cut = True
+        self.pending.clear()
         self.ctx.blocked = e
         self.stream.note_all_actions()
         self._send_chunk(blocked_event(e, self.ctx.request_id))
-        if not self.client.closed:
-            self.client.transport.write(b"0\r\n\r\n")
+        self.out.append(b"0\r\n\r\n")
+        self._flush()
         self.complete = True
         self.transport.abort()
 

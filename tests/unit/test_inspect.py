@@ -1,4 +1,5 @@
-"""StreamInspector: the same output however the engine's body is cut into pieces."""
+"""StreamInspector: what the client reads is the same however the engine's body is cut into
+pieces; several events read at once that only add text are merged, nothing else is."""
 
 from __future__ import annotations
 
@@ -46,18 +47,86 @@ def _splits(body: bytes) -> dict[str, list[bytes]]:
     }
 
 
+def _events(out: bytes) -> list[dict]:
+    return [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+def _client_view(out: bytes) -> tuple[str, list[dict]]:
+    """The text the client reads, and every event that carries more than text, in order."""
+    events = _events(out)
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    others = [e for e in events if not e["choices"] or any(
+        c.get("finish_reason") or set(c["delta"]) - {"content"} for c in e["choices"])]
+    return text, others
+
+
 @pytest.mark.parametrize("guarded", [False, True], ids=["usage and text only", "email redacted"])
-def test_the_output_is_the_same_however_the_body_is_cut(guarded):
+def test_the_client_reads_the_same_however_the_body_is_cut(guarded):
     outputs = {name: _inspect(pieces, guarded) for name, pieces in _splits(BODY).items()}
-    (first, ctx), *rest = outputs.values()
-    assert all(out == first for out, _ in rest), [name for name, (out, _) in outputs.items() if out != first]
-    for _, c in outputs.values():
+    views = {name: _client_view(out) for name, (out, _) in outputs.items()}
+    first = views["one event a piece"]
+    assert all(v == first for v in views.values()), [n for n, v in views.items() if v != first]
+    for out, c in outputs.values():
         assert c.usage == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
-    events = [orjson.loads(e[6:]) for e in first.split(b"\n\n") if e.startswith(b"data: {")]
-    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
-    assert not any(e.get("usage") for e in events)  # the client did not ask for it
-    assert first.endswith(b"data: [DONE]\n\n")
+        assert out.endswith(b"data: [DONE]\n\n")
+        assert c.completion_chunks == len(TOKENS) + 2  # every engine event counted, merged or not
+    text, others = first
+    assert [e["choices"][0]["delta"] for e in others[:1]] == [{"role": "assistant", "content": ""}]
+    assert others[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(e.get("usage") for e in _events(outputs["whole body"][0]))  # the client did not ask
     if guarded:
-        assert text == "Write to [EMAIL] today." == "".join(ctx.response_text)
+        assert text == "Write to [EMAIL] today." == "".join(outputs["whole body"][1].response_text)
     else:
         assert text == "".join(TOKENS)
+
+
+def test_text_events_read_together_are_merged_into_one():
+    out, _ = _inspect([BODY], guarded=True)
+    events = _events(out)
+    # role, the nine tokens as one event, finish (with the text an email could still have begun
+    # with, held until then); the id and model are the engine's
+    assert [e["choices"][0]["delta"] for e in events] == [
+        {"role": "assistant", "content": ""}, {"content": "Write to [EMAIL] "}, {"content": "today."}]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert {(e["id"], e["model"]) for e in events} == {("c1", "demo")}
+    one_by_one, _ = _inspect([e + b"\n\n" for e in BODY.split(b"\n\n")[:-1]], guarded=False)
+    assert len(_events(one_by_one)) == len(TOKENS) + 2  # read one at a time: nothing to merge
+
+
+def _event(choice: dict, **envelope) -> bytes:
+    return b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "demo",
+                                     **envelope, "choices": [choice]}) + b"\n\n"
+
+
+def test_events_with_more_than_text_or_of_another_choice_are_not_merged():
+    logprobs = {"content": [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}]}
+    body = b"".join([
+        _event({"index": 0, "delta": {"content": "a"}, "logprobs": logprobs, "finish_reason": None}),
+        _event({"index": 0, "delta": {"content": "b"}, "logprobs": logprobs, "finish_reason": None}),
+        _event({"index": 0, "delta": {"content": "c"}, "finish_reason": None}),
+        _event({"index": 1, "delta": {"content": "x"}, "finish_reason": None}),
+        _event({"index": 0, "delta": {"content": "d"}, "finish_reason": None}),
+        _event({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}),
+        _event({"index": 0, "delta": {"content": "e"}, "finish_reason": None}, model="other"),
+        _event({"index": 0, "delta": {"content": "f"}, "finish_reason": None}, model="other"),
+        b"data: [DONE]\n\n"])
+    out, ctx = _inspect([body], guarded=False)
+    deltas = [(e["model"], e["choices"][0]["index"], e["choices"][0]["delta"]) for e in _events(out)]
+    assert deltas == [
+        ("demo", 0, {"content": "a"}), ("demo", 0, {"content": "b"}), ("demo", 0, {"content": "c"}),
+        ("demo", 1, {"content": "x"}), ("demo", 0, {"content": "d"}),
+        ("demo", 0, {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}),
+        ("other", 0, {"content": "ef"})]
+    assert ctx.completion_chunks == 8
+
+
+def test_a_merged_event_carries_the_latest_usage():
+    # continuous usage stats: every chunk carries the usage so far
+    body = b"".join(_event({"index": 0, "delta": {"content": t}, "finish_reason": None},
+                           usage={"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": i + 4})
+                    for i, t in enumerate(["a", "b", "c"]))
+    ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, b"")
+    ctx.keep_text, ctx.client_wants_usage = True, True
+    inspector = StreamInspector(ctx, chat=True)
+    events = _events(inspector.feed(body) + inspector.finish())
+    assert [(e["choices"][0]["delta"]["content"], e["usage"]["completion_tokens"]) for e in events] == [("abc", 3)]
