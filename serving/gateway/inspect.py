@@ -17,6 +17,8 @@ relay decodes the HTTP body and hands it here:
 
 from __future__ import annotations
 
+from json.decoder import scanstring as _scanstring
+
 import orjson
 
 from serving.errors import error_body
@@ -37,80 +39,130 @@ class StreamInspector:
         self.strip_usage = not ctx.client_wants_usage
         self.parse = self.guard is not None or self.keep_text  # else events are only searched
         self.buf = b""
+        # The stream's text events, learned from its first one: the bytes before and after the
+        # text. An event with exactly those bytes around a JSON string is that choice's next
+        # text and nothing else, found without parsing or re-serialising the event.
+        self.tpl: tuple[bytes, bytes, int, dict] | None = None  # prefix, suffix, index, parsed
 
     def feed(self, data: bytes) -> bytes:
         if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2:
-            # The usual piece while the gateway keeps up: one whole event (vLLM writes one per chunk).
-            res = self._event(data[:-2])
-            return b"" if res is None else res + b"\n\n"
-        self.buf += data
-        if b"\n\n" not in self.buf:
-            return b""
-        *events, self.buf = self.buf.split(b"\n\n")
-        out = []
-        items = self._merged(events) if len(events) > 1 and self.parse else events
-        for ev in items:
-            res = self._event(ev) if isinstance(ev, bytes) else self._parsed(*ev)
-            if res is not None:
-                out.append(res)
-                out.append(b"\n\n")
+            events = [data[:-2]]  # the usual piece while the gateway keeps up: one whole event
+        else:
+            self.buf += data
+            if b"\n\n" not in self.buf:
+                return b""
+            *events, self.buf = self.buf.split(b"\n\n")
+        out: list[bytes] = []
+        if self.parse:
+            self._events(events, out)
+        else:
+            for ev in events:
+                res = self._event(ev)
+                if res is not None:
+                    out.append(res)
+                    out.append(b"\n\n")
         return b"".join(out)
-
-    def _merged(self, events: list[bytes]) -> list:
-        """Several events at once (the gateway fell behind the engine): consecutive events that
-        only carry more text of the same choice become one, so the guardrails scan, and the
-        client gets, that text in one piece instead of one per token. Anything else (role,
-        finish, logprobs, tool calls, usage) keeps its own event, in order.
-        Items: raw event bytes, or (event bytes or b"" once merged, parsed event, how many
-        events it stands for)."""
-        out: list = []
-        run = None  # [event bytes, latest parsed event, its text holder, key, texts]
-        for ev in events:
-            obj, holder, key = self._text_only(ev)
-            if holder is not None and run is not None and _same_stream(run[1], obj):
-                run[0], run[1], run[2], run[3] = b"", obj, holder, key
-                run[4].append(holder[key])
-                continue
-            if run is not None:
-                out.append(_close(run))
-                run = None
-            if holder is not None:
-                run = [ev, obj, holder, key, [holder[key]]]
-            else:
-                out.append(ev if obj is None else (ev, obj, 1))
-        if run is not None:
-            out.append(_close(run))
-        return out
-
-    def _text_only(self, ev: bytes) -> tuple:
-        """(parsed event, text holder, key) when the event is one choice adding text and nothing
-        else; (parsed event, None, None) for another parsed event; (None, None, None) for one to
-        handle as bytes ([DONE], comments, not JSON)."""
-        if not ev.startswith(b"data: {"):
-            return None, None, None
-        try:
-            obj = orjson.loads(ev[6:])
-        except orjson.JSONDecodeError:
-            return None, None, None
-        if not isinstance(obj, dict):
-            return None, None, None
-        choices = obj.get("choices")
-        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-            return obj, None, None
-        choice = choices[0]
-        holder, key = self._text_slot(choice)
-        if holder is None:
-            return obj, None, None
-        if any(v is not None for k, v in choice.items() if k not in _CHOICE_KEYS):
-            return obj, None, None  # finish_reason, logprobs, ...
-        if holder is not choice and any(v is not None for k, v in holder.items() if k != key):
-            return obj, None, None  # role, tool calls, reasoning, ...
-        return obj, holder, key
 
     def finish(self) -> bytes:
         """End of the body: whatever an unterminated last event and held-back text amount to."""
         out = self.feed(b"\n\n") if self.buf.strip() else b""
         return out + self._release_held()
+
+    def _events(self, events: list[bytes], out: list[bytes]) -> None:
+        """Events read together, in order. Consecutive text events of the stream (several come
+        at once when the gateway falls behind the engine) go out as one event, so the guardrails
+        scan, and the client gets, that text in one piece instead of one per token; the choice's
+        finishing event takes the run it ends. Anything else keeps its own event."""
+        run: list[tuple[bytes, str]] = []  # (event, its text)
+        tpl = self.tpl
+        for ev in events:
+            if tpl is not None and ev.startswith(tpl[0]) and ev.endswith(tpl[1]):
+                try:
+                    text = orjson.loads(ev[len(tpl[0]):len(ev) - len(tpl[1])])
+                except orjson.JSONDecodeError:
+                    text = None
+                if isinstance(text, str):
+                    run.append((ev, text))
+                    continue
+            obj = _parse(ev)
+            if obj is None:  # [DONE], a comment, not JSON
+                if run:
+                    self._text_run(run, out)
+                    run = []
+                res = self._event(ev)
+            else:
+                holder, key, finishing = self._text_only(obj)
+                if holder is not None and not finishing and tpl is None:
+                    tpl = self.tpl = self._learn(ev, obj, holder[key])
+                    if tpl is not None:
+                        run.append((ev, holder[key]))
+                        continue
+                if run and holder is not None and finishing and _same_stream(tpl[3], obj):
+                    holder[key] = "".join(t for _, t in run) + holder[key]
+                    res = self._parsed(b"", obj, len(run) + 1)
+                else:
+                    if run:
+                        self._text_run(run, out)
+                    res = self._parsed(ev, obj, 1)
+                run = []
+            if res is not None:
+                out.append(res)
+                out.append(b"\n\n")
+        if run:
+            self._text_run(run, out)
+
+    def _text_run(self, run: list[tuple[bytes, str]], out: list[bytes]) -> None:
+        """Consecutive text events of the learned choice, as one event (or none, if held back)."""
+        prefix, suffix, idx, _ = self.tpl
+        text = run[0][1] if len(run) == 1 else "".join(t for _, t in run)
+        self.ctx.completion_chunks += len(run)
+        released = text
+        if self.guard is not None:
+            scanner = self.scanners.get(idx)
+            if scanner is None:
+                scanner = self.scanners[idx] = self.guard.stream()
+            released = scanner.feed(text) if text else ""
+        if not released:
+            return  # nothing else in these events: all of it is held back for now
+        if self.keep_text:
+            self.ctx.response_text.append(released)
+        out.append(run[0][0] if len(run) == 1 and released == text else prefix + orjson.dumps(released) + suffix)
+        out.append(b"\n\n")
+
+    def _learn(self, ev: bytes, obj: dict, text: str) -> tuple | None:
+        """The template of a text event (see __init__), or None if its text cannot be located."""
+        try:
+            s = ev.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        key = '"content":' if self.chat else '"text":'
+        at = s.find(key)
+        if at < 0 or s.find(key, at + 1) >= 0 or s[at + len(key):at + len(key) + 1] != '"':
+            return None  # absent, twice (another object has such a key), or spaced
+        start = at + len(key)
+        try:
+            found, end = _scanstring(s, start + 1)
+        except ValueError:
+            return None
+        if found != text:
+            return None
+        return s[:start].encode("utf-8"), s[end:].encode("utf-8"), obj["choices"][0].get("index", 0), obj
+
+    def _text_only(self, obj: dict) -> tuple:
+        """(text holder, key, finishing) when the event is one choice adding text and nothing
+        else but maybe its finish; (None, None, False) otherwise."""
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return None, None, False
+        choice = choices[0]
+        holder, key = self._text_slot(choice)
+        if holder is None:
+            return None, None, False
+        if any(v is not None for k, v in choice.items() if k not in _CHOICE_KEYS):
+            return None, None, False  # logprobs, ...
+        if holder is not choice and any(v is not None for k, v in holder.items() if k != key):
+            return None, None, False  # role, tool calls, reasoning, ...
+        return holder, key, choice.get("finish_reason") is not None
 
     def _event(self, ev: bytes) -> bytes | None:
         if not ev.startswith(b"data: "):
@@ -126,11 +178,7 @@ class StreamInspector:
             if b'"choices":[{' in ev:
                 ctx.completion_chunks += 1
             return ev
-        try:
-            obj = orjson.loads(ev[6:])
-        except orjson.JSONDecodeError:
-            return ev
-        return self._parsed(ev, obj, 1) if isinstance(obj, dict) else ev
+        return ev  # parse mode: only events that are not JSON objects get here
 
     def _parsed(self, ev: bytes, obj: dict, events: int) -> bytes | None:
         """One parsed event (ev: its bytes, b"" for a merged one standing for `events` events)."""
@@ -154,11 +202,12 @@ class StreamInspector:
                 scanner = self.scanners.get(idx)
                 if scanner is None:
                     scanner = self.scanners[idx] = self.guard.stream()
-                released = scanner.feed(text) if text else ""
                 if finished:
-                    released += scanner.flush()
+                    released = scanner.last(text or "")
                     self._note_actions(scanner)
                     del self.scanners[idx]
+                else:
+                    released = scanner.feed(text) if text else ""
                 if holder is not None and released != (text or ""):
                     holder[key] = released
                     changed = True
@@ -209,7 +258,8 @@ class StreamInspector:
             self._note_actions(scanner)
 
 
-_CHOICE_KEYS = frozenset({"index", "delta", "text"})
+# What a choice may carry besides its text and still be merged (the finish comes last in a run).
+_CHOICE_KEYS = frozenset({"index", "delta", "text", "finish_reason", "stop_reason"})
 
 
 def _same_stream(a: dict, b: dict) -> bool:
@@ -219,11 +269,14 @@ def _same_stream(a: dict, b: dict) -> bool:
             and all(a[k] == b[k] for k in a if k != "choices" and k != "usage"))
 
 
-def _close(run: list) -> tuple[bytes, dict, int]:
-    ev, obj, holder, key, texts = run
-    if len(texts) > 1:
-        holder[key] = "".join(texts)
-    return ev, obj, len(texts)
+def _parse(ev: bytes) -> dict | None:
+    if not ev.startswith(b"data: {"):
+        return None
+    try:
+        obj = orjson.loads(ev[6:])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _has_more_than_text(choice: dict, chat: bool) -> bool:

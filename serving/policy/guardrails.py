@@ -700,6 +700,8 @@ class _Scan:
         at = new_from - base
         if end - new_from <= 64:
             woken = self.plan.bits_for_piece(s[at:], s[at - 1] if at > 0 else "")
+        elif not final and end - new_from <= 512:  # several tokens read at once: cheaper than searching
+            woken = self.plan.bits_for(s[at:], s[at - 1] if at > 0 else "")
         else:
             woken = self.plan.all_bits
         hold = end
@@ -865,17 +867,20 @@ class StreamScanner:
     `actions` accumulates what was done; after a block it ends with that block (count 1)."""
 
     def __init__(self, plan: _Plan):
+        self._plan = plan
         self._tally = _Tally("output")
         self.actions: list[GuardrailAction] = self._tally.actions
-        self._scan = None if plan.empty else _Scan(plan, self._tally)
+        self._scan: _Scan | None = None  # made on the first feed (a stream read whole needs none)
         self._blocked: GuardrailBlocked | None = None
 
     def feed(self, text: str) -> str:
         """The text that is safe to release now (redacted). Raises GuardrailBlocked."""
-        if self._scan is None:
+        if self._plan.empty:
             return text
         if self._blocked is not None:
             raise self._blocked
+        if self._scan is None:
+            self._scan = _Scan(self._plan, self._tally)
         try:
             return self._scan.feed(text)
         except GuardrailBlocked as e:
@@ -884,12 +889,26 @@ class StreamScanner:
 
     def flush(self) -> str:
         """End of the stream: decide on everything held and release it. Raises GuardrailBlocked."""
-        if self._scan is None:
-            return ""
         if self._blocked is not None:
             raise self._blocked
+        if self._scan is None:
+            return ""
         try:
             return self._scan.finish()
+        except GuardrailBlocked as e:
+            self._note_block(e)
+            raise
+
+    def last(self, text: str) -> str:
+        """The stream's last text: feed(text) + flush(). When nothing came before it (the whole
+        output arrived at once) it is checked as a whole text, which skips the detectors that
+        cannot match it instead of searching each for a match that more text could complete."""
+        if self._plan.empty:
+            return text
+        if self._scan is not None or self._blocked is not None:
+            return (self.feed(text) if text else "") + self.flush()
+        try:
+            return _whole(self._plan, self._tally, text) if text else ""
         except GuardrailBlocked as e:
             self._note_block(e)
             raise

@@ -29,9 +29,13 @@ def redact(entity: str, text: str) -> str:
     return OutputGuard([rule(type="pii", entities=[entity], action="redact")]).check_text(text)[0]
 
 
-def stream_all(guard: OutputGuard, chunks: list[str]) -> tuple[str, list[GuardrailAction]]:
+def stream_all(guard: OutputGuard, chunks: list[str], last: bool = False) -> tuple[str, list[GuardrailAction]]:
+    """feed every chunk, then flush; or (last) feed all but the last chunk and end with last()."""
     scanner = guard.stream()
-    out = "".join(scanner.feed(c) for c in chunks) + scanner.flush()
+    if last:
+        out = "".join(scanner.feed(c) for c in chunks[:-1]) + scanner.last(chunks[-1])
+    else:
+        out = "".join(scanner.feed(c) for c in chunks) + scanner.flush()
     return out, scanner.actions
 
 
@@ -334,9 +338,23 @@ def test_stream_equals_check_text_for_every_split_in_two():
     whole, actions = guard.check_text(STREAM_SAMPLE)
     assert "[EMAIL]" in whole and "[SECRET]" in whole  # the sample exercises the detectors
     for i in range(len(STREAM_SAMPLE) + 1):
-        out, stream_actions = stream_all(guard, [STREAM_SAMPLE[:i], STREAM_SAMPLE[i:]])
-        assert out == whole, f"split at {i}"
-        assert action_counts(stream_actions) == action_counts(actions), f"split at {i}"
+        for last in (False, True):
+            out, stream_actions = stream_all(guard, [STREAM_SAMPLE[:i], STREAM_SAMPLE[i:]], last)
+            assert out == whole, f"split at {i}, last={last}"
+            assert action_counts(stream_actions) == action_counts(actions), f"split at {i}, last={last}"
+
+
+def test_a_stream_that_arrives_whole_is_checked_as_a_whole_text():
+    guard = OutputGuard(STREAM_RULES)
+    whole, actions = guard.check_text(STREAM_SAMPLE)
+    out, stream_actions = stream_all(guard, [STREAM_SAMPLE], last=True)
+    assert out == whole and action_counts(stream_actions) == action_counts(actions)
+    scanner = guard.stream()
+    with pytest.raises(GuardrailBlocked):
+        scanner.last("we met at the zebra crossing")
+    assert [(a.guardrail, a.action) for a in scanner.actions] == [("deny", "block")]
+    with pytest.raises(GuardrailBlocked):  # a blocked stream stays blocked
+        scanner.feed("more")
 
 
 def test_stream_equals_check_text_for_random_chunkings_and_single_characters():

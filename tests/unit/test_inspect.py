@@ -51,12 +51,18 @@ def _events(out: bytes) -> list[dict]:
     return [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
 
 
-def _client_view(out: bytes) -> tuple[str, list[dict]]:
-    """The text the client reads, and every event that carries more than text, in order."""
+def _client_view(out: bytes) -> tuple[str, list]:
+    """The text the client reads, and what every event carries besides text, in order."""
     events = _events(out)
     text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
-    others = [e for e in events if not e["choices"] or any(
-        c.get("finish_reason") or set(c["delta"]) - {"content"} for c in e["choices"])]
+    others = []
+    for e in events:
+        for c in e["choices"]:
+            rest = {k: v for k, v in c["delta"].items() if k != "content"}
+            if rest or c.get("finish_reason"):
+                others.append((rest, c.get("finish_reason")))
+        if not e["choices"]:
+            others.append(e)
     return text, others
 
 
@@ -71,8 +77,7 @@ def test_the_client_reads_the_same_however_the_body_is_cut(guarded):
         assert out.endswith(b"data: [DONE]\n\n")
         assert c.completion_chunks == len(TOKENS) + 2  # every engine event counted, merged or not
     text, others = first
-    assert [e["choices"][0]["delta"] for e in others[:1]] == [{"role": "assistant", "content": ""}]
-    assert others[-1]["choices"][0]["finish_reason"] == "stop"
+    assert others == [({"role": "assistant"}, None), ({}, "stop")]
     assert not any(e.get("usage") for e in _events(outputs["whole body"][0]))  # the client did not ask
     if guarded:
         assert text == "Write to [EMAIL] today." == "".join(outputs["whole body"][1].response_text)
@@ -83,11 +88,9 @@ def test_the_client_reads_the_same_however_the_body_is_cut(guarded):
 def test_text_events_read_together_are_merged_into_one():
     out, _ = _inspect([BODY], guarded=True)
     events = _events(out)
-    # role, the nine tokens as one event, finish (with the text an email could still have begun
-    # with, held until then); the id and model are the engine's
-    assert [e["choices"][0]["delta"] for e in events] == [
-        {"role": "assistant", "content": ""}, {"content": "Write to [EMAIL] "}, {"content": "today."}]
-    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    # role, then the nine tokens and the finish as one event; the id and model are the engine's
+    assert [(e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == [
+        ({"role": "assistant", "content": ""}, None), ({"content": "Write to [EMAIL] today."}, "stop")]
     assert {(e["id"], e["model"]) for e in events} == {("c1", "demo")}
     one_by_one, _ = _inspect([e + b"\n\n" for e in BODY.split(b"\n\n")[:-1]], guarded=False)
     assert len(_events(one_by_one)) == len(TOKENS) + 2  # read one at a time: nothing to merge
@@ -106,22 +109,29 @@ def test_events_with_more_than_text_or_of_another_choice_are_not_merged():
         _event({"index": 0, "delta": {"content": "c"}, "finish_reason": None}),
         _event({"index": 1, "delta": {"content": "x"}, "finish_reason": None}),
         _event({"index": 0, "delta": {"content": "d"}, "finish_reason": None}),
+        _event({"index": 0, "delta": {"content": "\u00e9\"}"}, "finish_reason": None}),
         _event({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}),
         _event({"index": 0, "delta": {"content": "e"}, "finish_reason": None}, model="other"),
         _event({"index": 0, "delta": {"content": "f"}, "finish_reason": None}, model="other"),
+        _event({"index": 0, "delta": {"content": "g"}, "finish_reason": None}),
+        _event({"index": 0, "delta": {"content": "h"}, "finish_reason": "stop"}),
         b"data: [DONE]\n\n"])
     out, ctx = _inspect([body], guarded=False)
-    deltas = [(e["model"], e["choices"][0]["index"], e["choices"][0]["delta"]) for e in _events(out)]
+    deltas = [(e["model"], e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0].get("finish_reason"))
+              for e in _events(out)]
     assert deltas == [
-        ("demo", 0, {"content": "a"}), ("demo", 0, {"content": "b"}), ("demo", 0, {"content": "c"}),
-        ("demo", 1, {"content": "x"}), ("demo", 0, {"content": "d"}),
-        ("demo", 0, {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}),
-        ("other", 0, {"content": "ef"})]
-    assert ctx.completion_chunks == 8
+        ("demo", 0, {"content": "a"}, None), ("demo", 0, {"content": "b"}, None),
+        ("demo", 0, {"content": "c"}, None), ("demo", 1, {"content": "x"}, None),
+        ("demo", 0, {"content": "d\u00e9\"}"}, None),  # merged, escapes and all
+        ("demo", 0, {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}, None),
+        ("other", 0, {"content": "e"}, None), ("other", 0, {"content": "f"}, None),  # not the stream's envelope
+        ("demo", 0, {"content": "gh"}, "stop")]  # the finish takes the run it ends
+    assert ctx.completion_chunks == 11
+    assert "".join(ctx.response_text) == "abcxd\u00e9\"}efgh"
 
 
-def test_a_merged_event_carries_the_latest_usage():
-    # continuous usage stats: every chunk carries the usage so far
+def test_events_whose_usage_changes_are_not_merged():
+    # continuous usage stats: every chunk carries the usage so far, and the client sees each
     body = b"".join(_event({"index": 0, "delta": {"content": t}, "finish_reason": None},
                            usage={"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": i + 4})
                     for i, t in enumerate(["a", "b", "c"]))
@@ -129,4 +139,27 @@ def test_a_merged_event_carries_the_latest_usage():
     ctx.keep_text, ctx.client_wants_usage = True, True
     inspector = StreamInspector(ctx, chat=True)
     events = _events(inspector.feed(body) + inspector.finish())
-    assert [(e["choices"][0]["delta"]["content"], e["usage"]["completion_tokens"]) for e in events] == [("abc", 3)]
+    assert [(e["choices"][0]["delta"]["content"], e["usage"]["completion_tokens"]) for e in events] == [
+        ("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_a_completion_stream_merges_its_text_events_too():
+    def ev(text, finish=None):
+        return b"data: " + orjson.dumps({"id": "cmpl-1", "object": "text_completion", "model": "demo",
+                                         "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                      "finish_reason": finish}]}) + b"\n\n"
+    body = b"".join([ev("mail "), ev("jane"), ev("@example.com"), ev(" now"), ev("", "length"),
+                     b"data: [DONE]\n\n"])
+    outs = []
+    for pieces in ([body], [e + b"\n\n" for e in body.split(b"\n\n")[:-1]]):
+        ctx = RequestContext("r", "POST", "/v1/completions", {}, b"")
+        ctx.keep_text, ctx.client_wants_usage = True, False
+        ctx.output_guard = OutputGuard(GuardrailPolicy.model_validate(
+            {"output": [{"type": "pii", "entities": ["email"], "action": "redact"}]}).output)
+        inspector = StreamInspector(ctx, chat=False)
+        outs.append(_events(b"".join(inspector.feed(p) for p in pieces) + inspector.finish()))
+    whole, one_by_one = outs
+    assert [(e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in whole] == [
+        ("mail [EMAIL] now", "length")]
+    assert "".join(e["choices"][0]["text"] for e in one_by_one) == "mail [EMAIL] now"
+    assert len(one_by_one) > 1
