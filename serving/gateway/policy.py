@@ -264,8 +264,9 @@ def _counting_pool() -> ThreadPoolExecutor:
 
 class CountTokens(_PolicyStage):
     """Prompt tokens with the model's own tokenizer, for tenants whose token quotas or
-    max_prompt_tokens guardrail need them before the engine runs (about 1 µs a token; the
-    engine's own count settles the quota and goes to the audit log either way)."""
+    max_prompt_tokens guardrail need them before the engine runs (ASCII text for a byte-level
+    BPE tokenizer through a per-word cache, serving.policy.tokens._AsciiCounter; other text
+    ~1 µs a token; the engine's own count settles the quota and goes to the audit log either way)."""
 
     name = "count_tokens"
 

@@ -8,7 +8,9 @@ for completions (vLLM encodes completions with add_special_tokens=True).
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import string
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,40 @@ def test_model_dir_without_tokenizer_json_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerNotFound, match=str(tmp_path)) as e:
         TokenCounter.from_model_dir(tmp_path)
     assert "tokenizer.json" in str(e.value)
+
+
+def _random_ascii(rng, specials: list[str]) -> str:
+    words = ["hello", "It's", "we'll", "DON'T", "x", "camelCase", "snake_case", "'s", "'", "''"]
+    pieces = [lambda: rng.choice(words), lambda: "".join(rng.choices(string.digits, k=rng.randint(1, 6))),
+              lambda: "".join(rng.choices(string.punctuation, k=rng.randint(1, 4))),
+              lambda: "".join(rng.choices(" \t\n\r\x0b\x0c", k=rng.randint(1, 4))),
+              lambda: rng.choice(specials), lambda: "".join(rng.choices(string.printable + "\x00\x1c\x7f", k=3))]
+    return "".join(rng.choice(pieces)() for _ in range(rng.randint(0, 12)))
+
+
+def test_ascii_text_is_counted_as_the_tokenizer_counts_it(counter, demo_dir):
+    """The fast path for ASCII text (a regex split, a per-piece cache over the tokenizer's own
+    BPE) gives the tokenizer's count, random text and the model's corpus alike."""
+    assert counter._ascii is not None  # the demo tokenizer takes it
+    tokenizer = counter._tokenizer
+    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+    rng = random.Random(11)
+    texts = [_random_ascii(rng, specials) for _ in range(3000)]
+    texts += CORPUS.read_text(encoding="utf-8").splitlines()[:2000]
+    for text in (t for t in texts if t.isascii()):
+        for special in (False, True):
+            assert counter._encode(text, special) == len(tokenizer.encode(text, add_special_tokens=special).ids), repr(text)
+
+
+def test_tokenizers_the_fast_path_is_not_exact_for_count_with_the_tokenizer(demo_dir, tmp_path):
+    def prefix_space(spec):
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+
+    def lowercase(spec):
+        spec["normalizer"] = {"type": "Lowercase"}
+
+    for i, edit in enumerate((prefix_space, lowercase)):
+        (tmp_path / str(i)).mkdir()
+        other = TokenCounter.from_model_dir(model_copy(demo_dir, tmp_path / str(i), tokenizer_json_edit=edit))
+        assert other._ascii is None
+        assert other.count_text("Hello There") == len(other._tokenizer.encode("Hello There", add_special_tokens=False).ids)
