@@ -408,17 +408,19 @@ _INJECTION_LINES: list[tuple[str, float]] = [  # a "### System:" header line
 ]
 
 
-def _injection_sources() -> list[tuple[str, dict[str, float]]]:
-    """(pattern, group -> weight) for each injection detector; group names unique across them."""
+def _injection_sources() -> list[tuple[str, dict[str, float], Callable[[str], object] | None]]:
+    """(pattern, group -> weight, needs) for each injection detector; group names unique across
+    them. Every marker holds "<|", "<<" or "]" (case does not change those), every header "##"."""
     out, i = [], 0
-    for phrases, prefix in ((_INJECTION_WORDS, r"\b"), (_INJECTION_MARKERS, ""), (_INJECTION_LINES, "")):
+    for phrases, prefix, needs in ((_INJECTION_WORDS, r"\b", None), (_INJECTION_MARKERS, "", _has("<|", "<<", "]")),
+                                   (_INJECTION_LINES, "", _has("##"))):
         weights = {}
         alts = []
         for phrase, weight in phrases:
             weights[f"inj{i}"] = weight
             alts.append(f"(?P<inj{i}>{phrase})")
             i += 1
-        out.append((prefix + "(?:" + "|".join(alts) + ")", weights))
+        out.append((prefix + "(?:" + "|".join(alts) + ")", weights, needs))
     return out
 
 
@@ -500,7 +502,7 @@ def _detectors(rule: GuardrailRule) -> list[_Detector]:
     if rule.type == "prompt_injection":
         threshold = rule.threshold if rule.threshold is not None else DEFAULT_INJECTION_THRESHOLD
         return [_detector(rule, None, "", source, regex.IGNORECASE | regex.MULTILINE,
-                          weights=weights, threshold=threshold) for source, weights in _INJECTION]
+                          weights=weights, threshold=threshold, needs=needs) for source, weights, needs in _INJECTION]
     return []  # max_prompt_tokens is not a text detector
 
 
