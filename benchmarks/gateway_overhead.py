@@ -64,11 +64,13 @@ TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 3.0
 OUTPUT_TOKENS = 16
 DENY_TERMS = ["project nightingale", "internal codename", "confidential roadmap"]
-# The responder's 16 output words, and the words prompts are drawn from.
+# The responder's 16 output words.
 WORDS = ("the quick brown fox jumps over a lazy dog while model servers stream tokens to many "
          "clients across replicas and regions under load with quotas guardrails and routing").split()
 POOL_SIZE = 16  # keep-alive connections opened per target before each phase
 USERS = 64  # distinct `user` values: the experiment's sticky routing sees many users
+PROMPTS = 2048  # distinct prompts, sent in turn: 32-word passages of real English text
+CORPUS = REPO_ROOT / "models" / "demo-tiny" / "corpus.txt"
 
 CONFIGS = {
     "direct": "direct",
@@ -490,16 +492,20 @@ class _Pool:
             self.drained.set()
 
 
-def request_bodies(config: str, stream: bool, n: int = USERS, seed: int = 0) -> list[tuple[dict, bytes]]:
-    """(headers, body) of the benchmark's requests, one per end user."""
+def request_bodies(config: str, stream: bool, n: int = PROMPTS, seed: int = 0) -> list[tuple[dict, bytes]]:
+    """(headers, body) of the benchmark's requests: n prompts, each a 32-word passage of the demo
+    corpus (English prose, so a prompt's words, numbers and punctuation vary as real ones do),
+    from USERS end users."""
     rng = random.Random(seed)
+    words = CORPUS.read_text(encoding="utf-8").split()
     out = []
     for i in range(n):
+        at = rng.randrange(len(words) - 32)
         body = {"model": EXPERIMENT if config in ("on", "redis") else "demo",
                 "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                             {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(32))}],
+                             {"role": "user", "content": " ".join(words[at:at + 32])}],
                 "max_tokens": OUTPUT_TOKENS, "temperature": 0.7, "stream": stream,
-                "user": f"user-{i}"}
+                "user": f"user-{i % USERS}"}
         headers = {"content-type": "application/json", "accept": "*/*"}
         if config in ("on", "redis"):
             headers["authorization"] = f"Bearer {API_KEY}"
@@ -507,7 +513,7 @@ def request_bodies(config: str, stream: bool, n: int = USERS, seed: int = 0) -> 
     return out
 
 
-def request_bytes(config: str, port: int, stream: bool, n: int = USERS) -> list[bytes]:
+def request_bytes(config: str, port: int, stream: bool, n: int = PROMPTS) -> list[bytes]:
     """Precomputed requests, so the load generator only writes bytes."""
     out = []
     for headers, body in request_bodies(config, stream, n):
