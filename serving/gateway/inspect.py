@@ -43,6 +43,7 @@ class StreamInspector:
         # text. An event with exactly those bytes around a JSON string is that choice's next
         # text and nothing else, found without parsing or re-serialising the event.
         self.tpl: tuple[bytes, bytes, int, dict] | None = None  # prefix, suffix, index, parsed
+        self.learned = False  # tried: a stream whose text cannot be located is not tried again
 
     def feed(self, data: bytes) -> bytes:
         if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2:
@@ -92,12 +93,13 @@ class StreamInspector:
                 res = self._event(ev)
             else:
                 holder, key, finishing = self._text_only(obj)
-                if holder is not None and not finishing and tpl is None:
+                if holder is not None and not finishing and not self.learned:
+                    self.learned = True
                     tpl = self.tpl = self._learn(ev, obj, holder[key])
                     if tpl is not None:
                         run.append((ev, holder[key]))
                         continue
-                if run and holder is not None and finishing and _same_stream(tpl[3], obj):
+                if run and holder is not None and finishing and _same_stream(tpl[3], obj):  # run: tpl is set
                     holder[key] = "".join(t for _, t in run) + holder[key]
                     res = self._parsed(b"", obj, len(run) + 1)
                 else:

@@ -163,3 +163,12 @@ def test_a_completion_stream_merges_its_text_events_too():
         ("mail [EMAIL] now", "length")]
     assert "".join(e["choices"][0]["text"] for e in one_by_one) == "mail [EMAIL] now"
     assert len(one_by_one) > 1
+
+
+def test_a_stream_whose_text_cannot_be_located_is_still_inspected_event_by_event():
+    # "content" twice (the envelope has an object with such a key): no template, nothing merged
+    body = b"".join(_event({"index": 0, "delta": {"content": t}, "finish_reason": None},
+                           meta={"content": "x"}) for t in ["mail ", "a@b", ".io", " now"])
+    out, ctx = _inspect([body], guarded=True)
+    texts = [e["choices"][0]["delta"]["content"] for e in _events(out)]
+    assert "".join(texts) == "mail [EMAIL] now" and len(texts) > 1
