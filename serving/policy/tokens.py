@@ -29,7 +29,7 @@ import jinja2.nodes
 import jinja2.utils
 import regex
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: what templates see as bos_token, eos_token, ...
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
@@ -74,22 +74,6 @@ _ASCII_PROBES = [
 ]
 
 
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's bytes_to_unicode: the character the ByteLevel pre-tokenizer writes for each byte."""
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, n = {}, 0
-    for b in range(256):
-        if b in visible:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-
-
 class _AsciiCounter:
     """Exact token counts of ASCII text for a byte-level BPE tokenizer, without a tokenizer
     call per text.
@@ -104,18 +88,18 @@ class _AsciiCounter:
 
     def __init__(self, tokenizer: Tokenizer, added: list[str]):
         self._model = tokenizer.model
+        # the ByteLevel pre-tokenizer's byte-to-character mapping, without its split
+        self._bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str
         longest_first = sorted(added, key=len, reverse=True)  # leftmost-longest, as tokenizers matches them
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")").split if added else None
         self._pieces: dict[str, int] = {}
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> "_AsciiCounter | None":
-        spec = json.loads(tokenizer.to_str())
-        pre = spec.get("pre_tokenizer") or {}
-        model = spec.get("model") or {}
-        if (spec.get("normalizer") is not None or pre.get("type") != "ByteLevel"
-                or pre.get("add_prefix_space") or not pre.get("use_regex", True)
-                or model.get("type") != "BPE" or model.get("dropout")):
+        pre, model = tokenizer.pre_tokenizer, tokenizer.model
+        if (tokenizer.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
+                or pre.add_prefix_space or not pre.use_regex
+                or not isinstance(model, models.BPE) or model.dropout):
             return None
         added = list(tokenizer.get_added_tokens_decoder().values())
         if any(t.single_word or t.lstrip or t.rstrip or not t.content for t in added):
@@ -140,7 +124,7 @@ class _AsciiCounter:
                 if c is None:
                     if len(cache) >= _PIECE_CACHE_SIZE:
                         cache.clear()
-                    c = cache[piece] = len(self._model.tokenize("".join(_BYTE_LEVEL[b] for b in piece.encode())))
+                    c = cache[piece] = len(self._model.tokenize(self._bytes(piece)[0][0]))
                 n += c
         return n
 

@@ -211,7 +211,7 @@ def test_ascii_text_is_counted_as_the_tokenizer_counts_it(counter, demo_dir):
             assert counter._encode(text, special) == len(tokenizer.encode(text, add_special_tokens=special).ids), repr(text)
 
 
-def test_tokenizers_the_fast_path_is_not_exact_for_count_with_the_tokenizer(demo_dir, tmp_path):
+def test_tokenizers_the_fast_path_would_miscount_go_to_the_tokenizer(demo_dir, tmp_path):
     def prefix_space(spec):
         spec["pre_tokenizer"]["add_prefix_space"] = True
 
