@@ -475,10 +475,7 @@ class _Upstream(asyncio.Protocol):
             self.decoder.feed_data(data)
         except httptools.HttpParserError:
             log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
-            self._drain()
-            self._flush()
-            self.transport.abort()
-            return
+            self.transport.abort()  # what decoded before the error still goes out
         self._drain()
         self._flush()
 
