@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -29,6 +30,22 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _hidden(key: str | None) -> str | None:
+    """A key as results record it: a $NAME reference as written, a literal key never."""
+    return key if key is None or key.startswith("$") else "***"
+
+
+def _without_key(command: str) -> str:
+    """The command line with the value of --api-key hidden (results are shared, keys are not)."""
+    words = shlex.split(command)
+    for i, w in enumerate(words):
+        if w == "--api-key" and i + 1 < len(words):
+            words[i + 1] = _hidden(words[i + 1])
+        elif w.startswith("--api-key="):
+            words[i] = "--api-key=" + _hidden(w.split("=", 1)[1])
+    return shlex.join(words)
 
 
 def _api_key(spec: BenchSpec, has_tenants: bool) -> str | None:
@@ -151,10 +168,10 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             _say(f"no recommendation: {note}")
     result = {
         "keel_bench": FORMAT_VERSION,
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(), "command": command,
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(), "command": _without_key(command),
                  "label": label, "host": platform.node(), "cpus": os.cpu_count(), "model": model,
                  "url": spec.url, "config": str(config_path) if config_path else None},
-        "spec": spec.model_dump(mode="json"),
+        "spec": {**spec.model_dump(mode="json"), "api_key": _hidden(spec.api_key)},
         "hardware": {"name": hw_name, "price_per_replica_hour": hardware.price_per_replica_hour,
                      "currency": hardware.currency},
         "slo": spec.slo.model_dump(mode="json"),

@@ -98,9 +98,11 @@ def test_keel_bench_run_measures_a_running_server_from_flags_alone(tmp_path, ser
     out = tmp_path / "adhoc.json"
     rc = main(["bench", "run", "--url", server.url, "--model", "demo", "--levels", "1,2", "--num-requests", "4",
                "--input-len", "8", "--output-len", "3", "--slo", "ttft=60000,p=90", "--out", str(out),
-               "--report", str(tmp_path / "report"), "--no-progress"])
+               "--report", str(tmp_path / "report"), "--no-progress", "--api-key", "sk-keel-literal-secret"])
     assert rc == 0
+    assert "sk-keel-literal-secret" not in out.read_text()  # results are shared; keys are not
     result = json.loads(out.read_text())
+    assert "--api-key '***'" in result["meta"]["command"] and result["spec"]["api_key"] == "***"
     assert [p["load"]["value"] for p in result["settings"][0]["points"]] == [1, 2]
     assert result["slo"]["ttft_ms"] == 60000 and result["slo"]["percentile"] == 90
     assert result["meta"]["command"].startswith(f"keel bench run --url {server.url} --model demo --levels 1,2")
