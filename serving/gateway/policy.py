@@ -79,7 +79,7 @@ class PolicyRuntime:
             # The same file and chain; a changed rotation size applies to it as it is.
             self.audit_log = previous.audit_log
             if self.audit_log is not None:
-                self.audit_log.max_file_bytes = max_file_bytes
+                self.audit_log.resize(max_file_bytes)
         else:
             self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes) \
                 if policy.audit.enabled else None

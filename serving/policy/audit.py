@@ -117,7 +117,7 @@ class AuditLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._flush_interval_s = flush_interval_s
         self._fsync = fsync
-        self._max_file_bytes = max_file_bytes
+        self._max_file_bytes = self._rotate_at = max_file_bytes
         self._lock_fd, self.slot = _claim_slot(self.directory)
         try:
             self.path = self.directory / f"audit-{self.slot}.jsonl"
@@ -243,14 +243,9 @@ class AuditLog:
         # `body` is the canonical form; appending "hash" as the last key keeps it recoverable.
         return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
 
-    @property
-    def max_file_bytes(self) -> int | None:
-        return self._max_file_bytes
-
-    @max_file_bytes.setter
-    def max_file_bytes(self, value: int | None) -> None:
+    def resize(self, max_file_bytes: int | None) -> None:
         """A new rotation size for the file being written (a policy reload that changed only it)."""
-        self._max_file_bytes = self._rotate_at = value
+        self._max_file_bytes = self._rotate_at = max_file_bytes
 
     def _rotate(self) -> None:
         """The full file and its head are renamed aside; a new file continues the chain.
@@ -265,27 +260,23 @@ class AuditLog:
             n += 1
             rotated = self.directory / f"audit-{self.slot}.{first:012d}-{n}.jsonl"
         fresh = _fresh_path(self.path)
-        done: list[tuple[Path, Path]] = []
+        max_bytes = self._max_file_bytes  # once: a reload may change it from the loop's thread
         try:
             fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                for src, dst in ((self.path, rotated), (self._head_path, head_path(rotated)), (fresh, self.path)):
-                    os.rename(src, dst)
-                    done.append((src, dst))
+                _rename_all([(self.path, rotated), (self._head_path, head_path(rotated)), (fresh, self.path)])
             except OSError:
-                for src, dst in reversed(done):
-                    os.rename(dst, src)
                 os.close(fd)
                 fresh.unlink(missing_ok=True)
                 raise
         except OSError as e:
             # Keep writing where we are; try again after another tenth of the size.
-            self._rotate_at = self._size + max(1, self._max_file_bytes // 10)
+            self._rotate_at = None if max_bytes is None else self._size + max(1, max_bytes // 10)
             log.error("audit log %s: cannot rotate (%s); still writing to it", self.path, e)
             return
         os.close(self._fd)
         self._fd, self._size = fd, 0
-        self._rotate_at = self._max_file_bytes
+        self._rotate_at = max_bytes
         self._start = (self._next_seq, self._prev)
         self._write_head()
         log.info("audit log %s: rotated to %s at seq %d", self.path, rotated.name, self._next_seq - 1)
@@ -395,9 +386,17 @@ def _read_head_doc(path: Path) -> dict | None:
     return None
 
 
-def _read_head(path: Path) -> tuple[int, str] | None:
-    doc = _read_head_doc(path)
-    return (doc["seq"], doc["hash"]) if doc is not None else None
+def _rename_all(pairs: list[tuple[Path, Path]]) -> None:
+    """Each rename in turn; if one fails, those done are undone (last first) and it raises."""
+    done: list[tuple[Path, Path]] = []
+    try:
+        for src, dst in pairs:
+            os.rename(src, dst)
+            done.append((src, dst))
+    except OSError:
+        for src, dst in reversed(done):
+            os.rename(dst, src)
+        raise
 
 
 def _fresh_path(path: Path) -> Path:
@@ -409,8 +408,8 @@ def _resume(directory: Path, slot: int) -> tuple[int, str, tuple[int, str]]:
     path = directory / f"audit-{slot}.jsonl"
     _fresh_path(path).unlink(missing_ok=True)  # made by a rotation a crash cut short
     if path.exists() and (path.stat().st_size > 0 or head_path(path).exists()):
-        next_seq, prev = _resume_point(path)
         doc = _read_head_doc(path)
+        next_seq, prev = _resume_point(path, doc)
         return next_seq, prev, doc["start"] if doc is not None else (0, GENESIS)
     # No current file, or an empty one a rotation put in place just before a crash (its head
     # not yet written): the chain goes on from the newest rotated file.
@@ -423,13 +422,13 @@ def _resume(directory: Path, slot: int) -> tuple[int, str, tuple[int, str]]:
         # A rotation stopped between renaming the file and its head: finish it.
         os.rename(stale, head_path(newest))
         log.warning("audit log %s: finished an interrupted rotation (moved its head)", newest)
-    next_seq, prev = _resume_point(newest)
+    next_seq, prev = _resume_point(newest, _read_head_doc(newest))
     return next_seq, prev, (next_seq, prev)
 
 
-def _resume_point(path: Path) -> tuple[int, str]:
-    """(next seq, prev hash) to continue this file's chain after a restart."""
-    head = _read_head(path)
+def _resume_point(path: Path, head_doc: dict | None) -> tuple[int, str]:
+    """(next seq, prev hash) to continue this file's chain after a restart (head_doc: its head)."""
+    head = (head_doc["seq"], head_doc["hash"]) if head_doc is not None else None
     last = None
     if path.exists():
         line, complete_end, size = _read_last_line(path)

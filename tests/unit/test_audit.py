@@ -1,9 +1,10 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from serving.policy.audit import GENESIS, AuditLog, head_path, record_hash, verify
+from serving.policy.audit import GENESIS, AuditLog, chain_order, head_path, record_hash, verify, verify_chain
 
 
 def write_records(directory, n, **fields):
@@ -279,8 +280,6 @@ def write_rotating(directory, n, max_file_bytes=1500, start=0):
 
 
 def chain_results(directory):
-    from serving.policy.audit import chain_order, verify_chain
-
     (chain,) = chain_order(sorted(Path(directory).glob("audit-*.jsonl")))
     return chain, verify_chain(chain)
 
@@ -342,7 +341,7 @@ def test_a_continuation_file_copied_without_its_head_verifies_with_a_warning(tmp
 def test_a_rotation_cut_short_by_a_crash_is_finished_on_restart(tmp_path):
     """The file was renamed but its head was not, and no new file was made."""
     current = write_rotating(tmp_path, 5, max_file_bytes=10**9)
-    os_rename = __import__("os").rename
+    os_rename = os.rename
     os_rename(current, current.with_name("audit-0.000000000000.jsonl"))
     write_rotating(tmp_path, 5, max_file_bytes=10**9, start=5)
     chain, results = chain_results(tmp_path)
@@ -355,8 +354,8 @@ def test_a_crash_right_after_the_new_file_was_put_in_place_continues_the_chain(t
     """The rotation's last step: an empty current file whose head was not written yet."""
     current = write_rotating(tmp_path, 40)
     before = chain_results(tmp_path)[0]
-    __import__("os").rename(current, current.with_name("audit-0.999999999999.jsonl"))
-    __import__("os").rename(head_path(current), head_path(current.with_name("audit-0.999999999999.jsonl")))
+    os.rename(current, current.with_name("audit-0.999999999999.jsonl"))
+    os.rename(head_path(current), head_path(current.with_name("audit-0.999999999999.jsonl")))
     current.write_bytes(b"")  # in place, no head: the crash came here
     write_rotating(tmp_path, 3, start=40, max_file_bytes=10**9)
     chain, results = chain_results(tmp_path)
@@ -367,7 +366,6 @@ def test_a_crash_right_after_the_new_file_was_put_in_place_continues_the_chain(t
 
 def test_a_rotation_that_fails_part_way_is_undone_and_writing_goes_on(tmp_path, monkeypatch):
     """The head cannot be renamed: the full file gets its name back, and is still written."""
-    import os
 
     from serving.policy import audit
 
@@ -400,25 +398,32 @@ def test_cli_audit_verify_checks_a_directory_and_the_links_between_rotated_files
     assert f"{chain[2]}: does not continue {chain[0].name}" in capsys.readouterr().out
 
 
+def _write_past_a_mebibyte(log) -> None:
+    for i in range(3):  # three batches of ~0.6 MiB: the file passes 1 MiB in the second
+        for j in range(3000):
+            log.write({"request_id": f"req-{i}-{j}", "note": "x" * 150})
+        log.flush()
+
+
+def _rotated_once_at_a_mebibyte(directory) -> bool:
+    (chain,) = chain_order(sorted(directory.glob("audit-*.jsonl")))
+    return (len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20
+            and all(r.ok for _, r in verify_chain(chain)))
+
+
 def test_the_policy_audit_block_sets_the_rotation_size(tmp_path):
     from serving.gateway.metrics import GatewayMetrics
     from serving.gateway.policy import PolicyRuntime
-    from serving.policy.audit import chain_order, verify_chain
     from serving.policy.config import AuditConfig, PolicyConfig
 
     assert AuditConfig().max_file_mb == 1024 and AuditConfig(max_file_mb=None).max_file_mb is None
     pol = PolicyConfig.model_validate({"audit": {"dir": str(tmp_path), "max_file_mb": 1}})
     rt = PolicyRuntime(pol, {}, GatewayMetrics())
     try:
-        for i in range(3):  # three batches of ~0.6 MiB: the file passes 1 MiB in the second
-            for j in range(3000):
-                rt.audit_log.write({"request_id": f"req-{i}-{j}", "note": "x" * 150})
-            rt.audit_log.flush()
+        _write_past_a_mebibyte(rt.audit_log)
     finally:
         rt.close()
-    (chain,) = chain_order(sorted(tmp_path.glob("audit-*.jsonl")))
-    assert len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20
-    assert all(r.ok for _, r in verify_chain(chain))
+    assert _rotated_once_at_a_mebibyte(tmp_path)
 
 
 def test_a_reload_that_changes_only_the_rotation_size_keeps_the_file_and_its_chain(tmp_path):
@@ -432,6 +437,7 @@ def test_a_reload_that_changes_only_the_rotation_size_keeps_the_file_and_its_cha
                            {}, metrics, previous=first)
     try:
         assert second.audit_log is first.audit_log and second.audit_log.path.name == "audit-0.jsonl"
-        assert second.audit_log.max_file_bytes == 2**20
+        _write_past_a_mebibyte(second.audit_log)  # the new size applies to the file as it is
     finally:
         second.close()
+    assert _rotated_once_at_a_mebibyte(tmp_path)
