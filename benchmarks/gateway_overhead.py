@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -64,9 +65,9 @@ TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 3.0
 OUTPUT_TOKENS = 16
 DENY_TERMS = ["project nightingale", "internal codename", "confidential roadmap"]
-# The responder's 16 output words.
-WORDS = ("the quick brown fox jumps over a lazy dog while model servers stream tokens to many "
-         "clients across replicas and regions under load with quotas guardrails and routing").split()
+# The responder's output: OUTPUT_TOKENS words, each a token event.
+OUTPUT_WORDS = [" " + w for w in "the quick brown fox jumps over a lazy dog while model servers stream tokens to many".split()]
+assert len(OUTPUT_WORDS) == OUTPUT_TOKENS
 POOL_SIZE = 16  # keep-alive connections opened per target before each phase
 USERS = 64  # distinct `user` values: the experiment's sticky routing sees many users
 PROMPTS = 2048  # distinct prompts, sent in turn: 32-word passages of real English text
@@ -92,9 +93,8 @@ def _events(model: str, with_usage: bool, prompt_tokens: int = 40) -> list[bytes
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
 
-    words = [" " + w for w in WORDS[:OUTPUT_TOKENS]]
     out = [chunk({"role": "assistant", "content": ""})]
-    out += [chunk({"content": w}) for w in words]
+    out += [chunk({"content": w}) for w in OUTPUT_WORDS]
     out.append(chunk({"content": ""}, finish="length"))
     if with_usage:
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + OUTPUT_TOKENS,
@@ -105,7 +105,7 @@ def _events(model: str, with_usage: bool, prompt_tokens: int = 40) -> list[bytes
 
 
 def _json_answer(model: str, prompt_tokens: int = 40) -> bytes:
-    text = "".join(" " + w for w in WORDS[:OUTPUT_TOKENS])
+    text = "".join(OUTPUT_WORDS)
     return orjson.dumps({
         "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_764_000_000, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -492,12 +492,17 @@ class _Pool:
             self.drained.set()
 
 
+@functools.cache
+def _corpus_words() -> list[str]:
+    return CORPUS.read_text(encoding="utf-8").split()
+
+
 def request_bodies(config: str, stream: bool, n: int = PROMPTS, seed: int = 0) -> list[tuple[dict, bytes]]:
     """(headers, body) of the benchmark's requests: n prompts, each a 32-word passage of the demo
     corpus (English prose, so a prompt's words, numbers and punctuation vary as real ones do),
     from USERS end users."""
     rng = random.Random(seed)
-    words = CORPUS.read_text(encoding="utf-8").split()
+    words = _corpus_words()
     out = []
     for i in range(n):
         at = rng.randrange(len(words) - 32)
@@ -710,6 +715,7 @@ class _NullTransport(asyncio.Transport):
 
 _WITHOUT_OUTPUT_GUARDS = "  (the same response without output guardrails)"
 _AT_ONCE = "  (the same response read in one piece, as under load)"
+_ONE_AT_A_TIME = "response, 19 events read one at a time (the engine slower than the gateway)"
 _AUDIT_THREAD = "audit writer thread, CPU (serialise, hash, write)"
 
 
@@ -726,6 +732,17 @@ def _relay_response(ctx, client, loop, at_once: bool = False):
         up.data_received(piece)
     up.connection_lost(None)
     return up.done.result()
+
+
+def _replay(spent: dict[str, float], row: str, ctx, client, loop, at_once: bool = False, **changes) -> float:
+    """Time ctx's response once more (on a copy of ctx, with `changes`) into spent[row]."""
+    again = dataclasses.replace(ctx, response_text=[], usage=None, completion_chunks=0, guardrail_actions=[],
+                                **changes)
+    t = time.perf_counter()
+    _relay_response(again, client, loop, at_once=at_once)
+    took = time.perf_counter() - t
+    spent[row] += took
+    return took
 
 
 async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str, float]) -> None:
@@ -745,26 +762,18 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
         spent[f"{stage.name}: on_request"] += clock() - t
     t = clock()
     _request_bytes(ctx, gw.pool.pick(ctx.target))
-    spent["pick a replica, write the request to it"] += clock() - t
+    spent["pick a replica, build the request"] += clock() - t
     client = _Client(gw)
     client.transport = _NullTransport()
     t = clock()
     outcome = _relay_response(ctx, client, loop)
-    spent["response: 19 events relayed, or inspected + output guardrails"] += clock() - t
+    spent[_ONE_AT_A_TIME] += clock() - t
     if outcome.status != 200:
         raise RuntimeError(f"the profiled request ended with {outcome}")
-    if ctx.output_guard is not None:  # the same response again, without output guardrails
-        bare = dataclasses.replace(ctx, output_guard=None, response_text=[], usage=None,
-                                   completion_chunks=0, guardrail_actions=[])
-        t = clock()
-        _relay_response(bare, client, loop)
-        spent[_WITHOUT_OUTPUT_GUARDS] += clock() - t
-        started += clock() - t  # not part of the request's own path
-    again = dataclasses.replace(ctx, response_text=[], usage=None, completion_chunks=0, guardrail_actions=[])
-    t = clock()
-    _relay_response(again, client, loop, at_once=True)
-    spent[_AT_ONCE] += clock() - t
-    started += clock() - t
+    # The same response again, other ways (not part of the request's own path, so not in its total)
+    if ctx.output_guard is not None:
+        started += _replay(spent, _WITHOUT_OUTPUT_GUARDS, ctx, client, loop, output_guard=None)
+    started += _replay(spent, _AT_ONCE, ctx, client, loop, at_once=True)
     for stage in reversed(stages):
         t = clock()
         stage.on_complete(ctx, outcome)
@@ -792,10 +801,11 @@ async def stage_costs(redis: bool, requests: int = 200, repeats: int = 7) -> dic
         redis_server = RedisServer(dir=f"{tmp.name}/redis")
     gateways = build_gateways(1, tmp.name, redis_server.url if redis_server else None)
     runs: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in gateways}
+    prompts = {name: request_bodies(name, True, n=requests) for name in gateways}  # the same each repeat
     try:
         for rep in range(repeats + 1):
             for name, gw in gateways.items():  # alternating, so a busy moment hits every column
-                bodies = request_bodies(name, True)
+                bodies = prompts[name]
                 audit = gw.runtime.audit_log
                 spent: dict[str, float] = defaultdict(float)
                 audit_cpu = _thread_cpu_s(audit._thread) if audit else 0.0
@@ -823,8 +833,7 @@ def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, flo
     from serving.policy.guardrails import GuardrailPolicy, InputGuard, OutputGuard
 
     rules = GuardrailPolicy.model_validate(policy_on("-")["guardrails"]["everything"]).input
-    texts = [[get() for get, _ in prompt_slots(orjson.loads(body))] for _, body in request_bodies("on", True)]
-    tokens = [" " + w for w in WORDS[:OUTPUT_TOKENS]]
+    texts = [[get() for get, _ in prompt_slots(orjson.loads(body))] for _, body in request_bodies("on", True, n=requests)]
     out = {}
     for rule in rules:
         label = rule.type + (f" ({rule.action})")
@@ -837,7 +846,7 @@ def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, flo
             t1 = time.perf_counter()
             for _ in range(requests):
                 scanner = outp.stream()
-                for tok in tokens:
+                for tok in OUTPUT_WORDS:
                     scanner.feed(tok)
                 scanner.flush()
             t2 = time.perf_counter()
@@ -952,7 +961,6 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=200, help="requests per second (open loop)")
@@ -1018,6 +1026,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "summary": summaries, **result}, indent=2, default=str))
     print(f"\nraw results: {out} ({meta['wall_s']:.0f} s)")
+
 
 if __name__ == "__main__":
     main()
