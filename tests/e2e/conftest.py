@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmarks.suite.stack import free_port
 from serving.policy.identity import DEMO_KEY  # the demo tenant's key in configs/local.yaml
+
+REPO = Path(__file__).resolve().parents[2]
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 STARTUP_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -54,7 +49,7 @@ def local_config() -> dict:
 @contextlib.contextmanager
 def running_stack(cfg: dict, tmp: Path):
     """`keel serve` on cfg (port replaced by a free one) until ready; Ctrl-C on exit."""
-    port = _free_port()
+    port = free_port()
     cfg["server"]["port"] = port
     cfg_path = tmp / "stack.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -15,8 +15,9 @@ import openai
 import pytest
 import yaml
 
+from benchmarks.suite.stack import free_port
 from serving.policy.identity import key_digest
-from tests.e2e.conftest import DEMO_KEY, _free_port, local_config, running_stack
+from tests.e2e.conftest import DEMO_KEY, local_config, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ def policy_config(tmp: Path, limited_rpm: int = 2) -> dict:
         "output": [{"type": "deny", "name": "vowels", "patterns": ["[aeiouAEIOU]"], "action": "redact"}],
     }
     cfg["experiments"] = {"chat": {"variants": {"demo": 50, "demo-b": 50}}}
-    cfg["quotas"] = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{_free_port()}/0"}
+    cfg["quotas"] = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0"}
     cfg["audit"] = {"dir": str(tmp / "audit")}
     return cfg
 

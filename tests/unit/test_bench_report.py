@@ -50,7 +50,7 @@ def setting(name: str, points: list[dict], engine: dict | None = None) -> dict:
 def result(label: str, settings: list[dict], recommendation: dict | None = None) -> dict:
     return {
         "keel_bench": FORMAT_VERSION,
-        "meta": {"date": "2026-11-26 11:00:00", "git": "abc1234", "command": "keel bench sweep demo.yaml",
+        "meta": {"date": "2026-11-26 11:00:00", "git": "abc1234", "command": "keel bench run demo.yaml",
                  "label": label, "host": "bench-1", "cpus": 2, "model": "demo"},
         "spec": {"model": "demo", "dataset": {"kind": "random", "input_len": 256, "output_len": 128},
                  "load": {"mode": "concurrency", "levels": [1, 4, 16], "num_requests": 64}},
