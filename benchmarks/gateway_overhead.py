@@ -723,9 +723,9 @@ def _relay_response(ctx, client, loop, at_once: bool = False):
     """Feed the engine's answer to ctx through the gateway's response handling (an Outcome):
     a read per piece the engine writes, or (at_once) all of it in one read, as the gateway reads
     it when it is behind the engine (the load runs read ~1.5 times per response)."""
-    from serving.gateway.server import _Upstream
+    from serving.gateway.relay import Upstream
 
-    up = _Upstream(client, ctx, loop)
+    up = Upstream(client, ctx, loop)
     up.connection_made(_NullTransport())
     pieces = engine_answer(orjson.loads(ctx.body), close=True)
     for piece in [b"".join(pieces)] if at_once else pieces:
@@ -748,7 +748,8 @@ def _replay(spent: dict[str, float], row: str, ctx, client, loop, at_once: bool 
 async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str, float]) -> None:
     """One streamed request through gw's request path, adding each step's wall time to `spent`."""
     from serving.gateway import policy as policy_module
-    from serving.gateway.server import _Client, _request_bytes
+    from serving.gateway.http import ClientConnection
+    from serving.gateway.relay import request_bytes
     from serving.gateway.stages import RequestContext
 
     loop = asyncio.get_running_loop()
@@ -761,9 +762,9 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
         await stage.on_request(ctx)
         spent[f"{stage.name}: on_request"] += clock() - t
     t = clock()
-    _request_bytes(ctx, gw.pool.pick(ctx.target))
+    request_bytes(ctx, gw.pool.pick(ctx.target))
     spent["pick a replica, build the request"] += clock() - t
-    client = _Client(gw)
+    client = ClientConnection(gw)
     client.transport = _NullTransport()
     t = clock()
     outcome = _relay_response(ctx, client, loop)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from serving.gateway.limits import HttpLimits
 from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs
 from serving.schema import Strict
 
@@ -45,7 +46,14 @@ class ServerConfig(_Strict):
         description="Custom Ray resources each gateway replica needs, e.g. {keel-gateway: 1} given "
         "only to the nodes a load balancer sends traffic to.",
     )
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger requests get 413.")
+    limits: HttpLimits = Field(
+        default_factory=HttpLimits, description="The front door's limits on what clients send: sizes, "
+        "counts and times (413, 414, 431, 408, 503).")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A second listener that serves /metrics (and /health) "
+        "without a key, for Prometheus; on the API port /metrics needs an admin key when tenants "
+        "are configured (its labels name tenants).")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
 
 

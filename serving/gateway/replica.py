@@ -49,8 +49,9 @@ def build_gateway(cfg: KeelConfig) -> Gateway:
     models = list(cfg.models)
     s = cfg.server
     return Gateway(
-        GatewaySettings(host=s.host, port=s.port, max_body_bytes=s.max_body_bytes,
+        GatewaySettings(host=s.host, port=s.port, limits=s.limits,
                         connect_timeout_s=s.upstream_connect_timeout_s,
+                        metrics_port=s.metrics_port, metrics_host=s.metrics_host,
                         # Only replicas of one stack share a port: a second stack started on a
                         # taken port must fail, not silently take half the traffic.
                         reuse_port=s.gateway_replicas > 1),

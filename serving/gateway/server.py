@@ -1,14 +1,15 @@
 """The gateway: decide once per request, then relay the engine's response as raw bytes.
 
 What costs throughput on the generation path is work per streamed chunk (see
-docs/architecture.md). So this server does its work where it is per request: it parses the
-request head and JSON body once, runs the request-path stages, picks an engine replica, opens
-a connection to that replica's own HTTP port and, once the engine's response head is read and
-rewritten, copies every further byte to the client unparsed (`_Upstream.data_received`).
-Nothing in the gateway runs per token.
+docs/architecture.md). So the gateway does its work where it is per request: the client's
+connection (serving/gateway/http.py) reads the request head, which the gateway checks at once
+(route, key, capacity: `admit_head`), then the body; the request-path stages run once; an
+engine replica is picked and the relay (serving/gateway/relay.py) copies the engine's response
+to the client, unparsed unless a policy must read it. Nothing in the gateway runs per token.
 
 Built on asyncio protocols (uvloop in production) and httptools, not on an ASGI framework: an
-ASGI app turns every chunk into a message and an `await`, the per-chunk cost we avoid.
+ASGI app turns every chunk into a message and an `await`, the per-chunk cost we avoid
+(measured against uvicorn, aiohttp and granian in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -17,44 +18,42 @@ import asyncio
 import json
 import logging
 import re
+import resource
 import socket
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import httptools
+import orjson
 
-from serving.errors import GatewayError, error_body, reshape_upstream_error, status_phrase
+from serving.errors import GatewayError, error_body
 from serving.gateway.endpoints import Endpoint, EndpointPool
-from serving.gateway.inspect import StreamInspector, blocked_event, inspect_json
-from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.http import ClientConnection, Request
+from serving.gateway.limits import HttpLimits
+from serving.gateway.metrics import UNROUTED, GatewayMetrics
+from serving.gateway.relay import Upstream, request_bytes
+from serving.gateway.routes import ADMIN, MAIN, METRICS, PUBLIC, find_route
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
-from serving.httpraw import decode_chunked, parse_head
-from serving.policy.guardrails import GuardrailBlocked
+from serving.httpraw import parse_head
 
 log = logging.getLogger("keel.gateway")
 
-PROXIED_PATHS = {"/v1/chat/completions", "/v1/completions"}
-# Hop-by-hop and gateway-owned headers: not forwarded to the engine.
-_DROP_REQUEST_HEADERS = {
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
-    "host", "content-length", "authorization", "x-request-id", "expect", "trailer",
-}
-_DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "server", "x-request-id"}
-MAX_ERROR_BODY = 1 << 20
 MAX_SHADOWS_IN_FLIGHT = 32  # past this, shadow copies are dropped (counted), never queued
 SHADOW_TIMEOUT_S = 300
+MAX_SHADOW_RESPONSE = 16 * 1024 * 1024  # read this much of a shadow's answer, at most
 RETRY_AFTER_S = 5
+_FDS_PER_CONNECTION = 2  # a client connection and its engine connection
 
 
 @dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 8 * 1024 * 1024
+    limits: HttpLimits = field(default_factory=HttpLimits)
     connect_timeout_s: float = 5.0
     reuse_port: bool = False  # only replicas of one stack may share a port
+    metrics_port: int | None = None  # a second listener serving /metrics (and /health) without a key
+    metrics_host: str = "127.0.0.1"
 
 
 class Gateway:
@@ -68,47 +67,61 @@ class Gateway:
         model_info: dict[str, dict] | None = None,
     ):
         self.settings = settings
+        self.limits = settings.limits
         self.models = list(models)
         self.pipeline = pipeline
         self.pool = pool or EndpointPool()
         self.metrics = metrics or GatewayMetrics()
         self.model_info = model_info or {}
         self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
+        self.max_connections = _connection_cap(self.limits.max_connections)
+        self.connections = 0
+        self.requests_in_flight = 0
+        self.body_bytes = 0  # request-body bytes held, all requests together
         self._shadows_in_flight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._created = int(time.time())
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET)
+        s = self.settings
+        self._servers.append(await self._listen(s.host, s.port, MAIN))
+        if s.metrics_port is not None:
+            self._servers.append(await self._listen(s.metrics_host, s.metrics_port, METRICS))
+
+    async def _listen(self, host: str, port: int, listener: str) -> asyncio.AbstractServer:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.settings.reuse_port and hasattr(socket, "SO_REUSEPORT"):
             # Several gateway replicas on one node share the port; the kernel spreads connections.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.settings.host, self.settings.port))
+        sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), sock=sock)
+        return await loop.create_server(lambda: ClientConnection(self, listener), sock=sock)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return self._servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def metrics_listen_port(self) -> int | None:
+        return self._servers[1].sockets[0].getsockname()[1] if len(self._servers) > 1 else None
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
 
     def update_endpoints(self, snapshot: dict[str, list[dict]]) -> None:
         self.pool.update(snapshot)
         for model in self.models:
             self.metrics.endpoints.labels(model).set(self.pool.count(model))
-
-    # -- request handling ------------------------------------------------------------------
 
     def set_policy(self, runtime) -> None:
         """Swap in a new policy version; requests in flight finish on the one they started with."""
@@ -116,74 +129,132 @@ class Gateway:
         self.runtime = runtime
         self.pipeline = runtime.pipeline
 
-    async def handle(self, client: "_Client", req: "_Request") -> None:
-        rid = req.headers.get("x-request-id") or uuid.uuid4().hex
-        path = req.path
-        try:
-            if path in PROXIED_PATHS:
-                if req.method != "POST":
-                    self._audit_refused(req, rid, 405, "method not allowed")
-                    raise GatewayError(405, f"Use POST for {path}.")
-                await self._proxy(client, req, rid)
-                return
-            if path == "/v1/models" and req.method == "GET":
-                client.respond(200, json.dumps(self._models_body(req)).encode(), rid)
-            elif path.startswith("/v1/models/") and req.method == "GET":
-                name = path[len("/v1/models/"):]
-                card = next((m for m in self._models_body(req)["data"] if m["id"] == name), None)
-                if card is None:
-                    raise GatewayError(404, f"The model `{name}` does not exist.", code="model_not_found")
-                client.respond(200, json.dumps(card).encode(), rid)
-            elif path == "/health" and req.method == "GET":
-                ready = {m: self.pool.count(m) for m in self.models}
-                ok = all(ready.values())
-                body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready}).encode()
-                headers = {} if ok else {"retry-after": str(RETRY_AFTER_S)}
-                client.respond(200 if ok else 503, body, rid, headers)
-            elif path == "/metrics" and req.method == "GET":
-                text = await self.metrics.render(self.pool.all())
-                client.respond(200, text, rid, content_type=GatewayMetrics.CONTENT_TYPE)
-            elif path.startswith("/v1/admin/"):
-                body = self._admin(req, rid)
-                client.respond(200, json.dumps(body).encode(), rid)
-            else:
-                raise GatewayError(404, f"No route {req.method} {path}.", code="unknown_route")
-        except GatewayError as e:
-            client.respond(e.status, e.body(rid), rid, e.headers)
-        except Exception:  # never a stack trace to the client; the log has it
-            log.exception("request %s failed", rid)
-            client.respond(500, error_body(500, "Internal gateway error.", request_id=rid), rid)
+    # -- the front door: what ClientConnection asks before and after each request ------------
 
-    def _principal(self, req: "_Request"):
-        """The caller's identity when tenants are configured (401 otherwise); None in open mode."""
+    def connection_opened(self, conn: ClientConnection) -> bool:
+        if self.connections >= self.max_connections:
+            return False
+        self.connections += 1
+        return True
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections -= 1
+
+    def admit_head(self, conn: ClientConnection, req: Request, content_length: int) -> None:
+        """The verdict on a request head, before its body is read: route, key, size, capacity.
+        Raises GatewayError; on success the request holds an in-flight slot and its body's bytes."""
+        route = find_route(conn.listener, req.path)
         rt = self.runtime
-        if rt is None or rt.open:
-            return None
-        return rt.keyring.authenticate(req.headers.get("authorization"))  # AuthError: a 401
+        keyed = rt is not None and not rt.open
+        if keyed and (route is None or route.access != PUBLIC):
+            # With tenants, only a key opens anything but the public routes (unknown paths too).
+            req.principal = rt.keyring.authenticate(req.headers.get("authorization"))  # AuthError: 401
+        if route is None:
+            raise GatewayError(404, f"No route {req.method} {req.path}.", code="unknown_route")
+        if req.method not in route.methods:
+            allowed = ", ".join(sorted(route.methods))
+            raise GatewayError(405, f"Use {allowed} for {req.path}.", code="method_not_allowed",
+                               headers={"allow": allowed})
+        if route.access == ADMIN and keyed and req.principal.role != "admin":
+            raise GatewayError(403, f"{req.path} needs an admin key.", code="admin_only")
+        req.route = route
+        limits = self.limits
+        if content_length > limits.max_body_bytes:
+            raise _too_large(limits)
+        if self.requests_in_flight >= limits.max_requests_in_flight:
+            raise _busy("requests in flight")
+        if self.body_bytes + content_length > limits.max_buffered_body_bytes:
+            raise _busy("request bytes held")
+        self.requests_in_flight += 1
+        req.counted = True
+        self.body_bytes += content_length
+        req.body_reserved = content_length
 
-    def _admin(self, req: "_Request", rid: str) -> dict:
-        p = self._principal(req)
+    def grow_body(self, req: Request, size: int) -> GatewayError | None:
+        """A body past what it reserved (chunked: its head gives no length): reserve more of the
+        budget, in steps so that not every piece checks it; or the error that refuses it."""
+        limits = self.limits
+        if size > limits.max_body_bytes:
+            return _too_large(limits)
+        extra = min(max(size - req.body_reserved, 65536), limits.max_body_bytes - req.body_reserved)
+        if self.body_bytes + extra > limits.max_buffered_body_bytes:
+            return _busy("request bytes held")
+        self.body_bytes += extra
+        req.body_reserved += extra
+        return None
+
+    def release(self, req: Request) -> None:
+        """A request is answered (or will never be): give back its slot and body budget."""
+        if req.counted:
+            req.counted = False
+            self.requests_in_flight -= 1
+        if req.body_reserved:
+            self.body_bytes -= req.body_reserved
+            req.body_reserved = 0
+
+    def record_refusal(self, conn: ClientConnection, req: Request | None, err: GatewayError) -> None:
+        """Every refusal the front door writes is an audit record and a metric."""
+        received = req.received_at if req is not None else time.monotonic()
+        p = req.principal if req is not None else None
+        self._record(req.request_id if req is not None else "-", req.method if req is not None else "-",
+                     req.path if req is not None else "-", err.status, err.message, received, p)
+
+    def log_internal_error(self, exc: BaseException) -> None:
+        log.error("gateway error while reading a request", exc_info=exc)
+
+    def _record(self, rid: str, method: str, path: str, status: int, error: str | None, received_at: float,
+                principal=None) -> None:
+        tenant = principal.tenant if principal is not None else None
+        self.metrics.observe(None, received_at, Outcome(status, error=error), tenant or UNROUTED)
+        if self.runtime is not None:
+            self.runtime.audit_plain(rid, method, path, status, error, received_at,
+                                     tenant=tenant, key_id=principal.key_id if principal is not None else None)
+
+    # -- answering ---------------------------------------------------------------------------
+
+    async def handle(self, conn: ClientConnection, req: Request) -> None:
+        route = req.route
+        rid = req.request_id
+        if route.handler == "proxy":
+            await self._proxy(conn, req, rid)
+            return
         status, error = 200, None
         try:
-            if p is not None and p.role != "admin":
-                raise GatewayError(403, "The admin API needs an admin key.", code="admin_only")
-            if req.method != "GET" or req.path != "/v1/admin/policy":
-                raise GatewayError(404, f"No admin route {req.method} {req.path}; try GET /v1/admin/policy.",
-                                   code="unknown_route")
-            return policy_summary(self.runtime)
+            status, body, headers, ctype = await getattr(self, "_" + route.handler)(req)
+            conn.respond(status, body, rid, headers, content_type=ctype)
         except GatewayError as e:
             status, error = e.status, e.message
-            raise
-        finally:
-            if self.runtime is not None:
-                self.runtime.audit_plain(rid, req.method, req.path, status, error, req.received_at,
-                                         tenant=p.tenant if p else None, key_id=p.key_id if p else None)
+            conn.respond(e.status, e.body(rid), rid, e.headers)
+        except Exception:  # never a stack trace to the client; the log has it
+            log.exception("request %s failed", rid)
+            status, error = 500, "internal error"
+            conn.respond(500, error_body(500, "Internal gateway error.", request_id=rid), rid)
+        if route.access != PUBLIC or status >= 400:  # probes and scrapes that worked are not news
+            self._record(rid, req.method, req.path, status, error, req.received_at, req.principal)
 
-    def _audit_refused(self, req: "_Request", rid: str, status: int, error: str) -> None:
-        if self.runtime is not None:
-            self.runtime.audit_plain(rid, req.method, req.path, status, error, req.received_at)
+    async def _models(self, req: Request):
+        return 200, json.dumps(self._models_body(req)).encode(), None, "application/json"
 
-    async def _proxy(self, client: "_Client", req: "_Request", rid: str) -> None:
+    async def _model_card(self, req: Request):
+        name = req.path[len("/v1/models/"):]
+        card = next((m for m in self._models_body(req)["data"] if m["id"] == name), None)
+        if card is None:
+            raise GatewayError(404, f"The model `{name}` does not exist.", code="model_not_found")
+        return 200, json.dumps(card).encode(), None, "application/json"
+
+    async def _health(self, req: Request):
+        ready = {m: self.pool.count(m) for m in self.models}
+        ok = all(ready.values())
+        body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready}).encode()
+        return (200 if ok else 503), body, ({} if ok else {"retry-after": str(RETRY_AFTER_S)}), "application/json"
+
+    async def _metrics(self, req: Request):
+        return 200, await self.metrics.render(self.pool.all()), None, GatewayMetrics.CONTENT_TYPE
+
+    async def _admin_policy(self, req: Request):
+        return 200, json.dumps(policy_summary(self.runtime)).encode(), None, "application/json"
+
+    async def _proxy(self, client: ClientConnection, req: Request, rid: str) -> None:
         ctx = RequestContext(rid, req.method, req.path, req.headers, req.body, received_at=req.received_at)
         if "x-request-id" in req.headers:
             # The engine needs ids unique among requests in flight; a client's may repeat.
@@ -201,13 +272,17 @@ class Gateway:
         except asyncio.CancelledError:  # the client went away during admission
             outcome = Outcome(499, error="client disconnected")
             raise
+        except Exception:  # never a stack trace to the client; the log has it
+            log.exception("request %s failed", rid)
+            client.respond(500, error_body(500, "Internal gateway error.", request_id=rid), rid)
+            outcome = Outcome(500, error="internal error")
         finally:
-            if outcome is None:  # an unexpected error: the caller answers 500
+            if outcome is None:  # cannot happen but by a bug above: recorded all the same
                 outcome = Outcome(500, error="internal error")
             pipeline.complete(ctx, outcome)
             self.metrics.observe_request(ctx, outcome)
 
-    async def _relay(self, client: "_Client", ctx: RequestContext) -> Outcome:
+    async def _relay(self, client: ClientConnection, ctx: RequestContext) -> Outcome:
         model = ctx.target
         assert model is not None
         tried: tuple[Endpoint, ...] = ()
@@ -222,7 +297,7 @@ class Gateway:
                     headers={"retry-after": str(RETRY_AFTER_S)},
                 )
             ep.in_flight += 1  # counted from the pick, so concurrent picks spread while connecting
-            upstream = _Upstream(client, ctx, loop)
+            upstream = Upstream(client, ctx, loop)
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: upstream, ep.host, ep.port),
@@ -243,7 +318,7 @@ class Gateway:
                 upstream.transport.abort()
                 return Outcome(499, error="client disconnected")
             client.upstream = upstream
-            upstream.transport.write(_request_bytes(ctx, ep))
+            upstream.transport.write(request_bytes(ctx, ep))
             return await upstream.done
         finally:
             client.upstream = None
@@ -265,7 +340,7 @@ class Gateway:
         payload["model"] = ctx.shadow
         if payload.get("stream"):
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        body = json.dumps(payload).encode()
+        body = orjson.dumps(payload)
         shadow_ctx = RequestContext(f"{ctx.request_id}-shadow", ctx.method, ctx.path, {}, body)
         shadow_ctx.upstream_headers["content-type"] = "application/json"
         self._shadows_in_flight += 1
@@ -281,8 +356,8 @@ class Gateway:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port),
                                                     self.settings.connect_timeout_s)
             try:
-                writer.write(_request_bytes(sctx, ep))
-                data = await asyncio.wait_for(reader.read(-1), SHADOW_TIMEOUT_S)
+                writer.write(request_bytes(sctx, ep))
+                data = await asyncio.wait_for(reader.read(MAX_SHADOW_RESPONSE), SHADOW_TIMEOUT_S)
             finally:
                 writer.close()
             head, _, body = data.partition(b"\r\n\r\n")
@@ -300,8 +375,8 @@ class Gateway:
             self.metrics.shadow_requests.labels(model, variant, status).inc()
             self.metrics.shadow_duration.labels(model, variant).observe(time.monotonic() - started)
 
-    def _models_body(self, req: "_Request") -> dict:
-        p = self._principal(req)
+    def _models_body(self, req: Request) -> dict:
+        p = req.principal
         rt = self.runtime
         names = list(self.models) + (list(rt.policy.experiments) if rt is not None else [])
         if p is not None:
@@ -314,6 +389,33 @@ class Gateway:
                 card["variants"] = list(rt.policy.experiments[m].variants)
             data.append(card)
         return {"object": "list", "data": data}
+
+
+def _too_large(limits: HttpLimits) -> GatewayError:
+    return GatewayError(413, f"The request body exceeds {limits.max_body_bytes} bytes.", code="request_too_large")
+
+
+def _busy(what: str) -> GatewayError:
+    return GatewayError(503, f"The gateway is at its limit of {what}; retry shortly.", code="overloaded",
+                        headers={"retry-after": "1"})
+
+
+def _connection_cap(configured: int) -> int:
+    """max_connections, lowered to what the open-file limit allows (raised to its hard limit first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    allowed = max(16, (soft - 256) // _FDS_PER_CONNECTION)
+    if allowed < configured:
+        log.warning("server.limits.max_connections %d lowered to %d: the open-file limit is %d",
+                    configured, allowed, soft)
+    return min(configured, allowed)
 
 
 _USAGE_RE = re.compile(rb'"usage":(\{[^{}]*\})')
@@ -339,418 +441,3 @@ def policy_summary(rt) -> dict:
             k.pop("digest", None)
     pol["version"] = rt.version
     return pol
-
-
-def _request_bytes(ctx: RequestContext, ep: Endpoint) -> bytes:
-    lines = [
-        f"{ctx.method} {ctx.path} HTTP/1.1",
-        f"host: {ep.host}:{ep.port}",
-        f"content-length: {len(ctx.body)}",
-        "connection: close",  # the response then ends at EOF: no framing to track per chunk
-        f"x-request-id: {ctx.upstream_headers.get('x-request-id') or ctx.request_id}",
-    ]
-    for k, v in ctx.headers.items():
-        if k not in _DROP_REQUEST_HEADERS and k not in ctx.upstream_headers:
-            lines.append(f"{k}: {v}")
-    for k, v in ctx.upstream_headers.items():
-        if k != "x-request-id":
-            lines.append(f"{k}: {v}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + ctx.body
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine side of one relayed request
-
-
-class _Upstream(asyncio.Protocol):
-    def __init__(self, client: "_Client", ctx: RequestContext, loop: asyncio.AbstractEventLoop):
-        self.client = client
-        self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
-        self.done: asyncio.Future = loop.create_future()
-        self.relaying = False  # past the head: bytes go straight to the client
-        self.buf = bytearray()
-        self.status = 0
-        self.head_sent = False
-        self.is_error = False
-        self.first_byte_at: float | None = None
-        self.bytes_out = 0
-        self.last = b""
-        self.body_length: int | None = None  # content-length, when the engine sent one
-        self.chunked = False
-        self.inspecting = False
-        self.cut = False  # an output guardrail ended the response
-        self.complete = False  # inspect mode: the whole body reached the client
-        self.blocked_status: int | None = None
-        self.pending: list[bytes] = []  # inspect mode: stream body decoded from the current read
-        self.out: list[bytes] = []  # inspect mode: chunks for the client from the current read
-
-    def body_complete(self) -> bool:
-        """Did the client get the whole body? (It may close before the engine's EOF reaches us.)"""
-        if self.inspecting:
-            return self.complete
-        if self.chunked:
-            return self.last.endswith(b"0\r\n\r\n")
-        return self.body_length is not None and self.bytes_out >= self.body_length
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.relaying:  # the hot path: one branch and a write per chunk
-            self.client.transport.write(data)
-            self.bytes_out += len(data)
-            self.last = data
-            if self.first_byte_at is None:
-                self.first_byte_at = time.monotonic()
-            return
-        if self.inspecting:
-            self._inspect(data)
-            return
-        self.buf += data
-        if self.is_error:
-            if len(self.buf) > MAX_ERROR_BODY:
-                self.transport.abort()
-            return
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > 65536:
-                self.transport.abort()
-            return
-        status, headers = parse_head(bytes(self.buf[:end]))
-        rest = bytes(self.buf[end + 4:])
-        self.status = status
-        self.headers = headers
-        if status >= 400:
-            self.is_error = True
-            self.buf = bytearray(rest)
-            return
-        for k, v in headers:
-            if k == "content-length" and v.isdigit():
-                self.body_length = int(v)
-            elif k == "transfer-encoding" and "chunked" in v.lower():
-                self.chunked = True
-        self.buf = bytearray()
-        if self.ctx.inspect:
-            self._start_inspecting(headers)
-            if rest:
-                self.data_received(rest)
-            return
-        if self.body_length is None and not self.chunked:
-            self.client.keep_alive = False  # body ends when the connection does
-        out = [k + ": " + v for k, v in headers if k not in _DROP_RESPONSE_HEADERS]
-        self.client.write_head(status, out, self.ctx.request_id, self.ctx.response_headers)
-        self.head_sent = True
-        self.relaying = True
-        if rest:
-            self.data_received(rest)
-
-    # -- inspect mode: a policy needs the response (usage, output guardrails, audit text) ----
-
-    def _start_inspecting(self, headers: list[tuple[str, str]]) -> None:
-        self.inspecting = True
-        self.chat = self.ctx.path.endswith("/chat/completions")
-        framing = b"transfer-encoding: chunked\r\n" if self.chunked else (
-            b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
-        self.decoder = httptools.HttpResponseParser(self)
-        self.decoder.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
-        ctype = next((v for k, v in headers if k == "content-type"), "")
-        self.out_headers = [k + ": " + v for k, v in headers
-                            if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")]
-        if ctype.startswith("text/event-stream"):
-            self.stream = StreamInspector(self.ctx, self.chat)
-            self.client.write_head(self.status, [*self.out_headers, "transfer-encoding: chunked"],
-                                   self.ctx.request_id, self.ctx.response_headers)
-            self.head_sent = True
-        else:
-            self.stream = None
-            self.body_parts: list[bytes] = []
-
-    def _inspect(self, data: bytes) -> None:
-        """One read of the engine's body: decoded, inspected in one pass, written in one write
-        (a read often holds many token events when the gateway is behind the engine)."""
-        if self.cut:
-            return
-        try:
-            self.decoder.feed_data(data)
-        except httptools.HttpParserError:
-            log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
-            self.transport.abort()  # what decoded before the error still goes out
-        self._drain()
-        self._flush()
-
-    # httptools callbacks of self.decoder
-    def on_body(self, body: bytes) -> None:
-        if self.stream is None:
-            self.body_parts.append(body)
-        else:
-            self.pending.append(body)
-
-    def _drain(self) -> None:
-        """Inspect the stream's body decoded so far; its output waits in self.out for _flush."""
-        if not self.pending or self.cut:
-            return
-        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
-        self.pending.clear()
-        try:
-            out = self.stream.feed(body)
-        except GuardrailBlocked as e:
-            self._cut(e)
-            return
-        self._send_chunk(out)
-
-    def on_message_complete(self) -> None:
-        if self.cut:
-            return
-        if self.stream is not None:
-            self._drain()
-            if self.cut:
-                return
-            try:
-                out = self.stream.finish()
-            except GuardrailBlocked as e:
-                self._cut(e)
-                return
-            self._send_chunk(out)
-            self.out.append(b"0\r\n\r\n")
-            self.complete = True
-            return
-        rid = self.ctx.request_id
-        try:
-            body = inspect_json(self.ctx, b"".join(self.body_parts), self.chat)
-        except GuardrailBlocked as e:
-            self.ctx.blocked = e
-            self.blocked_status = 400
-            self.client.respond(400, error_body(400, e.message, code="content_policy_violation", request_id=rid),
-                                rid, self.ctx.response_headers)
-            self.complete = True
-            return
-        self.client.write_head(self.status, [*self.out_headers, f"content-length: {len(body)}"], rid,
-                               self.ctx.response_headers)
-        self.head_sent = True
-        self.client.transport.write(body)
-        self._count(body)
-        self.complete = True
-
-    def _send_chunk(self, out: bytes) -> None:
-        if out:
-            self.out.append(b"%x\r\n%b\r\n" % (len(out), out))
-
-    def _flush(self) -> None:
-        """Write what this read produced to the client, in one write."""
-        if not self.out:
-            return
-        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
-        self.out.clear()
-        if not self.client.closed:
-            self.client.transport.write(data)
-            self._count(data)
-
-    def _count(self, out: bytes) -> None:
-        self.bytes_out += len(out)
-        if self.first_byte_at is None:
-            self.first_byte_at = time.monotonic()
-
-    def _cut(self, e: GuardrailBlocked) -> None:
-        """An output guardrail blocked: end the stream with an error event and stop the engine."""
-        self.cut = True
-        self.pending.clear()
-        self.ctx.blocked = e
-        self.stream.note_all_actions()
-        self._send_chunk(blocked_event(e, self.ctx.request_id))
-        self.out.append(b"0\r\n\r\n")
-        self._flush()
-        self.complete = True
-        self.transport.abort()
-
-    def pause_client_reads(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_client_reads(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def connection_lost(self, exc) -> None:
-        if self.done.done():
-            return
-        rid = self.ctx.request_id
-        if self.client.closed and not (self.head_sent and self.body_complete()):
-            outcome = Outcome(499, error="client disconnected", first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
-        elif self.is_error:
-            body = bytes(self.buf)
-            if any(k == "transfer-encoding" and "chunked" in v.lower() for k, v in self.headers):
-                body = decode_chunked(body)
-            payload = reshape_upstream_error(self.status, body, rid)
-            msg = json.loads(payload)["error"]["message"]
-            self.client.respond(self.status, payload, rid, self.ctx.response_headers)
-            outcome = Outcome(self.status, error=msg)
-        elif not self.head_sent:
-            msg = "The model replica closed the connection before answering."
-            self.client.respond(502, error_body(502, msg, request_id=rid), rid)
-            outcome = Outcome(502, error=msg)
-        elif self.blocked_status is not None:
-            outcome = Outcome(self.blocked_status, error=self.ctx.blocked.message)
-        else:
-            if exc is not None or (self.inspecting and not self.complete):
-                # cut mid-body: the client must not read a truncated body as whole
-                self.client.keep_alive = False
-            error = self.ctx.blocked.message if self.cut else None
-            outcome = Outcome(self.status, error=error, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
-        self.done.set_result(outcome)
-
-
-# ---------------------------------------------------------------------------------------------
-# Client side: one connection, HTTP/1.1 with keep-alive, requests answered in order
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    keep_alive: bool
-    received_at: float
-
-
-class _Client(asyncio.Protocol):
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.queue: deque[_Request] = deque()
-        self.task: asyncio.Task | None = None
-        self.upstream: _Upstream | None = None
-        self.closed = False
-        self.keep_alive = True
-        self.reading_paused = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._url = b""
-        self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
-        self._body_len = 0
-        self._too_large = False
-        self._started = time.monotonic()
-
-    # asyncio.Protocol
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fatal(400, "Protocol upgrades are not supported.")
-        except httptools.HttpParserError as e:
-            self._fatal(400, f"Malformed HTTP request: {e}")
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.abort()  # the engine sees the disconnect and aborts the request
-        elif self.task is not None and not self.task.done():
-            self.task.cancel()
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_client_reads()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.resume_client_reads()
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._reset()
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        length = self._headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.gateway.settings.max_body_bytes:
-            self._too_large = True
-        elif self._headers.get("expect", "").lower() == "100-continue":
-            # curl sends this for bodies over 1 KiB and waits a second for it otherwise.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        if self._too_large:
-            return
-        self._body_len += len(body)
-        if self._body_len > self.gateway.settings.max_body_bytes:
-            self._too_large = True
-            self._body = []
-        else:
-            self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        url = httptools.parse_url(self._url)
-        req = _Request(
-            method=self.parser.get_method().decode(),
-            path=url.path.decode("latin-1"),
-            headers=self._headers,
-            body=b"".join(self._body),
-            keep_alive=self.parser.should_keep_alive(),
-            received_at=self._started,
-        )
-        if self._too_large:
-            limit = self.gateway.settings.max_body_bytes
-            rid = self._headers.get("x-request-id") or uuid.uuid4().hex
-            self.keep_alive = False
-            self.respond(413, error_body(413, f"The request body exceeds {limit} bytes.", request_id=rid), rid)
-            self.gateway.metrics.observe(None, self._started, Outcome(413, error="too large"))
-            if self.gateway.runtime is not None:
-                self.gateway.runtime.audit_plain(rid, req.method, req.path, 413, "request body too large",
-                                                 self._started)
-            self.transport.close()
-            return
-        self.queue.append(req)
-        if len(self.queue) > 64:
-            self._fatal(400, "Too many pipelined requests.")
-            return
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._serve_queue())
-
-    async def _serve_queue(self) -> None:
-        while self.queue and not self.closed:
-            req = self.queue.popleft()
-            self.keep_alive = req.keep_alive
-            await self.gateway.handle(self, req)
-            if not self.keep_alive:
-                self.transport.close()
-                return
-
-    # writing
-    def write_head(self, status: int, header_lines: list[str], rid: str, extra: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {status_phrase(status)}", *header_lines, f"x-request-id: {rid}"]
-        lines += [f"{k}: {v}" for k, v in extra.items()]
-        lines.append("connection: keep-alive" if self.keep_alive else "connection: close")
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-
-    def respond(
-        self,
-        status: int,
-        body: bytes,
-        rid: str,
-        headers: dict[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> None:
-        if self.closed:
-            return
-        lines = [f"content-type: {content_type}", f"content-length: {len(body)}"]
-        self.write_head(status, lines, rid, headers or {})
-        self.transport.write(body)
-
-    def _fatal(self, status: int, message: str) -> None:
-        rid = uuid.uuid4().hex
-        self.keep_alive = False
-        self.respond(status, error_body(status, message, request_id=rid), rid)
-        self.transport.close()
-

@@ -24,13 +24,14 @@ STARTUP_TIMEOUT_S = 900
 
 
 class Stack:
-    def __init__(self, url: str, model: str, log: Path):
+    def __init__(self, url: str, model: str, log: Path, metrics_url: str):
         self.url = url
         self.model = model
         self.log = log
+        self.metrics_url = metrics_url  # the metrics listener: /metrics without a key
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.metrics_url + "/metrics", timeout=10).text
         out = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
@@ -48,9 +49,10 @@ def local_config() -> dict:
 
 @contextlib.contextmanager
 def running_stack(cfg: dict, tmp: Path):
-    """`keel serve` on cfg (port replaced by a free one) until ready; Ctrl-C on exit."""
+    """`keel serve` on cfg (ports replaced by free ones) until ready; Ctrl-C on exit."""
     port = free_port()
     cfg["server"]["port"] = port
+    cfg["server"]["metrics_port"] = metrics_port = free_port()
     cfg_path = tmp / "stack.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     log = tmp / "keel-serve.log"
@@ -67,7 +69,7 @@ def running_stack(cfg: dict, tmp: Path):
             if time.monotonic() > deadline:
                 pytest.fail(f"keel serve not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text(errors='replace')[-5000:]}")
             time.sleep(1)
-        yield Stack(url, next(iter(cfg["models"])), log)
+        yield Stack(url, next(iter(cfg["models"])), log, f"http://127.0.0.1:{metrics_port}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Serve and Ray shut down

@@ -93,7 +93,7 @@ def test_client_disconnect_aborts_generation_in_the_engine(stack):
     def hang_up_early() -> float:
         """Send the request, hang up 0.3 s in (long before the answer); tokens the engine made."""
         cut_before = stack.metric_sum("keel_requests_total", model=stack.model, status="499")
-        generated = hang_up(stack.url, stack.model, max_tokens, 0.3, headers=AUTH)
+        generated = hang_up(stack.url, stack.model, max_tokens, 0.3, headers=AUTH, metrics_url=stack.metrics_url)
         assert stack.metric_sum("keel_requests_total", model=stack.model, status="499") == cut_before + 1
         return generated
 

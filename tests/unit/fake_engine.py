@@ -22,10 +22,11 @@ class FakeEngine:
     """Streams `chunks` SSE events per request, `delay` apart; or answers `error_status`."""
 
     def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b"",
-                 tokens: list[str] | None = None, prompt_tokens: int = 7):
+                 tokens: list[str] | None = None, prompt_tokens: int = 7, die_after: int | None = None):
         """tokens: answer like vLLM does, with these as the generated text pieces (role chunk,
         content chunks, a finish_reason chunk, a usage chunk when asked, [DONE])."""
         self.tokens = tokens
+        self.die_after = die_after  # events sent before the "engine" dies (its connection reset)
         self.prompt_tokens = prompt_tokens
         self.chunks = chunks
         self.delay = delay
@@ -127,7 +128,10 @@ class FakeEngine:
 
     async def _send_events(self, reader, writer, payloads: list[bytes]) -> None:
         """SSE events, one HTTP chunk each, `delay` apart, then [DONE]; a hang-up raises."""
-        for payload in payloads:
+        for i, payload in enumerate(payloads):
+            if i == self.die_after:
+                writer.transport.abort()  # as a killed engine process: no end, no error event
+                raise ConnectionResetError
             data = b"data: " + payload + b"\n\n"
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()

@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from serving.gateway.limits import HttpLimits
 from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
 from serving.errors import GatewayError
@@ -210,7 +211,7 @@ def test_client_disconnect_mid_stream_closes_the_engine_connection():
 def test_oversized_body_is_413():
     engine = FakeEngine()
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
-    r = run(post_once(engine, big, max_body_bytes=2048))
+    r = run(post_once(engine, big, limits=HttpLimits(max_body_bytes=2048)))
     assert r.status_code == 413 and error_of(r)["type"] == "invalid_request_error"
     assert engine.requests == []
 

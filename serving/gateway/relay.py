@@ -1,0 +1,359 @@
+"""The engine side of one relayed request: send it, read the response head, pass the body on.
+
+After the engine's response head is read and rewritten, every further byte is copied to the
+client unparsed (`Upstream.data_received`, the hot path: one branch and one write per read).
+Only when a policy must read the response (usage for the quota, output guardrails, audit
+text), or the client speaks HTTP/1.0 and cannot take chunked framing, is the body decoded
+(httptools) and handed to serving/gateway/inspect.py or passed through unframed.
+
+A response the engine cuts short (its process died, the connection broke) ends for the client
+with an OpenAI error event and a well-formed end where the framing allows it, and is recorded
+as a 502 with the error; a body that cannot be ended cleanly ends with the connection, so the
+client cannot take it for a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import httptools
+
+from serving.errors import error_body, reshape_upstream_error
+from serving.gateway.inspect import StreamInspector, blocked_event, inspect_json
+from serving.gateway.stages import Outcome, RequestContext
+from serving.httpraw import decode_chunked, parse_head
+from serving.policy.guardrails import GuardrailBlocked
+
+log = logging.getLogger("keel.gateway")
+
+# Hop-by-hop and gateway-owned headers: not forwarded to the engine.
+_DROP_REQUEST_HEADERS = {
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
+    "host", "content-length", "authorization", "x-request-id", "expect", "trailer",
+}
+_DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "server", "x-request-id"}
+MAX_ERROR_BODY = 1 << 20
+MAX_RESPONSE_HEAD = 65536
+CUT_MESSAGE = "The model replica stopped before finishing the response; it is incomplete."
+
+
+def request_bytes(ctx: RequestContext, ep) -> bytes:
+    lines = [
+        f"{ctx.method} {ctx.path} HTTP/1.1",
+        f"host: {ep.host}:{ep.port}",
+        f"content-length: {len(ctx.body)}",
+        "connection: close",  # the response then ends at EOF: no framing to track per chunk
+        f"x-request-id: {ctx.upstream_headers.get('x-request-id') or ctx.request_id}",
+    ]
+    for k, v in ctx.headers.items():
+        if k not in _DROP_REQUEST_HEADERS and k not in ctx.upstream_headers:
+            lines.append(f"{k}: {v}")
+    for k, v in ctx.upstream_headers.items():
+        if k != "x-request-id":
+            lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + ctx.body
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client, ctx: RequestContext, loop: asyncio.AbstractEventLoop):
+        self.client = client
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future = loop.create_future()
+        self.relaying = False  # past the head: bytes go straight to the client
+        self.framed = not client.http10  # the client takes chunked framing
+        self.buf = bytearray()
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.is_error = False
+        self.first_byte_at: float | None = None
+        self.bytes_out = 0
+        self.last = b""  # the end of what was relayed (raw mode): is the body whole?
+        self.body_length: int | None = None  # content-length, when the engine sent one
+        self.chunked = False
+        self.inspecting = False  # the body is decoded (a policy reads it, or an HTTP/1.0 client)
+        self.cut = False  # an output guardrail ended the response
+        self.complete = False  # decode mode: the whole body reached the client
+        self.blocked_status: int | None = None
+        self.decoder: httptools.HttpResponseParser | None = None  # decode mode
+        self.pending: list[bytes] = []  # decode mode: stream body decoded from the current read
+        self.out: list[bytes] = []  # decode mode: what goes to the client from the current read
+
+    def body_complete(self) -> bool:
+        """Did the client get the whole body? (It may close before the engine's EOF reaches us.)"""
+        if self.inspecting:
+            return self.complete
+        if self.chunked:
+            return self.last.endswith(b"0\r\n\r\n")
+        return self.body_length is not None and self.bytes_out >= self.body_length
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:  # the hot path: one branch and a write per chunk
+            self.client.transport.write(data)
+            self.bytes_out += len(data)
+            # a read as short as the last chunk's end may follow the rest of it
+            self.last = data if len(data) >= 8 else self.last[-8:] + data
+            if self.first_byte_at is None:
+                self.first_byte_at = time.monotonic()
+            return
+        if self.inspecting:
+            self._inspect(data)
+            return
+        self.buf += data
+        if self.is_error:
+            if len(self.buf) > MAX_ERROR_BODY:
+                self.transport.abort()
+            return
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_RESPONSE_HEAD:
+                self.transport.abort()
+            return
+        try:
+            status, headers = parse_head(bytes(self.buf[:end]))
+        except ValueError:
+            log.warning("request %s: malformed response head from the engine", self.ctx.request_id)
+            self.transport.abort()  # answered as a 502 when the connection is gone
+            return
+        rest = bytes(self.buf[end + 4:])
+        self.status = status
+        self.headers = headers
+        if status >= 400:
+            self.is_error = True
+            self.buf = bytearray(rest)
+            return
+        for k, v in headers:
+            if k == "content-length" and v.isdigit():
+                self.body_length = int(v)
+            elif k == "transfer-encoding" and "chunked" in v.lower():
+                self.chunked = True
+        self.buf = bytearray()
+        if self.ctx.inspect or (self.chunked and not self.framed):
+            self._start_decoding(headers)
+            if rest:
+                self.data_received(rest)
+            return
+        if self.body_length is None and not self.chunked:
+            self.client.keep_alive = False  # body ends when the connection does
+        out = [k + ": " + v for k, v in headers if k not in _DROP_RESPONSE_HEADERS]
+        self.client.write_head(status, out, self.ctx.request_id, self.ctx.response_headers)
+        self.head_sent = True
+        self.relaying = True
+        if rest:
+            self.data_received(rest)
+
+    # -- decode mode: a policy needs the response (usage, output guardrails, audit text), or
+    #    the client cannot take the engine's chunked framing --------------------------------
+
+    def _start_decoding(self, headers: list[tuple[str, str]]) -> None:
+        self.inspecting = True
+        self.chat = self.ctx.path.endswith("/chat/completions")
+        framing = b"transfer-encoding: chunked\r\n" if self.chunked else (
+            b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
+        self.decoder = httptools.HttpResponseParser(self)
+        self.decoder.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+        ctype = next((v for k, v in headers if k == "content-type"), "")
+        self.out_headers = [k + ": " + v for k, v in headers
+                            if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")]
+        if not self.ctx.inspect:
+            self.stream = _PASS  # an HTTP/1.0 client: the body as it comes, unframed
+        elif ctype.startswith("text/event-stream"):
+            self.stream = StreamInspector(self.ctx, self.chat)
+        else:
+            self.stream = None
+            self.body_parts: list[bytes] = []
+            return
+        framing_out = ["transfer-encoding: chunked"] if self.framed else []
+        if not self.framed:
+            self.client.keep_alive = False  # the body ends when the connection does
+        self.client.write_head(self.status, [*self.out_headers, *framing_out],
+                               self.ctx.request_id, self.ctx.response_headers)
+        self.head_sent = True
+
+    def _inspect(self, data: bytes) -> None:
+        """One read of the engine's body: decoded, inspected in one pass, written in one write
+        (a read often holds many token events when the gateway is behind the engine)."""
+        if self.cut:
+            return
+        try:
+            self.decoder.feed_data(data)
+        except httptools.HttpParserError:
+            log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
+            self.transport.abort()  # what decoded before the error still goes out
+        self._drain()
+        self._flush()
+
+    # httptools callbacks of self.decoder
+    def on_body(self, body: bytes) -> None:
+        if self.stream is None:
+            self.body_parts.append(body)
+        else:
+            self.pending.append(body)
+
+    def _drain(self) -> None:
+        """Inspect the stream's body decoded so far; its output waits in self.out for _flush."""
+        if not self.pending or self.cut:
+            return
+        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        try:
+            out = self.stream.feed(body)
+        except GuardrailBlocked as e:
+            self._cut(e)
+            return
+        self._send_chunk(out)
+
+    def on_message_complete(self) -> None:
+        if self.cut:
+            return
+        if self.stream is not None:
+            self._drain()
+            if self.cut:
+                return
+            try:
+                out = self.stream.finish()
+            except GuardrailBlocked as e:
+                self._cut(e)
+                return
+            self._send_chunk(out)
+            self._end_body()
+            return
+        rid = self.ctx.request_id
+        try:
+            body = inspect_json(self.ctx, b"".join(self.body_parts), self.chat)
+        except GuardrailBlocked as e:
+            self.ctx.blocked = e
+            self.blocked_status = 400
+            self.client.respond(400, error_body(400, e.message, code="content_policy_violation", request_id=rid),
+                                rid, self.ctx.response_headers)
+            self.complete = True
+            return
+        self.client.write_head(self.status, [*self.out_headers, f"content-length: {len(body)}"], rid,
+                               self.ctx.response_headers)
+        self.head_sent = True
+        self.client.transport.write(body)
+        self._count(body)
+        self.complete = True
+
+    def _send_chunk(self, out: bytes) -> None:
+        if out:
+            self.out.append(b"%x\r\n%b\r\n" % (len(out), out) if self.framed else out)
+
+    def _end_body(self) -> None:
+        if self.framed:
+            self.out.append(b"0\r\n\r\n")
+        self.complete = True
+
+    def _flush(self) -> None:
+        """Write what this read produced to the client, in one write."""
+        if not self.out:
+            return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        if not self.client.closed:
+            self.client.transport.write(data)
+            self._count(data)
+
+    def _count(self, out: bytes) -> None:
+        self.bytes_out += len(out)
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+
+    def _cut(self, e: GuardrailBlocked) -> None:
+        """An output guardrail blocked: end the stream with an error event and stop the engine."""
+        self.cut = True
+        self.pending.clear()
+        self.ctx.blocked = e
+        self.stream.note_all_actions()
+        self._send_chunk(blocked_event(e, self.ctx.request_id))
+        self._end_body()
+        self._flush()
+        self.transport.abort()
+
+    def _end_cut_stream(self) -> bool:
+        """The engine's connection ended inside the body: end the client's stream with an error
+        event and a well-formed end. False when the framing cannot be ended cleanly."""
+        event = b"data: " + error_body(502, CUT_MESSAGE, code="engine_failure",
+                                       request_id=self.ctx.request_id) + b"\n\n"
+        if self.inspecting:
+            if self.stream is None or self.stream is _PASS:
+                return False  # a JSON body (not sent yet) or unframed bytes: no event to add
+            self.pending.clear()  # a partial event, and text held back undecided, are dropped
+            self._send_chunk(event)
+            self._end_body()
+            self._flush()
+            return True
+        # Raw relay: vLLM writes one event per chunk, so a read that ended a chunk ended an event.
+        if self.chunked and self.framed and self.last.endswith(b"\n\n\r\n"):
+            data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event)
+            self.client.transport.write(data)
+            self._count(data)
+            return True
+        return False
+
+    def pause_client_reads(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_client_reads(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self.done.done():
+            return
+        rid = self.ctx.request_id
+        if self.client.closed and not (self.head_sent and self.body_complete()):
+            outcome = Outcome(499, error="client disconnected", first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+        elif self.is_error:
+            body = bytes(self.buf)
+            if any(k == "transfer-encoding" and "chunked" in v.lower() for k, v in self.headers):
+                body = decode_chunked(body)
+            payload = reshape_upstream_error(self.status, body, rid)
+            msg = json.loads(payload)["error"]["message"]
+            self.client.respond(self.status, payload, rid, self.ctx.response_headers)
+            outcome = Outcome(self.status, error=msg)
+        elif not self.head_sent:
+            msg = "The model replica closed the connection before answering."
+            self.client.respond(502, error_body(502, msg, request_id=rid), rid)
+            outcome = Outcome(502, error=msg)
+        elif self.blocked_status is not None:
+            outcome = Outcome(self.blocked_status, error=self.ctx.blocked.message)
+        elif self.cut:
+            outcome = Outcome(self.status, error=self.ctx.blocked.message, first_byte_at=self.first_byte_at,
+                              bytes_out=self.bytes_out)
+        elif not self.body_complete() and (self.inspecting or self.chunked or self.body_length is not None):
+            # The engine stopped mid-body (its process died, the connection broke).
+            log.warning("request %s: the engine's response ended before its end", rid)
+            if not self._end_cut_stream():
+                self.client.keep_alive = False  # the client must not read a truncated body as whole
+            outcome = Outcome(502, error=CUT_MESSAGE, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+        else:
+            outcome = Outcome(self.status, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+        # The decoder calls back into this object: a cycle that would keep the request (its body,
+        # maybe megabytes) until the cyclic GC runs.
+        self.decoder = None
+        self.done.set_result(outcome)
+
+
+class _Passthrough:
+    """The decode-mode stand-in for an inspector: the body as it comes."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+    def note_all_actions(self) -> None:
+        pass
+
+
+_PASS = _Passthrough()
