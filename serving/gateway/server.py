@@ -28,6 +28,7 @@ import orjson
 
 from serving.errors import GatewayError, error_body
 from serving.gateway.endpoints import Endpoint, EndpointPool
+from serving.gateway.heap import return_large_blocks_to_the_os
 from serving.gateway.http import ClientConnection, Request
 from serving.gateway.limits import HttpLimits
 from serving.gateway.metrics import UNROUTED, GatewayMetrics
@@ -87,6 +88,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        return_large_blocks_to_the_os()  # request bodies: their memory goes back once answered
         self._servers.append(await self._listen(s.host, s.port, MAIN))
         if s.metrics_port is not None:
             self._servers.append(await self._listen(s.metrics_host, s.metrics_port, METRICS))
