@@ -8,19 +8,29 @@ Ray decorator (serving.app applies it) and takes its collaborators as arguments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 
+import psutil
+
+from serving.engine.server import TREE_ENV
 from serving.httpraw import http_get
 
 log = logging.getLogger("keel.engine")
 
 HEARTBEAT_S = 2.0
+# Stopping the engine: SIGTERM (vLLM shuts down cleanly), SIGKILL what is left after the grace,
+# then wait for the kills to land. Bounded: it runs in Ray Serve's __del__ on the replica's loop.
+STOP_GRACE_S = 10.0
+KILL_WAIT_S = 5.0
 
 
 @dataclass
@@ -42,8 +52,11 @@ class EngineReplica:
         self.replica_id = replica_id or _serve_replica_id()
         self.host = _advertised_host(spec.bind_host)
         self.port = _free_port(spec.bind_host)
+        self.engine_tree = uuid.uuid4().hex  # in every engine process's environment (TREE_ENV)
+        self.engine_seen: set[psutil.Process] = set()  # its descendants, noted at each heartbeat
         self.proc = self._start_engine()
         await self._wait_until_ready()
+        self._note_engine_processes()
         await self._heartbeat()
         self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         log.info("engine for %s ready at %s:%s (replica %s)", spec.model, self.host, self.port, self.replica_id)
@@ -60,7 +73,7 @@ class EngineReplica:
             "--disable-uvicorn-access-log",
             *s.cli_args,
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", **s.env}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **s.env, TREE_ENV: self.engine_tree}
         # Own session: the whole engine (API server + engine core) can be signalled as a group.
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 
@@ -69,6 +82,7 @@ class EngineReplica:
         deadline = loop.time() + self.spec.startup_timeout_s
         while loop.time() < deadline:
             if self.proc.poll() is not None:
+                self._stop_engine()  # what the API server left behind (engine core, workers)
                 raise RuntimeError(
                     f"engine for {self.spec.model} exited with code {self.proc.returncode} while "
                     "starting; its log is in this replica's Ray worker log"
@@ -93,8 +107,10 @@ class EngineReplica:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                if self.proc.poll() is None and await self._engine_healthy():
-                    await self._heartbeat()
+                if self.proc.poll() is None:
+                    self._note_engine_processes()
+                    if await self._engine_healthy():
+                        await self._heartbeat()
             except Exception:  # the registry restarting must not kill the replica
                 log.warning("heartbeat for %s failed", self.replica_id, exc_info=True)
 
@@ -134,20 +150,100 @@ class EngineReplica:
                 pass
         self._stop_engine()
 
+    def _note_engine_processes(self) -> None:
+        """Remember the engine's processes while it runs: one that leaves the engine's group and
+        renames itself (vLLM's setproctitle clobbers its environment) is still found at stop."""
+        if self.proc.poll() is None:  # unreaped: the pid is still the engine's
+            with contextlib.suppress(psutil.Error):
+                now = psutil.Process(self.proc.pid).children(recursive=True)
+                self.engine_seen = {p for p in self.engine_seen if p.is_running()}.union(now)
+
     def _stop_engine(self) -> None:
         proc = getattr(self, "proc", None)
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if proc is not None and not getattr(self, "_engine_stopped", False):  # __del__ may come twice
+            self._engine_stopped = not stop_engine_tree(proc, self.engine_tree, self.engine_seen)
 
     def _local_host(self) -> str:
         return "127.0.0.1" if self.spec.bind_host in ("0.0.0.0", "::") else self.spec.bind_host
+
+
+def stop_engine_tree(proc: subprocess.Popen, tree: str, seen=(), grace_s: float = STOP_GRACE_S,
+                     kill_wait_s: float = KILL_WAIT_S) -> list[int]:
+    """Stop every process of the engine `proc` leads, even when `proc` itself is already gone.
+
+    The engine is its own process group (start_new_session); a process that left the group
+    still carries `tree` in its environment, or is among the engine processes `seen` earlier.
+    SIGTERM, then SIGKILL after grace_s. Returns the pids still running after that (none,
+    unless one is stuck in the kernel).
+    """
+    alive: list[psutil.Process] = []
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
+        procs = alive + [p for p in _engine_processes(proc, tree, seen) if p not in alive]
+        _signal_all(proc, procs, sig)
+        alive = _wait_gone(proc, procs, time.monotonic() + wait_s)
+        if not alive and proc.returncode is not None:
+            return []
+    log.warning("engine processes %s still running after SIGKILL", [p.pid for p in alive])
+    return [p.pid for p in alive]
+
+
+def _engine_processes(leader: subprocess.Popen, tree: str, seen) -> list[psutil.Process]:
+    """The leader and its descendants, its process group, whatever carries its tree id, and
+    those seen before that still run (psutil tells a reused pid by its start time)."""
+    found = {p.pid: p for p in seen if _running(p, leader)}
+    if leader.poll() is None:  # unreaped, so its pid is still ours
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(leader.pid)
+            found.update((p.pid, p) for p in [top, *top.children(recursive=True)])
+    me = os.getpid()
+    for p in psutil.process_iter():
+        if p.pid in found or p.pid == me:
+            continue
+        try:
+            if os.getpgid(p.pid) == leader.pid or p.environ().get(TREE_ENV) == tree:
+                found[p.pid] = p
+        except (OSError, psutil.Error):  # gone, or not ours to read
+            pass
+    return list(found.values())
+
+
+def _signal_all(leader: subprocess.Popen, procs: list[psutil.Process], sig: int) -> None:
+    # The group's id is the leader's pid: it cannot name another group while the leader is
+    # unreaped or a member we just saw is alive. The group signal reaches members newer than the scan.
+    if leader.poll() is None or any(_pgid(p) == leader.pid for p in procs):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, sig)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)  # psutil checks that the pid was not reused
+
+
+def _wait_gone(leader: subprocess.Popen, procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Wait until every process has exited (a zombie has: it holds no memory) or the deadline."""
+    while True:
+        leader.poll()  # reaps it: it is our child
+        alive = [p for p in procs if _running(p, leader)]
+        if (not alive and leader.returncode is not None) or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(p: psutil.Process, leader: subprocess.Popen) -> bool:
+    if p.pid == leader.pid:
+        return leader.returncode is None
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(p.pid, os.WNOHANG)  # reaps one reparented to us (if we are a subreaper)
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _pgid(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid) if p.is_running() else None
+    except (OSError, psutil.Error):
+        return None
 
 
 def engine_load(metrics_text: str) -> float:

@@ -1,5 +1,6 @@
-"""The engine's process tree never outlives it: parent-death watches in every process. Run
-against tests/unit/engine_tree.py (vLLM's process shape without vLLM)."""
+"""The engine's process tree never outlives it: parent-death watches in every process, and a
+replica stop that finds and stops whatever the API server left behind. Run against
+tests/unit/engine_tree.py (vLLM's process shape without vLLM)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from serving.engine.replica import EngineReplica, stop_engine_tree
 from serving.engine.server import PARENT_ENV, TREE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,3 +129,33 @@ def test_every_engine_process_carries_the_tree_id(tmp_path, cleanup):
     assert {role: p.environ().get(TREE_ENV) for role, p in procs.items()} == dict.fromkeys(procs, TREE)
     server.kill()
     server.wait()
+
+
+def test_stopping_the_replica_stops_what_the_dead_api_server_left_behind(tmp_path, cleanup):
+    server, pids = start_engine(tmp_path, "group", "setsid", "hidden")
+    procs = wait_for_roles(pids, 6)
+    cleanup(procs.values())
+    assert {os.getpgid(procs[r].pid) for r in ("setsid", "hidden")}.isdisjoint({server.pid})  # left the group
+    replica = EngineReplica.__new__(EngineReplica)  # what _stop_engine needs: the engine it started
+    replica.proc, replica.engine_tree, replica.engine_seen = server, TREE, set()
+    replica._note_engine_processes()  # a heartbeat while the engine runs
+
+    server.kill()
+    server.wait()  # the replica's health check has reaped it: its pid no longer leads to the rest
+    assert survivors({r: procs[r] for r in ("core", "worker")}) == []
+    left = {r: procs[r] for r in ("group", "setsid", "hidden")}
+    assert survivors(left, wait_s=0.5) == ["group", "setsid", "hidden"]  # unwatched, as a helper binary is
+
+    replica._stop_engine()
+    assert survivors(left, wait_s=0) == []
+
+
+def test_stop_sends_sigterm_first_then_sigkill_after_the_grace(tmp_path, cleanup):
+    server, pids = start_engine(tmp_path, "stubborn")
+    procs = wait_for_roles(pids, 4)
+    cleanup(procs.values())
+
+    assert stop_engine_tree(server, TREE, grace_s=0.5, kill_wait_s=WAIT_S) == []
+    assert server.returncode == -signal.SIGTERM  # the API server got the chance to shut down cleanly
+    assert survivors(procs, wait_s=0) == []  # the stubborn child ignored SIGTERM: SIGKILL took it
+
