@@ -80,6 +80,14 @@ def running_stack(cfg: dict, tmp: Path):
                 proc.wait()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disruptive: breaks the shared stack on purpose; runs after the other tests")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)  # stable: order kept
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     with running_stack(local_config(), tmp_path_factory.mktemp("stack")) as s:
