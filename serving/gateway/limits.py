@@ -1,11 +1,12 @@
-"""The front door's limits: sizes, counts and times, each with a value (`server.limits:`).
+"""The gateway's limits: sizes, counts and times, each with a value (`server.limits:`).
 
 Every byte a client sends may come from an attacker, so nothing a client controls is
 unbounded: how long a request head or body may take to arrive, how big a head, a header line
 or a body may be, how many connections and requests the gateway holds at once, how much
-request-body memory it holds in all. The defaults follow the well-kept servers (uvicorn,
-aiohttp, nginx) where they agree; `benchmarks/front_door_limits.py` measures a gateway under
-the attacks they stop.
+request-body memory it holds in all; and, on the engine side, how long an engine may stay
+silent before its request is given up. The defaults follow the well-kept servers (uvicorn,
+aiohttp, nginx) where they agree; `benchmarks/hostile_load.py` measures a gateway under the
+attacks they stop.
 """
 
 from __future__ import annotations
@@ -44,3 +45,7 @@ class HttpLimits(Strict):
         256 * MIB, ge=MIB, description="Request-body bytes held in memory at once, all requests "
         "together (a body counts from its head to its end); a request that would pass it gets 503 "
         "+ retry-after without its body being read.")
+    engine_idle_timeout_s: float = Field(
+        600.0, gt=0, description="An engine that sends nothing for this long (no response head, no "
+        "token) has its request ended: 504, or an error event if the stream had begun. A "
+        "non-streamed answer arrives whole at the end, so allow for the longest generation.")

@@ -72,6 +72,8 @@ class Upstream(asyncio.Protocol):
         self.is_error = False
         self.first_byte_at: float | None = None
         self.bytes_out = 0
+        self.bytes_in = 0  # decode mode: body bytes read from the engine (progress, for the idle check)
+        self.stalled_s: float | None = None  # set when the gateway gave up on a silent engine
         self.last = b""  # the end of what was relayed (raw mode): is the body whole?
         self.body_length: int | None = None  # content-length, when the engine sent one
         self.chunked = False
@@ -180,6 +182,7 @@ class Upstream(asyncio.Protocol):
     def _inspect(self, data: bytes) -> None:
         """One read of the engine's body: decoded, inspected in one pass, written in one write
         (a read often holds many token events when the gateway is behind the engine)."""
+        self.bytes_in += len(data)
         if self.cut:
             return
         try:
@@ -277,11 +280,28 @@ class Upstream(asyncio.Protocol):
         self._flush()
         self.transport.abort()
 
+    def progress(self) -> int:
+        """Bytes seen from the engine so far (for the gateway's check on silent engines)."""
+        return self.bytes_out + self.bytes_in + len(self.buf)
+
+    def give_up(self, idle_s: float) -> None:
+        """The engine sent nothing for idle_s: end the request as a gateway timeout."""
+        self.stalled_s = idle_s
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _failure(self) -> tuple[int, str, str]:
+        """Status, message and code for a response the engine did not finish."""
+        if self.stalled_s is not None:
+            return (504, f"The model replica sent nothing for {self.stalled_s:g} s; the request was "
+                    "ended.", "engine_timeout")
+        return 502, CUT_MESSAGE, "engine_failure"
+
     def _end_cut_stream(self) -> bool:
         """The engine's connection ended inside the body: end the client's stream with an error
         event and a well-formed end. False when the framing cannot be ended cleanly."""
-        event = b"data: " + error_body(502, CUT_MESSAGE, code="engine_failure",
-                                       request_id=self.ctx.request_id) + b"\n\n"
+        status, message, code = self._failure()
+        event = b"data: " + error_body(status, message, code=code, request_id=self.ctx.request_id) + b"\n\n"
         if self.inspecting:
             if self.stream is None or self.stream is _PASS:
                 return False  # a JSON body (not sent yet) or unframed bytes: no event to add
@@ -321,9 +341,10 @@ class Upstream(asyncio.Protocol):
             self.client.respond(self.status, payload, rid, self.ctx.response_headers)
             outcome = Outcome(self.status, error=msg)
         elif not self.head_sent:
-            msg = "The model replica closed the connection before answering."
-            self.client.respond(502, error_body(502, msg, request_id=rid), rid)
-            outcome = Outcome(502, error=msg)
+            status, msg, code = self._failure() if self.stalled_s is not None else (
+                502, "The model replica closed the connection before answering.", "engine_failure")
+            self.client.respond(status, error_body(status, msg, code=code, request_id=rid), rid)
+            outcome = Outcome(status, error=msg)
         elif self.blocked_status is not None:
             outcome = Outcome(self.blocked_status, error=self.ctx.blocked.message)
         elif self.cut:
@@ -334,7 +355,8 @@ class Upstream(asyncio.Protocol):
             log.warning("request %s: the engine's response ended before its end", rid)
             if not self._end_cut_stream():
                 self.client.keep_alive = False  # the client must not read a truncated body as whole
-            outcome = Outcome(502, error=CUT_MESSAGE, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+            status, msg, _ = self._failure()
+            outcome = Outcome(status, error=msg, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
         else:
             outcome = Outcome(self.status, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
         # The decoder calls back into this object: a cycle that would keep the request (its body,

@@ -82,6 +82,8 @@ class Gateway:
         self._shadows_in_flight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._relays: dict[Upstream, tuple[int, float]] = {}  # in flight: (progress seen, since when)
+        self._watch: asyncio.Task | None = None
         self._created = int(time.time())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -92,6 +94,7 @@ class Gateway:
         self._servers.append(await self._listen(s.host, s.port, MAIN))
         if s.metrics_port is not None:
             self._servers.append(await self._listen(s.metrics_host, s.metrics_port, METRICS))
+        self._watch = asyncio.get_running_loop().create_task(self._watch_engines())
 
     async def _listen(self, host: str, port: int, listener: str) -> asyncio.AbstractServer:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -114,11 +117,32 @@ class Gateway:
         return self._servers[1].sockets[0].getsockname()[1] if len(self._servers) > 1 else None
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for server in self._servers:
             server.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
+
+    async def _watch_engines(self) -> None:
+        """End requests whose engine has sent nothing for engine_idle_timeout_s (a hung engine
+        must not hold a client, a connection and a quota reservation for ever). A sweep every
+        few seconds instead of a timer per request: the relay's hot path stays a copy."""
+        timeout = self.limits.engine_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(10.0, timeout / 4))
+            now = loop.time()
+            for up, (seen, since) in list(self._relays.items()):
+                progress = up.progress()
+                if progress != seen:
+                    self._relays[up] = (progress, now)
+                elif now - since >= timeout:
+                    log.warning("request %s: the engine sent nothing for %gs; ending it", up.ctx.request_id, timeout)
+                    del self._relays[up]
+                    up.give_up(timeout)
 
     def update_endpoints(self, snapshot: dict[str, list[dict]]) -> None:
         self.pool.update(snapshot)
@@ -320,9 +344,11 @@ class Gateway:
                 upstream.transport.abort()
                 return Outcome(499, error="client disconnected")
             client.upstream = upstream
+            self._relays[upstream] = (0, loop.time())
             upstream.transport.write(request_bytes(ctx, ep))
             return await upstream.done
         finally:
+            self._relays.pop(upstream, None)
             client.upstream = None
             ep.in_flight -= 1
             self.metrics.in_flight.labels(model).dec()

@@ -360,3 +360,29 @@ def test_a_stream_cut_by_an_engine_death_ends_with_an_error_event_and_a_clean_en
     assert err["code"] == "engine_failure" and err["type"] == "server_error"
     assert responses(after)[0][0] == 200
     assert requests_total(gw, "502") == 1
+
+
+def test_an_engine_that_goes_silent_is_given_up_on_with_504():
+    async def go():
+        engine = FakeEngine(chunks=3, delay=30)  # one event, then nothing for half a minute
+        gw = await gateway(engine, engine_idle_timeout_s=0.4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(post())
+        streamed = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)
+        # an engine that takes the request and never answers at all
+        mute = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        gw.update_endpoints({"demo": [{"model": "demo", "replica_id": "mute", "host": "127.0.0.1",
+                                       "port": mute.sockets[0].getsockname()[1]}]})
+        writer.write(post({**CHAT, "stream": False}))
+        silent = await asyncio.wait_for(reader.readuntil(b"}}"), 10)
+        await gw.stop(); await engine.stop()
+        mute.close()
+        return streamed, silent, gw
+
+    streamed, silent, gw = run(go())
+    events = [e for e in responses(streamed)[0][2].decode().split("\n\n") if e]
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "t0"
+    assert json.loads(events[-1][6:])["error"]["code"] == "engine_timeout"
+    status, _, body = responses(silent)[0]
+    assert status == 504 and json.loads(body)["error"]["code"] == "engine_timeout"
+    assert requests_total(gw, "504") == 2
