@@ -835,7 +835,7 @@ async def stage_costs(redis: bool, requests: int = 200, repeats: int = 7) -> dic
 def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, float]]:
     """µs per request of each guardrail rule of the policies-on configuration alone: on the
     prompt texts (input) and on the 16 streamed tokens (output)."""
-    from serving.gateway.policy import prompt_slots
+    from serving.gateway.guard import prompt_slots
     from serving.policy.guardrails import GuardrailPolicy, InputGuard, OutputGuard
 
     rules = GuardrailPolicy.model_validate(policy_on("-")["guardrails"]["everything"]).input

@@ -4,6 +4,8 @@ Order (each a Stage: `on_request` may raise GatewayError, `on_complete` always r
 
   Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> Admit -> Prepare
 
+GuardInput lives in serving/gateway/guard.py.
+
 Audit comes first so that every request, however early it is rejected, leaves a record. The
 decisions themselves live in serving/policy/ (plain Python, unit-tested without a gateway);
 these classes only read the request, call them, and translate their answers into HTTP.
@@ -28,10 +30,11 @@ from datetime import datetime, timezone
 import orjson
 
 from serving.errors import GatewayError
+from serving.gateway.guard import GuardInput
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
-from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGuard, OutputGuard
+from serving.policy.guardrails import InputGuard, OutputGuard
 from serving.policy.identity import KeyRing
 from serving.policy.quotas import QuotaBackendError, Scope, make_backend
 from serving.policy.routing import assign_variant, shadow_selected
@@ -100,7 +103,7 @@ class PolicyRuntime:
             stages.append(Authenticate(self))
         stages.append(Route(self))
         if not self.open:
-            stages += [CountTokens(self), GuardInput(self), Admit(self)]
+            stages += [CountTokens(self), GuardInput(self, recount=count_prompt), Admit(self)]
         stages.append(Prepare(self))
         return stages
 
@@ -309,72 +312,6 @@ def output_cap(ctx: RequestContext, info: ModelInfo | None) -> int:
         cap = max(0, (limit or 4096) - (ctx.prompt_tokens or 0))
     n = p.get("n") if isinstance(p.get("n"), int) and p.get("n", 1) > 1 else 1
     return cap * n
-
-
-class GuardInput(_PolicyStage):
-    """The tenant's input guardrails over every prompt text: block (400), redact in place, or flag."""
-
-    name = "guard_input"
-
-    async def on_request(self, ctx: RequestContext) -> None:
-        tenant = self.rt.tenant(ctx)
-        if tenant is None or tenant.guardrails is None:
-            return
-        out_guard = self.rt.output_guards[tenant.guardrails]
-        if out_guard.active:
-            ctx.output_guard = out_guard
-        guard = self.rt.input_guards[tenant.guardrails]
-        slots = prompt_slots(ctx.payload)
-        try:
-            texts, actions = guard.check([get() for get, _ in slots], ctx.prompt_tokens)
-        except GuardrailBlocked as e:
-            ctx.blocked = e
-            ctx.guardrail_actions.append(_blocked_action(e))
-            raise GatewayError(400, e.message, code="content_policy_violation") from None
-        ctx.guardrail_actions.extend(actions)
-        changed = False
-        for (get, put), new in zip(slots, texts):
-            if new != get():
-                put(new)
-                changed = True
-        if changed:
-            ctx.payload_changed = True
-            if ctx.prompt_tokens is not None:  # counted before: count the redacted prompt again
-                await count_prompt(ctx, self.rt.models.get(ctx.target))
-
-
-def _blocked_action(e: GuardrailBlocked) -> GuardrailAction:
-    return GuardrailAction(e.guardrail, "block", e.direction, e.entity)
-
-
-def prompt_slots(payload: dict | None) -> list[tuple]:
-    """(get, put) pairs for every prompt text in a chat or completion body, in order."""
-    slots = []
-    if not payload:
-        return slots
-    msgs = payload.get("messages")
-    if isinstance(msgs, list):
-        for m in msgs:
-            if not isinstance(m, dict):
-                continue
-            c = m.get("content")
-            if isinstance(c, str):
-                slots.append(_slot(m, "content"))
-            elif isinstance(c, list):
-                slots += [_slot(part, "text") for part in c
-                          if isinstance(part, dict) and isinstance(part.get("text"), str)]
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str):
-        slots.append(_slot(payload, "prompt"))
-    elif isinstance(prompt, list):
-        slots += [_slot(prompt, i) for i, p in enumerate(prompt) if isinstance(p, str)]
-    return slots
-
-
-def _slot(holder, key):
-    def put(v):
-        holder[key] = v
-    return (lambda: holder[key]), put
 
 
 class Admit(_PolicyStage):

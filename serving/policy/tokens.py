@@ -173,6 +173,11 @@ class TokenCounter:
         return cls(tokenizer, templates, special_tokens,
                    default_chat_template_kwargs=default_chat_template_kwargs)
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (the input guardrails decode token-id prompts with it)."""
+        return self._tokenizer
+
     def count_text(self, text: str) -> int:
         return self._encode(text, add_special_tokens=False)
 
