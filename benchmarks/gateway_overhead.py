@@ -767,6 +767,9 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
         await stage.on_request(ctx)
         spent[f"{stage.name}: on_request"] += clock() - t
     t = clock()
+    ctx.watches = gw.pipeline.watch(ctx)
+    spent["response watches"] += clock() - t
+    t = clock()
     request_bytes(ctx, gw.pool.pick(ctx.target))
     spent["pick a replica, build the request"] += clock() - t
     client = ClientConnection(gw)
@@ -777,9 +780,9 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
     if outcome.status != 200:
         raise RuntimeError(f"the profiled request ended with {outcome}")
     # The same response again, other ways (not part of the request's own path, so not in its total)
-    if ctx.output_guard is not None:
-        started += _replay(spent, _WITHOUT_OUTPUT_GUARDS, ctx, client, loop, output_guard=None)
-    started += _replay(spent, _AT_ONCE, ctx, client, loop, at_once=True)
+    if ctx.watches:
+        started += _replay(spent, _WITHOUT_OUTPUT_GUARDS, ctx, client, loop, watches=[])
+    started += _replay(spent, _AT_ONCE, ctx, client, loop, at_once=True, watches=gw.pipeline.watch(ctx))
     for stage in reversed(stages):
         t = clock()
         stage.on_complete(ctx, outcome)

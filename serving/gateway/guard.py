@@ -1,6 +1,7 @@
-"""The input guardrail stage: the tenant's input rules over every text the request gives the
-model. Which texts those are comes from textfields.py; what the rules do from
-serving.policy.guardrails (InputGuard.check only).
+"""The guardrail stages of the request path: the tenant's input rules over every text the
+request gives the model, its output rules over every text the client is shown (a response
+watch). Which texts those are comes from textfields.py; what the rules do from
+serving.policy.guardrails (InputGuard.check, OutputGuard.stream/check_text only).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from serving.gateway.textfields import (
     endpoint_for,
     request_slots,
     unscannable_error,
+    unscanned_options,
 )
-from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGuard
+from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGuard, OutputGuard
+
+TOKENS_FIELD = "logprobs"  # a choice's logprob tokens, concatenated: scanned, never shown as text
 
 # Request bodies longer than this are scanned by the input rules on a worker thread: the
 # default rules take ~0.12 ms a KiB of prose, a hand-off ~0.06 ms. (The `regex` module holds
@@ -57,9 +61,6 @@ class GuardInput:
         endpoint = endpoint_for(ctx.path)
         if tenant is None or tenant.guardrails is None or endpoint is None:
             return
-        out_guard = self.rt.output_guards[tenant.guardrails]
-        if out_guard.active:
-            ctx.output_guard = out_guard
         info = self.rt.models.get(ctx.target)
         tokenizer = getattr(info.counter, "tokenizer", None) if info is not None else None
         args = (self.rt.input_guards[tenant.guardrails], endpoint, ctx.payload, tokenizer,
@@ -87,6 +88,40 @@ class GuardInput:
         pass
 
 
+class GuardOutput:
+    """The tenant's output guardrails over every text the client is shown: a response watch.
+    Request options that would show text the rules cannot see (token ids, the rendered prompt,
+    prompt logprobs) are a 400 naming the option."""
+
+    name = "guard_output"
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def _guard(self, ctx: RequestContext) -> OutputGuard | None:
+        tenant = self.rt.tenant(ctx)
+        if tenant is None or tenant.guardrails is None:
+            return None
+        guard = self.rt.output_guards[tenant.guardrails]
+        return guard if guard.active else None
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        endpoint = endpoint_for(ctx.path)
+        if endpoint is None or self._guard(ctx) is None:
+            return
+        for option in unscanned_options(endpoint, ctx.payload):
+            raise GatewayError(400, f"`{option}` is not available to tenant `{ctx.tenant}`: its output "
+                               "guardrails cannot check the text it would return.",
+                               code="unsupported_with_guardrails", param=option)
+
+    def on_response(self, ctx: RequestContext) -> "OutputGuardWatch | None":
+        guard = self._guard(ctx)
+        return OutputGuardWatch(guard, ctx.guardrail_actions) if guard is not None else None
+
+    def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
+        pass
+
+
 def prompt_slots(payload: dict | None) -> list[tuple]:
     """(get, put) pairs for every prompt text in a chat or completion body, in order (token-id
     prompts need a tokenizer: textfields.request_slots)."""
@@ -109,3 +144,38 @@ def scan_request(guard: InputGuard, endpoint: Endpoint, payload: dict, tokenizer
             put(new)
             changed = True
     return changed, actions
+
+
+class OutputGuardWatch:
+    """A tenant's output rules over one response (a ResponseWatch): a StreamScanner per text
+    field of each choice, so a span split across events of one field is caught and the texts
+    of two fields are never joined."""
+
+    def __init__(self, guard: OutputGuard, actions: list):
+        self.guard = guard
+        self.actions = actions  # the request's ctx.guardrail_actions, filled at close()
+        self.scanners: list[tuple[Any, Any]] = []  # (field name, scanner)
+
+    def field(self, choice: int, name):
+        scanner = self.guard.stream()
+        self.scanners.append((name, scanner))
+        return scanner
+
+    def allows_alternative(self, context: str, token: str) -> bool:
+        text = context + token
+        try:
+            out, _ = self.guard.check_text(text)
+        except GuardrailBlocked:
+            return False
+        return out == text
+
+    def usage(self, usage: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        scanners, self.scanners = self.scanners, []
+        for name, scanner in scanners:
+            if name == TOKENS_FIELD:  # the text's own scanner counted the redactions and flags
+                self.actions.extend(a for a in scanner.actions if a.action == "block")
+            else:
+                self.actions.extend(scanner.actions)

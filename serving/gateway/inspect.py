@@ -7,12 +7,14 @@ relay decodes the HTTP body and hands it here:
 
 - a stream (text/event-stream) is handled one SSE event at a time. The engine is asked for a
   usage chunk (`stream_options.include_usage`), which is taken out again when the client did
-  not ask for it. Without output guardrails an event is only searched, not parsed, so the cost
-  per token stays a few bytes scans; with them each event's text goes through a StreamScanner,
-  which holds back only what could still be part of a match. When the gateway falls behind
-  the engine and reads several token events at once, consecutive events that only add text are
-  merged into one: one guardrail scan and one event for the lot instead of one per token.
-- a JSON body is parsed once at the end, checked and re-serialised only if a guardrail changed it.
+  not ask for it. Without response watches (stages.ResponseWatch: output guardrails) and audit
+  text an event is only searched, not parsed, so the cost per token stays a few byte scans; with
+  them each event is parsed and every text field of every choice, and its logprobs, go through
+  the watches (watched.py), which hold back only what could still be part of a match. When the
+  gateway falls behind the engine and reads several token events at once, consecutive events
+  that only add text are merged into one: one scan and one event for the lot instead of one
+  per token.
+- a JSON body is parsed once at the end, checked and re-serialised only if a watch changed it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from json.decoder import scanstring as _scanstring
 import orjson
 
 from serving.errors import error_body
+from serving.gateway.textfields import CHAT, COMPLETIONS
+from serving.gateway.watched import WatchedResponse
 from serving.policy.guardrails import GuardrailBlocked
 
 _DONE = b"data: [DONE]"
@@ -33,11 +37,10 @@ class StreamInspector:
     def __init__(self, ctx, chat: bool):
         self.ctx = ctx
         self.chat = chat
-        self.guard = ctx.output_guard
-        self.scanners: dict[int, object] = {}
-        self.keep_text = ctx.keep_text
         self.strip_usage = not ctx.client_wants_usage
-        self.parse = self.guard is not None or self.keep_text  # else events are only searched
+        self.parse = bool(ctx.watches) or ctx.keep_text  # else events are only searched
+        self.watched = WatchedResponse(ctx, CHAT if chat else COMPLETIONS, "delta" if chat else None)
+        self.feeders = self.watched.feeders
         self.buf = b""
         # The stream's text events, learned from its first one: the bytes before and after the
         # text. An event with exactly those bytes around a JSON string is that choice's next
@@ -67,7 +70,13 @@ class StreamInspector:
     def finish(self) -> bytes:
         """End of the body: whatever an unterminated last event and held-back text amount to."""
         out = self.feed(b"\n\n") if self.buf.strip() else b""
-        return out + self._release_held()
+        out += self._release_held()
+        self.close()
+        return out
+
+    def close(self) -> None:
+        """The response is over, however it ended: the watches record what they did."""
+        self.watched.close()
 
     def _events(self, events: list[bytes], out: list[bytes]) -> None:
         """Events read together, in order. Consecutive text events of the stream (several come
@@ -118,16 +127,10 @@ class StreamInspector:
         prefix, suffix, idx, _ = self.tpl
         text = run[0][1] if len(run) == 1 else "".join(t for _, t in run)
         self.ctx.completion_chunks += len(run)
-        released = text
-        if self.guard is not None:
-            scanner = self.scanners.get(idx)
-            if scanner is None:
-                scanner = self.scanners[idx] = self.guard.stream()
-            released = scanner.feed(text) if text else ""
+        feed = self.feeders.get(idx) or self.watched.primary_feeder(idx)
+        released = feed(text) if text else ""
         if not released:
             return  # nothing else in these events: all of it is held back for now
-        if self.keep_text:
-            self.ctx.response_text.append(released)
         out.append(run[0][0] if len(run) == 1 and released == text else prefix + orjson.dumps(released) + suffix)
         out.append(b"\n\n")
 
@@ -187,38 +190,23 @@ class StreamInspector:
         ctx = self.ctx
         choices = obj.get("choices")
         if not choices:
-            if obj.get("usage"):
-                ctx.usage = obj["usage"]
+            usage = obj.get("usage")
+            if usage:
+                ctx.usage = usage
+                self.watched.usage(usage)
                 return None if self.strip_usage else ev
             return ev
         ctx.completion_chunks += events
         changed = not ev
         keep = False
         for choice in choices:
-            idx = choice.get("index", 0)
-            holder, key = self._text_slot(choice)
-            text = holder.get(key) if holder is not None else None
+            if not isinstance(choice, dict):
+                keep = True
+                continue
             finished = choice.get("finish_reason") is not None
-            released = text or ""
-            if self.guard is not None:
-                scanner = self.scanners.get(idx)
-                if scanner is None:
-                    scanner = self.scanners[idx] = self.guard.stream()
-                if finished:
-                    released = scanner.last(text or "")
-                    self._note_actions(scanner)
-                    del self.scanners[idx]
-                else:
-                    released = scanner.feed(text) if text else ""
-                if holder is not None and released != (text or ""):
-                    holder[key] = released
-                    changed = True
-                elif holder is None and released:
-                    choice.setdefault("delta", {})["content"] = released
-                    changed = True
-            if self.keep_text and released:
-                ctx.response_text.append(released)
-            if released or finished or _has_more_than_text(choice, self.chat):
+            c, shown = self.watched.choice(choice, finished)
+            changed |= c
+            if shown or finished or _has_more(choice, self.chat):
                 keep = True
         if not keep:
             return None  # everything in it is held back for now
@@ -236,28 +224,11 @@ class StreamInspector:
 
     def _release_held(self) -> bytes:
         """Text still held when the stream ends without a finish_reason: decide on it and send it."""
-        out = []
-        for idx, scanner in list(self.scanners.items()):
-            text = scanner.flush()
-            self._note_actions(scanner)
-            del self.scanners[idx]
-            if text:
-                if self.keep_text:
-                    self.ctx.response_text.append(text)
-                out.append(b"data: " + orjson.dumps(self._chunk_with(idx, text)) + b"\n\n")
-        return b"".join(out)
-
-    def _chunk_with(self, idx: int, text: str) -> dict:
-        if self.chat:
-            return {"object": "chat.completion.chunk", "choices": [{"index": idx, "delta": {"content": text}}]}
-        return {"object": "text_completion", "choices": [{"index": idx, "text": text}]}
-
-    def _note_actions(self, scanner) -> None:
-        self.ctx.guardrail_actions.extend(scanner.actions)
-
-    def note_all_actions(self) -> None:
-        for scanner in self.scanners.values():
-            self._note_actions(scanner)
+        choices = self.watched.release_held()
+        if not choices:
+            return b""
+        obj = ("chat.completion.chunk" if self.chat else "text_completion")
+        return b"data: " + orjson.dumps({"object": obj, "choices": choices}) + b"\n\n"
 
 
 # What a choice may carry besides its text and still be merged (the finish comes last in a run).
@@ -281,11 +252,31 @@ def _parse(ev: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _has_more_than_text(choice: dict, chat: bool) -> bool:
-    if chat:
-        delta = choice.get("delta") or {}
-        return any(k != "content" and v is not None for k, v in delta.items()) or choice.get("logprobs") is not None
-    return choice.get("logprobs") is not None
+# A choice's keys that are not news by themselves: its index, texts, (held) logprobs, the finish.
+_CHOICE_ROUTINE = frozenset({"index", "delta", "message", "text", "logprobs", "finish_reason", "stop_reason"})
+_DELTA_TEXTS = frozenset(CHAT.choice_texts) | {"tool_calls"}
+
+
+def _has_more(choice: dict, chat: bool) -> bool:
+    """Does the choice carry something besides text and logprobs (a role, a tool call's id)?"""
+    for k, v in choice.items():
+        if v is not None and k not in _CHOICE_ROUTINE:
+            return True
+    delta = choice.get("delta") if chat else None
+    if not isinstance(delta, dict):
+        return False
+    for k, v in delta.items():
+        if v is not None and k not in _DELTA_TEXTS:
+            return True
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if not isinstance(call, dict):
+                return True
+            for k, v in call.items():
+                if v is not None and k != "index" and k != "function":
+                    return True
+    return False
 
 
 def blocked_event(e: GuardrailBlocked, request_id: str) -> bytes:
@@ -295,27 +286,24 @@ def blocked_event(e: GuardrailBlocked, request_id: str) -> bytes:
 
 
 def inspect_json(ctx, body: bytes, chat: bool) -> bytes:
-    """A whole (non-streamed) response: record usage, apply output guardrails; may raise GuardrailBlocked."""
+    """A whole (non-streamed) response: record usage, let the watches see every text and the
+    logprobs; may raise GuardrailBlocked."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return body
     if not isinstance(obj, dict):
         return body
-    if isinstance(obj.get("usage"), dict):
-        ctx.usage = obj["usage"]
-    changed = False
-    for choice in obj.get("choices") or ():
-        holder, key = (choice.get("message"), "content") if chat else (choice, "text")
-        if not isinstance(holder, dict) or not isinstance(holder.get(key), str):
-            continue
-        text = holder[key]
-        if ctx.output_guard is not None:
-            new, actions = ctx.output_guard.check_text(text)
-            ctx.guardrail_actions.extend(actions)
-            if new != text:
-                holder[key] = text = new
-                changed = True
-        if ctx.keep_text:
-            ctx.response_text.append(text)
+    watched = WatchedResponse(ctx, CHAT if chat else COMPLETIONS, "message" if chat else None)
+    try:
+        if isinstance(obj.get("usage"), dict):
+            ctx.usage = obj["usage"]
+            watched.usage(ctx.usage)
+        changed = False
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                changed |= watched.choice(choice, True)[0]
+    finally:
+        watched.close()
     return orjson.dumps(obj) if changed else body

@@ -2,9 +2,11 @@
 
 Order (each a Stage: `on_request` may raise GatewayError, `on_complete` always runs):
 
-  Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> Admit -> Prepare
+  Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> GuardOutput
+        -> Admit -> Prepare
 
-GuardInput lives in serving/gateway/guard.py.
+The guard stages live in serving/gateway/guard.py; GuardOutput also reads the response: its
+`on_response` watch sees every text field the client is shown.
 
 Audit comes first so that every request, however early it is rejected, leaves a record. The
 decisions themselves live in serving/policy/ (plain Python, unit-tested without a gateway);
@@ -30,7 +32,7 @@ from datetime import datetime, timezone
 import orjson
 
 from serving.errors import GatewayError
-from serving.gateway.guard import GuardInput
+from serving.gateway.guard import GuardInput, GuardOutput
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
@@ -103,7 +105,7 @@ class PolicyRuntime:
             stages.append(Authenticate(self))
         stages.append(Route(self))
         if not self.open:
-            stages += [CountTokens(self), GuardInput(self, recount=count_prompt), Admit(self)]
+            stages += [CountTokens(self), GuardInput(self, recount=count_prompt), GuardOutput(self), Admit(self)]
         stages.append(Prepare(self))
         return stages
 

@@ -274,7 +274,7 @@ class Upstream(asyncio.Protocol):
         self.cut = True
         self.pending.clear()
         self.ctx.blocked = e
-        self.stream.note_all_actions()
+        self.stream.close()
         self._send_chunk(blocked_event(e, self.ctx.request_id))
         self._end_body()
         self._flush()
@@ -359,6 +359,8 @@ class Upstream(asyncio.Protocol):
             outcome = Outcome(status, error=msg, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
         else:
             outcome = Outcome(self.status, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+        if self.inspecting and self.stream is not None:
+            self.stream.close()  # however it ended, the watches record what they did (idempotent)
         # The decoder calls back into this object: a cycle that would keep the request (its body,
         # maybe megabytes) until the cyclic GC runs.
         self.decoder = None
@@ -374,7 +376,7 @@ class _Passthrough:
     def finish(self) -> bytes:
         return b""
 
-    def note_all_actions(self) -> None:
+    def close(self) -> None:
         pass
 
 

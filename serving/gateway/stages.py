@@ -2,8 +2,15 @@
 
 A stage sees a request once, after its head and body are read and before any byte goes to an
 engine (`on_request`), and once more when the request ends, however it ends (`on_complete`).
-It rejects a request by raising `GatewayError`. Stages never see the response stream: after
-the decision the gateway only copies bytes (see docs/architecture.md for why).
+It rejects a request by raising `GatewayError`.
+
+A stage that must see the response (an output guardrail) also has `on_response`: once the
+request is admitted it returns a ResponseWatch for that request, or None. The response
+inspector (inspect.py, watched.py) hands every watch each text field of each choice as it
+streams, and the usage chunk; token-level data (logprobs) goes out only as far as the watches
+released its text unchanged. Watches run in reverse stage order, as on_complete does, so the
+first stage sees what the client sees. Without watches (and without audit text) the gateway
+does not parse the response at all.
 
 Adding a concern to the request path (auth, quotas, guardrails, routing, audit) is one class
 here and one entry in `default_stages`.
@@ -48,7 +55,7 @@ class RequestContext:
     blocked: Any = None  # the GuardrailBlocked that ended the request, if one did
     inspect: bool = False  # the relay reads the response (usage, output guardrails, audit text)
     client_wants_usage: bool = True
-    output_guard: Any = None
+    watches: list = field(default_factory=list)  # ResponseWatch of each stage that reads the response
     keep_text: bool = False  # audit_content: keep the (redacted) response text
     response_text: list = field(default_factory=list)
     usage: dict | None = None  # the engine's own usage, when the response carried it
@@ -73,18 +80,58 @@ class Stage(Protocol):
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None: ...
 
+    # Optional: def on_response(self, ctx: RequestContext) -> ResponseWatch | None
+
+
+class TextWatch(Protocol):
+    """One text field of one choice as one watch sees it (a guardrail StreamScanner is one)."""
+
+    def feed(self, piece: str) -> str:
+        """The field's next piece: returns what the client may see now, holding back or
+        rewriting the rest. Raises GuardrailBlocked to end the response."""
+
+    def last(self, piece: str) -> str:
+        """The field's last piece (may be ""): returns all that is left to show. A whole
+        (non-streamed) text is one last piece."""
+
+
+class ResponseWatch(Protocol):
+    """One stage's view of one response. A choice's fields are named "content", "refusal",
+    "reasoning", "reasoning_content", "text", ("tool_calls", i, "arguments"), ..., and
+    "logprobs": the tokens of the choice's logprobs, concatenated (never shown as text: a
+    logprob entry goes out once its token is released unchanged by every watch)."""
+
+    def field(self, choice: int, name) -> TextWatch:
+        """A watch for a field of a choice, made when its first piece arrives."""
+
+    def allows_alternative(self, context: str, token: str) -> bool:
+        """May the client see a token the model did not pick (top_logprobs) after context?"""
+
+    def usage(self, usage: dict) -> None:
+        """The engine's token usage for the response."""
+
+    def close(self) -> None:
+        """The response ended (finished, cut by a block, or the client gone)."""
+
 
 class Pipeline:
     """Runs stages in order; every stage whose on_request ran sees on_complete (in reverse)."""
 
     def __init__(self, stages: list[Stage]):
         self.stages = list(stages)
+        self.responders = [s for s in reversed(self.stages) if hasattr(s, "on_response")]
 
     async def admit(self, ctx: RequestContext) -> None:
-        """Run each stage's on_request; a GatewayError from one stops the rest and propagates."""
+        """Run each stage's on_request; a GatewayError from one stops the rest and propagates.
+        Once all have admitted the request, the response watches are made (ctx.watches)."""
         for stage in self.stages:
             ctx.stages_entered += 1
             await stage.on_request(ctx)
+        ctx.watches = self.watch(ctx)
+
+    def watch(self, ctx: RequestContext) -> list:
+        """New response watches for an admitted request, in the order they see the response."""
+        return [w for w in (s.on_response(ctx) for s in self.responders) if w is not None]
 
     def complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         for stage in reversed(self.stages[: ctx.stages_entered]):

@@ -1,5 +1,6 @@
-"""Which fields of a request put text in front of the model: one spec per endpoint, read by the
-input guardrail stage. A field vLLM adds is one line here.
+"""Which fields of a request put text in front of the model, and which fields of a response show
+text to the client: one spec per endpoint, read by the guardrail stages and the response
+inspector. A field vLLM adds is one line here.
 
 The reference is vLLM 0.29: the request models (entrypoints/openai/*/protocol.py) and what
 entrypoints/chat_utils.py hands the chat template (_parse_chat_message_content*): every role
@@ -45,13 +46,21 @@ PART_KNOWN_KEYS = frozenset({
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What one endpoint's request gives the model."""
+    """What one endpoint's request gives the model and its response shows the client."""
 
     request: tuple[tuple[str, str], ...]  # (path, kind); `name[]` walks a list
+    choice_texts: tuple[str, ...]  # text keys of a choice's delta/message (chat) or the choice
+    call_texts: tuple[str, ...]  # text keys of each tool call's function (chat)
+    whole_texts: tuple[str, ...]  # of those, the ones sent whole (a name): checked alone, never held
+    # Options that make the engine show text the output guardrails cannot see (token ids, the
+    # rendered prompt, prompt logprobs): refused for tenants with output rules.
+    unscanned_output_options: tuple[str, ...]
     tree: dict = field(init=False, repr=False, compare=False)  # request paths as a tree: walked once
+    text_keys: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "tree", _path_tree(self.request))
+        object.__setattr__(self, "text_keys", frozenset(self.choice_texts))
 
 
 def _path_tree(paths: tuple[tuple[str, str], ...]) -> dict:
@@ -92,6 +101,11 @@ CHAT = Endpoint(
         ("chat_template", TEXT),  # vLLM refuses it unless --trust-request-chat-template
         ("chat_template_kwargs", JSON),
     ),
+    choice_texts=("content", "refusal", "reasoning", "reasoning_content"),
+    call_texts=("arguments", "name"),
+    whole_texts=("name",),
+    unscanned_output_options=("return_token_ids", "return_tokens_as_token_ids", "prompt_logprobs",
+                              "return_prompt_text"),
 )
 
 COMPLETIONS = Endpoint(
@@ -100,6 +114,10 @@ COMPLETIONS = Endpoint(
         ("suffix", TEXT),  # vLLM refuses it today; a model that takes it puts it in the prompt
         ("prompt_embeds", OPAQUE),
     ),
+    choice_texts=("text",),
+    call_texts=(),
+    whole_texts=(),
+    unscanned_output_options=("return_token_ids", "return_tokens_as_token_ids", "prompt_logprobs"),
 )
 
 
@@ -300,3 +318,52 @@ def _token_ids(value: Any, param: str) -> list[int]:
 
 def unscannable_error(e: Unscannable) -> GatewayError:
     return GatewayError(400, e.message, code="unscannable_input", param=e.param)
+
+
+# -- response side -----------------------------------------------------------------------------
+
+# A response text field of a choice: "content", ..., or ("tool_calls", index, "arguments").
+FieldName = Any
+
+
+def choice_texts(endpoint: Endpoint, choice: dict, holder_key: str | None) -> list[tuple[dict, str, FieldName]]:
+    """(holder, key, field name) for every text in a choice: holder[key] is the text.
+    holder_key: "delta" (a chat stream), "message" (a chat response), None (completions)."""
+    holder = choice.get(holder_key) if holder_key else choice
+    if not isinstance(holder, dict):
+        return []
+    texts = endpoint.text_keys
+    out = [(holder, k, k) for k, v in holder.items() if k in texts and isinstance(v, str)]
+    if endpoint.call_texts and ("tool_calls" in holder or "function_call" in holder):
+        calls = holder.get("tool_calls")
+        if isinstance(calls, list):
+            for pos, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    index = call.get("index", pos)
+                    out += [(fn, k, ("tool_calls", index, k)) for k in endpoint.call_texts
+                            if isinstance(fn.get(k), str)]
+        fn = holder.get("function_call")  # the deprecated single call
+        if isinstance(fn, dict):
+            out += [(fn, k, ("function_call", k)) for k in endpoint.call_texts if isinstance(fn.get(k), str)]
+    return out
+
+
+def put_text(choice: dict, holder_key: str | None, name: FieldName, text: str) -> None:
+    """Set a choice's text field, making the objects on the way (released held text at the end)."""
+    holder = choice.setdefault(holder_key, {}) if holder_key else choice
+    if isinstance(name, str):
+        holder[name] = text
+    elif name[0] == "tool_calls":
+        calls = holder.setdefault("tool_calls", [])
+        call = next((c for c in calls if c.get("index") == name[1]), None)
+        if call is None:
+            call = {"index": name[1], "function": {}}
+            calls.append(call)
+        call.setdefault("function", {})[name[2]] = text
+    else:
+        holder.setdefault("function_call", {})[name[1]] = text
+
+
+def unscanned_options(endpoint: Endpoint, payload: dict) -> list[str]:
+    return [o for o in endpoint.unscanned_output_options if payload.get(o) not in (None, False)]

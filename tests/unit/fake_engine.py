@@ -22,10 +22,17 @@ class FakeEngine:
     """Streams `chunks` SSE events per request, `delay` apart; or answers `error_status`."""
 
     def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b"",
-                 tokens: list[str] | None = None, prompt_tokens: int = 7, die_after: int | None = None):
+                 tokens: list[str] | None = None, prompt_tokens: int = 7, field: str = "content",
+                 alternatives: dict[str, list[str]] | None = None, die_after: int | None = None):
         """tokens: answer like vLLM does, with these as the generated text pieces (role chunk,
-        content chunks, a finish_reason chunk, a usage chunk when asked, [DONE])."""
+        content chunks, a finish_reason chunk, a usage chunk when asked, [DONE]), with logprobs
+        when the request asks (alternatives: token -> other tokens its top_logprobs list) and,
+        on /v1/completions, the prompt first when it asks for `echo`.
+        field: where a chat answer puts the pieces: content, refusal, reasoning,
+        reasoning_content, or tool_arguments (the arguments of one tool call)."""
         self.tokens = tokens
+        self.field = field
+        self.alternatives = alternatives or {}
         self.die_after = die_after  # events sent before the "engine" dies (its connection reset)
         self.prompt_tokens = prompt_tokens
         self.chunks = chunks
@@ -94,22 +101,27 @@ class FakeEngine:
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
                  "total_tokens": self.prompt_tokens + len(self.tokens)}
         base = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
-                "model": req.get("model")}
+                "created": 1_764_000_000, "model": req.get("model")}
+        pieces = list(self.tokens)
+        if not chat and req.get("echo") and isinstance(req.get("prompt"), str):
+            pieces.insert(0, req["prompt"])
+        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        logprobs = [self._logprobs(req, chat, t, at) for t, at in zip(pieces, offsets)]
 
-        def choice(text=None, finish=None, role=None):
+        def choice(text=None, finish=None, lp=None, first=False):
             if chat:
-                delta = {}
-                if role:
-                    delta["role"] = role
-                if text is not None:
-                    delta["content"] = text
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                delta = self._delta(text, first) if text or self.field != "tool_arguments" else {}
+                return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
 
         if not req.get("stream"):
-            text = "".join(self.tokens)
-            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                  if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+            text = "".join(pieces)
+            lp = self._joined(logprobs, chat)
+            if chat:
+                ch = {"index": 0, "message": {"role": "assistant", "content": None, **self._message(text)},
+                      "logprobs": lp, "finish_reason": "stop"}
+            else:
+                ch = {"index": 0, "text": text, "logprobs": lp, "finish_reason": "stop"}
             payload = json.dumps({**base, "object": "chat.completion" if chat else "text_completion",
                                   "choices": [ch], "usage": usage}, separators=(",", ":")).encode()
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -119,12 +131,53 @@ class FakeEngine:
                      b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
         events = []
         if chat:
-            events.append({**base, "choices": [choice("", role="assistant")]})
-        events += [{**base, "choices": [choice(t)]} for t in self.tokens]
+            events.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+        events += [{**base, "choices": [choice(t, lp=lp, first=i == 0)]}
+                   for i, (t, lp) in enumerate(zip(pieces, logprobs))]
         events.append({**base, "choices": [choice("", finish="stop")]})
         if (req.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
         await self._send_events(reader, writer, [json.dumps(ev, separators=(",", ":")).encode() for ev in events])
+
+    def _delta(self, text: str, first: bool) -> dict:
+        if self.field != "tool_arguments":
+            return {self.field: text}
+        call = {"index": 0, "function": {"arguments": text}}
+        if first:
+            call.update(id="call_1", type="function")
+            call["function"]["name"] = "lookup"
+        return {"tool_calls": [call]}
+
+    def _message(self, text: str) -> dict:
+        if self.field != "tool_arguments":
+            return {self.field: text}
+        return {"tool_calls": [{"id": "call_1", "type": "function",
+                                "function": {"name": "lookup", "arguments": text}}]}
+
+    def _logprobs(self, req: dict, chat: bool, token: str, offset: int):
+        """One token's logprobs, as vLLM writes them, or None when the request did not ask."""
+        if chat:
+            if not req.get("logprobs"):
+                return None
+            k = req.get("top_logprobs") or 0
+            tops = [{"token": t, "logprob": -1.5, "bytes": list(t.encode())}
+                    for t in [token, *self.alternatives.get(token, [])][:k]]
+            return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()),
+                                 "top_logprobs": tops}]}
+        if req.get("logprobs") is None:
+            return None
+        k = req["logprobs"]
+        return {"text_offset": [offset], "token_logprobs": [-0.5], "tokens": [token],
+                "top_logprobs": [{t: -1.5 for t in [token, *self.alternatives.get(token, [])][:max(k, 1)]}]}
+
+    @staticmethod
+    def _joined(logprobs: list, chat: bool):
+        if logprobs[0] is None:
+            return None
+        if chat:
+            return {"content": [e for lp in logprobs for e in lp["content"]]}
+        return {k: [v for lp in logprobs for v in lp[k]] for k in logprobs[0]}
 
     async def _send_events(self, reader, writer, payloads: list[bytes]) -> None:
         """SSE events, one HTTP chunk each, `delay` apart, then [DONE]; a hang-up raises."""

@@ -8,6 +8,7 @@ import random
 import orjson
 import pytest
 
+from serving.gateway.guard import OutputGuardWatch
 from serving.gateway.inspect import StreamInspector
 from serving.gateway.stages import RequestContext
 from serving.policy.config import GuardrailPolicy
@@ -26,12 +27,17 @@ BODY = b"".join([_chunk({"role": "assistant", "content": ""}), *(_chunk({"conten
                  b"data: [DONE]\n\n"])
 
 
+def _email_watch(ctx: RequestContext) -> OutputGuardWatch:
+    guard = OutputGuard(GuardrailPolicy.model_validate(
+        {"output": [{"type": "pii", "entities": ["email"], "action": "redact"}]}).output)
+    return OutputGuardWatch(guard, ctx.guardrail_actions)
+
+
 def _inspect(pieces: list[bytes], guarded: bool) -> tuple[bytes, RequestContext]:
     ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, b"")
     ctx.keep_text, ctx.client_wants_usage = True, False
     if guarded:
-        ctx.output_guard = OutputGuard(GuardrailPolicy.model_validate(
-            {"output": [{"type": "pii", "entities": ["email"], "action": "redact"}]}).output)
+        ctx.watches = [_email_watch(ctx)]
     inspector = StreamInspector(ctx, chat=True)
     return b"".join([inspector.feed(p) for p in pieces] + [inspector.finish()]), ctx
 
@@ -154,8 +160,7 @@ def test_a_completion_stream_merges_its_text_events_too():
     for pieces in ([body], [e + b"\n\n" for e in body.split(b"\n\n")[:-1]]):
         ctx = RequestContext("r", "POST", "/v1/completions", {}, b"")
         ctx.keep_text, ctx.client_wants_usage = True, False
-        ctx.output_guard = OutputGuard(GuardrailPolicy.model_validate(
-            {"output": [{"type": "pii", "entities": ["email"], "action": "redact"}]}).output)
+        ctx.watches = [_email_watch(ctx)]
         inspector = StreamInspector(ctx, chat=False)
         outs.append(_events(b"".join(inspector.feed(p) for p in pieces) + inspector.finish()))
     whole, one_by_one = outs
@@ -172,3 +177,74 @@ def test_a_stream_whose_text_cannot_be_located_is_still_inspected_event_by_event
     out, ctx = _inspect([body], guarded=True)
     texts = [e["choices"][0]["delta"]["content"] for e in _events(out)]
     assert "".join(texts) == "mail [EMAIL] now" and len(texts) > 1
+
+
+# -- every text field, and logprobs, through the output guardrails -----------------------------
+
+
+def _lp(token: str, *alternatives: str) -> dict:
+    return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()),
+                         "top_logprobs": [{"token": t, "logprob": -1.0, "bytes": list(t.encode())}
+                                          for t in (token, *alternatives)]}]}
+
+
+def _lp_body(tokens: list[str], index: int = 0, field: str = "content") -> list[bytes]:
+    events = [_event({"index": index, "delta": {field: t}, "logprobs": _lp(t), "finish_reason": None})
+              for t in tokens]
+    return events + [_event({"index": index, "delta": {field: ""}, "logprobs": None, "finish_reason": "stop"})]
+
+
+def _guarded(body: bytes, pieces: list[bytes] | None = None) -> tuple[list[dict], RequestContext]:
+    ctx = RequestContext("r", "POST", "/v1/chat/completions", {}, b"")
+    ctx.client_wants_usage, ctx.payload = False, {"logprobs": True}
+    ctx.watches = [_email_watch(ctx)]
+    inspector = StreamInspector(ctx, chat=True)
+    out = b"".join(inspector.feed(p) for p in (pieces or [body])) + inspector.finish()
+    return _events(out), ctx
+
+
+def _seen(events: list[dict], index: int = 0, field: str = "content") -> tuple[str, list[str]]:
+    """A choice's text as the client reads it, and the logprob tokens it is shown."""
+    text = "".join((c.get("delta") or {}).get(field) or "" for e in events for c in e["choices"] if c["index"] == index)
+    tokens = [t["token"] for e in events for c in e["choices"] if c["index"] == index and c.get("logprobs")
+              for t in c["logprobs"]["content"]]
+    return text, tokens
+
+
+def test_logprobs_of_text_held_back_wait_for_it_and_a_redacted_span_never_shows_in_them():
+    tokens = ["Write", " to", " jane", ".doe", "@", "example", ".com", " today", "."]
+    body = b"".join(_lp_body(tokens)) + b"data: [DONE]\n\n"
+    for name, pieces in _splits(body).items():
+        events, _ = _guarded(body, pieces)
+        text, shown = _seen(events)
+        assert text == "Write to [EMAIL] today.", name
+        assert shown == ["Write", " to"], name  # what preceded the email; nothing from it on
+        for ev in events:  # no event shows a logprob whose text is still held back
+            assert "jane" not in orjson.dumps(ev).decode()
+
+
+def test_logprobs_of_a_clean_stream_reach_the_client_whole_and_in_order_however_it_is_cut():
+    tokens = ["The", " sky", " is", " blue", " and", " 42", " is", " the", " answer", "."]
+    body = b"".join(_lp_body(tokens)) + b"data: [DONE]\n\n"
+    for name, pieces in _splits(body).items():
+        events, _ = _guarded(body, pieces)
+        assert _seen(events) == ("".join(tokens), tokens), name
+
+
+def test_each_choice_and_each_field_is_scanned_on_its_own():
+    # choice 1's email is redacted and its logprobs stop; choice 0 is untouched, and an email
+    # split between the reasoning and the content of one choice is two texts, neither an email
+    body = b"".join([*_lp_body(["Mail", " a@b.io", " now"], index=1), *_lp_body(["All", " fine"], index=0),
+                     *_lp_body(["x", "@"], index=2, field="reasoning"), *_lp_body(["b.io"], index=2),
+                     b"data: [DONE]\n\n"])
+    events, ctx = _guarded(body)
+    assert _seen(events, 1) == ("Mail [EMAIL] now", ["Mail"])
+    assert _seen(events, 0) == ("All fine", ["All", " fine"])
+    assert _seen(events, 2, "reasoning")[0] == "x@" and _seen(events, 2)[0] == "b.io"
+    assert [(a.entity, a.count) for a in ctx.guardrail_actions] == [("email", 1)]
+
+
+def test_a_stream_cut_before_its_finish_releases_held_text_and_its_logprobs():
+    body = b"".join(_lp_body(["Reach", " me", " at"])[:-1])  # no finishing event, no [DONE]
+    events, _ = _guarded(body)
+    assert _seen(events) == ("Reach me at", ["Reach", " me", " at"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.gateway.textfields import CHAT, COMPLETIONS, Unscannable, request_slots
+from serving.gateway.textfields import CHAT, COMPLETIONS, Unscannable, choice_texts, request_slots
 
 MARK = "zebra"
 
@@ -84,3 +84,11 @@ def test_token_ids_need_a_tokenizer_and_fields_that_cannot_be_read_are_named():
         with pytest.raises(Unscannable) as e:
             request_slots(CHAT, {"messages": [{"role": "user", "content": ["x", part]}]})
         assert e.value.param == "messages[0].content[1].type"
+
+
+def test_the_response_fields_of_a_chat_choice():
+    choice = {"index": 0, "delta": {"role": "assistant", "content": "a", "refusal": "b", "reasoning": "c",
+                                    "tool_calls": [{"index": 3, "id": "x", "function": {"name": "f", "arguments": "{"}}]}}
+    assert [(name, holder[key]) for holder, key, name in choice_texts(CHAT, choice, "delta")] == [
+        ("content", "a"), ("refusal", "b"), ("reasoning", "c"),
+        (("tool_calls", 3, "arguments"), "{"), (("tool_calls", 3, "name"), "f")]
