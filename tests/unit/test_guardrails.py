@@ -596,10 +596,10 @@ def _fuzz_texts(n: int, seed: int) -> list[str]:
 
 
 def test_a_whole_text_skips_a_detector_only_when_no_match_of_it_can_be_in_the_text():
-    from serving.policy.guardrails import _detectors
+    from serving.policy.guardrails.detectors import detectors_for
 
     dets = [d for r in (rule(type="pii", action="redact"), rule(type="prompt_injection", action="flag"))
-            for d in _detectors(r)]
+            for d in detectors_for(r)]
     assert any(d.needs is not None for d in dets)
     for text in _fuzz_texts(3000, seed=7):
         for d in dets:
@@ -610,11 +610,11 @@ def test_a_whole_text_skips_a_detector_only_when_no_match_of_it_can_be_in_the_te
 def test_a_stream_wakes_every_detector_that_can_start_after_the_previous_character():
     """The wake-up table (which detectors a new piece could begin a match of, given the
     character before each position) agrees with the regexes on every ASCII pair."""
-    from serving.policy.guardrails import _Plan
+    from serving.policy.guardrails.scan import Plan
 
     rules = [rule(type="pii", action="redact"), rule(type="prompt_injection", action="flag"),
              rule(type="deny", terms=["zebra crossing"], action="block")]
-    plan = _Plan(rules)
+    plan = Plan(rules)
     for i, d in enumerate(plan.dets):
         for p in map(chr, range(128)):
             for c in "aAsSeE0159 .:-_@+(<[#\n":
