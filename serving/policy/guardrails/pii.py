@@ -146,10 +146,11 @@ PII_SOURCES: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | Non
         r"\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,7}"
         r"|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
         r")(?![\w]|[.-]\d)", _accept_phone, False, _has_digit)],
-    "credit_card": [(r"(?<![\w+-])(?:\d[ -]?){12,18}\d(?!\w)", _accept_card, False, _has_digit)],
+    # Digit groups of cards and SSNs may be separated by a space, a hyphen or a dot.
+    "credit_card": [(r"(?<![\w+-])(?:\d[ .-]?){12,18}\d(?!\w)", _accept_card, False, _has_digit)],
     "iban": [(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
               _accept_iban, False, _has_digit)],
-    "us_ssn": [(r"(?<![\w+.-])\d{3}(?P<ssn_sep>[- ]?)\d{2}(?P=ssn_sep)\d{4}(?!\w|-\d)",
+    "us_ssn": [(r"(?<![\w+.-])\d{3}(?P<ssn_sep>[ .-]?)\d{2}(?P=ssn_sep)\d{4}(?!\w|[.-]\d)",
                 _accept_ssn, False, _has_digit)],
     "ip_address": [
         # An IPv4 address right after "hex:" is the tail of an IPv6 one (::ffff:192.0.2.1).
