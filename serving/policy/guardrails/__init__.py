@@ -6,9 +6,14 @@ takes one action: `block` (the request or the stream ends with an error that nev
 matched text), `redact` (the match is masked in place: `[EMAIL]`, ..., `[REDACTED]` for
 deny-lists) or `flag` (recorded only; the text is unchanged).
 
-The package, by concern: `config` (the rules), `pii`, `injection` and `deny` (what each rule
-type looks for), `detectors` (a rule compiled), `scan` (every detector over a text, whole or
-streamed), `guards` (what the request path calls).
+Detection runs on a normalised view of the text (`normalise`: compatibility forms such as
+full-width and mathematical letters, invisible characters dropped, accents and combining marks
+dropped, Cyrillic and Greek look-alikes and Unicode dashes, dots and spaces folded to ASCII);
+what is released is the text as written, with only the matched spans masked.
+
+The package, by concern: `config` (the rules), `normalise` (the view), `pii`, `injection` and
+`deny` (what each rule type looks for), `detectors` (a rule compiled), `scan` (every detector
+over a text, whole or streamed), `guards` (what the request path calls).
 """
 
 from serving.policy.guardrails.config import GuardrailPolicy, GuardrailRule

@@ -7,8 +7,10 @@ from typing import Literal
 import regex
 from pydantic import Field, field_validator, model_validator
 
+from serving.policy.guardrails.deny import pattern_source
 from serving.policy.guardrails.detectors import probe_source
 from serving.policy.guardrails.injection import DEFAULT_INJECTION_THRESHOLD
+from serving.policy.guardrails.normalise import view
 from serving.policy.guardrails.pii import PII_ENTITIES, PiiEntity
 
 # From serving.schema, not serving.config: that would be circular (serving.config imports
@@ -37,10 +39,12 @@ class GuardrailRule(_Strict):
         None, description="pii: which entities to detect; leave out for all.")
     terms: list[str] = Field(
         default_factory=list, description="deny: words or phrases, matched case-insensitively as "
-        "whole words.")
+        "whole words in the normalised text (accents, full-width and look-alike letters, invisible "
+        "characters folded; a term's own letters are folded too).")
     patterns: list[str] = Field(
         default_factory=list, description="deny: regular expressions (Python `regex` syntax), "
-        "case-sensitive unless they start with (?i).")
+        "case-sensitive unless they start with (?i), searched in the normalised text (their own "
+        "non-ASCII characters folded the same way).")
     threshold: float | None = Field(
         None, gt=0, description="prompt_injection: the summed weight of distinct phrases that "
         f"fires the rule (strong phrases weigh 1.0); default {DEFAULT_INJECTION_THRESHOLD}.")
@@ -63,7 +67,7 @@ class GuardrailRule(_Strict):
     @classmethod
     def _terms_not_blank(cls, v: list[str]) -> list[str]:
         for i, term in enumerate(v):
-            if not term.strip():
+            if not view(term).strip():  # (zero-width characters alone are empty too)
                 raise ValueError(f"term {i} is empty")
         return v
 
@@ -72,11 +76,15 @@ class GuardrailRule(_Strict):
     def _patterns_compile(cls, v: list[str]) -> list[str]:
         for p in v:
             try:
-                compiled = regex.compile(p)
+                regex.compile(p)
             except regex.error as e:
                 raise ValueError(f"`{p}` is not a valid regular expression: {e}") from None
+            try:  # what runs: its non-ASCII letters folded, as the text they search is
+                compiled = regex.compile(pattern_source(p))
+            except regex.error as e:
+                raise ValueError(f"`{p}` is not valid once its non-ASCII characters are folded: {e}") from None
             try:  # streams search it inside a larger pattern; a trailing (?x) comment would break that
-                regex.compile(probe_source(p))
+                regex.compile(probe_source(pattern_source(p)))
             except regex.error as e:
                 raise ValueError(f"`{p}` cannot be embedded in a larger pattern: {e}") from None
             if compiled.fullmatch("") is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import regex
 
-from serving.policy.guardrails.deny import DENY_MASK, term_source
+from serving.policy.guardrails.deny import DENY_MASK, pattern_source, term_source
 from serving.policy.guardrails.injection import DEFAULT_INJECTION_THRESHOLD, INJECTION_SOURCES
 from serving.policy.guardrails.pii import MASKS, PII_ENTITIES, PII_SOURCES
 
@@ -82,7 +82,7 @@ def detectors_for(rule: GuardrailRule) -> list[Detector]:
         if rule.terms:
             out.append(_detector(rule, "term", DENY_MASK, term_source(rule.terms), regex.IGNORECASE))
         for source in rule.patterns:
-            out.append(_detector(rule, "pattern", DENY_MASK, source, builtin=False))
+            out.append(_detector(rule, "pattern", DENY_MASK, pattern_source(source), builtin=False))
         return out
     if rule.type == "prompt_injection":
         threshold = rule.threshold if rule.threshold is not None else DEFAULT_INJECTION_THRESHOLD

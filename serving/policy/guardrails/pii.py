@@ -146,7 +146,8 @@ PII_SOURCES: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | Non
         r"\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,7}"
         r"|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
         r")(?![\w]|[.-]\d)", _accept_phone, False, _has_digit)],
-    # Digit groups of cards and SSNs may be separated by a space, a hyphen or a dot.
+    # Digit groups of cards and SSNs may be separated by a space, a hyphen or a dot (the view
+    # reads every Unicode space, dash and middle dot as one of those).
     "credit_card": [(r"(?<![\w+-])(?:\d[ .-]?){12,18}\d(?!\w)", _accept_card, False, _has_digit)],
     "iban": [(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
               _accept_iban, False, _has_digit)],

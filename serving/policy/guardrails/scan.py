@@ -25,6 +25,15 @@ a candidate longer than `MAX_HOLD` characters, which is decided on what has arri
 Per token, only the detectors that are holding text back, or that a character of the new piece
 could begin a match of (a precomputed table), are searched again; the rest stay idle. Only the
 unreleased text (and a little context for lookbehinds) is kept and searched.
+
+The view
+--------
+Detectors search the view of the text (normalise.py: compatibility forms, invisible characters
+dropped, look-alikes folded), and what is released is the text as written: what matched nothing
+as it came, a redaction in place of exactly the original characters its match came from (the
+invisible ones inside it and the combining marks on its last character too). Every offset above
+is an offset of the view; the original is kept beside it, with each view character's offset in
+it, only once the two differ: an ASCII text is its own view, and costs one `isascii()`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import TYPE_CHECKING
 import regex
 
 from serving.policy.guardrails.detectors import Detector, detectors_for
+from serving.policy.guardrails.normalise import fold, fold_piece, marks_end, view
 
 if TYPE_CHECKING:
     from serving.policy.guardrails.config import GuardrailRule
@@ -238,20 +248,35 @@ class Scan:
         self.block = [c for c in cursors[:n_block] if c is not None]
         self.redact = [c for c in cursors[n_block:n_block + n_redact] if c is not None]
         self.flag = [c for c in cursors[n_block + n_redact:] if c is not None]
+        # The view the detectors search (normalise.py), in offsets of the view
         self.text = ""  # what is kept: _CONTEXT released characters, then the undecided rest
         self.base = 0  # absolute offset of text[0]
         self.released = 0  # absolute offset up to which text has been released
         self.scanned = 0  # absolute end of the text at the previous run
         self.runs = 0
+        # The text as written, kept while what is left to release does not read as itself
+        self.orig: str | None = None  # the original from obase: what is released is cut from here
+        self.obase = 0
+        self.oreleased = 0  # offset in the original up to which it has been released
+        # For each character of the view from offset sbase on, its offset in the original (a
+        # whole text: made when a redaction needs it; most texts have none)
+        self.src: list[int] | None = None
+        self.sbase = 0
 
     def feed(self, piece: str) -> str:
-        self.text += piece
+        ascii_piece = piece.isascii()
+        if self.orig is None and ascii_piece:
+            self.text += piece  # ASCII is its own view
+        else:
+            self._add(piece)
         out = self._run(final=False)
         oldest = self._oldest_pending()
         if self.base + len(self.text) - oldest > MAX_HOLD:
             out += self._run(final=True)  # held too long: decide on what has arrived
             oldest = self._oldest_pending()
         self._trim(oldest)
+        if self.orig is not None and ascii_piece:
+            self._drop_original_if_same()
         return out
 
     def finish(self) -> str:
@@ -259,13 +284,57 @@ class Scan:
         self._trim()
         return out
 
-    def whole(self, text: str) -> str:
-        """A text that is complete: the same decisions as feeding it in pieces, in one pass.
-        (Construct the scan with mask=plan.possible(text) to skip what cannot match.)"""
-        self.text = text
+    def whole(self, text: str, text_view: str) -> str:
+        """A text that is complete, and its view: the same decisions as feeding it in pieces, in
+        one pass. (Construct the scan with mask=plan.possible(text_view) to skip what cannot match.)"""
+        self.text = text_view
+        if text_view is not text:
+            self.orig = text
         return self.finish()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _add(self, piece: str) -> None:
+        piece_view, src = fold_piece(piece)
+        if self.orig is None:
+            if piece_view == piece:
+                self.text += piece
+                return
+            # A character whose view differs: from here on the original is kept beside the view.
+            # What is left to release reads as itself, and counts in the view's offsets.
+            end = self.base + len(self.text)
+            self.orig = self.text[self.released - self.base:]
+            self.obase = self.oreleased = self.sbase = self.released
+            self.src = list(range(self.released, end))
+        at = self.obase + len(self.orig)
+        self.orig += piece
+        self.text += piece_view
+        self.src.extend(range(at, at + len(piece)) if src is None else [at + i for i in src])
+
+    def _original(self, upto: int) -> str:
+        """The text as written from the release point to offset upto of the view: the
+        characters before the one upto came from, invisible ones included."""
+        if upto < self.base + len(self.text):
+            end = self._offsets()[upto - self.sbase]
+        else:  # the end: with the invisible characters after the last one of the view
+            end = self.obase + len(self.orig)
+        if end <= self.oreleased:
+            return ""
+        piece = self.orig[self.oreleased - self.obase:end - self.obase]
+        self.oreleased = end
+        return piece
+
+    def _offsets(self) -> list[int]:
+        if self.src is None:  # a whole text (a stream keeps them as it goes)
+            self.src = fold(self.orig)[1]
+        return self.src
+
+    def _masked(self, end: int) -> None:
+        """A mask replaced the view up to end: the original characters it came from are gone,
+        with the combining marks on the last one (all here: a match is decided only once a
+        character of the view follows it, or at the end of the text)."""
+        last = self._offsets()[end - 1 - self.sbase] + 1 - self.obase
+        self.oreleased = max(self.oreleased, self.obase + marks_end(self.orig, last))
 
     def _run(self, final: bool) -> str:
         s, base = self.text, self.base
@@ -353,14 +422,18 @@ class Scan:
                                          or c.start == best.start and c.end > best.end):
                     best = c
             if best is not None and best.start < hold:
-                out.append(s[pos - base:best.start - base])
+                out.append(s[pos - base:best.start - base] if self.orig is None else self._original(best.start))
                 out.append(best.det.mask)
+                if self.orig is not None:
+                    self._masked(best.end)
                 self.tally.add(best.det.guardrail, "redact", best.det.entity)
                 pos = best.end
                 continue
             if hold > pos:
-                out.append(s[pos - base:hold - base])
+                out.append(s[pos - base:hold - base] if self.orig is None else self._original(hold))
                 pos = hold
+            elif hold == pos and self.orig is not None:
+                out.append(self._original(hold))  # invisible characters between a mask and hold
             break
         self.released = pos
         return "".join(out)
@@ -380,7 +453,25 @@ class Scan:
         if cut > 256:  # trim in steps: slicing the kept text on every piece would cost more
             self.text = self.text[cut:]
             self.base += cut
+        if self.orig is not None and self.oreleased - self.obase > 256:
+            self.orig = self.orig[self.oreleased - self.obase:]
+            self.obase = self.oreleased
+            if self.src is not None:  # only what is left to release needs its offsets
+                del self.src[:self.released - self.sbase]
+                self.sbase = self.released
+
+    def _drop_original_if_same(self) -> None:
+        """Back to the view alone once all that is left to release reads as itself (a curly
+        quote has been released): what is kept from before the release point is only searched,
+        never released, so it may differ."""
+        i = self.released - self.base
+        o = self.oreleased - self.obase
+        n = len(self.text) - i
+        if n == len(self.orig) - o and self.orig[o:] == self.text[i:] \
+                and self.src[self.released - self.sbase:] == list(range(self.oreleased, self.oreleased + n)):
+            self.orig = self.src = None
 
 
 def whole(plan: Plan, tally: Tally, text: str) -> str:
-    return Scan(plan, tally, plan.possible(text)).whole(text)
+    text_view = view(text)
+    return Scan(plan, tally, plan.possible(text_view)).whole(text, text_view)
