@@ -435,4 +435,16 @@ class Prepare(_PolicyStage):
                 p["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
                 ctx.payload_changed = True
         if ctx.payload_changed:
-            ctx.body = orjson.dumps(p)
+            try:
+                ctx.body = orjson.dumps(p)
+            except TypeError:  # orjson.JSONEncodeError; request_body.parse leaves none: a backstop
+                raise _unencodable_field(p) from None
+
+
+def _unencodable_field(payload: dict) -> GatewayError:
+    for key, value in payload.items():
+        try:
+            orjson.dumps(value)
+        except TypeError as e:
+            return GatewayError(400, f"`{key}` cannot be sent on as JSON: {e}.", code="invalid_json", param=key)
+    return GatewayError(400, "The request body cannot be sent on as JSON.", code="invalid_json")

@@ -18,12 +18,12 @@ here and one entry in `default_stages`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serving.errors import GatewayError
+from serving.gateway import request_body
 
 
 @dataclass
@@ -139,20 +139,13 @@ class Pipeline:
 
 
 class ParseBody:
-    """Malformed JSON, or a body that is not an object, is a 400 before anything else runs."""
+    """The body, parsed once (serving/gateway/request_body.py): malformed JSON, a body that is not
+    an object or nests too deep, are a 400 before anything else runs."""
 
     name = "parse_body"
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if not ctx.body:
-            raise GatewayError(400, "The request body is empty; send a JSON object.")
-        try:
-            payload = json.loads(ctx.body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise GatewayError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(payload, dict):
-            raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
-        ctx.payload = payload
+        ctx.payload = request_body.parse(ctx.body)
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         pass
