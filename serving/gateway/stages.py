@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serving.errors import GatewayError
-from serving.gateway import request_body
+from serving.gateway import request_body, request_fields
 
 
 @dataclass
@@ -139,13 +139,17 @@ class Pipeline:
 
 
 class ParseBody:
-    """The body, parsed once (serving/gateway/request_body.py): malformed JSON, a body that is not
-    an object or nests too deep, are a 400 before anything else runs."""
+    """The body, parsed and checked once (serving/gateway/request_body.py, request_fields.py):
+    malformed JSON, a body that is not an object or nests too deep, and a field Keel reads that
+    the engine would refuse are a 400 before anything else runs; lax spellings of those fields
+    ("20" for 20) are written back as the engine reads them."""
 
     name = "parse_body"
 
     async def on_request(self, ctx: RequestContext) -> None:
         ctx.payload = request_body.parse(ctx.body)
+        if request_fields.check_fields(ctx.path, ctx.payload):
+            ctx.payload_changed = True
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:
         pass

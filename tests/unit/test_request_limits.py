@@ -1,20 +1,26 @@
-"""Hostile request bodies: a 400 naming the field, never a 500.
+"""Hostile request bodies: a 400 naming the field, never a 500; the fields Keel reads are read
+as the engine reads them, however the request spells them.
 
-Each part checks serving/gateway/request_body.py directly, then drives the gateway over HTTP in
-front of a stand-in engine (the Harness of test_policy_gateway.py).
+Each part checks serving/gateway/request_body.py or request_fields.py directly, then drives the
+gateway over HTTP in front of a stand-in engine (the Harness of test_policy_gateway.py).
 """
 
 from __future__ import annotations
+
+import json
 
 import orjson
 import pytest
 
 from serving.errors import GatewayError
 from serving.gateway.request_body import MAX_JSON_DEPTH, parse
+from serving.gateway.request_fields import check_fields
 from tests.unit.fake_engine import FakeEngine
-from tests.unit.test_policy_gateway import APP_KEY, Harness, error_of, policy, run
+from tests.unit.test_policy_gateway import APP_KEY, CHAT, Harness, error_of, policy, run
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+MSGS = [{"role": "user", "content": "hello there"}]
 
 
 def refused(fn, *args) -> GatewayError:
@@ -101,6 +107,7 @@ def test_hostile_bodies_get_a_400_naming_the_field_never_a_500(tmp_path):
         "deep": b"{" + stream + b', "extra": ' + nested(100_000) + b"}",
         "deep_300": b"{" + stream + b', "extra": ' + nested(300) + b"}",
         "surrogate": b'{"model": "demo", "messages": [{"role": "user", "content": "\\ud800"}], "stream": true}',
+        "n_float": b"{" + stream + b', "n": 2.5}',
     }
 
     async def go():
@@ -112,7 +119,114 @@ def test_hostile_bodies_get_a_400_naming_the_field_never_a_500(tmp_path):
 
     out, engine_requests, records = run(go())
     assert {name: (r.status_code, error_of(r)["param"]) for name, r in out.items() if name != "big_int"} == {
-        "deep": (400, "extra"), "deep_300": (400, "extra"), "surrogate": (400, "messages.0.content")}
+        "deep": (400, "extra"), "deep_300": (400, "extra"), "surrogate": (400, "messages.0.content"),
+        "n_float": (400, "n")}
     assert out["big_int"].status_code == 200
     assert len(engine_requests) == 1  # only the big integer reached the engine
-    assert [r["status"] for r in records] == [400, 400, 400, 200]
+    assert [r["status"] for r in records] == [400, 400, 400, 400, 200]
+
+
+# -- fields Keel reads: typed as vLLM types them --------------------------------------------------
+
+# (path, field, value the client sent, what vLLM's pydantic model makes of it)
+LAX_SPELLINGS = [
+    (CHAT_PATH, "n", "20", 20), (CHAT_PATH, "n", 20.0, 20), (CHAT_PATH, "n", "20.0", 20),
+    (CHAT_PATH, "n", True, 1), (COMPLETIONS_PATH, "n", " 3", 3),
+    (CHAT_PATH, "max_tokens", "40", 40), (CHAT_PATH, "max_completion_tokens", 40.0, 40),
+    (COMPLETIONS_PATH, "max_tokens", True, 1),
+    (CHAT_PATH, "stream", "false", False), (CHAT_PATH, "stream", 0, False), (CHAT_PATH, "stream", "yes", True),
+    (CHAT_PATH, "truncate_prompt_tokens", "5", 5), (COMPLETIONS_PATH, "add_special_tokens", "false", False),
+    (COMPLETIONS_PATH, "prompt", [1.0, 2.0], [1, 2]), (COMPLETIONS_PATH, "prompt", [True, 2], [1, 2]),
+    (COMPLETIONS_PATH, "prompt", [[1.0], [2, 3]], [[1], [2, 3]]),
+]
+
+
+def _body(path: str, **fields) -> dict:
+    base = {"model": "demo", "messages": list(MSGS)} if path == CHAT_PATH else {"model": "demo", "prompt": "hi"}
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize("path, field, sent, read", LAX_SPELLINGS)
+def test_a_lax_spelling_is_written_back_as_the_engine_reads_it(path, field, sent, read):
+    payload = _body(path, **{field: sent})
+    assert check_fields(path, payload)
+    assert payload[field] == read and type(payload[field]) is type(read)
+
+
+def test_stream_options_spellings_are_read_as_the_engine_reads_them():
+    payload = _body(CHAT_PATH, stream=1, stream_options={"include_usage": "false", "vendor": {"x": 1}})
+    check_fields(CHAT_PATH, payload)
+    assert payload["stream"] is True
+    assert payload["stream_options"] == {"include_usage": False, "vendor": {"x": 1}}
+
+
+def test_canonical_bodies_are_left_as_they_are():
+    payload = _body(CHAT_PATH, n=2, max_tokens=5, stream=True, stream_options={"include_usage": True})
+    before = json.dumps(payload)
+    assert check_fields(CHAT_PATH, payload) is False
+    assert json.dumps(payload) == before
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    (CHAT_PATH, {"n": 20.5}, "n"), (CHAT_PATH, {"n": "twenty"}, "n"), (CHAT_PATH, {"n": 0}, "n"),
+    (CHAT_PATH, {"n": -1}, "n"), (CHAT_PATH, {"n": 2**64}, "n"), (CHAT_PATH, {"max_tokens": -5}, "max_tokens"),
+    (CHAT_PATH, {"max_completion_tokens": [1]}, "max_completion_tokens"), (CHAT_PATH, {"stream": 2}, "stream"),
+    (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+    (CHAT_PATH, {"stream_options": "yes"}, "stream_options"), (CHAT_PATH, {"user": 7}, "user"),
+    (CHAT_PATH, {"model": ["demo"]}, "model"), (CHAT_PATH, {"messages": "hello"}, "messages"),
+    (CHAT_PATH, {"messages": [{"content": "hi"}]}, "messages.0.role"),
+    (CHAT_PATH, {"messages": [{"role": ["user"], "content": "hi"}]}, "messages.0.role"),
+    (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    (CHAT_PATH, {"messages": [{"role": "user", "content": ["ok", 5]}]}, "messages.0.content.1"),
+    (CHAT_PATH, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    (COMPLETIONS_PATH, {"prompt": ["a", 1]}, "prompt"), (COMPLETIONS_PATH, {"prompt": [[1], "a"]}, "prompt"),
+    (COMPLETIONS_PATH, {"prompt": 5}, "prompt"), (COMPLETIONS_PATH, {"prompt_embeds": 5}, "prompt_embeds"),
+])
+def test_a_field_keel_reads_of_the_wrong_type_is_a_400_naming_it(path, fields, param):
+    body = _body(path, **fields)
+    err = refused(check_fields, path, body)
+    assert err.param == param
+    assert f"`{param}`" in err.message
+
+
+def test_chat_messages_are_required():
+    assert refused(check_fields, CHAT_PATH, {"model": "demo"}).param == "messages"
+
+
+@pytest.fixture(scope="module")
+def vllm_models():
+    chat = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    completion = pytest.importorskip("vllm.entrypoints.openai.completion.protocol")
+    return {CHAT_PATH: chat.ChatCompletionRequest, COMPLETIONS_PATH: completion.CompletionRequest}
+
+
+@pytest.mark.parametrize("path, field, sent, read", LAX_SPELLINGS)
+def test_lax_spellings_match_what_vllm_reads(vllm_models, path, field, sent, read):
+    """The table above is vLLM's own reading (the engine's request models, installed here)."""
+    request = vllm_models[path].model_validate(_body(path, **{field: sent}))
+    assert getattr(request, field) == read
+
+
+@pytest.mark.parametrize("path, fields", [
+    (CHAT_PATH, {"n": 20.5}), (CHAT_PATH, {"n": "twenty"}), (CHAT_PATH, {"stream": 2}),
+    (CHAT_PATH, {"user": 7}), (CHAT_PATH, {"messages": [{"content": "hi"}]}),
+    (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}), (COMPLETIONS_PATH, {"prompt": ["a", 1]}),
+    (COMPLETIONS_PATH, {"prompt": [[1], "a"]}), (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}),
+])
+def test_what_keel_refuses_as_a_type_vllm_refuses_too(vllm_models, path, fields):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        vllm_models[path].model_validate(_body(path, **fields))
+    refused(check_fields, path, _body(path, **fields))
+
+
+def test_a_string_false_stream_is_not_streamed_and_gets_no_stream_options(tmp_path):
+    async def go():
+        async with Harness(quota_policy(tmp_path, tokens_per_minute=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
+            r = await h.post({**CHAT, "stream": "false"})
+            return r, json.loads(h.engines["demo"].requests[0][2])
+
+    r, sent = run(go())
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert sent["stream"] is False and "stream_options" not in sent  # vLLM refuses stream_options without a stream
