@@ -33,6 +33,7 @@ import orjson
 
 from serving.errors import GatewayError
 from serving.gateway.guard import GuardInput, GuardOutput
+from serving.gateway.request_fields import Generation
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
@@ -294,26 +295,34 @@ class CountTokens(_PolicyStage):
 
 
 async def count_prompt(ctx: RequestContext, info: ModelInfo | None) -> None:
-    """ctx.prompt_tokens from the model's tokenizer: inline, or on a worker thread when long."""
+    """ctx.prompt_counts (one per prompt the engine runs) and their sum ctx.prompt_tokens, from
+    the model's tokenizer: inline, or on a worker thread when long."""
     if info is None or info.counter is None:
         return
     if len(ctx.body) > OFFLOAD_COUNT_BYTES:
         # Nothing else touches this request's payload until the count is back.
-        ctx.prompt_tokens = await asyncio.get_running_loop().run_in_executor(
-            _counting_pool(), info.counter.count, ctx.path, ctx.payload)
+        counts = await asyncio.get_running_loop().run_in_executor(
+            _counting_pool(), info.counter.count_each, ctx.path, ctx.payload)
     else:
-        ctx.prompt_tokens = info.counter.count(ctx.path, ctx.payload)
+        counts = info.counter.count_each(ctx.path, ctx.payload)
+    ctx.prompt_counts = counts
+    ctx.prompt_tokens = sum(counts)
 
 
-def output_cap(ctx: RequestContext, info: ModelInfo | None) -> int:
-    """Tokens the request may generate: max_tokens (x n choices), else what the context leaves."""
-    p = ctx.payload or {}
-    cap = p.get("max_completion_tokens") or p.get("max_tokens")
-    if not isinstance(cap, int) or cap <= 0:
-        limit = info.max_model_len if info is not None else None
-        cap = max(0, (limit or 4096) - (ctx.prompt_tokens or 0))
-    n = p.get("n") if isinstance(p.get("n"), int) and p.get("n", 1) > 1 else 1
-    return cap * n
+def check_context(ctx: RequestContext, info: ModelInfo | None) -> None:
+    """400 context_length_exceeded for what the engine refuses for its length, before any quota
+    is taken; a prompt the gateway did not count is left to the engine."""
+    limit = info.max_model_len if info is not None else None
+    field = "messages" if ctx.path.endswith("/chat/completions") else "prompt"
+    err = (ctx.generation or Generation()).context_error(ctx.prompt_counts, limit, field)
+    if err is not None:
+        raise err
+
+
+def reservation(ctx: RequestContext, info: ModelInfo | None) -> tuple[int, int]:
+    """(prompt, output) tokens the request may use at most (request_fields.Generation.reservation)."""
+    limit = info.max_model_len if info is not None else None
+    return (ctx.generation or Generation()).reservation(ctx.prompt_counts, limit)
 
 
 class Admit(_PolicyStage):
@@ -340,13 +349,13 @@ class Admit(_PolicyStage):
         return scopes
 
     async def on_request(self, ctx: RequestContext) -> None:
+        info = self.rt.models.get(ctx.target)
+        check_context(ctx, info)  # an invalid request is a 400, not a 429 the client would retry
         scopes = self.scopes(ctx)
         if not scopes:
             ctx.quota = "unlimited"
             return
-        info = self.rt.models.get(ctx.target)
-        prompt = ctx.prompt_tokens or 0
-        cap = output_cap(ctx, info)
+        prompt, cap = reservation(ctx, info)
         tokens = prompt + cap
         m = self.rt.metrics
         try:
@@ -366,10 +375,12 @@ class Admit(_PolicyStage):
             ctx.quota = f"rejected:{adm.scope.name}:{adm.limit}"
             who = f"{adm.scope.name} `{adm.scope.id}`"
             if adm.never_fits:
+                gen = ctx.generation or Generation()
                 raise GatewayError(
                     429, f"Request too large for the {adm.limit} limit of {who}: it may use up to {tokens} "
-                    f"tokens (prompt {prompt} + output {cap}), more than the limit allows at once. "
-                    "Lower max_tokens or shorten the prompt.", code="request_too_large")
+                    f"tokens (prompt {prompt} + output {cap}: {gen.n} choice(s) for each of {gen.prompts} "
+                    "prompt(s)), more than the limit allows at once. Lower max_tokens or n, or send "
+                    "shorter or fewer prompts.", code="request_too_large")
             retry = max(adm.retry_after_s, 0.001)
             raise GatewayError(
                 429, f"Rate limit reached for {who} on {adm.limit}. Retry in {retry:.3g}s.",

@@ -1,4 +1,6 @@
-"""The fields of a request body that Keel itself reads, typed as the engine types them.
+"""The fields of a request body that Keel itself reads, typed as the engine types them, and
+what they ask the engine to run: prompts, choices and output tokens, the base of a token
+reservation and of the context check.
 
 vLLM's request models (pydantic, lax mode) run `"n": "20"`, `20.0` and `true` as integers. The
 quota must count what the engine will run, so the fields Keel reads are validated by the same
@@ -9,6 +11,7 @@ read the same value. What the engine would refuse is a 400 here, naming the fiel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -17,6 +20,8 @@ from typing_extensions import Required, TypedDict
 from serving.errors import GatewayError
 
 INT64_MAX = 2**63 - 1  # the engine's integer range: larger counts are refused there too
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) max_tokens for /v1/completions
+FALLBACK_CONTEXT = 4096  # the context assumed for a model whose max_model_len the config leaves out
 
 Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 # vLLM also wants ids >= 0, and says so itself; checked here it would triple the cost of a long
@@ -75,6 +80,69 @@ _EXPECTED = {
 }
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a request asks the engine to run, as the engine reads it."""
+
+    prompts: int = 1  # prompts the engine runs: text, token ids and embeddings alike
+    embeds: int = 0  # of which prompt_embeds, whose length the gateway cannot count
+    n: int = 1  # choices per prompt
+    max_output: int | None = None  # tokens per choice asked for; None: until the context ends
+    output_param: str = "max_tokens"  # the field max_output came from
+    truncate: int | None = None  # truncate_prompt_tokens (-1: to what the context leaves)
+
+    def reservation(self, counts: list[int] | None, limit: int | None) -> tuple[int, int]:
+        """(prompt, output) tokens the request may use at most: each prompt the engine runs (its
+        `counts`, when counted), and for each n choices of what it may generate (max_output, or
+        what the context `limit` leaves)."""
+        if counts is not None:
+            counts = self.prompt_lengths(counts, limit)
+        else:  # not counted (no token limit needs it): prompts count 0, their outputs still count
+            counts = [0] * (self.prompts - self.embeds)
+        prompt = sum(counts)
+        output = sum(self._choice_cap(p, limit) for p in counts)
+        if self.embeds:
+            # An embeddings prompt's length is unknown here: charged as long as the context allows
+            # next to its output, the most such a prompt can cost.
+            cap = self._choice_cap(0, limit)
+            output += self.embeds * cap
+            if limit is not None:
+                prompt += self.embeds * max(0, limit - cap)
+        return prompt, self.n * output
+
+    def context_error(self, counts: list[int] | None, limit: int | None, field: str) -> GatewayError | None:
+        """The 400 the engine answers for the request's length, as vLLM and OpenAI word it:
+        output asked beyond the context, or a counted prompt (in `field`) that leaves no room for it."""
+        if limit is None:
+            return None
+        out = self.max_output
+        if out is not None and out > limit:
+            return GatewayError(400, f"`{self.output_param}` is {out}, more than this model's context "
+                                f"length of {limit} tokens. Please request fewer output tokens.",
+                                code="context_length_exceeded", param=self.output_param)
+        for prompt in self.prompt_lengths(counts or [], limit):
+            if prompt + (out or 0) > limit:
+                return GatewayError(
+                    400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{prompt + (out or 0)} tokens ({prompt} in the {field}, {out or 0} for the completion). "
+                    f"Please reduce the length of the {field} or of the completion.",
+                    code="context_length_exceeded", param=field)
+        return None
+
+    def prompt_lengths(self, counts: list[int], limit: int | None) -> list[int]:
+        """The prompts as the engine keeps them (counts already hold truncate_prompt_tokens >= 0)."""
+        if self.truncate == -1 and limit is not None:  # vLLM keeps what the context leaves the output
+            room = limit - (self.max_output or 0)
+            return [min(c, room) for c in counts]
+        return counts
+
+    def _choice_cap(self, prompt: int, limit: int | None) -> int:
+        if self.max_output is None:
+            return max(0, (limit if limit is not None else FALLBACK_CONTEXT) - prompt)
+        asked = max(self.max_output, 1)  # 0 is refused by the engine, or runs one step (echo)
+        return max(0, min(asked, limit - prompt)) if limit is not None else asked
+
+
 class _Endpoint:
     def __init__(self, schema: type, chat: bool):
         self.adapter = TypeAdapter(schema)
@@ -98,6 +166,32 @@ class _Endpoint:
                 changed = True
         return changed
 
+    def generation(self, p: dict) -> Generation:
+        n = p.get("n") or 1
+        truncate = p.get("truncate_prompt_tokens")
+        if self.chat:
+            mct = p.get("max_completion_tokens")
+            if mct is not None:
+                return Generation(1, 0, n, mct, "max_completion_tokens", truncate)
+            return Generation(1, 0, n, p.get("max_tokens"), "max_tokens", truncate)
+        embeds = p.get("prompt_embeds")
+        embeds = 0 if embeds is None else 1 if isinstance(embeds, str) else len(embeds)
+        max_tokens = p.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+        return Generation(prompt_count(p.get("prompt")) + embeds, embeds, n, max_tokens, "max_tokens", truncate)
+
+
+def prompt_count(prompt: Any) -> int:
+    """Prompts in a (validated) completions `prompt`, as vLLM's prompt_to_seq splits it."""
+    if prompt is None:
+        return 0
+    if isinstance(prompt, str):
+        return 1
+    if prompt and all(type(t) is int for t in prompt):  # one prompt of token ids
+        return 1
+    return len(prompt)
+
 
 _ENDPOINTS = {
     "/v1/chat/completions": _Endpoint(_Chat, chat=True),
@@ -105,11 +199,14 @@ _ENDPOINTS = {
 }
 
 
-def check_fields(path: str, payload: dict) -> bool:
-    """Whether the payload was rewritten (a lax spelling made canonical); a field the engine
-    would refuse is a GatewayError 400 naming it."""
+def check_fields(path: str, payload: dict) -> tuple[Generation, bool]:
+    """(what the request asks the engine to run, whether the payload was rewritten); a field
+    the engine would refuse, or read otherwise than Keel, is a GatewayError 400 naming it."""
     endpoint = _ENDPOINTS.get(path)
-    return endpoint.check(payload) if endpoint is not None else False
+    if endpoint is None:
+        return Generation(), False
+    changed = endpoint.check(payload)
+    return endpoint.generation(payload), changed
 
 
 def _identical(a: Any, b: Any) -> bool:

@@ -35,6 +35,7 @@ class RequestContext:
     body: bytes
     received_at: float = field(default_factory=time.monotonic)
     payload: dict[str, Any] | None = None  # the parsed JSON body
+    generation: request_fields.Generation | None = None  # prompts, n, max tokens, as the engine reads them
     model: str | None = None  # the public model name
     upstream_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the engine
     response_headers: dict[str, str] = field(default_factory=dict)  # extra headers to the client
@@ -48,6 +49,7 @@ class RequestContext:
     shadow: str | None = None  # a model deployment that gets a mirrored copy
     payload_changed: bool = False  # the body is re-serialised from payload before it is sent
     prompt_tokens: int | None = None  # counted with the model's tokenizer
+    prompt_counts: list[int] | None = None  # the same, per prompt the engine runs
     reserved_tokens: int = 0
     reservation: Any = None
     quota: str | None = None  # the quota decision, for the audit record
@@ -148,7 +150,8 @@ class ParseBody:
 
     async def on_request(self, ctx: RequestContext) -> None:
         ctx.payload = request_body.parse(ctx.body)
-        if request_fields.check_fields(ctx.path, ctx.payload):
+        ctx.generation, changed = request_fields.check_fields(ctx.path, ctx.payload)
+        if changed:
             ctx.payload_changed = True
 
     def on_complete(self, ctx: RequestContext, outcome: Outcome) -> None:

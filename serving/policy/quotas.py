@@ -1,8 +1,9 @@
 """Per-tenant and per-key quotas: requests/minute, tokens/minute, tokens/day, concurrent requests.
 
-The gateway calls `reserve` at admission with the request's worst-case token cost
-(`prompt_tokens + max_tokens`) and `settle` exactly once when the request ends: with the
-engine's real usage, or with 0 on error, timeout or client disconnect (a release).
+The gateway calls `reserve` at admission with the request's worst-case token cost (each prompt
+plus n times its max_tokens, serving.gateway.policy.reservation) and `settle` exactly once when
+the request ends: with the engine's real usage, or with 0 on error, timeout or client disconnect
+(a release).
 
 Rate limits: GCRA, cost-weighted
 ---------------------------------
@@ -80,8 +81,8 @@ class QuotaLimits(_Strict):
 
     requests_per_minute: int | None = Field(None, gt=0, description="Requests admitted per minute.")
     tokens_per_minute: int | None = Field(
-        None, gt=0, description="Prompt + completion tokens per minute (max_tokens is reserved at "
-        "admission, the unused part is given back when the request ends).")
+        None, gt=0, description="Prompt + completion tokens per minute (each prompt + n × max_tokens "
+        "is reserved at admission, the unused part is given back when the request ends).")
     tokens_per_day: int | None = Field(None, gt=0, description="Prompt + completion tokens per day (rolling).")
     concurrent_requests: int | None = Field(None, gt=0, description="Requests in flight at once.")
     burst_fraction: float = Field(

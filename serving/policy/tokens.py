@@ -182,31 +182,36 @@ class TokenCounter:
         return self._encode(text, add_special_tokens=False)
 
     def count(self, path: str, payload: dict) -> int:
+        return sum(self.count_each(path, payload))
+
+    def count_each(self, path: str, payload: dict) -> list[int]:
+        """Prompt tokens of each prompt the engine runs for this request, in its order (a chat
+        is one prompt; a completions `prompt` may be several)."""
         endpoint = path.split("?", 1)[0].rstrip("/")
         if endpoint.endswith("/chat/completions"):
-            return self.count_chat(payload)
+            return [self.count_chat(payload)]
         if endpoint.endswith("/completions"):
-            return self.count_completion(payload)
+            return self.count_completion_each(payload)
         raise ValueError(f"cannot count prompt tokens for {path!r}: only /v1/chat/completions and "
                          "/v1/completions have prompts")
 
     def count_completion(self, payload: dict) -> int:
+        return sum(self.count_completion_each(payload))
+
+    def count_completion_each(self, payload: dict) -> list[int]:
+        """One count per prompt, split as vLLM's prompt_to_seq splits `prompt`: a string or one
+        list of token ids is one prompt; a list of strings or of token-id lists is one each."""
         prompt = payload.get("prompt")
         add_special = payload.get("add_special_tokens", True) is not False
         limit = _truncation_limit(payload)
         if isinstance(prompt, str):
-            return _cap(self._encode(prompt, add_special), limit)
+            return [_cap(self._encode(prompt, add_special), limit)]
         if not isinstance(prompt, list) or not prompt:
-            return 0
+            return []
         if all(isinstance(t, int) for t in prompt):
-            return _cap(len(prompt), limit)
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += _cap(self._encode(item, add_special), limit)
-            elif isinstance(item, list):
-                total += _cap(len(item), limit)
-        return total
+            return [_cap(len(prompt), limit)]
+        return [_cap(self._encode(item, add_special) if isinstance(item, str) else len(item), limit)
+                for item in prompt if isinstance(item, (str, list))]
 
     def count_chat(self, payload: dict) -> int:
         messages = payload.get("messages")

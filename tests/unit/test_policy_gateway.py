@@ -447,14 +447,15 @@ def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
         def __init__(self, inner):
             self.inner = inner
 
-        def count(self, path, payload):
+        def count_each(self, path, payload):
             threads.append(threading.current_thread().name)
-            return self.inner.count(path, payload)
+            return self.inner.count_each(path, payload)
 
     async def go():
         async with Harness(pol, {"demo": FakeEngine(tokens=["a"], prompt_tokens=10)}) as h:
             counter = h.infos["demo"].counter
             h.infos["demo"].counter = Recording(counter)
+            h.infos["demo"].max_model_len = 32768  # room for the long prompt
             long_body = {**CHAT, "messages": [{"role": "user", "content": long_text}], "max_tokens": 1}
             short = await h.post({**CHAT, "max_tokens": 1})
             long = await h.post(long_body)

@@ -1,8 +1,8 @@
-"""Hostile request bodies: a 400 naming the field, never a 500; the fields Keel reads are read
-as the engine reads them, however the request spells them.
+"""Hostile request bodies and the quota arithmetic: a 400 naming the field, never a 500; a
+reservation that covers what the engine will run however the request spells it.
 
-Each part checks serving/gateway/request_body.py or request_fields.py directly, then drives the
-gateway over HTTP in front of a stand-in engine (the Harness of test_policy_gateway.py).
+The first part checks serving/gateway/request_body.py and request_fields.py directly, the last
+drives the gateway over HTTP in front of a stand-in engine (the Harness of test_policy_gateway.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from serving.errors import GatewayError
 from serving.gateway.request_body import MAX_JSON_DEPTH, parse
-from serving.gateway.request_fields import check_fields
+from serving.gateway.request_fields import Generation, check_fields
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.test_policy_gateway import APP_KEY, CHAT, Harness, error_of, policy, run
 
@@ -149,7 +149,8 @@ def _body(path: str, **fields) -> dict:
 @pytest.mark.parametrize("path, field, sent, read", LAX_SPELLINGS)
 def test_a_lax_spelling_is_written_back_as_the_engine_reads_it(path, field, sent, read):
     payload = _body(path, **{field: sent})
-    assert check_fields(path, payload)
+    _, changed = check_fields(path, payload)
+    assert changed
     assert payload[field] == read and type(payload[field]) is type(read)
 
 
@@ -163,7 +164,7 @@ def test_stream_options_spellings_are_read_as_the_engine_reads_them():
 def test_canonical_bodies_are_left_as_they_are():
     payload = _body(CHAT_PATH, n=2, max_tokens=5, stream=True, stream_options={"include_usage": True})
     before = json.dumps(payload)
-    assert check_fields(CHAT_PATH, payload) is False
+    assert check_fields(CHAT_PATH, payload)[1] is False
     assert json.dumps(payload) == before
 
 
@@ -221,6 +222,31 @@ def test_what_keel_refuses_as_a_type_vllm_refuses_too(vllm_models, path, fields)
     refused(check_fields, path, _body(path, **fields))
 
 
+@pytest.mark.parametrize("fields, prompts, embeds", [
+    ({"prompt": "one"}, 1, 0), ({"prompt": [1, 2, 3]}, 1, 0), ({"prompt": ["a"] * 20}, 20, 0),
+    ({"prompt": [[1], [2, 3]]}, 2, 0), ({"prompt": []}, 0, 0), ({"prompt": None, "prompt_embeds": "QUJD"}, 1, 1),
+    ({"prompt": ["a", "b"], "prompt_embeds": ["QQ==", "Qg=="]}, 4, 2), ({"prompt": [1.0, 2.0]}, 1, 0),
+])
+def test_every_prompt_the_engine_runs_is_counted(fields, prompts, embeds):
+    gen, _ = check_fields(COMPLETIONS_PATH, {"model": "demo", **fields})
+    assert (gen.prompts, gen.embeds) == (prompts, embeds)
+
+
+@pytest.mark.parametrize("path, fields, max_output, param", [
+    (CHAT_PATH, {"max_tokens": 50}, 50, "max_tokens"),
+    (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": 7}, 7, "max_completion_tokens"),
+    (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": None}, 50, "max_tokens"),
+    (CHAT_PATH, {}, None, "max_tokens"),
+    (COMPLETIONS_PATH, {}, 16, "max_tokens"),  # vLLM's default for completions
+    (COMPLETIONS_PATH, {"max_tokens": None}, 16, "max_tokens"),
+    # /v1/completions has no max_completion_tokens: the engine ignores it, so does the quota
+    (COMPLETIONS_PATH, {"max_tokens": 300, "max_completion_tokens": 1}, 300, "max_tokens"),
+])
+def test_the_output_limit_is_the_field_the_engine_uses(path, fields, max_output, param):
+    gen, _ = check_fields(path, _body(path, **fields))
+    assert (gen.max_output, gen.output_param) == (max_output, param)
+
+
 def test_a_string_false_stream_is_not_streamed_and_gets_no_stream_options(tmp_path):
     async def go():
         async with Harness(quota_policy(tmp_path, tokens_per_minute=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
@@ -230,3 +256,108 @@ def test_a_string_false_stream_is_not_streamed_and_gets_no_stream_options(tmp_pa
     r, sent = run(go())
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     assert sent["stream"] is False and "stream_options" not in sent  # vLLM refuses stream_options without a stream
+
+
+# -- what a request may cost ----------------------------------------------------------------------
+
+
+def test_each_prompt_reserves_n_choices_capped_by_what_its_context_leaves():
+    gen = Generation(prompts=3, n=2, max_output=100)
+    # the third prompt leaves only 12 tokens of a 512 context for each choice
+    assert gen.reservation([10, 20, 500], 512) == (530, 2 * (100 + 100 + 12))
+    assert gen.reservation(None, 512) == (0, 2 * 3 * 100)  # uncounted prompts: their outputs still count
+    assert gen.reservation([10, 20, 500], None) == (530, 2 * 3 * 100)
+
+
+def test_without_max_tokens_a_choice_may_fill_the_context():
+    assert Generation(prompts=2, n=3).reservation([12, 2], 512) == (14, 3 * (500 + 510))
+
+
+def test_an_embeddings_prompt_is_reserved_as_the_most_it_can_cost():
+    # its length is unknown: prompt p and n choices of min(m, L - p) cost at most L - m + n * m
+    gen = Generation(prompts=2, embeds=1, n=4, max_output=100)
+    prompt, output = gen.reservation([30], 512)
+    assert (prompt, output) == (30 + 412, 4 * (100 + 100))
+    assert all(p + 4 * min(100, 512 - p) <= 412 + 4 * 100 for p in range(513))
+
+
+def test_truncation_to_the_context_is_counted_as_the_engine_truncates():
+    gen = Generation(max_output=100, truncate=-1)
+    assert gen.reservation([2000], 512) == (412, 100)
+    assert gen.context_error([2000], 512, "prompt") is None
+
+
+def test_the_context_check_names_the_field_that_overflows():
+    assert Generation(max_output=600).context_error(None, 512, "messages").param == "max_tokens"
+    err = Generation(max_output=100).context_error([413], 512, "messages")
+    assert (err.code, err.param) == ("context_length_exceeded", "messages")
+    assert Generation(max_output=100).context_error([412], 512, "messages") is None
+    assert Generation(max_output=None).context_error([512], 512, "prompt") is None
+    assert Generation(max_output=10 ** 6).context_error([1], None, "prompt") is None  # unknown context
+
+
+@pytest.mark.parametrize("n", [20, "20", 20.0, "20.0"])
+def test_n_reserves_for_n_choices_however_it_is_spelt(tmp_path, n):
+    async def go():
+        async with Harness(quota_policy(tmp_path, tokens_per_minute=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
+            r = await h.post({**CHAT, "n": n, "max_tokens": 10})
+            counted = h.infos["demo"].counter.count(CHAT_PATH, CHAT)
+            return r, h.audit_records()[-1], json.loads(h.engines["demo"].requests[0][2]), counted
+
+    r, record, sent, prompt = run(go())
+    assert r.status_code == 200
+    assert record["reserved_tokens"] == prompt + 20 * 10
+    assert sent["n"] == 20 and type(sent["n"]) is int  # the engine runs what the quota counted
+
+
+def test_n_spelt_as_a_string_cannot_take_more_than_the_quota(tmp_path):
+    async def go():
+        async with Harness(quota_policy(tmp_path, tokens_per_minute=4000), {"demo": FakeEngine(tokens=["ok"])}) as h:
+            return await h.post({**CHAT, "n": "20", "max_tokens": 400}), h.engines["demo"].requests
+
+    r, engine_requests = run(go())
+    assert r.status_code == 429 and error_of(r)["code"] == "request_too_large"
+    assert "20 choice" in error_of(r)["message"]
+    assert engine_requests == []
+
+
+def test_every_prompt_of_a_completions_request_is_reserved(tmp_path):
+    prompts = [f"prompt number {i} about licences" for i in range(20)]
+
+    async def go():
+        async with Harness(quota_policy(tmp_path, tokens_per_minute=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
+            counter = h.infos["demo"].counter
+            as_text = await h.post({"model": "demo", "prompt": prompts, "max_tokens": 10, "n": 2}, path=COMPLETIONS_PATH)
+            ids = [[1, 2, 3]] * 20
+            as_ids = await h.post({"model": "demo", "prompt": ids, "max_tokens": 10}, path=COMPLETIONS_PATH)
+            default = await h.post({"model": "demo", "prompt": prompts[:3]}, path=COMPLETIONS_PATH)
+            each = [counter.count(COMPLETIONS_PATH, {"prompt": p}) for p in prompts]
+            return [as_text, as_ids, default], h.audit_records(), each
+
+    rs, records, each = run(go())
+    assert [r.status_code for r in rs] == [200, 200, 200]
+    assert records[0]["reserved_tokens"] == sum(each) + 20 * 2 * 10
+    assert records[1]["reserved_tokens"] == 20 * 3 + 20 * 10
+    assert records[2]["reserved_tokens"] == sum(each[:3]) + 3 * 16  # the engine's default max_tokens, per prompt
+
+
+def test_max_tokens_beyond_the_context_is_a_400_before_the_quota(tmp_path):
+    async def go():
+        async with Harness(quota_policy(tmp_path, tokens_per_day=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
+            too_many = await h.post({**CHAT, "max_tokens": 100_000})
+            too_many_completion = await h.post({**CHAT, "max_completion_tokens": 513})
+            long = {**CHAT, "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 10}
+            too_long = await h.post(long)
+            after = await h.post({**CHAT, "max_tokens": 1})
+            return too_many, too_many_completion, too_long, after, h.audit_records()
+
+    too_many, too_many_completion, too_long, after, records = run(go())
+    for r, param in ((too_many, "max_tokens"), (too_many_completion, "max_completion_tokens"), (too_long, "messages")):
+        assert r.status_code == 400
+        err = error_of(r)
+        assert err["code"] == "context_length_exceeded" and err["param"] == param
+        assert "x-ratelimit-remaining-tokens" not in r.headers  # no quota was looked at
+    assert "512" in error_of(too_long)["message"]
+    assert [rec["quota"] for rec in records[:3]] == [None, None, None]
+    # nothing was taken: the next request sees the whole day's tokens but its own reservation
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) == 100_000 - records[3]["reserved_tokens"]

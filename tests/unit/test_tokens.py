@@ -125,6 +125,19 @@ def test_completion_forms_are_summed(counter, hf_tokenizer):
     assert counter.count_completion({"prompt": [[1, 2, 3], [4, 5]]}) == 5
 
 
+def test_each_prompt_the_engine_runs_is_counted_on_its_own(counter, hf_tokenizer):
+    """The context check and the reservation are per prompt: one count per prompt vLLM runs."""
+    texts = ["first prompt", "a second, longer prompt here"]
+    path = "/v1/completions"
+    assert counter.count_each(path, {"prompt": texts}) == [len(hf_tokenizer(t).input_ids) for t in texts]
+    assert counter.count_each(path, {"prompt": [5, 6, 7, 8]}) == [4]  # one prompt of token ids
+    assert counter.count_each(path, {"prompt": [[1, 2, 3], [4, 5]]}) == [3, 2]
+    assert counter.count_each(path, {"prompt": [[1, 2, 3], [4, 5]], "truncate_prompt_tokens": 2}) == [2, 2]
+    assert counter.count_each(path, {"prompt": []}) == []
+    assert counter.count_each("/v1/chat/completions", {"messages": SYSTEM_USER}) == [
+        counter.count_chat({"messages": SYSTEM_USER})]
+
+
 def test_completion_adds_bos_when_the_tokenizer_does_but_chat_does_not_add_a_second(demo_dir, tmp_path):
     from transformers import AutoTokenizer
 
