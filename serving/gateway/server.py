@@ -346,6 +346,7 @@ class Gateway:
             client.upstream = upstream
             self._relays[upstream] = (0, loop.time())
             upstream.transport.write(request_bytes(ctx, ep))
+            ctx.sent_to_engine = True
             return await upstream.done
         finally:
             self._relays.pop(upstream, None)

@@ -2,8 +2,8 @@
 
 The gateway calls `reserve` at admission with the request's worst-case token cost (each prompt
 plus n times its max_tokens, serving.gateway.policy.reservation) and `settle` exactly once when
-the request ends: with the engine's real usage, or with 0 on error, timeout or client disconnect
-(a release).
+the request ends: with the engine's real usage, or without one with what the gateway charges
+(serving.gateway.policy.charged_tokens: 0 for a request no engine saw, a release).
 
 Rate limits: GCRA, cost-weighted
 ---------------------------------

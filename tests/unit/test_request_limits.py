@@ -1,5 +1,6 @@
 """Hostile request bodies and the quota arithmetic: a 400 naming the field, never a 500; a
-reservation that covers what the engine will run however the request spells it.
+reservation that covers what the engine will run however the request spells it; a client that
+leaves is still charged for what the engine did.
 
 The first part checks serving/gateway/request_body.py and request_fields.py directly, the last
 drives the gateway over HTTP in front of a stand-in engine (the Harness of test_policy_gateway.py).
@@ -7,6 +8,7 @@ drives the gateway over HTTP in front of a stand-in engine (the Harness of test_
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import orjson
@@ -361,3 +363,59 @@ def test_max_tokens_beyond_the_context_is_a_400_before_the_quota(tmp_path):
     assert [rec["quota"] for rec in records[:3]] == [None, None, None]
     # nothing was taken: the next request sees the whole day's tokens but its own reservation
     assert int(after.headers["x-ratelimit-remaining-tokens"]) == 100_000 - records[3]["reserved_tokens"]
+
+
+# -- a client that leaves -------------------------------------------------------------------------
+
+
+class SlowEngine(FakeEngine):
+    """Answers only after `think_s`, as an engine busy generating a long answer does."""
+
+    def __init__(self, think_s: float, **kw):
+        super().__init__(**kw)
+        self.think_s = think_s
+
+    async def _answer_like_vllm(self, reader, writer, req, line):
+        await asyncio.sleep(self.think_s)
+        await super()._answer_like_vllm(reader, writer, req, line)
+
+
+async def _send_and_leave(h: Harness, body: dict) -> None:
+    """Send a request on a raw connection, and hang up once the engine has it."""
+    engine = h.engines["demo"]
+    seen = len(engine.requests)
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.gw.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"authorization: Bearer " + APP_KEY.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(payload)
+                 + payload)
+    await writer.drain()
+    for _ in range(200):
+        if len(engine.requests) > seen:
+            break
+        await asyncio.sleep(0.01)
+    writer.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_is_charged_for_what_the_engine_started(tmp_path, stream):
+    """Non-streamed: the engine never says what it generated for a client that left, so the
+    reservation is charged. Streamed, gone before the first token: at least the prompt."""
+
+    async def go():
+        engine = SlowEngine(0.5, tokens=["ok"], prompt_tokens=9)
+        # 10,000 a day: a token comes back every 8.6 s, so the figures below are not blurred by refill
+        async with Harness(quota_policy(tmp_path, tokens_per_day=10_000), {"demo": engine}) as h:
+            await _send_and_leave(h, {**CHAT, "max_tokens": 400, "stream": stream})
+            reserved = await h.reserved_after_settling("acme")
+            after = await h.post({**CHAT, "max_tokens": 1})
+            return reserved, after, h.audit_records()
+
+    reserved, after, records = run(go())
+    left, follow = records
+    assert left["status"] == 499 and reserved == 0
+    charged = 10_000 - follow["reserved_tokens"] - int(after.headers["x-ratelimit-remaining-tokens"])
+    prompt = left["prompt_tokens"]
+    assert prompt > 0
+    assert charged == (left["reserved_tokens"] if not stream else prompt)
+    assert left["reserved_tokens"] == prompt + 400
