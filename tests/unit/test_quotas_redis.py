@@ -439,7 +439,8 @@ def _hammer(url: str, tenant_id: str, seconds: float, start, in_flight, peak, re
             totals["tokens"] += n
 
     async def main():
-        q = RedisQuotaBackend(QuotaBackendConfig(backend="redis", redis_url=url))
+        # A generous timeout: this checks the limit, and 32 loops on 2 busy cores can wait long.
+        q = RedisQuotaBackend(QuotaBackendConfig(backend="redis", redis_url=url, timeout_s=5))
         totals = {"tokens": 0, "rejected": 0}
         start.wait()
         began = time.time()
