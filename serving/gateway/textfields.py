@@ -201,8 +201,8 @@ def _part(holder, key, where, slots, tokenizer) -> None:
         return
     if not isinstance(part, dict):
         return
-    kind = part.get("type")
-    if kind in OPAQUE_PARTS or not OPAQUE_PARTS.isdisjoint(part):
+    kind = part.get("type")  # any JSON value: a list or an object is no part type, not a crash
+    if (isinstance(kind, str) and kind in OPAQUE_PARTS) or not OPAQUE_PARTS.isdisjoint(part):
         param = _param(where)
         raise Unscannable(f"{param}.type", f"`{param}` is a prompt_embeds part, which the input "
                           "guardrails cannot read; send text.")
