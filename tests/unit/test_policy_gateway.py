@@ -116,7 +116,8 @@ class Harness:
     def audit_records(self) -> list[dict]:
         self.gw.runtime.audit_log.flush()
         path = self.gw.runtime.audit_log.path
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        # JSONL lines end at "\n" only: str.splitlines() would also split at U+2028 inside a record
+        return [json.loads(line) for line in Path(path).read_bytes().split(b"\n") if line.strip()]
 
 
 def error_of(resp: httpx.Response) -> dict:
