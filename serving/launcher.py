@@ -36,11 +36,23 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def check_audit_key(cfg: KeelConfig) -> None:
+    """A missing or unusable audit key fails here, not in every gateway replica's start."""
+    if cfg.audit.enabled and cfg.audit.hmac_key_file is not None:
+        from serving.policy.audit import AuditKeyError, load_key
+
+        try:
+            load_key(cfg.audit.hmac_key_file)
+        except AuditKeyError as e:
+            raise StartupError(f"audit.hmac_key_file: {e}") from None
+
+
 def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=None) -> None:
     for name, mc in cfg.models.items():
         ensure_weights(cfg, mc.weights)
     if not cfg.ray.address:  # on a cluster the gateway may run on another node
         check_port_free(cfg.server.host, cfg.server.port)
+        check_audit_key(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's controller reconciles every 0.1 s by default; at 0.5 s it takes a fifth of the
     # CPU it did from the cores the engine uses, and replicas still start and heal in seconds.

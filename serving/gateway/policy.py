@@ -87,8 +87,8 @@ class PolicyRuntime:
             if self.audit_log is not None:
                 self.audit_log.resize(max_file_bytes)
         else:
-            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes) \
-                if policy.audit.enabled else None
+            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes,
+                                      hmac_key_file=policy.audit.hmac_key_file) if policy.audit.enabled else None
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None

@@ -5,11 +5,13 @@ audit. It lives in the same YAML file as the models, and is the part `keel apply
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from serving.schema import Strict as _Strict
+from serving.policy.audit import key_inside
 from serving.policy.guardrails import GuardrailPolicy
 from serving.policy.identity import check_digest
 from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
@@ -51,6 +53,23 @@ class AuditConfig(_Strict):
         1024, gt=0, description="Rotate a file once it reaches this many MiB: it is renamed "
         "audit-<n>.<its first seq>.jsonl and a new audit-<n>.jsonl continues its chain. Keel never "
         "deletes rotated files. null: never rotate.")
+    hmac_key_file: str | None = Field(
+        None, description="A key file (`keel audit keygen PATH`) outside `dir`: every record and "
+        "head then carries an HMAC-SHA256, so nobody without the key can edit, add or cut records "
+        "undetected (`keel audit verify --hmac-key-file`). It must exist on every gateway node. A "
+        "changed key starts new chains in new files. null: hash chain only.")
+
+    @field_validator("hmac_key_file")
+    @classmethod
+    def _key_file_outside_the_log(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        # Gateway replicas run in Ray's working directory: the path goes to them absolute.
+        v = str(Path(v).expanduser().absolute())
+        if "dir" in info.data and key_inside(v, info.data["dir"]):
+            raise ValueError(f"{v} is inside the audit dir {info.data['dir']}; whoever can write the logs "
+                             "could read or replace the key there, so keep it elsewhere (e.g. /etc/keel/audit.key)")
+        return v
 
 
 class PolicyConfig(_Strict):

@@ -367,7 +367,7 @@ def test_a_crash_right_after_the_new_file_was_put_in_place_continues_the_chain(t
 def test_a_rotation_that_fails_part_way_is_undone_and_writing_goes_on(tmp_path, monkeypatch):
     """The head cannot be renamed: the full file gets its name back, and is still written."""
 
-    from serving.policy import audit
+    from serving.policy.audit import writer
 
     real = os.rename
 
@@ -376,7 +376,7 @@ def test_a_rotation_that_fails_part_way_is_undone_and_writing_goes_on(tmp_path, 
             raise OSError(28, "No space left on device")
         real(src, dst)
 
-    monkeypatch.setattr(audit.os, "rename", rename)
+    monkeypatch.setattr(writer.os, "rename", rename)
     current = write_rotating(tmp_path, 20)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
         ["audit-0.jsonl", "audit-0.jsonl.head"]
