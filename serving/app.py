@@ -5,9 +5,15 @@ One Serve application, `keel`:
 - `engine-<model>` per configured model: EngineReplica, replicas/autoscaling from the config;
 - `gateway` (ingress, N replicas sharing the port): the OpenAI-compatible front door.
 Ray's own HTTP proxy is disabled: no request or token crosses Ray (docs/architecture.md).
+
+Engines answer only requests that carry the stack's secret (serving.engine.auth); gateways send
+it. Both get it from `stack_secret()` when their replica starts, never from the deployed config.
 """
 
 from __future__ import annotations
+
+import secrets
+from dataclasses import replace
 
 from ray import serve
 
@@ -19,6 +25,8 @@ from serving.gateway.replica import GatewayReplica
 from serving.registry import EndpointRegistry
 
 APP_NAME = "keel"
+_SECRET_NS = "keel"
+_SECRET_KEY = f"{APP_NAME}/engine-api-key"
 # Serve's access log would log every heartbeat and registry poll; requests never pass Ray.
 _QUIET = {"enable_access_log": False}
 
@@ -36,15 +44,28 @@ class _RegistryClient:
         self.handle.remove.remote(replica_id)  # fire and forget: the replica is going away
 
 
+def stack_secret() -> str:
+    """The secret every engine of the stack requires and every gateway sends.
+
+    Made by whichever replica asks first and kept in the Ray cluster's own key-value store (the
+    GCS), where a put that does not overwrite is atomic: every replica, on any node, started now
+    or after a `keel apply` or an engine restart, reads the same one, and none of Serve's
+    configs, status or logs shows it. It lives as long as the cluster."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(_SECRET_KEY, secrets.token_urlsafe(32), overwrite=False, namespace=_SECRET_NS)
+    return internal_kv._internal_kv_get(_SECRET_KEY, namespace=_SECRET_NS).decode()
+
+
 class EngineDeployment(EngineReplica):
     async def __init__(self, spec: EngineSpec, registry_handle):
-        await super().__init__(spec, _RegistryClient(registry_handle))
+        await super().__init__(replace(spec, api_key=stack_secret()), _RegistryClient(registry_handle))
 
 
 class GatewayDeployment(GatewayReplica):
     async def __init__(self, config: dict, registry_handle, **engines):
         # `engines` only puts the engine deployments into the application graph.
-        await super().__init__(config, registry_handle)
+        await super().__init__(config, registry_handle, engine_api_key=stack_secret())
 
 
 def engine_spec(cfg: KeelConfig, name: str) -> EngineSpec:

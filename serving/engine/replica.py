@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from serving.engine.auth import KEY_ENV as ENGINE_KEY_ENV, MIDDLEWARE as ENGINE_AUTH_MIDDLEWARE
 from serving.engine.server import TREE_ENV
 from serving.httpraw import http_get
 
@@ -43,6 +44,7 @@ class EngineSpec:
     env: dict[str, str] = field(default_factory=dict)
     bind_host: str = "127.0.0.1"
     startup_timeout_s: float = 600.0
+    api_key: str | None = field(default=None, repr=False)  # the stack's secret (serving.engine.auth)
 
 
 class EngineReplica:
@@ -74,6 +76,9 @@ class EngineReplica:
             *s.cli_args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **s.env, TREE_ENV: self.engine_tree}
+        if s.api_key:  # by environment: a command line is there for every local user to read
+            cmd += ["--middleware", ENGINE_AUTH_MIDDLEWARE]
+            env[ENGINE_KEY_ENV] = s.api_key
         # Own session: the whole engine (API server + engine core) can be signalled as a group.
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 

@@ -40,7 +40,7 @@ MAX_RESPONSE_HEAD = 65536
 CUT_MESSAGE = "The model replica stopped before finishing the response; it is incomplete."
 
 
-def request_bytes(ctx: RequestContext, ep) -> bytes:
+def request_bytes(ctx: RequestContext, ep, engine_api_key: str | None = None) -> bytes:
     lines = [
         f"{ctx.method} {ctx.path} HTTP/1.1",
         f"host: {ep.host}:{ep.port}",
@@ -48,6 +48,8 @@ def request_bytes(ctx: RequestContext, ep) -> bytes:
         "connection: close",  # the response then ends at EOF: no framing to track per chunk
         f"x-request-id: {ctx.upstream_headers.get('x-request-id') or ctx.request_id}",
     ]
+    if engine_api_key:  # the engine answers only its gateway (serving.engine.auth)
+        lines.append(f"authorization: Bearer {engine_api_key}")
     for k, v in ctx.headers.items():
         if k not in _DROP_REQUEST_HEADERS and k not in ctx.upstream_headers:
             lines.append(f"{k}: {v}")

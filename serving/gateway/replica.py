@@ -45,7 +45,7 @@ def model_infos(cfg: KeelConfig) -> dict[str, ModelInfo]:
     return infos
 
 
-def build_gateway(cfg: KeelConfig) -> Gateway:
+def build_gateway(cfg: KeelConfig, engine_api_key: str | None = None) -> Gateway:
     models = list(cfg.models)
     s = cfg.server
     return Gateway(
@@ -54,7 +54,7 @@ def build_gateway(cfg: KeelConfig) -> Gateway:
                         metrics_port=s.metrics_port, metrics_host=s.metrics_host,
                         # Only replicas of one stack share a port: a second stack started on a
                         # taken port must fail, not silently take half the traffic.
-                        reuse_port=s.gateway_replicas > 1),
+                        reuse_port=s.gateway_replicas > 1, engine_api_key=engine_api_key),
         models,
         Pipeline(default_stages(models)),
         model_info={m: {"max_model_len": c.engine.get("max_model_len")} for m, c in cfg.models.items()
@@ -109,11 +109,11 @@ class GatewayReplica:
     """The gateway listens only once it has a policy: Serve calls `reconfigure` with the policy
     (its user_config) right after construction, and again on every `keel apply`."""
 
-    async def __init__(self, config: dict, registry):
+    async def __init__(self, config: dict, registry, engine_api_key: str | None = None):
         self.cfg = KeelConfig.model_validate(config)
         self.registry = registry
         self.infos = model_infos(self.cfg)
-        self.server = GatewayThread(build_gateway(self.cfg))
+        self.server = GatewayThread(build_gateway(self.cfg, engine_api_key))
         self.listening = False
         self._version = -1
         await self._refresh(timeout_s=0)

@@ -55,6 +55,7 @@ class GatewaySettings:
     reuse_port: bool = False  # only replicas of one stack may share a port
     metrics_port: int | None = None  # a second listener serving /metrics (and /health) without a key
     metrics_host: str = "127.0.0.1"
+    engine_api_key: str | None = field(default=None, repr=False)  # the stack's secret, sent to engines
 
 
 class Gateway:
@@ -345,7 +346,7 @@ class Gateway:
                 return Outcome(499, error="client disconnected")
             client.upstream = upstream
             self._relays[upstream] = (0, loop.time())
-            upstream.transport.write(request_bytes(ctx, ep))
+            upstream.transport.write(request_bytes(ctx, ep, self.settings.engine_api_key))
             ctx.sent_to_engine = True
             return await upstream.done
         finally:
@@ -385,7 +386,7 @@ class Gateway:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port),
                                                     self.settings.connect_timeout_s)
             try:
-                writer.write(request_bytes(sctx, ep))
+                writer.write(request_bytes(sctx, ep, self.settings.engine_api_key))
                 data = await asyncio.wait_for(reader.read(MAX_SHADOW_RESPONSE), SHADOW_TIMEOUT_S)
             finally:
                 writer.close()
