@@ -190,6 +190,7 @@ def test_cli_verify_with_the_key_exits_1_and_names_the_file_and_the_seq(tmp_path
     assert f"{path}: FAILED" in out
     for text in expected:
         assert f"{path}: {text}" in out
+    assert main(["audit", "verify", str(tmp_path / "audit")]) == (1 if seen_without_key else 0)
 
 
 def test_an_intact_keyed_log_verifies_with_its_key_and_says_so(tmp_path, key_file, key, capsys):
