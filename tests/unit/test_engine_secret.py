@@ -194,6 +194,7 @@ def started_engine(monkeypatch, api_key):
     monkeypatch.delenv(KEY_ENV, raising=False)
     bare = EngineReplica.__new__(EngineReplica)
     bare.spec, bare.port = EngineSpec("demo", "/weights", ["--max-model-len", "512"], api_key=api_key), 8123
+    bare.engine_tree = "tree-id"
     bare._start_engine()
     return seen["cmd"], seen["env"]
 
