@@ -56,7 +56,7 @@ import orjson
 import uvloop
 
 from benchmarks.gateway_overhead import (
-    _HEAD, OUTPUT_WORDS, RESULTS, REPO_ROOT, InstantEngine, _answer, _commands, _Pool, _proc_cpu_s,
+    _HEAD, OUTPUT_WORDS, RESULTS, REPO_ROOT, InstantEngine, _answer, _commands, _Pool, _proc_cpu_s, drain,
     engine_answer, request_bytes,
 )
 from benchmarks.suite.records import git_version
@@ -442,13 +442,7 @@ async def run_phase(pool: _ClosedLoop, door: _FrontDoor, upstream: _Upstream, co
     pool.start(concurrency)
     await asyncio.sleep(seconds)
     pool.running = False
-    if pool.outstanding:
-        pool.drained = asyncio.Event()
-        try:
-            await asyncio.wait_for(pool.drained.wait(), 30)
-        except asyncio.TimeoutError:
-            pool.errors["no answer within 30 s"] += pool.outstanding
-        pool.drained = None
+    await drain(pool, 30)
     wall = max(pool.last_done, start + seconds) - start
     cpu1 = door.cpu_s(), upstream.cpu_s(), time.process_time()
     lat = sorted(pool.latencies)

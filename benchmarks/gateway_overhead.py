@@ -533,6 +533,17 @@ def request_bytes(config: str, port: int, stream: bool, n: int = PROMPTS) -> lis
     return out
 
 
+async def drain(pool: "_Pool", timeout_s: float) -> None:
+    """Wait for the requests still out; those unanswered after timeout_s count as errors."""
+    if pool.outstanding:
+        pool.drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(pool.drained.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pool.errors[f"no answer within {timeout_s:g} s"] += pool.outstanding
+        pool.drained = None
+
+
 async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: float) -> dict:
     """Send rate*seconds requests at fixed intervals, whatever the answers do (open loop)."""
     await pool.fill(POOL_SIZE)
@@ -549,13 +560,7 @@ async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: fl
         lags.append(time.perf_counter() - due)
         pool.submit(requests[i % len(requests)])
     sent_for = time.perf_counter() - start
-    if pool.outstanding:
-        pool.drained = asyncio.Event()
-        try:
-            await asyncio.wait_for(pool.drained.wait(), 10)
-        except asyncio.TimeoutError:
-            pool.errors["no answer within 10 s"] += pool.outstanding
-        pool.drained = None
+    await drain(pool, 10)
     lat = [x * 1000 for x in pool.latencies]
     return {
         "sent": total,

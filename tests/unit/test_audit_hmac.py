@@ -13,6 +13,7 @@ from serving.policy.audit import (
     AuditError, AuditKeyError, AuditLog, chain_order, create_key_file, head_path, load_key, record_hash,
     verify, verify_chain,
 )
+from tests.unit.test_audit import problems_text, read_lines, write_lines
 
 
 @pytest.fixture
@@ -36,16 +37,6 @@ def write_records(directory, n, key_file=None, start=0, **log_args):
         return log.path
 
 
-def read_lines(path):
-    return path.read_text(encoding="utf-8").splitlines(keepends=True)
-
-
-def write_lines(path, lines):
-    path.write_text("".join(lines), encoding="utf-8")
-
-
-def problems_text(result):
-    return "\n".join(result.problems)
 
 
 # -- what a forger without the key does --------------------------------------------------------------
