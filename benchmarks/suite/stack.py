@@ -4,6 +4,7 @@ document with changes applied (port, engine arguments, replicas, policies)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,9 +19,27 @@ from serving.policy.config import POLICY_KEYS
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range: a port from that range (what
+    bind(0) gives) can be taken as the source port of some outgoing connection before the
+    server binds it, which happens when other work on the box holds thousands of them."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10_000, 65_536) if not low <= p <= high]
+    for port in random.sample(candidates, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port outside the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str | None = None,
@@ -43,10 +62,11 @@ def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str 
     return doc  # relative paths in it (audit dir, models_dir) stay relative to the working directory
 
 
-def start_keel(doc: dict, workdir: Path, log) -> subprocess.Popen:
-    """`keel serve` on a config written from `doc`, in its own process group (stop() ends it)."""
+def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel") -> subprocess.Popen:
+    """`keel serve` on a config written from `doc` to workdir/NAME.yaml (one name per stack
+    running at once), in its own process group (stop() ends it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "bench-keel.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     keel = Path(sys.executable).with_name("keel")
     return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from benchmarks.suite.spec import BenchSpec, SettingSpec
-from benchmarks.suite.stack import keel_doc
+from benchmarks.suite.stack import _ephemeral_range, free_port, keel_doc
 from serving.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,3 +43,9 @@ def test_settings_are_named_after_their_overrides_and_must_differ():
     base = {"config": "c.yaml", "load": {"levels": [1]}, "slo": {"ttft_ms": 100}, "hardware": "cpu-2core"}
     with pytest.raises(ValueError, match="same name"):
         BenchSpec.model_validate({**base, "settings": [{"engine": {"max_num_seqs": 8}}] * 2})
+
+
+def test_server_ports_lie_outside_the_ephemeral_range_that_client_sockets_draw_from():
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(20)]
+    assert all(not low <= p <= high for p in ports) and all(1024 < p < 65536 for p in ports)
