@@ -1,16 +1,25 @@
-"""Keel vs bare vLLM on the same model and machine, one server at a time, several rounds.
+"""Keel vs bare vLLM on the same model and machine: both up at once, rounds alternating.
 
-Each round starts bare vLLM's OpenAI server (same engine arguments as the Keel config), runs
-the load points, stops it; then does the same with the whole Keel stack (`keel serve`:
-gateway -> Ray Serve engine replica -> vLLM). Servers alternate so drift in the machine hits
-both. Prints medians over rounds, Keel/bare ratios, and best-of-rounds TTFT p50 at c=1 (with
-the tiny model c=1 TTFT is bimodal per run; see benchmarks/README.md).
+Both servers run for the whole measurement: bare vLLM's OpenAI server, given what the Keel
+replica gives its engine (the config's engine flags, `--disable-uvicorn-access-log`, the
+config's `env:`, HF_HUB_OFFLINE=1, OMP_NUM_THREADS as Ray sets it from the replica's
+`num_cpus`, nice 0), and `keel serve` on the same config (gateway -> Ray Serve engine replica
+-> vLLM). Before measuring, the two engines' process trees are compared (engine flags, thread
+and priority settings per process); a difference stops the run. Then each round runs every
+load point on both servers back to back (Keel first in odd rounds, the baseline first in
+even ones), so the two measurements of a pair are at most a minute or two apart on a box whose
+speed moves 2x within minutes. An idle vLLM is quiet; the idle server's CPU during each
+measurement is read from /proc and reported.
 
-    python -m benchmarks.compare                      # 3 rounds, c = 1, 16, 64
-    python -m benchmarks.compare --rounds 5 --requests 64:48,16:256,64:512
+Prints, per concurrency, the per-pair Keel/baseline ratios of output tok/s and their median
+(the figure to judge), the medians of each side, and best-of-rounds TTFT p50 at the lowest
+concurrency (bimodal per run with the tiny model; see benchmarks/README.md).
+
+    python -m benchmarks.compare                      # 5 rounds, c = 1, 16, 64
+    python -m benchmarks.compare --rounds 7 --requests 64:512
     python -m benchmarks.compare --baseline policies-off  # Keel with the config's policies vs none
 
-With `--baseline policies-off` the two servers are both `keel serve`: the config as it is (its
+With `--baseline policies-off` both servers are `keel serve` stacks: the config as it is (its
 tenants, quotas, guardrails, audit) and the same stack with every policy key removed and the
 audit off (a byte relay), so the table is the cost of the policies end to end.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -27,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from benchmarks.loadgen import run_load
 from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
@@ -36,60 +48,285 @@ from serving.models import ensure_weights
 from serving.policy.identity import DEMO_KEY
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+KEEL, BASE = "keel", "base"
+# Environment that sets a thread count, a binding or a CPU list: compared between the engines.
+# TORCHINDUCTOR_COMPILE_THREADS is left out: vLLM sets it in os.environ on import in both.
+THREAD_ENV = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMEXPR_", "VLLM_CPU_")
+# Flags that differ between two engines by construction, not by how they run.
+_OWN_FLAGS = ("--keel-parent", "--host", "--port")
+
+
+# --- the baseline: bare vLLM as the replica starts its engine ---------------------------------
+
+def replica_omp_threads(num_cpus: float) -> int:
+    """OMP_NUM_THREADS Ray gives a replica that reserves num_cpus CPUs (when it is unset): the
+    floor, at least 1 (ray._private.utils.set_omp_num_threads_if_unset)."""
+    return max(math.floor(num_cpus), 1)
+
+
+def bare_command(cfg, model: str, port: int, python: str = sys.executable) -> list[str]:
+    """vLLM's own OpenAI server with the flags serving/engine/replica.py gives the engine."""
+    mc = cfg.models[model]
+    _, weights = load_manifest(cfg, mc.weights)
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
+            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+            "--disable-uvicorn-access-log", *to_cli_args(mc.engine)]
+
+
+def bare_env(cfg, model: str, environ=os.environ) -> dict[str, str]:
+    """The engine's environment in a replica: Ray's OMP_NUM_THREADS (it keeps one already
+    set), then what the replica adds (HF_HUB_OFFLINE, the config's env:, which wins)."""
+    mc = cfg.models[model]
+    env = dict(environ)
+    env.setdefault("OMP_NUM_THREADS", str(replica_omp_threads(mc.deployment.num_cpus)))
+    return {**env, "HF_HUB_OFFLINE": "1", **mc.env}
+
+
+def _normal_priority() -> None:
+    """Nice 0 for the bare engine, as serving/priority.py gives Keel's engine (Ray starts at 15)."""
+    if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
-    mc = cfg.models[model]
-    _, weights = load_manifest(cfg, mc.weights)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
-           "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), *to_cli_args(mc.engine)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **mc.env}
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(bare_command(cfg, model, port), env=bare_env(cfg, model), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_normal_priority)
 
 
-def measure(url: str, model: str, points: list[tuple[int, int]], max_tokens: int,
-            api_key: str | None = None) -> dict[int, dict]:
-    asyncio.run(run_load(url, model, 4, 8, max_tokens, api_key=api_key))  # warm-up, not recorded
-    out = {}
-    for c, n in points:
-        out[c] = asyncio.run(run_load(url, model, c, n, max_tokens, seed=c, api_key=api_key))
-        r = out[c]
-        print(f"    c={c:<3} {r['output_throughput']:8.0f} tok/s  ttft p50 {r['median_ttft_ms']:7.1f} ms  "
-              f"tpot p50 {r['median_tpot_ms']:6.2f} ms  failed {r['failed']}", flush=True)
+# --- the engines' process trees ----------------------------------------------------------------
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on: field N is at index N - 3."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def tree_cpu_ticks(root: int) -> dict[int, int]:
+    """utime + stime, in clock ticks, of root and every descendant."""
+    try:
+        procs = [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:
+        return {}
+    ticks = {}
+    for pid in procs:
+        try:
+            s = _stat(pid)
+        except OSError:  # exited since
+            continue
+        ticks[pid] = int(s[11]) + int(s[12])
+    return ticks
+
+
+def cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU time a process tree used between two snapshots (a process new since counts from 0;
+    one gone since is not counted)."""
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def engine_roots(server_pid: int) -> list[psutil.Process]:
+    """The engines' API server processes under a server: Keel's (`serving.engine.server`) or,
+    when there are none, the server itself (bare vLLM)."""
+    top = psutil.Process(server_pid)
+    found = [p for p in top.children(recursive=True) if "serving.engine.server" in " ".join(_cmdline(p))]
+    return found or [top]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def engine_args(cmdline: list[str]) -> list[str]:
+    """The vLLM flags of an engine's command line: after `-m MODULE`, without the flags that
+    differ by construction (--keel-parent, --host, --port)."""
+    args = cmdline[cmdline.index("-m") + 2:] if "-m" in cmdline else list(cmdline)
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _OWN_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in _OWN_FLAGS)):
+            out.append(a)
     return out
 
 
-def table(runs: dict[str, list[dict[int, dict]]], points: list[tuple[int, int]],
-          names: tuple[str, str] = ("bare", "Keel")) -> str:
-    med = lambda server, c, key: statistics.median(r[c][key] for r in runs[server])  # noqa: E731
-    best = lambda server, c, key: min(r[c][key] for r in runs[server])  # noqa: E731
+def process_conditions(pid: int) -> dict:
+    """What a process runs with: nice, CPU affinity, threads, and its THREAD_ENV variables
+    (/proc/PID/environ: the environment it started with)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = (kv.decode(errors="replace").partition("=") for kv in f.read().split(b"\0") if kv)
+        env = {k: v for k, _, v in pairs if k.startswith(THREAD_ENV)}
+    stat = _stat(pid)
+    return {"nice": int(stat[16]), "affinity": sorted(os.sched_getaffinity(pid)),
+            "threads": int(stat[17]), "env": env}
+
+
+def engine_conditions(root: psutil.Process) -> dict:
+    """An engine's flags and, per process role (the API server and vLLM's named processes such
+    as VLLM::EngineCore and VLLM::Worker), its conditions."""
+    roles = {"api server": process_conditions(root.pid)}
+    for child in root.children(recursive=True):
+        try:
+            name = child.name()
+            if name.startswith("VLLM::"):
+                roles.setdefault(name, process_conditions(child.pid))
+        except (psutil.Error, OSError):
+            continue
+    return {"args": engine_args(_cmdline(root)), "processes": roles}
+
+
+def condition_diffs(keel: dict, base: dict) -> list[str]:
+    """What differs between two engines' conditions, except thread counts (those vary with the
+    server's own pools; they are reported, not judged)."""
+    out = []
+    if keel["args"] != base["args"]:
+        out.append(f"engine flags: Keel {keel['args']} vs baseline {base['args']}")
+    for role in sorted(set(keel["processes"]) | set(base["processes"])):
+        k, b = keel["processes"].get(role), base["processes"].get(role)
+        if k is None or b is None:
+            out.append(f"{role}: only in {'the baseline' if k is None else 'Keel'}")
+            continue
+        for key in ("nice", "affinity", "env"):
+            if k[key] != b[key]:
+                out.append(f"{role} {key}: Keel {k[key]} vs baseline {b[key]}")
+    return out
+
+
+# --- the rounds --------------------------------------------------------------------------------
+
+def schedule(rounds: int, points: list[tuple[int, int]]) -> list[tuple[int, int, int, tuple[str, str]]]:
+    """(round, concurrency, requests, order) for each pair: Keel first in even rounds (0-based),
+    the baseline first in odd ones, so neither side always runs right after the other's load."""
+    return [(r, c, n, (KEEL, BASE) if r % 2 == 0 else (BASE, KEEL)) for r in range(rounds) for c, n in points]
+
+
+def measure_pair(servers: dict[str, dict], model: str, c: int, n: int, order: tuple[str, str],
+                 max_tokens: int, seed: int) -> dict:
+    """One load point on each server in `order`; with each side's own CPU and the idle one's."""
+    pair: dict = {"order": list(order)}
+    for side in order:
+        other = BASE if side == KEEL else KEEL
+        s, o = servers[side], servers[other]
+        before = {side: tree_cpu_ticks(s["pid"]), other: tree_cpu_ticks(o["pid"])}
+        t0 = time.monotonic()
+        result = asyncio.run(run_load(s["url"], model, c, n, max_tokens, seed=seed, api_key=s["key"]))
+        wall = time.monotonic() - t0
+        result["server_cpu_cores"] = cpu_seconds(before[side], tree_cpu_ticks(s["pid"])) / wall
+        result["idle_other_cpu_cores"] = cpu_seconds(before[other], tree_cpu_ticks(o["pid"])) / wall
+        pair[side] = result
+        print(f"    c={c:<3} {s['name']:>12}: {result['output_throughput']:7.0f} tok/s  "
+              f"ttft p50 {result['median_ttft_ms']:7.1f} ms  tpot p50 {result['median_tpot_ms']:6.2f} ms  "
+              f"failed {result['failed']}  server CPU {result['server_cpu_cores']:.2f} cores, "
+              f"idle {o['name']} {100 * result['idle_other_cpu_cores']:.1f}% of a core", flush=True)
+    return pair
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def pair_ratio(pair: dict, key: str = "output_throughput") -> float | None:
+    """Keel / baseline for one pair; None when the baseline has no throughput to divide by."""
+    b = pair[BASE][key]
+    return pair[KEEL][key] / b if b else None
+
+
+def point_summary(pairs: list[dict]) -> dict:
+    """One concurrency's pairs: the per-pair ratios, their median, each side's medians."""
+    ratios = [pair_ratio(p) for p in pairs]
+    valid = [r for r in ratios if r is not None]
+    med = lambda side, key: statistics.median(p[side][key] for p in pairs)  # noqa: E731
+    out = {"ratios": ratios, "median_ratio": statistics.median(valid) if valid else None}
+    for side in (KEEL, BASE):
+        out[side] = {
+            "output_throughput": med(side, "output_throughput"),
+            "median_ttft_ms": med(side, "median_ttft_ms"),
+            "best_ttft_ms": min(p[side]["median_ttft_ms"] for p in pairs),
+            "median_tpot_ms": med(side, "median_tpot_ms"),
+            "failed": sum(p[side]["failed"] for p in pairs),
+            "idle_other_cpu_cores": med(side, "idle_other_cpu_cores"),
+        }
+    return out
+
+
+def summarize_pairs(pairs: list[dict]) -> dict[int, dict]:
+    by_c: dict[int, list[dict]] = {}
+    for p in pairs:
+        by_c.setdefault(p["c"], []).append(p)
+    return {c: point_summary(ps) for c, ps in by_c.items()}
+
+
+def table(summary: dict[int, dict], names: tuple[str, str] = ("bare", "Keel")) -> str:
     b, k = names
+    fmt = lambda r: "—" if r is None else f"{r:.2f}"  # noqa: E731
     rows = [
-        f"| c | {b} out tok/s | {k} out tok/s | ratio | {b} TTFT p50 | {k} TTFT p50 | Δ TTFT | {b} TPOT p50 | {k} TPOT p50 | failed ({b}/{k}) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| c | {b} tok/s | {k} tok/s | {k}/{b}, median of pairs | per-pair ratios | {b} TTFT p50 | "
+        f"{k} TTFT p50 | {b} TPOT p50 | {k} TPOT p50 | failed ({b}/{k}) | idle {k} / idle {b} CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, _ in points:
-        bt, kt = med("bare", c, "output_throughput"), med("keel", c, "output_throughput")
-        bf = sum(r[c]["failed"] for r in runs["bare"])
-        kf = sum(r[c]["failed"] for r in runs["keel"])
-        b_ttft, k_ttft = med("bare", c, "median_ttft_ms"), med("keel", c, "median_ttft_ms")
+    for c, s in sorted(summary.items()):
+        kb, bb = s[KEEL], s[BASE]
         rows.append(
-            f"| {c} | {bt:,.0f} | {kt:,.0f} | **{kt / bt:.2f}×** | {b_ttft:.1f} ms | {k_ttft:.1f} ms | "
-            f"{k_ttft - b_ttft:+.1f} ms | {med('bare', c, 'median_tpot_ms'):.2f} ms | "
-            f"{med('keel', c, 'median_tpot_ms'):.2f} ms | {bf}/{kf} |"
+            f"| {c} | {bb['output_throughput']:,.0f} | {kb['output_throughput']:,.0f} | "
+            f"**{fmt(s['median_ratio'])}×** | {', '.join(fmt(r) for r in s['ratios'])} | "
+            f"{bb['median_ttft_ms']:.1f} ms | {kb['median_ttft_ms']:.1f} ms | {bb['median_tpot_ms']:.2f} ms | "
+            f"{kb['median_tpot_ms']:.2f} ms | {bb['failed']}/{kb['failed']} | "
+            f"{100 * bb['idle_other_cpu_cores']:.1f}% / {100 * kb['idle_other_cpu_cores']:.1f}% |"
         )
-    c1 = points[0][0]
-    b1, k1 = best("bare", c1, "median_ttft_ms"), best("keel", c1, "median_ttft_ms")
-    rows.append("")
-    rows.append(f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms).")
+    c1 = min(summary)
+    b1, k1 = summary[c1][BASE]["best_ttft_ms"], summary[c1][KEEL]["best_ttft_ms"]
+    rows += ["", f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms). "
+             f"Idle CPU: the server not being measured, median over pairs, % of one core."]
     return "\n".join(rows)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
+    """Both servers, started together; each with its URL, key, process and log."""
+    names = {KEEL: "Keel", BASE: "bare" if a.baseline == "bare" else "policies off"}
+    if a.baseline == "policies-off":
+        names[KEEL] = "policies on"
+    servers = {}
+    for side in (KEEL, BASE):
+        port = free_port()
+        log = open(RESULTS / f"compare-{stamp}-{side}.log", "wb")
+        with_policies = side == KEEL
+        bare = side == BASE and a.baseline == "bare"
+        if bare:
+            proc = start_bare(cfg, model, port, log)
+        else:
+            doc = keel_doc(Path(a.config), port, policies=with_policies)
+            proc = start_keel(doc, RESULTS, log, name=f"compare-{stamp}-{side}")
+        servers[side] = {"name": names[side], "url": f"http://127.0.0.1:{port}", "proc": proc,
+                         "pid": proc.pid, "log": log, "stop": signal.SIGTERM if bare else signal.SIGINT,
+                         "key": a.api_key if with_policies and cfg.tenants else None}
+        print(f"starting {names[side]} on :{port}", flush=True)
+    return servers
+
+
+def check_conditions(servers: dict[str, dict]) -> dict:
+    """Both engines' conditions; exits when they differ (the ratio would measure the difference)."""
+    found = {}
+    for side, s in servers.items():
+        roots = engine_roots(s["pid"])
+        found[side] = engine_conditions(roots[0])
+        for role, c in found[side]["processes"].items():
+            print(f"  {s['name']:>12} {role:<17} nice {c['nice']}  CPUs {c['affinity']}  threads {c['threads']:<3} "
+                  f"{' '.join(f'{k}={v}' for k, v in sorted(c['env'].items()))}", flush=True)
+    diffs = condition_diffs(found[KEEL], found[BASE])
+    if diffs:
+        raise SystemExit("the engines do not run alike; the ratio would measure that:\n  " + "\n  ".join(diffs))
+    return found
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs" / "local.yaml"))
     ap.add_argument("--model", default=None, help="public model name (default: the config's first)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--requests", default="1:32,16:256,64:384", help="concurrency:requests,...")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--startup-timeout", type=float, default=600)
@@ -104,34 +341,34 @@ def main() -> None:
     points = [tuple(int(x) for x in p.split(":")) for p in a.requests.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs: dict[str, list] = {"bare": [], "keel": []}
-    with open(RESULTS / f"compare-{stamp}.log", "wb") as log:
-        for rnd in range(a.rounds):
-            for server in ("bare", "keel"):
-                port = free_port()
-                print(f"round {rnd + 1}/{a.rounds}: {server} on :{port}", flush=True)
-                t0 = time.monotonic()
-                bare = server == "bare" and a.baseline == "bare"
-                with_policies = server == "keel"
-                if bare:
-                    proc = start_bare(cfg, model, port, log)
-                else:
-                    proc = start_keel(keel_doc(Path(a.config), port, policies=with_policies), RESULTS, log)
-                key = a.api_key if with_policies and cfg.tenants else None
-                try:
-                    wait_ready(f"http://127.0.0.1:{port}", proc, a.startup_timeout)
-                    print(f"    ready in {time.monotonic() - t0:.0f}s", flush=True)
-                    runs[server].append(measure(f"http://127.0.0.1:{port}", model, points, a.max_tokens, key))
-                finally:
-                    stop(proc, signal.SIGTERM if bare else signal.SIGINT)
-                time.sleep(2)
-    names = ("bare", "Keel") if a.baseline == "bare" else ("policies off", "policies on")
-    text = table(runs, points, names)
-    header = (f"{names[1]} vs {names[0]}: model `{model}` ({cfg.models[model].weights}), {a.rounds} rounds, "
-              f"streaming chat, {a.max_tokens} output tokens (ignore_eos), medians over rounds\n")
+    servers = start_servers(a, cfg, model, stamp)
+    pairs = []
+    try:
+        t0 = time.monotonic()
+        for s in servers.values():
+            wait_ready(s["url"], s["proc"], a.startup_timeout)
+        print(f"both ready in {time.monotonic() - t0:.0f}s", flush=True)
+        for s in servers.values():  # warm-up, not recorded
+            asyncio.run(run_load(s["url"], model, 4, 16, a.max_tokens, api_key=s["key"]))
+        conditions = check_conditions(servers)
+        for rnd, c, n, order in schedule(a.rounds, points):
+            if c == points[0][0]:
+                print(f"round {rnd + 1}/{a.rounds}: {servers[order[0]]['name']} first", flush=True)
+            pair = measure_pair(servers, model, c, n, order, a.max_tokens, seed=c)
+            pairs.append({"round": rnd, "c": c, **pair})
+    finally:
+        for s in servers.values():
+            stop(s["proc"], s["stop"])
+            s["log"].close()
+    names = (servers[BASE]["name"], servers[KEEL]["name"])
+    summary = summarize_pairs(pairs)
+    text = table(summary, names)
+    header = (f"{names[1]} vs {names[0]}: model `{model}` ({cfg.models[model].weights}), both up at once, "
+              f"{a.rounds} alternating rounds, streaming chat, {a.max_tokens} output tokens (ignore_eos)\n")
     print("\n" + header + "\n" + text)
     out = RESULTS / f"compare-{stamp}.json"
-    out.write_text(json.dumps({"model": model, "points": points, "runs": runs, "table": text}, indent=2))
+    out.write_text(json.dumps({"model": model, "baseline": a.baseline, "points": points, "conditions": conditions,
+                               "pairs": pairs, "summary": summary, "table": text}, indent=2))
     print(f"\nraw results: {out}")
 
 
