@@ -7,16 +7,17 @@ config's `env:`, HF_HUB_OFFLINE=1, OMP_NUM_THREADS as Ray sets it from the repli
 -> vLLM). Before measuring, the two engines' process trees are compared (engine flags, thread
 and priority settings per process); a difference stops the run. Then each round runs every
 load point on both servers back to back (Keel first in odd rounds, the baseline first in
-even ones), so the two measurements of a pair are at most a minute or two apart on a box whose
-speed moves 2x within minutes. An idle vLLM is quiet; the idle server's CPU during each
-measurement is read from /proc and reported.
+even ones), so the two measurements of a pair are seconds apart (a load point takes 5-15 s
+here) on a box whose speed moves 2x within minutes. An idle vLLM is quiet once its worker stops busy-polling, 1 s
+after its last request, so each measurement starts after a 2 s pause; the idle server's CPU
+during each measurement is read from /proc and reported.
 
 Prints, per concurrency, the per-pair Keel/baseline ratios of output tok/s and their median
 (the figure to judge), the medians of each side, and best-of-rounds TTFT p50 at the lowest
 concurrency (bimodal per run with the tiny model; see benchmarks/README.md).
 
-    python -m benchmarks.compare                      # 5 rounds, c = 1, 16, 64
-    python -m benchmarks.compare --rounds 7 --requests 64:512
+    python -m benchmarks.compare                      # 6 rounds, c = 1, 16, 64
+    python -m benchmarks.compare --rounds 8 --requests 64:512
     python -m benchmarks.compare --baseline policies-off  # Keel with the config's policies vs none
 
 With `--baseline policies-off` both servers are `keel serve` stacks: the config as it is (its
@@ -52,6 +53,9 @@ KEEL, BASE = "keel", "base"
 # Environment that sets a thread count, a binding or a CPU list: compared between the engines.
 # TORCHINDUCTOR_COMPILE_THREADS is left out: vLLM sets it in os.environ on import in both.
 THREAD_ENV = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMEXPR_", "VLLM_CPU_")
+# vLLM's engine worker busy-polls its input queue for 1 s after its last request (SpinCondition
+# in shm_broadcast.py), on the core the other engine's worker is pinned to: wait that out.
+SETTLE_S = 2.0
 # Flags that differ between two engines by construction, not by how they run.
 _OWN_FLAGS = ("--keel-parent", "--host", "--port")
 
@@ -205,12 +209,13 @@ def schedule(rounds: int, points: list[tuple[int, int]]) -> list[tuple[int, int,
 
 
 def measure_pair(servers: dict[str, dict], model: str, c: int, n: int, order: tuple[str, str],
-                 max_tokens: int, seed: int) -> dict:
+                 max_tokens: int, seed: int, settle_s: float = SETTLE_S) -> dict:
     """One load point on each server in `order`; with each side's own CPU and the idle one's."""
     pair: dict = {"order": list(order)}
     for side in order:
         other = BASE if side == KEEL else KEEL
         s, o = servers[side], servers[other]
+        time.sleep(settle_s)  # the last load's busy-poll ends before this one starts
         before = {side: tree_cpu_ticks(s["pid"]), other: tree_cpu_ticks(o["pid"])}
         t0 = time.monotonic()
         result = asyncio.run(run_load(s["url"], model, c, n, max_tokens, seed=seed, api_key=s["key"]))
@@ -326,10 +331,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs" / "local.yaml"))
     ap.add_argument("--model", default=None, help="public model name (default: the config's first)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6, help="an even count: each side goes first as often")
     ap.add_argument("--requests", default="1:32,16:256,64:384", help="concurrency:requests,...")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--settle-s", type=float, default=SETTLE_S,
+                    help="pause before each measurement, for the previous one's busy-polling to end")
     ap.add_argument("--baseline", choices=["bare", "policies-off"], default="bare",
                     help="bare: vLLM's own server; policies-off: the same Keel stack without policies")
     ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
@@ -354,7 +361,7 @@ def main() -> None:
         for rnd, c, n, order in schedule(a.rounds, points):
             if c == points[0][0]:
                 print(f"round {rnd + 1}/{a.rounds}: {servers[order[0]]['name']} first", flush=True)
-            pair = measure_pair(servers, model, c, n, order, a.max_tokens, seed=c)
+            pair = measure_pair(servers, model, c, n, order, a.max_tokens, seed=c, settle_s=a.settle_s)
             pairs.append({"round": rnd, "c": c, **pair})
     finally:
         for s in servers.values():
