@@ -56,8 +56,9 @@ THREAD_ENV = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMEXPR_", "VLLM_CP
 # vLLM's engine worker busy-polls its input queue for 1 s after its last request (SpinCondition
 # in shm_broadcast.py), on the core the other engine's worker is pinned to: wait that out.
 SETTLE_S = 2.0
-# Flags that differ between two engines by construction, not by how they run.
-_OWN_FLAGS = ("--keel-parent", "--host", "--port")
+# Flags that differ between two engines by construction, not by how they run. --middleware is
+# Keel's engine auth (serving/engine/auth.py): a cost Keel pays per request, the baseline not.
+_OWN_FLAGS = ("--keel-parent", "--host", "--port", "--middleware")
 
 
 # --- the baseline: bare vLLM as the replica starts its engine ---------------------------------
@@ -145,7 +146,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 def engine_args(cmdline: list[str]) -> list[str]:
     """The vLLM flags of an engine's command line: after `-m MODULE`, without the flags that
-    differ by construction (--keel-parent, --host, --port)."""
+    differ by construction (_OWN_FLAGS)."""
     args = cmdline[cmdline.index("-m") + 2:] if "-m" in cmdline else list(cmdline)
     out, skip = [], False
     for a in args:
