@@ -305,7 +305,8 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
             proc = start_bare(cfg, model, port, log)
         else:
             doc = keel_doc(Path(a.config), port, policies=with_policies)
-            proc = start_keel(doc, RESULTS, log, name=f"compare-{stamp}-{side}")
+            proc = start_keel(doc, RESULTS, log, name=f"compare-{stamp}-{side}",
+                              code=Path(a.keel_code).resolve() if a.keel_code and side == KEEL else None)
         servers[side] = {"name": names[side], "url": f"http://127.0.0.1:{port}", "proc": proc,
                          "pid": proc.pid, "log": log, "stop": signal.SIGTERM if bare else signal.SIGINT,
                          "key": a.api_key if with_policies and cfg.tenants else None}
@@ -341,6 +342,8 @@ def main() -> None:
     ap.add_argument("--baseline", choices=["bare", "policies-off"], default="bare",
                     help="bare: vLLM's own server; policies-off: the same Keel stack without policies")
     ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
+    ap.add_argument("--keel-code", help="serve Keel from this checkout (e.g. a git worktree of an older "
+                    "commit), to compare versions against the same baseline")
     a = ap.parse_args()
 
     cfg = load_config(a.config)

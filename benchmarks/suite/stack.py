@@ -62,15 +62,19 @@ def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str 
     return doc  # relative paths in it (audit dir, models_dir) stay relative to the working directory
 
 
-def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel") -> subprocess.Popen:
+def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel", code: Path | None = None) -> subprocess.Popen:
     """`keel serve` on a config written from `doc` to workdir/NAME.yaml (one name per stack
-    running at once), in its own process group (stop() ends it)."""
+    running at once), in its own process group (stop() ends it). code: another checkout of
+    Keel to serve from (its `serving` package first on the path), for before/after runs."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     keel = Path(sys.executable).with_name("keel")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env=env, cwd=code)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
