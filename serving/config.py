@@ -56,6 +56,13 @@ class ServerConfig(_Strict):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
 
+    @model_validator(mode="after")
+    def _two_listeners(self):
+        if self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port}): the metrics listener "
+                             "is a second socket")
+        return self
+
 
 class RayConfig(_Strict):
     address: str | None = Field(

@@ -22,7 +22,7 @@ class StartupError(RuntimeError):
     """The stack could not start; str() is the message a user reads."""
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, key: str = "server.port") -> None:
     """Fail in a second, with a clear message, instead of after Ray's replica retries."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
@@ -32,7 +32,7 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as e:
             raise StartupError(
                 f"{host}:{port} is not available ({e.strerror}): another Keel or server is listening "
-                "there; stop it or set server.port in the config"
+                f"there; stop it or set {key} in the config"
             ) from None
 
 
@@ -52,6 +52,8 @@ def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=N
         ensure_weights(cfg, mc.weights)
     if not cfg.ray.address:  # on a cluster the gateway may run on another node
         check_port_free(cfg.server.host, cfg.server.port)
+        if cfg.server.metrics_port is not None:
+            check_port_free(cfg.server.metrics_host, cfg.server.metrics_port, "server.metrics_port")
         check_audit_key(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's controller reconciles every 0.1 s by default; at 0.5 s it takes a fifth of the

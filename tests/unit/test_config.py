@@ -136,6 +136,22 @@ def test_serve_fails_fast_when_the_port_is_taken():
     check_port_free("127.0.0.1", port)  # free again
 
 
+def test_the_metrics_listener_needs_its_own_free_port():
+    import socket
+
+    from serving.launcher import StartupError, check_port_free
+
+    with pytest.raises(ConfigError, match="server: .*metrics_port must differ from port"):
+        parse_config({"server": {"port": 9000, "metrics_port": 9000}, "models": {"demo": {"weights": "demo-tiny"}}},
+                     check_engine_args=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(StartupError, match=f"127.0.0.1:{port} .*server.metrics_port"):
+            check_port_free("127.0.0.1", port, "server.metrics_port")
+
+
 def test_the_ready_message_names_the_demo_key_only_when_the_config_holds_it():
     """`keel serve` prints how to call it; the demo key only for a config that accepts it."""
     from serving.launcher import ready_message
