@@ -746,7 +746,7 @@ def _relay_response(ctx, client, loop, at_once: bool = False):
 
 def _replay(spent: dict[str, float], row: str, ctx, client, loop, at_once: bool = False, **changes) -> float:
     """Time ctx's response once more (on a copy of ctx, with `changes`) into spent[row]."""
-    again = dataclasses.replace(ctx, response_text=[], usage=None, completion_chunks=0, guardrail_actions=[],
+    again = dataclasses.replace(ctx, response_text=[], response_fields={}, usage=None, completion_chunks=0, guardrail_actions=[],
                                 **changes)
     t = time.perf_counter()
     _relay_response(again, client, loop, at_once=at_once)

@@ -183,6 +183,8 @@ class Audit(_PolicyStage):
         if ctx.keep_text and ctx.payload is not None:
             rec["prompt"] = ctx.payload.get("messages", ctx.payload.get("prompt"))
             rec["response"] = "".join(ctx.response_text)
+            if ctx.response_fields:  # what else the client was shown: refusal, reasoning, tool calls
+                rec["response_fields"] = {k: "".join(v) for k, v in ctx.response_fields.items()}
         self.rt.audit_log.write(rec)
 
 

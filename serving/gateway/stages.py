@@ -60,6 +60,7 @@ class RequestContext:
     watches: list = field(default_factory=list)  # ResponseWatch of each stage that reads the response
     keep_text: bool = False  # audit_content: keep the (redacted) response text
     response_text: list = field(default_factory=list)
+    response_fields: dict = field(default_factory=dict)  # audit_content: "<choice>.<field>" -> pieces
     usage: dict | None = None  # the engine's own usage, when the response carried it
     completion_chunks: int = 0
     # Set by the relay once the request is written to an engine: from then on the engine may be

@@ -107,8 +107,8 @@ class WatchedResponse:
                     changed = True
             if out:
                 shown = True
-                if self.keep_text and name == self.primary:
-                    self.ctx.response_text.append(out)
+                if self.keep_text:
+                    self._keep(idx, name, out)
         if not self.watches:
             return changed, shown
         lp = choice.get("logprobs")
@@ -133,6 +133,15 @@ class WatchedResponse:
             if shown:
                 out.append(choice)
         return out
+
+    def _keep(self, idx: int, name, text: str) -> None:
+        """audit_content: the text the client was shown, the main text in ctx.response_text and
+        every other field (refusal, reasoning, tool-call arguments) by choice and name."""
+        if name == self.primary:
+            self.ctx.response_text.append(text)
+        else:
+            label = f"{idx}." + (".".join(map(str, name)) if isinstance(name, tuple) else name)
+            self.ctx.response_fields.setdefault(label, []).append(text)
 
     def usage(self, usage: dict) -> None:
         for w in self.watches:
@@ -192,8 +201,8 @@ class WatchedResponse:
             if text and name != TOKENS_FIELD:
                 put_text(choice, self.holder, name, text)
                 shown = True
-                if self.keep_text and name == self.primary:
-                    self.ctx.response_text.append(text)
+                if self.keep_text:
+                    self._keep(idx, name, text)
         return shown
 
     def _follow(self, idx: int, name, given: str, out: str) -> None:

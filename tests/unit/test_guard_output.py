@@ -187,3 +187,22 @@ def test_options_that_would_show_unscanned_text_are_400_for_tenants_with_output_
     assert r.status_code == 400 and engine_requests == []
     err = error_of(r)
     assert err["param"] == option and err["code"] == "unsupported_with_guardrails"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("field, label", [("content", None), ("refusal", "0.refusal"),
+                                          ("reasoning_content", "0.reasoning_content"),
+                                          ("tool_arguments", "0.tool_calls.0.arguments")])
+def test_the_audit_keeps_every_field_the_client_was_shown_redacted(tmp_path, field, label, stream):
+    """audit_content: true (the policy's acme tenant) keeps what the client saw, in every field."""
+    r, _, records = send(policy(tmp_path), {**CHAT, "stream": stream}, engine=FakeEngine(tokens=SPLIT_EMAIL, field=field))
+    assert r.status_code == 200
+    rec = records[-1]
+    if label is None:
+        assert rec["response"] == "Write to [EMAIL] today." and "response_fields" not in rec
+    else:
+        shown = {label: "Write to [EMAIL] today."}
+        if field == "tool_arguments":
+            shown["0.tool_calls.0.name"] = "lookup"  # the stand-in engine's tool name
+        assert rec["response_fields"] == shown
+    assert "smith" not in json.dumps(rec)
