@@ -6,11 +6,10 @@ serving.policy.guardrails (InputGuard.check, OutputGuard.stream/check_text only)
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
 from serving.errors import GatewayError
+from serving.gateway.offload import off_loop
 from serving.gateway.stages import Outcome, RequestContext
 from serving.gateway.textfields import (
     CHAT,
@@ -26,19 +25,11 @@ from serving.policy.guardrails import GuardrailAction, GuardrailBlocked, InputGu
 
 TOKENS_FIELD = "logprobs"  # a choice's logprob tokens, concatenated: scanned, never shown as text
 
-# Request bodies longer than this are scanned by the input rules on a worker thread: the
-# default rules take ~0.12 ms a KiB of prose, a hand-off ~0.06 ms. (The `regex` module holds
-# the GIL through one search unless called with concurrent=True: measured, a 0.6 s search on
-# a thread let the event loop run 0 times; with it, every 1 ms as asked.)
+# Request bodies longer than this are scanned by the input rules off the event loop
+# (serving/gateway/offload.py): the default rules take ~0.12 ms a KiB of prose, a hand-off
+# ~0.06 ms. (regex's concurrent=True, which would let go of the GIL during a search, was
+# measured and not used: docs/architecture.md.)
 OFFLOAD_GUARD_BYTES = 4096
-_guard_pool: ThreadPoolExecutor | None = None
-
-
-def _guarding_pool() -> ThreadPoolExecutor:
-    global _guard_pool
-    if _guard_pool is None:
-        _guard_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="keel-guard-input")
-    return _guard_pool
 
 
 class GuardInput:
@@ -68,8 +59,7 @@ class GuardInput:
         try:
             if len(ctx.body) > OFFLOAD_GUARD_BYTES:
                 # Nothing else touches this request's payload until the scan is back.
-                changed, actions = await asyncio.get_running_loop().run_in_executor(
-                    _guarding_pool(), scan_request, *args)
+                changed, actions = await off_loop(scan_request, *args)
             else:
                 changed, actions = scan_request(*args)
         except GuardrailBlocked as e:

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,6 +32,7 @@ import orjson
 
 from serving.errors import GatewayError
 from serving.gateway.guard import GuardInput, GuardOutput
+from serving.gateway.offload import off_loop
 from serving.gateway.request_fields import Generation
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
@@ -255,19 +255,11 @@ def allowed_models(tenant: TenantConfig, public: set[str]) -> set[str]:
     return set(public) if ALL_MODELS in tenant.models else set(tenant.models) & public
 
 
-# Prompts longer than this (request body bytes, ~4 bytes a token) are counted on a worker
-# thread: the tokenizer releases the GIL, so a long prompt (~1 µs a token) does not hold the
-# event loop, and every other request's stream, for milliseconds. Shorter ones are counted
+# Prompts longer than this (request body bytes, ~4 bytes a token) are counted off the event
+# loop (serving/gateway/offload.py): the tokenizer releases the GIL, so a long prompt (~1 µs a
+# token) does not hold every other request's stream for milliseconds. Shorter ones are counted
 # inline: handing work to a thread and back costs more than counting them.
 OFFLOAD_COUNT_BYTES = 8192
-_count_pool: ThreadPoolExecutor | None = None
-
-
-def _counting_pool() -> ThreadPoolExecutor:
-    global _count_pool
-    if _count_pool is None:
-        _count_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="keel-count-tokens")
-    return _count_pool
 
 
 class CountTokens(_PolicyStage):
@@ -303,8 +295,7 @@ async def count_prompt(ctx: RequestContext, info: ModelInfo | None) -> None:
         return
     if len(ctx.body) > OFFLOAD_COUNT_BYTES:
         # Nothing else touches this request's payload until the count is back.
-        counts = await asyncio.get_running_loop().run_in_executor(
-            _counting_pool(), info.counter.count_each, ctx.path, ctx.payload)
+        counts = await off_loop(info.counter.count_each, ctx.path, ctx.payload)
     else:
         counts = info.counter.count_each(ctx.path, ctx.payload)
     ctx.prompt_counts = counts

@@ -238,5 +238,5 @@ def test_a_long_prompt_is_guarded_off_the_event_loop(tmp_path):
     short, long, engine_requests = run(go())
     assert short.status_code == long.status_code == 200
     assert len(long.request.content) > guard_stages.OFFLOAD_GUARD_BYTES
-    assert threads[0] == "MainThread" and threads[1].startswith("keel-guard-input")
+    assert threads[0] == "MainThread" and threads[1].startswith("keel-prompt-work")
     assert json.loads(engine_requests[1][2])["messages"][0]["content"].endswith("mail [EMAIL]")

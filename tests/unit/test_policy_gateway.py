@@ -466,7 +466,7 @@ def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
     short, long, expected, records = run(go())
     assert short.status_code == long.status_code == 200
     assert len(long.request.content) > policy_stages.OFFLOAD_COUNT_BYTES
-    assert threads[0] == "MainThread" and threads[1].startswith("keel-count-tokens")
+    assert threads[0] == "MainThread" and threads[1].startswith("keel-prompt-work")
     # the long request reserved its exact prompt count + max_tokens
     assert expected > 3000
     assert records[long.headers["x-request-id"]]["reserved_tokens"] == expected + 1
