@@ -12,8 +12,10 @@ USAGE_PROMPT_TOKENS = 11
 
 
 class FakeOpenAI:
-    """Streams CHUNKS text chunks then usage (completion_tokens = max_tokens); a marker in the
-    prompt picks a failure: #429, #500, #error, #empty, #drop, #refuse, #slow, #nousage."""
+    """Streams CHUNKS text chunks, each `delay` s after the last, then usage (completion_tokens =
+    max_tokens); a marker in the prompt picks a failure: #429, #500, #error, #empty, #drop,
+    #refuse, #slow, #nousage; or #onewrite: the whole answer in one write, as a busy engine
+    that fell behind its reader sends it."""
 
     def __init__(self, delay: float = 0.01):
         self.delay = delay
@@ -94,6 +96,11 @@ class FakeOpenAI:
             elif "#slow" in prompt:
                 await self.release.wait()
                 return resp
+            elif "#onewrite" in prompt:
+                usage = {"prompt_tokens": USAGE_PROMPT_TOKENS, "completion_tokens": body["max_tokens"]}
+                events = [chunk(f"t{i} ") for i in range(CHUNKS)] + [{"id": "x", "choices": [], "usage": usage}]
+                leave()
+                await resp.write(b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events))
             else:
                 for i in range(CHUNKS):
                     await asyncio.sleep(self.delay)

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.suite.datasets import BenchRequest, length_range, make_requests, read_sharegpt
 from benchmarks.suite.loadgen import arrival_times, run_point, warmup
+from benchmarks.suite.metrics import summarize
 from benchmarks.suite.spec import DatasetSpec, LoadSpec
 from benchmarks.suite.stack import free_port
 from tests.unit.fake_openai import CHUNKS, USAGE_PROMPT_TOKENS, FakeOpenAI
@@ -56,9 +57,28 @@ def test_records_take_token_counts_from_usage_and_time_text_chunks():
         assert r.ok and r.status == 200 and r.error == ""
         assert r.output_tokens == 7 and r.prompt_tokens == USAGE_PROMPT_TOKENS
         assert len(r.itl) == CHUNKS - 1  # the role chunk carries no text
+        assert all(gap > 0 for gap in r.itl)  # chunks written apart are read apart
         assert 0 < r.ttft <= r.e2el
         assert r.start >= 0
     assert duration >= max(r.e2el for r in records)
+
+
+def test_an_answer_read_at_once_has_every_gap_zero_and_ttft_at_its_end():
+    """The tiny model's bimodal mode (benchmarks/README.md): a whole answer in one read. Its
+    inter-token gaps are 0, not missing and not negative, and TPOT is about 0: what vLLM bench
+    reports for the same stream."""
+    async def go():
+        async with FakeOpenAI() as srv:
+            return await run_point(srv.url, "demo", reqs("a #onewrite"), load(), 1)
+
+    records, duration = run(go())
+    [r] = records
+    assert r.ok and r.output_tokens == 7 and r.prompt_tokens == USAGE_PROMPT_TOKENS
+    assert r.itl == [0.0] * (CHUNKS - 1)
+    assert 0 < r.ttft <= r.e2el
+    m = summarize(records, duration)
+    assert m["mean_itl_ms"] == m["p99_itl_ms"] == 0
+    assert m["mean_tpot_ms"] == (r.e2el - r.ttft) / 6 * 1000
 
 
 def test_counts_fall_back_to_text_chunks_and_dataset_without_usage():

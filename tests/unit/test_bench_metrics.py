@@ -76,6 +76,19 @@ def test_tpot_skips_one_token_requests_and_itl_pools_every_gap():
     assert m["p90_itl_ms"] == approx(300)
 
 
+def test_an_answer_read_at_once_adds_zero_gaps_and_zero_tpot():
+    # The tiny model's bimodal mode: one answer arrives in a single read (TTFT = E2EL, gaps 0),
+    # the other token by token. Gaps 0 0 0 0.2 0.2; TPOT 0 and 0.4 / 2.
+    m = summarize([ok(0.3, 0.3, [0.0, 0.0, 0.0], 10, 4), ok(0.1, 0.5, [0.2, 0.2], 10, 3)], 1.0)
+    assert m["mean_itl_ms"] == approx(80)
+    assert m["median_itl_ms"] == 0
+    assert m["p90_itl_ms"] == approx(200)  # index 3.6 of the sorted gaps lies between two 0.2s
+    assert m["std_itl_ms"] == approx(math.sqrt(0.0096) * 1000)  # mean of squares 0.016 - 0.08^2
+    assert m["mean_tpot_ms"] == approx(100) and m["median_tpot_ms"] == approx(100)
+    only_at_once = summarize([ok(0.3, 0.3, [0.0, 0.0, 0.0], 10, 4)], 1.0)
+    assert only_at_once["mean_itl_ms"] == only_at_once["p99_itl_ms"] == only_at_once["mean_tpot_ms"] == 0
+
+
 def test_failures_are_counted_by_status_with_the_empty_stream_under_200():
     m = summarize(RECORDS, 2.0)
     assert m["failures_by_status"] == {"503": 2, "0": 1, "200": 1}
