@@ -28,8 +28,9 @@ def sweep(tmp_path_factory):
         "label": "e2e-sweep",
         "dataset": {"kind": "random", "input_len": 32, "output_len": 16, "range_ratio": 0.25},
         "load": {"mode": "concurrency", "levels": [1, 4], "num_requests": 12, "warmup_requests": 2},
-        # Loose enough for this noisy 2-core box at c=1; c=4 may or may not meet it.
-        "slo": {"ttft_ms": 5000, "tpot_ms": 500, "percentile": 90},
+        # Met by any answer short of a hang, so the frontier and the recommendation below are
+        # Keel's arithmetic, not this machine's speed (slo.py and cost.py are unit-tested).
+        "slo": {"ttft_ms": 60_000, "tpot_ms": 10_000, "percentile": 90},
         "hardware": "cpu-2core",
         "settings": [{"engine": {"max_num_seqs": 2}}, {"engine": {"max_num_seqs": 8}}],
         "target": {"peak_concurrency": 6},
@@ -69,7 +70,7 @@ def test_the_slo_frontier_and_the_recommendation_fit_keels_config(sweep):
     result, _, _ = sweep
     for setting in result["settings"]:
         best = setting["slo_max"]
-        assert best is not None and best["meets_slo"]  # c=1 meets the loose SLO
+        assert best is not None and best["meets_slo"] and best["load"]["value"] == 4  # both levels meet it
     rec = result["recommendation"]
     assert rec is not None and rec["setting"] in ("max_num_seqs=2", "max_num_seqs=8")
     assert rec["autoscaling"]["min_replicas"] >= 1
