@@ -34,9 +34,18 @@ from serving.models import ensure_weights
 
 
 def metric_sum(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    """The sum of `name`'s samples. A scrape without them is retried, never read as 0: Keel's
+    gateway leaves out an engine that did not answer its own scrape within 2 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+        if values:
+            return sum(values)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/metrics has had no {name} for a minute")
+        time.sleep(0.2)
 
 
 def hang_up(url: str, model: str, max_tokens: int, delay: float, headers: dict[str, str] | None = None,
