@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -67,6 +68,20 @@ class Stack:
         """metric_sum once it is at least `at_least` (or at the deadline): the gateway counts a
         request after its last byte went out, so the client may look first."""
         return wait_for(lambda: self.metric_sum(name, **labels), lambda v: v >= at_least)
+
+    def engine_servers(self) -> list[psutil.Process]:
+        """The API server of each engine this stack runs: descendants of its `keel serve`."""
+        config = str(self.log.parent / "stack.yaml")
+        keel = [p for p in psutil.process_iter(["cmdline"]) if config in (p.info["cmdline"] or [])]
+        assert len(keel) == 1, f"expected one `keel serve {config}` process, found {keel}"
+        servers = []
+        for p in keel[0].children(recursive=True):
+            try:
+                if "serving.engine.server" in p.cmdline():
+                    servers.append(p)
+            except psutil.Error:  # gone since the listing
+                continue
+        return servers
 
 
 def local_config() -> dict:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import AUTH, local_config, running_stack
+from tests.e2e.conftest import AUTH, local_config, running_stack, wait_for
 
 pytestmark = pytest.mark.e2e
+
+DECIDED_S = 300  # generous deadlines (2 shared cores), not timing checks
+STARTED_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +46,23 @@ def test_engine_load_scales_the_model_up_and_traffic_reaches_the_new_replica(aut
     workers = [threading.Thread(target=load, daemon=True) for _ in range(16)]  # 16 in flight vs target 4
     for w in workers:
         w.start()
-    time.sleep(30)  # long enough for Ray's upscale decision; then let the new replica start unloaded
+    # Loaded until Ray has decided to scale up (the new replica has started its engine), then
+    # unloaded so the new engine starts on idle cores.
+    engines = wait_for(lambda: len(stack.engine_servers()), lambda n: n >= 2, DECIDED_S, interval_s=1)
     stop.set()
     for w in workers:
         w.join(timeout=130)
-    deadline = time.monotonic() + 600
-    while _replicas(stack) < 2 and time.monotonic() < deadline:
-        time.sleep(2)
-    assert _replicas(stack) == 2
+    assert engines == 2, f"one engine after {DECIDED_S}s of 16 requests in flight (target 4)"
+    assert wait_for(lambda: _replicas(stack), lambda n: n >= 2, STARTED_S, interval_s=2) == 2
 
     for _ in range(16):  # ties in flight break at random: both replicas get some (p fail = 2^-15)
         r = httpx.post(stack.url + "/v1/completions", json={"model": stack.model, "prompt": "x", "max_tokens": 4},
                        headers=AUTH, timeout=60)
         assert r.status_code == 200
-    per_replica = {dict(labels)["replica"]: v for (name, labels), v in stack.metrics().items()
-                   if name == "vllm:request_success_total" and v > 0}
+
+    def served_by() -> dict[str, float]:  # a replica missing from one scrape (2 s timeout) is asked again
+        return {dict(labels)["replica"]: v for (name, labels), v in stack.metrics().items()
+                if name == "vllm:request_success_total" and v > 0}
+
+    per_replica = wait_for(served_by, lambda seen: len(seen) >= 2)
     assert len(per_replica) == 2, per_replica
