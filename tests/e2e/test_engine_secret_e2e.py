@@ -17,22 +17,6 @@ pytestmark = pytest.mark.e2e
 KEY_ENV = "VLLM_API_KEY"
 
 
-def engine_processes(stack) -> list[psutil.Process]:
-    """The vLLM servers this stack's replicas started (descendants of its `keel serve`)."""
-    config = str(stack.log.parent / "stack.yaml")
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "serving.engine.server" not in cmd:
-            continue
-        try:
-            if any(config in " ".join(a.cmdline()) for a in p.parents()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def ray_logs_dir(proc: psutil.Process) -> Path:
     """The Ray session's log directory, where the engine's output goes (its replica's worker log)."""
     out = Path(os.readlink(f"/proc/{proc.pid}/fd/1"))
@@ -43,7 +27,7 @@ def ray_logs_dir(proc: psutil.Process) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(stack):
-    (proc,) = engine_processes(stack)  # configs/local.yaml: one model, one replica
+    (proc,) = stack.engine_servers()  # configs/local.yaml: one model, one replica
     cmd = proc.cmdline()
     return f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}", cmd, proc.environ()[KEY_ENV], ray_logs_dir(proc)
 
@@ -77,8 +61,15 @@ def test_the_secret_is_in_the_engines_environment_and_on_no_command_line_or_log(
     assert len(secret) >= 40
     for p in psutil.process_iter(["cmdline"]):
         assert secret not in " ".join(p.info["cmdline"] or [])
-    logs = {p: p.read_bytes() for p in [stack.log, *logs_dir.rglob("*")]
-            if p.is_file() and p.stat().st_size < 200 * 2**20}
+    logs = {p: text for p in [stack.log, *logs_dir.rglob("*")] if (text := _read_log(p)) is not None}
     assert any(b"vLLM" in text for text in logs.values())  # the engine's own log is among them
     for log, text in logs.items():
         assert secret.encode() not in text, log
+
+
+def _read_log(path: Path) -> bytes | None:
+    """A log file's bytes; None for what is no file, too big to read, or gone since the listing."""
+    try:
+        return path.read_bytes() if path.is_file() and path.stat().st_size < 200 * 2**20 else None
+    except FileNotFoundError:
+        return None
