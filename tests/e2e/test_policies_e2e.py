@@ -4,10 +4,11 @@ by the official openai client."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -16,8 +17,9 @@ import pytest
 import yaml
 
 from benchmarks.suite.stack import free_port
+from serving.policy.audit.files import read_head
 from serving.policy.identity import key_digest
-from tests.e2e.conftest import DEMO_KEY, local_config, running_stack
+from tests.e2e.conftest import DEMO_KEY, local_config, running_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -130,20 +132,27 @@ def test_experiment_variant_is_sticky_per_user_and_named(pstack):
 
 
 def test_audit_chain_verifies_and_detects_a_tampered_line(pstack):
-    oai(pstack, DEMO_KEY).chat.completions.create(**chat(max_tokens=2))
-    time.sleep(1.0)  # the writer flushes every 0.2 s
-    files = sorted((pstack.tmp / "audit").glob("audit-*.jsonl"))
-    assert files
+    run = uuid.uuid4().hex[:8]
+    login, guarded, plain = (f"audit-{what}-{run}" for what in ("login", "guarded", "plain"))
+    r = httpx.post(pstack.url + "/v1/chat/completions", json=chat(), headers={"x-request-id": login}, timeout=30)
+    assert r.status_code == 401
+    oai(pstack, GUARDED_KEY).chat.completions.create(**chat(max_tokens=2), extra_headers={"x-request-id": guarded})
+    oai(pstack, DEMO_KEY).chat.completions.create(**chat(max_tokens=2), extra_headers={"x-request-id": plain})
+    audit_dir = pstack.tmp / "audit"
+    files = wait_for(lambda: _audit_files_holding(audit_dir, {login, guarded, plain}), bool)
+    assert files, f"no settled record of {login}, {guarded} and {plain} in {audit_dir}"
     ok = subprocess.run([str(KEEL), "audit", "verify", *map(str, files)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    lines = files[0].read_text().splitlines()
-    assert any('"status":401' in ln for ln in lines) and any('"tenant":"guarded"' in ln for ln in lines)
-    assert DEMO_KEY not in files[0].read_text()
+    [path] = [f for f in files if login in f.read_text()]
+    lines = path.read_text().splitlines()
+    records = {r.get("request_id"): r for r in map(json.loads, lines)}
+    assert records[login]["status"] == 401 and records[guarded]["tenant"] == "guarded"
+    assert DEMO_KEY not in path.read_text()
     tampered = pstack.tmp / "tampered.jsonl"
-    i = next(i for i, ln in enumerate(lines) if '"status":401' in ln)
+    i = next(i for i, ln in enumerate(lines) if f'"request_id":"{login}"' in ln)
     lines[i] = lines[i].replace('"status":401', '"status":200')  # hide a failed login
     tampered.write_text("\n".join(lines) + "\n")
-    Path(str(tampered) + ".head").write_text(Path(str(files[0]) + ".head").read_text())
+    Path(str(tampered) + ".head").write_text(Path(str(path) + ".head").read_text())
     bad = subprocess.run([str(KEEL), "audit", "verify", str(tampered)], capture_output=True, text=True)
     assert bad.returncode != 0
     assert f"line {i + 1}: record was altered" in bad.stdout + bad.stderr
@@ -167,5 +176,30 @@ def test_keel_apply_changes_the_policy_live_without_restarting_engines(pstack):
 
 
 def _engine_replicas(stack) -> set[str]:
-    return {dict(labels)["replica"] for (name, labels), _ in stack.metrics().items()
-            if name.startswith("vllm:") and "replica" in dict(labels)}
+    """The engine replicas serving the two deployments (one each): a replica missing from one
+    scrape (the gateway gives each engine 2 s) is asked for again."""
+    def scraped() -> set[str]:
+        return {dict(labels)["replica"] for (name, labels), _ in stack.metrics().items()
+                if name.startswith("vllm:") and "replica" in dict(labels)}
+
+    replicas = wait_for(scraped, lambda seen: len(seen) >= 2)
+    assert len(replicas) == 2, replicas
+    return replicas
+
+
+def _audit_files_holding(directory: Path, request_ids: set[str]) -> list[Path]:
+    """The audit files once they hold a record of every request id, each with its head moved
+    past its last record (the writer appends a batch, then writes the head); else []."""
+    files = sorted(directory.glob("audit-*.jsonl"))
+    seen = set()
+    for path in files:
+        lines = path.read_bytes().splitlines()
+        try:
+            records = [json.loads(ln) for ln in lines]
+        except ValueError:  # a batch half appended
+            return []
+        head = read_head(path)
+        if records and (head is None or head.seq != records[-1]["seq"]):
+            return []
+        seen.update(r.get("request_id") for r in records)
+    return files if request_ids <= seen else []
