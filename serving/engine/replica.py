@@ -32,6 +32,10 @@ HEARTBEAT_S = 2.0
 # then wait for the kills to land. Bounded: it runs in Ray Serve's __del__ on the replica's loop.
 STOP_GRACE_S = 10.0
 KILL_WAIT_S = 5.0
+# Draining: after the replica has left the registry, gateways learn it within milliseconds (they
+# long-poll it); a request one of them had picked just before is connected well within this.
+DRAIN_SETTLE_S = 1.0
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -56,6 +60,7 @@ class EngineReplica:
         self.port = _free_port(spec.bind_host)
         self.engine_tree = uuid.uuid4().hex  # in every engine process's environment (TREE_ENV)
         self.engine_seen: set[psutil.Process] = set()  # its descendants, noted at each heartbeat
+        self.drain_timeout_s = DEFAULT_DRAIN_TIMEOUT_S  # from the deployment's user_config
         self.proc = self._start_engine()
         await self._wait_until_ready()
         self._note_engine_processes()
@@ -140,10 +145,51 @@ class EngineReplica:
             return 0.0
         return engine_load(body.decode())
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config for the deployment: what may change without a restart."""
+        self.drain_timeout_s = float((user_config or {}).get("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S))
+
+    def requests_in_flight(self) -> int:
+        """Open client connections to the engine's HTTP port. The gateway opens one per request
+        and closes it when the answer ends, so this counts requests from their first byte (vLLM's
+        own gauges count a request only once its engine core has it)."""
+        try:
+            conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return 0
+        return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port)
+
+    async def drain_and_stop(self) -> None:
+        """Leave the registry, let the requests in flight finish (at most drain_timeout_s), then
+        stop the engine. What Serve runs when this replica stops for any reason."""
+        beat = getattr(self, "_beat", None)
+        if beat is not None:
+            beat.cancel()
+        if getattr(self, "proc", None) is None:  # never started
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout_s
+        try:
+            await asyncio.wait_for(_maybe_await(self.registry.remove(self.replica_id)), 5.0)
+        except Exception:  # the registry gone too (shutdown): heartbeats stop, it expires the entry
+            log.warning("replica %s could not leave the registry; draining anyway", self.replica_id, exc_info=True)
+        await asyncio.sleep(max(0.0, min(DRAIN_SETTLE_S, deadline - loop.time())))
+        left = self.requests_in_flight()
+        while left and self.proc.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+            left = self.requests_in_flight()
+        if left:
+            log.warning("replica %s: %d requests still in flight after the %gs drain; stopping the engine",
+                        self.replica_id, left, self.drain_timeout_s)
+        else:
+            log.info("replica %s drained; stopping its engine", self.replica_id)
+        await asyncio.to_thread(self._stop_engine)
+
     def __del__(self):
         self.shutdown()
 
     def shutdown(self) -> None:
+        """Stop at once: no drain (a replica garbage-collected, a failed start)."""
         beat = getattr(self, "_beat", None)
         if beat is not None:
             beat.cancel()
