@@ -1,9 +1,10 @@
 """Builders: the only code that knows the stack runs on Ray Serve.
 
-One Serve application, `keel`:
-- `endpoint-registry` (1 replica): where engine replicas advertise their HTTP address;
-- `engine-<model>` per configured model: EngineReplica, replicas/autoscaling from the config;
-- `gateway` (ingress, N replicas sharing the port): the OpenAI-compatible front door.
+Serve applications (serving.plan says which part of the config goes where, and why):
+- `keel`: `endpoint-registry` (1 replica), where engine replicas advertise their HTTP address,
+  and `gateway` (ingress, N replicas sharing the port), the OpenAI-compatible front door;
+- `keel-model-<name>` per configured model: its `engine-<name>` deployment (EngineReplica), so
+  a change to one model rebuilds, restarts or scales that application alone.
 Ray's own HTTP proxy is disabled: no request or token crosses Ray (docs/architecture.md).
 
 Engines answer only requests that carry the stack's secret (serving.engine.auth); gateways send
@@ -17,14 +18,14 @@ from dataclasses import replace
 
 from ray import serve
 
-from serving.autoscaling import POLICY_PATH
-from serving.config import KeelConfig, load_manifest
+from serving.config import KeelConfig
 from serving.engine.args import to_cli_args
 from serving.engine.replica import EngineReplica, EngineSpec
 from serving.gateway.replica import GatewayReplica
+from serving.plan import CONTROL_APP, StackState, desired, engine_deployment_name, from_serve, schema
 from serving.registry import EndpointRegistry
 
-APP_NAME = "keel"
+APP_NAME = CONTROL_APP
 _SECRET_NS = "keel"
 _SECRET_KEY = f"{APP_NAME}/engine-api-key"
 # Serve's access log would log every heartbeat and registry poll; requests never pass Ray.
@@ -41,7 +42,7 @@ class _RegistryClient:
         return self.handle.heartbeat.remote(model, replica_id, host, port)
 
     def remove(self, replica_id):
-        self.handle.remove.remote(replica_id)  # fire and forget: the replica is going away
+        return self.handle.remove.remote(replica_id)  # awaited when draining; else fire and forget
 
 
 def stack_secret() -> str:
@@ -58,58 +59,42 @@ def stack_secret() -> str:
 
 
 class EngineDeployment(EngineReplica):
-    async def __init__(self, spec: EngineSpec, registry_handle):
-        await super().__init__(replace(spec, api_key=stack_secret()), _RegistryClient(registry_handle))
+    async def __init__(self, spec: EngineSpec, registry_handle=None):
+        # A model's own application reaches the registry of the front application by name; at
+        # the first deploy it may not exist yet, and calls on the handle wait until it does.
+        handle = registry_handle or serve.get_deployment_handle("endpoint-registry", app_name=CONTROL_APP,
+                                                                _check_exists=False)
+        await super().__init__(replace(spec, api_key=stack_secret()), _RegistryClient(handle))
+
+    async def __del__(self):
+        # Serve calls this when the replica stops (scale-down, replacement, removal, shutdown),
+        # within graceful_shutdown_timeout_s: leave the registry, drain, then stop the engine.
+        await self.drain_and_stop()
 
 
 class GatewayDeployment(GatewayReplica):
-    async def __init__(self, config: dict, registry_handle, **engines):
-        # `engines` only puts the engine deployments into the application graph.
-        await super().__init__(config, registry_handle, engine_api_key=stack_secret())
+    async def __init__(self, server: dict, registry_handle, **engines):
+        # `engines` only puts a one-application stack's engines into its graph (app_builder).
+        await super().__init__(server, registry_handle, engine_api_key=stack_secret())
+
+    async def __del__(self):
+        await self.drain_and_stop()
 
 
-def engine_spec(cfg: KeelConfig, name: str) -> EngineSpec:
-    mc = cfg.models[name]
-    _, weights = load_manifest(cfg, mc.weights)
+def engine_spec(args: dict) -> EngineSpec:
+    """A model application's args (serving.plan.desired) as its replicas' EngineSpec."""
     return EngineSpec(
-        model=name,
-        weights_path=str(weights),
-        cli_args=to_cli_args(mc.engine),
-        env=dict(mc.env),
-        bind_host=cfg.server.engine_host,
-        startup_timeout_s=mc.deployment.startup_timeout_s,
+        model=args["model"],
+        weights_path=args["weights_path"],
+        cli_args=to_cli_args(args["engine"]),
+        env=dict(args["env"]),
+        bind_host=args["engine_host"],
+        startup_timeout_s=args["startup_timeout_s"],
     )
 
 
-def engine_deployment_options(cfg: KeelConfig, name: str) -> dict:
-    d = cfg.models[name].deployment
-    actor = {"num_cpus": d.num_cpus}
-    if d.num_gpus:
-        actor["num_gpus"] = d.num_gpus
-    if d.resources:
-        actor["resources"] = dict(d.resources)
-    opts = {
-        "name": f"engine-{name}",
-        "ray_actor_options": actor,
-        "health_check_period_s": d.health_check_period_s,
-        "health_check_timeout_s": d.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": 30,
-        "logging_config": _QUIET,
-    }
-    if d.autoscaling is not None:
-        opts["autoscaling_config"] = {
-            **d.autoscaling.model_dump(exclude_none=True),
-            "policy": {"policy_function": POLICY_PATH},
-        }
-    else:
-        opts["num_replicas"] = d.num_replicas or 1
-    return opts
-
-
-def build_app(cfg: KeelConfig, *, with_policy: bool = True) -> serve.Application:
-    """with_policy=False leaves the gateway's user_config to the deploy schema (`keel serve`,
-    `keel apply`), so that a policy change is a user_config change: reconfigure, no restart."""
-    registry = serve.deployment(
+def _registry():
+    return serve.deployment(
         EndpointRegistry,
         name="endpoint-registry",
         num_replicas=1,
@@ -117,64 +102,72 @@ def build_app(cfg: KeelConfig, *, with_policy: bool = True) -> serve.Application
         max_ongoing_requests=10_000,  # long polls from every gateway + heartbeats
         logging_config=_QUIET,
     ).bind()
-    engines = {
-        f"engine_{i}": serve.deployment(EngineDeployment, **engine_deployment_options(cfg, name)).bind(
-            engine_spec(cfg, name), registry
-        )
-        for i, name in enumerate(cfg.models)
-    }
-    gateway_opts = {}
-    if with_policy:
-        gateway_opts["user_config"] = cfg.policy_dict()
+
+
+def _gateway(server: dict, registry, engines: dict, **options):
     return serve.deployment(
         GatewayDeployment,
         name="gateway",
-        num_replicas=cfg.server.gateway_replicas,
-        ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.gateway_resources)},
+        num_replicas=server.get("gateway_replicas", 1),
+        ray_actor_options={"num_cpus": 0, "resources": dict(server.get("gateway_resources") or {})},
+        graceful_shutdown_timeout_s=server["drain_timeout_s"] + 10,
         logging_config=_QUIET,
-        **gateway_opts,
-    ).bind(cfg.stack_dict(), registry, **engines)
+        **options,
+    ).bind(server, registry, **engines)
+
+
+def _engine(args: dict, registry=None, **options):
+    return serve.deployment(
+        EngineDeployment,
+        name=engine_deployment_name(args["model"]),
+        ray_actor_options=args["ray_actor_options"],
+        # Requests reach the engine over its own port; this only keeps Serve's check that Ray
+        # could route target_ongoing_requests to a replica (it warns otherwise) satisfied.
+        max_ongoing_requests=100_000,
+        logging_config=_QUIET,
+        **options,
+    ).bind(engine_spec(args), registry)
+
+
+def control_builder(args: dict) -> serve.Application:
+    """The front application (`import_path: serving.app:control_builder`): registry + gateways.
+    The gateways' policy and model list arrive as their user_config in the same schema."""
+    return _gateway(args["server"], _registry(), {})
+
+
+def model_builder(args: dict) -> serve.Application:
+    """One model's application (`import_path: serving.app:model_builder`); its replica count,
+    autoscaling and drain timeout arrive as deployment overrides in the same schema."""
+    return _engine(args)
 
 
 def app_builder(args: dict) -> serve.Application:
-    """The application as Serve config files build it (`import_path: serving.app:app_builder`).
+    """The whole stack as one application, from a config file (`args: {config: /path/keel.yaml}`),
+    for a KubeRay RayService whose serveConfigV2 names one application. Every model change
+    there rebuilds it; `keel serve` and `keel apply` deploy one application per model."""
+    from serving.config import load_config
 
-    `args: {config: /path/to/keel.yaml}` (KubeRay RayService): the whole file, policy included.
-    `args: {stack: {...}}` (`keel serve`, `keel apply`): the stack part only; the policy arrives
-    as the gateway deployment's user_config in the same schema.
-    """
-    from serving.config import load_config, parse_config
-
-    if "config" in args:
-        return build_app(load_config(args["config"]))
-    return build_app(parse_config(args["stack"], source="<deployed stack>", check_engine_args=False),
-                     with_policy=False)
-
-
-def deploy_schema(cfg: KeelConfig) -> dict:
-    """The Serve deploy schema of a stack: what `keel serve` and `keel apply` submit."""
-    return {"applications": [{
-        "name": APP_NAME,
-        "import_path": "serving.app:app_builder",
-        "route_prefix": None,
-        "args": {"stack": cfg.stack_dict()},
-        "deployments": [{"name": "gateway", "user_config": cfg.policy_dict()}],
-    }]}
+    state = desired(load_config(args["config"]))
+    registry = _registry()
+    engines = {}
+    for i, m in enumerate(state.models.values()):
+        options = {k: v for k, v in m.overrides.items() if k != "name"}
+        engines[f"engine_{i}"] = _engine(m.args, registry, **options)
+    return _gateway(state.server, registry, engines, user_config=state.gateway)
 
 
-def submit(cfg: KeelConfig) -> None:
-    """Deploy (or update) the stack on the connected Ray cluster. Only a changed policy: the
-    gateways reconfigure in place. A changed stack part: Serve redeploys."""
+def submit(cfg_or_state: KeelConfig | StackState) -> None:
+    """Deploy (or update) the stack on the connected Ray cluster, declaratively: applications
+    not in the state are deleted (their replicas drain)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(deploy_schema(cfg)))
+    state = cfg_or_state if isinstance(cfg_or_state, StackState) else desired(cfg_or_state)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(schema(state)))
 
 
-def deployed_schema() -> dict | None:
-    """The schema the running stack was last deployed with (None: no stack)."""
+def deployed_state() -> StackState | None:
+    """The state the running stack was last given (None: no stack)."""
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()
-    app = (details.get("applications") or {}).get(APP_NAME)
-    return (app or {}).get("deployed_app_config")
+    return from_serve(_get_global_client().get_serve_details())

@@ -21,11 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="start the stack in the foreground")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
-    p = sub.add_parser("apply", help="apply a changed config to the running stack (policy changes: live, no restart)")
+    p = sub.add_parser("apply", help="apply a changed config to the running stack, live: only what changed "
+                       "restarts (a model's engines when its weights, engine args, env or resources change)")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.add_argument("--address", default="auto", help="Ray cluster of the running stack (default: this machine's)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan per model and change nothing")
     p.add_argument("--restart", action="store_true",
-                   help="also apply changes to server/ray/models, which redeploys the stack (engines restart)")
+                   help="also apply `server:` changes, which restart the gateways (after draining them)")
 
     p = sub.add_parser("config", help="validate a config or print its JSON Schema")
     csub = p.add_subparsers(dest="config_cmd", required=True)
@@ -121,7 +123,8 @@ def _run(args) -> int:
     if args.cmd == "apply":
         from serving.launcher import apply_config
 
-        print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart))
+        print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart,
+                           dry_run=args.dry_run), flush=True)
         return 0
     if args.cmd == "config":
         if args.config_cmd == "validate":

@@ -55,6 +55,9 @@ class ServerConfig(_Strict):
         "are configured (its labels name tenants).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
+        "then waits this long at most for the requests it is relaying to finish.")
 
     @model_validator(mode="after")
     def _two_listeners(self):
@@ -106,6 +109,15 @@ class DeploymentConfig(_Strict):
     startup_timeout_s: float = Field(
         600.0, gt=0, description="How long a replica may take to load weights and answer."
     )
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="A replica that stops (scale-down, replacement, removal, Ctrl-C) "
+        "leaves the registry first, then waits this long at most for the requests it is answering "
+        "to finish before its engine stops. Changing it restarts nothing.")
+    max_surge_percent: int = Field(
+        100, ge=0, le=100, description="Replacing replicas (changed engine arguments, weights, env "
+        "or resources): new replicas, as a percentage of the replica count, started and ready "
+        "before old ones drain (Ray Serve's max_surge_percent). 100: capacity never drops; 0: one "
+        "at a time, stopped before its replacement starts, for clusters with no spare GPUs.")
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -166,9 +178,6 @@ class KeelConfig(PolicyConfig):
         set: defaults stay implicit, so the dict validates again as it was written."""
         return self.model_dump(mode="json", include=set(POLICY_KEYS), exclude_unset=True)
 
-    def stack_dict(self) -> dict:
-        """The part that shapes deployments: a change here redeploys (engines restart)."""
-        return self.model_dump(mode="json", exclude=set(POLICY_KEYS))
 
 
 class ModelManifest(_Strict):

@@ -87,8 +87,14 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
     stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():  # the second Ctrl-C: no drain, stop now
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         serve.start(proxy_location="Disabled")
         # Declarative, as `serve deploy` does it: the policy is the gateway's user_config, so
@@ -103,7 +109,11 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
             on_ready()
         while not stop.wait(1.0):
             pass
-        print("\nKeel: stopping...", flush=True)
+        print(f"\nKeel: draining: the requests in flight finish (at most {drain_bound(cfg):.0f} s); "
+              "Ctrl-C again stops at once", flush=True)
+        _drain_and_shutdown(cfg)
+    except KeyboardInterrupt:
+        print("\nKeel: stopping at once", flush=True)
     finally:
         try:
             serve.shutdown()
@@ -112,22 +122,29 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
         print("Keel: stopped.", flush=True)
 
 
+def drain_bound(cfg: KeelConfig) -> float:
+    """How long a drained stop may take: the longest drain, then the engine's own stop."""
+    from serving.plan import STOP_BUDGET_S
+
+    longest = max([cfg.server.drain_timeout_s, *(m.deployment.drain_timeout_s for m in cfg.models.values())])
+    return longest + STOP_BUDGET_S
+
+
+def _drain_and_shutdown(cfg: KeelConfig) -> None:
+    """Serve deletes every application; each replica leaves the registry and drains as it
+    would on a scale-down (EngineDeployment.__del__, GatewayDeployment.__del__)."""
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().shutdown(timeout_s=drain_bound(cfg) + 10)
+
+
 def _deploy_error() -> str | None:
-    """The first line of Serve's error once the application failed to deploy, else None."""
-    from ray import serve
+    """Serve's error once an application of the stack failed to deploy, else None."""
+    from ray.serve.context import _get_global_client
 
-    from serving.app import APP_NAME
-
-    app = serve.status().applications.get(APP_NAME)
-    if app is None or app.status != "DEPLOY_FAILED":
-        return None
-    msg = app.message or "deploy failed"
-    for d in app.deployments.values():
-        if d.status == "DEPLOY_FAILED" or "UNHEALTHY" in str(d.status):
-            msg = d.message or msg
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    # Serve's message carries the replica's traceback; its last line is the error itself.
-    return lines[-1] if lines else msg
+    apps = _get_global_client().get_serve_details().get("applications") or {}
+    failed = [f"{name}: {_first_error(app)}" for name, app in apps.items() if _value(app.get("status")) == "DEPLOY_FAILED"]
+    return "; ".join(failed) or None
 
 
 def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, deploy_failed=None) -> None:
@@ -167,50 +184,100 @@ def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> 
         f"\nKeel is ready on {url}  models: {', '.join(list(cfg.models) + list(cfg.experiments))}\n"
         f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
         f"{key_line}"
-        f"  Policy changes apply live: {apply}\n"
+        f"  Config changes apply live: {apply}  (--dry-run prints the plan first)\n"
         f"  (Ctrl-C stops Keel and Ray)\n"
     )
 
 
 def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool = False,
-                 timeout_s: float = 120.0) -> str:
-    """`keel apply`: hand a changed config to the running stack and wait until it is in force."""
+                 dry_run: bool = False, timeout_s: float | None = None, say=print) -> str:
+    """`keel apply`: change the running stack to what cfg asks, with the least disruption
+    (serving.plan): models scale in place, are added or replaced (surge-first) beside the others,
+    the gateways learn models and policy live, removed models drain. Returns the last line."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # A local `keel serve` cluster uses Ray's default token auth (~/.ray/auth_token); a client
     # joining it must send the token, which Ray only does with the mode set explicitly.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
-    from ray import serve
 
-    from serving.app import APP_NAME, deploy_schema, deployed_schema, submit
+    from serving.app import deployed_state, submit
+    from serving.plan import MODEL_APP_PREFIX, REMOVED, StackState, desired, make_plan, render
 
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         raise StartupError(f"no running Ray cluster at {address!r} ({e}); is `keel serve` running?") from None
     try:
-        current = deployed_schema()
+        try:
+            current = deployed_state()
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         if current is None:
             raise StartupError("no Keel stack is deployed on this Ray cluster; start one with `keel serve`")
-        new = deploy_schema(cfg)["applications"][0]
-        restart = current.get("args") != new["args"]
-        if restart and not allow_restart:
-            raise StartupError(
-                "this config also changes server/ray/models, which redeploys the stack and restarts "
-                "the engines; re-run with --restart to do that (policy-only changes apply live)")
-        submit(cfg)
-        deadline = time.monotonic() + timeout_s
-        time.sleep(1.0)  # the controller picks the new config up on its next loop
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(APP_NAME)
-            if app is not None and app.status == "RUNNING":
-                break
-            if app is not None and app.status == "DEPLOY_FAILED":
-                raise StartupError(f"the new config failed to deploy: {_deploy_error()}")
-            time.sleep(0.5)
-        else:
-            raise StartupError(f"the stack did not settle within {timeout_s:.0f}s; see `serve status`")
-        what = "stack redeployed" if restart else "policy applied live; engines untouched"
-        return f"keel: {what} ({len(cfg.tenants)} tenants, {len(cfg.experiments)} experiments)"
+        new = desired(cfg)
+        plan = make_plan(current, new)
+        if dry_run:
+            return "keel apply --dry-run: nothing is changed; the plan:\n" + render(plan)
+        if plan.restart and not allow_restart:
+            raise StartupError("this config changes `server:`, which restarts the gateways (requests in "
+                               "flight are drained, new ones refused meanwhile); re-run with --restart "
+                               "to do that. The plan:\n" + render(plan))
+        if plan.empty:
+            return "keel: nothing to change"
+        say("keel apply: the plan\n" + render(plan))
+        if timeout_s is None:
+            timeout_s = 120 + max(m.deployment.startup_timeout_s + m.deployment.drain_timeout_s
+                                  for m in cfg.models.values())
+        removed = {MODEL_APP_PREFIX + m.model for m in plan.models if m.kind == REMOVED}
+        if plan.changes_models and not plan.restart:
+            # First the models: added, replaced (Serve starts the new replicas before the old
+            # ones drain) and scaled, with the removed ones still serving and the gateways as
+            # they are; once ready, the gateways learn them.
+            say("keel apply: models ...")
+            submit(StackState(current.server, current.gateway, {**current.models, **new.models}))
+            _wait_settled(timeout_s)
+        say("keel apply: gateways" + (" and removed models ..." if removed else " ..."))
+        submit(new)
+        _wait_settled(timeout_s, gone=removed)
+        return "keel: applied" + (" (the gateways restarted)" if plan.restart else "; no request was refused for it")
     finally:
         ray.shutdown()
+
+
+def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
+    """Until every application runs with all deployments healthy and `gone` ones are deleted."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    start = time.monotonic()
+    said = start
+    time.sleep(1.5)  # the controller picks the new config up on its next loop (0.5 s)
+    while time.monotonic() - start < timeout_s:
+        apps = client.get_serve_details().get("applications") or {}
+        failed = [f"{name}: {_first_error(app)}" for name, app in apps.items() if _value(app.get("status")) == "DEPLOY_FAILED"]
+        if failed:
+            raise StartupError("the new config failed to deploy: " + "; ".join(failed))
+        waiting = [f"{name}: {d_name} {_value(d.get('status'))} ({', '.join(_value(r.get('state')) for r in d.get('replicas') or [])})"
+                   for name, app in apps.items() for d_name, d in (app.get("deployments") or {}).items()
+                   if _value(app.get("status")) != "RUNNING" or _value(d.get("status")) != "HEALTHY"]
+        waiting += [f"{name}: draining" for name in gone & set(apps)]
+        if not waiting:
+            return
+        if time.monotonic() - said >= 15:
+            print(f"keel apply: {time.monotonic() - start:.0f} s, waiting for {'; '.join(waiting)}", flush=True)
+            said = time.monotonic()
+        time.sleep(0.5)
+    raise StartupError(f"the stack did not settle within {timeout_s:.0f}s; see `serve status`")
+
+
+def _value(status) -> str:
+    return getattr(status, "value", status) or ""
+
+
+def _first_error(app: dict) -> str:
+    msg = app.get("message") or "deploy failed"
+    for d in (app.get("deployments") or {}).values():
+        if _value(d.get("status")) in ("DEPLOY_FAILED", "UNHEALTHY"):
+            msg = d.get("message") or msg
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    return lines[-1] if lines else msg

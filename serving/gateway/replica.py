@@ -10,8 +10,9 @@ import asyncio
 import json
 import logging
 import threading
+from pathlib import Path
 
-from serving.config import KeelConfig, load_manifest
+from serving.config import ServerConfig
 from serving.gateway.heap import freeze_long_lived
 from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
@@ -25,40 +26,33 @@ log = logging.getLogger("keel.gateway")
 WATCH_TIMEOUT_S = 30.0
 
 
-def model_infos(cfg: KeelConfig) -> dict[str, ModelInfo]:
-    """Each model's tokenizer (for quotas and max_prompt_tokens) and context length."""
-    infos = {}
-    for name, mc in cfg.models.items():
-        _, weights = load_manifest(cfg, mc.weights)
+def load_model_info(name: str, weights_path: str, max_model_len: int | None) -> ModelInfo:
+    """A model's tokenizer (for quotas and max_prompt_tokens) and context length."""
+    weights = Path(weights_path)
+    try:
+        counter = TokenCounter.from_model_dir(weights)
+    except Exception as e:  # the engine still serves; token limits then count output only
+        log.warning("model %s: no tokenizer in %s (%s); prompt tokens will not be counted", name, weights, e)
+        counter = None
+    if max_model_len is None:
         try:
-            counter = TokenCounter.from_model_dir(weights)
-        except Exception as e:  # the engine still serves; token limits then count output only
-            log.warning("model %s: no tokenizer in %s (%s); prompt tokens will not be counted", name, weights, e)
-            counter = None
-        max_len = mc.engine.get("max_model_len")
-        if max_len is None:
-            try:
-                max_len = json.loads((weights / "config.json").read_text()).get("max_position_embeddings")
-            except (OSError, ValueError):
-                max_len = None
-        infos[name] = ModelInfo(name, counter, max_len)
-    return infos
+            max_model_len = json.loads((weights / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError):
+            max_model_len = None
+    return ModelInfo(name, counter, max_model_len)
 
 
-def build_gateway(cfg: KeelConfig, engine_api_key: str | None = None) -> Gateway:
-    models = list(cfg.models)
-    s = cfg.server
+def build_gateway(server: ServerConfig, engine_api_key: str | None = None) -> Gateway:
+    """A gateway with no model yet: models and policy come with each reconfigure."""
     return Gateway(
-        GatewaySettings(host=s.host, port=s.port, limits=s.limits,
-                        connect_timeout_s=s.upstream_connect_timeout_s,
-                        metrics_port=s.metrics_port, metrics_host=s.metrics_host,
+        GatewaySettings(host=server.host, port=server.port, limits=server.limits,
+                        connect_timeout_s=server.upstream_connect_timeout_s,
+                        metrics_port=server.metrics_port, metrics_host=server.metrics_host,
                         # Only replicas of one stack share a port: a second stack started on a
                         # taken port must fail, not silently take half the traffic.
-                        reuse_port=s.gateway_replicas > 1, engine_api_key=engine_api_key),
-        models,
-        Pipeline(default_stages(models)),
-        model_info={m: {"max_model_len": c.engine.get("max_model_len")} for m, c in cfg.models.items()
-                    if c.engine.get("max_model_len")},
+                        reuse_port=server.gateway_replicas > 1, engine_api_key=engine_api_key),
+        [],
+        Pipeline(default_stages([])),
     )
 
 
@@ -106,28 +100,45 @@ class GatewayThread:
 
 
 class GatewayReplica:
-    """The gateway listens only once it has a policy: Serve calls `reconfigure` with the policy
-    (its user_config) right after construction, and again on every `keel apply`."""
+    """The gateway listens only once it has a policy: Serve calls `reconfigure` with its
+    user_config ({"policy": ..., "models": {name: {weights_path, max_model_len}}}) right after
+    construction, and again whenever `keel apply` changes the policy or the models."""
 
-    async def __init__(self, config: dict, registry, engine_api_key: str | None = None):
-        self.cfg = KeelConfig.model_validate(config)
+    async def __init__(self, server: dict, registry, engine_api_key: str | None = None):
+        self.settings = ServerConfig.model_validate(server)
         self.registry = registry
-        self.infos = model_infos(self.cfg)
-        self.server = GatewayThread(build_gateway(self.cfg, engine_api_key))
+        self.infos: dict[str, ModelInfo] = {}
+        self._loaded: dict[tuple, ModelInfo] = {}  # (name, weights, max_model_len) -> its info
+        self.server = GatewayThread(build_gateway(self.settings, engine_api_key))
         self.listening = False
         self._version = -1
         await self._refresh(timeout_s=0)
         self._poll = asyncio.get_running_loop().create_task(self._poll_loop())
 
     def reconfigure(self, user_config: dict) -> None:
-        policy = PolicyConfig.model_validate(user_config or {})
-        problems = check_policy_refs(policy, list(self.cfg.models))
+        user_config = user_config or {}
+        unknown = set(user_config) - {"policy", "models"}
+        if unknown:
+            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} (policy, models)")
+        policy = PolicyConfig.model_validate(user_config.get("policy") or {})
+        models = user_config.get("models") or {}
+        problems = check_policy_refs(policy, list(models))
         if problems:
             raise ValueError("invalid policy: " + "; ".join(problems))
+        infos = {}
+        for name, m in models.items():  # a tokenizer is loaded once per model and weights
+            key = (name, m["weights_path"], m.get("max_model_len"))
+            if key not in self._loaded:
+                self._loaded[key] = load_model_info(name, m["weights_path"], m.get("max_model_len"))
+            infos[name] = self._loaded[key]
+        self._loaded = {k: v for k, v in self._loaded.items() if infos.get(k[0]) is v}
+        self.infos = infos
         gw = self.server.gateway
+        model_info = {n: {"max_model_len": m["max_model_len"]} for n, m in models.items() if m.get("max_model_len")}
 
         def swap():
-            gw.set_policy(PolicyRuntime(policy, self.infos, gw.metrics, previous=gw.runtime))
+            gw.set_models(list(models), model_info)
+            gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime))
             return gw.runtime.version
 
         version = self.server.call(swap)
@@ -135,8 +146,9 @@ class GatewayReplica:
         if not self.listening:
             self.server.listen()
             self.listening = True
-            log.info("gateway listening on %s:%s", self.cfg.server.host, self.cfg.server.port)
-        log.info("gateway policy %s in force (%d tenants)", version, len(policy.tenants))
+            log.info("gateway listening on %s:%s", self.settings.host, self.settings.port)
+        log.info("gateway policy %s in force (%d tenants, models: %s)", version, len(policy.tenants),
+                 ", ".join(models))
 
     async def _refresh(self, timeout_s: float = WATCH_TIMEOUT_S) -> None:
         self._version, snapshot = await self.registry.watch.remote(self._version, timeout_s)
@@ -155,7 +167,21 @@ class GatewayReplica:
         if not self.server.alive():
             raise RuntimeError("gateway server thread died")
 
+    async def drain_and_stop(self) -> None:
+        """Stop accepting; the requests being relayed finish (up to server.drain_timeout_s)."""
+        server = getattr(self, "server", None)
+        if server is not None and server.alive():
+            left = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                server.gateway.drain(self.settings.drain_timeout_s), server.loop))
+            if left:
+                log.warning("gateway stopping with %d requests still in flight after %gs", left,
+                            self.settings.drain_timeout_s)
+        self.close()
+
     def __del__(self):
+        self.close()
+
+    def close(self) -> None:
         poll = getattr(self, "_poll", None)
         if poll is not None:
             poll.cancel()

@@ -15,6 +15,7 @@ ASGI app turns every chunk into a message and an `await`, the per-chunk cost we 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -144,6 +145,27 @@ class Gateway:
                     log.warning("request %s: the engine sent nothing for %gs; ending it", up.ctx.request_id, timeout)
                     del self._relays[up]
                     up.give_up(timeout)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting connections; wait up to timeout_s for the requests in flight to
+        finish. Returns how many were still in flight."""
+        for server in self._servers:
+            server.close()  # the listening sockets only: open connections carry on
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.requests_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        return self.requests_in_flight
+
+    def set_models(self, models: list[str], model_info: dict[str, dict]) -> None:
+        """The models this gateway routes to (each `keel apply` that adds or removes one)."""
+        for gone in set(self.models) - set(models):
+            with contextlib.suppress(KeyError):
+                self.metrics.endpoints.remove(gone)
+        self.models = list(models)
+        self.model_info = dict(model_info)
+        for model in self.models:
+            self.metrics.endpoints.labels(model).set(self.pool.count(model))
 
     def update_endpoints(self, snapshot: dict[str, list[dict]]) -> None:
         self.pool.update(snapshot)

@@ -46,13 +46,14 @@ def replica_launch(cfg, monkeypatch, environ: dict | None = None) -> tuple[list[
     with warnings.catch_warnings():  # Ray Serve's config models warn on import (pydantic)
         warnings.simplefilter("ignore", DeprecationWarning)
         from serving.app import engine_spec
+    from serving.plan import desired
 
     if environ is not None:
         monkeypatch.setattr(os, "environ", environ)
     seen = {}
     monkeypatch.setattr(replica_mod.subprocess, "Popen", lambda cmd, env, **kw: seen.update(cmd=cmd, env=env))
     r = replica_mod.EngineReplica.__new__(replica_mod.EngineReplica)
-    r.spec, r.port, r.engine_tree = engine_spec(cfg, "demo"), 18555, "tree"
+    r.spec, r.port, r.engine_tree = engine_spec(desired(cfg).models["demo"].args), 18555, "tree"
     r._start_engine()
     return seen["cmd"], seen["env"]
 

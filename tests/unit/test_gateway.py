@@ -343,3 +343,63 @@ def test_expect_100_continue_is_answered_at_once():
     interim, final = run(go())
     assert interim.startswith(b"HTTP/1.1 100 Continue")
     assert final.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_draining_gateway_refuses_new_connections_and_finishes_its_streams():
+    async def go():
+        engine = FakeEngine(chunks=20, delay=0.05)  # about a second of answer
+        gw, url = await start_gateway(engine)
+        async with httpx.AsyncClient(base_url=url) as c:
+            in_flight = asyncio.ensure_future(c.post("/v1/chat/completions", json=CHAT))
+            while gw.requests_in_flight == 0:
+                await asyncio.sleep(0.01)
+            drained = asyncio.ensure_future(gw.drain(30))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.ConnectError):  # a new client: the port no longer listens
+                async with httpx.AsyncClient(base_url=url) as fresh:
+                    await fresh.get("/health")
+            r = await in_flight
+            left = await drained
+        await gw.stop(); await engine.stop()
+        return r, left
+
+    r, left = run(go())
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")  # the stream ran to its end
+    assert left == 0
+
+
+def test_the_drain_gives_up_after_its_timeout():
+    async def go():
+        engine = FakeEngine(chunks=200, delay=0.05)  # ten seconds of answer
+        gw, url = await start_gateway(engine)
+        async with httpx.AsyncClient(base_url=url) as c:
+            in_flight = asyncio.ensure_future(c.post("/v1/chat/completions", json=CHAT))
+            while gw.requests_in_flight == 0:
+                await asyncio.sleep(0.01)
+            left = await gw.drain(0.3)
+            in_flight.cancel()
+        await gw.stop(); await engine.stop()
+        return left
+
+    assert run(go()) == 1
+
+
+def test_models_change_live_on_the_gateway():
+    async def go():
+        engine = FakeEngine()
+        gw, url = await start_gateway(engine, models=("demo",))
+        async with httpx.AsyncClient(base_url=url) as c:
+            gw.set_models(["demo", "demo-b"], {"demo-b": {"max_model_len": 256}})
+            listed = (await c.get("/v1/models")).json()
+            gw.set_models(["demo-b"], {})
+            after = (await c.get("/v1/models")).json()
+        await gw.stop(); await engine.stop()
+        return listed, after, gw.metrics
+
+    listed, after, metrics = run(go())
+    assert [m["id"] for m in listed["data"]] == ["demo", "demo-b"]
+    assert {m["id"]: m.get("max_model_len") for m in listed["data"]}["demo-b"] == 256
+    assert [m["id"] for m in after["data"]] == ["demo-b"]
+    # The removed model's endpoint gauge goes with it, not frozen at its last value.
+    gauged = {tuple(s.labels.values()) for m in metrics.endpoints.collect() for s in m.samples}
+    assert gauged == {("demo-b",)}

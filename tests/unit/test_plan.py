@@ -1,0 +1,136 @@
+"""`keel apply`'s plan: what each config change does to each model, and what Serve is given."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serving.config import REPO_ROOT, parse_config
+from serving.plan import (
+    ADDED, CONTROL_APP, MODEL_APP_PREFIX, REMOVED, REPLACED, SCALED, UNCHANGED, desired, from_serve,
+    make_plan, render, schema,
+)
+
+
+def raw() -> dict:
+    return yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
+
+
+def state(doc: dict):
+    return desired(parse_config(doc, check_engine_args=False))
+
+
+def plan_for(change) -> tuple:
+    before = raw()
+    after = copy.deepcopy(before)
+    change(after)
+    p = make_plan(state(before), state(after))
+    return p, {m.model: m for m in p.models}
+
+
+def test_the_same_config_changes_nothing():
+    p, models = plan_for(lambda c: None)
+    assert p.empty and models["demo"].kind == UNCHANGED
+    assert render(p) == "  demo  unchanged"
+
+
+def test_autoscaling_is_a_scale_change_not_a_restart():
+    def change(c):
+        c["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    p, models = plan_for(change)
+    assert models["demo"].kind == SCALED
+    assert any(line.startswith("autoscaling") for line in models["demo"].changes)
+    assert not p.restart and not p.gateway
+
+
+@pytest.mark.parametrize("key, value", [("drain_timeout_s", 5), ("health_check_period_s", 3),
+                                        ("num_replicas", 2), ("max_surge_percent", 0)])
+def test_live_deployment_options_scale_in_place(key, value):
+    p, models = plan_for(lambda c: c["models"]["demo"]["deployment"].update({key: value}))
+    assert models["demo"].kind == SCALED, models["demo"]
+    assert any(line.startswith(key) for line in models["demo"].changes), models["demo"].changes
+
+
+@pytest.mark.parametrize("change, names", [
+    (lambda m: m["engine"].update(max_model_len=256), "engine.max_model_len: 512 -> 256"),
+    (lambda m: m["env"].update(VLLM_CPU_KVCACHE_SPACE="2"), 'env.VLLM_CPU_KVCACHE_SPACE: "1" -> "2"'),
+    (lambda m: m["deployment"].update(num_cpus=2), "ray_actor_options.num_cpus: 1.0 -> 2.0"),
+])
+def test_engine_arguments_env_and_resources_replace_only_that_model(change, names):
+    before = raw()
+    before["models"]["demo-b"] = copy.deepcopy(before["models"]["demo"])
+    after = copy.deepcopy(before)
+    change(after["models"]["demo"])
+    p = make_plan(state(before), state(after))
+    models = {m.model: m for m in p.models}
+    assert models["demo"].kind == REPLACED and names in models["demo"].changes
+    assert "surge-first" in models["demo"].note
+    assert models["demo-b"].kind == UNCHANGED
+
+
+def test_replacing_without_surge_says_capacity_dips():
+    before = raw()
+    before["models"]["demo"]["deployment"].update(max_surge_percent=0, num_replicas=2)
+    after = copy.deepcopy(before)
+    after["models"]["demo"]["engine"]["max_model_len"] = 256
+    (m,) = make_plan(state(before), state(after)).models
+    assert m.kind == REPLACED and "capacity dips by 1 of 2" in m.note
+
+
+def test_adding_and_removing_models():
+    def add(c):
+        c["models"]["demo-b"] = copy.deepcopy(c["models"]["demo"])
+    p, models = plan_for(add)
+    assert models["demo-b"].kind == ADDED and models["demo"].kind == UNCHANGED
+    assert p.gateway == ("models the gateways route to: demo, demo-b",)
+
+    before = raw()
+    add(before)
+    p = make_plan(state(before), state(raw()))
+    models = {m.model: m for m in p.models}
+    assert models["demo-b"].kind == REMOVED and "drain" in models["demo-b"].note
+    assert models["demo"].kind == UNCHANGED
+
+
+def test_a_policy_change_is_live_and_names_sections_not_values():
+    p, models = plan_for(lambda c: c["tenants"]["demo"]["quotas"].update(requests_per_minute=5))
+    assert models["demo"].kind == UNCHANGED and not p.restart
+    assert p.gateway == ("policy: tenants changed",)
+    assert "sha256" not in render(p)
+
+
+def test_a_server_change_needs_a_restart():
+    p, _ = plan_for(lambda c: c["server"].update(port=8123))
+    assert p.restart == ("server.port: 8000 -> 8123",)
+    assert "needs --restart" in render(p)
+
+
+def test_the_schema_is_valid_for_serve_and_reads_back_as_the_same_state():
+    s = state(raw())
+    doc = schema(s)
+    ServeDeploySchema.model_validate(doc)  # what submit() hands Serve
+    names = [a["name"] for a in doc["applications"]]
+    assert names == [CONTROL_APP, MODEL_APP_PREFIX + "demo"]
+    # What Serve reports back (get_serve_details) is what was deployed: no plan against itself.
+    details = {"applications": {a["name"]: {"deployed_app_config": a} for a in doc["applications"]}}
+    assert make_plan(from_serve(details), s).empty
+
+
+def test_every_engine_deployment_scales_on_keels_policy():
+    # A fixed count is autoscaling between equal bounds: Ray's default policy would count only
+    # requests Ray routed (none) and scale a model down.
+    overrides = state(raw()).models["demo"].overrides
+    a = overrides["autoscaling_config"]
+    assert a["policy"]["policy_function"] == "serving.autoscaling:engine_load_policy"
+    assert a["min_replicas"] == a["max_replicas"] == 1
+    assert overrides["graceful_shutdown_timeout_s"] > overrides["user_config"]["drain_timeout_s"]
+
+
+def test_a_stack_deployed_by_an_older_keel_is_named():
+    old = {"applications": {"keel": {"deployed_app_config": {"args": {"stack": {}}}}}}
+    with pytest.raises(ValueError, match="older Keel"):
+        from_serve(old)
+    assert from_serve({"applications": {}}) is None
