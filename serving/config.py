@@ -127,7 +127,8 @@ class DeploymentConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    weights: str = Field(description="Name of a model manifest under models/ (models/NAME/manifest.yaml).")
+    weights: str = Field(description="Registered weights: NAME@VERSION (`keel models register`), NAME "
+                         "(its newest version not retired), or a plain manifest models/NAME/manifest.yaml.")
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments (the `vllm serve` flags, snake_case), validated by vLLM.",
@@ -250,19 +251,12 @@ def models_dir(cfg: KeelConfig) -> Path:
 
 
 def load_manifest(cfg: KeelConfig, name: str) -> tuple[ModelManifest, Path]:
-    """Return the manifest of registered weights NAME and the directory the weights live in."""
-    base = models_dir(cfg)
-    file = base / name / "manifest.yaml"
-    if not file.is_file():
-        known = sorted(p.parent.name for p in base.glob("*/manifest.yaml"))
-        raise ConfigError(f"no model manifest {file}; registered: {', '.join(known) or 'none'}")
-    try:
-        manifest = ModelManifest.model_validate(yaml.safe_load(file.read_text()))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(file), ModelManifest)) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: not valid YAML: {e}") from None
-    return manifest, manifest.resolved_path(file.parent)
+    """The manifest that `weights: NAME` or `NAME@VERSION` names, and the weights directory."""
+    # Imported here: the registry reads this module's ModelManifest and ConfigError.
+    from serving.model_registry.resolve import resolve_weights
+
+    resolved = resolve_weights(cfg, name)
+    return resolved.manifest, resolved.path
 
 
 def config_json_schema() -> dict:
