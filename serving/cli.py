@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("models", help="registered weights")
     msub = p.add_subparsers(dest="models_cmd", required=True)
-    msub.add_parser("list", help="list model manifests under models/")
+    from serving.model_registry.cli import add_parsers as add_registry_parsers
+
+    add_registry_parsers(msub)  # register, list, show, verify, retire
     b = msub.add_parser("build", help="build weights Keel can make (the demo model)")
     b.add_argument("name", nargs="?", default="demo-tiny")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -138,19 +140,17 @@ def _run(args) -> int:
             print(text)
         return 0
     if args.cmd == "models":
-        from serving.models import ensure_weights, list_manifests
+        from serving.model_registry import cli as registry_cli
+        from serving.models import ensure_weights
 
+        if args.models_cmd in registry_cli.COMMANDS:
+            return registry_cli.run(args)
         if args.models_cmd == "ensure":
             cfg = load_config(args.config, check_engine_args=False)
             for mc in cfg.models.values():
                 print(ensure_weights(cfg, mc.weights))
             return 0
         cfg = KeelConfig.model_construct(models={}, models_dir=None)
-        if args.models_cmd == "list":
-            for manifest, path in list_manifests(cfg):
-                state = "present" if (path / "config.json").is_file() else "missing"
-                print(f"{manifest.name:20} {state:8} {path}  {manifest.description}")
-            return 0
         print(ensure_weights(cfg, args.name, rebuild=args.force))
         return 0
     if args.cmd == "keys":
