@@ -268,3 +268,29 @@ def test_retire_of_an_unknown_version_lists_the_known_ones(models_base, model_di
     register_version(models_base, "m", "1", model_dir)
     with pytest.raises(RegistrationError, match=r"m@2 is not registered \(versions of m: 1\)"):
         retire_version(models_base, "m", "2")
+
+
+def test_bad_model_name_is_refused_before_any_file_is_written(models_base, model_dir):
+    with pytest.raises(RegistrationError, match=r"model name '\.\./evil'"):
+        register_version(models_base, "../evil", "1", model_dir)
+    assert list(models_base.iterdir()) == [] and not (models_base.parent / "evil").exists()
+
+
+def test_a_version_registered_meanwhile_is_compared_not_overwritten(models_base, model_dir, monkeypatch):
+    from serving.model_registry import store
+
+    theirs, _ = register_version(models_base, "m", "1", model_dir)
+    written = theirs.file.read_bytes()
+    edit_json(model_dir / "generation_config.json", temperature=0.1)
+    real = store.read_version
+    calls = []
+
+    def not_yet_on_first_look(*args):  # the race: our look happens before their write lands
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(store, "read_version", not_yet_on_first_look)
+    with pytest.raises(RegistrationError, match="already registered with other bytes"):
+        register_version(models_base, "m", "1", model_dir)
+    assert theirs.file.read_bytes() == written
+    assert [p.name for p in theirs.file.parent.iterdir()] == ["1.yaml"]  # no temporary left behind
