@@ -16,6 +16,7 @@ def estimate_memory(facts: ModelFacts, *, gpu_memory_gib: float | None = None,
                     gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION) -> MemoryEstimate:
     """The weights' bytes on the GPUs at vLLM's `dtype: auto`; refused if they do not fit a
     GPU of gpu_memory_gib (when given) with the rest of the budget left for the KV cache."""
+    check_gpu_args(gpu_memory_gib, tensor_parallel_size, gpu_memory_utilization)
     weights = facts.parameter_bytes
     served = "as stored"
     if (facts.config_dtype or "").lower() == "float32" and facts.dtypes.get("F32"):
@@ -37,6 +38,17 @@ def estimate_memory(facts: ModelFacts, *, gpu_memory_gib: float | None = None,
     return estimate.model_copy(update={
         "gpu_memory_gib": gpu_memory_gib, "gpu_memory_utilization": gpu_memory_utilization,
         "headroom_bytes_per_gpu": budget - per_gpu})
+
+
+def check_gpu_args(gpu_memory_gib: float | None, tensor_parallel_size: int,
+                   gpu_memory_utilization: float) -> None:
+    """Refuse nonsense before the slow checks run."""
+    if tensor_parallel_size < 1:
+        raise RegistrationError(f"tensor parallel size must be at least 1, got {tensor_parallel_size}")
+    if gpu_memory_gib is not None and not gpu_memory_gib > 0:
+        raise RegistrationError(f"GPU memory must be more than 0 GiB, got {gpu_memory_gib:g}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise RegistrationError(f"GPU memory utilization must be in (0, 1], got {gpu_memory_utilization:g}")
 
 
 def format_bytes(n: int) -> str:

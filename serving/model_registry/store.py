@@ -22,7 +22,9 @@ from serving.config import ConfigError, format_validation_error
 from serving.model_registry.manifest import (
     NAME_PATTERN, RegistrationError, RetiredMark, VersionManifest, check_name, files_digest,
 )
-from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, estimate_memory
+from serving.model_registry.memory import (
+    VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, check_gpu_args, estimate_memory,
+)
 from serving.model_registry.validate import ModelFacts, hash_files, inspect_model_dir
 
 MANIFEST_HEADER = ("# Written by `keel models register`; never edit it (immutable: `keel models verify`\n"
@@ -91,6 +93,7 @@ def register_version(base: Path, name: str, version: str, path: str | Path, *, c
     written unless every check passes; the same version with other bytes is refused."""
     check_name("model name", name)
     check_name("version", version)
+    check_gpu_args(gpu_memory_gib, tensor_parallel_size, gpu_memory_utilization)
     facts = inspect_model_dir(path, chat=chat, progress=progress)
     memory = estimate_memory(facts, gpu_memory_gib=gpu_memory_gib, tensor_parallel_size=tensor_parallel_size,
                              gpu_memory_utilization=gpu_memory_utilization)

@@ -103,3 +103,14 @@ def test_cli_list_shows_plain_manifests_beside_versions(capsys, models_base, two
     code, out, _ = keel(capsys, "list", "--models-dir", str(models_base))
     names = [line.split()[:3] for line in out.splitlines()[1:4]]
     assert names == [["m", "1", "registered"], ["m", "2*", "registered"], ["p", "-", "present"]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tensor-parallel-size", "0"], "tensor parallel size must be at least 1"),
+    (["--gpu-memory-gib", "-1"], "GPU memory must be more than 0 GiB"),
+    (["--gpu-memory-utilization", "1.5"], "GPU memory utilization must be in (0, 1]"),
+])
+def test_cli_nonsense_memory_flags_exit_1(capsys, models_base, model_dir, flags, message):
+    code, _, err = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
+                        "--models-dir", str(models_base), *flags)
+    assert code == 1 and message in err and list(models_base.iterdir()) == []
