@@ -32,8 +32,8 @@ def resolve_weights(cfg: KeelConfig, ref: str) -> ResolvedWeights:
     """Resolve a `weights:` value; ConfigError says what is registered when it cannot."""
     base = models_dir(cfg)
     name, at, version = ref.partition("@")
-    for what, value in (("model name", name), ("version", version) if at else ("", "")):
-        if what and not NAME_PATTERN.fullmatch(value):
+    for what, value in [("model name", name)] + ([("version", version)] if at else []):
+        if not NAME_PATTERN.fullmatch(value):
             raise ConfigError(f"{ref!r}: the {what} must be letters, digits, '.', '_' or '-' "
                               "(NAME or NAME@VERSION)")
     versions = list_versions(base, name)
