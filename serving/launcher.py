@@ -214,6 +214,9 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
             raise StartupError(str(e)) from None
         if current is None:
             raise StartupError("no Keel stack is deployed on this Ray cluster; start one with `keel serve`")
+        if not dry_run:
+            for mc in cfg.models.values():  # weights present (the demo model built) before any engine starts
+                ensure_weights(cfg, mc.weights)
         new = desired(cfg)
         plan = make_plan(current, new)
         if dry_run:
@@ -251,16 +254,20 @@ def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
     client = _get_global_client()
     start = time.monotonic()
     said = start
-    time.sleep(1.5)  # the controller picks the new config up on its next loop (0.5 s)
+    time.sleep(2.0)  # the controller picks the new config up within a few loops (0.5 s each)
     while time.monotonic() - start < timeout_s:
         apps = client.get_serve_details().get("applications") or {}
         failed = [f"{name}: {_first_error(app)}" for name, app in apps.items() if _value(app.get("status")) == "DEPLOY_FAILED"]
         if failed:
             raise StartupError("the new config failed to deploy: " + "; ".join(failed))
-        waiting = [f"{name}: {d_name} {_value(d.get('status'))} ({', '.join(_value(r.get('state')) for r in d.get('replicas') or [])})"
-                   for name, app in apps.items() for d_name, d in (app.get("deployments") or {}).items()
-                   if _value(app.get("status")) != "RUNNING" or _value(d.get("status")) != "HEALTHY"]
-        waiting += [f"{name}: draining" for name in gone & set(apps)]
+        waiting = []
+        for name, app in apps.items():
+            unhealthy = [f"{d_name} {_value(d.get('status'))} ({', '.join(_value(r.get('state')) for r in d.get('replicas') or [])})"
+                         for d_name, d in (app.get("deployments") or {}).items() if _value(d.get("status")) != "HEALTHY"]
+            if name in gone:
+                waiting.append(f"{name} draining")
+            elif _value(app.get("status")) != "RUNNING" or unhealthy:  # building: no deployments yet
+                waiting.append(f"{name} {_value(app.get('status'))}" + (f": {', '.join(unhealthy)}" if unhealthy else ""))
         if not waiting:
             return
         if time.monotonic() - said >= 15:

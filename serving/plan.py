@@ -67,11 +67,12 @@ class StackState:
 
 def desired(cfg) -> StackState:
     """The state a config asks for (cfg: serving.config.KeelConfig)."""
-    from serving.config import load_manifest
+    from serving.model_registry.resolve import resolve_weights
 
     models, gateway_models = {}, {}
     for name, mc in cfg.models.items():
-        _, weights = load_manifest(cfg, mc.weights)
+        resolved = resolve_weights(cfg, mc.weights)
+        weights = resolved.path
         d = mc.deployment
         actor = {"num_cpus": d.num_cpus}
         if d.num_gpus:
@@ -79,7 +80,9 @@ def desired(cfg) -> StackState:
         if d.resources:
             actor["resources"] = dict(d.resources)
         engine = mc.model_dump(mode="json")["engine"]
-        args = {"model": name, "weights": mc.weights, "weights_path": str(weights), "engine": engine,
+        # NAME@VERSION (immutable), so registering a newer version `weights: NAME` means is a
+        # replacement the plan names, as is a plain manifest moved to another path.
+        args = {"model": name, "weights": resolved.identity, "weights_path": str(weights), "engine": engine,
                 "env": dict(mc.env), "engine_host": cfg.server.engine_host,
                 "startup_timeout_s": d.startup_timeout_s, "ray_actor_options": actor}
         models[name] = ModelState(args, model_overrides(name, d))
@@ -181,8 +184,8 @@ def make_plan(current: StackState, new: StackState) -> Plan:
             changes.append(ModelChange(name, REMOVED, note="leaves the gateways, then its replicas drain "
                                        f"(up to {old.overrides.get('user_config', {}).get('drain_timeout_s')} s) and stop"))
         elif old.args != now.args:
-            changes.append(ModelChange(name, REPLACED, _diff(old.args, now.args, skip={"weights_path"}) or
-                                       ("weights: same name, new files",), _replace_note(now)))
+            changes.append(ModelChange(name, REPLACED, _diff(old.args, now.args, skip={"weights_path"}),
+                                       _replace_note(now)))
         elif old.overrides != now.overrides:
             changes.append(ModelChange(name, SCALED, _diff(_readable(old.overrides), _readable(now.overrides)),
                                        "applied to running replicas; no engine restarts"))
