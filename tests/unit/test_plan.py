@@ -9,6 +9,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serving.config import REPO_ROOT, parse_config
+from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
+    demo_weights, model_dir, models_base,
+)
 from serving.plan import (
     ADDED, CONTROL_APP, MODEL_APP_PREFIX, REMOVED, REPLACED, SCALED, UNCHANGED, desired, from_serve,
     make_plan, render, schema,
@@ -134,3 +137,21 @@ def test_a_stack_deployed_by_an_older_keel_is_named():
     with pytest.raises(ValueError, match="older Keel"):
         from_serve(old)
     assert from_serve({"applications": {}}) is None
+
+
+def test_a_newer_registered_version_replaces_what_plain_name_serves(models_base, model_dir, tmp_path):
+    from serving.model_registry.store import register_version
+    from tests.unit.model_registry_fixtures import copy_model, edit_json
+
+    register_version(models_base, "m", "1", model_dir)
+    doc = raw()
+    doc["models_dir"] = str(models_base)
+    doc["models"]["demo"]["weights"] = "m"  # the newest registered version
+    before = state(doc)
+    v2 = copy_model(model_dir, tmp_path / "weights-2")
+    edit_json(v2 / "generation_config.json", temperature=0.7)
+    register_version(models_base, "m", "2", v2)
+    (m,) = make_plan(before, state(doc)).models
+    assert m.kind == REPLACED and m.changes == ("weights: \"m@1\" -> \"m@2\"",)
+    pinned = dict(doc, models={"demo": dict(doc["models"]["demo"], weights="m@1")})
+    assert make_plan(before, state(pinned)).models[0].kind == UNCHANGED
