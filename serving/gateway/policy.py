@@ -59,10 +59,12 @@ class ModelInfo:
 
 class PolicyRuntime:
     def __init__(self, policy: PolicyConfig, models: dict[str, ModelInfo], metrics,
-                 previous: "PolicyRuntime | None" = None):
+                 previous: "PolicyRuntime | None" = None, rollouts: dict | None = None):
         self.policy = policy
         self.version = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:12]
-        self.models = models
+        self.models = models  # candidates of rollouts included: their tokenizers count their prompts
+        # model -> (candidate, percent): serving.rollout; a candidate is never a public name
+        self.rollouts = {m: (s.candidate, s.percent) for m, s in (rollouts or {}).items()}
         self.metrics = metrics
         self.tenants = policy.tenants
         self.open = not policy.tenants
@@ -70,7 +72,8 @@ class PolicyRuntime:
         self.key_quotas = {(t, k.id): k.quotas for t, tc in policy.tenants.items() for k in tc.keys if k.quotas}
         self.input_guards = {n: InputGuard(g.input) for n, g in policy.guardrails.items()}
         self.output_guards = {n: OutputGuard(g.output) for n, g in policy.guardrails.items()}
-        self.public = set(models) | set(policy.experiments)
+        candidates = {c for c, _ in self.rollouts.values()}
+        self.public = (set(models) - candidates) | set(policy.experiments)
         self.allowed = {t: allowed_models(tc, self.public) for t, tc in policy.tenants.items()}
         # State that outlives a reload: kept when its config did not change.
         if previous is not None and previous.policy.quotas == policy.quotas:
@@ -242,6 +245,9 @@ class Route(_PolicyStage):
         else:
             user = payload.get("user") or ctx.headers.get(exp.user_header) or ctx.key_id or "anonymous"
             ctx.target = ctx.variant = assign_variant(model, ctx.tenant or OPEN_TENANT, str(user), exp.variants)
+        split = rt.rollouts.get(ctx.target)
+        if split is not None:
+            self._split(ctx, split)
         if exp is not None:
             if exp.shadow is not None and exp.shadow.variant != ctx.target \
                     and shadow_selected(model, ctx.request_id, exp.shadow.percent):
@@ -249,6 +255,24 @@ class Route(_PolicyStage):
             payload["model"] = ctx.target  # the engine serves the variant under its own name
             ctx.payload_changed = True
         ctx.response_headers[VARIANT_HEADER] = ctx.variant
+
+    def _split(self, ctx: RequestContext, split: tuple[str, float]) -> None:
+        """A rollout in progress: its share of users goes to the candidate, the same users at every
+        step as the share grows (rendezvous hashing moves users only towards the candidate). A
+        request that names no user (`user` field, x-keel-user) is split by itself: sticky by key
+        would move a whole application at once."""
+        candidate, percent = split
+        user = (ctx.payload or {}).get("user") or ctx.headers.get(ROLLOUT_USER_HEADER)
+        who = f"user:{user}" if user else f"request:{ctx.request_id}"
+        baseline = ctx.target
+        if assign_variant(f"rollout:{baseline}", ctx.tenant or OPEN_TENANT, who,
+                          {baseline: 100.0 - percent, candidate: percent}) == candidate:
+            ctx.target = ctx.variant = candidate
+            ctx.payload["model"] = candidate  # the candidate's engines serve under that name
+            ctx.payload_changed = True
+
+
+ROLLOUT_USER_HEADER = "x-keel-user"
 
 
 def allowed_models(tenant: TenantConfig, public: set[str]) -> set[str]:

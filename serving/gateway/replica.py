@@ -19,6 +19,7 @@ from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
 from serving.policy.config import PolicyConfig, check_policy_refs
 from serving.policy.tokens import TokenCounter
+from serving.rollout.spec import TrafficSplit, check_splits
 from serving.priority import run_at_normal_priority
 
 log = logging.getLogger("keel.gateway")
@@ -117,12 +118,13 @@ class GatewayReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         user_config = user_config or {}
-        unknown = set(user_config) - {"policy", "models"}
+        unknown = set(user_config) - {"policy", "models", "rollouts"}
         if unknown:
-            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} (policy, models)")
+            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} (policy, models, rollouts)")
         policy = PolicyConfig.model_validate(user_config.get("policy") or {})
         models = user_config.get("models") or {}
-        problems = check_policy_refs(policy, list(models))
+        rollouts = {m: TrafficSplit.model_validate(s) for m, s in (user_config.get("rollouts") or {}).items()}
+        problems = check_policy_refs(policy, list(models)) + check_splits(rollouts, list(models))
         if problems:
             raise ValueError("invalid policy: " + "; ".join(problems))
         infos = {}
@@ -131,6 +133,12 @@ class GatewayReplica:
             if key not in self._loaded:
                 self._loaded[key] = load_model_info(name, m["weights_path"], m.get("max_model_len"))
             infos[name] = self._loaded[key]
+        for name, s in rollouts.items():  # a candidate: routed to, never listed
+            base = models[name]
+            key = (s.candidate, s.weights_path or base["weights_path"], s.max_model_len)
+            if key not in self._loaded:
+                self._loaded[key] = load_model_info(s.candidate, key[1], s.max_model_len)
+            infos[s.candidate] = self._loaded[key]
         self._loaded = {k: v for k, v in self._loaded.items() if infos.get(k[0]) is v}
         self.infos = infos
         gw = self.server.gateway
@@ -138,7 +146,7 @@ class GatewayReplica:
 
         def swap():
             gw.set_models(list(models), model_info)
-            gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime))
+            gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime, rollouts=rollouts))
             return gw.runtime.version
 
         version = self.server.call(swap)

@@ -90,3 +90,22 @@ class RolloutSpec(RolloutDefaults):
         if not v or any(c.isspace() for c in v):
             raise ValueError(f"{v!r} must be non-empty with no whitespace")
         return v
+
+
+class TrafficSplit(Strict):
+    """One model's rollout as the gateways see it: the gateway user_config's `rollouts.MODEL`."""
+
+    candidate: str = Field(description="The internal model name the candidate's engines serve under.")
+    percent: float = Field(ge=0, le=100, description="The candidate's share of the model's users.")
+    weights_path: str | None = Field(None, description="The candidate's weights (its tokenizer counts prompts).")
+    max_model_len: int | None = None
+
+
+def check_splits(splits: dict[str, TrafficSplit], models: list[str]) -> list[str]:
+    problems = []
+    for model, s in splits.items():
+        if model not in models:
+            problems.append(f"rollouts.{model}: no such model; configured: {', '.join(models)}")
+        if s.candidate in models:
+            problems.append(f"rollouts.{model}.candidate: `{s.candidate}` is a public model name")
+    return problems
