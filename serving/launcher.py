@@ -201,7 +201,7 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
     import ray
 
     from serving.app import deployed_state, submit
-    from serving.plan import MODEL_APP_PREFIX, REMOVED, StackState, desired, make_plan, render
+    from serving.plan import MODEL_APP_PREFIX, REMOVED, StackState, desired, keep_rollouts, make_plan, render
 
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -217,7 +217,7 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
         if not dry_run:
             for mc in cfg.models.values():  # weights present (the demo model built) before any engine starts
                 ensure_weights(cfg, mc.weights)
-        new = desired(cfg)
+        new = keep_rollouts(current, desired(cfg))  # a rollout in progress is not the config's to undo
         plan = make_plan(current, new)
         if dry_run:
             return "keel apply --dry-run: nothing is changed; the plan:\n" + render(plan)

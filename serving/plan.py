@@ -147,6 +147,69 @@ def from_serve(details: dict) -> StackState | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# A rollout in progress (serving.rollout): a candidate application beside the model's, and the
+# gateways' split of the model's users between them
+
+
+CANDIDATE_SUFFIX = "@candidate"
+
+
+def candidate_name(model: str) -> str:
+    """The internal name a model's rollout candidate is served under: never a public name."""
+    return model + CANDIDATE_SUFFIX
+
+
+def candidate_state(base: ModelState, model: str, weights: str, weights_path: str) -> ModelState:
+    """The candidate of `model`: its running engine arguments, env and scale, other weights."""
+    name = candidate_name(model)
+    return ModelState({**base.args, "model": name, "weights": weights, "weights_path": weights_path},
+                      {**base.overrides, "name": engine_deployment_name(name)})
+
+
+def with_rollout(state: StackState, model: str, candidate: ModelState, percent: float) -> StackState:
+    """`state` with the candidate deployed and getting `percent` of the model's users."""
+    name = candidate.args["model"]
+    base = state.gateway.get("models", {}).get(model) or {}
+    split = {"candidate": name, "percent": percent, "weights_path": candidate.args.get("weights_path"),
+             "max_model_len": base.get("max_model_len")}
+    gateway = {**state.gateway, "rollouts": {**(state.gateway.get("rollouts") or {}), model: split}}
+    return StackState(state.server, gateway, {**state.models, name: candidate})
+
+
+def without_rollout(state: StackState, model: str) -> StackState:
+    """`state` with the model's candidate and split gone (its replicas drain)."""
+    rollouts = {m: s for m, s in (state.gateway.get("rollouts") or {}).items() if m != model}
+    gateway = {k: v for k, v in state.gateway.items() if k != "rollouts"}
+    if rollouts:
+        gateway["rollouts"] = rollouts
+    name = candidate_name(model)
+    return StackState(state.server, gateway, {m: v for m, v in state.models.items() if m != name})
+
+
+def promoted(state: StackState, model: str) -> StackState:
+    """The model's own application given the candidate's weights (a replacement, surge-first),
+    the split and the candidate left as they are: the caller removes them once it is ready."""
+    cand = state.models[candidate_name(model)]
+    base = state.models[model]
+    args = {**base.args, "weights": cand.args["weights"], "weights_path": cand.args["weights_path"]}
+    gateway_models = {**state.gateway.get("models", {})}
+    gateway_models[model] = {**gateway_models.get(model, {}), "weights_path": cand.args["weights_path"]}
+    return StackState(state.server, {**state.gateway, "models": gateway_models},
+                      {**state.models, model: ModelState(args, base.overrides)})
+
+
+def keep_rollouts(current: StackState, new: StackState) -> StackState:
+    """`new` (a config's state) with the rollouts running in `current` kept: `keel apply` leaves
+    a candidate and its split alone, unless the config removes the model itself."""
+    out = new
+    for model, split in (current.gateway.get("rollouts") or {}).items():
+        cand = current.models.get(split.get("candidate"))
+        if model in new.models and cand is not None:
+            out = with_rollout(out, model, cand, split.get("percent", 0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan
 
 
