@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     e = msub.add_parser("ensure", help="build whatever a config's models need")
     e.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
+    from serving.rollout.cli import add_parser as add_rollout_parser
+
+    add_rollout_parser(sub, str(DEFAULT_CONFIG))
+
     p = sub.add_parser("keys", help="API keys for tenants (the config stores only their digests)")
     ksub = p.add_subparsers(dest="keys_cmd", required=True)
     k = ksub.add_parser("create", help="make a key; prints it once, and the config line to paste")
@@ -153,6 +157,10 @@ def _run(args) -> int:
         cfg = KeelConfig.model_construct(models={}, models_dir=None)
         print(ensure_weights(cfg, args.name, rebuild=args.force))
         return 0
+    if args.cmd == "rollout":
+        from serving.rollout.cli import run as run_rollout
+
+        return run_rollout(args)
     if args.cmd == "keys":
         return _keys(args)
     if args.cmd == "audit":

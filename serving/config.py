@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from serving.gateway.limits import HttpLimits
 from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs
+from serving.rollout.spec import RolloutsConfig
 from serving.schema import Strict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +164,10 @@ class KeelConfig(PolicyConfig):
     models_dir: str | None = Field(
         None, description="Directory of model manifests; default: the repository's models/."
     )
+    rollouts: RolloutsConfig = Field(
+        default_factory=RolloutsConfig, description="`keel rollout`: where rollout state lives and the "
+        "default steps, hold and gates. Read by the rollout command only: not policy (the gateways "
+        "never read it) nor server (a change restarts nothing).")
 
     @field_validator("models")
     @classmethod

@@ -34,6 +34,8 @@ class RolloutState:
     to_version: str
     from_version: str
     spec: dict  # RolloutSpec, as JSON
+    weights_path: str = ""  # the candidate's weights directory
+    from_weights_path: str = ""  # the model's, before: a rollback that finds it replaced restores it
     phase: str = DEPLOYING
     step: int = 0
     step_started_at: float | None = None
@@ -43,6 +45,8 @@ class RolloutState:
     updated_at: float = 0.0
     last_reason: str = ""  # the latest decision's reason, holds included (what `status` shows)
     history: list[dict] = field(default_factory=list)  # every transition: the audit records
+    aborted: bool = False  # the rollback was asked for by hand
+    promote_when_ready: bool = False  # `keel rollout promote` came while the candidate deployed
 
     @property
     def rollout_spec(self) -> RolloutSpec:

@@ -1,0 +1,87 @@
+"""The rollout controller's view of a running stack on Ray: the only part of serving.rollout that
+knows Ray Serve. Connects as `keel apply` does; reads and submits whole StackStates
+(serving.app), and scrapes the gateway's /metrics over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+
+from serving.plan import MODEL_APP_PREFIX, StackState
+from serving.rollout.controller import DeployFailed, RolloutError
+
+
+class RayStack:
+    def __init__(self, address: str = "auto", admin_key: str | None = None):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `keel apply`: a local stack's token auth
+        import ray
+
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise RolloutError(f"no running Ray cluster at {address!r} ({e}); is `keel serve` running?") from None
+        self.admin_key = admin_key
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+
+    def state(self) -> StackState | None:
+        from serving.app import deployed_state
+
+        try:
+            return deployed_state()
+        except ValueError as e:
+            raise RolloutError(str(e)) from None
+
+    def submit(self, state: StackState) -> None:
+        from serving.app import submit
+
+        submit(state)
+
+    def pending(self, gone: frozenset[str]) -> list[str]:
+        """What is not running as given yet ([] once settled); DeployFailed when Serve gave up."""
+        from ray.serve.context import _get_global_client
+
+        from serving.launcher import _first_error, _value
+
+        apps = _get_global_client().get_serve_details().get("applications") or {}
+        failed = [f"{n}: {_first_error(a)}" for n, a in apps.items() if _value(a.get("status")) == "DEPLOY_FAILED"]
+        if failed:
+            raise DeployFailed("; ".join(failed))
+        waiting = [f"{n}: {dn} {_value(d.get('status'))}" for n, a in apps.items()
+                   for dn, d in (a.get("deployments") or {}).items()
+                   if _value(a.get("status")) != "RUNNING" or _value(d.get("status")) != "HEALTHY"]
+        return waiting + [f"{n}: draining" for n in {MODEL_APP_PREFIX + g for g in gone} & set(apps)]
+
+    def scrape(self) -> str:
+        """The gateway's /metrics: its metrics listener when configured, else the API port with
+        an admin key (its labels name tenants)."""
+        server = (self.state() or StackState({}, {})).server
+        if server.get("gateway_replicas", 1) > 1:
+            # Each replica counts its own requests and a scrape reaches one of them at random.
+            raise RolloutError("rollouts read the gateway's request counters from one scrape, and with "
+                               "server.gateway_replicas > 1 each scrape reaches another replica; "
+                               "not supported yet")
+        if server.get("metrics_port"):
+            host, port, headers = server.get("metrics_host", "127.0.0.1"), server["metrics_port"], {}
+        else:
+            host, port = server.get("host", "127.0.0.1"), server.get("port", 8000)
+            headers = {"authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        req = urllib.request.Request(f"http://{host}:{port}/metrics", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise RolloutError("the gateway's /metrics needs an admin key: set server.metrics_port, or "
+                                   "give one in $KEEL_ADMIN_KEY") from None
+            raise OSError(f"GET /metrics: HTTP {e.code}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"GET http://{host}:{port}/metrics: {e.reason}") from None

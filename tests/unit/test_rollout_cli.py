@@ -1,0 +1,89 @@
+"""`keel rollout`: flags over the config's defaults, refusals before anything is deployed, and
+what `status` shows. Nothing here reaches Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from serving.cli import main
+from serving.config import REPO_ROOT, ConfigError, parse_config
+from serving.rollout.cli import render_status, spec_from_args
+from serving.rollout.decide import STEPPING, RolloutState, record
+from serving.rollout.spec import RolloutDefaults
+from serving.rollout.store import StateStore
+
+
+def config_file(tmp_path, **rollouts) -> str:
+    doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
+    doc["rollouts"] = {"state_dir": str(tmp_path / "rollouts"), **rollouts}
+    path = tmp_path / "keel.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def flags(**over):
+    base = {"model": "demo", "to_version": "demo-tiny@v2", "steps": None, "hold": None, "gate": []}
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_flags_override_the_configs_defaults():
+    defaults = RolloutDefaults.model_validate({"hold_s": 120, "gates": {"min_requests": 50}})
+    s = spec_from_args(flags(steps="10,100", hold="10m", gate=["ttft=1.5", "errors=0.02"]), defaults)
+    assert s.steps == [10, 100] and s.hold_s == 600
+    assert s.gates.max_ttft_p95_ratio == 1.5 and s.gates.max_error_rate_increase == 0.02
+    assert s.gates.min_requests == 50 and s.gates.max_tpot_p95_ratio == 1.25  # from the config, the default
+    assert spec_from_args(flags(), defaults).hold_s == 120
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"gate": ["latency=2"]}, "--gate: `latency=2` is not one of errors=VALUE"),
+    ({"gate": ["ttft=-1"]}, "gates.max_ttft_p95_ratio"),
+    ({"steps": "50,25,100"}, "steps must increase"),
+    ({"steps": "5,x,100"}, "--steps/--hold"),
+    ({"hold": "soon"}, "`soon` is not a duration"),
+])
+def test_bad_flags_are_refused_naming_the_flag(over, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_from_args(flags(**over), RolloutDefaults())
+
+
+def test_the_configs_rollouts_section_is_strict():
+    doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
+    doc["rollouts"] = {"defaults": {"hold": 60}}
+    with pytest.raises(ConfigError, match="rollouts.defaults.hold: unknown key; did you mean 'hold_s'"):
+        parse_config(doc, check_engine_args=False)
+    doc["rollouts"] = {"defaults": {"steps": [50]}}
+    with pytest.raises(ConfigError, match="at least two steps"):
+        parse_config(doc, check_engine_args=False)
+
+
+def test_unknown_weights_are_refused_before_anything_is_deployed(tmp_path, capsys):
+    rc = main(["rollout", "start", "demo", "--to", "no-such-weights", "--config", config_file(tmp_path)])
+    assert rc == 2
+    assert "--to no-such-weights: no model manifest" in capsys.readouterr().err
+    assert not (tmp_path / "rollouts").exists()
+
+
+def test_promote_or_abort_without_a_rollout_says_so(tmp_path, capsys):
+    assert main(["rollout", "abort", "demo", "--config", config_file(tmp_path)]) == 1
+    assert "no rollout of demo in progress" in capsys.readouterr().err
+
+
+def test_status_shows_the_step_the_gates_and_whether_anything_drives_it(tmp_path, capsys):
+    cfg = config_file(tmp_path)
+    st = RolloutState(model="demo", candidate="demo@candidate", to_version="demo-tiny@v2", from_version="demo-tiny",
+                      spec={"model": "demo", "to_version": "demo-tiny@v2", "steps": [5, 25, 50, 100]},
+                      phase=STEPPING, step=1)
+    record(st, "advance", "step 1 (5%) held 600 s: errors 0.00% vs 0.00%", 1_700_000_000)
+    st.last_reason = "step 2 (25%): gates hold; 30 of 600 s"
+    StateStore(tmp_path / "rollouts").save(st)
+    assert main(["rollout", "status", "demo", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "demo: demo-tiny -> demo-tiny@v2  step 2 of 4: 25% of users on the candidate" in out
+    assert "NOT driven: run `keel rollout start demo --to demo-tiny@v2` to resume" in out
+    assert "now: step 2 (25%): gates hold; 30 of 600 s" in out
+    assert "advance       25%  step 1 (5%) held 600 s" in out
+    assert render_status(st, driven=True).splitlines()[1] == "  driven by a running `keel rollout start`"
