@@ -105,7 +105,7 @@ def _active():
 
 
 def _drive(cfg, store, args, spec=None, weights_path: str = "") -> int:
-    from serving.rollout.controller import Controller
+    from serving.rollout.controller import Controller, RolloutError
     from serving.rollout.decide import PROMOTED
     from serving.rollout.stack import RayStack
 
@@ -113,6 +113,11 @@ def _drive(cfg, store, args, spec=None, weights_path: str = "") -> int:
     stack = RayStack(args.address, os.environ.get(ADMIN_KEY_ENV))
     audit = _audit_writer(cfg)
     try:
+        if spec is not None and store.load(args.model) is None:
+            try:  # the gates need the metrics: find out now, before anything is deployed
+                stack.scrape()
+            except OSError as e:
+                raise RolloutError(f"cannot read the gateway's metrics ({e}); is the stack up?") from None
         c = Controller(store, stack, audit=audit, say=lambda line: print(line, flush=True))
         state = c.begin(spec, weights_path) if spec is not None else store.load(args.model)
         state = c.run(state)

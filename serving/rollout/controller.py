@@ -151,8 +151,6 @@ class Controller:
             self.store.save(state)
             return
         self._publish(state, rec)
-        if d.action == ROLLBACK:
-            self.say(f"keel rollout: {state.model}: gate failed: {d.reason}; rolling back")
 
     def _promote(self, state: RolloutState) -> None:
         current = self._current()
