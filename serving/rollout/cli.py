@@ -68,7 +68,8 @@ def spec_from_args(args, defaults):
 
 
 def run(args) -> int:
-    from serving.config import ConfigError, load_config, load_manifest
+    from serving.config import ConfigError, load_config
+    from serving.model_registry.resolve import resolve_weights
     from serving.rollout.controller import RolloutError
     from serving.rollout.store import ABORT, PROMOTE_NOW, RolloutBusy, StateStore
 
@@ -80,10 +81,12 @@ def run(args) -> int:
         if args.rollout_cmd == "start":
             spec = spec_from_args(args, cfg.rollouts.defaults)
             try:
-                _, weights = load_manifest(cfg, spec.to_version)
+                resolved = resolve_weights(cfg, spec.to_version)
             except ConfigError as e:
                 raise ConfigError(f"--to {spec.to_version}: {e}") from None
-            return _drive(cfg, store, args, spec=spec, weights_path=str(weights))
+            # The registry's identity (NAME@VERSION), as the plan names what a model serves.
+            spec = spec.model_copy(update={"to_version": resolved.identity})
+            return _drive(cfg, store, args, spec=spec, weights_path=str(resolved.path))
         state = store.load(args.model)
         if state is None or state.phase not in _active():
             print(f"keel: no rollout of {args.model} in progress" + (f" ({state.phase})" if state else ""),

@@ -199,8 +199,9 @@ def test_a_rollout_that_cannot_start_says_why(tmp_path):
     c, _ = controller(tmp_path, FakeStack())
     with pytest.raises(RolloutError, match="no model `nope` in the running stack; serving: demo"):
         c.begin(spec(model="nope"), "/w")
+    serving = c.stack.deployed.models["demo"].args["weights"]  # the registry's identity
     with pytest.raises(RolloutError, match="demo already serves demo-tiny"):
-        c.begin(spec(to_version="demo-tiny"), "/w")
+        c.begin(spec(to_version=serving), "/w")
     c.begin(spec(), "/w")  # in progress now (state saved)
     with pytest.raises(RolloutError, match="a rollout of demo to demo-tiny@v2 is in progress"):
         c.begin(spec(to_version="demo-tiny@v3"), "/w")

@@ -100,7 +100,8 @@ def test_a_promotion_replaces_the_model_with_the_candidates_weights_then_drops_t
     step1 = promoted(s, "demo")
     plan = make_plan(s, step1)
     m = {c.model: c for c in plan.models}
-    assert m["demo"].kind == REPLACED and m["demo"].changes == ('weights: "demo-tiny" -> "demo-tiny@v2"',)
+    was = s.models["demo"].args["weights"]  # the registry's identity of the plain manifest
+    assert m["demo"].kind == REPLACED and m["demo"].changes == (f'weights: "{was}" -> "demo-tiny@v2"',)
     assert m[CAND].kind == UNCHANGED and step1.gateway["rollouts"]["demo"]["percent"] == 100
     done = without_rollout(step1, "demo")
     assert done.models["demo"].args["weights_path"] == "/weights/v2"
