@@ -13,6 +13,7 @@ import time
 from serving.config import KeelConfig
 from serving.httpraw import http_get
 from serving.models import ensure_weights
+from serving.plan import deploy_failures, unsettled
 from serving.policy.identity import DEMO_KEY, key_digest
 
 log = logging.getLogger("keel")
@@ -142,9 +143,7 @@ def _deploy_error() -> str | None:
     """Serve's error once an application of the stack failed to deploy, else None."""
     from ray.serve.context import _get_global_client
 
-    apps = _get_global_client().get_serve_details().get("applications") or {}
-    failed = [f"{name}: {_first_error(app)}" for name, app in apps.items() if _value(app.get("status")) == "DEPLOY_FAILED"]
-    return "; ".join(failed) or None
+    return "; ".join(deploy_failures(_get_global_client().get_serve_details().get("applications") or {})) or None
 
 
 def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, deploy_failed=None) -> None:
@@ -257,17 +256,10 @@ def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
     time.sleep(2.0)  # the controller picks the new config up within a few loops (0.5 s each)
     while time.monotonic() - start < timeout_s:
         apps = client.get_serve_details().get("applications") or {}
-        failed = [f"{name}: {_first_error(app)}" for name, app in apps.items() if _value(app.get("status")) == "DEPLOY_FAILED"]
+        failed = deploy_failures(apps)
         if failed:
             raise StartupError("the new config failed to deploy: " + "; ".join(failed))
-        waiting = []
-        for name, app in apps.items():
-            unhealthy = [f"{d_name} {_value(d.get('status'))} ({', '.join(_value(r.get('state')) for r in d.get('replicas') or [])})"
-                         for d_name, d in (app.get("deployments") or {}).items() if _value(d.get("status")) != "HEALTHY"]
-            if name in gone:
-                waiting.append(f"{name} draining")
-            elif _value(app.get("status")) != "RUNNING" or unhealthy:  # building: no deployments yet
-                waiting.append(f"{name} {_value(app.get('status'))}" + (f": {', '.join(unhealthy)}" if unhealthy else ""))
+        waiting = unsettled(apps, gone)
         if not waiting:
             return
         if time.monotonic() - said >= 15:
@@ -277,14 +269,3 @@ def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
     raise StartupError(f"the stack did not settle within {timeout_s:.0f}s; see `serve status`")
 
 
-def _value(status) -> str:
-    return getattr(status, "value", status) or ""
-
-
-def _first_error(app: dict) -> str:
-    msg = app.get("message") or "deploy failed"
-    for d in (app.get("deployments") or {}).values():
-        if _value(d.get("status")) in ("DEPLOY_FAILED", "UNHEALTHY"):
-            msg = d.get("message") or msg
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return lines[-1] if lines else msg

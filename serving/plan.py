@@ -209,6 +209,41 @@ def keep_rollouts(current: StackState, new: StackState) -> StackState:
     return out
 
 
+def status_value(status) -> str:
+    """Serve reports statuses as enums or strings, by version and by path."""
+    return getattr(status, "value", status) or ""
+
+
+def deploy_failures(apps: dict) -> list[str]:
+    """`name: error` per application Serve gave up deploying (apps: get_serve_details()'s)."""
+    out = []
+    for name, app in apps.items():
+        if status_value(app.get("status")) == "DEPLOY_FAILED":
+            msg = app.get("message") or "deploy failed"
+            for d in (app.get("deployments") or {}).values():
+                if status_value(d.get("status")) in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    msg = d.get("message") or msg
+            lines = [ln for ln in msg.splitlines() if ln.strip()]  # Serve's last line is the error
+            out.append(f"{name}: {lines[-1] if lines else msg}")
+    return out
+
+
+def unsettled(apps: dict, gone=frozenset()) -> list[str]:
+    """What is not yet running as deployed: an application not RUNNING (one still building has
+    no deployments yet), a deployment not HEALTHY, a `gone` application not deleted yet."""
+    waiting = []
+    for name, app in apps.items():
+        unhealthy = [f"{d_name} {status_value(d.get('status'))} "
+                     f"({', '.join(status_value(r.get('state')) for r in d.get('replicas') or [])})"
+                     for d_name, d in (app.get("deployments") or {}).items()
+                     if status_value(d.get("status")) != "HEALTHY"]
+        if name in gone:
+            waiting.append(f"{name} draining")
+        elif status_value(app.get("status")) != "RUNNING" or unhealthy:
+            waiting.append(f"{name} {status_value(app.get('status'))}" + (f": {', '.join(unhealthy)}" if unhealthy else ""))
+    return waiting
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 
 from serving.plan import MODEL_APP_PREFIX, StackState
 from serving.rollout.controller import DeployFailed, RolloutError
+
+SETTLE_S = 2.0  # Serve's control loop runs every 0.5 s (serving.launcher sets it)
 
 
 class RayStack:
@@ -42,21 +45,19 @@ class RayStack:
         from serving.app import submit
 
         submit(state)
+        time.sleep(SETTLE_S)  # until Serve's controller has taken it up, its statuses are the old ones
 
     def pending(self, gone: frozenset[str]) -> list[str]:
         """What is not running as given yet ([] once settled); DeployFailed when Serve gave up."""
         from ray.serve.context import _get_global_client
 
-        from serving.launcher import _first_error, _value
+        from serving.plan import deploy_failures, unsettled
 
         apps = _get_global_client().get_serve_details().get("applications") or {}
-        failed = [f"{n}: {_first_error(a)}" for n, a in apps.items() if _value(a.get("status")) == "DEPLOY_FAILED"]
+        failed = deploy_failures(apps)
         if failed:
             raise DeployFailed("; ".join(failed))
-        waiting = [f"{n}: {dn} {_value(d.get('status'))}" for n, a in apps.items()
-                   for dn, d in (a.get("deployments") or {}).items()
-                   if _value(a.get("status")) != "RUNNING" or _value(d.get("status")) != "HEALTHY"]
-        return waiting + [f"{n}: draining" for n in {MODEL_APP_PREFIX + g for g in gone} & set(apps)]
+        return unsettled(apps, {MODEL_APP_PREFIX + g for g in gone})
 
     def scrape(self) -> str:
         """The gateway's /metrics: its metrics listener when configured, else the API port with

@@ -155,3 +155,22 @@ def test_a_newer_registered_version_replaces_what_plain_name_serves(models_base,
     assert m.kind == REPLACED and m.changes == ("weights: \"m@1\" -> \"m@2\"",)
     pinned = dict(doc, models={"demo": dict(doc["models"]["demo"], weights="m@1")})
     assert make_plan(before, state(pinned)).models[0].kind == UNCHANGED
+
+
+def test_an_application_still_building_is_not_settled():
+    # What Serve reports right after a new application is submitted: no deployments yet. A
+    # rollout once read that as ready and sent users to a candidate with no replica (503s).
+    from serving.plan import deploy_failures, unsettled
+
+    building = {"keel": {"status": "RUNNING", "deployments": {"gateway": {"status": "HEALTHY", "replicas": []}}},
+                "keel-model-demo@candidate": {"status": "DEPLOYING", "deployments": {}}}
+    assert unsettled(building) == ["keel-model-demo@candidate DEPLOYING"]
+    starting = {"keel-model-demo": {"status": "DEPLOYING", "deployments": {
+        "engine-demo": {"status": "UPDATING", "replicas": [{"state": "STARTING"}]}}}}
+    assert unsettled(starting) == ["keel-model-demo DEPLOYING: engine-demo UPDATING (STARTING)"]
+    running = {"keel-model-demo-b": {"status": "RUNNING", "deployments": {
+        "engine-demo-b": {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}}}}
+    assert unsettled(running) == [] and unsettled(running, gone={"keel-model-demo-b"}) == ["keel-model-demo-b draining"]
+    failed = {"keel-model-x": {"status": "DEPLOY_FAILED", "message": "Traceback...\nRuntimeError: engine exited",
+                               "deployments": {}}}
+    assert deploy_failures(failed) == ["keel-model-x: RuntimeError: engine exited"]
