@@ -1,0 +1,78 @@
+"""`keel rollout` on the real stack, under streaming load: a candidate whose gates hold is
+promoted to all traffic; one whose latency gate fails is rolled back, the model untouched.
+The candidates are registered versions (`keel models register`) of the demo weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.live_changes import StreamingLoad, base_doc, engine_pids, wait_engines
+from serving.config import REPO_ROOT
+from tests.e2e.conftest import running_stack
+
+pytestmark = pytest.mark.e2e
+
+KEEL = Path(sys.executable).with_name("keel")
+CANDIDATE = "demo@candidate"
+
+
+def keel(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KEEL), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def rollout_stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rollout")
+    weights = (REPO_ROOT / ".keel" / "models" / "demo-tiny").resolve()
+    models = tmp / "models"
+    (models / "demo-tiny").mkdir(parents=True)  # the serving version: a plain manifest
+    (models / "demo-tiny" / "manifest.yaml").write_text(yaml.safe_dump({"name": "demo-tiny", "path": str(weights)}))
+    for version in ("2", "3"):  # candidates: the same bytes, registered as versions of demo-v
+        r = keel("models", "register", "demo-v", "--version", version, "--path", str(weights),
+                 "--models-dir", str(models))
+        assert r.returncode == 0, r.stdout + r.stderr
+    doc = base_doc(0, 0)
+    doc["models_dir"] = str(models)
+    doc["rollouts"] = {"state_dir": str(tmp / "rollouts")}
+    with running_stack(doc, tmp) as stack:
+        yield stack
+
+
+def rollout(stack, *flags: str) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """`keel rollout start` under load: (its result, failed requests, `keel rollout status`)."""
+    config = str(stack.log.parent / "stack.yaml")
+    with StreamingLoad(stack.url, "demo", clients=4) as load:
+        r = keel("rollout", "start", "demo", "--config", config, *flags)
+    status = keel("rollout", "status", "demo", "--config", config)
+    return r, load.stats.failed, status.stdout + status.stderr
+
+
+def test_a_candidate_that_holds_its_gates_is_promoted(rollout_stack):
+    stack = rollout_stack
+    r, failed, status = rollout(stack, "--to", "demo-v@2", "--steps", "50,100", "--hold", "15s",
+                                "--gate", "min_requests=5", "--gate", "ttft=100", "--gate", "tpot=100")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "promoted" in status, status
+    assert failed == [], failed
+    # The model now serves the candidate's weights from its own application; the candidate is gone.
+    pids = wait_engines(stack.log.parent / "stack.yaml", {"demo": 1})
+    assert set(pids) == {"demo"}, pids
+
+
+def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
+    stack = rollout_stack
+    config = stack.log.parent / "stack.yaml"
+    before = engine_pids(config)["demo"]
+    # The same weights cannot answer a hundred times faster than themselves: the gate fails.
+    r, failed, status = rollout(stack, "--to", "demo-v@3", "--steps", "50,100", "--hold", "15s",
+                                "--gate", "min_requests=5", "--gate", "ttft=0.01")
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "rolled_back" in status and "ttft" in status, status
+    assert failed == [], failed  # slower is not failed: only the candidate's users saw the latency
+    pids = wait_engines(config, {"demo": 1})
+    assert pids.get("demo") == before and CANDIDATE not in pids, pids  # the model untouched
