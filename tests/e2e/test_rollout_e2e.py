@@ -72,7 +72,7 @@ def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
     r, failed, status = rollout(stack, "--to", "demo-v@3", "--steps", "50,100", "--hold", "15s",
                                 "--gate", "min_requests=5", "--gate", "ttft=0.01")
     assert r.returncode != 0, r.stdout + r.stderr
-    assert "rolled_back" in status and "ttft" in status, status
+    assert "rolled_back" in status and "TTFT p95: candidate" in status, status  # the gate and its numbers
     assert failed == [], failed  # slower is not failed: only the candidate's users saw the latency
     pids = wait_engines(config, {"demo": 1})
     assert pids.get("demo") == before and CANDIDATE not in pids, pids  # the model untouched
