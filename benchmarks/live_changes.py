@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,7 +129,8 @@ def engine_pids(config_path: Path) -> dict[str, set[int]]:
 
 
 def keel_apply(config_path: Path, doc: dict, *extra: str) -> tuple[int, float, str]:
-    """Write doc to config_path and run `keel apply` on it: (exit status, seconds, output)."""
+    """Write doc to config_path and run `keel apply` on it: (exit status, seconds, output).
+    extra: e.g. `--address` of the stack's Ray cluster when several run on the machine."""
     config_path.write_text(yaml.safe_dump(doc))
     keel = Path(sys.executable).with_name("keel")
     start = time.monotonic()
@@ -217,6 +219,8 @@ def main(argv=None) -> int:
         rows = []
         try:
             wait_ready(url, proc, 900)
+            # Its own Ray cluster, not `auto`'s pick when other stacks run on the machine.
+            address = re.search(r"keel apply --address (\S+) CONFIG", (work / "keel-serve.log").read_text()).group(1)
             with StreamingLoad(url, "demo", args.clients) as load:
                 time.sleep(args.settle_s)
                 warmup = load.snapshot()
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
                 for title, change, engines in CHANGES:
                     change(doc)
                     before = engine_pids(config)
-                    rc, took, out = keel_apply(config, doc)
+                    rc, took, out = keel_apply(config, doc, "--address", address)
                     time.sleep(args.settle_s)
                     after = wait_engines(config, engines)
                     stats = load.snapshot()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,14 @@ class Stack:
         self.model = model
         self.log = log
         self.metrics_url = metrics_url  # the metrics listener: /metrics without a key
+
+    @property
+    def ray_address(self) -> str:
+        """This stack's Ray cluster, from its ready message: `keel apply --address` needs it,
+        since the e2e tests run several stacks at once and `auto` finds only one of them."""
+        found = re.search(r"keel apply --address (\S+) CONFIG", self.log.read_text(errors="replace"))
+        assert found, f"no Ray address in {self.log}"
+        return found.group(1)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         text = httpx.get(self.metrics_url + "/metrics", timeout=10).text

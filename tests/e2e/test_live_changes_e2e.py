@@ -33,7 +33,7 @@ class Live:
         before = engine_pids(self.config)
         with StreamingLoad(self.stack.url, "demo", clients=4) as load:
             time.sleep(1)
-            rc, _, out = keel_apply(self.config, self.doc)
+            rc, _, out = keel_apply(self.config, self.doc, "--address", self.stack.ray_address)
             time.sleep(SETTLE_S)
         assert rc == 0, out
         after = wait_engines(self.config, engines)
@@ -59,12 +59,14 @@ def test_dry_run_prints_the_plan_and_changes_nothing(live):
     doc = dict(live.doc, models={**live.doc["models"]})
     _add_model(doc)
     before = engine_pids(live.config)
-    rc, _, out = keel_apply(live.config, doc, "--dry-run")
+    try:
+        rc, _, out = keel_apply(live.config, doc, "--dry-run", "--address", live.stack.ray_address)
+    finally:
+        live.config.write_text(yaml.safe_dump(live.doc))  # the file as the stack runs it
     assert rc == 0, out
     assert "demo-b  added" in out and "demo    unchanged" in out
     assert engine_pids(live.config) == before
     assert complete(live.stack.url, "demo-b").status_code == 404
-    live.config.write_text(yaml.safe_dump(live.doc))
 
 
 def test_changing_autoscaling_restarts_nothing(live):

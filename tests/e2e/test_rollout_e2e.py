@@ -47,8 +47,8 @@ def rollout(stack, *flags: str) -> tuple[subprocess.CompletedProcess, list[str],
     """`keel rollout start` under load: (its result, failed requests, `keel rollout status`)."""
     config = str(stack.log.parent / "stack.yaml")
     with StreamingLoad(stack.url, "demo", clients=4) as load:
-        r = keel("rollout", "start", "demo", "--config", config, *flags)
-    status = keel("rollout", "status", "demo", "--config", config)
+        r = keel("rollout", "start", "demo", "--config", config, "--address", stack.ray_address, *flags)
+    status = keel("rollout", "status", "demo", "--config", config, "--address", stack.ray_address)
     return r, load.stats.failed, status.stdout + status.stderr
 
 
