@@ -200,7 +200,7 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
     import ray
 
     from serving.app import deployed_state, submit
-    from serving.plan import MODEL_APP_PREFIX, REMOVED, StackState, desired, keep_rollouts, make_plan, render
+    from serving.plan import MODEL_APP_PREFIX, REMOVED, REPLACED, StackState, desired, keep_rollouts, make_plan, render
 
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -241,7 +241,11 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
         say("keel apply: gateways" + (" and removed models ..." if removed else " ..."))
         submit(new)
         _wait_settled(timeout_s, gone=removed)
-        return "keel: applied" + (" (the gateways restarted)" if plan.restart else "; no request was refused for it")
+        if plan.restart:
+            return "keel: applied (the gateways restarted)"
+        restarted = [m.model for m in plan.models if m.kind in (REPLACED, REMOVED)]
+        return ("keel: applied live; engines restarted: " + (", ".join(restarted) if restarted else "none")
+                + " (replaced surge-first, removed ones drained)" * bool(restarted))
     finally:
         ray.shutdown()
 
