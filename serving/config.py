@@ -57,7 +57,7 @@ class ServerConfig(_Strict):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(
-        60.0, ge=0, description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
+        60.0, ge=0, le=3600, description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
         "then waits this long at most for the requests it is relaying to finish.")
 
     @model_validator(mode="after")
@@ -111,7 +111,7 @@ class DeploymentConfig(_Strict):
         600.0, gt=0, description="How long a replica may take to load weights and answer."
     )
     drain_timeout_s: float = Field(
-        60.0, ge=0, description="A replica that stops (scale-down, replacement, removal, Ctrl-C) "
+        60.0, ge=0, le=3600, description="A replica that stops (scale-down, replacement, removal, Ctrl-C) "
         "leaves the registry first, then waits this long at most for the requests it is answering "
         "to finish before its engine stops. Changing it restarts nothing.")
     max_surge_percent: int = Field(

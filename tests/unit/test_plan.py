@@ -174,3 +174,15 @@ def test_an_application_still_building_is_not_settled():
     failed = {"keel-model-x": {"status": "DEPLOY_FAILED", "message": "Traceback...\nRuntimeError: engine exited",
                                "deployments": {}}}
     assert deploy_failures(failed) == ["keel-model-x: RuntimeError: engine exited"]
+
+
+@pytest.mark.parametrize("where", ["server", "deployment"])
+def test_a_drain_timeout_has_a_bound(where):
+    # Ctrl-C and every replica stop wait for it: a config cannot make them wait for ever.
+    from serving.config import ConfigError
+
+    doc = raw()
+    target = doc["server"] if where == "server" else doc["models"]["demo"]["deployment"]
+    target["drain_timeout_s"] = 1e9
+    with pytest.raises(ConfigError, match="drain_timeout_s"):
+        parse_config(doc, check_engine_args=False)
