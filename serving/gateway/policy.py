@@ -65,6 +65,7 @@ class PolicyRuntime:
         self.models = models  # candidates of rollouts included: their tokenizers count their prompts
         # model -> (candidate, percent): serving.rollout; a candidate is never a public name
         self.rollouts = {m: (s.candidate, s.percent) for m, s in (rollouts or {}).items()}
+        self.candidate_of = {c: m for m, (c, _) in self.rollouts.items()}  # candidate -> its model
         self.metrics = metrics
         self.tenants = policy.tenants
         self.open = not policy.tenants
@@ -232,6 +233,8 @@ class Route(_PolicyStage):
         ctx.model = model
         exp = rt.policy.experiments.get(model)
         forced = ctx.headers.get(VARIANT_HEADER)
+        if forced and forced in rt.candidate_of:
+            return self._pin_candidate(ctx, exp, forced)
         if exp is None:
             ctx.target = ctx.variant = model
         elif forced:
@@ -255,6 +258,20 @@ class Route(_PolicyStage):
             payload["model"] = ctx.target  # the engine serves the variant under its own name
             ctx.payload_changed = True
         ctx.response_headers[VARIANT_HEADER] = ctx.variant
+
+    def _pin_candidate(self, ctx: RequestContext, exp, candidate: str) -> None:
+        """An admin's request for a rollout's candidate alone, whatever its share (the rollout's
+        evaluation gate asks its prompts this way). Only admin keys: the candidate is untested."""
+        if ctx.role != "admin" and not self.rt.open:
+            raise GatewayError(403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
+                               code="variant_override_not_allowed")
+        rolled = self.rt.candidate_of[candidate]
+        if rolled != ctx.model and (exp is None or rolled not in exp.variants):
+            raise GatewayError(400, f"`{candidate}` is not a variant of `{ctx.model}`.", code="unknown_variant")
+        ctx.target = ctx.variant = candidate
+        ctx.payload["model"] = candidate  # the candidate's engines serve under that name
+        ctx.payload_changed = True
+        ctx.response_headers[VARIANT_HEADER] = candidate
 
     def _split(self, ctx: RequestContext, split: tuple[str, float]) -> None:
         """A rollout in progress: its share of users goes to the candidate, the same users at every

@@ -177,3 +177,36 @@ def test_a_split_must_name_a_model_and_a_candidate_that_is_not_one():
                              "demo": TrafficSplit(candidate="demo-b", percent=5)}, ["demo", "demo-b"])
     assert problems == ["rollouts.nope: no such model; configured: demo, demo-b",
                         "rollouts.demo.candidate: `demo-b` is a public model name"]
+
+
+ADMIN = "sk-keel-rollout-admin"
+KEYED = {"tenants": {"acme": {"keys": [{"id": "k1", "digest": key_digest(KEY)}], "models": ["demo", "demo-b"]},
+                     "ops": {"keys": [{"id": "a1", "digest": key_digest(ADMIN), "role": "admin"}]}}}
+
+
+def test_an_admin_can_ask_the_candidate_alone_at_zero_share():
+    """What the rollout's evaluation gate does before the first step."""
+    async def go():
+        async with Split(0, KEYED) as s:
+            pinned = await s.client.post("/v1/chat/completions", json=CHAT, headers={
+                "authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND})
+            app = await s.client.post("/v1/chat/completions", json=CHAT, headers={
+                "authorization": f"Bearer {KEY}", "x-keel-variant": CAND})
+            other = await s.client.post("/v1/chat/completions", json={**CHAT, "model": "demo-b"}, headers={
+                "authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND})
+            return pinned, app, other, s.engines[CAND].requests
+
+    pinned, app, other, cand_requests = run(go())
+    assert pinned.status_code == 200 and answered_by(pinned) == "new" and pinned.headers["x-keel-variant"] == CAND
+    assert len(cand_requests) == 1  # the app key's and the wrong model's requests never reached it
+    assert app.status_code == 403 and app.json()["error"]["code"] == "variant_override_not_allowed"
+    assert other.status_code == 400 and other.json()["error"]["code"] == "unknown_variant"
+
+
+def test_without_tenants_the_candidate_can_be_pinned_as_the_admin_api_is_open():
+    async def go():
+        async with Split(0) as s:
+            return await s.client.post("/v1/chat/completions", json=CHAT, headers={"x-keel-variant": CAND})
+
+    r = run(go())
+    assert r.status_code == 200 and answered_by(r) == "new"
