@@ -8,7 +8,6 @@ import sys
 import time
 from datetime import datetime, timezone
 
-ADMIN_KEY_ENV = "KEEL_ADMIN_KEY"
 WAIT_FOR_DRIVER_S = 900.0
 
 
@@ -25,6 +24,9 @@ def add_parser(sub, default_config: str) -> None:
     s.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="errors=0.01 (max error-rate increase), ttft=1.25, tpot=1.25 (max p95 ratios), "
                    "min_requests=20; repeatable")
+    s.add_argument("--eval", default=None, dest="eval_file", metavar="FILE",
+                   help="an evaluation set (prompts with regex / exact / json_schema expectations) the "
+                   "candidate must pass, alone, before its first step; default: rollouts.defaults.eval_file")
     st = rsub.add_parser("status", help="where a rollout is, and its decisions")
     st.add_argument("model", nargs="?", help="default: every rollout in the state dir")
     pr = rsub.add_parser("promote", help="promote now: the candidate takes all traffic and replaces the model")
@@ -45,6 +47,7 @@ def spec_from_args(args, defaults):
     from pydantic import ValidationError
 
     from serving.config import ConfigError, format_validation_error
+    from serving.rollout.evaluate import EvalError, load_eval_set
     from serving.rollout.spec import RolloutSpec, parse_duration
 
     doc = defaults.model_dump(mode="json")
@@ -61,6 +64,14 @@ def spec_from_args(args, defaults):
         if name not in _GATES or not value:
             raise ConfigError(f"--gate: `{g}` is not one of {', '.join(k + '=VALUE' for k in _GATES)}")
         doc["gates"][_GATES[name]] = value
+    eval_file = getattr(args, "eval_file", None) or doc.get("eval_file")
+    if eval_file:
+        try:
+            doc["eval_file"] = eval_file
+            doc["evaluation"] = load_eval_set(eval_file).model_dump(mode="json")
+        except EvalError as e:
+            where = "--eval" if getattr(args, "eval_file", None) else "rollouts.defaults.eval_file"
+            raise ConfigError(f"{where}: {e}") from None
     try:
         return RolloutSpec.model_validate(doc)
     except ValidationError as e:
@@ -110,7 +121,7 @@ def _active():
 def _drive(cfg, store, args, spec=None, weights_path: str = "") -> int:
     from serving.rollout.controller import Controller, RolloutError
     from serving.rollout.decide import PROMOTED
-    from serving.rollout.stack import RayStack
+    from serving.rollout.stack import ADMIN_KEY_ENV, RayStack
 
     lock = store.lock(args.model)
     stack = RayStack(args.address, os.environ.get(ADMIN_KEY_ENV))

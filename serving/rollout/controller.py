@@ -14,6 +14,7 @@ from serving.rollout.decide import (
     ABORTED, ACTIVE, DEPLOYING, PROMOTE, PROMOTED, PROMOTING, ROLLBACK, ROLLED_BACK, ROLLING_BACK, STEPPING,
     RolloutState, apply_decision, decide, record,
 )
+from serving.rollout.evaluate import run_eval
 from serving.rollout.signals import by_variant, delta, snapshot
 from serving.rollout.spec import RolloutSpec
 from serving.rollout.store import ABORT, PROMOTE_NOW, StateStore
@@ -34,6 +35,8 @@ class Stack(Protocol):
     def submit(self, state: StackState) -> None: ...  # deploy it (declarative: the whole stack)
     def pending(self, gone: frozenset[str]) -> list[str]: ...  # what is not settled yet; DeployFailed
     def scrape(self) -> str: ...  # the gateway's /metrics text; OSError when unreachable
+    # One request to the candidate alone, through the gateway: its JSON answer; AskFailed otherwise.
+    def ask(self, model: str, candidate: str, path: str, body: dict, timeout_s: float) -> dict: ...
 
 
 class Controller:
@@ -132,12 +135,29 @@ class Controller:
         if state.promote_when_ready:
             state.phase, state.promote_when_ready = PROMOTING, False
             return self._transition(state, PROMOTE, "promoted by hand (keel rollout promote)")
+        if spec.evaluation is not None and not state.evaluated:
+            if not self._evaluate(state, spec):
+                return
         state.phase, state.step = STEPPING, 0
         if not self._set_split(state, state.percent):
             return
         state.step_started_at = self.clock()
         state.start_snapshot = self._snapshot(state) or {}
         self._transition(state, "step", f"the candidate serves; step 1: {state.percent:g}% of {state.model}'s users")
+
+    def _evaluate(self, state: RolloutState, spec: RolloutSpec) -> bool:
+        """The evaluation gate: every case asked of the candidate alone, at 0% of traffic."""
+        self.say(f"keel rollout: {state.model}: asking the candidate {len(spec.evaluation.cases)} evaluation "
+                 f"cases from {spec.eval_file or 'the eval set'}")
+        result = run_eval(spec.evaluation, state.model,
+                          lambda path, body, timeout: self.stack.ask(state.model, state.candidate, path, body, timeout))
+        if not result.ok:
+            state.phase = ROLLING_BACK
+            self._transition(state, ROLLBACK, result.summary(), evaluation=result.to_dict())
+            return False
+        state.evaluated = True
+        self._transition(state, "evaluated", result.summary(), evaluation=result.to_dict())
+        return True
 
     def _look(self, state: RolloutState, spec: RolloutSpec) -> None:
         self.sleep(self.look_every_s)
@@ -236,8 +256,8 @@ class Controller:
         self._transition(state, ROLLBACK, reason)
         self.say(f"keel rollout: {state.model}: {reason}; rolling back")
 
-    def _transition(self, state: RolloutState, action: str, reason: str) -> None:
-        self._publish(state, record(state, action, reason, self.clock()))
+    def _transition(self, state: RolloutState, action: str, reason: str, **extra) -> None:
+        self._publish(state, record(state, action, reason, self.clock(), **extra))
 
     def _publish(self, state: RolloutState, rec: dict) -> None:
         self.store.save(state)

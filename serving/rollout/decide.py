@@ -47,6 +47,7 @@ class RolloutState:
     history: list[dict] = field(default_factory=list)  # every transition: the audit records
     aborted: bool = False  # the rollback was asked for by hand
     promote_when_ready: bool = False  # `keel rollout promote` came while the candidate deployed
+    evaluated: bool = False  # the candidate passed the evaluation gate (a resume does not ask again)
 
     @property
     def rollout_spec(self) -> RolloutSpec:

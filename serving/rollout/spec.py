@@ -7,6 +7,7 @@ import re
 
 from pydantic import Field, field_validator
 
+from serving.rollout.evaluate import EvalSet
 from serving.schema import Strict
 
 DEFAULT_STEPS = (5, 25, 50, 100)
@@ -49,6 +50,10 @@ class RolloutDefaults(Strict):
     gates: Gates = Field(default_factory=Gates)
     ready_timeout_s: float = Field(900.0, gt=0, description="How long the candidate's engines may take to serve "
                                    "before the rollout is abandoned (rolled back).")
+    eval_file: str | None = Field(None, description="An evaluation set (serving.rollout.evaluate): its "
+                                  "prompts are asked of the candidate alone before it gets any traffic, and the "
+                                  "rollout is rolled back unless enough of them pass. Relative paths are from "
+                                  "the current directory.")
 
     @field_validator("steps")
     @classmethod
@@ -83,6 +88,8 @@ class RolloutSpec(RolloutDefaults):
 
     model: str = Field(description="The configured model whose version changes.")
     to_version: str = Field(description="The candidate's weights: a `weights:` value (NAME or NAME@VERSION).")
+    evaluation: EvalSet | None = Field(None, description="The eval_file's cases, read when the rollout "
+                                       "starts (a resume does not read the file again).")
 
     @field_validator("model", "to_version")
     @classmethod

@@ -4,6 +4,7 @@ knows Ray Serve. Connects as `keel apply` does; reads and submits whole StackSta
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -12,6 +13,9 @@ import urllib.request
 
 from serving.plan import MODEL_APP_PREFIX, StackState
 from serving.rollout.controller import DeployFailed, RolloutError
+from serving.rollout.evaluate import AskFailed
+
+ADMIN_KEY_ENV = "KEEL_ADMIN_KEY"
 
 SETTLE_S = 2.0  # Serve's control loop runs every 0.5 s (serving.launcher sets it)
 
@@ -69,12 +73,9 @@ class RayStack:
                                "server.gateway_replicas > 1 each scrape reaches another replica; "
                                "not supported yet")
         if server.get("metrics_port"):
-            host, port, headers = server.get("metrics_host", "127.0.0.1"), server["metrics_port"], {}
+            host, port, headers = _local(server.get("metrics_host")), server["metrics_port"], {}
         else:
-            host, port = server.get("host", "127.0.0.1"), server.get("port", 8000)
-            headers = {"authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"
+            host, port, headers = *self._api(server), self._admin()
         req = urllib.request.Request(f"http://{host}:{port}/metrics", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
@@ -86,3 +87,44 @@ class RayStack:
             raise OSError(f"GET /metrics: HTTP {e.code}") from None
         except urllib.error.URLError as e:
             raise OSError(f"GET http://{host}:{port}/metrics: {e.reason}") from None
+
+    def ask(self, model: str, candidate: str, path: str, body: dict, timeout_s: float) -> dict:
+        """One request through the gateway's API port, pinned to the candidate (an admin key's
+        `x-keel-variant`): the answer's JSON, or AskFailed saying what came back instead."""
+        from serving.gateway.policy import VARIANT_HEADER
+
+        host, port = self._api((self.state() or StackState({}, {})).server)
+        headers = {"content-type": "application/json", VARIANT_HEADER: candidate, **self._admin()}
+        req = urllib.request.Request(f"http://{host}:{port}{path}", data=json.dumps(body).encode(),
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = _error_message(e.read())
+            if e.code in (401, 403):
+                raise RolloutError(f"the evaluation gate needs an admin key: give one in ${ADMIN_KEY_ENV} "
+                                   f"(the gateway said HTTP {e.code}: {detail})") from None
+            raise AskFailed(f"HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            raise AskFailed(f"no answer within {timeout_s:g} s: {getattr(e, 'reason', e)}") from None
+        except ValueError:
+            raise AskFailed("the answer is not JSON") from None
+
+    def _api(self, server: dict) -> tuple[str, int]:
+        return _local(server.get("host")), server.get("port", 8000)
+
+    def _admin(self) -> dict:
+        return {"authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+
+
+def _local(host: str | None) -> str:
+    """Where this process reaches a listener bound to `host` (all addresses: loopback)."""
+    return "127.0.0.1" if host in (None, "0.0.0.0", "", "::") else host
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return raw[:300].decode(errors="replace")

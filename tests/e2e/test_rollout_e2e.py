@@ -52,12 +52,22 @@ def rollout(stack, *flags: str) -> tuple[subprocess.CompletedProcess, list[str],
     return r, load.stats.failed, status.stdout + status.stderr
 
 
+def eval_file(stack, expect: dict) -> str:
+    path = stack.log.parent / f"eval-{len(list(stack.log.parent.glob('eval-*')))}.yaml"
+    path.write_text(yaml.safe_dump({"cases": [
+        {"name": "answers", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
+         "params": {"ignore_eos": True}, "expect": expect}]}))
+    return str(path)
+
+
 def test_a_candidate_that_holds_its_gates_is_promoted(rollout_stack):
     stack = rollout_stack
     r, failed, status = rollout(stack, "--to", "demo-v@2", "--steps", "50,100", "--hold", "15s",
-                                "--gate", "min_requests=5", "--gate", "ttft=100", "--gate", "tpot=100")
+                                "--gate", "min_requests=5", "--gate", "ttft=100", "--gate", "tpot=100",
+                                "--eval", eval_file(stack, {"regex": r"\S"}))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "promoted" in status, status
+    assert "evaluated" in status and "1 of 1 cases passed" in status, status  # asked before the first step
     assert failed == [], failed
     # The model now serves the candidate's weights from its own application; the candidate is gone.
     pids = wait_engines(stack.log.parent / "stack.yaml", {"demo": 1})
@@ -76,3 +86,18 @@ def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
     assert failed == [], failed  # slower is not failed: only the candidate's users saw the latency
     pids = wait_engines(config, {"demo": 1})
     assert pids.get("demo") == before and CANDIDATE not in pids, pids  # the model untouched
+
+
+def test_a_candidate_that_fails_its_evaluation_is_rolled_back_before_any_traffic(rollout_stack):
+    stack = rollout_stack
+    config = stack.log.parent / "stack.yaml"
+    before = engine_pids(config)["demo"]
+    impossible = eval_file(stack, {"exact": "an answer the demo model never gives"})
+    r, failed, status = rollout(stack, "--to", "demo-v@3", "--steps", "50,100", "--hold", "15s", "--eval", impossible)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "rolled_back" in status and "evaluation: 0 of 1 cases passed" in status, status
+    assert "answers: expected" in status, status  # the case, and what came back instead
+    assert "step " not in status.split("rolled_back", 1)[1], status  # no step was ever taken
+    assert failed == [], failed
+    pids = wait_engines(config, {"demo": 1})
+    assert pids.get("demo") == before and CANDIDATE not in pids, pids

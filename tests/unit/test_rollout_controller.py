@@ -37,6 +37,7 @@ class FakeStack:
         self.counts = {"demo": [0, 0, 0], CAND: [0, 0, 0]}  # ok, 5xx, ttft observations <= 0.1
         self.scrapes = 0
         self.on_scrape = None
+        self.asked, self.answer = [], "hello there"
 
     def state(self):
         return self.deployed
@@ -80,6 +81,13 @@ class FakeStack:
                 for metric in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds"):
                     lines.append(f'{metric}_bucket{{le="{le}",model_name="{name}",replica="r"}} {fast}')
         return "\n".join(lines) + "\n"
+
+    def ask(self, model, candidate, path, body, timeout_s):
+        """The candidate answers `self.answer` (its share is what the gateway would pin it at)."""
+        self.asked.append((model, candidate, path, body, self.percent(), CAND in self.deployed.models))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return {"choices": [{"message": {"content": self.answer}}]}
 
     def percents(self):
         return [((s.gateway.get("rollouts") or {}).get("demo") or {}).get("percent") for s in self.submits]
@@ -205,3 +213,58 @@ def test_a_rollout_that_cannot_start_says_why(tmp_path):
     c.begin(spec(), "/w")  # in progress now (state saved)
     with pytest.raises(RolloutError, match="a rollout of demo to demo-tiny@v2 is in progress"):
         c.begin(spec(to_version="demo-tiny@v3"), "/w")
+
+
+EVAL = {"cases": [{"name": "greets", "messages": [{"role": "user", "content": "hi"}],
+                   "expect": {"regex": "(?i)hello"}},
+                  {"name": "json", "messages": [{"role": "user", "content": "json please"}],
+                   "expect": {"json_schema": {"type": "object"}}}],
+        "min_pass_rate": 0.5}
+
+
+def test_the_evaluation_gate_asks_the_candidate_alone_before_any_traffic(tmp_path):
+    stack = FakeStack()
+    c, _ = controller(tmp_path, stack)
+    st = c.run(c.begin(spec(evaluation=EVAL), "/weights/v2"))
+    assert st.phase == PROMOTED
+    assert [h["action"] for h in st.history][:3] == ["start", "evaluated", "step"]
+    ev = st.history[1]
+    assert ev["evaluation"]["passed"] == 1 and ev["evaluation"]["total"] == 2  # 1 of 2 >= 50%
+    assert "json: not JSON" in ev["reason"]
+    # both cases, to the candidate (deployed, 0% of users), through the public model name
+    assert [(a[0], a[1], a[2], a[4], a[5]) for a in stack.asked] == [("demo", CAND, "/v1/chat/completions", 0, True)] * 2
+    assert stack.asked[0][3]["temperature"] == 0.0
+
+
+def test_a_candidate_that_fails_its_evaluation_never_gets_traffic(tmp_path):
+    stack = FakeStack()
+    stack.answer = "goodbye"
+    c, _ = controller(tmp_path, stack)
+    st = c.run(c.begin(spec(evaluation={**EVAL, "min_pass_rate": 1.0}), "/weights/v2"))
+    assert st.phase == ROLLED_BACK
+    rollback = next(h for h in st.history if h["action"] == "rollback")
+    assert rollback["reason"].startswith("evaluation: 0 of 2 cases passed (needed 100%)")
+    assert "greets: no match for /(?i)hello/ in \"goodbye\"" in rollback["reason"]
+    assert set(stack.percents()) <= {0, None}  # no user ever reached it
+    assert stack.deployed == stack.original
+
+
+def test_a_candidate_that_errors_fails_its_evaluation_cases(tmp_path):
+    from serving.rollout.evaluate import AskFailed
+
+    stack = FakeStack()
+    stack.answer = AskFailed("HTTP 500: boom")
+    c, _ = controller(tmp_path, stack)
+    st = c.run(c.begin(spec(evaluation=EVAL), "/weights/v2"))
+    assert st.phase == ROLLED_BACK and "greets: HTTP 500: boom" in st.history[-2]["reason"]
+
+
+def test_a_resumed_rollout_does_not_evaluate_twice(tmp_path):
+    stack = FakeStack(crash_after=3)
+    c, clock = controller(tmp_path, stack)
+    with pytest.raises(Crash):
+        c.run(c.begin(spec(evaluation=EVAL), "/weights/v2"))
+    stack.crash_after = None
+    c2 = Controller(StateStore(tmp_path), stack, clock=clock, sleep=clock.sleep, say=lambda _: None, look_every_s=5)
+    st = c2.run(c2.begin(spec(evaluation=EVAL), "/weights/v2"))
+    assert st.phase == PROMOTED and len(stack.asked) == 2
