@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan per model and change nothing")
     p.add_argument("--restart", action="store_true",
                    help="also apply `server:` changes, which restart the gateways (after draining them)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="apply even where it puts back the weights a `keel rollout` promotion replaced")
 
     p = sub.add_parser("config", help="validate a config or print its JSON Schema")
     csub = p.add_subparsers(dest="config_cmd", required=True)
@@ -130,7 +132,7 @@ def _run(args) -> int:
         from serving.launcher import apply_config
 
         print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart,
-                           dry_run=args.dry_run), flush=True)
+                           dry_run=args.dry_run, allow_rollback=args.allow_rollback), flush=True)
         return 0
     if args.cmd == "config":
         if args.config_cmd == "validate":

@@ -189,7 +189,8 @@ def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> 
 
 
 def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool = False,
-                 dry_run: bool = False, timeout_s: float | None = None, say=print) -> str:
+                 dry_run: bool = False, timeout_s: float | None = None, say=print,
+                 allow_rollback: bool = False) -> str:
     """`keel apply`: change the running stack to what cfg asks, with the least disruption
     (serving.plan): models scale in place, are added or replaced (surge-first) beside the others,
     the gateways learn models and policy live, removed models drain. Returns the last line."""
@@ -201,6 +202,7 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
 
     from serving.app import deployed_state, submit
     from serving.plan import MODEL_APP_PREFIX, REMOVED, REPLACED, StackState, desired, keep_rollouts, make_plan, render
+    from serving.rollout.store import StateStore, undone_promotions
 
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -218,8 +220,13 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
                 ensure_weights(cfg, mc.weights)
         new = keep_rollouts(current, desired(cfg))  # a rollout in progress is not the config's to undo
         plan = make_plan(current, new)
+        undone = [] if allow_rollback else undone_promotions(StateStore(cfg.rollouts.state_dir), current, new)
         if dry_run:
-            return "keel apply --dry-run: nothing is changed; the plan:\n" + render(plan)
+            return "keel apply --dry-run: nothing is changed; the plan:\n" + render(plan) + "".join(
+                f"\n  refused without --allow-rollback: {u}" for u in undone)
+        if undone:
+            raise StartupError("\n".join(undone) + "\nSet weights: to the promoted version in the config, or "
+                               "re-run with --allow-rollback to go back to the old weights. Nothing was changed.")
         if plan.restart and not allow_restart:
             raise StartupError("this config changes `server:`, which restarts the gateways (requests in "
                                "flight are drained, new ones refused meanwhile); re-run with --restart "

@@ -185,8 +185,8 @@ class Controller:
             return
         state.phase = PROMOTED
         self._transition(state, "promoted", f"{state.model} serves {state.to_version}; the candidate is removed. "
-                         f"Set models.{state.model}.weights: {state.to_version} in the config, or the next "
-                         f"`keel apply` puts {state.from_version} back")
+                         f"Set models.{state.model}.weights: {state.to_version} in the config (`keel apply` "
+                         f"refuses to put {state.from_version} back without --allow-rollback)")
 
     def _roll_back(self, state: RolloutState) -> None:
         current = self._current()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from serving.rollout.decide import RolloutState
+from serving.rollout.decide import PROMOTED, RolloutState
 
 PROMOTE_NOW, ABORT = "promote", "abort"
 
@@ -103,3 +104,24 @@ class StateStore:
             return None
         path.unlink(missing_ok=True)
         return action if action in (PROMOTE_NOW, ABORT) else None
+
+
+def undone_promotions(store: StateStore, current, new) -> list[str]:
+    """Why applying `new` (a StackState) over `current` would quietly undo a rollout that was
+    promoted: the stack serves the promoted weights and the config still names the ones before
+    (nobody set `weights:` after the promotion). One line per model; [] when nothing is undone."""
+    problems = []
+    for model, now in current.models.items():
+        try:
+            state = store.load(model)
+        except ValueError:
+            state = None  # a damaged state file guards nothing; `keel rollout status` says what it is
+        want = new.models.get(model)
+        if state is None or state.phase != PROMOTED or want is None:
+            continue
+        serving, asked = now.args.get("weights"), want.args.get("weights")
+        if serving == state.to_version and asked == state.from_version:
+            when = datetime.fromtimestamp(state.updated_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            problems.append(f"models.{model}.weights: the stack serves {serving}, promoted by `keel rollout` "
+                            f"at {when}; this config says {asked}, which would roll {model} back")
+    return problems

@@ -72,6 +72,10 @@ def test_a_candidate_that_holds_its_gates_is_promoted(rollout_stack):
     # The model now serves the candidate's weights from its own application; the candidate is gone.
     pids = wait_engines(stack.log.parent / "stack.yaml", {"demo": 1})
     assert set(pids) == {"demo"}, pids
+    # The stack's config still names the old weights: applying it would undo the promotion.
+    plan = keel("apply", "--dry-run", str(stack.log.parent / "stack.yaml"), "--address", stack.ray_address)
+    assert "refused without --allow-rollback: models.demo.weights: the stack serves demo-v@2" in plan.stdout, \
+        plan.stdout + plan.stderr
 
 
 def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):

@@ -108,3 +108,30 @@ def test_a_promotion_replaces_the_model_with_the_candidates_weights_then_drops_t
     assert done.models["demo"].overrides == base.models["demo"].overrides  # its own scale, name and drain
     assert done.gateway["models"]["demo"]["weights_path"] == "/weights/v2"
     assert set(done.models) == {"demo"} and "rollouts" not in done.gateway
+
+
+def test_keel_apply_of_the_pre_promotion_config_is_refused_as_a_rollback(tmp_path):
+    from serving.rollout.decide import PROMOTED, ROLLED_BACK, RolloutState
+    from serving.rollout.store import StateStore, undone_promotions
+
+    base = state(raw())
+    old_weights = base.models["demo"].args["weights"]
+    cand = candidate_state(base.models["demo"], "demo", "demo-tiny@v2", "/weights/v2")
+    after = without_rollout(promoted(with_rollout(base, "demo", cand, 100), "demo"), "demo")
+    assert after.models["demo"].args["weights"] == "demo-tiny@v2"
+    store = StateStore(tmp_path)
+    done = RolloutState(model="demo", candidate=CAND, to_version="demo-tiny@v2", from_version=old_weights,
+                        spec={}, phase=PROMOTED, updated_at=1_780_000_000)
+    store.save(done)
+    # The config the stack was started with still names the old weights: refused, naming the key.
+    [problem] = undone_promotions(store, after, base)
+    assert problem.startswith(f"models.demo.weights: the stack serves demo-tiny@v2, promoted by `keel rollout` at ")
+    assert f"this config says {old_weights}, which would roll demo back" in problem
+    # A config that says the promoted version, or a third one, or a rollback that never promoted: fine.
+    assert undone_promotions(store, after, after) == []
+    third = copy.deepcopy(base)
+    third.models["demo"].args["weights"] = "demo-tiny@v3"
+    assert undone_promotions(store, after, third) == []
+    store.save(RolloutState(**{**done.to_dict(), "phase": ROLLED_BACK}))
+    assert undone_promotions(store, after, base) == []
+    assert undone_promotions(StateStore(tmp_path / "none"), after, base) == []
