@@ -132,6 +132,8 @@ def _drive(cfg, store, args, spec=None, weights_path: str = "") -> int:
                 stack.scrape()
             except OSError as e:
                 raise RolloutError(f"cannot read the gateway's metrics ({e}); is the stack up?") from None
+            if spec.evaluation is not None:
+                stack.check_admin()
         c = Controller(store, stack, audit=audit, say=lambda line: print(line, flush=True))
         state = c.begin(spec, weights_path) if spec is not None else store.load(args.model)
         state = c.run(state)

@@ -111,6 +111,24 @@ class RayStack:
         except ValueError:
             raise AskFailed("the answer is not JSON") from None
 
+    def check_admin(self) -> None:
+        """RolloutError unless this process may pin requests to a candidate (the evaluation
+        gate): an admin key, or a stack without tenants. Asked before anything is deployed."""
+        host, port = self._api((self.state() or StackState({}, {})).server)
+        req = urllib.request.Request(f"http://{host}:{port}/v1/admin/policy", headers=self._admin())
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise RolloutError(f"the evaluation gate asks the candidate with an admin key: give one in "
+                                   f"${ADMIN_KEY_ENV} (the gateway said HTTP {e.code}: "
+                                   f"{_error_message(e.read())})") from None
+            raise RolloutError(f"GET /v1/admin/policy: HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RolloutError(f"cannot reach the gateway at {host}:{port} ({getattr(e, 'reason', e)}); "
+                               "is the stack up?") from None
+
     def _api(self, server: dict) -> tuple[str, int]:
         return _local(server.get("host")), server.get("port", 8000)
 

@@ -4,6 +4,7 @@ The candidates are registered versions (`keel models register`) of the demo weig
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from benchmarks.live_changes import StreamingLoad, base_doc, engine_pids, wait_engines
 from serving.config import REPO_ROOT
+from serving.policy.identity import key_digest
 from tests.e2e.conftest import running_stack
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +23,12 @@ KEEL = Path(sys.executable).with_name("keel")
 CANDIDATE = "demo@candidate"
 
 
+ADMIN_KEY = "sk-keel-e2e-rollout-admin"  # the evaluation gate asks the candidate with it
+
+
 def keel(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([str(KEEL), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(KEEL), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "KEEL_ADMIN_KEY": ADMIN_KEY})
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,7 @@ def rollout_stack(tmp_path_factory):
                  "--models-dir", str(models))
         assert r.returncode == 0, r.stdout + r.stderr
     doc = base_doc(0, 0)
+    doc["tenants"]["ops"] = {"keys": [{"id": "ops-key", "digest": key_digest(ADMIN_KEY), "role": "admin"}]}
     doc["models_dir"] = str(models)
     doc["rollouts"] = {"state_dir": str(tmp / "rollouts")}
     with running_stack(doc, tmp) as stack:
