@@ -115,7 +115,7 @@ class Controller:
                 return self._fail(state, f"{state.model} is no longer in the running stack")
             cand = candidate_state(base, state.model, state.to_version, state.weights_path)
             self.stack.submit(with_rollout(current, state.model, cand, 0))
-        deadline = state.started_at + spec.ready_timeout_s
+        deadline = (state.deploy_started_at or state.started_at) + spec.ready_timeout_s
         while True:
             try:
                 waiting = self.stack.pending(frozenset())
@@ -138,12 +138,14 @@ class Controller:
         if spec.evaluation is not None and not state.evaluated:
             if not self._evaluate(state, spec):
                 return
-        state.phase, state.step = STEPPING, 0
+        again = state.step_started_at is not None  # deployed again (the stack restarted): same step
+        state.phase = STEPPING
         if not self._set_split(state, state.percent):
             return
         state.step_started_at = self.clock()
         state.start_snapshot = self._snapshot(state) or {}
-        self._transition(state, "step", f"the candidate serves; step 1: {state.percent:g}% of {state.model}'s users")
+        self._transition(state, "step", f"the candidate serves{' again' if again else ''}; step {state.step + 1}"
+                         f"{' starts over' if again else ''}: {state.percent:g}% of {state.model}'s users")
 
     def _evaluate(self, state: RolloutState, spec: RolloutSpec) -> bool:
         """The evaluation gate: every case asked of the candidate alone, at 0% of traffic."""
@@ -161,6 +163,11 @@ class Controller:
 
     def _look(self, state: RolloutState, spec: RolloutSpec) -> None:
         self.sleep(self.look_every_s)
+        current = self._current()
+        split = (current.gateway.get("rollouts") or {}).get(state.model) or {}
+        if state.candidate not in current.models or split.get("percent") != state.percent:
+            self._split_sent = None  # the stack was changed under the rollout (restarted): set it again
+            return
         now_series = self._snapshot(state)
         if now_series is None:
             return
@@ -223,7 +230,10 @@ class Controller:
         current = self._current()
         cand = current.models.get(state.candidate)
         if cand is None:
-            self._fail(state, f"the candidate {state.candidate} is gone from the running stack")
+            # The stack was started again from its config (`keel serve`), which has no candidate.
+            state.phase, state.deploy_started_at = DEPLOYING, self.clock()
+            self._transition(state, "redeploy", f"the candidate {state.candidate} is gone from the running stack "
+                             f"(restarted?); deploying it again, then step {state.step + 1} starts over")
             return False
         self.stack.submit(with_rollout(current, state.model, cand, percent))
         self._split_sent = percent

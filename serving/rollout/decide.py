@@ -42,6 +42,7 @@ class RolloutState:
     start_snapshot: dict = field(default_factory=dict)  # series at the step's start (signals.snapshot)
     baseline_ref: dict | None = None  # the baseline's summary from the last step that measured it
     started_at: float = 0.0
+    deploy_started_at: float | None = None  # the candidate's latest deploy (None: at started_at)
     updated_at: float = 0.0
     last_reason: str = ""  # the latest decision's reason, holds included (what `status` shows)
     history: list[dict] = field(default_factory=list)  # every transition: the audit records

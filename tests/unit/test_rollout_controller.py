@@ -268,3 +268,19 @@ def test_a_resumed_rollout_does_not_evaluate_twice(tmp_path):
     c2 = Controller(StateStore(tmp_path), stack, clock=clock, sleep=clock.sleep, say=lambda _: None, look_every_s=5)
     st = c2.run(c2.begin(spec(evaluation=EVAL), "/weights/v2"))
     assert st.phase == PROMOTED and len(stack.asked) == 2
+
+
+def test_a_stack_restarted_under_the_rollout_gets_the_candidate_again_at_the_same_step(tmp_path):
+    stack = FakeStack()
+    c, _ = controller(tmp_path, stack)
+
+    def restart(n):
+        if n == 16:  # in step 2: `keel serve` started again from its config, which has no candidate
+            stack.deployed = stack.original
+    stack.on_scrape = restart
+    st = c.run(c.begin(spec(), "/weights/v2"))
+    actions = [(h["action"], h["step"]) for h in st.history]
+    assert actions == [("start", 0), ("step", 0), ("advance", 1), ("redeploy", 1), ("step", 1),
+                       ("advance", 2), ("promote", 2), ("promoted", 2)], actions
+    assert "step 2 starts over: 50%" in st.history[4]["reason"]
+    assert st.phase == PROMOTED and stack.deployed.models["demo"].args["weights"] == "demo-tiny@v2"
