@@ -82,6 +82,8 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     from ray import serve
 
     from serving.app import submit
+    from serving.rollout import driver as rollout_driver
+    from serving.rollout.stack import ADMIN_KEY_ENV
 
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
@@ -106,12 +108,15 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
         if stop.is_set():
             return
         print(ready_message(cfg, url, ray.get_runtime_context().gcs_address), flush=True)
+        rollout_driver.resume_all(cfg, os.environ.get(ADMIN_KEY_ENV), say=lambda line: print(line, flush=True))
         if on_ready:
             on_ready()
         while not stop.wait(1.0):
             pass
         print(f"\nKeel: draining: the requests in flight finish (at most {drain_bound(cfg):.0f} s); "
               "Ctrl-C again stops at once", flush=True)
+        # Rollouts first: they stay where they are (state files) and resume at the next start.
+        rollout_driver.stop_all()
         _drain_and_shutdown(cfg)
     except KeyboardInterrupt:
         print("\nKeel: stopping at once", flush=True)

@@ -8,14 +8,16 @@ import sys
 import time
 from datetime import datetime, timezone
 
-WAIT_FOR_DRIVER_S = 900.0
+FOLLOW_EVERY_S = 1.0
+# A driver that Ray restarts takes a few seconds to take the lock again; longer means none runs.
+UNDRIVEN_GRACE_S = 60.0
 
 
 def add_parser(sub, default_config: str) -> None:
     p = sub.add_parser("rollout", help="roll a model out to new weights in steps, with automatic rollback")
     rsub = p.add_subparsers(dest="rollout_cmd", required=True)
     s = rsub.add_parser("start", help="deploy the candidate beside the model and move traffic to it step by "
-                        "step, judging live gates; runs in the foreground (again: resumes)")
+                        "step, judging live gates; driven inside the stack, followed here (again: resumes)")
     s.add_argument("model")
     s.add_argument("--to", required=True, dest="to_version", metavar="VERSION",
                    help="the candidate's weights, as a config's `weights:` (NAME or NAME@VERSION)")
@@ -33,6 +35,8 @@ def add_parser(sub, default_config: str) -> None:
     pr.add_argument("model")
     ab = rsub.add_parser("abort", help="roll back now: traffic back to the model, the candidate removed")
     ab.add_argument("model")
+    s.add_argument("--detach", action="store_true", help="return once the rollout is handed to the stack's "
+                   "driver, instead of following it to the end")
     for q in (s, st, pr, ab):
         q.add_argument("--config", default=default_config, help="the stack's config (rollouts:, models_dir)")
         q.add_argument("--address", default="auto", help="Ray cluster of the running stack")
@@ -97,16 +101,18 @@ def run(args) -> int:
                 raise ConfigError(f"--to {spec.to_version}: {e}") from None
             # The registry's identity (NAME@VERSION), as the plan names what a model serves.
             spec = spec.model_copy(update={"to_version": resolved.identity})
-            return _drive(cfg, store, args, spec=spec, weights_path=str(resolved.path))
+            return _start(cfg, store, args, spec, str(resolved.path))
         state = store.load(args.model)
         if state is None or state.phase not in _active():
             print(f"keel: no rollout of {args.model} in progress" + (f" ({state.phase})" if state else ""),
                   file=sys.stderr)
             return 1
         store.request(args.model, PROMOTE_NOW if args.rollout_cmd == "promote" else ABORT)
-        if store.driven(args.model):
-            return _wait_for_driver(store, args.model)
-        return _drive(cfg, store, args)  # nobody drives it (its process died): this one does
+        if not store.driven(args.model):  # nobody drives it (`keel serve` was down): the stack does now
+            with _connected(args) as _:
+                _start_driver(cfg, args.model)
+        print(f"keel: asked the driver of {args.model}'s rollout; following it ...", flush=True)
+        return _follow(store, args.model, len(state.history))
     except (RolloutError, RolloutBusy) as e:
         print(f"keel: {e}", file=sys.stderr)
         return 1
@@ -118,69 +124,96 @@ def _active():
     return ACTIVE
 
 
-def _drive(cfg, store, args, spec=None, weights_path: str = "") -> int:
+def _start(cfg, store, args, spec, weights_path: str) -> int:
+    """Begin (or find) the rollout here, where its errors are the user's to read, then hand it to
+    a driver in the stack and follow it (`--detach`: do not)."""
     from serving.rollout.controller import Controller, RolloutError
-    from serving.rollout.decide import PROMOTED
-    from serving.rollout.stack import ADMIN_KEY_ENV, RayStack
+    from serving.rollout.driver import AuditRecords
+    from serving.rollout.store import RolloutBusy
 
-    lock = store.lock(args.model)
-    stack = RayStack(args.address, os.environ.get(ADMIN_KEY_ENV))
-    audit = _audit_writer(cfg)
-    try:
-        if spec is not None and store.load(args.model) is None:
+    with _connected(args) as stack:
+        old = store.load(args.model)
+        if old is None or old.phase not in _active():
             try:  # the gates need the metrics: find out now, before anything is deployed
                 stack.scrape()
             except OSError as e:
                 raise RolloutError(f"cannot read the gateway's metrics ({e}); is the stack up?") from None
             if spec.evaluation is not None:
                 stack.check_admin()
-        c = Controller(store, stack, audit=audit, say=lambda line: print(line, flush=True))
-        state = c.begin(spec, weights_path) if spec is not None else store.load(args.model)
-        state = c.run(state)
-        return 0 if state.phase == PROMOTED else 3
-    finally:
-        if hasattr(audit, "close"):
-            audit.close()
-        stack.close()
-        store.unlock(lock)
+        try:
+            lock = store.lock(args.model)
+        except RolloutBusy:  # its driver runs: the same rollout is followed, another refused
+            if old is None or old.to_version != spec.to_version:
+                raise
+            state = old
+        else:
+            audit = AuditRecords(cfg) if cfg.audit.enabled else None
+            try:
+                state = Controller(store, stack, audit=audit, say=lambda line: print(line, flush=True)).begin(
+                    spec, weights_path)
+            finally:
+                store.unlock(lock)
+                if audit is not None:
+                    audit.close()
+        _start_driver(cfg, args.model)
+    if args.detach:
+        print(f"keel: the rollout of {args.model} goes on in the stack; `keel rollout status {args.model}` "
+              "shows where it is")
+        return 0
+    return _follow(store, args.model, len(state.history))
 
 
-class _AuditRecords:
-    """Each transition as a record in the stack's audit log (its chain and HMAC key), beside the
-    gateways' request records: `keel audit verify` covers both."""
+class _connected:
+    """The stack's Ray cluster for the length of a `with` (RayStack: its state, its gateway)."""
 
-    def __init__(self, cfg):
-        from serving.policy.audit import AuditLog
+    def __init__(self, args):
+        self.args = args
 
-        self.log = AuditLog(cfg.audit.dir, hmac_key_file=cfg.audit.hmac_key_file)
+    def __enter__(self):
+        from serving.rollout.stack import ADMIN_KEY_ENV, RayStack
 
-    def __call__(self, rec: dict) -> None:
-        when = datetime.fromtimestamp(rec["time"], timezone.utc).isoformat(timespec="milliseconds")
-        self.log.write({**rec, "time": when})
-        self.log.flush()
+        self.stack = RayStack(self.args.address, os.environ.get(ADMIN_KEY_ENV))
+        return self.stack
 
-    def close(self) -> None:
-        self.log.close()
+    def __exit__(self, *exc):
+        self.stack.close()
 
 
-def _audit_writer(cfg):
-    return _AuditRecords(cfg) if cfg.audit.enabled else None
+def _start_driver(cfg, model: str) -> None:
+    from serving.rollout.driver import start
+    from serving.rollout.stack import ADMIN_KEY_ENV
+
+    start(cfg, model, os.environ.get(ADMIN_KEY_ENV))
 
 
-def _wait_for_driver(store, model: str) -> int:
+def _follow(store, model: str, seen: int) -> int:
+    """Print the rollout's transitions as its driver records them, until it is done: 0 when
+    promoted, 3 when rolled back or aborted; 1 when nothing drives it any more. Ctrl-C stops
+    following, not the rollout."""
     from serving.rollout.decide import DONE, PROMOTED
 
-    print(f"keel: asked the process driving {model}'s rollout; waiting for it ...", flush=True)
-    deadline = time.monotonic() + WAIT_FOR_DRIVER_S
-    while time.monotonic() < deadline:
-        state = store.load(model)
-        if state is not None and state.phase in DONE:
-            print(f"keel: {model}: {state.phase}: {state.last_reason}")
-            return 0 if state.phase == PROMOTED else 3
-        time.sleep(1.0)
-    print(f"keel: {model}'s rollout did not finish within {WAIT_FOR_DRIVER_S:.0f} s; see `keel rollout status`",
-          file=sys.stderr)
-    return 1
+    undriven_since = None
+    try:
+        while True:
+            state = store.load(model)
+            for rec in state.history[seen:]:
+                print(f"keel rollout: {model}: {rec['action']}: {rec['reason']}", flush=True)
+            seen = len(state.history)
+            if state.phase in DONE:
+                return 0 if state.phase == PROMOTED else 3
+            if store.driven(model):
+                undriven_since = None
+            elif undriven_since is None:
+                undriven_since = time.monotonic()
+            elif time.monotonic() - undriven_since > UNDRIVEN_GRACE_S:
+                print(f"keel: nothing drives {model}'s rollout ({state.phase}); `keel rollout start {model} "
+                      f"--to {state.to_version}` resumes it", file=sys.stderr)
+                return 1
+            time.sleep(FOLLOW_EVERY_S)
+    except KeyboardInterrupt:
+        print(f"\nkeel: stopped following; the rollout goes on in the stack (`keel rollout status {model}`)",
+              file=sys.stderr)
+        return 130
 
 
 def _status(store, model: str | None) -> int:
@@ -206,7 +239,7 @@ def render_status(state, driven: bool) -> str:
         where = f"step {state.step + 1} of {len(steps)}: {state.percent:g}% of users on the candidate"
     lines = [f"{state.model}: {state.from_version} -> {state.to_version}  {where}"]
     if state.phase in ACTIVE:
-        lines.append("  driven by a running `keel rollout start`" if driven else
+        lines.append("  driven by the stack (its rollout driver)" if driven else
                      f"  NOT driven: run `keel rollout start {state.model} --to {state.to_version}` to resume")
     if state.last_reason:
         lines.append(f"  now: {state.last_reason}")

@@ -21,27 +21,34 @@ SETTLE_S = 2.0  # Serve's control loop runs every 0.5 s (serving.launcher sets i
 
 
 class RayStack:
-    def __init__(self, address: str = "auto", admin_key: str | None = None):
+    def __init__(self, address: str | None = "auto", admin_key: str | None = None):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `keel apply`: a local stack's token auth
         import ray
 
-        try:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as e:
-            raise RolloutError(f"no running Ray cluster at {address!r} ({e}); is `keel serve` running?") from None
+        self._owns_ray = not ray.is_initialized()  # inside the stack (the driver actor) it is
+        if self._owns_ray:
+            try:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as e:
+                raise RolloutError(f"no running Ray cluster at {address!r} ({e}); is `keel serve` running?") from None
         self.admin_key = admin_key
 
     def close(self) -> None:
         import ray
 
-        ray.shutdown()
+        if self._owns_ray:
+            ray.shutdown()
 
     def state(self) -> StackState | None:
+        from ray.serve.exceptions import RayServeException
+
         from serving.app import deployed_state
 
         try:
             return deployed_state()
+        except RayServeException:
+            return None  # no Serve on this cluster: no stack
         except ValueError as e:
             raise RolloutError(str(e)) from None
 

@@ -5,8 +5,10 @@ The candidates are registered versions (`keel models register`) of the demo weig
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,13 +69,41 @@ def eval_file(stack, expect: dict) -> str:
     return str(path)
 
 
-def test_a_candidate_that_holds_its_gates_is_promoted(rollout_stack):
+def status_until(stack, done, timeout_s: float = 1200) -> str:
+    config = str(stack.log.parent / "stack.yaml")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = keel("rollout", "status", "demo", "--config", config, "--address", stack.ray_address)
+        text = out.stdout + out.stderr
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(2)
+
+
+def driver_pid(stack) -> int:
+    """The process holding the rollout's lock: its driver actor in the stack."""
+    return int((stack.log.parent / "rollouts" / "demo.lock").read_text().split()[1])
+
+
+def test_a_candidate_that_holds_its_gates_is_promoted_by_the_stack_alone(rollout_stack):
     stack = rollout_stack
-    r, failed, status = rollout(stack, "--to", "demo-v@2", "--steps", "50,100", "--hold", "15s",
-                                "--gate", "min_requests=5", "--gate", "ttft=100", "--gate", "tpot=100",
-                                "--eval", eval_file(stack, {"regex": r"\S"}))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "promoted" in status, status
+    config = str(stack.log.parent / "stack.yaml")
+    with StreamingLoad(stack.url, "demo", clients=4) as load:
+        r = keel("rollout", "start", "demo", "--config", config, "--address", stack.ray_address, "--detach",
+                 "--to", "demo-v@2", "--steps", "50,100", "--hold", "30s", "--gate", "min_requests=5",
+                 "--gate", "ttft=100", "--gate", "tpot=100", "--eval", eval_file(stack, {"regex": r"\S"}))
+        assert r.returncode == 0 and "goes on in the stack" in r.stdout, r.stdout + r.stderr
+        # The CLI is gone; the driver runs in the stack. Killed in step 1, Ray starts it again and
+        # it resumes from the state file.
+        status = status_until(stack, lambda t: any(p in t.splitlines()[0] for p in ("step ", "promot", "rolled_back")))
+        assert "step 1 of 2" in status.splitlines()[0], status  # a 30 s step: seen while it holds
+        first = driver_pid(stack)
+        os.kill(first, signal.SIGKILL)
+        status = status_until(stack, lambda t: any(p in t.splitlines()[0] for p in ("promoted", "rolled_back")))
+    failed = load.stats.failed
+    assert "promoted" in status.splitlines()[0], status
+    assert driver_pid(stack) != first  # a new driver finished it
+    assert status.count(" start ") == 1, status  # resumed, not started over
     assert "evaluated" in status and "1 of 1 cases passed" in status, status  # asked before the first step
     assert failed == [], failed
     # The model now serves the candidate's weights from its own application; the candidate is gone.

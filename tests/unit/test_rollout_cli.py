@@ -86,4 +86,55 @@ def test_status_shows_the_step_the_gates_and_whether_anything_drives_it(tmp_path
     assert "NOT driven: run `keel rollout start demo --to demo-tiny@v2` to resume" in out
     assert "now: step 2 (25%): gates hold; 30 of 600 s" in out
     assert "advance       25%  step 1 (5%) held 600 s" in out
-    assert render_status(st, driven=True).splitlines()[1] == "  driven by a running `keel rollout start`"
+    assert render_status(st, driven=True).splitlines()[1] == "  driven by the stack (its rollout driver)"
+
+
+def _state(**over):
+    return RolloutState(**{"model": "demo", "candidate": "demo@candidate", "to_version": "demo-tiny@v2",
+                           "from_version": "demo-tiny", "spec": {"steps": [50, 100]}, **over})
+
+
+def test_start_follows_the_drivers_decisions_until_it_is_done(tmp_path, capsys, monkeypatch):
+    import threading
+
+    from serving.rollout import cli
+    from serving.rollout.decide import PROMOTED, ROLLED_BACK
+
+    monkeypatch.setattr(cli, "FOLLOW_EVERY_S", 0.01)
+    store = StateStore(tmp_path)
+    st = _state()
+    record(st, "start", "deploying", 1.0)
+    store.save(st)
+
+    def driver(final):
+        fd = store.lock("demo")  # as the driver actor holds it
+        for i, action in enumerate(("step", "advance", "promote")):
+            record(st, action, f"reason {i}", 2.0 + i)
+            store.save(st)
+        st.phase = final
+        record(st, final, "done", 9.0)
+        store.save(st)
+        store.unlock(fd)
+
+    t = threading.Thread(target=driver, args=(PROMOTED,))
+    t.start()
+    assert cli._follow(store, "demo", seen=1) == 0
+    t.join()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["keel rollout: demo: step: reason 0", "keel rollout: demo: advance: reason 1",
+                   "keel rollout: demo: promote: reason 2", "keel rollout: demo: promoted: done"]
+    st.phase = ROLLED_BACK
+    store.save(st)
+    assert cli._follow(store, "demo", seen=len(st.history)) == 3
+
+
+def test_following_a_rollout_nothing_drives_gives_up_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from serving.rollout import cli
+
+    monkeypatch.setattr(cli, "FOLLOW_EVERY_S", 0.01)
+    monkeypatch.setattr(cli, "UNDRIVEN_GRACE_S", 0.05)
+    store = StateStore(tmp_path)
+    store.save(_state(phase=STEPPING))
+    assert cli._follow(store, "demo", seen=0) == 1
+    assert "nothing drives demo's rollout (stepping); `keel rollout start demo --to demo-tiny@v2` resumes it" \
+        in capsys.readouterr().err
