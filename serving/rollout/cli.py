@@ -25,7 +25,7 @@ def add_parser(sub, default_config: str) -> None:
     s.add_argument("--hold", default=None, help="how long each step holds every gate, e.g. 10m (default 600 s)")
     s.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="errors=0.01 (max error-rate increase), ttft=1.25, tpot=1.25 (max p95 ratios), "
-                   "min_requests=20; repeatable")
+                   "min_requests=20, warmup=60 (s of each step before latency is judged); repeatable")
     s.add_argument("--eval", default=None, dest="eval_file", metavar="FILE",
                    help="an evaluation set (prompts with regex / exact / json_schema expectations) the "
                    "candidate must pass, alone, before its first step; default: rollouts.defaults.eval_file")
@@ -43,7 +43,7 @@ def add_parser(sub, default_config: str) -> None:
 
 
 _GATES = {"errors": "max_error_rate_increase", "ttft": "max_ttft_p95_ratio", "tpot": "max_tpot_p95_ratio",
-          "min_requests": "min_requests"}
+          "min_requests": "min_requests", "warmup": "warmup_s"}
 
 
 def spec_from_args(args, defaults):
@@ -67,6 +67,11 @@ def spec_from_args(args, defaults):
         name, _, value = g.partition("=")
         if name not in _GATES or not value:
             raise ConfigError(f"--gate: `{g}` is not one of {', '.join(k + '=VALUE' for k in _GATES)}")
+        if name == "warmup":
+            try:
+                value = parse_duration(value)
+            except ValueError as e:
+                raise ConfigError(f"--gate warmup: {e}") from None
         doc["gates"][_GATES[name]] = value
     eval_file = getattr(args, "eval_file", None) or doc.get("eval_file")
     if eval_file:

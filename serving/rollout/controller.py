@@ -142,7 +142,7 @@ class Controller:
         state.phase = STEPPING
         if not self._set_split(state, state.percent):
             return
-        state.step_started_at = self.clock()
+        state.step_started_at, state.warmed, state.judged_since = self.clock(), False, None
         state.start_snapshot = self._snapshot(state) or {}
         self._transition(state, "step", f"the candidate serves{' again' if again else ''}; step {state.step + 1}"
                          f"{' starts over' if again else ''}: {state.percent:g}% of {state.model}'s users")

@@ -5,8 +5,10 @@ deploying -> step 0 .. step n-1 (the candidate gets steps[i] percent) -> promoti
 any active phase -> aborted (`keel rollout abort`: as a rollback, by hand)
 
 At each look during a step, `decide` compares candidate and baseline over the step so far:
-rollback at once when a gate fails (given enough candidate requests to judge), hold while the
-step is younger than hold_s or has too few requests, then advance (promote after the last).
+first a warm-up (gates.warmup_s: errors judged, latency not: a fresh engine's first requests are
+slow), after which the signals count again from zero; then rollback at once when a gate fails
+(given enough candidate requests to judge), hold until the step has held hold_s or while it has
+too few requests, then advance (promote after the last).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ACTIVE = (DEPLOYING, STEPPING, PROMOTING, ROLLING_BACK)
 DONE = (PROMOTED, ROLLED_BACK, ABORTED)
 
 HOLD, ADVANCE, PROMOTE, ROLLBACK = "hold", "advance", "promote", "rollback"
+WARMED = "warmed"  # the step's warm-up is over: its signals count again from now (not a transition)
 QUANTILE = 0.95
 
 
@@ -39,7 +42,9 @@ class RolloutState:
     phase: str = DEPLOYING
     step: int = 0
     step_started_at: float | None = None
-    start_snapshot: dict = field(default_factory=dict)  # series at the step's start (signals.snapshot)
+    start_snapshot: dict = field(default_factory=dict)  # series the step's signals count from (signals.snapshot)
+    warmed: bool = False  # the step's warm-up is over: latency is judged, from `judged_since`
+    judged_since: float | None = None
     baseline_ref: dict | None = None  # the baseline's summary from the last step that measured it
     started_at: float = 0.0
     deploy_started_at: float | None = None  # the candidate's latest deploy (None: at started_at)
@@ -95,6 +100,17 @@ def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) ->
     if base["requests"] < g.min_requests and state.baseline_ref is not None:
         ref, ref_note = state.baseline_ref, "the previous step"  # at 100% the baseline gets nothing
     summary = {"candidate": cand, "baseline": ref, "baseline_from": ref_note}
+    percent = spec.steps[state.step]
+    if not state.warmed:  # errors are judged at once, latency once the engines are warm
+        failed = _failed_errors(cand, ref, g) if cand["requests"] >= g.min_requests else None
+        if failed:
+            return Decision(ROLLBACK, failed, summary)
+        warm = now - (state.step_started_at if state.step_started_at is not None else now)
+        if warm >= g.warmup_s:
+            return Decision(WARMED, f"step {state.step + 1} ({percent:g}%): warmed up {warm:.0f} s; "
+                            "every gate is judged from now", summary)
+        return Decision(HOLD, f"step {state.step + 1} ({percent:g}%): warming up, {warm:.0f} of "
+                        f"{g.warmup_s:.0f} s (errors judged, latency not yet)", summary)
     if cand["requests"] < g.min_requests:
         return Decision(HOLD, f"{cand['requests']} of {g.min_requests} candidate requests needed to judge", summary)
     failed = _failed_gate(cand, ref, g)
@@ -105,8 +121,7 @@ def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) ->
     missing = [k for k in ("ttft_p95", "tpot_p95") if cand[k] is None]
     if missing:
         return Decision(HOLD, f"no {', '.join(missing)} from the candidate's engines yet", summary)
-    held = now - (state.step_started_at if state.step_started_at is not None else now)
-    percent = spec.steps[state.step]
+    held = now - (state.judged_since if state.judged_since is not None else now)
     passing = _passing(cand, ref, g)
     if held < spec.hold_s:
         return Decision(HOLD, f"step {state.step + 1} ({percent:g}%): gates hold ({passing}); "
@@ -116,11 +131,18 @@ def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) ->
                     f"step {state.step + 1} ({percent:g}%) held {held:.0f} s: {passing}", summary)
 
 
-def _failed_gate(cand: dict, base: dict, g) -> str | None:
+def _failed_errors(cand: dict, base: dict, g) -> str | None:
     ce, be = cand["error_rate"], base["error_rate"] or 0.0
     if ce is not None and ce > be + g.max_error_rate_increase:
         return (f"error rate: candidate {ce:.2%} ({cand['errors']}/{cand['requests']}) > baseline {be:.2%} "
                 f"+ {g.max_error_rate_increase:.2%}")
+    return None
+
+
+def _failed_gate(cand: dict, base: dict, g) -> str | None:
+    failed = _failed_errors(cand, base, g)
+    if failed:
+        return failed
     for key, label, ratio in (("ttft_p95", "TTFT p95", g.max_ttft_p95_ratio),
                               ("tpot_p95", "TPOT p95", g.max_tpot_p95_ratio)):
         c, b = cand[key], base[key]
@@ -159,12 +181,17 @@ def apply_decision(state: RolloutState, decision: Decision, now: float, snapshot
     if decision.action == HOLD:
         state.last_reason = decision.reason
         return None
+    if decision.action == WARMED:  # not a transition: the latency window starts here
+        state.warmed, state.judged_since, state.start_snapshot = True, now, snapshot
+        state.last_reason = decision.reason
+        return None
     base = decision.summary.get("baseline")
     if decision.summary.get("baseline_from") == "this step" and base and base["requests"] >= 1:
         state.baseline_ref = base
     if decision.action == ADVANCE:
         state.step += 1
         state.step_started_at, state.start_snapshot = now, snapshot
+        state.warmed, state.judged_since = False, None
     elif decision.action == PROMOTE:
         state.phase = PROMOTING
     elif decision.action == ROLLBACK:

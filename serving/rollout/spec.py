@@ -38,6 +38,11 @@ class Gates(Strict):
     max_tpot_p95_ratio: float = Field(
         1.25, gt=0, description="Rollback when the candidate's p95 time per output token exceeds this "
         "multiple of the baseline's (vllm:request_time_per_output_token_seconds).")
+    warmup_s: float = Field(
+        60.0, ge=0, le=3600, description="At the start of each step, how long latency is not judged (errors "
+        "are): a candidate's first requests include its engines' warm-up. On the demo CPU path a healthy "
+        "candidate's TTFT p95 read 16x the baseline's in its first 17 s, 0.3x after. The hold counts from "
+        "the end of the warm-up.")
     min_requests: int = Field(
         20, ge=1, description="Candidate requests a step needs before any gate is judged; below it "
         "the step holds (a p95 of three requests decides nothing).")

@@ -91,7 +91,8 @@ def test_a_candidate_that_holds_its_gates_is_promoted_by_the_stack_alone(rollout
     with StreamingLoad(stack.url, "demo", clients=4) as load:
         r = keel("rollout", "start", "demo", "--config", config, "--address", stack.ray_address, "--detach",
                  "--to", "demo-v@2", "--steps", "50,100", "--hold", "30s", "--gate", "min_requests=5",
-                 "--gate", "ttft=100", "--gate", "tpot=100", "--eval", eval_file(stack, {"regex": r"\S"}))
+                 "--gate", "ttft=100", "--gate", "tpot=100", "--gate", "warmup=10s",
+                 "--eval", eval_file(stack, {"regex": r"\S"}))
         assert r.returncode == 0 and "goes on in the stack" in r.stdout, r.stdout + r.stderr
         # The CLI is gone; the driver runs in the stack. Killed in step 1, Ray starts it again and
         # it resumes from the state file.
@@ -121,7 +122,7 @@ def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
     before = engine_pids(config)["demo"]
     # The same weights cannot answer a hundred times faster than themselves: the gate fails.
     r, failed, status = rollout(stack, "--to", "demo-v@3", "--steps", "50,100", "--hold", "15s",
-                                "--gate", "min_requests=5", "--gate", "ttft=0.01")
+                                "--gate", "min_requests=5", "--gate", "ttft=0.01", "--gate", "warmup=5s")
     assert r.returncode != 0, r.stdout + r.stderr
     assert "rolled_back" in status and "TTFT p95: candidate" in status, status  # the gate and its numbers
     assert failed == [], failed  # slower is not failed: only the candidate's users saw the latency

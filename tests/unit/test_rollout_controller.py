@@ -34,7 +34,8 @@ class FakeStack:
         self.cand_ttft, self.cand_error_every, self.per_look = cand_ttft, cand_error_every, per_look
         self.pending_results = list(pending or [])
         self.crash_after = crash_after
-        self.counts = {"demo": [0, 0, 0], CAND: [0, 0, 0]}  # ok, 5xx, ttft observations <= 0.1
+        self.counts = {"demo": [0, 0, 0], CAND: [0, 0, 0]}  # ok, 5xx
+        self.buckets = {name: {"0.1": 0, "1.0": 0, INF: 0} for name in self.counts}  # TTFT (and TPOT) histograms
         self.scrapes = 0
         self.on_scrape = None
         self.asked, self.answer = [], "hello there"
@@ -65,21 +66,22 @@ class FakeStack:
             self.on_scrape(self.scrapes)
         n_cand = round(self.per_look * self.percent() / 100) if CAND in self.deployed.models else 0
         for name, n in (("demo", self.per_look - n_cand), (CAND, n_cand)):
+            ttft = self.cand_ttft if name == CAND else 0.05
             for _ in range(n):
                 c = self.counts[name]
                 if name == CAND and self.cand_error_every and (c[0] + c[1]) % self.cand_error_every == 0:
                     c[1] += 1
                 else:
                     c[0] += 1
+                    for le in self.buckets[name]:  # each answer observed with the TTFT it had then
+                        self.buckets[name][le] += float(le) >= ttft
         lines = []
         for name, (ok, err, _) in self.counts.items():
             lines.append(f'keel_requests_total{{tenant="t",model="demo",variant="{name}",status="200"}} {ok}')
             lines.append(f'keel_requests_total{{tenant="t",model="demo",variant="{name}",status="500"}} {err}')
-            ttft = self.cand_ttft if name == CAND else 0.05
-            for le in ("0.1", "1.0", INF):
-                fast = ok if float(le) >= ttft else 0
+            for le, n in self.buckets[name].items():
                 for metric in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds"):
-                    lines.append(f'{metric}_bucket{{le="{le}",model_name="{name}",replica="r"}} {fast}')
+                    lines.append(f'{metric}_bucket{{le="{le}",model_name="{name}",replica="r"}} {n}')
         return "\n".join(lines) + "\n"
 
     def ask(self, model, candidate, path, body, timeout_s):
@@ -106,7 +108,7 @@ class Clock:
 
 def spec(**over):
     return RolloutSpec.model_validate({"model": "demo", "to_version": "demo-tiny@v2", "steps": [10, 50, 100],
-                                       "hold_s": 60, "gates": {"min_requests": 20}, **over})
+                                       "hold_s": 60, "gates": {"min_requests": 20, "warmup_s": 0}, **over})
 
 
 def controller(tmp_path, stack, audit=None):
@@ -284,3 +286,23 @@ def test_a_stack_restarted_under_the_rollout_gets_the_candidate_again_at_the_sam
                        ("advance", 2), ("promote", 2), ("promoted", 2)], actions
     assert "step 2 starts over: 50%" in st.history[4]["reason"]
     assert st.phase == PROMOTED and stack.deployed.models["demo"].args["weights"] == "demo-tiny@v2"
+
+
+def test_a_candidate_slow_only_while_it_warms_up_is_judged_after_its_warm_up(tmp_path):
+    def cold_then_warm(stack):
+        stack.cand_ttft = 0.5  # 10x the baseline's for its first 30 s, then as fast
+        stack.on_scrape = lambda n: setattr(stack, "cand_ttft", 0.5 if n <= 6 else 0.05)
+        return stack
+
+    gates = {"min_requests": 20}
+    stack = cold_then_warm(FakeStack())
+    c, _ = controller(tmp_path / "no-warmup", stack)
+    st = c.run(c.begin(spec(gates={**gates, "warmup_s": 0}), "/weights/v2"))
+    assert st.phase == ROLLED_BACK and st.history[-2]["reason"].startswith("TTFT p95: candidate")
+
+    stack = cold_then_warm(FakeStack())
+    c, _ = controller(tmp_path / "warmup", stack)
+    st = c.run(c.begin(spec(gates={**gates, "warmup_s": 45}), "/weights/v2"))
+    assert st.phase == PROMOTED
+    steps = [h for h in st.history if h["action"] in ("step", "advance", "promote")]
+    assert all(b["time"] - a["time"] >= 45 + 60 for a, b in zip(steps, steps[1:]))  # warm-up, then the hold

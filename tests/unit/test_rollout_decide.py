@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving.rollout.decide import (
-    ADVANCE, HOLD, PROMOTE, PROMOTING, ROLLBACK, ROLLING_BACK, STEPPING, RolloutState, apply_decision, decide,
+    ADVANCE, HOLD, PROMOTE, PROMOTING, ROLLBACK, ROLLING_BACK, STEPPING, WARMED, RolloutState, apply_decision, decide,
 )
 from serving.rollout.signals import by_variant, delta, histogram_quantile, snapshot
 from serving.rollout.spec import RolloutSpec, parse_duration
@@ -96,6 +96,7 @@ def spec(**over) -> RolloutSpec:
 
 def stepping(step=0, started=1000.0, **over) -> RolloutState:
     s = spec()
+    over = {"warmed": True, "judged_since": started, **over}  # past its warm-up, unless a test says not
     return RolloutState(model="demo", candidate="demo@candidate", to_version="demo-tiny@v2", from_version="demo-tiny",
                         spec=s.model_dump(mode="json"), phase=STEPPING, step=step, step_started_at=started, **over)
 
@@ -165,11 +166,30 @@ def test_no_latency_from_the_candidate_holds_rather_than_passing():
     assert d.action == HOLD and d.reason == "no ttft_p95 from the candidate's engines yet"
 
 
+def test_a_warming_step_judges_errors_not_latency_then_counts_again_from_zero():
+    cold = stepping(started=1000, warmed=False, judged_since=None)
+    slow = {"baseline": variant(), "candidate": variant(requests=30, ttft=(0.05, 5.0))}
+    d = decide(cold, spec(), slow, 1059)
+    assert d.action == HOLD and d.reason == "step 1 (5%): warming up, 59 of 60 s (errors judged, latency not yet)"
+    failing = {"baseline": variant(), "candidate": variant(requests=30, errors=10, ttft=(0.05, 5.0))}
+    d = decide(cold, spec(), failing, 1010)
+    assert d.action == ROLLBACK and d.reason.startswith("error rate: candidate 33.33%")
+    d = decide(cold, spec(), slow, 1060)
+    assert d.action == WARMED and apply_decision(cold, d, 1060, {"series": 7.0}) is None  # not a transition
+    assert (cold.warmed, cold.judged_since, cold.start_snapshot, cold.history) == (True, 1060, {"series": 7.0}, [])
+    # The hold counts from the end of the warm-up.
+    ok = {"baseline": variant(), "candidate": variant(requests=30)}
+    assert decide(cold, spec(), ok, 1600).action == HOLD and decide(cold, spec(), ok, 1660).action == ADVANCE
+    apply_decision(cold, decide(cold, spec(), ok, 1660), 1660, {})
+    assert cold.step == 1 and not cold.warmed and cold.judged_since is None  # the next step warms up again
+
+
 def test_applying_decisions_moves_steps_and_records_each_transition():
     st = stepping(started=1000)
     d = decide(st, spec(), {"baseline": variant(), "candidate": variant(requests=30)}, 1600)
     rec = apply_decision(st, d, 1600, {"series": 1.0})
     assert (st.step, st.step_started_at, st.start_snapshot) == (1, 1600, {"series": 1.0})
+    st.warmed, st.judged_since = True, 1600
     assert rec["action"] == ADVANCE and rec["percent"] == 25 and st.history == [rec]
     assert st.baseline_ref["ttft_p95"] == pytest.approx(0.125)
     hold = decide(st, spec(), {"baseline": variant(), "candidate": variant(requests=3)}, 1601)
