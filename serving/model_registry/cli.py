@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from serving.config import DEFAULT_MODELS_DIR, ConfigError, KeelConfig
 from serving.model_registry.manifest import RegistrationError, check_name
 from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, format_bytes
-from serving.model_registry.resolve import ResolvedWeights, read_plain_manifest, resolve_weights
+from serving.model_registry.listing import format_table, list_models
+from serving.model_registry.resolve import ResolvedWeights, resolve_weights
 from serving.model_registry.store import (
-    RegisteredVersion, list_versions, model_names, newest, read_version, register_version,
-    retire_version, verify_version,
+    RegisteredVersion, list_versions, newest, read_version, register_version, retire_version,
+    verify_version,
 )
 
 COMMANDS = ("register", "list", "show", "verify", "retire")
@@ -36,7 +38,8 @@ def add_parsers(msub: argparse._SubParsersAction) -> None:
                    help="GPUs the weights are split over (default 1)")
     r.add_argument("--gpu-memory-utilization", type=float, default=VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
                    metavar="U", help=f"vLLM's share of each GPU (default {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION})")
-    msub.add_parser("list", help="models and their registered versions")
+    lst = msub.add_parser("list", help="models and their registered versions")
+    lst.add_argument("--json", action="store_true", help="as JSON (what GET /v1/admin/models answers)")
     s = msub.add_parser("show", help="a version's manifest (NAME: what `weights: NAME` resolves to)")
     s.add_argument("ref", metavar="NAME[@VERSION]")
     v = msub.add_parser("verify", help="re-hash a version's files against its manifest; exit 1 if any "
@@ -55,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.models_cmd](args, base)
     except (RegistrationError, ConfigError) as e:
-        what = f"refused to register {args.name}@{args.version}" if args.models_cmd == "register" else "error"
-        print(f"keel: {what}:\n{e}", file=sys.stderr)
+        text = refusal_text(args.name, args.version, e) if args.models_cmd == "register" else f"error:\n{e}"
+        print(f"keel: {text}", file=sys.stderr)
         return 1
 
 
@@ -65,40 +68,34 @@ def _register(args, base: Path) -> int:
         base, args.name, args.version, args.path, chat=not args.no_chat,
         gpu_memory_gib=args.gpu_memory_gib, tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization, progress=_progress)
-    m = found.manifest
-    if not new:
-        print(f"{found.ref} is already registered with these bytes ({found.file}); nothing changed")
-        return 0
-    mem = m.memory
-    fit = (f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
-           "for the KV cache" if mem.gpu_memory_gib else "")
-    print(f"registered {found.ref}: {', '.join(m.architectures)}, {m.parameter_count:,} parameters "
-          f"({', '.join(m.dtypes)}), {format_bytes(mem.weights_bytes_per_gpu)} of weights per GPU "
-          f"({mem.served_dtype}){fit}")
-    print(f"  manifest: {found.file}")
-    print(f"  in a config: `weights: {found.ref}`, then `keel apply`")
+    print(registered_text(found, new))
     return 0
 
 
+def registered_text(found: RegisteredVersion, new: bool) -> str:
+    """What a registration that passed says (the CLI's output, and the admin API's job)."""
+    if not new:
+        return f"{found.ref} is already registered with these bytes ({found.file}); nothing changed"
+    m = found.manifest
+    mem = m.memory
+    fit = (f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
+           "for the KV cache" if mem.gpu_memory_gib else "")
+    return (f"registered {found.ref}: {', '.join(m.architectures)}, {m.parameter_count:,} parameters "
+            f"({', '.join(m.dtypes)}), {format_bytes(mem.weights_bytes_per_gpu)} of weights per GPU "
+            f"({mem.served_dtype}){fit}\n"
+            f"  manifest: {found.file}\n"
+            f"  in a config: `weights: {found.ref}`, then `keel apply`")
+
+
+def refusal_text(name: str, version: str, error: Exception) -> str:
+    """What a refused registration says (after `keel: ` on the CLI's stderr, and in the job)."""
+    return f"refused to register {name}@{version}:\n{error}"
+
+
 def _list(args, base: Path) -> int:
-    rows = [("NAME", "VERSION", "STATE", "SIZE", "ARCHITECTURE", "PATH")]
-    for name in model_names(base):
-        versions = list_versions(base, name)
-        if (base / name / "manifest.yaml").is_file():
-            manifest, path = read_plain_manifest(base, name)
-            state = "present" if (path / "config.json").is_file() else "missing"
-            rows.append((name, "-", state, "-", "-", str(path)))
-        latest = newest(versions)
-        for v in versions:
-            m = v.manifest
-            mark = "*" if v is latest else ""
-            rows.append((name, m.version + mark, v.state, format_bytes(sum(f.size for f in m.files)),
-                         ",".join(m.architectures), m.path))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
-    if any(r[1].endswith("*") for r in rows[1:]):
-        print("* what `weights: NAME` resolves to (the newest version not retired)")
+    models = list_models(base)
+    for line in [json.dumps(models, indent=2)] if args.json else format_table(models):
+        print(line)
     return 0
 
 

@@ -3,6 +3,8 @@ what is printed, and that a refusal writes nothing."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serving.cli import main
@@ -114,3 +116,17 @@ def test_cli_nonsense_memory_flags_exit_1(capsys, models_base, model_dir, flags,
     code, _, err = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
                         "--models-dir", str(models_base), *flags)
     assert code == 1 and message in err and list(models_base.iterdir()) == []
+
+
+def test_cli_list_json_holds_what_the_table_shows(capsys, models_base, two_versions, demo_weights):
+    from serving.model_registry.store import retire_version
+
+    retire_version(models_base, "m", "1", reason="bad evals")
+    code, out, _ = keel(capsys, "list", "--json", "--models-dir", str(models_base))
+    [m] = json.loads(out)
+    assert code == 0 and m["name"] == "m" and m["latest"] == "2" and m["manifest"] is None
+    assert [(v["ref"], v["state"], v["latest"]) for v in m["versions"]] == [
+        ("m@1", "retired", False), ("m@2", "registered", True)]
+    v1 = m["versions"][0]
+    assert v1["retired_reason"] == "bad evals" and v1["bytes"] > 4_000_000 and v1["path"] == str(two_versions[0])
+    assert v1["architectures"] == ["LlamaForCausalLM"] and v1["registered_at"].startswith("20")
