@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def two_versions(models_base, model_dir, tmp_path) -> tuple[Path, Path]:
     edit_json(v2 / "generation_config.json", temperature=0.7)
     register_version(models_base, "m", "2", v2)
     return model_dir, v2
+
+
+def blocking_model(tmp_path: Path, demo_weights: Path) -> Path:
+    """A model directory whose index is a FIFO: registering it blocks, reading it, until killed."""
+    d = copy_model(demo_weights, tmp_path / "blocking")
+    os.mkfifo(d / "model.safetensors.index.json")
+    return d
 
 
 def copy_model(src: Path, dst: Path) -> Path:
