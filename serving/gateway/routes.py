@@ -38,6 +38,9 @@ ROUTES = (
     _route("/v1/models", "GET", KEY, "models"),
     _route("/v1/models/", "GET", KEY, "model_card"),
     _route("/v1/admin/policy", "GET", ADMIN, "admin_policy"),
+    _route("/v1/admin/models", "GET", ADMIN, "admin_models"),
+    _route("/v1/admin/models/register", "POST", ADMIN, "admin_register"),
+    _route("/v1/admin/models/register/", "GET", ADMIN, "admin_registration"),
     _route("/health", "GET", PUBLIC, "health", MAIN, METRICS),
     # Tenant names are in the labels: an admin key on the API port, or the metrics listener
     # (`server.metrics_port`, for a Prometheus that scrapes without a key).

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from serving.errors import GatewayError, error_body
+from serving.gateway import admin_models
 from serving.gateway.endpoints import Endpoint, EndpointPool
 from serving.gateway.heap import return_large_blocks_to_the_os
 from serving.gateway.http import ClientConnection, Request
@@ -37,6 +38,7 @@ from serving.gateway.relay import Upstream, request_bytes
 from serving.gateway.routes import ADMIN, MAIN, METRICS, PUBLIC, find_route
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
 from serving.httpraw import parse_head
+from serving.model_registry.jobs import RegistrationJobs
 
 log = logging.getLogger("keel.gateway")
 
@@ -68,6 +70,7 @@ class Gateway:
         pool: EndpointPool | None = None,
         metrics: GatewayMetrics | None = None,
         model_info: dict[str, dict] | None = None,
+        registrations: RegistrationJobs | None = None,
     ):
         self.settings = settings
         self.limits = settings.limits
@@ -77,6 +80,7 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.model_info = model_info or {}
         self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
+        self.registrations = registrations or RegistrationJobs()  # its models_dir: each reconfigure
         self.max_connections = _connection_cap(self.limits.max_connections)
         self.connections = 0
         self.requests_in_flight = 0
@@ -127,6 +131,7 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
+        self.registrations.stop()
 
     async def _watch_engines(self) -> None:
         """End requests whose engine has sent nothing for engine_idle_timeout_s (a hung engine
@@ -302,6 +307,10 @@ class Gateway:
 
     async def _admin_policy(self, req: Request):
         return 200, json.dumps(policy_summary(self.runtime)).encode(), None, "application/json"
+
+    _admin_models = admin_models.admin_models
+    _admin_register = admin_models.admin_register
+    _admin_registration = admin_models.admin_registration
 
     async def _proxy(self, client: ClientConnection, req: Request, rid: str) -> None:
         ctx = RequestContext(rid, req.method, req.path, req.headers, req.body, received_at=req.received_at)
