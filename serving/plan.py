@@ -67,6 +67,7 @@ class StackState:
 
 def desired(cfg) -> StackState:
     """The state a config asks for (cfg: serving.config.KeelConfig)."""
+    from serving.config import models_dir
     from serving.model_registry.resolve import resolve_weights
 
     models, gateway_models = {}, {}
@@ -88,7 +89,8 @@ def desired(cfg) -> StackState:
         models[name] = ModelState(args, model_overrides(name, d))
         gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len")}
     return StackState(server=cfg.server.model_dump(mode="json"),
-                      gateway={"policy": cfg.policy_dict(), "models": gateway_models}, models=models)
+                      gateway={"policy": cfg.policy_dict(), "models": gateway_models,
+                               "models_dir": str(models_dir(cfg))}, models=models)
 
 
 def model_overrides(name: str, d) -> dict:
@@ -296,6 +298,8 @@ def make_plan(current: StackState, new: StackState) -> Plan:
         gateway.append(f"policy: {', '.join(keys)} changed")
     if current.gateway.get("models") != new.gateway.get("models"):
         gateway.append("models the gateways route to: " + ", ".join(new.gateway.get("models") or {}))
+    if current.gateway.get("models_dir") != new.gateway.get("models_dir"):
+        gateway.append(f"models_dir (where the admin API registers): {new.gateway.get('models_dir')}")
     restart = tuple(f"server.{c}" for c in _diff(current.server, new.server))
     return Plan(tuple(changes), tuple(gateway), restart)
 

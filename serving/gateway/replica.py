@@ -118,9 +118,10 @@ class GatewayReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         user_config = user_config or {}
-        unknown = set(user_config) - {"policy", "models", "rollouts"}
+        unknown = set(user_config) - {"policy", "models", "rollouts", "models_dir"}
         if unknown:
-            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} (policy, models, rollouts)")
+            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} "
+                             "(policy, models, rollouts, models_dir)")
         policy = PolicyConfig.model_validate(user_config.get("policy") or {})
         models = user_config.get("models") or {}
         rollouts = {m: TrafficSplit.model_validate(s) for m, s in (user_config.get("rollouts") or {}).items()}
@@ -145,6 +146,8 @@ class GatewayReplica:
         model_info = {n: {"max_model_len": m["max_model_len"]} for n, m in models.items() if m.get("max_model_len")}
 
         def swap():
+            if user_config.get("models_dir"):  # where the admin API registers (a stack from before: the default)
+                gw.registrations.models_dir = Path(user_config["models_dir"])
             gw.set_models(list(models), model_info)
             gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime, rollouts=rollouts))
             return gw.runtime.version

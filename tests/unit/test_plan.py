@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -103,6 +104,14 @@ def test_a_policy_change_is_live_and_names_sections_not_values():
     assert models["demo"].kind == UNCHANGED and not p.restart
     assert p.gateway == ("policy: tenants changed",)
     assert "sha256" not in render(p)
+
+
+def test_the_gateways_learn_the_models_dir_live_for_the_admin_api():
+    before = state(raw())
+    assert before.gateway["models_dir"] == str(REPO_ROOT / "models")
+    moved = dataclasses.replace(before, gateway={**before.gateway, "models_dir": "/srv/keel-models"})
+    p = make_plan(before, moved)
+    assert p.gateway == ("models_dir (where the admin API registers): /srv/keel-models",) and not p.restart
 
 
 def test_a_server_change_needs_a_restart():
