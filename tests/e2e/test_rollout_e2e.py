@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -143,3 +144,29 @@ def test_a_candidate_that_fails_its_evaluation_is_rolled_back_before_any_traffic
     assert failed == [], failed
     pids = wait_engines(config, {"demo": 1})
     assert pids.get("demo") == before and CANDIDATE not in pids, pids
+
+
+def test_an_admin_registers_weights_over_the_api_of_the_running_stack(rollout_stack):
+    """The admin API through Ray: the gateway replica knows the stack's models_dir, runs the job in
+    a child process, and `keel rollout` can use what it registered."""
+    stack = rollout_stack
+    weights = str((REPO_ROOT / ".keel" / "models" / "demo-tiny").resolve())
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    bad = httpx.post(f"{stack.url}/v1/admin/models/register", headers=admin,
+                     json={"name": "demo-api", "version": "1", "path": weights + "-missing"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path", bad.text
+    r = httpx.post(f"{stack.url}/v1/admin/models/register", headers=admin,
+                   json={"name": "demo-api", "version": "1", "path": weights})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 300
+    while True:
+        job = httpx.get(stack.url + r.headers["location"], headers=admin).json()
+        if job["status"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert job["status"] == "succeeded", job
+    listed = httpx.get(f"{stack.url}/v1/admin/models", headers=admin).json()["data"]
+    assert any(m["name"] == "demo-api" for m in listed), listed
+    # On disk where the stack's config says, so the CLI and configs see it.
+    shown = keel("models", "show", "demo-api@1", "--models-dir", str(stack.log.parent / "models"))
+    assert shown.returncode == 0 and weights in shown.stdout, shown.stdout + shown.stderr
