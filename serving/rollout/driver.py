@@ -22,6 +22,8 @@ NAME_PREFIX = "keel-rollout:"
 # A driver whose loop fails (Serve or the gateway unreachable) tries again from the state file;
 # after this many tries (~5 min) it stops and `keel rollout status` says nothing drives it.
 RETRIES, RETRY_AFTER_S = 10, 30.0
+# `keel rollout start` (begin) and status probes (`driven()`) hold the lock for an instant.
+LOCK_WAIT_S = 10.0
 
 log = logging.getLogger("keel.rollout")
 
@@ -34,7 +36,7 @@ def drive(cfg, model: str, admin_key: str | None, *, address: str | None = None,
     from serving.rollout.store import StateStore
 
     store = StateStore(cfg.rollouts.state_dir)
-    lock = store.lock(model)  # RolloutBusy when another process drives it
+    lock = store.lock(model, wait_s=LOCK_WAIT_S)  # RolloutBusy when another process drives it
     stack = RayStack(address, admin_key)
     audit = AuditRecords(cfg) if cfg.audit.enabled else None
     try:

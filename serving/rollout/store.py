@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -62,16 +63,23 @@ class StateStore:
 
     # -- one driver per model ------------------------------------------------------------------
 
-    def lock(self, model: str) -> int:
-        """Hold the model's lock for this process's life (or until unlock); RolloutBusy if taken."""
+    def lock(self, model: str, wait_s: float = 0.0) -> int:
+        """Hold the model's lock for this process's life (or until unlock); RolloutBusy if it is
+        still taken after `wait_s` (a driver waits a little: `driven()` takes it for an instant)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._path(model, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RolloutBusy(f"the rollout of {model} is driven by {holder}") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RolloutBusy(f"the rollout of {model} is driven by {holder}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         return fd

@@ -107,7 +107,7 @@ def test_start_follows_the_drivers_decisions_until_it_is_done(tmp_path, capsys, 
     store.save(st)
 
     def driver(final):
-        fd = store.lock("demo")  # as the driver actor holds it
+        fd = store.lock("demo", wait_s=10)  # as the driver actor takes it, past `driven()`'s probes
         for i, action in enumerate(("step", "advance", "promote")):
             record(st, action, f"reason {i}", 2.0 + i)
             store.save(st)

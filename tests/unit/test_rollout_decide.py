@@ -263,3 +263,16 @@ def test_one_process_drives_a_rollout_and_others_leave_it_requests(tmp_path):
     assert store.take_request("org/model") == ABORT and store.take_request("org/model") is None
     store.unlock(fd)
     assert not store.driven("org/model")
+
+
+def test_a_driver_waits_out_a_status_probe_but_not_another_driver(tmp_path):
+    import threading
+
+    store = StateStore(tmp_path)
+    probe = store.lock("demo")  # `driven()` holds it for an instant; here for 0.3 s
+    threading.Timer(0.3, store.unlock, args=(probe,)).start()
+    fd = StateStore(tmp_path).lock("demo", wait_s=10)  # waits, then holds it
+    assert store.driven("demo")
+    with pytest.raises(RolloutBusy, match="driven by pid"):
+        StateStore(tmp_path).lock("demo", wait_s=0.2)  # a second driver gives up
+    store.unlock(fd)
