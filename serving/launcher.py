@@ -86,6 +86,7 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     from serving.rollout.stack import ADMIN_KEY_ENV
 
     if cfg.ray.address:
+        use_ray_token_if_any()
         ray.init(address=cfg.ray.address)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
@@ -126,6 +127,17 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
         finally:
             ray.shutdown()
         print("Keel: stopped.", flush=True)
+
+
+def use_ray_token_if_any() -> None:
+    """Joining a cluster by address: `ray start` turns token auth on whenever this machine has a
+    token (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]), but `ray.init(address=...)` sends it only
+    with RAY_AUTH_MODE=token set. Set it the way `ray start` decides; an explicit mode is kept."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def drain_bound(cfg: KeelConfig) -> float:
