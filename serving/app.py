@@ -27,6 +27,7 @@ from serving.registry import EndpointRegistry
 
 APP_NAME = CONTROL_APP
 _SECRET_NS = "keel"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # what Ray gives the head node alone (Serve's controller uses it)
 _SECRET_KEY = f"{APP_NAME}/engine-api-key"
 # Serve's access log would log every heartbeat and registry poll; requests never pass Ray.
 _QUIET = {"enable_access_log": False}
@@ -98,7 +99,9 @@ def _registry():
         EndpointRegistry,
         name="endpoint-registry",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
+        # On the head node, as Serve pins its controller: a lost worker must not take the one
+        # registry (and every gateway's view of the engines) with it.
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
         max_ongoing_requests=10_000,  # long polls from every gateway + heartbeats
         logging_config=_QUIET,
     ).bind()
