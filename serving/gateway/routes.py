@@ -42,6 +42,10 @@ ROUTES = (
     _route("/v1/admin/models/register", "POST", ADMIN, "admin_register"),
     _route("/v1/admin/models/register/", "GET", ADMIN, "admin_registration"),
     _route("/health", "GET", PUBLIC, "health", MAIN, METRICS),
+    # Ray Serve's proxy paths, which KubeRay asks on the serve port: 200 once every model has a
+    # ready replica (the head's serve label, the workers' readiness), 503 before.
+    _route("/-/healthz", "GET", PUBLIC, "serve_healthz"),
+    _route("/-/routes", "GET", PUBLIC, "serve_routes"),
     # Tenant names are in the labels: an admin key on the API port, or the metrics listener
     # (`server.metrics_port`, for a Prometheus that scrapes without a key).
     _route("/metrics", "GET", ADMIN, "metrics", MAIN),

@@ -403,3 +403,25 @@ def test_models_change_live_on_the_gateway():
     # The removed model's endpoint gauge goes with it, not frozen at its last value.
     gauged = {tuple(s.labels.values()) for m in metrics.endpoints.collect() for s in m.samples}
     assert gauged == {("demo-b",)}
+
+
+def test_kuberay_health_paths_say_success_only_once_every_model_has_a_replica():
+    """KubeRay labels the head as serving from `GET :8000/-/healthz` (200) and its exec probes
+    grep the body for "success", as Ray's own proxy answers."""
+    async def go():
+        gw, url = await start_gateway(None)
+        async with httpx.AsyncClient(base_url=url) as c:
+            before = [await c.get("/-/healthz"), await c.get("/-/routes")]
+            engine = FakeEngine()
+            port = await engine.start()
+            gw.update_endpoints({"demo": [{"model": "demo", "replica_id": "r1", "host": "127.0.0.1", "port": port}]})
+            after = [await c.get("/-/healthz"), await c.get("/-/routes"), await c.post("/-/healthz")]
+        await gw.stop(); await engine.stop()
+        return before, after
+
+    (h0, r0), (h1, r1, post) = run(go())
+    assert h0.status_code == 503 and h0.headers["retry-after"] and b"success" not in h0.content
+    assert r0.status_code == 503
+    assert h1.status_code == 200 and h1.text == "success"
+    assert r1.status_code == 200 and r1.json() == {"/": "keel"}
+    assert post.status_code == 405

@@ -470,3 +470,14 @@ def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
     # the long request reserved its exact prompt count + max_tokens
     assert expected > 3000
     assert records[long.headers["x-request-id"]]["reserved_tokens"] == expected + 1
+
+
+def test_kuberay_health_paths_need_no_key_when_tenants_are_configured(tmp_path):
+    async def go():
+        async with Harness(policy(tmp_path), {"demo": FakeEngine(), "demo-b": FakeEngine()}) as h:
+            return [await h.client.get(p) for p in ("/-/healthz", "/-/routes", "/v1/models")]
+
+    healthz, routes, models = run(go())
+    assert healthz.status_code == 200 and healthz.text == "success"
+    assert routes.status_code == 200
+    assert models.status_code == 401  # the public paths are the exception, not the rule
