@@ -8,6 +8,7 @@ fails at start, not inside a replica half a minute later.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,10 @@ class ServerConfig(_Strict):
         "without a key, for Prometheus; on the API port /metrics needs an admin key when tenants "
         "are configured (its labels name tenants).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without API keys on a non-loopback host. Without tenants, a gateway "
+        "listening beyond loopback refuses to start unless this is true (e.g. behind a proxy that "
+        "authenticates); give tenants keys instead (`keel keys create --tenant NAME`).")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(
         60.0, ge=0, le=3600, description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
@@ -230,6 +235,9 @@ def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool 
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, KeelConfig)) from None
     problems = [f"{source}: {p}" for p in check_policy_refs(cfg, list(cfg.models))]
+    exposed = open_beyond_loopback(cfg)
+    if exposed:
+        problems.append(f"{source}: {exposed}")
     # Gateway replicas run in Ray's working directory: the audit dir goes to them absolute.
     cfg.audit = cfg.audit.model_copy(update={"dir": str(Path(cfg.audit.dir).resolve())})
     cfg.audit.model_fields_set.add("dir")
@@ -249,6 +257,29 @@ def parse_config(raw: Any, *, source: str = "<config>", check_engine_args: bool 
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def open_beyond_loopback(cfg: KeelConfig) -> str | None:
+    """Secure by default: a gateway reachable from other machines with no keys at all is refused,
+    unless the config says so. The message says how to make a key."""
+    s = cfg.server
+    if cfg.tenants or s.allow_unauthenticated or is_loopback(s.host):
+        return None
+    return (f"server.host: {s.host} is reachable beyond this machine and no tenants are configured, so "
+            "anyone who reaches the port could use every model. Add a tenant with a key: `keel keys "
+            "create --tenant NAME` prints a new key once and the `digest: sha256:...` line to paste "
+            "under tenants.NAME.keys (`keel keys digest` makes the digest of a key you have). Or, to "
+            "serve without keys (e.g. behind a proxy that authenticates), set "
+            "server.allow_unauthenticated: true.")
 
 
 def models_dir(cfg: KeelConfig) -> Path:

@@ -163,3 +163,23 @@ def test_the_ready_message_names_the_demo_key_only_when_the_config_holds_it():
     local["tenants"]["demo"]["keys"][0]["digest"] = key_digest("sk-keel-another-key")  # same id, other key
     message = ready_message(parse_config(local, check_engine_args=False), "http://127.0.0.1:8000")
     assert DEMO_KEY not in message and "Bearer $KEEL_API_KEY" in message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "keel.internal"])
+def test_a_gateway_beyond_loopback_without_keys_is_refused_with_how_to_make_one(tmp_path, host):
+    msg = err(tmp_path, {**GOOD, "server": {"host": host}})
+    assert f"server.host: {host} is reachable beyond this machine" in msg
+    assert "keel keys create --tenant NAME" in msg and "server.allow_unauthenticated: true" in msg
+
+
+@pytest.mark.parametrize("server, tenants", [
+    ({"host": "127.0.0.1"}, None),
+    ({"host": "localhost"}, None),
+    ({"host": "::1"}, None),
+    ({"host": "0.0.0.0", "allow_unauthenticated": True}, None),
+    ({"host": "0.0.0.0"}, {"acme": {"keys": [{"id": "k1", "digest": "sha256:" + "0" * 64}]}}),
+])
+def test_loopback_keys_or_an_explicit_opt_out_may_start(tmp_path, server, tenants):
+    doc = {**GOOD, "server": server, **({"tenants": tenants} if tenants else {})}
+    cfg = load_config(write(tmp_path, doc), check_engine_args=False)
+    assert cfg.server.host == server["host"]
