@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from serving.rollout.spec import RolloutsConfig
 from serving.schema import Strict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+MODELS_DIR_ENV = "KEEL_MODELS_DIR"
 
 
 class ConfigError(ValueError):
@@ -167,7 +168,8 @@ class KeelConfig(PolicyConfig):
     ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(description="Public model name -> how it is served.")
     models_dir: str | None = Field(
-        None, description="Directory of model manifests; default: the repository's models/."
+        None, description="Directory of model manifests; default: $KEEL_MODELS_DIR (the GPU image "
+        "sets /app/models), else the checkout's models/ (an editable install)."
     )
     rollouts: RolloutsConfig = Field(
         default_factory=RolloutsConfig, description="`keel rollout`: where rollout state lives and the "
@@ -282,8 +284,20 @@ def open_beyond_loopback(cfg: KeelConfig) -> str | None:
             "server.allow_unauthenticated: true.")
 
 
+def default_models_dir() -> Path:
+    """$KEEL_MODELS_DIR, else the checkout's models/. A package installed from a wheel lives in
+    site-packages, where REPO_ROOT/models does not exist: the image sets the variable."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env).resolve() if env else REPO_ROOT / "models"
+
+
 def models_dir(cfg: KeelConfig) -> Path:
-    return Path(cfg.models_dir).resolve() if cfg.models_dir else DEFAULT_MODELS_DIR
+    base = Path(cfg.models_dir).resolve() if cfg.models_dir else default_models_dir()
+    if not base.is_dir():
+        where = "models_dir in the config" if cfg.models_dir else f"${MODELS_DIR_ENV} (or models_dir in the config)"
+        raise ConfigError(f"the models directory {base} does not exist: set {where} to the directory "
+                          "that holds NAME/manifest.yaml")
+    return base
 
 
 def load_manifest(cfg: KeelConfig, name: str) -> tuple[ModelManifest, Path]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from serving.config import DEFAULT_MODELS_DIR, ConfigError, KeelConfig
+from serving.config import ConfigError, KeelConfig, default_models_dir
 from serving.model_registry.manifest import RegistrationError, check_name
 from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, format_bytes
 from serving.model_registry.listing import format_table, list_models
@@ -50,11 +50,11 @@ def add_parsers(msub: argparse._SubParsersAction) -> None:
     t.add_argument("--reason", default="", help="shown to whoever still names the version")
     for p in (r, msub.choices["list"], s, v, t):
         p.add_argument("--models-dir", default=None, metavar="DIR",
-                       help="where manifests live (default: the repository's models/)")
+                       help="where manifests live (default: $KEEL_MODELS_DIR, else the checkout's models/)")
 
 
 def run(args: argparse.Namespace) -> int:
-    base = Path(args.models_dir).resolve() if args.models_dir else DEFAULT_MODELS_DIR
+    base = Path(args.models_dir).resolve() if args.models_dir else default_models_dir()
     try:
         return _COMMANDS[args.models_cmd](args, base)
     except (RegistrationError, ConfigError) as e:
