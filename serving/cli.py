@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     s = csub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     s.add_argument("--out", default=None)
 
+    p = sub.add_parser("kuberay", help="deploy on Kubernetes with KubeRay (deploy/kuberay/rayservice.yaml)")
+    kr = p.add_subparsers(dest="kuberay_cmd", required=True)
+    r = kr.add_parser("serve-config", help="print a config as the RayService's serveConfigV2 (one Serve "
+                      "application per model), or write it into a RayService manifest")
+    r.add_argument("config")
+    r.add_argument("--write", metavar="RAYSERVICE_YAML", default=None,
+                   help="replace the serveConfigV2 block in this manifest instead of printing")
+
     p = sub.add_parser("models", help="registered weights")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     from serving.model_registry.cli import add_parsers as add_registry_parsers
@@ -144,6 +152,17 @@ def _run(args) -> int:
             Path(args.out).write_text(text + "\n")
         else:
             print(text)
+        return 0
+    if args.cmd == "kuberay":
+        from serving.kuberay import serve_config, write_serve_config
+
+        text = serve_config(load_config(args.config))
+        if args.write is None:
+            print(text, end="")
+        else:
+            changed = write_serve_config(Path(args.write), text)
+            print(f"{args.write}: serveConfigV2 {'updated' if changed else 'unchanged'}; "
+                  "`kubectl apply -f` it to change the running stack")
         return 0
     if args.cmd == "models":
         from serving.model_registry import cli as registry_cli
