@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from serving.config import ConfigError, KeelConfig, default_models_dir
+from serving.config import MODELS_DIR_ENV, ConfigError, KeelConfig, default_models_dir
 from serving.model_registry.manifest import RegistrationError, check_name
 from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, format_bytes
 from serving.model_registry.listing import format_table, list_models
@@ -55,6 +55,10 @@ def add_parsers(msub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     base = Path(args.models_dir).resolve() if args.models_dir else default_models_dir()
+    if args.models_cmd != "register" and not base.is_dir():
+        print(f"keel: error:\nthe models directory {base} does not exist: pass --models-dir, or set "
+              f"${MODELS_DIR_ENV} to the directory that holds NAME/manifest.yaml", file=sys.stderr)
+        return 1
     try:
         return _COMMANDS[args.models_cmd](args, base)
     except (RegistrationError, ConfigError) as e:
