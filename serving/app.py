@@ -60,11 +60,10 @@ def stack_secret() -> str:
 
 
 class EngineDeployment(EngineReplica):
-    async def __init__(self, spec: EngineSpec, registry_handle=None):
+    async def __init__(self, spec: EngineSpec):
         # A model's own application reaches the registry of the front application by name; at
         # the first deploy it may not exist yet, and calls on the handle wait until it does.
-        handle = registry_handle or serve.get_deployment_handle("endpoint-registry", app_name=CONTROL_APP,
-                                                                _check_exists=False)
+        handle = serve.get_deployment_handle("endpoint-registry", app_name=CONTROL_APP, _check_exists=False)
         await super().__init__(replace(spec, api_key=stack_secret()), _RegistryClient(handle))
 
     async def __del__(self):
@@ -74,8 +73,7 @@ class EngineDeployment(EngineReplica):
 
 
 class GatewayDeployment(GatewayReplica):
-    async def __init__(self, server: dict, registry_handle, **engines):
-        # `engines` only puts a one-application stack's engines into its graph (app_builder).
+    async def __init__(self, server: dict, registry_handle):
         await super().__init__(server, registry_handle, engine_api_key=stack_secret())
 
     async def __del__(self):
@@ -107,7 +105,7 @@ def _registry():
     ).bind()
 
 
-def _gateway(server: dict, registry, engines: dict, **options):
+def _gateway(server: dict, registry, **options):
     return serve.deployment(
         GatewayDeployment,
         name="gateway",
@@ -116,10 +114,10 @@ def _gateway(server: dict, registry, engines: dict, **options):
         graceful_shutdown_timeout_s=server["drain_timeout_s"] + 10,
         logging_config=_QUIET,
         **options,
-    ).bind(server, registry, **engines)
+    ).bind(server, registry)
 
 
-def _engine(args: dict, registry=None, **options):
+def _engine(args: dict, **options):
     return serve.deployment(
         EngineDeployment,
         name=engine_deployment_name(args["model"]),
@@ -129,34 +127,19 @@ def _engine(args: dict, registry=None, **options):
         max_ongoing_requests=100_000,
         logging_config=_QUIET,
         **options,
-    ).bind(engine_spec(args), registry)
+    ).bind(engine_spec(args))
 
 
 def control_builder(args: dict) -> serve.Application:
     """The front application (`import_path: serving.app:control_builder`): registry + gateways.
     The gateways' policy and model list arrive as their user_config in the same schema."""
-    return _gateway(args["server"], _registry(), {})
+    return _gateway(args["server"], _registry())
 
 
 def model_builder(args: dict) -> serve.Application:
     """One model's application (`import_path: serving.app:model_builder`); its replica count,
     autoscaling and drain timeout arrive as deployment overrides in the same schema."""
     return _engine(args)
-
-
-def app_builder(args: dict) -> serve.Application:
-    """The whole stack as one application, from a config file (`args: {config: /path/keel.yaml}`),
-    for a KubeRay RayService whose serveConfigV2 names one application. Every model change
-    there rebuilds it; `keel serve` and `keel apply` deploy one application per model."""
-    from serving.config import load_config
-
-    state = desired(load_config(args["config"]))
-    registry = _registry()
-    engines = {}
-    for i, m in enumerate(state.models.values()):
-        options = {k: v for k, v in m.overrides.items() if k != "name"}
-        engines[f"engine_{i}"] = _engine(m.args, registry, **options)
-    return _gateway(state.server, registry, engines, user_config=state.gateway)
 
 
 def submit(cfg_or_state: KeelConfig | StackState) -> None:
