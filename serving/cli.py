@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -156,7 +157,9 @@ def _run(args) -> int:
     if args.cmd == "kuberay":
         from serving.kuberay import serve_config, write_serve_config
 
-        text = serve_config(load_config(args.config))
+        # vLLM (checking engine arguments) logs to stdout, which here is the rendered config.
+        with contextlib.redirect_stdout(sys.stderr):
+            text = serve_config(load_config(args.config))
         if args.write is None:
             print(text, end="")
         else:

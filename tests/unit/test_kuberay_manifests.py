@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from importlib import import_module
 from pathlib import Path
 
@@ -158,3 +159,16 @@ def test_write_serve_config_replaces_only_the_block(tmp_path):
     assert not write_serve_config(f, "applications: []\nproxy_location: Disabled\n")
     doc = "kind: RayService\n" + f.read_text().split("\n", 1)[1]
     assert serve_config_of(doc) == "applications: []\nproxy_location: Disabled\n"
+
+
+def test_serve_config_prints_only_yaml_on_stdout():
+    """So `keel kuberay serve-config keel.yaml > serve.yaml` works: vLLM, which checks the engine
+    arguments, logs to stdout."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "serving.cli", "kuberay", "serve-config", str(KEEL_CONFIG)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout) == SERVE
