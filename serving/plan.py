@@ -88,9 +88,11 @@ def desired(cfg) -> StackState:
                 "startup_timeout_s": d.startup_timeout_s, "ray_actor_options": actor}
         models[name] = ModelState(args, model_overrides(name, d))
         gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len")}
-    return StackState(server=cfg.server.model_dump(mode="json"),
-                      gateway={"policy": cfg.policy_dict(), "models": gateway_models,
-                               "models_dir": str(models_dir(cfg))}, models=models)
+    gateway = {"policy": cfg.policy_dict(), "models": gateway_models}
+    if cfg.models_dir:  # else the gateways' own default ($KEEL_MODELS_DIR, the checkout's models/),
+        # as on the machine that renders the state: a KubeRay manifest must not carry this one's path
+        gateway["models_dir"] = str(models_dir(cfg))
+    return StackState(server=cfg.server.model_dump(mode="json"), gateway=gateway, models=models)
 
 
 def model_overrides(name: str, d) -> dict:

@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from serving.config import ServerConfig
+from serving.config import ServerConfig, default_models_dir
 from serving.gateway.heap import freeze_long_lived
 from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
@@ -146,8 +146,8 @@ class GatewayReplica:
         model_info = {n: {"max_model_len": m["max_model_len"]} for n, m in models.items() if m.get("max_model_len")}
 
         def swap():
-            if user_config.get("models_dir"):  # where the admin API registers (a stack from before: the default)
-                gw.registrations.models_dir = Path(user_config["models_dir"])
+            # Where the admin API registers: the config's models_dir, else this node's default.
+            gw.registrations.models_dir = Path(user_config.get("models_dir") or default_models_dir())
             gw.set_models(list(models), model_info)
             gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime, rollouts=rollouts))
             return gw.runtime.version

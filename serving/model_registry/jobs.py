@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, Field, field_validator
 
-from serving.config import DEFAULT_MODELS_DIR, ConfigError
+from serving.config import ConfigError, default_models_dir
 from serving.model_registry.manifest import RegistrationError, check_name
 from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
 from serving.schema import Strict
@@ -83,7 +83,7 @@ class RegistrationJobs:
     own children, and reads any job's file."""
 
     def __init__(self, models_dir: Path | None = None, max_running: int = MAX_RUNNING):
-        self.models_dir = Path(models_dir) if models_dir else DEFAULT_MODELS_DIR
+        self.models_dir = Path(models_dir) if models_dir else default_models_dir()
         self.max_running = max_running
         self._children: dict[str, tuple[subprocess.Popen, Path]] = {}  # job id -> (process, job file)
 

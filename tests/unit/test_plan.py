@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import yaml
@@ -106,12 +105,18 @@ def test_a_policy_change_is_live_and_names_sections_not_values():
     assert "sha256" not in render(p)
 
 
-def test_the_gateways_learn_the_models_dir_live_for_the_admin_api():
+def test_the_gateways_learn_the_models_dir_live_for_the_admin_api(tmp_path):
     before = state(raw())
-    assert before.gateway["models_dir"] == str(REPO_ROOT / "models")
-    moved = dataclasses.replace(before, gateway={**before.gateway, "models_dir": "/srv/keel-models"})
+    assert "models_dir" not in before.gateway  # the gateways' own default, not this machine's path
+    (tmp_path / "demo-tiny").mkdir()  # the manifest the config names, with the same weights
+    (tmp_path / "demo-tiny" / "manifest.yaml").write_text(
+        f"name: demo-tiny\npath: {(REPO_ROOT / '.keel' / 'models' / 'demo-tiny').resolve()}\n")
+    doc = raw()
+    doc["models_dir"] = str(tmp_path)
+    moved = state(doc)
+    assert moved.gateway["models_dir"] == str(tmp_path)
     p = make_plan(before, moved)
-    assert p.gateway == ("models_dir (where the admin API registers): /srv/keel-models",) and not p.restart
+    assert p.gateway == (f"models_dir (where the admin API registers): {tmp_path}",) and not p.restart
 
 
 def test_a_server_change_needs_a_restart():
