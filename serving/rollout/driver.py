@@ -71,7 +71,7 @@ class AuditRecords:
 
 class RolloutDriver:
     """The actor (made remote in `start`): drives the rollout on a thread of its own, so Ray can
-    ask it `phase()` meanwhile, then removes itself for good (no restart)."""
+    ask it `running()` meanwhile, then removes itself for good (no restart)."""
 
     def __init__(self, cfg, model: str, admin_key: str | None, cwd: str):
         os.chdir(cwd)
@@ -118,7 +118,7 @@ def start(cfg, model: str, admin_key: str | None) -> bool:
         max_restarts=-1, max_concurrency=2,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg, model, admin_key, os.getcwd())
-    ray.get(actor.running.remote(), timeout=120)  # constructed: the thread has the lock or gave up
+    ray.get(actor.running.remote(), timeout=120)  # constructed, on this node: its thread drives
     return True
 
 
