@@ -146,7 +146,7 @@ def resume_all(cfg, admin_key: str | None, say=print) -> list[str]:
     store = StateStore(cfg.rollouts.state_dir)
     resumed = []
     for model in store.models():
-        state = _load(store, model)
+        state = store.peek(model)
         if state is None or state.phase not in ACTIVE or model not in cfg.models:
             continue
         try:
@@ -157,9 +157,3 @@ def resume_all(cfg, admin_key: str | None, say=print) -> list[str]:
             say(f"Keel: could not resume the rollout of {model}: {e}")
     return resumed
 
-
-def _load(store, model: str):
-    try:
-        return store.load(model)
-    except ValueError:
-        return None

@@ -55,6 +55,10 @@ class StateStore:
     def models(self) -> list[str]:
         return sorted(s.model for p in self.dir.glob("*.json") if (s := self.load_path(p)) is not None)
 
+    def peek(self, model: str) -> RolloutState | None:
+        """The model's state, or None when it has none or its file is damaged (`load` says which)."""
+        return self.load_path(self._path(model, ".json"))
+
     def load_path(self, path: Path) -> RolloutState | None:
         try:
             return RolloutState.from_dict(json.loads(path.read_text()))
@@ -120,10 +124,7 @@ def undone_promotions(store: StateStore, current, new) -> list[str]:
     (nobody set `weights:` after the promotion). One line per model; [] when nothing is undone."""
     problems = []
     for model, now in current.models.items():
-        try:
-            state = store.load(model)
-        except ValueError:
-            state = None  # a damaged state file guards nothing; `keel rollout status` says what it is
+        state = store.peek(model)  # a damaged file guards nothing; `keel rollout status` names it
         want = new.models.get(model)
         if state is None or state.phase != PROMOTED or want is None:
             continue
