@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -114,7 +115,7 @@ def run(args) -> int:
             return 1
         store.request(args.model, PROMOTE_NOW if args.rollout_cmd == "promote" else ABORT)
         if not store.driven(args.model):  # nobody drives it (`keel serve` was down): the stack does now
-            with _connected(args) as _:
+            with _connected(args):
                 _start_driver(cfg, args.model)
         print(f"keel: asked the driver of {args.model}'s rollout; following it ...", flush=True)
         return _follow(store, args.model, len(state.history))
@@ -168,20 +169,16 @@ def _start(cfg, store, args, spec, weights_path: str) -> int:
     return _follow(store, args.model, len(state.history))
 
 
-class _connected:
+@contextlib.contextmanager
+def _connected(args):
     """The stack's Ray cluster for the length of a `with` (RayStack: its state, its gateway)."""
+    from serving.rollout.stack import ADMIN_KEY_ENV, RayStack
 
-    def __init__(self, args):
-        self.args = args
-
-    def __enter__(self):
-        from serving.rollout.stack import ADMIN_KEY_ENV, RayStack
-
-        self.stack = RayStack(self.args.address, os.environ.get(ADMIN_KEY_ENV))
-        return self.stack
-
-    def __exit__(self, *exc):
-        self.stack.close()
+    stack = RayStack(args.address, os.environ.get(ADMIN_KEY_ENV))
+    try:
+        yield stack
+    finally:
+        stack.close()
 
 
 def _start_driver(cfg, model: str) -> None:
