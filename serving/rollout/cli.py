@@ -10,6 +10,8 @@ import time
 from datetime import datetime, timezone
 
 FOLLOW_EVERY_S = 1.0
+# Another shell's `status` holds the model's lock for an instant (driven()); a start waits it out.
+PROBE_WAIT_S = 1.0
 # A driver that Ray restarts takes a few seconds to take the lock again; longer means none runs.
 UNDRIVEN_GRACE_S = 60.0
 
@@ -147,7 +149,7 @@ def _start(cfg, store, args, spec, weights_path: str) -> int:
             if spec.evaluation is not None:
                 stack.check_admin()
         try:
-            lock = store.lock(args.model)
+            lock = store.lock(args.model, wait_s=PROBE_WAIT_S)
         except RolloutBusy:  # its driver runs: the same rollout is followed, another refused
             if old is None or old.to_version != spec.to_version:
                 raise
