@@ -282,10 +282,12 @@ def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
     """Until every application runs with all deployments healthy and `gone` ones are deleted."""
     from ray.serve.context import _get_global_client
 
+    from serving.plan import SERVE_PICKUP_S
+
     client = _get_global_client()
     start = time.monotonic()
     said = start
-    time.sleep(2.0)  # the controller picks the new config up within a few loops (0.5 s each)
+    time.sleep(SERVE_PICKUP_S)  # statuses read before it are the old config's
     while time.monotonic() - start < timeout_s:
         apps = client.get_serve_details().get("applications") or {}
         failed = deploy_failures(apps)

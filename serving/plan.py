@@ -28,6 +28,9 @@ MODEL_IMPORT = "serving.app:model_builder"
 # A stopping replica's budget beyond its drain: vLLM's own shutdown, then SIGKILL of what is left
 # (serving.engine.replica STOP_GRACE_S + KILL_WAIT_S), and Serve's own bookkeeping.
 STOP_BUDGET_S = 30.0
+# After a submit, Serve's controller takes the new config up within a few loops (0.5 s each,
+# serving.launcher sets it); until then its statuses are the old config's.
+SERVE_PICKUP_S = 2.0
 
 UNCHANGED, SCALED, ADDED, REMOVED, REPLACED = "unchanged", "scaled", "added", "removed", "replaced"
 

@@ -11,13 +11,11 @@ import time
 import urllib.error
 import urllib.request
 
-from serving.plan import MODEL_APP_PREFIX, StackState
+from serving.plan import MODEL_APP_PREFIX, SERVE_PICKUP_S, StackState
 from serving.rollout.controller import DeployFailed, RolloutError
 from serving.rollout.evaluate import AskFailed
 
 ADMIN_KEY_ENV = "KEEL_ADMIN_KEY"
-
-SETTLE_S = 2.0  # Serve's control loop runs every 0.5 s (serving.launcher sets it)
 
 
 class RayStack:
@@ -56,7 +54,7 @@ class RayStack:
         from serving.app import submit
 
         submit(state)
-        time.sleep(SETTLE_S)  # until Serve's controller has taken it up, its statuses are the old ones
+        time.sleep(SERVE_PICKUP_S)  # until Serve's controller has taken it up, its statuses are the old ones
 
     def pending(self, gone: frozenset[str]) -> list[str]:
         """What is not running as given yet ([] once settled); DeployFailed when Serve gave up."""
