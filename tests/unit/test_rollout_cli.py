@@ -36,6 +36,7 @@ def test_flags_override_the_configs_defaults():
     assert s.gates.max_ttft_p95_ratio == 1.5 and s.gates.max_error_rate_increase == 0.02
     assert s.gates.min_requests == 50 and s.gates.max_tpot_p95_ratio == 1.25  # from the config, the default
     assert spec_from_args(flags(), defaults).hold_s == 120
+    assert spec_from_args(flags(gate=["warmup=90s"]), defaults).gates.warmup_s == 90
 
 
 @pytest.mark.parametrize("over, message", [
@@ -44,6 +45,9 @@ def test_flags_override_the_configs_defaults():
     ({"steps": "50,25,100"}, "steps must increase"),
     ({"steps": "5,x,100"}, "--steps/--hold"),
     ({"hold": "soon"}, "`soon` is not a duration"),
+    ({"gate": ["warmup=soon"]}, "--gate warmup: `soon` is not a duration"),
+    ({"gate": ["warmup=2h"]}, "gates.warmup_s: Input should be less than or equal to 3600"),
+    ({"gate": ["warmup=-5"]}, "--gate warmup: `-5` is not a duration"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(over, message):
     with pytest.raises(ConfigError, match=message):
