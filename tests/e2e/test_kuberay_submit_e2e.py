@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -23,9 +22,11 @@ import yaml
 
 from benchmarks.suite.stack import free_port
 from serving.policy.identity import DEMO_KEY, generate_key, key_digest
-from tests.e2e.conftest import REPO, STARTUP_TIMEOUT_S, local_config, wait_for
+from tests.e2e.conftest import REPO, local_config, wait_for
 
 pytestmark = pytest.mark.e2e
+
+UP_S = 600  # inside pytest's 900 s per test, so a stack that never comes up says why
 
 KEEL = Path(sys.executable).with_name("keel")
 RAY = Path(sys.executable).with_name("ray")
@@ -85,11 +86,33 @@ def get(url: str) -> httpx.Response | None:
         return None
 
 
+def serve_status(dashboard: str) -> dict:
+    """Each application's status and message, as the dashboard reports them."""
+    r = get(dashboard + "/api/serve/applications/")
+    if r is None or not r.is_success:
+        return {}
+    return {name: {"status": app.get("status"), "message": app.get("message"),
+                   "deployments": {d: (v.get("status"), v.get("message")) for d, v in app.get("deployments", {}).items()}}
+            for name, app in r.json().get("applications", {}).items()}
+
+
+def why_not_up(dashboard: str, head_log: Path) -> str:
+    """What a failed start leaves to read: the applications' status, the head's and Serve's logs."""
+    logs = head_log.parent / "session_latest" / "logs"
+    tails = [f"{p.name}:\n{p.read_text(errors='replace')[-2500:]}"
+             for p in sorted((logs / "serve").glob("*.log"), key=lambda p: p.stat().st_mtime)[-4:]]
+    return "\n\n".join([f"applications: {json.dumps(serve_status(dashboard), indent=1)}",
+                        f"head log:\n{head_log.read_text(errors='replace')[-2500:]}", *tails])
+
+
 def test_a_rendered_serve_config_submitted_as_kuberay_does_serves_and_a_changed_one_applies(tmp_path):
     cfg = local_config()
     port = port_outside_worker_range()
     cfg["server"] = {"host": "127.0.0.1", "port": port, "gateway_resources": {"keel-gateway": 1}}
     cfg.pop("ray", None)
+    # The session's shared stack may be up beside this cluster: vLLM's auto binding would pin
+    # both engines to core 0 (README, "Several engines on one node").
+    cfg["models"]["demo"]["env"]["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     cfg["audit"] = {"dir": str(tmp_path / "audit")}
     gateway = f"http://127.0.0.1:{port}"
     with ray_head({"keel-gateway": 1}) as (dashboard, head_log):
@@ -98,9 +121,15 @@ def test_a_rendered_serve_config_submitted_as_kuberay_does_serves_and_a_changed_
         assert up is not None and up.is_success, f"no dashboard:\n{head_log.read_text(errors='replace')[-3000:]}"
         assert httpx.put(dashboard + "/api/serve/applications/", json=rendered(cfg, tmp_path), timeout=60).is_success
 
-        health = wait_for(lambda: get(gateway + "/-/healthz"), lambda r: r is not None and r.status_code == 200,
-                          timeout_s=STARTUP_TIMEOUT_S, interval_s=1)
-        assert health is not None and health.status_code == 200 and "success" in health.text  # KubeRay's grep
+        def healthy_or_failed():
+            health = get(gateway + "/-/healthz")
+            if health is not None and health.status_code == 200:
+                return health
+            return "failed" if "DEPLOY_FAILED" in str(serve_status(dashboard)) else None
+
+        health = wait_for(healthy_or_failed, lambda r: r is not None, timeout_s=UP_S, interval_s=2)
+        assert isinstance(health, httpx.Response), why_not_up(dashboard, head_log)
+        assert health.status_code == 200 and "success" in health.text  # KubeRay's grep
         assert get(gateway + "/-/routes").json() == {"/": "keel"}
 
         def chat(key: str) -> httpx.Response:
