@@ -156,7 +156,7 @@ def restarted(before: dict[str, set[int]], after: dict[str, set[int]]) -> dict[s
 # The changes, in order, each a function of the config document (issue 12's table, and more).
 def _autoscaling(doc):
     doc["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64, "downscale_delay_s": 600}}
+        "min_replicas": 1, "max_replicas": 2, "target": 64, "scale_down_cooldown_s": 600}}
 
 
 def _add_model(doc):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from serving.autoscaling.settings import AutoscalingConfig
 from serving.gateway.limits import HttpLimits
 from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs
 from serving.rollout.spec import RolloutsConfig
@@ -80,27 +81,6 @@ class RayConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray.")
-
-
-class AutoscalingConfig(_Strict):
-    """Passed to Ray Serve's autoscaling_config as it is."""
-
-    min_replicas: int = Field(
-        1, ge=1, description="At least 1: requests reach engines without passing Ray, so nothing "
-        "would wake a model scaled to zero.")
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(16, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(300.0, ge=0)
-    metrics_interval_s: float | None = Field(None, gt=0)
-    look_back_period_s: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self):
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be >= min_replicas")
-        return self
 
 
 class DeploymentConfig(_Strict):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from serving.autoscaling import POLICY_PATH
+from serving.autoscaling.ray_policy import ray_autoscaling_config
+from serving.autoscaling.settings import AutoscalingConfig
 
 CONTROL_APP = "keel"
 MODEL_APP_PREFIX = "keel-model-"
@@ -103,13 +104,13 @@ def model_overrides(name: str, d) -> dict:
     DeploymentConfig). A fixed count is autoscaling between equal bounds, so every engine
     deployment always has Keel's policy (Ray's default counts only requests Ray routed)."""
     if d.autoscaling is not None:
-        scale = d.autoscaling.model_dump(exclude_none=True)
+        scale = d.autoscaling
     else:
         n = d.num_replicas or 1
-        scale = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
+        scale = AutoscalingConfig(min_replicas=n, max_replicas=n, initial_replicas=n)
     return {
         "name": engine_deployment_name(name),
-        "autoscaling_config": {**scale, "policy": {"policy_function": POLICY_PATH}},
+        "autoscaling_config": ray_autoscaling_config(scale),
         "max_surge_percent": d.max_surge_percent,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
@@ -327,7 +328,11 @@ def _replace_note(m: ModelState) -> str:
 def _readable(overrides: dict) -> dict:
     """Overrides as a config reads them: the fixed count, not its equal autoscaling bounds."""
     out = {k: v for k, v in overrides.items() if k not in ("name", "autoscaling_config", "user_config")}
-    scale = {k: v for k, v in (overrides.get("autoscaling_config") or {}).items() if k != "policy"}
+    ray_scale = overrides.get("autoscaling_config") or {}
+    # the settings as the config wrote them (the policy's kwargs), not Ray's rendering of them
+    scale = (ray_scale.get("policy") or {}).get("policy_kwargs")
+    if not scale:  # deployed by a Keel from before the settings travelled with the policy
+        scale = {k: v for k, v in ray_scale.items() if k != "policy"}
     if scale.get("min_replicas") == scale.get("max_replicas") == scale.get("initial_replicas"):
         out["num_replicas"] = scale.get("min_replicas")
     else:

@@ -20,7 +20,7 @@ from benchmarks.suite.spec import HardwareProfile, SLOSpec, TargetSpec
 
 # Deployment keys the recommendation decides; the rest of a base deployment carries over.
 _DECIDED = {"num_replicas", "autoscaling"}
-_AUTOSCALING_DECIDED = {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests"}
+_AUTOSCALING_DECIDED = {"min_replicas", "max_replicas", "initial_replicas", "signal", "target"}
 
 
 def cost_per_million_output_tokens(output_throughput: float, replicas: int,
@@ -91,8 +91,8 @@ def recommend(settings: list[dict], target: TargetSpec, slo: SLOSpec, hardware_n
     (cost_per_hour, _, _), setting, per_replica, needed, cpm = min(candidates, key=lambda c: c[0])
 
     engine = {**base_engine, **setting.get("engine", {})}
-    autoscaling = {"min_replicas": 1, "max_replicas": needed,
-                   "target_ongoing_requests": _target_ongoing(per_replica["in_flight"])}
+    autoscaling = {"min_replicas": 1, "max_replicas": needed, "signal": "requests_in_flight",
+                   "target": _target_in_flight(per_replica["in_flight"])}
     reasoning = _reasoning(setting["name"], per_replica, needed, cost_per_hour, hardware,
                            hardware_name, slo, target, len(candidates))
     return {
@@ -128,8 +128,8 @@ def describe_slo(slo: SLOSpec) -> str:
     return f"{word} " + ", ".join(parts)
 
 
-def _target_ongoing(in_flight: float) -> float:
-    """Ray Serve's per-replica target, rounded down to 0.1: a higher target would load
+def _target_in_flight(in_flight: float) -> float:
+    """The policy's per-replica target (requests in flight), rounded down to 0.1: a higher target would load
     replicas past what met the SLO."""
     rounded = math.floor(round(in_flight * 10, 6)) / 10
     return rounded if rounded > 0 else float(f"{in_flight:.2g}")

@@ -133,17 +133,15 @@ class EngineReplica:
             raise RuntimeError("engine does not answer /health")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """The engine's own load, for serving.autoscaling: requests reach it without Ray."""
-        return {"ongoing_requests": await self.ongoing_requests()}
-
-    async def ongoing_requests(self) -> float:
+        """The engine's own load, for serving.autoscaling: requests reach it without Ray. A
+        failed scrape reports nothing (the policy leaves this replica out), never 0."""
         try:
             status, body = await http_get(self._local_host(), self.port, "/metrics", timeout=2.0)
         except (OSError, asyncio.TimeoutError, ValueError):
-            return 0.0
+            return {}
         if status != 200:
-            return 0.0
-        return engine_load(body.decode())
+            return {}
+        return {"requests_in_flight": engine_load(body.decode())}
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config for the deployment: what may change without a restart."""

@@ -20,9 +20,9 @@ def autoscaling_stack(tmp_path_factory):
     cfg = local_config()
     cfg["models"]["demo"]["deployment"] = {
         "num_cpus": 1,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                        "upscale_delay_s": 2, "downscale_delay_s": 600,
-                        "metrics_interval_s": 1, "look_back_period_s": 4},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight",
+                        "target": 4, "stable_window_s": 4, "panic_window_s": 2,
+                        "scale_down_cooldown_s": 600, "metrics_interval_s": 1},
     }
     with running_stack(cfg, tmp_path_factory.mktemp("autoscaling")) as s:
         yield s

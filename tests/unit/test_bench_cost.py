@@ -66,7 +66,7 @@ def test_rate_loads_get_in_flight_from_littles_law():
     assert replicas_needed(cap, TargetSpec(peak_rps=10)) == 4  # 3.39 -> 4
     assert replicas_needed(cap, TargetSpec(peak_concurrency=20)) == 5  # 4.52 -> 5
     r = rec([s], peak_concurrency=20)
-    assert r["autoscaling"]["target_ongoing_requests"] == 4.4  # rounded down
+    assert r["autoscaling"]["target"] == 4.4  # rounded down
 
 
 def test_replicas_needed_rounds_up_but_not_float_noise():
@@ -87,7 +87,8 @@ def test_the_setting_needing_fewest_replicas_wins():
     assert r["cost_per_hour"] == pytest.approx(10.0)
     assert r["currency"] == "USD"
     assert r["engine"] == {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 32}
-    assert r["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    assert r["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "signal": "requests_in_flight",
+                                "target": 16.0}
     assert r["per_replica"]["request_throughput"] == 5.0
     assert r["cost_per_million_output_tokens"] == pytest.approx(5 / (1280 * 3600) * 1e6)
     assert "4 replicas" in r["reasoning"] and "10.00 USD/h" in r["reasoning"]
@@ -103,7 +104,7 @@ def test_a_concurrency_target_uses_in_flight_per_replica():
     r = rec([A, B], peak_concurrency=40)  # A: 40/8 = 5, B: 40/16 = 2.5 -> 3
     assert (r["setting"], r["replicas"]) == (B["name"], 3)
     r = rec([A], peak_concurrency=40)
-    assert (r["replicas"], r["autoscaling"]["target_ongoing_requests"]) == (5, 8.0)
+    assert (r["replicas"], r["autoscaling"]["target"]) == (5, 8.0)
     assert "the only setting" in r["reasoning"]
 
 
@@ -124,7 +125,7 @@ def test_the_config_block_is_a_valid_keel_config():
     assert model.weights == "demo-tiny"
     assert model.engine["max_num_seqs"] == 32
     assert model.deployment.autoscaling.max_replicas == 4
-    assert model.deployment.autoscaling.target_ongoing_requests == 16.0
+    assert model.deployment.autoscaling.target == 16.0
 
 
 def test_the_config_block_pastes_into_the_shipped_config_keeping_env_and_deployment():
@@ -145,10 +146,11 @@ def test_the_config_block_pastes_into_the_shipped_config_keeping_env_and_deploym
 
 def test_the_config_block_keeps_autoscaling_delays_and_replaces_replica_bounds():
     base = {"weights": "demo-tiny", "deployment": {"num_gpus": 1, "autoscaling": {
-        "min_replicas": 2, "max_replicas": 9, "initial_replicas": 9, "target_ongoing_requests": 64,
-        "upscale_delay_s": 30}}}
+        "min_replicas": 2, "max_replicas": 9, "initial_replicas": 9, "signal": "kv_cache_usage",
+        "target": 0.8, "scale_down_cooldown_s": 30}}}
     r = recommend([A], TargetSpec(peak_rps=8), SLO, "h100-80gb", H100, "demo", "demo-tiny",
                   BASE_ENGINE, base_model=base)
     deployment = yaml.safe_load(r["config_yaml"])["models"]["demo"]["deployment"]
     assert deployment == {"num_gpus": 1, "autoscaling": {
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8.0, "upscale_delay_s": 30}}
+        "min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight", "target": 8.0,
+        "scale_down_cooldown_s": 30}}

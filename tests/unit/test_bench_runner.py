@@ -56,7 +56,7 @@ def test_url_mode_measures_every_load_point_prices_it_and_recommends(tmp_path, s
         assert p["cost_per_million_output_tokens"] == pytest.approx(1000 / p["output_throughput"])
     assert setting["slo_max"]["load"]["value"] == 3
     rec = result["recommendation"]
-    assert rec["replicas"] == 2 and rec["autoscaling"]["target_ongoing_requests"] == 3  # ceil(5 / 3)
+    assert rec["replicas"] == 2 and rec["autoscaling"]["target"] == 3  # ceil(5 / 3)
     assert len(server.bodies) == 1 + 6 + 6  # warm-up, then both points
 
 

@@ -141,7 +141,7 @@ def test_every_engine_deployment_scales_on_keels_policy():
     # requests Ray routed (none) and scale a model down.
     overrides = state(raw()).models["demo"].overrides
     a = overrides["autoscaling_config"]
-    assert a["policy"]["policy_function"] == "serving.autoscaling:engine_load_policy"
+    assert a["policy"]["policy_function"] == "serving.autoscaling.ray_policy:KeelAutoscalingPolicy"
     assert a["min_replicas"] == a["max_replicas"] == 1
     assert overrides["graceful_shutdown_timeout_s"] > overrides["user_config"]["drain_timeout_s"]
 

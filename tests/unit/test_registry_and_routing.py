@@ -1,11 +1,9 @@
-"""Endpoint registry, replica choice and the autoscaling policy: plain Python, no Ray."""
+"""Endpoint registry and replica choice: plain Python, no Ray."""
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
-from serving.autoscaling import engine_load_policy
 from serving.engine.replica import engine_load
 from serving.gateway.endpoints import EndpointPool
 from serving.registry import EndpointRegistry
@@ -78,19 +76,3 @@ def test_pool_update_keeps_in_flight_counts_of_surviving_replicas():
 def test_engine_load_sums_running_and_waiting():
     assert engine_load(METRICS) == 5.0
     assert engine_load("") == 0.0
-
-
-def _ctx(current, loads, target=16):
-    return SimpleNamespace(
-        current_num_replicas=current,
-        target_num_replicas=current,
-        aggregated_metrics={"ongoing_requests": dict(enumerate(loads))},
-        config=SimpleNamespace(get_target_ongoing_requests=lambda: target),
-    )
-
-
-def test_autoscaling_policy_scales_with_engine_load():
-    assert engine_load_policy(_ctx(2, [32, 32]))[0] == 4  # 64 in flight / 16 per replica
-    assert engine_load_policy(_ctx(2, [4, 4]))[0] == 0.5  # Ray clamps to min_replicas
-    assert engine_load_policy(_ctx(1, []))[0] == 0
-    assert engine_load_policy(_ctx(0, [])) == (0, {})

@@ -1,0 +1,100 @@
+"""The Ray adapter: the only part of the autoscaler that knows Ray Serve.
+
+Ray Serve instantiates the class named by `policy_function` once per deployment registration,
+with `policy_kwargs` (serving.autoscaling.settings as JSON), and calls it on every controller
+tick (0.1 s) with an AutoscalingContext. A config change re-registers the deployment, so Ray
+builds a new instance from the new kwargs (ray/serve/_private/autoscaling_state.py,
+DeploymentAutoscalingState.register): a settings change applies live, with no engine restart.
+
+Ray wraps every custom policy (autoscaling_policy.py, _apply_autoscaling_config) in its own
+delays, scaling factors and bounds; `ray_autoscaling_config` renders those so they pass the
+policy's decision through unchanged: delays 0 (_apply_delay_logic then takes any decision at
+once), factors 1 (ceil(current + 1 x delta) is the decision itself). Only Ray's cold-start path
+(0 replicas and requests queued at handles: 1 replica) runs before the policy, and it agrees with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from serving.autoscaling.policy import Autoscaler, Decision, Observation
+from serving.autoscaling.settings import AutoscalingConfig
+
+POLICY_PATH = "serving.autoscaling.ray_policy:KeelAutoscalingPolicy"
+# A replica's report is fresh while its newest point is at most this many metrics intervals
+# old: a replica whose scrapes fail (or whose pushes stop) drops out of the average after it.
+FRESH_INTERVALS = 3.0
+# Ray keeps each replica's points for look_back_period_s; the policy needs only the newest.
+LOOK_BACK_INTERVALS = 4.0
+
+# Child of Ray Serve's logger: the controller's log configuration (INFO, its log file) applies.
+log = logging.getLogger("ray.serve.keel.autoscaling")
+
+
+def ray_autoscaling_config(settings: AutoscalingConfig) -> dict:
+    """Ray Serve's autoscaling_config for a deployment scaled by Keel's policy."""
+    interval = settings.metrics_interval_s
+    out = {
+        "min_replicas": settings.min_replicas,
+        "max_replicas": settings.max_replicas,
+        "metrics_interval_s": interval,
+        "look_back_period_s": LOOK_BACK_INTERVALS * interval,
+        # Keel's policy owns every delay and step limit; Ray's must pass its decisions through.
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "downscale_to_zero_delay_s": 0.0,
+        "upscaling_factor": 1.0,
+        "downscaling_factor": 1.0,
+        "policy": {"policy_function": POLICY_PATH,
+                   "policy_kwargs": settings.model_dump(mode="json", exclude_none=True)},
+    }
+    if settings.initial_replicas is not None:
+        out["initial_replicas"] = settings.initial_replicas
+    return out
+
+
+class KeelAutoscalingPolicy:
+    """Ray's view of one model's Autoscaler: AutoscalingContext in, (replicas, state) out."""
+
+    def __init__(self, **settings):
+        self.settings = AutoscalingConfig.model_validate(settings)
+        self.autoscaler = Autoscaler(self.settings)
+        self.fresh_s = FRESH_INTERVALS * self.settings.metrics_interval_s
+        self._last: tuple[int, bool] | None = None
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        decision = self.autoscaler.decide(self.observe(ctx))
+        if (decision.replicas, decision.panic) != self._last:
+            self._last = (decision.replicas, decision.panic)
+            log.info("autoscaling %s: %d replicas (%s)", getattr(ctx, "deployment_name", "?"),
+                     decision.replicas, decision.reason)
+        return decision.replicas, {"keel_reason": decision.reason}
+
+    def observe(self, ctx) -> Observation:
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        replicas = int(ctx.current_num_replicas)
+        reports = fresh_reports(ctx, self.settings.signal, now, self.fresh_s)
+        if replicas == 0:  # nothing runs: every request Ray counts waits for a replica
+            held = ctx.total_num_requests or 0.0
+        else:
+            held = ctx.total_queued_requests or 0.0
+        return Observation(now=now, replicas=replicas, reports=reports, held=float(held))
+
+
+def fresh_reports(ctx, signal: str, now: float, fresh_s: float) -> dict[str, float]:
+    """replica id -> the signal's newest value, for running replicas whose newest point is at
+    most fresh_s old. Ray keeps, per running replica, the points of its last push (one per
+    record interval over look_back_period_s): raw_metrics[signal][replica_id] is that series."""
+    series_by_replica = (ctx.raw_metrics or {}).get(signal) or {}
+    out = {}
+    for replica_id, series in series_by_replica.items():
+        if not series:
+            continue
+        newest = max(series, key=lambda p: p.timestamp)
+        if now - newest.timestamp <= fresh_s:
+            out[str(getattr(replica_id, "unique_id", replica_id))] = float(newest.value)
+    return out
+
+
+__all__ = ["POLICY_PATH", "KeelAutoscalingPolicy", "ray_autoscaling_config", "Decision"]
