@@ -49,6 +49,22 @@ def test_autoscaling_is_a_scale_change_not_a_restart():
     assert not p.restart and not p.gateway
 
 
+def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
+    def autoscaled(c, **kw):
+        c["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
+            "min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight", "target": 8, **kw}}
+    before, after = raw(), raw()
+    autoscaled(before)
+    autoscaled(after, target=4, schedules=[{"start": "09:00", "end": "17:00", "min_replicas": 2}])
+    p = make_plan(state(before), state(after))
+    (demo,) = p.models
+    assert demo.kind == SCALED and "no engine restarts" in demo.note
+    assert "autoscaling.target: 8.0 -> 4.0" in demo.changes
+    assert any(line.startswith("autoscaling.schedules: [] -> ") for line in demo.changes)
+    scale = state(after).models["demo"].overrides["autoscaling_config"]
+    assert scale["policy"]["policy_kwargs"]["target"] == 4  # what Ray builds the policy from
+
+
 @pytest.mark.parametrize("key, value", [("drain_timeout_s", 5), ("health_check_period_s", 3),
                                         ("num_replicas", 2), ("max_surge_percent", 0)])
 def test_live_deployment_options_scale_in_place(key, value):
