@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from serving.autoscaling.signals import MetricsUnreadable, read_signals
 from serving.engine.auth import KEY_ENV as ENGINE_KEY_ENV, MIDDLEWARE as ENGINE_AUTH_MIDDLEWARE
 from serving.engine.server import TREE_ENV
 from serving.httpraw import http_get
@@ -61,6 +62,7 @@ class EngineReplica:
         self.engine_tree = uuid.uuid4().hex  # in every engine process's environment (TREE_ENV)
         self.engine_seen: set[psutil.Process] = set()  # its descendants, noted at each heartbeat
         self.drain_timeout_s = DEFAULT_DRAIN_TIMEOUT_S  # from the deployment's user_config
+        self._scrape_failing = False
         self.proc = self._start_engine()
         await self._wait_until_ready()
         self._note_engine_processes()
@@ -133,15 +135,22 @@ class EngineReplica:
             raise RuntimeError("engine does not answer /health")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """The engine's own load, for serving.autoscaling: requests reach it without Ray. A
-        failed scrape reports nothing (the policy leaves this replica out), never 0."""
+        """The engine's load on every autoscaling signal (serving.autoscaling.signals), from
+        one scrape of its /metrics: requests reach it without Ray. A failed scrape reports
+        nothing, so the policy leaves this replica out (never counts it idle); Ray records no
+        point for the interval, and this is no health check, so the replica stays healthy."""
         try:
             status, body = await http_get(self._local_host(), self.port, "/metrics", timeout=2.0)
-        except (OSError, asyncio.TimeoutError, ValueError):
+            if status != 200:
+                raise MetricsUnreadable(f"/metrics answered {status}")
+            signals = read_signals(body.decode())
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            if not self._scrape_failing:  # once per failing streak, not once a second
+                log.warning("replica %s: no autoscaling report (%s)", self.replica_id, e)
+            self._scrape_failing = True
             return {}
-        if status != 200:
-            return {}
-        return {"requests_in_flight": engine_load(body.decode())}
+        self._scrape_failing = False
+        return signals
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config for the deployment: what may change without a restart."""
@@ -293,15 +302,6 @@ def _pgid(p: psutil.Process) -> int | None:
         return os.getpgid(p.pid) if p.is_running() else None
     except (OSError, psutil.Error):
         return None
-
-
-def engine_load(metrics_text: str) -> float:
-    """Running + waiting requests from a vLLM /metrics page."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def _maybe_await(x):

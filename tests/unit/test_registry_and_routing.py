@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from serving.engine.replica import engine_load
 from serving.gateway.endpoints import EndpointPool
 from serving.registry import EndpointRegistry
-from tests.unit.fake_engine import METRICS
 
 
 class Clock:
@@ -71,8 +69,3 @@ def test_pool_update_keeps_in_flight_counts_of_surviving_replicas():
     pool.all()[0].in_flight = 2
     pool.update({"demo": [{"replica_id": "a", "host": "h", "port": 1}, {"replica_id": "b", "host": "h", "port": 2}]})
     assert sorted(e.in_flight for e in pool.all()) == [0, 2]
-
-
-def test_engine_load_sums_running_and_waiting():
-    assert engine_load(METRICS) == 5.0
-    assert engine_load("") == 0.0
