@@ -64,6 +64,9 @@ class GatewayMetrics:
             "keel_requests_in_flight", "Requests relayed to an engine and not finished.", ["model"], registry=r)
         self.endpoints = Gauge(
             "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r)
+        self.held = Gauge(
+            "keel_requests_held", "Requests waiting at this gateway for a replica of a model scaled to "
+            "zero to start.", ["model"], registry=r)
 
     def observe_request(self, ctx, outcome) -> None:
         tenant = ctx.tenant or UNROUTED

@@ -31,6 +31,7 @@ from serving.errors import GatewayError, error_body
 from serving.gateway import admin_models
 from serving.gateway.endpoints import Endpoint, EndpointPool
 from serving.gateway.heap import return_large_blocks_to_the_os
+from serving.gateway.hold import HoldSettings, RequestHold
 from serving.gateway.http import ClientConnection, Request
 from serving.gateway.limits import HttpLimits
 from serving.gateway.metrics import UNROUTED, GatewayMetrics
@@ -72,6 +73,7 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         model_info: dict[str, dict] | None = None,
         registrations: RegistrationJobs | None = None,
+        wake=None,
     ):
         self.settings = settings
         self.limits = settings.limits
@@ -82,6 +84,9 @@ class Gateway:
         self.model_info = model_info or {}
         self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
         self.registrations = registrations or RegistrationJobs()  # its models_dir: each reconfigure
+        # Models that scale to zero: their requests wait for a replica (serving.gateway.hold).
+        self.hold = RequestHold(lambda m: self.pool.count(m) > 0, wake,
+                                on_change=lambda m, n: self.metrics.held.labels(m).set(n))
         self.max_connections = _connection_cap(self.limits.max_connections)
         self.connections = 0
         self.requests_in_flight = 0
@@ -163,13 +168,17 @@ class Gateway:
             await asyncio.sleep(0.1)
         return self.requests_in_flight
 
-    def set_models(self, models: list[str], model_info: dict[str, dict]) -> None:
-        """The models this gateway routes to (each `keel apply` that adds or removes one)."""
+    def set_models(self, models: list[str], model_info: dict[str, dict],
+                   holds: dict[str, HoldSettings] | None = None) -> None:
+        """The models this gateway routes to (each `keel apply` that adds or removes one), and
+        those of them that scale to zero, whose requests wait for a replica."""
         for gone in set(self.models) - set(models):
-            with contextlib.suppress(KeyError):
-                self.metrics.endpoints.remove(gone)
+            for gauge in (self.metrics.endpoints, self.metrics.held):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
         self.models = list(models)
         self.model_info = dict(model_info)
+        self.hold.configure(holds or {})
         for model in self.models:
             self.metrics.endpoints.labels(model).set(self.pool.count(model))
 
@@ -177,6 +186,7 @@ class Gateway:
         self.pool.update(snapshot)
         for model in self.models:
             self.metrics.endpoints.labels(model).set(self.pool.count(model))
+        self.hold.endpoints_changed()
 
     def set_policy(self, runtime) -> None:
         """Swap in a new policy version; requests in flight finish on the one they started with."""
@@ -297,15 +307,20 @@ class Gateway:
             raise GatewayError(404, f"The model `{name}` does not exist.", code="model_not_found")
         return 200, json.dumps(card).encode(), None, "application/json"
 
+    def _serving(self, model: str) -> bool:
+        """A model can answer: it has a ready replica, or it scales to zero and its requests wait
+        for one (at zero replicas between bursts, it is idle, not down)."""
+        return self.pool.count(model) > 0 or self.hold.applies(model)
+
     async def _health(self, req: Request):
         ready = {m: self.pool.count(m) for m in self.models}
-        ok = all(ready.values())
+        ok = all(self._serving(m) for m in self.models)
         body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready}).encode()
         return (200 if ok else 503), body, ({} if ok else {"retry-after": str(RETRY_AFTER_S)}), "application/json"
 
     async def _serve_healthz(self, req: Request):
         # As Ray's proxy answers it: KubeRay's exec probe greps the body for "success".
-        if all(self.pool.count(m) for m in self.models):
+        if all(self._serving(m) for m in self.models):
             return 200, b"success", None, "text/plain"
         return 503, b"No replicas are available yet.", {"retry-after": str(RETRY_AFTER_S)}, "text/plain"
 
@@ -359,8 +374,16 @@ class Gateway:
         assert model is not None
         tried: tuple[Endpoint, ...] = ()
         loop = asyncio.get_running_loop()
+        held_until = None
         while True:
             ep = self.pool.pick(model, exclude=tried)
+            if ep is None and self.hold.applies(model) and self.pool.count(model) == 0:
+                # Scaled to zero (or every replica gone): wait for one, within the model's hold.
+                if held_until is None:
+                    held_until = loop.time() + self.hold.timeout_s(model)
+                await self.hold.wait(model, held_until)
+                tried = ()
+                continue
             if ep is None:
                 raise GatewayError(
                     503,
