@@ -92,6 +92,10 @@ def desired(cfg) -> StackState:
                 "startup_timeout_s": d.startup_timeout_s, "ray_actor_options": actor}
         models[name] = ModelState(args, model_overrides(name, d))
         gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len")}
+        if d.autoscaling is not None and d.autoscaling.min_replicas == 0:
+            # Scale to zero: the gateways hold its requests while a replica starts (a reconfigure).
+            gateway_models[name]["hold"] = {"timeout_s": d.autoscaling.hold_timeout,
+                                            "max_requests": d.autoscaling.hold_max}
     gateway = {"policy": cfg.policy_dict(), "models": gateway_models}
     if cfg.models_dir:  # else the gateways' own default ($KEEL_MODELS_DIR, the checkout's models/),
         # as on the machine that renders the state: a KubeRay manifest must not carry this one's path

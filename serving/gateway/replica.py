@@ -14,6 +14,7 @@ from pathlib import Path
 
 from serving.config import ServerConfig, default_models_dir
 from serving.gateway.heap import freeze_long_lived
+from serving.gateway.hold import HoldSettings
 from serving.gateway.policy import ModelInfo, PolicyRuntime
 from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
@@ -43,8 +44,9 @@ def load_model_info(name: str, weights_path: str, max_model_len: int | None) -> 
     return ModelInfo(name, counter, max_model_len)
 
 
-def build_gateway(server: ServerConfig, engine_api_key: str | None = None) -> Gateway:
-    """A gateway with no model yet: models and policy come with each reconfigure."""
+def build_gateway(server: ServerConfig, engine_api_key: str | None = None, wake=None) -> Gateway:
+    """A gateway with no model yet: models and policy come with each reconfigure. `wake(model)`:
+    a call that lasts until a replica of the model runs (serving.gateway.hold)."""
     return Gateway(
         GatewaySettings(host=server.host, port=server.port, limits=server.limits,
                         connect_timeout_s=server.upstream_connect_timeout_s,
@@ -54,6 +56,7 @@ def build_gateway(server: ServerConfig, engine_api_key: str | None = None) -> Ga
                         reuse_port=server.gateway_replicas > 1, engine_api_key=engine_api_key),
         [],
         Pipeline(default_stages([])),
+        wake=wake,
     )
 
 
@@ -102,15 +105,16 @@ class GatewayThread:
 
 class GatewayReplica:
     """The gateway listens only once it has a policy: Serve calls `reconfigure` with its
-    user_config ({"policy": ..., "models": {name: {weights_path, max_model_len}}}) right after
-    construction, and again whenever `keel apply` changes the policy or the models."""
+    user_config ({"policy": ..., "models": {name: {weights_path, max_model_len, hold?}}}) right
+    after construction, and again whenever `keel apply` changes the policy or the models. `hold`
+    ({timeout_s, max_requests}) marks a model that scales to zero (serving.gateway.hold)."""
 
-    async def __init__(self, server: dict, registry, engine_api_key: str | None = None):
+    async def __init__(self, server: dict, registry, engine_api_key: str | None = None, wake=None):
         self.settings = ServerConfig.model_validate(server)
         self.registry = registry
         self.infos: dict[str, ModelInfo] = {}
         self._loaded: dict[tuple, ModelInfo] = {}  # (name, weights, max_model_len) -> its info
-        self.server = GatewayThread(build_gateway(self.settings, engine_api_key))
+        self.server = GatewayThread(build_gateway(self.settings, engine_api_key, wake))
         self.listening = False
         self._version = -1
         await self._refresh(timeout_s=0)
@@ -144,11 +148,15 @@ class GatewayReplica:
         self.infos = infos
         gw = self.server.gateway
         model_info = {n: {"max_model_len": m["max_model_len"]} for n, m in models.items() if m.get("max_model_len")}
+        holds = {n: HoldSettings.from_dict(m["hold"]) for n, m in models.items() if m.get("hold")}
+        for name, s in rollouts.items():  # a candidate runs with its model's scale: zero too
+            if name in holds:
+                holds[s.candidate] = holds[name]
 
         def swap():
             # Where the admin API registers: the config's models_dir, else this node's default.
             gw.registrations.models_dir = Path(user_config.get("models_dir") or default_models_dir())
-            gw.set_models(list(models), model_info)
+            gw.set_models(list(models), model_info, holds)
             gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime, rollouts=rollouts))
             return gw.runtime.version
 

@@ -306,3 +306,25 @@ def test_a_model_that_stops_scaling_to_zero_releases_its_held_requests_to_the_us
     r = run(go())
     assert r.status_code == 503 and error_of(r)["code"] == "model_not_ready"
 
+
+def test_a_model_scaling_to_zero_reaches_the_gateways_with_its_hold_settings_live():
+    import copy
+
+    import yaml
+
+    from serving.config import REPO_ROOT, parse_config
+    from serving.plan import desired, make_plan
+
+    before = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
+    after = copy.deepcopy(before)
+    after["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
+        "min_replicas": 0, "max_replicas": 2, "hold_timeout_s": 600, "hold_max_requests": 8}}
+    old, new = (desired(parse_config(c, check_engine_args=False)) for c in (before, after))
+    assert "hold" not in old.gateway["models"]["demo"]  # min_replicas > 0: today's behaviour
+    assert new.gateway["models"]["demo"]["hold"] == {"timeout_s": 600, "max_requests": 8}
+    plan = make_plan(old, new)
+    assert not plan.restart and any("models the gateways route to" in g for g in plan.gateway)
+    defaults = copy.deepcopy(after)
+    defaults["models"]["demo"]["deployment"]["autoscaling"] = {"min_replicas": 0, "max_replicas": 1}
+    hold = desired(parse_config(defaults, check_engine_args=False)).gateway["models"]["demo"]["hold"]
+    assert hold == {"timeout_s": 300.0, "max_requests": 64}
