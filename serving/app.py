@@ -13,6 +13,7 @@ it. Both get it from `stack_secret()` when their replica starts, never from the 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import replace
 
@@ -22,7 +23,8 @@ from serving.config import KeelConfig
 from serving.engine.args import to_cli_args
 from serving.engine.replica import EngineReplica, EngineSpec
 from serving.gateway.replica import GatewayReplica
-from serving.plan import CONTROL_APP, StackState, desired, engine_deployment_name, from_serve, schema
+from serving.plan import (CONTROL_APP, MODEL_APP_PREFIX, StackState, desired, engine_deployment_name, from_serve,
+                          schema)
 from serving.registry import EndpointRegistry
 
 APP_NAME = CONTROL_APP
@@ -44,6 +46,30 @@ class _RegistryClient:
 
     def remove(self, replica_id):
         return self.handle.remove.remote(replica_id)  # awaited when draining; else fire and forget
+
+
+class EngineWaker:
+    """Held demand as Ray Serve sees it (serving.gateway.hold): a call on the model's engine
+    deployment. With no replica, Ray's handle queues it, reports it to the controller at once and
+    every metrics_interval_s after (its router's cold-start push), where it counts as requests
+    (`total_num_requests`, `total_queued_requests`) and Serve's cold-start path starts a replica;
+    the call returns once one runs. Called on the gateway's own loop: the handle routes on its
+    own thread and its response may be awaited from any loop."""
+
+    def __init__(self):
+        self._handles: dict = {}
+
+    async def __call__(self, model: str) -> None:
+        handle = self._handles.get(model)
+        if handle is None:
+            handle = self._handles[model] = serve.get_deployment_handle(
+                engine_deployment_name(model), app_name=MODEL_APP_PREFIX + model, _check_exists=False)
+        response = handle.wake.remote()
+        try:
+            await response
+        except asyncio.CancelledError:
+            response.cancel()  # no longer held: Ray stops counting it, or never sends it
+            raise
 
 
 def stack_secret() -> str:
@@ -74,7 +100,7 @@ class EngineDeployment(EngineReplica):
 
 class GatewayDeployment(GatewayReplica):
     async def __init__(self, server: dict, registry_handle):
-        await super().__init__(server, registry_handle, engine_api_key=stack_secret())
+        await super().__init__(server, registry_handle, engine_api_key=stack_secret(), wake=EngineWaker())
 
     async def __del__(self):
         await self.drain_and_stop()

@@ -166,6 +166,12 @@ class EngineReplica:
             return 0
         return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port)
 
+    async def wake(self) -> str:
+        """What a gateway calls, through Ray Serve, while it holds requests for this model (scale
+        to zero): Ray queues the call while the deployment has no replica, counts it as demand and
+        starts one; this replica answers once its engine serves. Cheap: it does nothing."""
+        return self.replica_id
+
     async def drain_and_stop(self) -> None:
         """Leave the registry, let the requests in flight finish (at most drain_timeout_s), then
         stop the engine. What Serve runs when this replica stops for any reason."""
