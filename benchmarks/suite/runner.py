@@ -112,6 +112,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             url = spec.url
             points: list[dict] = []
             error = None
+            startup_s = None
             try:
                 if config_path is not None:
                     port = free_port()
@@ -127,7 +128,8 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                         wait_ready(url, proc, spec.startup_timeout_s)
                     except (RuntimeError, TimeoutError) as e:
                         raise RuntimeError(f"{e}; the end of its log:\n{_log_tail(log_path, log_start)}") from None
-                    _say(f"  stack ready in {time.monotonic() - t0:.0f}s at {url} (log: {log_path})")
+                    startup_s = round(time.monotonic() - t0, 1)
+                    _say(f"  stack ready in {startup_s:.0f}s at {url} (log: {log_path})")
                 if load.warmup_requests:
                     warm = make_requests(dataset, load.warmup_requests, load.seed + 10_000, tokenizer)
                     failed = asyncio.run(warmup(url, model, warm, load.warmup_requests, key, load.endpoint))
@@ -153,7 +155,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 if proc is not None:
                     stop(proc)
             entry = {"name": name, "engine": setting.engine, "replicas": setting.replicas,
-                     "points": points, "slo_max": slo_max(points)}
+                     "points": points, "slo_max": slo_max(points), "startup_s": startup_s}
             if error is not None:
                 entry["error"] = error
             settings.append(entry)
