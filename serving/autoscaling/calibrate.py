@@ -140,13 +140,15 @@ def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: flo
     notes = [f"calibrated from {path}, setting {s['name']!r}"]
     replicas = int(s.get("replicas") or 1)
     engine = s.get("engine") or {}
-    rec_engine = (doc.get("recommendation") or {}).get("engine") or {}
+    rec = doc.get("recommendation") or {}
+    if max_concurrency is None and rec.get("setting") == s["name"]:
+        engine = {**(rec.get("engine") or {}), **engine}  # the recommendation's has the base config's too
     if max_concurrency is None:
-        max_concurrency = engine.get("max_num_seqs") or (rec_engine.get("max_num_seqs")
-                                                          if (doc.get("recommendation") or {}).get("setting") == s["name"] else None)
+        max_concurrency = engine.get("max_num_seqs")
         if max_concurrency is None:
             max_concurrency = DEFAULT_MAX_NUM_SEQS
-            notes.append(f"max concurrency: vLLM's default max_num_seqs {DEFAULT_MAX_NUM_SEQS} (the setting names none)")
+            notes.append(f"max concurrency: vLLM's default max_num_seqs {DEFAULT_MAX_NUM_SEQS} "
+                         "(the setting names none)")
     if cold_start_s is None:
         cold_start_s = s.get("startup_s")
         if cold_start_s is None:

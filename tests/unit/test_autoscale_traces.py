@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from serving.autoscaling.calibrate import CalibrationError, ServiceCurve, calibrate, curve_from_points
-from serving.autoscaling.traces import Lengths, Request, Trace, TraceError, generate, read_audit, read_jsonl, write_jsonl
+from serving.autoscaling.traces import (
+    Lengths, Request, Trace, TraceError, generate, read_audit, read_jsonl, write_jsonl,
+)
 from serving.policy.audit import AuditLog
 
 # -- JSONL ---------------------------------------------------------------------------------------
