@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_rollout_parser(sub, str(DEFAULT_CONFIG))
 
+    from serving.autoscaling.cli import add_parser as add_autoscale_parser
+
+    add_autoscale_parser(sub)
+
     p = sub.add_parser("keys", help="API keys for tenants (the config stores only their digests)")
     ksub = p.add_subparsers(dest="keys_cmd", required=True)
     k = ksub.add_parser("create", help="make a key; prints it once, and the config line to paste")
@@ -185,6 +189,10 @@ def _run(args) -> int:
         from serving.rollout.cli import run as run_rollout
 
         return run_rollout(args)
+    if args.cmd == "autoscale":
+        from serving.autoscaling.cli import run as run_autoscale
+
+        return run_autoscale(args)
     if args.cmd == "keys":
         return _keys(args)
     if args.cmd == "audit":
