@@ -184,7 +184,8 @@ def run(args) -> int:
             results.append(simulate(trace, model, settings, slo, name))
         except ValueError as e:
             return fail(f"setting {name!r}: {e}")
-    Console(width=max(140, Console().width)).print(report.table(results, slo))
+    # wide enough for the longest setting's name: a table piped to a file is not cut
+    Console(width=max(Console().width, 112 + max(len(r.name) for r in results))).print(report.table(results, slo))
     for note in dict.fromkeys(n for r in results for n in r.notes):
         print(f"note: {note}")
     if args.events:
