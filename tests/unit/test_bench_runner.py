@@ -55,6 +55,7 @@ def test_url_mode_measures_every_load_point_prices_it_and_recommends(tmp_path, s
         # 3.6 USD/h = 0.001 USD/s: cost per million = 0.001 / tok/s * 1e6
         assert p["cost_per_million_output_tokens"] == pytest.approx(1000 / p["output_throughput"])
     assert setting["slo_max"]["load"]["value"] == 3
+    assert setting["startup_s"] is None  # nothing was started
     rec = result["recommendation"]
     assert rec["replicas"] == 2 and rec["autoscaling"]["target"] == 3  # ceil(5 / 3)
     assert len(server.bodies) == 1 + 6 + 6  # warm-up, then both points
@@ -89,6 +90,8 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     assert "max_num_seqz" in misspelt["error"] and misspelt["points"] == []
     assert "server exited with 1" in failed["error"] and failed["points"] == [] and failed["slo_max"] is None
     assert "error" not in ok and len(ok["points"]) == 2
+    # the stack's start to ready, kept for keel autoscale simulate's cold start
+    assert failed["startup_s"] is None and ok["startup_s"] >= 0
     assert result["recommendation"]["setting"] == "max_num_seqs=4"
 
 
