@@ -10,9 +10,9 @@ The model, and where it departs from the stack:
   and TPOT at n, fixed for its life: it ends TTFT + (output_tokens - 1) x TPOT later.
 - Every metrics_interval_s the policy (Autoscaler.decide) sees what the ready replicas would
   report for the settings' signal, and requests held for want of a ready replica.
-- A replica the policy adds takes cold_start_s to become ready; one it removes is a starting one
-  if any (stopped at once), else the ready one running the fewest, which drains: no new
-  requests, stopped when its last one ends. Replica-seconds run from start to stop.
+- A replica the policy adds takes cold_start_s to become ready; one it removes is, as Ray Serve
+  picks, a starting one if any (stopped at once), else the newest ready one, which drains: no
+  new requests, stopped when its last one ends. Replica-seconds run from start to stop.
 - min_replicas 0: a request that finds no ready replica is held (at most hold_max_requests, else
   503 at once) until one is ready, or fails with 503 after hold_timeout_s.
 """
@@ -286,8 +286,9 @@ class Simulation:
         for _ in range(self.wanted - len(active)):
             self._push(now + self.model.cold_start_s, _READY, self._start(now))
         extra = len(active) - self.wanted
-        # Starting ones go first (newest first), then the ready ones running the fewest.
-        order = sorted(active, key=lambda r: (r.state != "starting", r.running, -r.created))
+        # As Ray Serve picks (deployment_scheduler._get_replicas_to_stop): replicas not yet
+        # running first, then the newest.
+        order = sorted(active, key=lambda r: (r.state != "starting", -r.created, -int(r.id[1:])))
         for rep in order[:max(0, extra)]:
             if rep.state == "starting" or rep.running == 0:
                 rep.state, rep.stopped = "stopped", now

@@ -71,6 +71,15 @@ def test_scale_down_drains_the_busy_replica_until_its_last_request_ends():
     assert r.e2el_ms["p50"] == pytest.approx(10500)
 
 
+def test_scale_down_drains_the_newest_ready_replica_as_ray_does():
+    settings = AutoscalingConfig(min_replicas=1, max_replicas=2)
+    # r1 starts at 2 s, ready at 7 s; at 8 s a short request lands on r0, a long one on r1
+    # (busy until 18.5 s); at the 9 s tick one replica goes: r1, the newest, busy or not
+    r = simulate(trace((8.0, 2), (8.0, 101), duration=20.0), replicas(cold_start_s=5.0), settings,
+                 policy=scripted([(2.0, 2), (9.0, 1)]))
+    assert r.replica_seconds == pytest.approx(20.0 + (18.5 - 2.0))
+
+
 def test_a_starting_replica_is_stopped_first_on_scale_down():
     settings = AutoscalingConfig(min_replicas=1, max_replicas=2)
     r = simulate(trace((0.0, 2)), replicas(cold_start_s=5.0), settings, policy=scripted([(2.0, 2), (4.0, 1)]))
