@@ -36,8 +36,8 @@ def table(results: list[SimResult], slo: SLO) -> Table:
 
 
 def money(x: float) -> str:
-    """2 decimals, or 3 significant digits below 1 (a short trace on a cheap replica costs cents)."""
-    return f"{x:.2f}" if x >= 1 or x == 0 else f"{x:.3g}"
+    """2 decimals, 4 below 1 (a short trace on a cheap replica costs cents)."""
+    return f"{x:.2f}" if x >= 1 or x == 0 else f"{x:.4f}"
 
 
 def cheapest(results: list[SimResult]) -> SimResult | None:

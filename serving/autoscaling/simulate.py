@@ -70,7 +70,7 @@ class SimResult:
     completed: int
     failed: int  # 503: held past hold_timeout_s, or the hold queue full
     slo_attainment: float  # share of all requests (failed included) meeting every SLO limit
-    meets_slo: bool  # slo_attainment >= the SLO's percentile
+    meets_slo: bool  # slo_attainment >= the SLO's percentile, and no request failed
     ttft_ms: dict[str, float]  # {"p50", "p95", "p99", "mean"} over completed requests
     tpot_ms: dict[str, float]
     e2el_ms: dict[str, float]
@@ -331,7 +331,8 @@ class Simulation:
         return SimResult(
             name=self.name, settings=self.settings, requests=n, completed=int(ok.sum()),
             failed=int(self.failed.sum()), slo_attainment=attainment,
-            meets_slo=attainment >= self.slo.percentile / 100 - 1e-12,
+            # as keel bench judges a load point: a failed request (a 503) fails the setting
+            meets_slo=attainment >= self.slo.percentile / 100 - 1e-12 and not self.failed.any(),
             ttft_ms=_stats(self.ttft[ok]), tpot_ms=_stats(tpot[ok]), e2el_ms=_stats(self.e2el[ok]),
             replica_seconds=replica_seconds, cost=replica_seconds / 3600 * self.model.price_per_replica_hour,
             currency=self.model.currency, scale_events=self.scale_events, timeline=self.timeline,

@@ -109,6 +109,9 @@ def test_a_request_beyond_hold_max_requests_fails_at_once():
     r = simulate(trace((0.1, 2), (0.2, 2), (0.3, 2)), replicas(cold_start_s=1.0), settings, policy=WakeOnHeld)
     assert r.failed == 1 and r.completed == 2
     assert r.slo_attainment == pytest.approx(2 / 3)
+    # 67% attainment clears a p50 SLO, but a setting that fails requests never meets it
+    assert not simulate(trace((0.1, 2), (0.2, 2), (0.3, 2)), replicas(cold_start_s=1.0), settings,
+                        SLO(ttft_ms=60_000, percentile=50), policy=WakeOnHeld).meets_slo
 
 
 def test_the_policy_sees_ready_replicas_their_signal_and_held_demand():
