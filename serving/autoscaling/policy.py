@@ -103,9 +103,12 @@ class Autoscaler:
         self.panic.add(now, sample)
         stable, burst = self.stable.mean, self.panic.mean
 
+        prev = self.last_replicas if self.last_replicas is not None else n
         if n == 0:
             if held > 0:
-                want, why = 1, f"from zero: {held:g} requests held, start 1 replica"
+                want, why = max(1, prev), f"from zero: {held:g} requests held, start 1 replica"
+            elif prev > 0 and self._cooling(now):
+                want, why = prev, f"nothing held, {prev} starting: cooldown, keep {prev}"
             else:
                 want, why = 0, "no replica, nothing held"
             return self._decided(obs, min(max(want, floor), s.max_replicas), False,
@@ -116,24 +119,27 @@ class Autoscaler:
         panicking = self.last_panic is not None and now - self.last_panic < s.stable_window_s
         level = (f"demand {stable:.2f} replicas at target over {s.stable_window_s:g} s, "
                  f"{burst:.2f} over {s.panic_window_s:g} s")
+        # Replicas decided on but not ready yet count as there: deciding below them would stop
+        # them before they serve (Ray stops starting replicas first), so that is a scale-down.
+        base = max(n, prev)
         if panicking:
-            want = max(_ceil(burst), n)
+            want = max(_ceil(burst), base)
             why = f"panic ({level}" + (f" >= {s.panic_threshold:g} x {n})" if self.last_panic == now else
                                        f"; over {s.panic_threshold:g} x running {now - self.last_panic:.0f} s ago)")
-            if _ceil(burst) < n:
-                why += f": no scale-down while panicking, keep {n}"
-        elif abs(stable - n) <= s.tolerance * n:
-            want, why = n, f"{level}: within {s.tolerance:.0%} of {n}"
+            if _ceil(burst) < base:
+                why += f": no scale-down while panicking, keep {base}"
+        elif abs(stable - base) <= s.tolerance * base:
+            want, why = base, f"{level}: within {s.tolerance:.0%} of {base}"
         else:
             want, why = _ceil(stable), level
-        if want > n:
-            cap = _ceil(n * s.max_scale_up_ratio)
+        if want > base:
+            cap = max(_ceil(n * s.max_scale_up_ratio), base)
             if want > cap:
                 want, why = cap, why + f", at most x{s.max_scale_up_ratio:g} a step"
         want = max(want, floor)
         want = min(want, s.max_replicas)
-        if want < n:
-            want, why = self._scale_down(now, n, want, why, panicking)
+        if want < base:
+            want, why = self._scale_down(now, base, want, why, panicking)
         return self._decided(obs, want, panicking, self._floored(why, n, want, floor, floor_why),
                              stable, burst)
 
@@ -144,15 +150,22 @@ class Autoscaler:
         filled = now - self.first_sample
         if filled < s.stable_window_s:
             return n, why + f": stable window {filled:.0f} of {s.stable_window_s:g} s seen, keep {n}"
-        since = [t for t in (self.last_change, self.last_panic) if t is not None]
-        if since and now - max(since) < s.scale_down_cooldown_s:
-            left = s.scale_down_cooldown_s - (now - max(since))
+        if self._cooling(now):
+            left = s.scale_down_cooldown_s - (now - max(self._since()))
             return n, why + f": cooldown, {left:.0f} s left, keep {n}"
         if want == 0 and self.stable.nonzero:
             return 1, why + f": not to zero (demand seen in the last {s.stable_window_s:g} s)"
         if want == 0:
             return 0, why + f": no demand for {s.stable_window_s:g} s, scale to zero"
         return want, why
+
+    def _since(self) -> list[float]:
+        return [t for t in (self.last_change, self.last_panic) if t is not None]
+
+    def _cooling(self, now: float) -> bool:
+        """Within scale_down_cooldown_s of the last change of decision or panic tick."""
+        since = self._since()
+        return bool(since) and now - max(since) < self.settings.scale_down_cooldown_s
 
     def _floored(self, why: str, n: int, want: int, floor: int, floor_why: str) -> str:
         if floor > self.settings.min_replicas and want == floor:

@@ -220,3 +220,23 @@ def test_config_errors_name_the_key(bad, key):
     with pytest.raises(ValidationError) as e:
         settings(**bad)
     assert key in str(e.value)
+
+
+def test_replicas_still_starting_are_not_cancelled_when_a_burst_fades():
+    # A burst panics 2 -> 4; the new replicas take a minute to start, so the two running carry
+    # on reporting while the burst fades. Deciding below 4 would stop them before they serve.
+    a = Autoscaler(settings(max_scale_up_ratio=2))
+    drive(a, lambda t: 20, 120, replicas=2)
+    running, decided = 2, []
+    for k in range(60):
+        demand = 100 if k < 5 else 30
+        decided.append(a.decide(Observation(T0 + 120 + k, running, even(demand, running))).replicas)
+    assert decided[4] == 4 and min(decided[4:]) == 4, decided
+
+
+def test_a_start_from_zero_outlives_a_request_that_stopped_waiting():
+    a = Autoscaler(settings(min_replicas=0, scale_down_cooldown_s=60))
+    assert a.decide(Observation(T0, 0, {}, held=1)).replicas == 1
+    # The held request timed out before the replica was ready: the start goes on for the cooldown.
+    assert a.decide(Observation(T0 + 5, 0, {}, held=0)).replicas == 1
+    assert a.decide(Observation(T0 + 61, 0, {}, held=0)).replicas == 0
