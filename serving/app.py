@@ -41,8 +41,8 @@ class _RegistryClient:
     def __init__(self, handle):
         self.handle = handle
 
-    def heartbeat(self, model, replica_id, host, port):
-        return self.handle.heartbeat.remote(model, replica_id, host, port)
+    def heartbeat(self, model, replica_id, host, port, start_s=None):
+        return self.handle.heartbeat.remote(model, replica_id, host, port, start_s)
 
     def remove(self, replica_id):
         return self.handle.remove.remote(replica_id)  # awaited when draining; else fire and forget

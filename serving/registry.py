@@ -18,6 +18,7 @@ class EndpointInfo:
     replica_id: str
     host: str
     port: int
+    start_s: float | None = None  # the replica's own start: constructor to engine answering /health
 
 
 class EndpointRegistry:
@@ -28,8 +29,8 @@ class EndpointRegistry:
         self.version = 0  # bumped whenever the set of endpoints changes (not on renewals)
         self._changed: asyncio.Event | None = None
 
-    def heartbeat(self, model: str, replica_id: str, host: str, port: int) -> None:
-        info = EndpointInfo(model, replica_id, host, int(port))
+    def heartbeat(self, model: str, replica_id: str, host: str, port: int, start_s: float | None = None) -> None:
+        info = EndpointInfo(model, replica_id, host, int(port), start_s)
         known = self._entries.get(replica_id)
         self._entries[replica_id] = (info, self._clock())
         if known is None or known[0] != info:

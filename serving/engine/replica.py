@@ -27,6 +27,7 @@ from serving.engine.server import TREE_ENV
 from serving.httpraw import http_get
 
 log = logging.getLogger("keel.engine")
+_now = time.monotonic  # a module name, so a test can drive the replica's clock
 
 HEARTBEAT_S = 2.0
 # Stopping the engine: SIGTERM (vLLM shuts down cleanly), SIGKILL what is left after the grace,
@@ -54,6 +55,7 @@ class EngineSpec:
 
 class EngineReplica:
     async def __init__(self, spec: EngineSpec, registry, replica_id: str | None = None):
+        started = _now()
         self.spec = spec
         self.registry = registry  # anything with heartbeat/remove; a Ray handle in production
         self.replica_id = replica_id or _serve_replica_id()
@@ -65,10 +67,13 @@ class EngineReplica:
         self._scrape_failing = False
         self.proc = self._start_engine()
         await self._wait_until_ready()
+        # What one more replica costs once Ray has placed it (keel autoscale simulate's cold start)
+        self.start_s = round(_now() - started, 1)
         self._note_engine_processes()
         await self._heartbeat()
         self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
-        log.info("engine for %s ready at %s:%s (replica %s)", spec.model, self.host, self.port, self.replica_id)
+        log.info("engine for %s ready at %s:%s in %.1fs (replica %s)", spec.model, self.host, self.port,
+                 self.start_s, self.replica_id)
 
     def _start_engine(self) -> subprocess.Popen:
         s = self.spec
@@ -113,7 +118,8 @@ class EngineReplica:
         return status == 200
 
     async def _heartbeat(self) -> None:
-        await _maybe_await(self.registry.heartbeat(self.spec.model, self.replica_id, self.host, self.port))
+        await _maybe_await(self.registry.heartbeat(self.spec.model, self.replica_id, self.host, self.port,
+                                                   self.start_s))
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -19,6 +19,7 @@ class Endpoint:
     port: int
     in_flight: int = 0
     down_until: float = 0.0  # set after a failed connect; skipped until then
+    start_s: float | None = None  # what the replica took to start (None: it did not say)
 
 
 @dataclass
@@ -34,7 +35,9 @@ class EndpointPool:
         for model, eps in snapshot.items():
             for d in eps:
                 key = (d["replica_id"], d["host"], int(d["port"]))
-                new.setdefault(model, []).append(old.get(key) or Endpoint(model, d["replica_id"], d["host"], int(d["port"])))
+                ep = old.get(key) or Endpoint(model, d["replica_id"], d["host"], int(d["port"]))
+                ep.start_s = d.get("start_s")
+                new.setdefault(model, []).append(ep)
         self._by_model = new
 
     def count(self, model: str) -> int:
@@ -51,6 +54,10 @@ class EndpointPool:
 
     def mark_down(self, ep: Endpoint) -> None:
         ep.down_until = self.clock() + self.cooldown_s
+
+    def start_seconds(self, model: str) -> list[float]:
+        """The seconds each of the model's replicas took to start, those that said."""
+        return [e.start_s for e in self._by_model.get(model, ()) if e.start_s is not None]
 
     def all(self) -> list[Endpoint]:
         return [e for eps in self._by_model.values() for e in eps]

@@ -315,7 +315,11 @@ class Gateway:
     async def _health(self, req: Request):
         ready = {m: self.pool.count(m) for m in self.models}
         ok = all(self._serving(m) for m in self.models)
-        body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready}).encode()
+        # Each replica's own start (constructor to engine ready): `keel bench` records it for the
+        # simulator's cold start, which the stack's start to ready overstates (Ray's start in it).
+        starts = {m: self.pool.start_seconds(m) for m in self.models}
+        body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready,
+                           "replica_start_s": starts}).encode()
         return (200 if ok else 503), body, ({} if ok else {"retry-after": str(RETRY_AFTER_S)}), "application/json"
 
     async def _serve_healthz(self, req: Request):

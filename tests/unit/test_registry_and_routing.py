@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+
+from serving.engine import replica as replica_mod
+from serving.engine.replica import EngineReplica, EngineSpec
 from serving.gateway.endpoints import EndpointPool
+from serving.gateway.server import Gateway, GatewaySettings
+from serving.gateway.stages import Pipeline, default_stages
 from serving.registry import EndpointRegistry
 
 
@@ -46,7 +52,7 @@ def test_registry_watch_returns_on_change_and_on_timeout():
 
     snap0, v0, v1, snap1, v2 = asyncio.run(go())
     assert snap0 == {} and v1 == v0 + 1 and v2 == v1
-    assert snap1 == {"demo": [{"model": "demo", "replica_id": "a", "host": "10.0.0.1", "port": 9000}]}
+    assert snap1 == {"demo": [{"model": "demo", "replica_id": "a", "host": "10.0.0.1", "port": 9000, "start_s": None}]}
 
 
 def test_pool_prefers_least_loaded_and_skips_down_replicas():
@@ -69,3 +75,52 @@ def test_pool_update_keeps_in_flight_counts_of_surviving_replicas():
     pool.all()[0].in_flight = 2
     pool.update({"demo": [{"replica_id": "a", "host": "h", "port": 1}, {"replica_id": "b", "host": "h", "port": 2}]})
     assert sorted(e.in_flight for e in pool.all()) == [0, 2]
+
+
+class _RunningEngine:
+    """The engine process as the replica sees it while it starts: alive."""
+
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+def test_each_replica_start_reaches_the_gateways_health(monkeypatch):
+    # The replica's clock moves 20 s while its engine does not answer yet, 3.4 s more until it does.
+    clock = Clock()
+    answers = iter([(20.0, False), (3.4, True)])
+
+    async def engine_healthy(self):
+        step, ok = next(answers)
+        clock.t += step
+        return ok
+
+    monkeypatch.setattr(replica_mod, "_now", clock)
+    def start_engine(self):
+        self._engine_stopped = True  # nothing to stop, whenever the replica is collected
+        return _RunningEngine()
+
+    monkeypatch.setattr(EngineReplica, "_start_engine", start_engine)
+    monkeypatch.setattr(EngineReplica, "_engine_healthy", engine_healthy)
+    monkeypatch.setattr(EngineReplica, "_note_engine_processes", lambda self: None)
+
+    async def go():
+        registry = EndpointRegistry()
+        replica = EngineReplica.__new__(EngineReplica)
+        await replica.__init__(EngineSpec(model="demo", weights_path="/nowhere", cli_args=[]), registry, "r1")
+        replica._beat.cancel()
+        registry.heartbeat("demo", "r0", "127.0.0.1", 9000)  # a replica of an older Keel: says nothing
+        gw = Gateway(GatewaySettings(port=0, reuse_port=False), ["demo"], Pipeline(default_stages(["demo"])))
+        gw.update_endpoints(registry.snapshot())
+        await gw.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
+                return replica, await c.get("/health")
+        finally:
+            await gw.stop()
+
+    replica, health = asyncio.run(asyncio.wait_for(go(), 20))
+    assert replica.start_s == 23.4
+    assert health.status_code == 200
+    assert health.json()["replicas"] == {"demo": 2} and health.json()["replica_start_s"] == {"demo": [23.4]}
