@@ -14,8 +14,11 @@ field names. A result file (JSON, written by `keel bench run|sweep`) is:
         {"name": "max_num_seqs=8", "engine": {...overrides...}, "replicas": 1,
          "points": [LoadPoint, ...],          # in load order
          "slo_max": LoadPoint | null,         # the highest load whose percentile meets the SLO
-         "startup_s": float | null}           # s from starting the stack to ready (null with url:);
-                                              # keel autoscale simulate's cold start by default
+         "startup_s": float | null,           # s from starting the stack to ready (null with url:)
+         "replica_start_s": float | null}     # s the slowest replica took to start, constructor to
+                                              # engine ready (the gateway's /health lists them; null
+                                              # when the server does not): keel autoscale simulate's
+                                              # cold start, startup_s in files without it
       ],
       "recommendation": {...} | null,        # cost.recommend (with a config block to paste)
       "recommendation_note": str | null      # why there is none, when no setting met the SLO

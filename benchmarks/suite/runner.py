@@ -20,7 +20,7 @@ from benchmarks.suite.metrics import percentile_key, percentile_word, summarize
 from benchmarks.suite.records import FORMAT_VERSION, git_version, load_text
 from benchmarks.suite.slo import meets_slo, slo_max
 from benchmarks.suite.spec import BenchSpec, load_hardware
-from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
+from benchmarks.suite.stack import free_port, keel_doc, replica_start_s, start_keel, stop, wait_ready
 from serving.config import REPO_ROOT, ConfigError, load_config, load_manifest, parse_config
 from serving.models import ensure_weights
 from serving.policy.identity import DEMO_KEY
@@ -112,7 +112,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             url = spec.url
             points: list[dict] = []
             error = None
-            startup_s = None
+            startup_s = replica_s = None
             try:
                 if config_path is not None:
                     port = free_port()
@@ -146,6 +146,10 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                     point["meets_slo"] = meets_slo(point, spec.slo)
                     points.append(point)
                     _say(_point_line(point, spec.slo.percentile, hardware.currency))
+                # Read after the load, when every replica of the setting has started and registered.
+                replica_s = replica_start_s(url, model)
+                if replica_s is not None:
+                    _say(f"  replicas started in {replica_s:.1f}s each at most (constructor to engine ready)")
             except (RuntimeError, ConfigError, OSError) as e:
                 # One setting that cannot start (bad engine arguments, out of memory) does not
                 # lose the others: it is recorded with its error and the sweep goes on.
@@ -155,7 +159,8 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 if proc is not None:
                     stop(proc)
             entry = {"name": name, "engine": setting.engine, "replicas": setting.replicas,
-                     "points": points, "slo_max": slo_max(points), "startup_s": startup_s}
+                     "points": points, "slo_max": slo_max(points), "startup_s": startup_s,
+                     "replica_start_s": replica_s}
             if error is not None:
                 entry["error"] = error
             settings.append(entry)

@@ -3,6 +3,7 @@ document with changes applied (port, engine arguments, replicas, policies)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -91,6 +92,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+
+
+def replica_start_s(url: str, model: str) -> float | None:
+    """The slowest of `model`'s replicas' own start (constructor to engine ready), as a Keel
+    gateway's /health lists them; None when the server lists none (not Keel, or older)."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError):  # HTTPError is an OSError: a 404 or 503 lists nothing either
+        return None
+    starts = (doc.get("replica_start_s") or {}).get(model) if isinstance(doc, dict) else None
+    return max(starts) if starts else None
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:

@@ -25,11 +25,13 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self.url = ""
         self.release = asyncio.Event()  # ends #slow requests when the server stops
+        self.health: dict | None = None  # what GET /health answers (404 while None)
 
     async def __aenter__(self) -> "FakeOpenAI":
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_post("/v1/completions", self.handle)
+        app.router.add_get("/health", self.answer_health)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -41,6 +43,9 @@ class FakeOpenAI:
     async def __aexit__(self, *exc) -> None:
         self.release.set()
         await self.runner.cleanup()
+
+    async def answer_health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.health) if self.health is not None else web.Response(status=404)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

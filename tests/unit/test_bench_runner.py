@@ -56,6 +56,7 @@ def test_url_mode_measures_every_load_point_prices_it_and_recommends(tmp_path, s
         assert p["cost_per_million_output_tokens"] == pytest.approx(1000 / p["output_throughput"])
     assert setting["slo_max"]["load"]["value"] == 3
     assert setting["startup_s"] is None  # nothing was started
+    assert setting["replica_start_s"] is None  # the server's /health lists no replica starts
     rec = result["recommendation"]
     assert rec["replicas"] == 2 and rec["autoscaling"]["target"] == 3  # ceil(5 / 3)
     assert len(server.bodies) == 1 + 6 + 6  # warm-up, then both points
@@ -81,6 +82,7 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     monkeypatch.setattr(runner, "wait_ready", fake_ready)
     monkeypatch.setattr(runner, "stop", lambda proc: None)
     monkeypatch.setattr(runner, "free_port", lambda: port)  # the "stack" is the stand-in server
+    server.health = {"status": "ok", "replicas": {"demo": 2}, "replica_start_s": {"demo": [23.4, 25.1]}}
     s, path = spec(tmp_path, config=str(REPO / "configs" / "local.yaml"),
                    settings=[{"engine": {"max_num_seqs": 1}}, {"engine": {"max_num_seqz": 4}},
                              {"engine": {"max_num_seqs": 4}}])
@@ -92,6 +94,8 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     assert "error" not in ok and len(ok["points"]) == 2
     # the stack's start to ready, kept for keel autoscale simulate's cold start
     assert failed["startup_s"] is None and ok["startup_s"] >= 0
+    # and its replicas' own start, the slowest, as the gateway's /health listed them
+    assert failed["replica_start_s"] is None and ok["replica_start_s"] == 25.1
     assert result["recommendation"]["setting"] == "max_num_seqs=4"
 
 
