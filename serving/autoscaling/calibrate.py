@@ -127,14 +127,28 @@ def curve_from_points(points: list[dict], replicas: int, max_concurrency: int | 
     return ServiceCurve(*(tuple(c) for c in zip(*rows)))
 
 
+def _cold_start(setting: dict) -> tuple[float | None, str]:
+    """A replica's cold start from a bench setting, and a note saying where it came from."""
+    replica_s = setting.get("replica_start_s")
+    if replica_s is not None:
+        return float(replica_s), (f"cold start {replica_s:.1f} s: the bench's replica start, constructor "
+                                  "to engine ready (Ray's placement of it not included)")
+    stack_s = setting.get("startup_s")
+    if stack_s is None:
+        return None, ""
+    return float(stack_s), (f"cold start {stack_s:.1f} s: the bench's stack start to ready, Ray's start "
+                            "included (this file has no replica_start_s: an upper bound; "
+                            "--cold-start-s overrides it)")
+
+
 def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: float | None = None,
               price: float | None = None, max_concurrency: int | None = None,
               kv_cache_tokens: float | None = None) -> tuple[ReplicaModel, SLO, dict]:
     """The replica model, the bench's SLO and the setting used, from a result file. Flags win
-    over the file: cold_start_s over the setting's startup_s (`keel bench run` records the
-    seconds from starting the stack to ready, an upper bound on one more replica's start since
-    it includes Ray's own), price over the hardware block, max_concurrency over the setting's
-    max_num_seqs (vLLM's default 256 without either)."""
+    over the file: cold_start_s over the setting's replica_start_s (the seconds its slowest
+    replica took from its constructor to its engine ready) or, in files without it, startup_s
+    (the stack's start to ready, Ray's own included: an upper bound), price over the hardware
+    block, max_concurrency over the setting's max_num_seqs (vLLM's default 256 without either)."""
     doc = load_bench(path)
     s = pick_setting(doc, setting, str(path))
     notes = [f"calibrated from {path}, setting {s['name']!r}"]
@@ -150,11 +164,11 @@ def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: flo
             notes.append(f"max concurrency: vLLM's default max_num_seqs {DEFAULT_MAX_NUM_SEQS} "
                          "(the setting names none)")
     if cold_start_s is None:
-        cold_start_s = s.get("startup_s")
+        cold_start_s, note = _cold_start(s)
         if cold_start_s is None:
-            raise CalibrationError(f"{path}: setting {s['name']!r} has no startup_s (bench files before it "
-                                   "was recorded): give --cold-start-s")
-        notes.append(f"cold start {cold_start_s:.0f} s: the bench's stack start to ready (includes Ray's start)")
+            raise CalibrationError(f"{path}: setting {s['name']!r} has neither replica_start_s nor startup_s "
+                                   "(bench files before they were recorded): give --cold-start-s")
+        notes.append(note)
     hw = doc.get("hardware") or {}
     if price is None:
         price = hw.get("price_per_replica_hour")

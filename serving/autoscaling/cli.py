@@ -56,7 +56,9 @@ def add_parser(sub) -> None:
     c.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid: every combination of the values given (repeatable), over each --settings entry")
     r = s.add_argument_group("replica model and SLO (default: from the bench file)")
-    r.add_argument("--cold-start-s", type=float, default=None, help="seconds from a scale-up to a ready replica")
+    r.add_argument("--cold-start-s", type=float, default=None,
+                   help="seconds from a scale-up to a ready replica (default: the bench setting's replica_start_s, "
+                        "else its startup_s)")
     r.add_argument("--price", type=float, default=None, help="price per replica-hour")
     r.add_argument("--max-concurrency", type=int, default=None, help="requests a replica runs at once (max_num_seqs)")
     r.add_argument("--kv-cache-tokens", type=float, default=None, help="tokens one replica's KV cache holds "

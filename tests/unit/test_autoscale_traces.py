@@ -156,13 +156,26 @@ def test_calibration_reads_curve_concurrency_cold_start_price_and_slo(tmp_path):
     assert model.curve.ttft(0.5) == pytest.approx(0.050) and model.curve.ttft(64) == pytest.approx(0.300)
 
 
+def test_cold_start_is_the_replicas_own_start_when_the_bench_recorded_it(tmp_path):
+    model, _, _ = calibrate(bench_file(tmp_path, replica_start_s=24.3))
+    assert model.cold_start_s == 24.3  # not the stack's 41.5, which holds Ray's start
+    assert any("cold start 24.3 s: the bench's replica start" in n for n in model.notes)
+
+
+def test_an_older_bench_file_falls_back_to_the_stack_start_and_says_so(tmp_path):
+    model, _, _ = calibrate(bench_file(tmp_path))  # no replica_start_s
+    assert model.cold_start_s == 41.5
+    assert any("stack start" in n and "no replica_start_s" in n for n in model.notes)
+
+
 def test_flags_override_the_bench_file(tmp_path):
-    model, _, _ = calibrate(bench_file(tmp_path), cold_start_s=9, price=1.0, max_concurrency=64)
+    model, _, _ = calibrate(bench_file(tmp_path, replica_start_s=24.3), cold_start_s=9, price=1.0,
+                            max_concurrency=64)
     assert (model.cold_start_s, model.price_per_replica_hour, model.max_concurrency) == (9, 1.0, 64)
     assert model.curve.concurrency == (1, 4, 16, 32)
 
 
-def test_a_bench_file_without_startup_needs_cold_start_flag(tmp_path):
+def test_a_bench_file_without_either_start_needs_cold_start_flag(tmp_path):
     with pytest.raises(CalibrationError, match="--cold-start-s"):
         calibrate(bench_file(tmp_path, startup_s=None))
 
