@@ -89,9 +89,11 @@ class Autoscaler:
         s, n, now = self.settings, obs.replicas, obs.now
         floor, floor_why = self.floor(now)
         reports = list(obs.reports.values())
+        prev = self.last_replicas if self.last_replicas is not None else n
         if n > 0 and not reports:  # every replica failed to report: no sample, no change
-            want = min(max(n, floor), s.max_replicas)
-            why = f"no fresh report from {n} replica{'s' * (n != 1)}: keep {n}"
+            keep = max(n, prev)
+            want = min(max(keep, floor), s.max_replicas)
+            why = f"no fresh report from {n} replica{'s' * (n != 1)}: keep {keep}"
             return self._decided(obs, want, False, self._floored(why, n, want, floor, floor_why))
         held = obs.held
         mean = sum(reports) / len(reports) if reports else 0.0
@@ -103,7 +105,6 @@ class Autoscaler:
         self.panic.add(now, sample)
         stable, burst = self.stable.mean, self.panic.mean
 
-        prev = self.last_replicas if self.last_replicas is not None else n
         if n == 0:
             if held > 0:
                 want, why = max(1, prev), f"from zero: {held:g} requests held, start 1 replica"

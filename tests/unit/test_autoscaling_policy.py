@@ -240,3 +240,12 @@ def test_a_start_from_zero_outlives_a_request_that_stopped_waiting():
     # The held request timed out before the replica was ready: the start goes on for the cooldown.
     assert a.decide(Observation(T0 + 5, 0, {}, held=0)).replicas == 1
     assert a.decide(Observation(T0 + 61, 0, {}, held=0)).replicas == 0
+
+
+def test_a_silent_tick_keeps_the_replicas_asked_for_not_only_those_running():
+    a = Autoscaler(settings(max_scale_up_ratio=2))
+    drive(a, lambda t: 20, 120, replicas=2)
+    decided = [a.decide(Observation(T0 + 120 + k, 2, even(100, 2))).replicas for k in range(5)]
+    assert decided[-1] == 4
+    # the two new ones are starting; the running two miss a report: nothing is cancelled
+    assert a.decide(Observation(T0 + 125, 2, {})).replicas == 4
