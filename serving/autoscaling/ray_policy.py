@@ -83,17 +83,16 @@ class KeelAutoscalingPolicy:
 
 
 def fresh_reports(ctx, signal: str, now: float, fresh_s: float) -> dict[str, float]:
-    """replica id -> the signal's newest value, for running replicas whose newest point is at
-    most fresh_s old. Ray keeps, per running replica, the points of its last push (one per
-    record interval over look_back_period_s): raw_metrics[signal][replica_id] is that series."""
+    """replica id -> the mean of the signal's points at most fresh_s old, for running replicas
+    that have any. Ray keeps, per running replica, the points of its pushes (one per record
+    interval over look_back_period_s): raw_metrics[signal][replica_id] is that series. A mean,
+    not the newest point: engine gauges are point samples that swing between steps."""
     series_by_replica = (ctx.raw_metrics or {}).get(signal) or {}
     out = {}
     for replica_id, series in series_by_replica.items():
-        if not series:
-            continue
-        newest = max(series, key=lambda p: p.timestamp)
-        if now - newest.timestamp <= fresh_s:
-            out[str(getattr(replica_id, "unique_id", replica_id))] = float(newest.value)
+        values = [float(p.value) for p in series or () if now - p.timestamp <= fresh_s]
+        if values:
+            out[str(getattr(replica_id, "unique_id", replica_id))] = sum(values) / len(values)
     return out
 
 

@@ -150,6 +150,11 @@ class EngineReplica:
             if status != 200:
                 raise MetricsUnreadable(f"/metrics answered {status}")
             signals = read_signals(body.decode())
+            # vLLM's gauges count a request only once its engine core has it, and read 0
+            # between steps (a small model spends most of a request outside them); the gateway
+            # holds one connection per request from its first byte to its last.
+            connections = await asyncio.to_thread(self.requests_in_flight)
+            signals["requests_in_flight"] = max(signals["requests_in_flight"], float(connections))
         except (OSError, asyncio.TimeoutError, ValueError) as e:
             if not self._scrape_failing:  # once per failing streak, not once a second
                 log.warning("replica %s: no autoscaling report (%s)", self.replica_id, e)

@@ -60,6 +60,7 @@ def test_a_replica_whose_scrape_fails_reports_nothing(monkeypatch):
     r = object.__new__(replica_mod.EngineReplica)
     r.spec = type("Spec", (), {"bind_host": "127.0.0.1"})()
     r.port, r.replica_id, r._scrape_failing = 1, "r1", False
+    r.requests_in_flight = lambda: 0  # open connections to the engine: none here
 
     async def refused(*a, **kw):
         raise ConnectionRefusedError
@@ -70,4 +71,24 @@ def test_a_replica_whose_scrape_fails_reports_nothing(monkeypatch):
     monkeypatch.setattr(replica_mod, "http_get", refused)
     assert asyncio.run(r.record_autoscaling_stats()) == {}
     monkeypatch.setattr(replica_mod, "http_get", page)
+    assert asyncio.run(r.record_autoscaling_stats())["requests_in_flight"] == 5.0
+
+
+def test_requests_the_gateway_has_open_count_before_the_engine_core_sees_them(monkeypatch):
+    # vLLM's gauges say 5 (running + waiting); the gateway has 9 requests open on the engine's
+    # port (4 still being read, tokenized or streamed out): 9 are in flight.
+    from serving.engine import replica as replica_mod
+
+    r = object.__new__(replica_mod.EngineReplica)
+    r.spec = type("Spec", (), {"bind_host": "127.0.0.1"})()
+    r.port, r.replica_id, r._scrape_failing = 1, "r1", False
+
+    async def page(*a, **kw):
+        return 200, vllm_page().encode()
+
+    monkeypatch.setattr(replica_mod, "http_get", page)
+    r.requests_in_flight = lambda: 9
+    signals = asyncio.run(r.record_autoscaling_stats())
+    assert signals["requests_in_flight"] == 9.0 and signals["waiting_requests"] == 3.0
+    r.requests_in_flight = lambda: 2  # fewer connections than the gauges: the gauges stand
     assert asyncio.run(r.record_autoscaling_stats())["requests_in_flight"] == 5.0
