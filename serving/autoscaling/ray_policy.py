@@ -23,8 +23,11 @@ from serving.autoscaling.settings import AutoscalingConfig
 
 POLICY_PATH = "serving.autoscaling.ray_policy:KeelAutoscalingPolicy"
 # A replica's report is fresh while its newest point is at most this many metrics intervals
-# old: a replica whose scrapes fail (or whose pushes stop) drops out of the average after it.
+# old, and never less than FRESH_MIN_S: a replica whose scrapes fail (or whose pushes stop)
+# drops out of the average after it. The floor: on a loaded 2-core box (the e2e's 16 streams)
+# pushes reached the controller over 3 s apart, and a policy with no report keeps its count.
 FRESH_INTERVALS = 3.0
+FRESH_MIN_S = 10.0
 # Ray keeps each replica's points for look_back_period_s; the policy needs only the newest.
 LOOK_BACK_INTERVALS = 4.0
 
@@ -60,7 +63,7 @@ class KeelAutoscalingPolicy:
     def __init__(self, **settings):
         self.settings = AutoscalingConfig.model_validate(settings)
         self.autoscaler = Autoscaler(self.settings)
-        self.fresh_s = FRESH_INTERVALS * self.settings.metrics_interval_s
+        self.fresh_s = max(FRESH_INTERVALS * self.settings.metrics_interval_s, FRESH_MIN_S)
         self._last: tuple[int, bool] | None = None
 
     def __call__(self, ctx) -> tuple[int, dict]:
@@ -83,16 +86,16 @@ class KeelAutoscalingPolicy:
 
 
 def fresh_reports(ctx, signal: str, now: float, fresh_s: float) -> dict[str, float]:
-    """replica id -> the mean of the signal's points at most fresh_s old, for running replicas
-    that have any. Ray keeps, per running replica, the points of its pushes (one per record
-    interval over look_back_period_s): raw_metrics[signal][replica_id] is that series. A mean,
-    not the newest point: engine gauges are point samples that swing between steps."""
+    """replica id -> the mean of the signal's points in the replica's last push, for running
+    replicas whose newest point is at most fresh_s old. Ray keeps, per running replica, the
+    series of its last push: one point per record interval over look_back_period_s (4 metrics
+    intervals). A mean, not the newest point: engine gauges are point samples that swing
+    between steps."""
     series_by_replica = (ctx.raw_metrics or {}).get(signal) or {}
     out = {}
     for replica_id, series in series_by_replica.items():
-        values = [float(p.value) for p in series or () if now - p.timestamp <= fresh_s]
-        if values:
-            out[str(getattr(replica_id, "unique_id", replica_id))] = sum(values) / len(values)
+        if series and now - max(p.timestamp for p in series) <= fresh_s:
+            out[str(getattr(replica_id, "unique_id", replica_id))] = sum(float(p.value) for p in series) / len(series)
     return out
 
 

@@ -38,7 +38,7 @@ def fake_ctx(replicas: int, raw: dict, now: float = NOW, queued: float = 0.0, to
 def test_the_mean_of_its_fresh_points_is_a_replicas_report():
     policy = KeelAutoscalingPolicy(**kwargs())
     raw = {"requests_in_flight": {
-        "a": series((NOW - 9, 100), (NOW - 1.5, 8), (NOW - 0.5, 16)),  # 9 s old: stale; mean 12
+        "a": series((NOW - 1.5, 8), (NOW - 0.5, 16)),  # its last push: mean 12
         "b": series((NOW - 0.4, 8)),
         "c": series((NOW - 30, 50)),  # its scrapes failed for 30 s: left out, not 0
     }, "kv_cache_usage": {"a": series((NOW - 0.5, 0.9))}}
