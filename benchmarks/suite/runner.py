@@ -149,7 +149,7 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                 # Read after the load, when every replica of the setting has started and registered.
                 replica_s = replica_start_s(url, model)
                 if replica_s is not None:
-                    _say(f"  replicas started in {replica_s:.1f}s each at most (constructor to engine ready)")
+                    _say(f"  replicas started in {replica_s:.1f}s each at most (worker start to engine ready)")
             except (RuntimeError, ConfigError, OSError) as e:
                 # One setting that cannot start (bad engine arguments, out of memory) does not
                 # lose the others: it is recorded with its error and the sweep goes on.

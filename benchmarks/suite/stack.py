@@ -95,7 +95,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def replica_start_s(url: str, model: str) -> float | None:
-    """The slowest of `model`'s replicas' own start (constructor to engine ready), as a Keel
+    """The slowest of `model`'s replicas' own start (its Ray worker's start to engine ready), as a Keel
     gateway's /health lists them; None when the server lists none (not Keel, or older)."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=5) as r:

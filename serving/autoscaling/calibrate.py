@@ -131,8 +131,8 @@ def _cold_start(setting: dict) -> tuple[float | None, str]:
     """A replica's cold start from a bench setting, and a note saying where it came from."""
     replica_s = setting.get("replica_start_s")
     if replica_s is not None:
-        return float(replica_s), (f"cold start {replica_s:.1f} s: the bench's replica start, constructor "
-                                  "to engine ready (Ray's placement of it not included)")
+        return float(replica_s), (f"cold start {replica_s:.1f} s: the bench's replica start, its Ray "
+                                  "worker's start to engine ready")
     stack_s = setting.get("startup_s")
     if stack_s is None:
         return None, ""
@@ -146,7 +146,7 @@ def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: flo
               kv_cache_tokens: float | None = None) -> tuple[ReplicaModel, SLO, dict]:
     """The replica model, the bench's SLO and the setting used, from a result file. Flags win
     over the file: cold_start_s over the setting's replica_start_s (the seconds its slowest
-    replica took from its constructor to its engine ready) or, in files without it, startup_s
+    replica took from its Ray worker's start to its engine ready) or, in files without it, startup_s
     (the stack's start to ready, Ray's own included: an upper bound), price over the hardware
     block, max_concurrency over the setting's max_num_seqs (vLLM's default 256 without either)."""
     doc = load_bench(path)

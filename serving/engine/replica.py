@@ -38,6 +38,10 @@ KILL_WAIT_S = 5.0
 # long-poll it); a request one of them had picked just before is connected well within this.
 DRAIN_SETTLE_S = 1.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
+# Ray starts a worker process for a new replica, and its imports take seconds before the
+# constructor runs. A worker older than this was not started for this replica: its age is not
+# this replica's cost.
+FRESH_WORKER_S = 60.0
 
 
 @dataclass
@@ -53,9 +57,19 @@ class EngineSpec:
     api_key: str | None = field(default=None, repr=False)  # the stack's secret (serving.engine.auth)
 
 
+def _worker_start_s() -> float:
+    """Seconds this process ran before the replica's constructor (Ray's worker start and its
+    imports), when Ray started it for this replica; 0 in an older worker."""
+    try:
+        age = time.time() - psutil.Process().create_time()
+    except psutil.Error:
+        return 0.0
+    return age if 0 <= age < FRESH_WORKER_S else 0.0
+
+
 class EngineReplica:
     async def __init__(self, spec: EngineSpec, registry, replica_id: str | None = None):
-        started = _now()
+        started = _now() - _worker_start_s()
         self.spec = spec
         self.registry = registry  # anything with heartbeat/remove; a Ray handle in production
         self.replica_id = replica_id or _serve_replica_id()
@@ -67,7 +81,7 @@ class EngineReplica:
         self._scrape_failing = False
         self.proc = self._start_engine()
         await self._wait_until_ready()
-        # What one more replica costs once Ray has placed it (keel autoscale simulate's cold start)
+        # What one more replica costs from its worker's start (keel autoscale simulate's cold start)
         self.start_s = round(_now() - started, 1)
         self._note_engine_processes()
         await self._heartbeat()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
+import pytest
 
 from serving.engine import replica as replica_mod
 from serving.engine.replica import EngineReplica, EngineSpec
@@ -87,7 +89,8 @@ class _RunningEngine:
 
 
 def test_each_replica_start_reaches_the_gateways_health(monkeypatch):
-    # The replica's clock moves 20 s while its engine does not answer yet, 3.4 s more until it does.
+    # The replica's worker ran 4.2 s before the constructor; the replica's clock moves 20 s while its
+    # engine does not answer yet, 3.4 s more until it does.
     clock = Clock()
     answers = iter([(20.0, False), (3.4, True)])
 
@@ -97,6 +100,7 @@ def test_each_replica_start_reaches_the_gateways_health(monkeypatch):
         return ok
 
     monkeypatch.setattr(replica_mod, "_now", clock)
+    monkeypatch.setattr(replica_mod, "_worker_start_s", lambda: 4.2)  # Ray's worker, before the constructor
     def start_engine(self):
         self._engine_stopped = True  # nothing to stop, whenever the replica is collected
         return _RunningEngine()
@@ -121,6 +125,14 @@ def test_each_replica_start_reaches_the_gateways_health(monkeypatch):
             await gw.stop()
 
     replica, health = asyncio.run(asyncio.wait_for(go(), 20))
-    assert replica.start_s == 23.4
+    assert replica.start_s == 27.6
     assert health.status_code == 200
-    assert health.json()["replicas"] == {"demo": 2} and health.json()["replica_start_s"] == {"demo": [23.4]}
+    assert health.json()["replicas"] == {"demo": 2} and health.json()["replica_start_s"] == {"demo": [27.6]}
+
+
+def test_a_worker_started_for_the_replica_counts_an_older_one_does_not(monkeypatch):
+    import psutil
+
+    for age, counted in ((5.0, 5.0), (replica_mod.FRESH_WORKER_S + 1, 0.0)):
+        monkeypatch.setattr(psutil.Process, "create_time", lambda self, age=age: time.time() - age)
+        assert replica_mod._worker_start_s() == pytest.approx(counted, abs=0.5)
