@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import yaml
 from pydantic import ValidationError
 
 from serving.autoscaling.settings import AutoscalingConfig
+
+
+# Settings compared in one run: each is a whole simulation of the trace.
+MAX_SETTINGS = 64
 
 
 class UsageError(ValueError):
@@ -92,6 +97,9 @@ def settings_grid(named: dict[str, dict], sets: list[str], source: str = "--sett
             raise UsageError(f"--set {item!r}: {key!r} is not an autoscaling key (keys: "
                              f"{', '.join(AutoscalingConfig.model_fields)})")
         axes.append((key, [parse_value(v) for v in values.split(",")]))
+    combos = math.prod(len(vals) for _, vals in axes) * max(1, len(named or {}))
+    if combos > MAX_SETTINGS:
+        raise UsageError(f"{combos} settings to compare (blocks x --set values): at most {MAX_SETTINGS}")
     out: dict[str, AutoscalingConfig] = {}
     for name, block in (named or {"default": {}}).items():
         for combo in itertools.product(*(vals for _, vals in axes)):

@@ -22,8 +22,18 @@ import numpy as np
 DEFAULT_EPOCH = dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc).timestamp()
 
 
+# The most requests one trace may hold: ~70 hours at 8 req/s, a few minutes of simulation per
+# setting and ~1 GB of memory; a larger file or --rate x --duration is refused, not swapped.
+MAX_REQUESTS = 2_000_000
+
+
 class TraceError(ValueError):
     """A trace that cannot be read; the message names the file and line."""
+
+
+def _too_many(where: str) -> TraceError:
+    return TraceError(f"{where}: more than {MAX_REQUESTS:,} requests (the most a trace may hold: "
+                      "replay a shorter span)")
 
 
 @dataclass(frozen=True)
@@ -46,22 +56,25 @@ def read_jsonl(path: str | Path, epoch: float = DEFAULT_EPOCH) -> Trace:
     path = Path(path)
     reqs = []
     try:
-        lines = path.read_text().splitlines()
+        f = open(path, "rb")
     except OSError as e:
         raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(doc, dict):
-            raise TraceError(f"{path}:{n}: expected an object with t, prompt_tokens, output_tokens")
-        extra = set(doc) - {"t", "prompt_tokens", "output_tokens"}
-        if extra:
-            raise TraceError(f"{path}:{n}: unknown key {sorted(extra)[0]!r} (keys: t, prompt_tokens, output_tokens)")
-        reqs.append(_request(doc, f"{path}:{n}"))
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if len(reqs) == MAX_REQUESTS:
+                raise _too_many(str(path))
+            try:
+                doc = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TraceError(f"{path}:{n}: not JSON ({getattr(e, 'msg', e)})") from None
+            if not isinstance(doc, dict):
+                raise TraceError(f"{path}:{n}: expected an object with t, prompt_tokens, output_tokens")
+            extra = set(doc) - {"t", "prompt_tokens", "output_tokens"}
+            if extra:
+                raise TraceError(f"{path}:{n}: unknown key {sorted(extra)[0]!r} (keys: t, prompt_tokens, output_tokens)")
+            reqs.append(_request(doc, f"{path}:{n}"))
     if not reqs:
         raise TraceError(f"{path}: no requests")
     reqs.sort(key=lambda r: r.t)
@@ -127,6 +140,8 @@ def read_audit(paths: Iterable[str | Path], model: str | None = None) -> Trace:
                 if why:
                     skipped[why] = skipped.get(why, 0) + 1
                     continue
+                if len(arrivals) == MAX_REQUESTS:
+                    raise _too_many(", ".join(map(str, files)))
                 try:
                     end = dt.datetime.fromisoformat(rec["time"]).timestamp()
                     start = end - float(rec["latency_ms"]) / 1000
@@ -202,12 +217,20 @@ def generate(kind: str, rate: float, duration: float, seed: int = 0, *, burstine
     burstier)."""
     if kind not in KINDS:
         raise ValueError(f"unknown trace kind {kind!r} (kinds: {', '.join(KINDS)})")
-    if rate <= 0 or duration <= 0:
-        raise ValueError("rate and duration must be > 0")
+    if not (rate > 0 and duration > 0 and math.isfinite(rate * duration)):
+        raise ValueError("rate and duration must be finite numbers > 0")
     if not 0 <= amplitude <= 1:
         raise ValueError("amplitude must lie in 0..1")
-    if burstiness <= 0:
-        raise ValueError("burstiness must be > 0")
+    if not (burstiness > 0 and math.isfinite(burstiness)):
+        raise ValueError("burstiness must be a finite number > 0")
+    if not (period_s > 0 and math.isfinite(period_s)):
+        raise ValueError("period_s must be a finite number > 0")
+    for name, lengths in (("prompt tokens", prompt), ("output tokens", output)):
+        if not (1 <= lengths.mean <= 10_000_000 and 0 <= lengths.spread <= 10):
+            raise ValueError(f"{name}: mean must lie in 1..10,000,000 and spread in 0..10")
+    if rate * (1 + amplitude) * duration > MAX_REQUESTS:
+        raise ValueError(f"{rate:g} req/s for {duration:g} s is more than {MAX_REQUESTS:,} requests "
+                         "(the most a trace may hold: simulate a shorter span)")
     rng = np.random.default_rng(seed)
     if kind == "diurnal":
         peak = rate * (1 + amplitude)

@@ -87,6 +87,8 @@ def test_named_settings_from_a_file_crossed_with_set(bench, tmp_path, capsys):
      "setting 'max_replicas=2 min_replicas=3'.*must be >= min_replicas"),
     (["--set", "target_ongoing_requests=4"], "'target_ongoing_requests' is not an autoscaling key"),
     (["--set", "min_replicas=1", "--set", "hold_timeout_s=5"], "hold_timeout_s applies only with min_replicas: 0"),
+    (["--set", "target=" + ",".join(map(str, range(1, 9))), "--set", "max_replicas=" + ",".join(map(str, range(1, 10)))],
+     "72 settings to compare .* at most 64"),
 ])
 def test_settings_that_cannot_load_are_errors_naming_the_key(bench, capsys, flags, message):
     assert simulate("--bench", bench, "--generate", "steady", "--duration", "10", *flags) == 2
@@ -115,3 +117,26 @@ def test_a_generated_trace_can_be_written_and_replayed(bench, tmp_path, capsys):
 def test_a_bench_file_without_the_setting_says_which_there_are(bench, capsys):
     assert simulate("--bench", bench, "--bench-setting", "nope", "--generate", "steady") == 2
     assert "no setting 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rate", "nan"], "rate and duration must be finite numbers > 0"),
+    (["--rate", "inf"], "rate and duration must be finite numbers > 0"),
+    (["--rate", "1e9", "--duration", "3600"], "more than 2,000,000 requests"),
+    (["--burstiness", "-1"], "burstiness must be a finite number > 0"),
+    (["--output-tokens", "nan"], "output tokens: mean must lie in 1..10,000,000"),
+    (["--prompt-tokens", "1e12"], "prompt tokens: mean must lie in 1..10,000,000"),
+])
+def test_generated_traces_past_their_limits_are_refused_before_any_work(bench, capsys, flags, message):
+    assert simulate("--bench", bench, "--generate", "bursty", *flags) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_a_trace_file_past_the_request_limit_is_refused(bench, tmp_path, capsys, monkeypatch):
+    from serving.autoscaling import traces
+
+    monkeypatch.setattr(traces, "MAX_REQUESTS", 3)
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(f'{{"t": {i}, "prompt_tokens": 5, "output_tokens": 3}}\n' for i in range(4)))
+    assert simulate("--bench", bench, "--trace", str(trace)) == 2
+    assert "more than 3 requests" in capsys.readouterr().err
