@@ -91,7 +91,10 @@ def desired(cfg) -> StackState:
                 "env": dict(mc.env), "engine_host": cfg.server.engine_host,
                 "startup_timeout_s": d.startup_timeout_s, "ray_actor_options": actor}
         models[name] = ModelState(args, model_overrides(name, d))
-        gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len")}
+        # The policy's settings travel with the gateways' config, which publish them
+        # (serving.autoscaling.published): in the engine deployment they would restart it.
+        gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len"),
+                                "autoscaling": scale_settings(d).model_dump(mode="json", exclude_none=True)}
         if d.autoscaling is not None and d.autoscaling.min_replicas == 0:
             # Scale to zero: the gateways hold its requests while a replica starts (a reconfigure).
             gateway_models[name]["hold"] = {"timeout_s": d.autoscaling.hold_timeout,
@@ -103,18 +106,21 @@ def desired(cfg) -> StackState:
     return StackState(server=cfg.server.model_dump(mode="json"), gateway=gateway, models=models)
 
 
+def scale_settings(d) -> AutoscalingConfig:
+    """A model's autoscaling settings (d: its DeploymentConfig); a fixed count is bounds equal."""
+    if d.autoscaling is not None:
+        return d.autoscaling
+    n = d.num_replicas or 1
+    return AutoscalingConfig(min_replicas=n, max_replicas=n, initial_replicas=n)
+
+
 def model_overrides(name: str, d) -> dict:
     """The deployment options of a model that Serve applies to running replicas (d: its
     DeploymentConfig). A fixed count is autoscaling between equal bounds, so every engine
     deployment always has Keel's policy (Ray's default counts only requests Ray routed)."""
-    if d.autoscaling is not None:
-        scale = d.autoscaling
-    else:
-        n = d.num_replicas or 1
-        scale = AutoscalingConfig(min_replicas=n, max_replicas=n, initial_replicas=n)
     return {
         "name": engine_deployment_name(name),
-        "autoscaling_config": ray_autoscaling_config(scale),
+        "autoscaling_config": ray_autoscaling_config(name, scale_settings(d)),
         "max_surge_percent": d.max_surge_percent,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
@@ -285,8 +291,10 @@ class Plan:
 
 def make_plan(current: StackState, new: StackState) -> Plan:
     changes = []
+    old_gw, new_gw = current.gateway.get("models") or {}, new.gateway.get("models") or {}
     for name in sorted(set(current.models) | set(new.models)):
         old, now = current.models.get(name), new.models.get(name)
+        old_s, new_s = (old_gw.get(name) or {}).get("autoscaling"), (new_gw.get(name) or {}).get("autoscaling")
         if old is None:
             lo, hi = now.replicas
             changes.append(ModelChange(name, ADDED, note=f"{_count(lo, hi)} started; no other engine restarts"))
@@ -296,8 +304,9 @@ def make_plan(current: StackState, new: StackState) -> Plan:
         elif old.args != now.args:
             changes.append(ModelChange(name, REPLACED, _diff(old.args, now.args, skip={"weights_path"}),
                                        _replace_note(now)))
-        elif old.overrides != now.overrides:
-            changes.append(ModelChange(name, SCALED, _diff(_readable(old.overrides), _readable(now.overrides)),
+        elif old.overrides != now.overrides or old_s != new_s:
+            changes.append(ModelChange(name, SCALED, _diff(_readable(old.overrides, old_s),
+                                                           _readable(now.overrides, new_s)),
                                        "applied to running replicas; no engine restarts"))
         else:
             changes.append(ModelChange(name, UNCHANGED))
@@ -306,8 +315,14 @@ def make_plan(current: StackState, new: StackState) -> Plan:
     if old_policy != new_policy:  # which sections, not their values: they hold key digests
         keys = sorted(k for k in set(old_policy) | set(new_policy) if old_policy.get(k) != new_policy.get(k))
         gateway.append(f"policy: {', '.join(keys)} changed")
-    if current.gateway.get("models") != new.gateway.get("models"):
-        gateway.append("models the gateways route to: " + ", ".join(new.gateway.get("models") or {}))
+    def routed(models: dict) -> dict:
+        return {n: {k: v for k, v in m.items() if k != "autoscaling"} for n, m in models.items()}
+
+    if routed(old_gw) != routed(new_gw):
+        gateway.append("models the gateways route to: " + ", ".join(new_gw))
+    published = [n for n in new_gw if n in old_gw and old_gw[n].get("autoscaling") != new_gw[n].get("autoscaling")]
+    if published:
+        gateway.append("autoscaling settings the gateways publish: " + ", ".join(published))
     if current.gateway.get("models_dir") != new.gateway.get("models_dir"):
         gateway.append(f"models_dir (where the admin API registers): {new.gateway.get('models_dir')}")
     restart = tuple(f"server.{c}" for c in _diff(current.server, new.server))
@@ -329,13 +344,13 @@ def _replace_note(m: ModelState) -> str:
     return f"surge-first: {starts} ready before old ones drain (needs room for {extra} more); other models untouched"
 
 
-def _readable(overrides: dict) -> dict:
-    """Overrides as a config reads them: the fixed count, not its equal autoscaling bounds."""
+def _readable(overrides: dict, settings: dict | None) -> dict:
+    """Overrides as a config reads them: the autoscaling settings as written (what the gateways
+    publish), not Ray's rendering; a fixed count, not its equal bounds."""
     out = {k: v for k, v in overrides.items() if k not in ("name", "autoscaling_config", "user_config")}
     ray_scale = overrides.get("autoscaling_config") or {}
-    # the settings as the config wrote them (the policy's kwargs), not Ray's rendering of them
-    scale = (ray_scale.get("policy") or {}).get("policy_kwargs")
-    if not scale:  # deployed by a Keel from before the settings travelled with the policy
+    scale = settings
+    if not scale:  # deployed by a Keel from before the gateways published the settings
         scale = {k: v for k, v in ray_scale.items() if k != "policy"}
     if scale.get("min_replicas") == scale.get("max_replicas") == scale.get("initial_replicas"):
         out["num_replicas"] = scale.get("min_replicas")

@@ -1,10 +1,11 @@
 """The Ray adapter: the only part of the autoscaler that knows Ray Serve.
 
-Ray Serve instantiates the class named by `policy_function` once per deployment registration,
-with `policy_kwargs` (serving.autoscaling.settings as JSON), and calls it on every controller
-tick (0.1 s) with an AutoscalingContext. A config change re-registers the deployment, so Ray
-builds a new instance from the new kwargs (ray/serve/_private/autoscaling_state.py,
-DeploymentAutoscalingState.register): a settings change applies live, with no engine restart.
+Ray Serve instantiates the class named by `policy_function` with `policy_kwargs` (only the
+model's name: settings there would change the application's code version, and with it restart
+every engine; see serving.autoscaling.published) and calls it on every controller tick (0.1 s)
+with an AutoscalingContext. The settings are what the gateways last published for the model,
+read again every READ_TTL_S: a settings change applies live, with no engine restart, and the
+policy restarts its windows on it.
 
 Ray wraps every custom policy (autoscaling_policy.py, _apply_autoscaling_config) in its own
 delays, scaling factors and bounds; `ray_autoscaling_config` renders those so they pass the
@@ -15,9 +16,11 @@ once), factors 1 (ceil(current + 1 x delta) is the decision itself). Only Ray's 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
+from serving.autoscaling import published
 from serving.autoscaling.policy import Autoscaler, Decision, Observation
 from serving.autoscaling.settings import AutoscalingConfig
 
@@ -31,12 +34,16 @@ FRESH_MIN_S = 10.0
 # Ray keeps each replica's points for look_back_period_s; the policy needs only the newest.
 LOOK_BACK_INTERVALS = 4.0
 
+# How often the policy reads the published settings again (a GCS read).
+READ_TTL_S = 2.0
+
 # Child of Ray Serve's logger: the controller's log configuration (INFO, its log file) applies.
 log = logging.getLogger("ray.serve.keel.autoscaling")
 
 
-def ray_autoscaling_config(settings: AutoscalingConfig) -> dict:
-    """Ray Serve's autoscaling_config for a deployment scaled by Keel's policy."""
+def ray_autoscaling_config(model: str, settings: AutoscalingConfig) -> dict:
+    """Ray Serve's autoscaling_config for the engine deployment of `model` (its settings reach
+    the policy through the gateways: serving.autoscaling.published)."""
     interval = settings.metrics_interval_s
     out = {
         "min_replicas": settings.min_replicas,
@@ -49,8 +56,7 @@ def ray_autoscaling_config(settings: AutoscalingConfig) -> dict:
         "downscale_to_zero_delay_s": 0.0,
         "upscaling_factor": 1.0,
         "downscaling_factor": 1.0,
-        "policy": {"policy_function": POLICY_PATH,
-                   "policy_kwargs": settings.model_dump(mode="json", exclude_none=True)},
+        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {"model": model}},
     }
     if settings.initial_replicas is not None:
         out["initial_replicas"] = settings.initial_replicas
@@ -58,15 +64,43 @@ def ray_autoscaling_config(settings: AutoscalingConfig) -> dict:
 
 
 class KeelAutoscalingPolicy:
-    """Ray's view of one model's Autoscaler: AutoscalingContext in, (replicas, state) out."""
+    """Ray's view of one model's Autoscaler: AutoscalingContext in, (replicas, state) out.
+    `settings` given here (tests, a one-off) are used as they are; otherwise the published
+    ones."""
 
-    def __init__(self, **settings):
-        self.settings = AutoscalingConfig.model_validate(settings)
+    def __init__(self, model: str, settings: dict | None = None):
+        self.model = model
+        self.fixed = settings is not None
+        self._published: dict | None = None
+        self._read_at = float("-inf")
+        self.autoscaler: Autoscaler | None = None
+        self._last: tuple[int, bool] | None = None
+        if settings is not None:
+            self._use(settings)
+
+    def _use(self, doc: dict) -> None:
+        self._published = doc
+        self.settings = AutoscalingConfig.model_validate(doc)
         self.autoscaler = Autoscaler(self.settings)
         self.fresh_s = max(FRESH_INTERVALS * self.settings.metrics_interval_s, FRESH_MIN_S)
-        self._last: tuple[int, bool] | None = None
+
+    def _refresh(self) -> None:
+        mono = time.monotonic()
+        if self.fixed or mono - self._read_at < READ_TTL_S:
+            return
+        self._read_at = mono
+        try:
+            doc = published.read(self.model)
+            if doc is not None and doc != self._published:
+                self._use(doc)
+                log.info("autoscaling %s: settings %s", self.model, json.dumps(doc, sort_keys=True))
+        except Exception:  # a GCS hiccup or a bad document: keep deciding on what it had
+            log.warning("autoscaling %s: could not read its published settings", self.model, exc_info=True)
 
     def __call__(self, ctx) -> tuple[int, dict]:
+        self._refresh()
+        if self.autoscaler is None:  # no gateway has published yet: keep the count
+            return ctx.target_num_replicas, {"keel_reason": "no settings published yet: keep the count"}
         decision = self.autoscaler.decide(self.observe(ctx))
         if (decision.replicas, decision.panic) != self._last:
             self._last = (decision.replicas, decision.panic)

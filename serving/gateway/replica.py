@@ -12,6 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
+from serving.autoscaling import published
 from serving.config import ServerConfig, default_models_dir
 from serving.gateway.heap import freeze_long_lived
 from serving.gateway.hold import HoldSettings
@@ -161,6 +162,8 @@ class GatewayReplica:
             return gw.runtime.version
 
         version = self.server.call(swap)
+        # For the autoscaling policy in the Serve controller (serving.autoscaling.published).
+        published.publish({n: m["autoscaling"] for n, m in models.items() if m.get("autoscaling")})
         freeze_long_lived()
         if not self.listening:
             self.server.listen()

@@ -7,30 +7,52 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from ray.serve._private.autoscaling_state import DeploymentAutoscalingState
 from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve._private.config import DeploymentConfig, ReplicaConfig
 from ray.serve._private.deployment_info import DeploymentInfo
 from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig, AutoscalingContext
 
+from serving.autoscaling import published, ray_policy
 from serving.autoscaling.ray_policy import KeelAutoscalingPolicy, ray_autoscaling_config
 from serving.autoscaling.settings import AutoscalingConfig
 
 NOW = 1_800_000_000.0
 
 
-def kwargs(**kw) -> dict:
+def settings(**kw) -> dict:
     base = dict(min_replicas=1, max_replicas=8, target=10, panic_threshold=10,
                 scale_down_cooldown_s=0, stable_window_s=10, panic_window_s=2)
-    return ray_autoscaling_config(AutoscalingConfig(**{**base, **kw}))["policy"]["policy_kwargs"]
+    return AutoscalingConfig(**{**base, **kw}).model_dump(mode="json", exclude_none=True)
+
+
+def kwargs(**kw) -> dict:
+    """A policy given its settings inline, as a test or a one-off does."""
+    return {"model": "demo", "settings": settings(**kw)}
+
+
+def ray_config(**kw) -> RayAutoscalingConfig:
+    return RayAutoscalingConfig(**ray_autoscaling_config("demo", AutoscalingConfig(**settings(**kw))))
+
+
+@pytest.fixture
+def store(monkeypatch) -> dict:
+    """The settings the gateways publish (Ray's GCS key-value store in a cluster)."""
+    docs: dict[str, dict] = {}
+    monkeypatch.setattr(published, "read", lambda model: docs.get(model))
+    monkeypatch.setattr(published, "publish", lambda by_model: docs.update(by_model))
+    return docs
 
 
 def series(*points) -> list:
     return [TimeStampedValue(t, v) for t, v in points]
 
 
-def fake_ctx(replicas: int, raw: dict, now: float = NOW, queued: float = 0.0, total: float = 0.0):
+def fake_ctx(replicas: int, raw: dict, now: float = NOW, queued: float = 0.0, total: float = 0.0,
+             target: int | None = None):
     return SimpleNamespace(current_time=now, current_num_replicas=replicas, raw_metrics=raw,
+                           target_num_replicas=replicas if target is None else target,
                            total_queued_requests=queued, total_num_requests=total,
                            deployment_name="engine-demo", policy_state={})
 
@@ -63,24 +85,60 @@ def test_held_demand_is_what_waits_at_handles():
     assert policy.observe(fake_ctx(2, {}, queued=None, total=9)).held == 0
 
 
-def test_a_class_policy_is_built_once_from_the_settings_by_ray():
-    config = RayAutoscalingConfig(**ray_autoscaling_config(AutoscalingConfig(
-        min_replicas=1, max_replicas=4, target=7, stable_window_s=10, panic_window_s=2)))
+def test_ray_builds_the_policy_from_the_model_name_and_it_reads_the_published_settings(store):
+    store["demo"] = settings(max_replicas=4, target=7)
     state = DeploymentAutoscalingState(DeploymentID(name="engine-demo", app_name="keel-model-demo"))
-    state.register(_info(config), 1)
+    state.register(_info(ray_config(max_replicas=4, target=7)), 1)
     inner = state._policy.__wrapped__
-    assert isinstance(inner, KeelAutoscalingPolicy) and inner.settings.target == 7
+    assert isinstance(inner, KeelAutoscalingPolicy) and inner.model == "demo"
+    state._policy(_ray_ctx(ray_config(max_replicas=4), {}, 1, 1, [7], time.time()))
+    assert inner.settings.target == 7
 
 
-def test_a_settings_change_gets_a_new_policy_from_the_new_kwargs():
-    # `keel apply` changes only the deployment's autoscaling_config: Ray re-registers it and
-    # instantiates the class again from the new policy_kwargs; no engine restarts.
-    state = DeploymentAutoscalingState(DeploymentID(name="engine-demo", app_name="keel-model-demo"))
-    for target in (7, 3):
-        config = RayAutoscalingConfig(**ray_autoscaling_config(AutoscalingConfig(
-            min_replicas=1, max_replicas=4, target=target, stable_window_s=10, panic_window_s=2)))
-        state.register(_info(config), 1)
-        assert state._policy.__wrapped__.settings.target == target
+def test_before_any_gateway_publishes_the_policy_keeps_the_count(store):
+    policy = KeelAutoscalingPolicy(model="demo")
+    replicas, state = policy(fake_ctx(2, {"requests_in_flight": {"a": series((NOW, 100))}}, target=3))
+    assert replicas == 3 and "no settings published yet" in state["keel_reason"]
+
+
+def test_a_published_change_reaches_the_running_policy(store, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(ray_policy.time, "monotonic", lambda: clock[0])
+    policy = KeelAutoscalingPolicy(model="demo")
+    published.publish({"demo": settings(target=7)})
+    policy(fake_ctx(1, {}))
+    assert policy.settings.target == 7
+    published.publish({"demo": settings(target=3)})
+    policy(fake_ctx(1, {}))
+    assert policy.settings.target == 7  # read again every READ_TTL_S, not every tick
+    clock[0] += ray_policy.READ_TTL_S
+    policy(fake_ctx(1, {}))
+    assert policy.settings.target == 3
+
+
+def test_a_settings_change_leaves_rays_code_version_alone():
+    # Ray folds each deployment's autoscaling policy entry and the application's args into the
+    # application's code version; a new one replaces every replica (found by the live-changes
+    # e2e: a target change restarted the engine). Only the gateways' config may carry settings.
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.config import REPO_ROOT, parse_config
+    from serving.plan import desired, schema
+
+    def apps(target: int) -> dict:
+        doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
+        doc["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 2,
+                                                                            "target": target}}
+        deploy = ServeDeploySchema.model_validate(schema(desired(parse_config(doc, check_engine_args=False))))
+        return {a.name: a for a in deploy.applications}
+
+    before, after = apps(8), apps(4)
+    assert get_app_code_version(before["keel-model-demo"]) == get_app_code_version(after["keel-model-demo"])
+    assert get_app_code_version(before["keel"]) == get_app_code_version(after["keel"])
+    gateway = lambda a: next(d for d in a["keel"].deployments if d.name == "gateway").user_config
+    assert gateway(before)["models"]["demo"]["autoscaling"]["target"] == 8
+    assert gateway(after)["models"]["demo"]["autoscaling"]["target"] == 4
 
 
 def _info(config: RayAutoscalingConfig) -> DeploymentInfo:
@@ -104,9 +162,9 @@ def _ray_ctx(config, policy_state, replicas, target, values, now, queued=0.0):
     ([40], 2),  # up: x2 at most a step, Ray's factor 1 and delay 0 add nothing
     ([10, 10, 10, 10], 4),  # steady: no change
 ])
-def test_rays_wrapper_passes_the_decision_through(values, expected):
-    config = RayAutoscalingConfig(**ray_autoscaling_config(AutoscalingConfig(**{
-        **kwargs(), "min_replicas": 1, "max_replicas": 8})))
+def test_rays_wrapper_passes_the_decision_through(values, expected, store):
+    store["demo"] = settings(min_replicas=1, max_replicas=8)
+    config = ray_config(min_replicas=1, max_replicas=8)
     state = DeploymentAutoscalingState(DeploymentID(name="engine-demo", app_name="keel-model-demo"))
     state.register(_info(config), len(values))
     n = len(values)
@@ -114,10 +172,11 @@ def test_rays_wrapper_passes_the_decision_through(values, expected):
     assert decided == expected
 
 
-def test_rays_wrapper_lets_the_policy_scale_down_at_once():
+def test_rays_wrapper_lets_the_policy_scale_down_at_once(store):
     # Ray's downscale_delay_s would hold a scale-down for 600 s by default; rendered 0, the
     # policy's own cooldown (0 here) and window decide alone.
-    config = RayAutoscalingConfig(**ray_autoscaling_config(AutoscalingConfig(**kwargs())))
+    store["demo"] = settings()
+    config = ray_config()
     state = DeploymentAutoscalingState(DeploymentID(name="engine-demo", app_name="keel-model-demo"))
     state.register(_info(config), 4)
     policy_state, t0 = {}, time.time()
@@ -126,8 +185,9 @@ def test_rays_wrapper_lets_the_policy_scale_down_at_once():
     assert decided == 1
 
 
-def test_rays_cold_start_path_and_the_policy_agree_from_zero():
-    config = RayAutoscalingConfig(**ray_autoscaling_config(AutoscalingConfig(**kwargs(min_replicas=0))))
+def test_rays_cold_start_path_and_the_policy_agree_from_zero(store):
+    store["demo"] = settings(min_replicas=0)
+    config = ray_config(min_replicas=0)
     state = DeploymentAutoscalingState(DeploymentID(name="engine-demo", app_name="keel-model-demo"))
     state.register(_info(config), 0)
     decided, _ = state._policy(_ray_ctx(config, {}, 0, 0, [], time.time(), queued=5))
@@ -136,8 +196,8 @@ def test_rays_cold_start_path_and_the_policy_agree_from_zero():
 
 
 def test_the_rendered_config_turns_rays_own_delays_and_factors_off():
-    a = ray_autoscaling_config(AutoscalingConfig(min_replicas=0, max_replicas=3, metrics_interval_s=2))
+    a = ray_autoscaling_config("demo", AutoscalingConfig(min_replicas=0, max_replicas=3, metrics_interval_s=2))
     assert (a["upscale_delay_s"], a["downscale_delay_s"], a["downscale_to_zero_delay_s"]) == (0, 0, 0)
     assert (a["upscaling_factor"], a["downscaling_factor"]) == (1, 1)
     assert a["metrics_interval_s"] == 2 and a["look_back_period_s"] > a["metrics_interval_s"]
-    assert AutoscalingConfig.model_validate(a["policy"]["policy_kwargs"]).max_replicas == 3
+    assert a["policy"]["policy_kwargs"] == {"model": "demo"} and a["max_replicas"] == 3

@@ -46,7 +46,7 @@ def test_autoscaling_is_a_scale_change_not_a_restart():
     p, models = plan_for(change)
     assert models["demo"].kind == SCALED
     assert any(line.startswith("autoscaling") for line in models["demo"].changes)
-    assert not p.restart and not p.gateway
+    assert not p.restart and p.gateway == ("autoscaling settings the gateways publish: demo",)
 
 
 def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
@@ -61,8 +61,14 @@ def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
     assert demo.kind == SCALED and "no engine restarts" in demo.note
     assert "autoscaling.target: 8.0 -> 4.0" in demo.changes
     assert any(line.startswith("autoscaling.schedules: [] -> ") for line in demo.changes)
-    scale = state(after).models["demo"].overrides["autoscaling_config"]
-    assert scale["policy"]["policy_kwargs"]["target"] == 4  # what Ray builds the policy from
+    # What the policy reads: the settings the gateways publish. Ray's policy entry names only
+    # the model: a change there would change the application's code version and restart it.
+    assert state(after).gateway["models"]["demo"]["autoscaling"]["target"] == 4
+    assert "autoscaling settings the gateways publish: demo" in p.gateway
+    assert "models the gateways route to: demo" not in p.gateway
+    policy = lambda st: st.models["demo"].overrides["autoscaling_config"]["policy"]
+    assert policy(state(before)) == policy(state(after)) == {
+        "policy_function": "serving.autoscaling.ray_policy:KeelAutoscalingPolicy", "policy_kwargs": {"model": "demo"}}
 
 
 @pytest.mark.parametrize("key, value", [("drain_timeout_s", 5), ("health_check_period_s", 3),
