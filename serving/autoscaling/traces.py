@@ -52,14 +52,18 @@ class Trace:
     notes: list[str] = field(default_factory=list)  # what reading it skipped, and why
 
 
+def _open(path: Path):
+    """A trace or audit file for reading, line by line; a TraceError naming it if it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def read_jsonl(path: str | Path, epoch: float = DEFAULT_EPOCH) -> Trace:
     path = Path(path)
     reqs = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
+    with _open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -124,11 +128,7 @@ def read_audit(paths: Iterable[str | Path], model: str | None = None) -> Trace:
     if not files:
         raise TraceError("no audit files found (give files or a directory holding audit-*.jsonl)")
     for path in files:
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
-        with f:
+        with _open(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
