@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_autoscale_parser(sub)
 
+    from serving.ops.commands import add_parsers as add_ops_parsers
+
+    add_ops_parsers(sub)  # slo, cost, dashboard, history
+
     p = sub.add_parser("keys", help="API keys for tenants (the config stores only their digests)")
     ksub = p.add_subparsers(dest="keys_cmd", required=True)
     k = ksub.add_parser("create", help="make a key; prints it once, and the config line to paste")
@@ -193,6 +197,11 @@ def _run(args) -> int:
         from serving.autoscaling.cli import run as run_autoscale
 
         return run_autoscale(args)
+    from serving.ops.commands import run as run_ops
+
+    status = run_ops(args)
+    if status is not None:
+        return status
     if args.cmd == "keys":
         return _keys(args)
     if args.cmd == "audit":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from serving.autoscaling.settings import AutoscalingConfig
 from serving.gateway.limits import HttpLimits
+from serving.ops.cost_config import CostConfig
 from serving.policy.config import POLICY_KEYS, PolicyConfig, check_policy_refs
 from serving.rollout.spec import RolloutsConfig
 from serving.schema import Strict
@@ -155,6 +156,10 @@ class KeelConfig(PolicyConfig):
         default_factory=RolloutsConfig, description="`keel rollout`: where rollout state lives and the "
         "default steps, hold and gates. Read by the rollout command only: not policy (the gateways "
         "never read it) nor server (a change restarts nothing).")
+
+    costs: CostConfig = Field(
+        default_factory=CostConfig, description="`keel cost`: prices per replica-hour and how cost is "
+        "allocated to tenants. Read by the cost commands only (a change restarts nothing).")
 
     @field_validator("models")
     @classmethod

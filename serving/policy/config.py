@@ -16,6 +16,8 @@ from serving.policy.guardrails import GuardrailPolicy
 from serving.policy.identity import check_digest
 from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
 from serving.policy.routing import Experiment
+from serving.ops.anomaly_config import AnomalyConfig
+from serving.ops.slo_config import SloConfig
 
 ALL_MODELS = "*"
 
@@ -82,6 +84,11 @@ class PolicyConfig(_Strict):
     experiments: dict[str, Experiment] = Field(
         default_factory=dict, description="Public model name -> weighted variants (configured models).")
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    slos: dict[str, SloConfig] = Field(
+        default_factory=dict, description="Named service-level objectives; the gateways count good and "
+        "bad events for each (`keel slo rules` makes the Prometheus rules).")
+    anomalies: AnomalyConfig = Field(
+        default_factory=AnomalyConfig, description="Online anomaly detection per tenant and model.")
 
 
 POLICY_KEYS = tuple(PolicyConfig.model_fields)
