@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also apply `server:` changes, which restart the gateways (after draining them)")
     p.add_argument("--allow-rollback", action="store_true",
                    help="apply even where it puts back the weights a `keel rollout` promotion replaced")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="an admin key of the stack: `keel history` then names its id as who made the change "
+                   "(default: $KEEL_ADMIN_KEY; a key typed here shows in ps and the shell's history)")
 
     p = sub.add_parser("config", help="validate a config or print its JSON Schema")
     csub = p.add_subparsers(dest="config_cmd", required=True)
@@ -149,7 +152,8 @@ def _run(args) -> int:
         from serving.launcher import apply_config
 
         print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart,
-                           dry_run=args.dry_run, allow_rollback=args.allow_rollback), flush=True)
+                           dry_run=args.dry_run, allow_rollback=args.allow_rollback,
+                           admin_key=args.admin_key or os.environ.get("KEEL_ADMIN_KEY")), flush=True)
         return 0
     if args.cmd == "config":
         if args.config_cmd == "validate":

@@ -86,6 +86,7 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     from ray import serve
 
     from serving.app import submit
+    from serving.plan import desired
     from serving.rollout import driver as rollout_driver
     from serving.rollout.stack import ADMIN_KEY_ENV
 
@@ -105,11 +106,15 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
         signal.signal(sig, on_signal)
     try:
         serve.start(proxy_location="Disabled")
-        # Declarative, as `serve deploy` does it: the policy is the gateway's user_config, so
-        # `keel apply` can change it later without restarting anything.
-        submit(cfg)
         url = f"http://{cfg.server.host}:{cfg.server.port}"
-        wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop, deploy_failed=_deploy_error)
+        with _history(cfg, "serve", None, desired(cfg), None, os.environ.get(ADMIN_KEY_ENV),
+                      lambda line: print(line, flush=True)) as change:
+            # Declarative, as `serve deploy` does it: the policy is the gateway's user_config, so
+            # `keel apply` can change it later without restarting anything.
+            submit(cfg)
+            wait_ready(cfg.server.host, cfg.server.port, ready_timeout_s, stop, deploy_failed=_deploy_error)
+            if stop.is_set() and change is not None:
+                change.fail("stopped before the stack was ready")
         if stop.is_set():
             return
         print(ready_message(cfg, url, ray.get_runtime_context().gcs_address), flush=True)
@@ -211,10 +216,12 @@ def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> 
 
 def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool = False,
                  dry_run: bool = False, timeout_s: float | None = None, say=print,
-                 allow_rollback: bool = False) -> str:
+                 allow_rollback: bool = False, admin_key: str | None = None) -> str:
     """`keel apply`: change the running stack to what cfg asks, with the least disruption
     (serving.plan): models scale in place, are added or replaced (surge-first) beside the others,
-    the gateways learn models and policy live, removed models drain. Returns the last line."""
+    the gateways learn models and policy live, removed models drain. Returns the last line.
+    A change that starts is recorded in the history (serving.ops.history), applied or failed;
+    admin_key (optional) names who made it."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # A local `keel serve` cluster uses Ray's default token auth (~/.ray/auth_token); a client
     # joining it must send the token, which Ray only does with the mode set explicitly.
@@ -259,16 +266,17 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
             timeout_s = 120 + max(m.deployment.startup_timeout_s + m.deployment.drain_timeout_s
                                   for m in cfg.models.values())
         removed = {MODEL_APP_PREFIX + m.model for m in plan.models if m.kind == REMOVED}
-        if plan.changes_models and not plan.restart:
-            # First the models: added, replaced (Serve starts the new replicas before the old
-            # ones drain) and scaled, with the removed ones still serving and the gateways as
-            # they are; once ready, the gateways learn them.
-            say("keel apply: models ...")
-            submit(StackState(current.server, current.gateway, {**current.models, **new.models}))
-            _wait_settled(timeout_s)
-        say("keel apply: gateways" + (" and removed models ..." if removed else " ..."))
-        submit(new)
-        _wait_settled(timeout_s, gone=removed)
+        with _history(cfg, "apply", current, new, plan, admin_key, say):
+            if plan.changes_models and not plan.restart:
+                # First the models: added, replaced (Serve starts the new replicas before the old
+                # ones drain) and scaled, with the removed ones still serving and the gateways as
+                # they are; once ready, the gateways learn them.
+                say("keel apply: models ...")
+                submit(StackState(current.server, current.gateway, {**current.models, **new.models}))
+                _wait_settled(timeout_s)
+            say("keel apply: gateways" + (" and removed models ..." if removed else " ..."))
+            submit(new)
+            _wait_settled(timeout_s, gone=removed)
         if plan.restart:
             return "keel: applied (the gateways restarted)"
         restarted = [m.model for m in plan.models if m.kind in (REPLACED, REMOVED)]
@@ -276,6 +284,42 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
                 + " (replaced surge-first, removed ones drained)" * bool(restarted))
     finally:
         ray.shutdown()
+
+
+def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str | None, say):
+    """The change's history record (serving.ops.history) as a context: opened before anything
+    is deployed, written when the block ends (applied, or failed with the exception's message).
+    current: the deployed StackState (None: `keel serve`, diffed against the last recorded
+    config). A nullcontext when audit is off."""
+    import contextlib
+
+    from serving.ops import history
+    from serving.plan import StackState, make_plan
+    from serving.policy.audit import AuditError
+
+    if not cfg.audit.enabled:
+        say(f"keel {command}: not recorded in the history (audit.enabled is false)")
+        return contextlib.nullcontext()
+    if plan is None:  # a first deploy: every model is added
+        plan = make_plan(StackState({}, {}, {}), new)
+    new_view = history.config_view(new)
+    policies = [p for p in ((current.gateway.get("policy") if current else None), new_view["policy"]) if p]
+    who = history.identify(admin_key, policies)
+    if who.get("key_note"):
+        say(f"keel {command}: recorded as {who['user']}@{who['host']}: {who['key_note']}")
+    previous = None
+    if current is None:
+        try:
+            previous = history.read_history(cfg.audit.dir, verify=False).last_change()
+        except FileNotFoundError:
+            previous = None
+    record = history.change_record(command=command, who=who, old_view=history.config_view(current) if current
+                                   else None, new_view=new_view, plan=history.plan_summary(plan), previous=previous)
+    try:
+        return history.ChangeRecorder(cfg, record)
+    except (OSError, AuditError) as e:
+        raise StartupError(f"cannot record the change in the history ({cfg.audit.dir}): {e}; "
+                           "nothing was changed") from None
 
 
 def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
