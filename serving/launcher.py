@@ -316,7 +316,7 @@ def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str |
     record = history.change_record(command=command, who=who, old_view=history.config_view(current) if current
                                    else None, new_view=new_view, plan=history.plan_summary(plan), previous=previous)
     try:
-        return history.ChangeRecorder(cfg, record)
+        return history.ChangeRecorder(cfg, record, say)
     except (OSError, AuditError) as e:
         raise StartupError(f"cannot record the change in the history ({cfg.audit.dir}): {e}; "
                            "nothing was changed") from None

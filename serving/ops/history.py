@@ -22,6 +22,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import mmap
 import os
 import re
 import socket
@@ -291,12 +292,14 @@ class ChangeRecorder:
             deploy()                        # an exception: outcome failed, with its message
     """
 
-    def __init__(self, cfg, record: dict):
+    def __init__(self, cfg, record: dict, say=print):
         from serving.rollout.driver import AuditRecords  # the rollout's writer: same dir, chain, key
 
         self.record = record
         self.outcome: tuple[str, str | None] | None = None
+        self._say = say
         self._log = AuditRecords(cfg)
+        self._start = time.monotonic()
 
     def fail(self, error: str) -> None:
         self.outcome = (FAILED, error)
@@ -309,11 +312,15 @@ class ChangeRecorder:
             outcome = (FAILED, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__)
         else:
             outcome = self.outcome or (APPLIED, None)
+        rec = {**self.record, "time": time.time(), "duration_s": round(time.monotonic() - self._start, 3),
+               "outcome": outcome[0]}
+        if outcome[1]:
+            rec["error"] = outcome[1]
         try:
-            rec = {**self.record, "time": time.time(), "outcome": outcome[0]}
-            if outcome[1]:
-                rec["error"] = outcome[1]
             self._log(rec)
+        except Exception as e:  # the change happened (or failed) either way: say so, don't hide it
+            self._say(f"keel {rec.get('command')}: WARNING: the change {outcome[0]}, but its history record "
+                      f"could not be written to {self._log.log.directory}: {e}")
         finally:
             self._log.close()
 
@@ -379,9 +386,16 @@ def read_history(directory: str | Path, *, verify: bool = True, key=None) -> His
 
 def _history_lines(path: Path):
     try:
-        data = path.read_bytes()
-    except OSError:
+        with open(path, "rb") as f:
+            # Mapped, not read: a 1 GiB request log is searched without holding it in memory.
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # gone, unreadable, or empty (which cannot be mapped)
         return
+    with data:
+        yield from _records_at_needles(data)
+
+
+def _records_at_needles(data):
     starts = set()
     for needle in _NEEDLES:
         i = data.find(needle)

@@ -303,3 +303,17 @@ def test_records_carry_the_configs_hmac(tmp_path):
     from serving.policy.audit import load_key
 
     assert verify(path, key=load_key(tmp_path / "audit.key")).authenticated
+
+
+def test_a_record_that_cannot_be_written_after_the_change_is_said_not_raised(serve, tmp_path, monkeypatch):
+    from serving.rollout.driver import AuditRecords
+
+    def disk_full(self, rec):
+        raise TimeoutError("records not on disk after 5s")
+
+    monkeypatch.setattr(AuditRecords, "__call__", disk_full)
+    doc = raw(tmp_path)
+    doc["tenants"]["demo"]["quotas"]["requests_per_minute"] = 5
+    said = []
+    assert launcher.apply_config(config(doc), say=said.append, timeout_s=1).startswith("keel: applied")
+    assert any("WARNING: the change applied, but its history record could not be written" in s for s in said)
