@@ -4,7 +4,10 @@ on one stack (`python -m benchmarks.live_changes` runs the same with the issue's
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,7 +49,9 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     doc = base_doc(0, 0)
-    with running_stack(doc, tmp_path_factory.mktemp("live")) as stack:
+    tmp = tmp_path_factory.mktemp("live")
+    doc["audit"]["dir"] = str(tmp / "audit")  # this stack's own: `keel history` reads its changes alone
+    with running_stack(doc, tmp) as stack:
         yield Live(stack, doc)
 
 
@@ -73,6 +78,13 @@ def test_changing_autoscaling_restarts_nothing(live):
     failed, gone, out = live.apply(_autoscaling, {"demo": 1})
     assert failed == [] and gone == {}, (failed, gone)
     assert "demo  scaled" in out
+    # The history has the first deploy and this change, from the audit files, which verify.
+    keel = Path(sys.executable).with_name("keel")
+    history = subprocess.run([str(keel), "history", str(live.config)], capture_output=True, text=True, timeout=60)
+    assert history.returncode == 0, history.stdout + history.stderr
+    rows = history.stdout.splitlines()[2:]
+    assert len(rows) == 2 and "serve applied: demo added" in rows[0] and "apply applied: demo scaled" in rows[1], \
+        history.stdout
 
 
 def test_adding_a_model_leaves_the_first_untouched(live):
