@@ -294,14 +294,11 @@ def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str |
     import contextlib
 
     from serving.ops import history
-    from serving.plan import StackState, make_plan
     from serving.policy.audit import AuditError
 
     if not cfg.audit.enabled:
         say(f"keel {command}: not recorded in the history (audit.enabled is false)")
         return contextlib.nullcontext()
-    if plan is None:  # a first deploy: every model is added
-        plan = make_plan(StackState({}, {}, {}), new)
     new_view = history.config_view(new)
     policies = [p for p in ((current.gateway.get("policy") if current else None), new_view["policy"]) if p]
     who = history.identify(admin_key, policies)
@@ -314,7 +311,9 @@ def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str |
         except FileNotFoundError:
             previous = None
     record = history.change_record(command=command, who=who, old_view=history.config_view(current) if current
-                                   else None, new_view=new_view, plan=history.plan_summary(plan), previous=previous)
+                                   else None, new_view=new_view, previous=previous,
+                                   # a first deploy adds every model; nothing else is a change of plan
+                                   plan=history.plan_summary(plan) if plan else history.first_deploy(new))
     try:
         return history.ChangeRecorder(cfg, record, say)
     except (OSError, AuditError) as e:

@@ -257,6 +257,14 @@ def plan_summary(plan) -> dict:
             "restart": list(plan.restart)}
 
 
+def first_deploy(state) -> dict:
+    """The plan of a first deploy (`keel serve`): every model added, no rollout candidates."""
+    from serving.plan import ADDED, CANDIDATE_SUFFIX
+
+    return {"models": {m: ADDED for m in sorted(state.models) if not m.endswith(CANDIDATE_SUFFIX)},
+            "gateways": [], "restart": []}
+
+
 def change_record(*, command: str, who: dict, old_view: dict | None, new_view: dict, plan: dict,
                   previous: dict | None = None) -> dict:
     """The record of one change (outcome not yet set). old_view: the deployed config, unmasked

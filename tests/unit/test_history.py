@@ -284,7 +284,7 @@ def test_serve_diffs_against_the_last_recorded_config(tmp_path):
         pass
     one, two = changes_recorded(tmp_path)
     assert one["diff_against"] == "nothing" and one["previous_version"] is None
-    assert one["plan"]["models"] == {"demo": "added"}
+    assert one["plan"] == {"models": {"demo": "added"}, "gateways": [], "restart": []}
     assert two["diff_against"] == "recorded" and two["previous_version"] == one["version"]
     assert [(c["path"], c["old"], c["new"]) for c in two["changes"]] == [
         (["models", "demo", "engine", "max_model_len"], 512, 256)]
