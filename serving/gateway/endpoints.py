@@ -59,5 +59,9 @@ class EndpointPool:
         """The seconds each of the model's replicas took to start, those that said."""
         return [e.start_s for e in self._by_model.get(model, ()) if e.start_s is not None]
 
+    def replica_counts(self) -> dict[str, int]:
+        """Replicas the registry lists per model (down or not: they run, so they cost)."""
+        return {m: len(eps) for m, eps in self._by_model.items()}
+
     def all(self) -> list[Endpoint]:
         return [e for eps in self._by_model.values() for e in eps]

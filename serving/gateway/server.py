@@ -40,6 +40,7 @@ from serving.gateway.routes import ADMIN, MAIN, METRICS, PUBLIC, find_route
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
 from serving.httpraw import parse_head
 from serving.model_registry.jobs import RegistrationJobs
+from serving.ops.replica_time import ReplicaCensus
 from serving.plan import CONTROL_APP
 
 log = logging.getLogger("keel.gateway")
@@ -80,6 +81,7 @@ class Gateway:
         self.models = list(models)
         self.pipeline = pipeline
         self.pool = pool or EndpointPool()
+        self.census = ReplicaCensus()  # what this gateway has written of the replica counts
         self.metrics = metrics or GatewayMetrics()
         self.model_info = model_info or {}
         self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
@@ -187,12 +189,27 @@ class Gateway:
         for model in self.models:
             self.metrics.endpoints.labels(model).set(self.pool.count(model))
         self.hold.endpoints_changed()
+        self._record_replicas()
 
     def set_policy(self, runtime) -> None:
         """Swap in a new policy version; requests in flight finish on the one they started with."""
         # The new version closed what of the old one it does not carry over (PolicyRuntime).
+        old_log = getattr(self.runtime, "audit_log", None)
         self.runtime = runtime
         self.pipeline = runtime.pipeline
+        if runtime.audit_log is not old_log:
+            self.census.reset()  # a new log starts with every model's count
+        self._record_replicas()
+
+    def _record_replicas(self) -> None:
+        """Replica counts for `keel cost` (serving.ops.replica_time): on a registry update or a
+        policy swap, never on the request path; an enqueue per changed model."""
+        audit_log = getattr(self.runtime, "audit_log", None)
+        if audit_log is None:
+            return
+        with contextlib.suppress(RuntimeError):  # closed: the gateway is stopping
+            for rec in self.census.observe(self.pool.replica_counts(), time.time()):
+                audit_log.write(rec)
 
     # -- the front door: what ClientConnection asks before and after each request ------------
 

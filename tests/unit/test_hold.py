@@ -103,12 +103,14 @@ class Stack:
         return self.metric("keel_quota_reserved_tokens", tenant="acme")
 
     def audit(self) -> list[dict]:
+        """The request records (event records, e.g. replica counts, left out)."""
         import json
         from pathlib import Path
 
         self.gw.runtime.audit_log.flush()
-        return [json.loads(line) for line in Path(self.gw.runtime.audit_log.path).read_bytes().split(b"\n")
-                if line.strip()]
+        records = [json.loads(line) for line in Path(self.gw.runtime.audit_log.path).read_bytes().split(b"\n")
+                   if line.strip()]
+        return [r for r in records if "event" not in r]
 
 
 def error_of(resp: httpx.Response) -> dict:
