@@ -257,13 +257,15 @@ def _forecast_table(rows, ftotal, alloc, usage, horizon: int, level: float, audi
     end = usage.until + horizon * DAY_S
     out = [f"keel cost forecast: {_utc(usage.until)[:10]} .. {_utc(end)[:10]} ({horizon} days), fitted on "
            f"daily cost and tokens from the audit log {audit_dir}; {level:.0%} intervals"]
-    table = [[t, fc.method if fc.method == ft.method else f"{fc.method} / {ft.method}", str(fc.history_days),
+    table = [[t, fc.method, str(fc.history_days),
               _money(fc.total), f"{_money(fc.lower)} .. {_money(fc.upper)}", f"{ft.peak:,.0f}", "; ".join(flags) or "-"]
              for t, fc, ft, flags in rows]
     table.append(["total", ftotal.method, str(ftotal.history_days), _money(ftotal.total),
                   f"{_money(ftotal.lower)} .. {_money(ftotal.upper)}", "", "incl. (unallocated) idle"])
     out.append(_table(["tenant", "method", "days", f"cost ({cur})", "interval", "peak tokens/day", "flags"], table,
                       left=(0, 1, 6)))
-    out.append("the total is fitted on its own series (its interval is not the sum of the tenants')")
+    out.append("method: of the cost series (--format json has the tokens' too); flat below 14 days of "
+               "history, where a weekly season cannot be told from noise. The total is fitted on its own "
+               "series: its interval is not the sum of the tenants'.")
     out += [f"note: {n}" for n in alloc.notes]
     return "\n".join(out)

@@ -74,7 +74,7 @@ def test_forecast_with_days_of_history_is_flat_says_so_and_flags_quota_and_budge
     assert main(["cost", "forecast", config, "--horizon", "30d", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     by_tenant = {t["tenant"]: t for t in out["tenants"]}
-    assert by_tenant["acme"]["cost"]["method"].startswith("flat: only 3 days of history")
+    assert by_tenant["acme"]["cost"]["method"] == "flat: 3 days of history (< 14)"
     assert by_tenant["acme"]["flags"] == ["tokens/day forecast 2,000 passes quota 1,000"]
     assert by_tenant["beta"]["flags"] == ["forecast passes budget 1.00"]
     # one replica at 2.00 an hour, all day: 48.00 a day, 1,440 in 30 days

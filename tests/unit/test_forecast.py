@@ -19,7 +19,7 @@ def synthetic(days: int, slope: float = 2.0, noise: float = 4.0, seed: int = 1) 
 def test_the_known_future_falls_inside_the_interval_and_the_trend_is_recovered():
     y = synthetic(56 + 28)
     f = forecast(y[:56], horizon=28, level=0.9)
-    assert f.method == "trend + weekly season (ETS)"
+    assert f.method == "ETS: trend + weekly season"
     assert f.lower <= y[56:].sum() <= f.upper
     assert f.lower < f.total < f.upper
     assert f.slope_per_day == pytest.approx(2.0, abs=0.3)
@@ -31,7 +31,7 @@ def test_the_known_future_falls_inside_the_interval_and_the_trend_is_recovered()
 def test_short_history_falls_back_to_a_flat_forecast_and_says_so():
     y = synthetic(10)
     f = forecast(y, horizon=30)
-    assert f.method.startswith("flat: only 10 days of history")
+    assert f.method == "flat: 10 days of history (< 14)"
     assert f.total == pytest.approx(y[-7:].mean() * 30)
     assert f.lower == pytest.approx(y[-7:].min() * 30) and f.upper == pytest.approx(y[-7:].max() * 30)
     assert MIN_DAYS == 14
