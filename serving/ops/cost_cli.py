@@ -168,8 +168,8 @@ def _report_table(rep, usage, audit_dir: Path) -> str:
                        for m, p in a.prices.items())
     out.append(f"replica time: {prices or 'none priced'}; (unallocated) = replica hours in which the "
                f"model served no tokens (costs.idle: unallocated)")
-    if a.unobserved_s > 0:
-        out.append(f"no replica record for {a.unobserved_s / 3600:,.1f} h of the period (no gateway running, "
+    if a.unobserved_s >= 60:  # float dust below that
+        out.append(f"no replica record for {a.unobserved_s / 3600:,.2f} h of the period (no gateway running, "
                    "or before the records existed): counted as 0 replicas")
     for why, n in sorted(usage.skipped.items()):
         out.append(f"skipped {n:,} records: {why}")

@@ -6,7 +6,7 @@ a state-space model), with its daily prediction intervals. The horizon's total i
 same way: wider than a joint interval, on purpose. Simulated paths from the fitted model (the
 joint interval) cover too little because they take the fitted trend and season as exact: on 40
 synthetic series (benchmarks/forecast_coverage.py) a 90% interval held the true 28-day total 25
-times that way, 39 times as summed daily bounds. With less history a season cannot be told from
+times that way, 38 times as summed daily bounds. With less history a season cannot be told from
 noise: the forecast is flat at the mean of the last 7 days, the interval the range of those days
 times the horizon, and `method` says so.
 """

@@ -46,7 +46,7 @@ def test_report_table_lists_tenants_idle_time_and_the_total(config, tmp_path, ca
     # No refresh records: each count holds 15 minutes only, so hour 11 (acme's alone) costs nothing
     # and beta, 3/4 of hour 10's tokens, comes first.
     assert [line.split()[0] for line in out.splitlines()[3:7]] == ["beta", "acme", "(unallocated)", "total"]
-    assert "no replica record for 2.5 h of the period" in out
+    assert "no replica record for 2.50 h of the period" in out
 
 
 @pytest.mark.parametrize("since", ["30", "30x", "0d", "-1d", "4000d"])
