@@ -2,8 +2,9 @@
 
 With MIN_DAYS (two weeks) of history or more: statsmodels' ETSModel, additive error, additive
 trend (linear or damped, whichever has the lower AICc), additive weekly season (Holt-Winters as
-a state-space model), with its daily prediction intervals. The horizon's total interval is the sum of the daily bounds, as if every day erred the
-same way: wider than a joint interval, on purpose. Simulated paths from the fitted model (the
+a state-space model), with its daily prediction intervals. The horizon's total interval is the
+sum of the daily bounds, as if every day erred the same way: wider than a joint interval, on
+purpose. Simulated paths from the fitted model (the
 joint interval) cover too little because they take the fitted trend and season as exact: on 40
 synthetic series (benchmarks/forecast_coverage.py) a 90% interval held the true 28-day total 25
 times that way, 38 times as summed daily bounds. With less history a season cannot be told from
