@@ -207,9 +207,10 @@ def _forecast(args) -> int:
         tokens.setdefault(tenant, np.zeros(days))[int((hour - day0) // DAY_S)] += prompt + completion
     for series in cost.values():
         total += series
-    if not tokens:
+    used = [s for s in tokens.values() if s.any()]
+    if not used:
         raise CostCliError(f"{audit_dir}: no requests with tokens in the last {days} full days")
-    first_any = min(int(np.flatnonzero(s)[0]) for s in tokens.values() if s.any())
+    first_any = min(int(np.flatnonzero(s)[0]) for s in used)
     rows = []
     budgets, horizon_share = cfg.costs.budgets, horizon / 30
     for tenant in sorted(tokens, key=lambda t: -cost.get(t, np.zeros(1)).sum()):

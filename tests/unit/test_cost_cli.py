@@ -84,3 +84,9 @@ def test_forecast_with_days_of_history_is_flat_says_so_and_flags_quota_and_budge
 def test_forecast_horizon_must_be_whole_days(config, capsys):
     assert main(["cost", "forecast", config, "--horizon", "12h"]) == 2
     assert "whole days" in capsys.readouterr().err
+
+
+def test_forecast_without_requests_in_the_history_says_so(config, tmp_path, capsys):
+    write_audit(tmp_path / "audit", HAND_RECORDS)  # 2 November: before the 7 days fitted on
+    assert main(["cost", "forecast", config, "--history", "7d"]) == 2
+    assert "no requests with tokens in the last 7 full days" in capsys.readouterr().err
