@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
         c.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
         c.add_argument("--audit-dir", default=None, help="audit files to read (default: the config's audit.dir)")
         c.add_argument("--format", choices=("table", "json"), default="table")
+        c.add_argument("--prometheus", metavar="URL", default=None,
+                       help="replica-time from this Prometheus (avg keel_engine_replicas_ready) instead of "
+                       "the audit log's replica records, e.g. for logs older than those records")
     r.add_argument("--since", default="30d", help="period: the last N m|h|d|w (default 30d)")
     r.add_argument("--until", default=None, help="end of the period, ISO 8601 (default: now)")
     f.add_argument("--horizon", default="30d", help="days to forecast: N d|w (default 30d, at most 366d)")
@@ -77,14 +80,26 @@ def _setup(args):
     return cfg, audit_dir
 
 
-def _allocate(cfg, audit_dir: Path, since: float, until: float, config_path: str):
+def _allocate(cfg, audit_dir: Path, since: float, until: float, config_path: str, prometheus: str | None):
     from serving.ops.cost import allocate, load_prices
+    from serving.ops.replica_time import integrate
     from serving.ops.usage import read_usage
 
     usage = read_usage(audit_dir, since, until)
-    models = {m for (_, m, _) in usage.tokens} | {m for (_, m, _) in usage.replica_events}
+    if prometheus:
+        from serving.ops.prometheus_replicas import PrometheusError, replica_time
+
+        try:
+            replicas = replica_time(prometheus, since, until)
+        except PrometheusError as e:
+            raise CostCliError(str(e)) from None
+    else:
+        replicas = integrate(usage.replica_events, since, until)
+    models = {m for (_, m, _) in usage.tokens} | set(replicas.seconds)
     prices, notes = load_prices(cfg.costs, models, base=Path(config_path).parent)
-    alloc = allocate(usage, cfg.costs, prices)
+    alloc = allocate(usage, cfg.costs, prices, replicas)
+    if prometheus:
+        notes.append(f"replica-time from Prometheus {prometheus}, not the audit log's replica records")
     alloc.notes[:0] = notes
     return usage, alloc
 
@@ -106,7 +121,7 @@ def _report(args) -> int:
     else:
         until = time.time()
     cfg, audit_dir = _setup(args)
-    usage, alloc = _allocate(cfg, audit_dir, until - span, until, args.config)
+    usage, alloc = _allocate(cfg, audit_dir, until - span, until, args.config, args.prometheus)
     rep = report(usage, alloc)
     if args.format == "json":
         print(json.dumps(_report_json(rep, usage, audit_dir), indent=2))
@@ -193,7 +208,7 @@ def _forecast(args) -> int:
         raise CostCliError(f"--level {args.level}: between 0.5 and 1")
     cfg, audit_dir = _setup(args)
     until = time.time() // DAY_S * DAY_S  # whole days only: today so far would look like a drop
-    usage, alloc = _allocate(cfg, audit_dir, until - history_s, until, args.config)
+    usage, alloc = _allocate(cfg, audit_dir, until - history_s, until, args.config, args.prometheus)
     days = int(history_s // DAY_S)
     day0 = until - history_s
     cost = {}  # tenant -> daily cost

@@ -88,12 +88,12 @@ def integrate(events: list[tuple[float, str, int]], start: float, end: float,
                 continue
             covered.append((lo, stop))
             if ready > 0:
-                _add(hours, lo, stop, ready)
+                add_replica_seconds(hours, lo, stop, ready)
     result.unobserved_s = (end - start) - _union_length(covered)
     return result
 
 
-def _add(hours: dict[int, float], lo: float, hi: float, ready: int) -> None:
+def add_replica_seconds(hours: dict[int, float], lo: float, hi: float, ready: float) -> None:
     """Add ready x (hi - lo) seconds, split at hour boundaries."""
     while lo < hi:
         bucket = int(lo // BUCKET_S) * BUCKET_S
