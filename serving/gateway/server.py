@@ -197,7 +197,7 @@ class Gateway:
         old_log = getattr(self.runtime, "audit_log", None)
         self.runtime = runtime
         self.pipeline = runtime.pipeline
-        if runtime.audit_log is not old_log:
+        if getattr(runtime, "audit_log", None) is not old_log:
             self.census.reset()  # a new log starts with every model's count
         self._record_replicas()
 
