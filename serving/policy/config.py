@@ -17,7 +17,7 @@ from serving.policy.identity import check_digest
 from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
 from serving.policy.routing import Experiment
 from serving.ops.anomaly_config import AnomalyConfig
-from serving.ops.slo_config import SloConfig
+from serving.ops.slo_config import SloConfig, check_slos
 
 ALL_MODELS = "*"
 
@@ -125,4 +125,4 @@ def check_policy_refs(policy: PolicyConfig, models: list[str]) -> list[str]:
         ids = [k.id for k in t.keys]
         for dup in sorted({i for i in ids if ids.count(i) > 1}):
             problems.append(f"tenants.{tname}.keys: key id `{dup}` is used twice")
-    return problems
+    return problems + check_slos(policy.slos, public, set(policy.tenants))
