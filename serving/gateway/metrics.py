@@ -10,13 +10,18 @@ nothing is counted on the streaming path.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.httpraw import http_get
+from serving.ops.slo_events import SloJudge, timing_of
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 UNROUTED = "-"  # model label of requests rejected before a model was resolved (bounded cardinality)
 
 
@@ -67,10 +72,46 @@ class GatewayMetrics:
         self.held = Gauge(
             "keel_requests_held", "Requests waiting at this gateway for a replica of a model scaled to "
             "zero to start.", ["model"], registry=r)
+        self.slo_events = Counter(
+            "keel_slo_events", "Requests judged against each SLO (`slos:` in the policy), by model, tenant "
+            "and whether the event was good: the SLIs of `keel slo rules`.", ["slo", "model", "tenant", "good"],
+            registry=r)
+        self._slo_series: set[tuple[str, str, str]] = set()
+        self.judge = SloJudge({})
+        self.ttft: Histogram | None = None  # made by the first use_slos: its thresholds are bounds
+        self.tpot: Histogram | None = None
+
+    def use_slos(self, judge: SloJudge) -> None:
+        """The policy's SLOs (each new policy version, live). The TTFT and TPOT histograms get
+        their buckets once, from the first policy: the defaults plus its thresholds. A threshold
+        added later is judged exactly (keel_slo_events counts against it) but is no bucket bound
+        of the histograms until the gateway restarts (Prometheus histograms keep their buckets)."""
+        self.judge = judge
+        wanted = judge.thresholds_s()
+        if self.ttft is None:
+            self._buckets = {"ttft": _bounds(_LATENCY_BUCKETS, wanted["ttft"]),
+                             "tpot": _bounds(_TPOT_BUCKETS, wanted["tpot"])}
+            self.ttft = Histogram(
+                "keel_time_to_first_token_seconds", "Streamed requests: time from request received to "
+                "the first token event sent (the buckets include the ttft SLO thresholds).",
+                ["model", "variant"], buckets=self._buckets["ttft"], registry=self.registry)
+            self.tpot = Histogram(
+                "keel_time_per_output_token_seconds", "Streamed requests of one choice and >= 2 completion "
+                "tokens: (end - first token) / (completion tokens - 1) (the buckets include the tpot SLO "
+                "thresholds).", ["model", "variant"], buckets=self._buckets["tpot"],
+                registry=self.registry)
+            return
+        for kind, bounds in self._buckets.items():
+            missing = set(wanted[kind]) - set(bounds)
+            if missing:
+                log.warning("%s SLO thresholds %s s are no bucket bounds of its histogram until the gateway "
+                            "restarts (keel_slo_events counts against them exactly)", kind, sorted(missing))
 
     def observe_request(self, ctx, outcome) -> None:
         tenant = ctx.tenant or UNROUTED
         self.observe(ctx.model, ctx.received_at, outcome, tenant, ctx.variant)
+        if ctx.model is not None:
+            self._observe_slis(ctx, outcome, tenant)
         u = ctx.usage
         if ctx.model is not None and u:
             variant = ctx.variant or ctx.model
@@ -89,12 +130,33 @@ class GatewayMetrics:
             if outcome.first_byte_at is not None:
                 self.first_byte.labels(label).observe(outcome.first_byte_at - started)
 
+    def _observe_slis(self, ctx, outcome, tenant: str) -> None:
+        t = timing_of(ctx, outcome)
+        if self.ttft is None:
+            self.use_slos(self.judge)
+        variant = ctx.variant or ctx.model
+        if t.ttft_s is not None:
+            self.ttft.labels(ctx.model, variant).observe(t.ttft_s)
+        if t.tpot_s is not None:
+            self.tpot.labels(ctx.model, variant).observe(t.tpot_s)
+        for slo, good in self.judge.judge(ctx.model, ctx.tenant, t):
+            if (slo, ctx.model, tenant) not in self._slo_series:
+                # Both series from the first event: the error ratio is 0, not absent, while all is well.
+                self._slo_series.add((slo, ctx.model, tenant))
+                self.slo_events.labels(slo, ctx.model, tenant, "true")
+                self.slo_events.labels(slo, ctx.model, tenant, "false")
+            self.slo_events.labels(slo, ctx.model, tenant, "true" if good else "false").inc()
+
     async def render(self, endpoints) -> bytes:
         own = generate_latest(self.registry)
         texts = await asyncio.gather(*(_scrape(e) for e in endpoints))
         merged = CollectorRegistry()
         merged.register(_EngineFamilies([(e.replica_id, t) for e, t in zip(endpoints, texts) if t]))
         return own + generate_latest(merged)
+
+
+def _bounds(defaults: tuple[float, ...], thresholds: list[float]) -> tuple[float, ...]:
+    return tuple(sorted(set(defaults) | set(thresholds)))
 
 
 async def _scrape(ep) -> str | None:

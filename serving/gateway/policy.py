@@ -34,6 +34,7 @@ from serving.errors import GatewayError
 from serving.gateway.guard import GuardInput, GuardOutput
 from serving.gateway.offload import off_loop
 from serving.gateway.request_fields import Generation
+from serving.ops.slo_events import SloJudge
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
@@ -67,6 +68,8 @@ class PolicyRuntime:
         self.rollouts = {m: (s.candidate, s.percent) for m, s in (rollouts or {}).items()}
         self.candidate_of = {c: m for m, (c, _) in self.rollouts.items()}  # candidate -> its model
         self.metrics = metrics
+        if metrics is not None:
+            metrics.use_slos(SloJudge(policy.slos))  # live: the next request is judged by these
         self.tenants = policy.tenants
         self.open = not policy.tenants
         self.keyring = KeyRing.from_tenants(policy.tenants)
@@ -98,7 +101,9 @@ class PolicyRuntime:
         self.audit = Audit(self) if self.audit_log is not None else None
         # Does the relay read responses? Only when something needs usage or text (output
         # guardrails exist only with tenants, so they are covered by `not open`).
-        self.inspects = not self.open or self.audit_log is not None
+        # A tpot SLO needs the completion tokens of streams, from the usage chunk.
+        self.inspects = (not self.open or self.audit_log is not None
+                         or any(s.kind == "tpot" for s in policy.slos.values()))
         self.pipeline = Pipeline(self._stages())
 
     def _stages(self) -> list[Stage]:
