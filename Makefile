@@ -10,7 +10,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed-$(ENGINE)
 
-.PHONY: setup redis serve test unit e2e bench clean
+.PHONY: setup redis prometheus slo-rules serve test unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,24 @@ redis:
 	  elif command -v brew >/dev/null; then brew install redis; fi; \
 	  command -v redis-server >/dev/null || { echo "could not install redis-server; install it (apt-get install redis-server)"; exit 1; }; }
 
-setup: $(STAMP) redis
+# SLO rules are checked with Prometheus' own promtool, and the SLO e2e runs a real Prometheus:
+# Debian's package brings both binaries; the service it starts is not needed (tests start their own).
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing prometheus"; \
+	  if command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q prometheus >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null)) \
+	      && systemctl disable --now prometheus >/dev/null 2>&1; true; \
+	  elif command -v brew >/dev/null; then brew install prometheus; fi; \
+	  command -v promtool >/dev/null || { echo "could not install prometheus; install it (apt-get install prometheus)"; exit 1; }; }
+
+# The SLO rules for $(CONFIG) into deploy/prometheus/, checked and unit-tested by promtool.
+slo-rules: $(STAMP) prometheus
+	$(BIN)/keel slo rules $(CONFIG) --out deploy/prometheus
+	promtool check rules deploy/prometheus/keel-slo-rules.yaml
+	cd deploy/prometheus && promtool test rules keel-slo-rules.test-*.yaml
+
+setup: $(STAMP) redis prometheus
 	$(BIN)/keel models ensure $(CONFIG)
 
 serve: setup
