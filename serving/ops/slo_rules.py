@@ -209,8 +209,22 @@ def prometheus_doc(target: str, scrape_interval: str = "15s", rules: str = RULES
     }
 
 
+class _Dumper(yaml.SafeDumper):
+    """Rules as people write them: multi-line PromQL as a `|` block, no &anchors for shared labels."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump(doc: dict) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, width=120, allow_unicode=True)
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
 
 
 def write_all(slos: dict[str, SloConfig], out: Path, target: str, interval: str | None = None) -> list[Path]:
