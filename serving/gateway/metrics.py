@@ -76,7 +76,7 @@ class GatewayMetrics:
             "keel_slo_events", "Requests judged against each SLO (`slos:` in the policy), by model, tenant "
             "and whether the event was good: the SLIs of `keel slo rules`.", ["slo", "model", "tenant", "good"],
             registry=r)
-        self._slo_series: set[tuple[str, str, str]] = set()
+        self._slo_series: dict[tuple[str, str, str], tuple] = {}  # (slo, model, tenant) -> (bad, good)
         self.judge = SloJudge({})
         self.ttft: Histogram | None = None  # made by the first use_slos: its thresholds are bounds
         self.tpot: Histogram | None = None
@@ -140,12 +140,14 @@ class GatewayMetrics:
         if t.tpot_s is not None:
             self.tpot.labels(ctx.model, variant).observe(t.tpot_s)
         for slo, good in self.judge.judge(ctx.model, ctx.tenant, t):
-            if (slo, ctx.model, tenant) not in self._slo_series:
-                # Both series from the first event: the error ratio is 0, not absent, while all is well.
-                self._slo_series.add((slo, ctx.model, tenant))
-                self.slo_events.labels(slo, ctx.model, tenant, "true")
-                self.slo_events.labels(slo, ctx.model, tenant, "false")
-            self.slo_events.labels(slo, ctx.model, tenant, "true" if good else "false").inc()
+            pair = self._slo_series.get((slo, ctx.model, tenant))
+            if pair is None:
+                # Both series from the first event: the error ratio is 0, not absent, while all is
+                # well. The children are kept: labels() costs more than the increment.
+                pair = self._slo_series[(slo, ctx.model, tenant)] = (
+                    self.slo_events.labels(slo, ctx.model, tenant, "false"),
+                    self.slo_events.labels(slo, ctx.model, tenant, "true"))
+            pair[good].inc()
 
     async def render(self, endpoints) -> bytes:
         own = generate_latest(self.registry)
