@@ -55,7 +55,8 @@ class BurnRateAlert(Strict):
             if not MIN_ALERT_WINDOW_S <= s <= MAX_ALERT_WINDOW_S:
                 raise ValueError(f"{name} `{getattr(self, name)}` must be between 10s and 30d")
         if short_s >= long_s:
-            raise ValueError(f"short_window `{self.short_window}` must be shorter than long_window `{self.long_window}`")
+            raise ValueError(f"short_window `{self.short_window}` must be shorter than "
+                             f"long_window `{self.long_window}`")
         return self
 
 
@@ -106,9 +107,11 @@ class SloConfig(Strict):
             where = f"alerts.{i}" if self.alerts is not None else f"the default alert {a.long_window}/{a.short_window}"
             if a.factor * budget >= 1:
                 raise ValueError(f"{where}: factor {a.factor:g} x error budget {budget:g} >= 1: an error "
-                                 "ratio can never pass it, so the alert could never fire (set `alerts:` for this objective)")
+                                 "ratio can never pass it, so the alert could never fire (set `alerts:` "
+                                 "for this objective)")
             if duration_s(a.long_window) > w:
-                raise ValueError(f"{where}: long_window `{a.long_window}` is longer than the SLO window `{self.window}`")
+                raise ValueError(f"{where}: long_window `{a.long_window}` is longer than the SLO window "
+                                 f"`{self.window}`")
         return self
 
     @property
@@ -139,8 +142,10 @@ def check_slos(slos: dict[str, SloConfig], public: set[str], tenants: set[str]) 
             problems.append(f"slos.{name}: a name is letters, digits, _ . - (at most 63)")
         for m in slo.models:
             if m != "*" and m not in public:
-                problems.append(f"slos.{name}.models: no model or experiment `{m}`; available: {', '.join(sorted(public))}")
+                problems.append(f"slos.{name}.models: no model or experiment `{m}`; "
+                                f"available: {', '.join(sorted(public))}")
         for t in slo.tenants or ():
             if t not in tenants:
-                problems.append(f"slos.{name}.tenants: no tenant `{t}`; defined: {', '.join(sorted(tenants)) or 'none'}")
+                problems.append(f"slos.{name}.tenants: no tenant `{t}`; "
+                                f"defined: {', '.join(sorted(tenants)) or 'none'}")
     return problems

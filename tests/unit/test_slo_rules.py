@@ -87,7 +87,8 @@ def test_deploy_prometheus_is_what_keel_slo_rules_makes_of_local_yaml(tmp_path, 
     assert "demo-availability: availability 0.99 over 28d" in capsys.readouterr().out
     shipped = REPO_ROOT / "deploy" / "prometheus"
     for made in tmp_path.iterdir():
-        assert (shipped / made.name).read_text() == made.read_text(), f"run `keel slo rules configs/local.yaml`: {made.name}"
+        assert (shipped / made.name).read_text() == made.read_text(), \
+            f"{made.name} is stale: run `keel slo rules configs/local.yaml`"
     prom = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8001"]
 

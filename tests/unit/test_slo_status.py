@@ -70,7 +70,8 @@ def test_rows_show_sli_budget_burn_rates_and_firing_alerts(prometheus):
     assert demo.burn == {"5m": pytest.approx(20), "1h": pytest.approx(15)}
     assert demo.alerts == ["page 1h/5m firing"]
     header, cells = table_rows(rows)
-    assert header == ["slo", "model", "kind", "objective", "window", "SLI", "budget left", "burn 5m", "burn 1h", "alerts"]
+    assert header == ["slo", "model", "kind", "objective", "window", "SLI", "budget left", "burn 5m", "burn 1h",
+                      "alerts"]
     assert cells[0] == ["avail", "demo", "availability", "99.000%", "28d", "99.800%", "80.0%", "20.00x", "15.00x",
                         "page 1h/5m firing"]
     assert cells[1][7] == "-"  # no traffic in 5m: no burn rate, not 0
