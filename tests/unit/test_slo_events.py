@@ -124,3 +124,25 @@ def test_first_event_creates_both_good_and_bad_series():
     samples = {(s.labels["good"], s.value) for f in m.registry.collect() for s in f.samples
                if s.name == "keel_slo_events_total"}
     assert samples == {("true", 1.0), ("false", 0.0)}  # the error ratio reads 0, not "no data"
+
+
+def test_histogram_buckets_come_from_the_first_policy_and_a_new_threshold_is_logged(caplog):
+    m = GatewayMetrics()
+    m.use_slos(judge(t={"kind": "ttft", "threshold_ms": 1234}))
+    m.use_slos(judge(t={"kind": "ttft", "threshold_ms": 777}))  # changed live
+    assert "0.777" in caplog.text and "until the gateway restarts" in caplog.text
+
+    class Ctx:
+        model, tenant, variant, usage, received_at, guardrail_actions = "demo", "t", None, None, 0.0, []
+        payload = {"stream": True}
+
+    class Out:
+        status, error, first_byte_at, finished_at = 200, None, 0.5, 1.0
+
+    m.observe_request(Ctx(), Out())
+    bounds = {s.labels["le"] for f in m.registry.collect() for s in f.samples
+              if s.name == "keel_time_to_first_token_seconds_bucket"}
+    assert "1.234" in bounds and "0.777" not in bounds  # Prometheus histograms keep their buckets
+    good = [s.value for f in m.registry.collect() for s in f.samples
+            if s.name == "keel_slo_events_total" and s.labels["good"] == "true"]
+    assert good == [1]  # a 500 ms first token, judged against the new 777 ms
