@@ -27,7 +27,7 @@ def timing_of(ctx, outcome) -> RequestTiming:
 
     The first body byte of a stream is its first token event: vLLM sends the first event (the
     role delta for chat) with the first generated token, after prefill."""
-    payload = ctx.payload or {}
+    payload = ctx.payload if isinstance(ctx.payload, dict) else {}
     if not (payload.get("stream") is True and outcome.status < 400 and outcome.first_byte_at is not None):
         return RequestTiming(outcome.status)
     ttft = outcome.first_byte_at - ctx.received_at
