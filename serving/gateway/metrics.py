@@ -69,6 +69,13 @@ class GatewayMetrics:
             "keel_requests_in_flight", "Requests relayed to an engine and not finished.", ["model"], registry=r)
         self.endpoints = Gauge(
             "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r)
+        self.anomalies = Counter(
+            "keel_anomalies", "Anomalies started, by tenant, model and signal (requests, tokens, "
+            "error_rate, latency, guardrail_hits); see GET /v1/admin/anomalies.",
+            ["tenant", "model", "signal"], registry=r)
+        self.anomaly_active = Gauge(
+            "keel_anomaly_active", "1 while an anomaly of the signal of the tenant on the model lasts, "
+            "0 once it ended.", ["tenant", "model", "signal"], registry=r)
         self.held = Gauge(
             "keel_requests_held", "Requests waiting at this gateway for a replica of a model scaled to "
             "zero to start.", ["model"], registry=r)

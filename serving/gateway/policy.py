@@ -2,7 +2,7 @@
 
 Order (each a Stage: `on_request` may raise GatewayError, `on_complete` always runs):
 
-  Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> GuardOutput
+  Anomalies -> Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> GuardOutput
         -> Admit -> Prepare
 
 The guard stages live in serving/gateway/guard.py; GuardOutput also reads the response: its
@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 import orjson
 
 from serving.errors import GatewayError
+from serving.gateway import anomalies
 from serving.gateway.guard import GuardInput, GuardOutput
 from serving.gateway.offload import off_loop
 from serving.gateway.request_fields import Generation
@@ -99,6 +100,9 @@ class PolicyRuntime:
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None
+        # The detector's baselines outlive a reload too (serving/gateway/anomalies.py).
+        self.anomalies = anomalies.carry(previous.anomalies if previous is not None else None,
+                                         policy.anomalies, metrics, self.audit_log)
         # Does the relay read responses? Only when something needs usage or text (output
         # guardrails exist only with tenants, so they are covered by `not open`).
         # A tpot SLO needs the completion tokens of streams, from the usage chunk.
@@ -108,6 +112,8 @@ class PolicyRuntime:
 
     def _stages(self) -> list[Stage]:
         stages: list[Stage] = []
+        if self.anomalies is not None:  # first: its on_complete sees the request's final state
+            stages.append(anomalies.AnomalyFeed(self.anomalies))
         if self.audit is not None:
             stages.append(self.audit)
         stages.append(ParseBody())
@@ -138,6 +144,8 @@ class PolicyRuntime:
         self.audit.on_complete(ctx, Outcome(status, error=error))
 
     def close(self) -> None:
+        if self.anomalies is not None:
+            self.anomalies.close()
         if self.audit_log is not None:
             self.audit_log.close()
 

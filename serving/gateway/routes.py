@@ -41,6 +41,7 @@ ROUTES = (
     _route("/v1/admin/models", "GET", ADMIN, "admin_models"),
     _route("/v1/admin/models/register", "POST", ADMIN, "admin_register"),
     _route("/v1/admin/models/register/", "GET", ADMIN, "admin_registration"),
+    _route("/v1/admin/anomalies", "GET", ADMIN, "admin_anomalies"),
     _route("/health", "GET", PUBLIC, "health", MAIN, METRICS),
     # Ray Serve's proxy paths, which KubeRay asks on the serve port: 200 once every model has a
     # ready replica (the head's serve label, the workers' readiness), 503 before.

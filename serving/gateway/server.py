@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from serving.errors import GatewayError, error_body
-from serving.gateway import admin_models
+from serving.gateway import admin_models, anomalies
 from serving.gateway.endpoints import Endpoint, EndpointPool
 from serving.gateway.heap import return_large_blocks_to_the_os
 from serving.gateway.hold import HoldSettings, RequestHold
@@ -361,6 +361,7 @@ class Gateway:
     _admin_models = admin_models.admin_models
     _admin_register = admin_models.admin_register
     _admin_registration = admin_models.admin_registration
+    _admin_anomalies = anomalies.admin_anomalies
 
     async def _proxy(self, client: ClientConnection, req: Request, rid: str) -> None:
         ctx = RequestContext(rid, req.method, req.path, req.headers, req.body, received_at=req.received_at)
