@@ -4,19 +4,19 @@ Each request that ends adds to its series' open bucket (`observe`: a few counter
 gateway closes every bucket once per `bucket_s` (`close`), off the request path. A closed
 bucket gives one value per signal, judged against two baselines:
 
-- the recent level: an exponentially weighted level and spread (half-life
+- the recent level (check "level"): an exponentially weighted level and spread (half-life
   `level_halflife_buckets`), which follows a daily cycle (it changes slowly next to a bucket)
   and catches what changes within minutes: a spike, an error burst, a tenant sending 10x tokens;
-- the daily profile (`season_slots` per day, learnt over days): a smoothed difference between
-  the values and the profile at the same time of day catches what the recent level would
-  follow: a slow drift.
+- the daily profile (check "daily"; `season_slots` per day, learnt over days): a smoothed
+  difference between the values and the profile at the same time of day catches what the
+  recent level would follow: a slow drift.
 
 Counts are judged in log space (log1p: a doubling is the same step at 10 or 10000 requests),
 latency as log(p95 of time to first byte), the error rate by a binomial z-score against the
 series' own rate. Robust to outliers: a residual moves a baseline by at most `_CLIP` spreads,
 and an anomalous bucket does not teach the spreads or the profile, so one past anomaly does
-not widen what counts as normal. A series alarms only after `warmup_buckets`; the seasonal
-check only after `season_warmup_days`. An anomaly lasting `adapt_after_buckets` is taken as
+not widen what counts as normal. A series alarms only after `warmup_buckets`; the daily
+check only after `season_warmup_days` (and its own spread's warm-up). An anomaly lasting `adapt_after_buckets` is taken as
 the new normal: it ends ("adapted") and the baselines move to it.
 
 Why not a library: statsmodels' seasonal models (STL, ExponentialSmoothing, UnobservedComponents)
@@ -67,7 +67,7 @@ class Anomaly:
     model: str
     signal: str
     direction: str  # "up" or "down"
-    check: str  # "recent" (against the recent level) or "seasonal" (against earlier days)
+    check: str  # "level" (against the recent level) or "daily" (against the same time on earlier days)
     started_at: str
     value: float
     expected: float
@@ -137,7 +137,7 @@ class _Baseline:
             lam = math.expm1(self.level)
             zc = (math.expm1(y) - lam) / max(noise(lam), 0.5)
             z = math.copysign(min(abs(z), abs(zc)), z)
-        expected, check = self.level, "recent"
+        expected, check = self.level, "level"
         b = self.expected_at(pos) if pos is not None else None
         if b is not None:
             # clipped: one odd bucket (a quiet minute at night) is the recent check's business
@@ -145,7 +145,7 @@ class _Baseline:
             if seasonal:
                 zs = self.resid / max(self.resid_spread * _MEAN_ABS_TO_SIGMA, _MIN_SEASON_SPREAD)
                 if abs(zs) > abs(z):
-                    z, expected, check = zs, b, "seasonal"  # b: what this time of day usually is
+                    z, expected, check = zs, b, "daily"  # b: what this time of day usually is
         outlier = abs(z) >= threshold
         a = max(alpha, 1.0 / (n + 1))
         if n == 0:
@@ -339,7 +339,7 @@ class AnomalyDetector:
                 if signal not in judged or b.requests < cfg.min_requests:
                     continue
                 z, p0 = series.rate.judge(b.requests, b.errors, self._alpha, cfg.min_error_rate, cfg.threshold)
-                value, expected, check = b.errors / b.requests, p0, "recent"
+                value, expected, check = b.errors / b.requests, p0, "level"
             else:
                 if signal == "latency":
                     if signal not in judged or b.timed < cfg.min_requests:
@@ -353,11 +353,11 @@ class AnomalyDetector:
                 else:  # requests (always learnt: tokens' noise needs it), guardrail_hits
                     y, noise = math.log1p(getattr(b, signal)), math.sqrt
                 base = series.baselines[signal]
-                z, ey, check = base.judge(y, pos, self._weights, seasonal, cfg.threshold, noise)
+                # the daily check judges once its own spread has been learnt as long as a warm-up
+                daily = seasonal and base.resid_n >= cfg.warmup_buckets
+                z, ey, check = base.judge(y, pos, self._weights, daily, cfg.threshold, noise)
                 if signal not in judged:
                     continue
-                if base.resid_n < cfg.warmup_buckets and check == "seasonal":
-                    z, check = 0.0, "recent"  # the seasonal spread is still being learnt
                 value, expected = _natural(signal, y), _natural(signal, ey)
             if signal not in TWO_SIDED:
                 z = max(z, 0.0)

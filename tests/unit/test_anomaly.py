@@ -66,7 +66,7 @@ def test_a_spike_starts_and_ends_an_anomaly_with_what_was_seen_and_expected():
     started = [a for phase, a in spike if phase == "start" and a.signal == "requests"]
     assert len(started) == 1
     a = started[0]
-    assert (a.tenant, a.model, a.direction, a.check) == ("acme", "demo", "up", "recent")
+    assert (a.tenant, a.model, a.direction, a.check) == ("acme", "demo", "up", "level")
     assert a.value == 200 and 15 < a.expected < 25
     assert a.started_at == "1970-01-01T00:30:00+00:00"
     ended = [a for phase, a in steady(det, 32, 3) if phase == "end" and a.signal == "requests"]
