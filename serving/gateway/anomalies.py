@@ -50,8 +50,9 @@ class AnomalyWatch:
         else:
             tokens = ctx.prompt_tokens or 0
         first = outcome.first_byte_at if outcome.first_byte_at is not None else outcome.finished_at
+        hits = sum(a.count for a in ctx.guardrail_actions) if ctx.guardrail_actions else 0
         self.detector.observe(ctx.tenant or NO_LABEL, ctx.model or NO_LABEL, outcome.status, tokens,
-                              first - ctx.received_at, sum(a.count for a in ctx.guardrail_actions))
+                              first - ctx.received_at, hits)
 
     async def _run(self) -> None:
         while True:
