@@ -97,9 +97,9 @@ class AnomalyWatch:
     def reconfigure(self, config: AnomalyConfig) -> None:
         self.publish(self.detector.configure(config))
 
-    def close(self) -> None:
-        """Detection stops (disabled, or the gateway stops): what was active ends."""
-        self.publish(self.detector.end_all("disabled"))
+    def close(self, reason: str = "stopped") -> None:
+        """Detection stops ("disabled" by config, or the gateway "stopped"): what was active ends."""
+        self.publish(self.detector.end_all(reason))
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -117,7 +117,7 @@ def carry(previous: AnomalyWatch | None, config: AnomalyConfig, metrics, audit_l
     a new one, or None when detection is off."""
     if not config.enabled:
         if previous is not None:
-            previous.close()
+            previous.close("disabled")
         return None
     if previous is None:
         return AnomalyWatch(config, metrics, audit_log)

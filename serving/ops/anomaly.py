@@ -75,7 +75,7 @@ class Anomaly:
     peak_score: float
     buckets: int = 0
     ended_at: str | None = None
-    end_reason: str | None = None  # recovered, adapted (the new normal), disabled
+    end_reason: str | None = None  # recovered, adapted (the new normal), disabled, reset, idle, stopped
 
     def to_dict(self) -> dict:
         return asdict(self)
