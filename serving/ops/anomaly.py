@@ -179,9 +179,10 @@ class _Baseline:
             self.profile[j] = p + b * max(-_CLIP * s, min(_CLIP * s, y - p))
         self.seen[j] += 1
 
-    def adapt(self, y: float) -> None:
-        """Take y as the new normal: the level moves to it and the profile by the same step."""
-        step = y - self.level
+    def adapt(self, y: float, pos: float | None) -> None:
+        """Take y as the new normal: the level moves to it, the profile by y's distance from it."""
+        b = self.expected_at(pos) if pos is not None else None
+        step = y - (b if b is not None else self.level)
         self.level = y
         self.profile = [None if p is None else p + step for p in self.profile]
         self.resid = 0.0
@@ -336,13 +337,19 @@ class AnomalyDetector:
         lam_req = math.expm1(reqs.level) if reqs.n else 0.0  # before this bucket teaches it
         for signal in _ORDER:
             if signal == "error_rate":
-                if signal not in judged or b.requests < cfg.min_requests:
+                if signal not in judged:
+                    continue
+                if b.requests < cfg.min_requests:
+                    self._no_data(series, signal, t, events)
                     continue
                 z, p0 = series.rate.judge(b.requests, b.errors, self._alpha, cfg.min_error_rate, cfg.threshold)
                 value, expected, check = b.errors / b.requests, p0, "level"
             else:
                 if signal == "latency":
-                    if signal not in judged or b.timed < cfg.min_requests:
+                    if signal not in judged:
+                        continue
+                    if b.timed < cfg.min_requests:
+                        self._no_data(series, signal, t, events)
                         continue
                     y, noise = math.log(b.p95()), None
                 elif signal == "tokens":
@@ -392,11 +399,22 @@ class AnomalyDetector:
         elif a.buckets >= cfg.adapt_after_buckets:
             if signal == "error_rate":
                 series.rate.adapt(b.requests, b.errors)
-            elif signal == "latency":
-                series.baselines[signal].adapt(math.log(b.p95()))
             else:
-                series.baselines[signal].adapt(math.log1p(getattr(b, signal)))
+                y = math.log(b.p95()) if signal == "latency" else math.log1p(getattr(b, signal))
+                slots = cfg.season_slots
+                series.baselines[signal].adapt(y, (t % DAY_S) / DAY_S * slots if slots else None)
             events.append(self._end(w, "adapted", t + cfg.bucket_s))
+
+    def _no_data(self, series: _Series, signal: str, t: float, events: list) -> None:
+        """A bucket too thin to judge (error_rate, latency): no evidence that an active anomaly
+        goes on, so it counts towards its end (traffic that stops ends an error burst)."""
+        w = series.watches.get(signal)
+        if w is None or w.active is None:
+            return
+        w.active.buckets += 1
+        w.below += 1
+        if w.below >= self.config.consecutive:
+            events.append(self._end(w, "recovered", t + self.config.bucket_s))
 
     def _end(self, w: _Watch, reason: str, t: float) -> tuple[str, Anomaly]:
         a, w.active = w.active, None

@@ -99,6 +99,27 @@ def test_an_error_burst_is_an_error_rate_anomaly_but_a_single_error_is_not():
     assert burst[0][1].value == 0.3
 
 
+def test_an_error_burst_ends_when_traffic_stops():
+    det = AnomalyDetector(small())
+    steady(det, 0, 30)
+    feed(det, 30 * 60.0, 20, errors=8)
+    feed(det, 31 * 60.0, 20, errors=8)
+    assert [a.signal for a in det.active()] == ["error_rate"]
+    ended = det.close(32 * 60.0) + det.close(33 * 60.0)  # no requests at all
+    assert ("end", "error_rate", "recovered") in [(p, a.signal, a.end_reason) for p, a in ended]
+
+
+def test_a_lasting_latency_step_is_adopted_once_and_not_raised_again_on_later_days():
+    det = AnomalyDetector(AnomalyConfig(warmup_buckets=10, season_slots=24, season_warmup_days=1,
+                                        adapt_after_buckets=12, bucket_s=3600))
+    latency = [0.1] * (4 * 24) + [0.2] * (4 * 24)  # four days at 100 ms, four at 200 ms (hourly buckets)
+    events = []
+    for k, lat in enumerate(latency):
+        events += [(p, a.end_reason) for p, a in feed(det, k * 3600.0, 20 + k % 3, latency=lat * (1 + 0.02 * (k % 5)))
+                   if a.signal == "latency"]
+    assert events == [("start", None), ("end", "adapted")]
+
+
 def test_a_few_guardrail_hits_on_a_quiet_series_are_not_an_anomaly():
     det = AnomalyDetector(small())
     events = []
