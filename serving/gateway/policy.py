@@ -2,8 +2,11 @@
 
 Order (each a Stage: `on_request` may raise GatewayError, `on_complete` always runs):
 
-  Anomalies -> Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput -> GuardOutput
-        -> Admit -> Prepare
+  Anomalies -> Audit -> ParseBody -> Authenticate -> Route -> CountTokens -> GuardInput
+        -> GuardOutput -> Admit -> Prepare
+
+Anomalies (serving/gateway/anomalies.py) only reads each request as it ends: being first, its
+on_complete runs last and sees the final tenant, model, usage and status.
 
 The guard stages live in serving/gateway/guard.py; GuardOutput also reads the response: its
 `on_response` watch sees every text field the client is shown.
