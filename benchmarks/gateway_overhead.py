@@ -10,7 +10,7 @@ its response's last byte read (time.perf_counter). "server CPU/req" is both chil
 
 Configurations, alternated within each round so drift in this noisy machine hits them all:
 - direct: load straight to the responder (the baseline);
-- gateway, policies off: no tenants, audit off (a byte relay);
+- gateway, policies off: no tenants, audit and anomaly detection off (a byte relay);
 - gateway, policies on: a tenant with an API key, quotas (requests/min, tokens/min, tokens/day,
   concurrency; limits high enough that nothing is refused), input and output guardrails (every
   PII entity redacted, prompt injection and a deny-list blocked), a two-variant experiment with
@@ -246,7 +246,9 @@ def build_gateways(engine_port: int, workdir: str, redis_url: str | None) -> dic
     counter = TokenCounter.from_model_dir(DEMO_DIR)
     max_len = json.loads((DEMO_DIR / "config.json").read_text()).get("max_position_embeddings")
     infos = {m: ModelInfo(m, counter, max_len) for m in MODELS}
-    policies = {"off": {"audit": {"enabled": False}}, "on": policy_on(f"{workdir}/audit-on")}
+    # off: a byte relay (anomaly detection is on by default, so it is turned off here too)
+    policies = {"off": {"audit": {"enabled": False}, "anomalies": {"enabled": False}},
+                "on": policy_on(f"{workdir}/audit-on")}
     if redis_url:
         policies["redis"] = policy_on(f"{workdir}/audit-redis", redis_url)
     snapshot = {m: [{"model": m, "replica_id": f"{m}-r1", "host": "127.0.0.1", "port": engine_port}]
