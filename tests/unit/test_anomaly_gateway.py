@@ -40,7 +40,7 @@ def test_a_spike_of_requests_is_listed_counted_and_audited(tmp_path):
             admin = await h.client.get(ANOMALIES, headers={"authorization": f"Bearer {ADMIN_KEY}"})
             metrics = (h.metric("keel_anomalies_total", tenant="acme", model="demo", signal="requests"),
                        h.metric("keel_anomaly_active", tenant="acme", model="demo", signal="requests"))
-            return admin, metrics, h.audit_records()
+            return admin, metrics, h.audit_records(events=True)
 
     admin, metrics, records = run(go())
     assert admin.status_code == 200
@@ -94,7 +94,7 @@ def test_disabled_detection_ends_what_was_active_and_feeds_nothing(tmp_path):
             h.apply(policy(tmp_path, anomalies={**DETECT, "enabled": False}))
             admin = await h.client.get(ANOMALIES, headers={"authorization": f"Bearer {ADMIN_KEY}"})
             gauge = h.metric("keel_anomaly_active", tenant="acme", model="demo", signal="requests")
-            return h.gw.runtime, admin.json(), gauge, h.audit_records()
+            return h.gw.runtime, admin.json(), gauge, h.audit_records(events=True)
 
     rt, body, gauge, records = run(go())
     assert rt.anomalies is None and not any(isinstance(s, AnomalyFeed) for s in rt.pipeline.stages)
