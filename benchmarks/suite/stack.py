@@ -49,6 +49,8 @@ def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str 
     with `model`'s engine arguments overridden and a fixed replica count (autoscaling off)."""
     doc = yaml.safe_load(config_path.read_text())
     doc.setdefault("server", {})["port"] = port
+    if doc["server"].get("metrics_port"):  # configs/local.yaml's 8001: one per stack running at once
+        doc["server"]["metrics_port"] = free_port()
     if not policies:
         for k in POLICY_KEYS:
             doc.pop(k, None)

@@ -82,6 +82,7 @@ def test_keel_apply_that_removes_the_model_removes_its_candidate_too():
     _, deployed = rolling(25, two)
     only_b = copy.deepcopy(two)
     del only_b["models"]["demo"]
+    only_b.pop("slos", None)  # they name demo: a config removing it must drop them too
     only_b["tenants"]["demo"]["models"] = ["*"]
     new = keep_rollouts(deployed, state(only_b))
     assert kinds(make_plan(deployed, new)) == {"demo": REMOVED, CAND: REMOVED, "demo-b": UNCHANGED}
