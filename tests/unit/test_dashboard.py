@@ -1,0 +1,226 @@
+"""The Grafana dashboard: generated, valid PromQL, only metrics Keel exports, a loadable model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from grafana_foundation_sdk.models.dashboard import Dashboard
+
+from serving.cli import main
+from serving.config import REPO_ROOT, ConfigError, load_config
+from serving.gateway.metrics import GatewayMetrics
+from serving.ops.dashboard import (
+    SLO_WINDOWS, all_panels, build_dashboard, dashboard_json, expand, panel_queries, replica_hour_prices)
+
+LOCAL = REPO_ROOT / "configs" / "local.yaml"
+COMMITTED = REPO_ROOT / "deploy" / "grafana" / "keel.json"
+# Named in the ops contract and exported by the SLO and anomaly parts; once GatewayMetrics has
+# them, the registry covers them and this set changes nothing.
+CONTRACT_METRICS = {"keel_time_to_first_token_seconds_bucket", "keel_time_per_output_token_seconds_bucket",
+                    "keel_anomaly_active", "keel_anomalies_total"}
+SLO_RULES = {f"keel:slo_errors:ratio_rate{w}" for w in SLO_WINDOWS} | {"keel:slo_error_budget_remaining:ratio"}
+PROMETHEUS_BUILTIN = {"ALERTS"}
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
+             "unless"}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(LOCAL, check_engine_args=False)
+
+
+@pytest.fixture(scope="module")
+def dash(cfg):
+    return build_dashboard(cfg)
+
+
+def _promtool_check(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: `make setup` installs Debian's prometheus package"
+    rules = tmp_path / "dashboard-rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+        {"record": f"keel:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}))
+    return subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series names a PromQL expression reads (strings, matchers, ranges and label lists cut)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][\w:]*", e):
+        if m.group() in _KEYWORDS or e[m.end():].lstrip().startswith("("):
+            continue  # a keyword, a function or an aggregation
+        names.add(m.group())
+    return names
+
+
+def exported_metric_names() -> set[str]:
+    """Series names the gateway's registry exposes, plus the vLLM engine's (from vLLM's own source)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {f.name + s for f in GatewayMetrics().registry.collect() for s in suffixes.get(f.type, ("",))}
+    spec = importlib.util.find_spec("vllm")
+    assert spec and spec.origin, "vllm is not installed (make setup)"
+    loggers = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
+    found = re.findall(r"_(counter|gauge|histogram)_cls\(\s*name=\"(vllm:\w+)\"", loggers)
+    assert len(found) > 10, "vLLM's metric definitions moved: update exported_metric_names"
+    names |= {n + s for kind, n in found for s in suffixes[kind]}
+    return names
+
+
+def test_committed_dashboard_is_what_keel_dashboard_writes(tmp_path, capsys):
+    out = tmp_path / "keel.json"
+    assert main(["dashboard", str(LOCAL), "--out", str(out)]) == 0
+    assert "panels" in capsys.readouterr().out
+    assert out.read_text() == COMMITTED.read_text(), \
+        "deploy/grafana/keel.json is stale: run `keel dashboard configs/local.yaml`"
+
+
+def test_every_panel_query_is_valid_promql(dash, tmp_path):
+    queries = panel_queries(dash)
+    assert len(queries) >= 30
+    result = _promtool_check(queries, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promql_check_catches_a_broken_query(tmp_path):
+    result = _promtool_check(["sum by (model) (rate(keel_requests_total[1m])"], tmp_path)
+    assert result.returncode != 0 and "parse error" in result.stdout + result.stderr
+
+
+def test_every_metric_a_panel_reads_is_one_keel_exports(dash):
+    used = set().union(*(metric_names(q) for q in panel_queries(dash)))
+    assert {"keel_requests_total", "vllm:num_requests_running", "keel:slo_errors:ratio_rate1h"} <= used
+    known = exported_metric_names() | CONTRACT_METRICS | SLO_RULES | PROMETHEUS_BUILTIN
+    assert used - known == set()
+
+
+def test_metric_names_reads_names_not_functions_or_labels():
+    expr = ('sum by (model, le) (rate(vllm:x_bucket{model_name=~"a(@.+)?"}[1m])) / on (model) '
+            'group_left () max by (model) (keel_y{model="z"}) or ALERTS')
+    assert metric_names(expr) == {"vllm:x_bucket", "keel_y", "ALERTS"}
+
+
+def test_dashboard_loads_as_a_grafana_dashboard_model(dash):
+    data = json.loads(dashboard_json(dash))
+    assert data["schemaVersion"] >= 39 and data["uid"] == "keel"
+    back = Dashboard.from_json(data)
+    assert dashboard_json(back) == dashboard_json(dash)  # the SDK's model reads every field back
+    panels = all_panels(back)
+    ids = [p.id_val for p in panels]
+    assert None not in ids and len(ids) == len(set(ids))
+    cells = set()
+    for p in panels:
+        g = p.grid_pos
+        assert g.w > 0 and g.h > 0 and 0 <= g.x and g.x + g.w <= 24, (p.title, g.to_json())
+        mine = {(x, y) for x in range(g.x, g.x + g.w) for y in range(g.y, g.y + g.h)}
+        assert not mine & cells, f"panel {p.title!r} overlaps another"
+        cells |= mine
+
+
+def test_rows_cover_every_part_of_the_stack(dash):
+    rows = [p.title for p in all_panels(dash) if p.type_val == "row"]
+    assert rows == ["Request path", "Engines", "Quotas", "Guardrails", "Experiments and rollouts", "SLOs",
+                    "Cost", "Anomalies"]
+
+
+def test_template_variables_pick_datasource_model_and_tenant(dash):
+    variables = {v.name: v for v in dash.templating.list_val}
+    assert set(variables) == {"datasource", "model", "tenant"}
+    assert variables["datasource"].query == "prometheus"
+    for name in ("model", "tenant"):
+        assert variables[name].query == f"label_values(keel_requests_total, {name})"
+        assert variables[name].multi and variables[name].include_all and variables[name].all_value == ".*"
+    for p in all_panels(dash):
+        if p.type_val != "row":
+            assert p.datasource.uid == "${datasource}"
+    assert any('tenant=~"$tenant"' in t.expr for p in all_panels(dash) for t in getattr(p, "targets", None) or [])
+
+
+def test_panel_queries_expand_grafana_variables(dash):
+    assert all("$" not in q for q in panel_queries(dash))
+    one = panel_queries(dash, {"model": "demo", "tenant": "acme"})
+    assert any('model=~"demo", tenant=~"acme"' in q for q in one)
+    assert expand("rate(x[$__rate_interval]) * ${__range_s}") == "rate(x[1m]) * 3600"
+    with pytest.raises(ValueError, match=r"\$nope"):
+        expand("x{a=~\"$nope\"}")
+
+
+def _cost_queries(dash) -> list[str]:
+    cost = next(p for p in all_panels(dash) if p.title.startswith("Cost per hour by model"))
+    return [t.expr for t in cost.targets]
+
+
+def test_cost_prices_the_cpu_demo_model_as_the_cpu_profile(dash):
+    assert _cost_queries(dash) == ['sum by (model) (max by (model) (keel_engine_replicas_ready{model="demo"}) '
+                                   '* 0.05)']
+
+
+def test_without_costs_gpu_models_are_priced_by_their_tensor_parallel_size(cfg):
+    gpu = cfg.models["demo"].model_copy(update={"deployment": cfg.models["demo"].deployment.model_copy(
+        update={"num_gpus": 2}), "engine": {"tensor_parallel_size": 2}})
+    big = cfg.model_copy(update={"models": {"demo": cfg.models["demo"], "big": gpu}})
+    prices = replica_hour_prices(big)
+    assert (prices["demo"].profile, prices["demo"].per_replica_hour) == ("cpu-2core", 0.05)
+    assert (prices["big"].profile, prices["big"].per_replica_hour) == ("h100-80gb-tp2", 5.0)
+
+
+def _with_costs(cfg, **costs):
+    """The config with a `costs:` block as the cost part defines it (fields read by name)."""
+    new = cfg.model_copy(update={"costs": SimpleNamespace(**costs)})
+    assert "costs" in new.model_fields_set
+    return new
+
+
+def test_costs_block_names_the_profile_and_token_weights(cfg):
+    priced = _with_costs(cfg, hardware={"demo": "h100-80gb"},
+                         token_weights=SimpleNamespace(prompt=0.5, completion=2.0))
+    dash = build_dashboard(priced)
+    assert "* 2.5)" in _cost_queries(dash)[0]
+    tenant = next(p for p in all_panels(dash) if p.title.startswith("Cost per hour by tenant"))
+    assert '* 2 + sum by (tenant, model) (rate(keel_tokens_total{kind="prompt"' in tenant.targets[0].expr
+    assert "* 0.5)" in tenant.targets[0].expr
+
+
+def test_costs_block_naming_an_unknown_profile_is_a_clear_error(cfg):
+    with pytest.raises(ConfigError, match="no hardware profile `tpu-v9`.*cpu-2core"):
+        replica_hour_prices(_with_costs(cfg, hardware={"demo": "tpu-v9"}))
+
+
+def test_models_with_no_price_are_named_in_the_cost_panels(cfg):
+    dash = build_dashboard(_with_costs(cfg, hardware={}))  # no default_hardware: demo gets no price
+    cost = next(p for p in all_panels(dash) if p.title.startswith("Cost per hour by model"))
+    assert cost.targets in (None, []) and "Not priced: demo" in cost.description
+
+
+def test_burn_rate_panel_divides_by_each_slo_budget(cfg):
+    with_slos = cfg.model_copy(update={"slos": {"avail": SimpleNamespace(objective=0.999),
+                                                "ttft": SimpleNamespace(objective=0.99)}})
+    burn = next(p for p in all_panels(build_dashboard(with_slos)) if p.title == "Burn rate")
+    exprs = [t.expr for t in burn.targets]
+    assert len(exprs) == 4
+    assert exprs[1] == ('keel:slo_errors:ratio_rate1h{slo="avail", model=~"$model"} / 0.001 or '
+                        'keel:slo_errors:ratio_rate1h{slo="ttft", model=~"$model"} / 0.01')
+
+
+def test_burn_rate_panel_without_slos_says_how_to_add_them(dash):
+    burn = next(p for p in all_panels(dash) if p.title == "Burn rate")
+    assert not burn.targets and "slos:" in burn.description
+
+
+def test_bad_config_is_refused_with_the_key_path(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(LOCAL.read_text().replace("port: 8000", "port: 99999"))
+    assert main(["dashboard", str(bad), "--out", str(tmp_path / "x.json")]) == 2
+    assert "server.port" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
