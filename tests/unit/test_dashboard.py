@@ -224,3 +224,14 @@ def test_bad_config_is_refused_with_the_key_path(tmp_path, capsys):
     assert main(["dashboard", str(bad), "--out", str(tmp_path / "x.json")]) == 2
     assert "server.port" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_provisioning_loads_the_dashboard_file_with_a_prometheus_datasource(dash):
+    prov = REPO_ROOT / "deploy" / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((prov / "datasources" / "keel-prometheus.yaml").read_text())["datasources"]
+    variable = next(v for v in dash.templating.list_val if v.name == "datasource")
+    assert source["type"] == variable.query == "prometheus" and source["isDefault"] is True
+    (provider,) = yaml.safe_load((prov / "dashboards" / "keel.yaml").read_text())["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+    readme = (REPO_ROOT / "deploy" / "grafana" / "README.md").read_text()
+    assert provider["options"]["path"] in readme  # where the README copies keel.json
