@@ -160,6 +160,8 @@ def _quantiles(metric: str, by: str, selector: str) -> list[tuple[str, str]]:
 
 def _request_path(g: _Grid) -> None:
     g.row("Request path")
+    # 5xx over all but 499; a variant with no 5xx series reads 0, not "no data".
+    answered = f'sum by (model, variant) (rate(keel_requests_total{{status!="499", {MT}}}[{RATE}]))'
     g.series("Requests per second", "Requests answered by the gateway, by model and variant (the "
              "deployment that served it).",
              [(f"sum by (model, variant) (rate(keel_requests_total{{{MT}}}[{RATE}]))", "{{model}} / {{variant}}")],
@@ -169,9 +171,8 @@ def _request_path(g: _Grid) -> None:
              [(f"sum by (status) (rate(keel_requests_total{{{MT}}}[{RATE}]))", "{{status}}")], unit="reqps")
     g.series("Error ratio (5xx)", "Share of answers that were 5xx, by model and variant (499s left out: "
              "the client's doing).",
-             [(f'sum by (model, variant) (rate(keel_requests_total{{status=~"5..", {MT}}}[{RATE}])) / '
-               f'sum by (model, variant) (rate(keel_requests_total{{status!="499", {MT}}}[{RATE}]))',
-               "{{model}} / {{variant}}")], unit="percentunit")
+             [(f'(sum by (model, variant) (rate(keel_requests_total{{status=~"5..", {MT}}}[{RATE}])) or '
+               f'0 * {answered}) / {answered}', "{{model}} / {{variant}}")], unit="percentunit")
     g.series("Time to first token", "p50/p90/p99 by model and variant (streamed requests; the gateway's "
              "histogram, buckets bracket the SLO thresholds).",
              _quantiles("keel_time_to_first_token_seconds", "model, variant", M), unit="s")

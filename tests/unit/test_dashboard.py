@@ -235,3 +235,66 @@ def test_provisioning_loads_the_dashboard_file_with_a_prometheus_datasource(dash
     assert provider["type"] == "file" and provider["options"]["path"]
     readme = (REPO_ROOT / "deploy" / "grafana" / "README.md").read_text()
     assert provider["options"]["path"] in readme  # where the README copies keel.json
+
+
+def _promtool_test(tmp_path: Path, series: dict[str, str], checks: list[tuple[str, str, list[dict]]]):
+    """`promtool test rules` with synthetic series: each (expr, eval_time, expected samples)."""
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    tests = {"rule_files": ["none.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series.items()],
+        "promql_expr_test": [{"expr": e, "eval_time": t, "exp_samples": exp} for e, t, exp in checks]}]}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", "tests.yml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _query(dash, title: str, i: int = 0) -> str:
+    panel = next(p for p in all_panels(dash) if p.title == title)
+    return expand(panel.targets[i].expr, {"__rate_interval": "5m"})
+
+
+def test_cost_per_tenant_splits_the_model_cost_by_weighted_tokens(cfg, tmp_path):
+    dash = build_dashboard(_with_costs(cfg, hardware={"demo": "h100-80gb"}))
+    # demo: 1 replica (two gateways report it: counted once) x 2.50/h. Tokens per second:
+    # a: 1 completion + 4 prompt -> 1 + 4 x 0.25 = 2; b: 6 completion -> 6. Shares 1/4 and 3/4.
+    series = {'keel_engine_replicas_ready{instance="g1", model="demo"}': "1x20",
+              'keel_engine_replicas_ready{instance="g2", model="demo"}': "1x20"}
+    for tenant, completion, prompt in (("a", 60, 240), ("b", 360, 0)):
+        for kind, per_min in (("completion", completion), ("prompt", prompt)):
+            labels = f'tenant="{tenant}", model="demo", variant="demo", kind="{kind}"'
+            series[f"keel_tokens_total{{{labels}}}"] = f"0+{per_min}x20"
+    _promtool_test(tmp_path, series, [
+        (_query(dash, "Cost per hour by model (USD)"), "10m", [{"labels": '{model="demo"}', "value": 2.5}]),
+        (_query(dash, "Cost per hour by tenant (USD)"), "10m", [{"labels": '{tenant="a"}', "value": 0.625},
+                                                               {"labels": '{tenant="b"}', "value": 1.875}])])
+
+
+def test_cost_over_the_range_is_replica_hours_times_price(dash, tmp_path):
+    # 2 replicas for the whole hour at 0.05 per replica-hour: 0.10.
+    _promtool_test(tmp_path, {'keel_engine_replicas_ready{model="demo"}': "2x90"}, [
+        (_query(dash, "Cost over the time range (USD)"), "80m", [{"labels": '{model="demo"}', "value": 0.1}])])
+
+
+def test_error_ratio_and_traffic_share_by_variant(dash, tmp_path):
+    # candidate: 1 req/s, all 500; stable: 3 req/s 200 and 1 req/s 499 (the client's, left out).
+    base = 'tenant="t", model="demo"'
+    series = {f'keel_requests_total{{{base}, variant="demo", status="200"}}': "0+180x20",
+              f'keel_requests_total{{{base}, variant="demo", status="499"}}': "0+60x20",
+              f'keel_requests_total{{{base}, variant="demo@candidate", status="500"}}': "0+60x20"}
+    _promtool_test(tmp_path, series, [
+        (_query(dash, "Error ratio (5xx)"), "10m", [{"labels": '{model="demo", variant="demo"}', "value": 0},
+                                                    {"labels": '{model="demo", variant="demo@candidate"}',
+                                                     "value": 1}]),
+        (_query(dash, "Traffic share by variant"), "10m", [
+            {"labels": '{model="demo", variant="demo"}', "value": 0.8},
+            {"labels": '{model="demo", variant="demo@candidate"}', "value": 0.2}])])
+
+
+def test_burn_rate_is_the_error_ratio_over_the_error_budget(cfg, tmp_path):
+    # Objective 0.9375: a budget of 0.0625 (exact in binary, so promtool's exact compare holds).
+    dash = build_dashboard(cfg.model_copy(update={"slos": {"avail": SimpleNamespace(objective=0.9375)}}))
+    series = {'keel:slo_errors:ratio_rate1h{slo="avail", model="demo"}': "0.9x5",
+              'keel:slo_errors:ratio_rate1h{slo="other", model="demo"}': "0.5x5"}  # not configured: not shown
+    _promtool_test(tmp_path, series, [
+        (_query(dash, "Burn rate", 1), "2m", [{"labels": '{slo="avail", model="demo"}', "value": 14.4}])])
