@@ -1,7 +1,7 @@
 """The Grafana dashboard of a Keel stack, built with Grafana's foundation SDK (its typed builders).
 
 `build_dashboard(cfg)` is plain data in, a dashboard model out: the config only adds what it
-knows (SLO objectives for burn rates, prices for cost); every other panel reads the metric names
+knows (each model's price for the cost panels); every other panel reads the metric names
 the gateway exports (serving/gateway/metrics.py), the engines' vllm:* families relabelled with
 `replica`, the SLO recording rules (`keel slo rules`) and the anomaly gauges.
 """
@@ -43,7 +43,7 @@ RATE = "$__rate_interval"
 
 
 # ---------------------------------------------------------------------------------------------
-# What the config adds: prices and SLO objectives
+# What the config adds: prices
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,6 @@ def _hardware_profiles(path: Path) -> dict[str, Price]:
             raise ConfigError(f"{path}: profile {name}: {e.errors()[0]['msg']}") from None
         out[name] = Price(name, p.price_per_replica_hour, p.currency)
     return out
-
-
-def slo_objectives(cfg: KeelConfig) -> dict[str, float]:
-    """SLO name -> objective (e.g. 0.99) from the config's `slos:`; empty while it has none."""
-    return {name: float(s.objective) for name, s in (getattr(cfg, "slos", None) or {}).items()
-            if getattr(s, "objective", None) is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +245,7 @@ def _variants(g: _Grid) -> None:
                "{{variant}} {{status}}")], unit="reqps")
 
 
-def _slos(g: _Grid, objectives: dict[str, float]) -> None:
+def _slos(g: _Grid) -> None:
     g.row("SLOs")
     g.stat("Error budget left", "Share of each SLO's error budget left over its window "
            "(keel:slo_error_budget_remaining:ratio).",
@@ -260,16 +254,12 @@ def _slos(g: _Grid, objectives: dict[str, float]) -> None:
     g.series("SLO error ratio by window", "Bad events over all events, per recording-rule window.",
              [(f"keel:slo_errors:ratio_rate{w}{{{M}}}", "{{slo}} {{model}} {{tenant}} " + w)
               for w in ("5m", "1h", "6h", "1d")], unit="percentunit", width=8, height=8)
-    if objectives:
-        burn = [(" or ".join(f'keel:slo_errors:ratio_rate{w}{{slo="{name}", {M}}} / {1 - obj:.6g}'
-                             for name, obj in sorted(objectives.items())),
-                 "{{slo}} {{model}} {{tenant}} " + w) for w in BURN_WINDOWS]
-        about = ("Error ratio over the budget's rate (1 - objective): 1 spends the budget exactly over "
-                 "the window; the page alerts fire at 14.4 (1h and 5m) and 6 (6h and 30m).")
-    else:
-        burn = []
-        about = "No SLOs in the config (`slos:`): nothing to burn. Add some and run `keel dashboard` again."
-    g.series("Burn rate", about, burn, width=8, height=8)
+    # The objective comes from the rules (keel:slo_objective:ratio), so a changed `slos:` needs
+    # new rules only, not a new dashboard.
+    g.series("Burn rate", "Error ratio over the error budget (1 - objective): 1 spends the budget "
+             "exactly over the SLO window; the page alerts fire at 14.4 (1h and 5m) and 6 (6h and 30m).",
+             [(f"keel:slo_errors:ratio_rate{w}{{{M}}} / on (slo) group_left () (1 - keel:slo_objective:ratio)",
+               "{{slo}} {{model}} {{tenant}} " + w) for w in BURN_WINDOWS], width=8, height=8)
     g.series("Burn-rate alerts firing", "KeelSLOBurnRate alerts firing, by SLO and severity.",
              [('sum by (slo, severity) (ALERTS{alertname="KeelSLOBurnRate", alertstate="firing"})',
                "{{slo}} {{severity}}")], width=24, height=6)
@@ -345,7 +335,7 @@ def build_dashboard(cfg: KeelConfig, hardware_file: str | Path | None = None) ->
     _engines(g)
     _quotas_and_guardrails(g)
     _variants(g)
-    _slos(g, slo_objectives(cfg))
+    _slos(g)
     _cost(g, prices, token_weights(cfg), sorted(set(cfg.models) - set(prices)))
     _anomalies(g)
     return board.build()

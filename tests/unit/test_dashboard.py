@@ -26,7 +26,9 @@ COMMITTED = REPO_ROOT / "deploy" / "grafana" / "keel.json"
 # them, the registry covers them and this set changes nothing.
 CONTRACT_METRICS = {"keel_time_to_first_token_seconds_bucket", "keel_time_per_output_token_seconds_bucket",
                     "keel_anomaly_active", "keel_anomalies_total"}
-SLO_RULES = {f"keel:slo_errors:ratio_rate{w}" for w in SLO_WINDOWS} | {"keel:slo_error_budget_remaining:ratio"}
+# The SLO part's recording rules (`keel slo rules`; the objective series is recorded beside them).
+SLO_RULES = {f"keel:slo_errors:ratio_rate{w}" for w in SLO_WINDOWS} | {
+    "keel:slo_error_budget_remaining:ratio", "keel:slo_objective:ratio"}
 PROMETHEUS_BUILTIN = {"ALERTS"}
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
              "unless"}
@@ -203,21 +205,6 @@ def test_models_with_no_price_are_named_in_the_cost_panels(cfg):
     assert cost.targets in (None, []) and "Not priced: demo" in cost.description
 
 
-def test_burn_rate_panel_divides_by_each_slo_budget(cfg):
-    with_slos = cfg.model_copy(update={"slos": {"avail": SimpleNamespace(objective=0.999),
-                                                "ttft": SimpleNamespace(objective=0.99)}})
-    burn = next(p for p in all_panels(build_dashboard(with_slos)) if p.title == "Burn rate")
-    exprs = [t.expr for t in burn.targets]
-    assert len(exprs) == 4
-    assert exprs[1] == ('keel:slo_errors:ratio_rate1h{slo="avail", model=~"$model"} / 0.001 or '
-                        'keel:slo_errors:ratio_rate1h{slo="ttft", model=~"$model"} / 0.01')
-
-
-def test_burn_rate_panel_without_slos_says_how_to_add_them(dash):
-    burn = next(p for p in all_panels(dash) if p.title == "Burn rate")
-    assert not burn.targets and "slos:" in burn.description
-
-
 def test_bad_config_is_refused_with_the_key_path(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(LOCAL.read_text().replace("port: 8000", "port: 99999"))
@@ -291,10 +278,14 @@ def test_error_ratio_and_traffic_share_by_variant(dash, tmp_path):
             {"labels": '{model="demo", variant="demo@candidate"}', "value": 0.2}])])
 
 
-def test_burn_rate_is_the_error_ratio_over_the_error_budget(cfg, tmp_path):
-    # Objective 0.9375: a budget of 0.0625 (exact in binary, so promtool's exact compare holds).
-    dash = build_dashboard(cfg.model_copy(update={"slos": {"avail": SimpleNamespace(objective=0.9375)}}))
-    series = {'keel:slo_errors:ratio_rate1h{slo="avail", model="demo"}': "0.9x5",
-              'keel:slo_errors:ratio_rate1h{slo="other", model="demo"}': "0.5x5"}  # not configured: not shown
+def test_burn_rate_is_the_error_ratio_over_the_error_budget(dash, tmp_path):
+    # Objective 0.9375 (a budget of 0.0625, exact in binary, so promtool's exact compare holds),
+    # as `keel slo rules` records it; each SLO is divided by its own budget.
+    series = {'keel:slo_objective:ratio{slo="avail", kind="availability", window="28d"}': "0.9375x5",
+              'keel:slo_objective:ratio{slo="ttft", kind="ttft", window="28d"}': "0.5x5",
+              'keel:slo_errors:ratio_rate1h{slo="avail", model="demo"}': "0.9x5",
+              'keel:slo_errors:ratio_rate1h{slo="ttft", model="demo", tenant="a"}': "0.25x5"}
     _promtool_test(tmp_path, series, [
-        (_query(dash, "Burn rate", 1), "2m", [{"labels": '{slo="avail", model="demo"}', "value": 14.4}])])
+        (_query(dash, "Burn rate", 1), "2m", [{"labels": '{slo="avail", model="demo"}', "value": 14.4},
+                                              {"labels": '{slo="ttft", model="demo", tenant="a"}',
+                                               "value": 0.5}])])
