@@ -275,10 +275,11 @@ def _cost(g: _Grid, prices: dict[str, Price], weights: dict[str, float], unprice
         g.series("Cost per hour by model", "Nothing to show." + note, [], width=24)
         return
     # Replicas ready (max over gateways) x price: cost per hour while replicas run, idle or not.
+    # Over the range: a subquery stepped by $__interval (as many points as the panel is wide).
     per_model = " or ".join(f'max by (model) (keel_engine_replicas_ready{{model="{m}"}}) * {p.per_replica_hour:g}'
                             for m, p in sorted(prices.items()))
     over_range = " or ".join(
-        f'avg_over_time(max by (model) (keel_engine_replicas_ready{{model="{m}"}})[$__range:1m]) '
+        f'avg_over_time(max by (model) (keel_engine_replicas_ready{{model="{m}"}})[$__range:$__interval]) '
         f"* {p.per_replica_hour:g}" for m, p in sorted(prices.items()))
     g.stat(f"Cost over the time range ({currency})", "Replica-hours in the dashboard's time range x "
            "price per replica-hour, by model." + note,

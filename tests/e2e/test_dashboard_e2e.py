@@ -25,7 +25,7 @@ from tests.e2e.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 # With a 1 s scrape, 30 s windows hold enough samples for rate(); the range is the test's span.
-VALUES = {"__rate_interval": "30s", "__range": "5m", "__range_s": "300"}
+VALUES = {"__rate_interval": "30s", "__range": "5m", "__range_s": "300", "__interval": "1s"}
 # Panels the requests below must fill (the SLO, anomaly and gateway TTFT/TPOT panels need those
 # parts' metrics and config; guardrail, quota and shadow panels need such events).
 FED = ["Requests per second", "Responses by status", "Error ratio (5xx)", "End-to-end latency",
@@ -93,3 +93,6 @@ def test_every_panel_query_runs_on_a_real_prometheus_and_traffic_fills_the_panel
         empty = [t for t in FED if not any(a["data"]["result"] for (title, _), a in answers.items() if title == t)]
         assert not empty, f"no series in {empty}"
         print(f"{len(queries)} dashboard queries evaluated in {elapsed * 1000:.0f} ms")
+        for (title, _), a in answers.items():
+            if title in ("Requests per second", "Cost per hour by model (USD)", "Cost per hour by tenant (USD)"):
+                print(title, [(r["metric"], r["value"][1]) for r in a["data"]["result"]])
