@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from grafana_foundation_sdk.builders import dashboard as gd
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
@@ -21,16 +18,15 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef, Dashboard, DashboardCursorSync, VariableRefresh, VariableSort)
 
-from benchmarks.suite.spec import DEFAULT_HARDWARE_FILE, HardwareProfile
-from serving.config import ConfigError, KeelConfig, read_yaml
+from benchmarks.suite.spec import DEFAULT_HARDWARE_FILE
+from serving.config import KeelConfig, read_yaml
+from serving.ops.cost import Price, load_prices
 
 UID = "keel"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")  # keel:slo_errors:ratio_rate<W>
 BURN_WINDOWS = ("5m", "1h", "6h", "3d")  # the short and long windows of the default alerts
 PERCENTILES = (0.5, 0.9, 0.99)
-# Token weights of a tenant's share of a model's cost when `costs:` does not set them.
-DEFAULT_TOKEN_WEIGHTS = {"completion": 1.0, "prompt": 0.25}
 # What panel_queries puts for each Grafana variable: every model and tenant, a 1 h range.
 DEFAULT_VALUES = {"model": ".*", "tenant": ".*", "__rate_interval": "1m", "__range": "1h",
                   "__range_s": "3600", "__interval": "15s"}
@@ -46,47 +42,23 @@ RATE = "$__rate_interval"
 # What the config adds: prices
 
 
-@dataclass(frozen=True)
-class Price:
-    profile: str
-    per_replica_hour: float
-    currency: str
-
-
-def replica_hour_prices(cfg: KeelConfig, hardware_file: str | Path | None = None) -> dict[str, Price]:
-    """Each model's price per replica-hour, from the hardware profiles `keel bench` prices with.
-
-    With a `costs:` block, its `hardware` (model -> profile) and `default_hardware` say which
-    profile (a model under neither gets no price, as `keel cost` does). Without one, each model is
-    priced as the profile its deployment looks like: no GPU -> cpu-2core, GPUs -> h100-80gb
-    (-tpN for tensor_parallel_size N). Models whose profile is not in the file are left out, and
-    the cost panels name them."""
-    costs = getattr(cfg, "costs", None)
-    has_costs = "costs" in cfg.model_fields_set
-    path = hardware_file or (getattr(costs, "hardware_file", None) if has_costs else None)
-    profiles = _hardware_profiles(Path(path) if path else DEFAULT_HARDWARE_FILE)
-    prices = {}
-    for model, mc in cfg.models.items():
-        if has_costs:
-            name = (getattr(costs, "hardware", None) or {}).get(model) or getattr(costs, "default_hardware", None)
-            if name is None:
-                continue
-            if name not in profiles:
-                raise ConfigError(f"costs: model {model}: no hardware profile `{name}` in "
-                                  f"{path or DEFAULT_HARDWARE_FILE}; profiles: {', '.join(sorted(profiles))}")
-        else:
-            name = _profile_for_deployment(mc)
-        if name in profiles:
-            prices[model] = profiles[name]
-    return prices
-
-
-def token_weights(cfg: KeelConfig) -> dict[str, float]:
-    """Weights of prompt and completion tokens in a tenant's share (`costs.token_weights` when set)."""
-    weights = getattr(getattr(cfg, "costs", None), "token_weights", None)
-    if weights is None:
-        return dict(DEFAULT_TOKEN_WEIGHTS)
-    return {k: float(getattr(weights, k)) for k in DEFAULT_TOKEN_WEIGHTS}
+def replica_hour_prices(cfg: KeelConfig, hardware_file: str | Path | None = None,
+                        base: Path | None = None) -> dict[str, Price]:
+    """Each model's price per replica-hour, as `keel cost` prices it (serving.ops.cost.load_prices):
+    `costs.hardware` / `costs.default_hardware` name a profile of the hardware file (`keel bench`'s
+    profiles); a model under neither has no price. A config without a `costs:` block is priced as
+    its deployments look: no GPU -> cpu-2core, GPUs -> h100-80gb (-tpN for tensor_parallel_size
+    N), where the file has that profile. `base`: the config's folder (a relative hardware_file)."""
+    costs = cfg.costs
+    if hardware_file is not None:
+        costs = costs.model_copy(update={"hardware_file": str(Path(hardware_file).resolve())})
+    if "costs" not in cfg.model_fields_set:
+        path = Path(costs.hardware_file) if costs.hardware_file else DEFAULT_HARDWARE_FILE
+        known = read_yaml(path)
+        guess = {m: _profile_for_deployment(mc) for m, mc in cfg.models.items()}
+        costs = costs.model_copy(update={"hardware": {m: p for m, p in guess.items()
+                                                      if isinstance(known, dict) and p in known}})
+    return load_prices(costs, set(cfg.models), base)[0]
 
 
 def _profile_for_deployment(mc) -> str:
@@ -94,20 +66,6 @@ def _profile_for_deployment(mc) -> str:
         return "cpu-2core"
     tp = int(mc.engine.get("tensor_parallel_size", 1) or 1)
     return "h100-80gb" if tp == 1 else f"h100-80gb-tp{tp}"
-
-
-def _hardware_profiles(path: Path) -> dict[str, Price]:
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of profile names")
-    out = {}
-    for name, body in raw.items():
-        try:
-            p = HardwareProfile.model_validate(body)
-        except ValidationError as e:
-            raise ConfigError(f"{path}: profile {name}: {e.errors()[0]['msg']}") from None
-        out[name] = Price(name, p.price_per_replica_hour, p.currency)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +282,9 @@ def _variables(board: gd.Dashboard) -> None:
             .multi(True).include_all(True).all_value(".*"))
 
 
-def build_dashboard(cfg: KeelConfig, hardware_file: str | Path | None = None) -> Dashboard:
-    prices = replica_hour_prices(cfg, hardware_file)
+def build_dashboard(cfg: KeelConfig, hardware_file: str | Path | None = None,
+                    base: Path | None = None) -> Dashboard:
+    prices = replica_hour_prices(cfg, hardware_file, base)
     board = (gd.Dashboard("Keel").uid(UID).tags(["keel", "llm-serving"]).editable()
              .description("Keel's request path, engines, quotas, guardrails, variants, SLOs, cost and "
                           "anomalies. Generated by `keel dashboard`; edit the generator, not this JSON.")
@@ -337,7 +296,8 @@ def build_dashboard(cfg: KeelConfig, hardware_file: str | Path | None = None) ->
     _quotas_and_guardrails(g)
     _variants(g)
     _slos(g)
-    _cost(g, prices, token_weights(cfg), sorted(set(cfg.models) - set(prices)))
+    weights = {"completion": cfg.costs.token_weights.completion, "prompt": cfg.costs.token_weights.prompt}
+    _cost(g, prices, weights, sorted(set(cfg.models) - set(prices)))
     _anomalies(g)
     return board.build()
 

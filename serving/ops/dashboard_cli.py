@@ -24,7 +24,8 @@ def run(args) -> int:
     from serving.config import load_config
     from serving.ops.dashboard import all_panels, build_dashboard, dashboard_json, panel_queries
 
-    dash = build_dashboard(load_config(args.config, check_engine_args=False), args.hardware)
+    dash = build_dashboard(load_config(args.config, check_engine_args=False), args.hardware,
+                           base=Path(args.config).parent)
     text = dashboard_json(dash)
     if args.out == "-":
         print(text, end="")

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -17,15 +16,13 @@ from grafana_foundation_sdk.models.dashboard import Dashboard
 from serving.cli import main
 from serving.config import REPO_ROOT, ConfigError, load_config
 from serving.gateway.metrics import GatewayMetrics
+from serving.ops.cost_config import CostConfig
+from serving.ops.slo_events import SloJudge
 from serving.ops.dashboard import (
     SLO_WINDOWS, all_panels, build_dashboard, dashboard_json, expand, panel_queries, replica_hour_prices)
 
 LOCAL = REPO_ROOT / "configs" / "local.yaml"
 COMMITTED = REPO_ROOT / "deploy" / "grafana" / "keel.json"
-# Named in the ops contract and exported by the SLO and anomaly parts; once GatewayMetrics has
-# them, the registry covers them and this set changes nothing.
-CONTRACT_METRICS = {"keel_time_to_first_token_seconds_bucket", "keel_time_per_output_token_seconds_bucket",
-                    "keel_anomaly_active", "keel_anomalies_total"}
 # The SLO part's recording rules (`keel slo rules`; the objective series is recorded beside them).
 SLO_RULES = {f"keel:slo_errors:ratio_rate{w}" for w in SLO_WINDOWS} | {
     "keel:slo_error_budget_remaining:ratio", "keel:slo_objective:ratio"}
@@ -70,7 +67,9 @@ def metric_names(expr: str) -> set[str]:
 def exported_metric_names() -> set[str]:
     """Series names the gateway's registry exposes, plus the vLLM engine's (from vLLM's own source)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    names = {f.name + s for f in GatewayMetrics().registry.collect() for s in suffixes.get(f.type, ("",))}
+    metrics = GatewayMetrics()
+    metrics.use_slos(SloJudge({}))  # the TTFT/TPOT histograms: made with the first policy's SLOs
+    names = {f.name + s for f in metrics.registry.collect() for s in suffixes.get(f.type, ("",))}
     spec = importlib.util.find_spec("vllm")
     assert spec and spec.origin, "vllm is not installed (make setup)"
     loggers = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
@@ -103,7 +102,7 @@ def test_promql_check_catches_a_broken_query(tmp_path):
 def test_every_metric_a_panel_reads_is_one_keel_exports(dash):
     used = set().union(*(metric_names(q) for q in panel_queries(dash)))
     assert {"keel_requests_total", "vllm:num_requests_running", "keel:slo_errors:ratio_rate1h"} <= used
-    known = exported_metric_names() | CONTRACT_METRICS | SLO_RULES | PROMETHEUS_BUILTIN
+    known = exported_metric_names() | SLO_RULES | PROMETHEUS_BUILTIN
     assert used - known == set()
 
 
@@ -168,25 +167,23 @@ def test_cost_prices_the_cpu_demo_model_as_the_cpu_profile(dash):
                                    '* 0.05)']
 
 
-def test_without_costs_gpu_models_are_priced_by_their_tensor_parallel_size(cfg):
-    gpu = cfg.models["demo"].model_copy(update={"deployment": cfg.models["demo"].deployment.model_copy(
-        update={"num_gpus": 2}), "engine": {"tensor_parallel_size": 2}})
-    big = cfg.model_copy(update={"models": {"demo": cfg.models["demo"], "big": gpu}})
-    prices = replica_hour_prices(big)
+def test_without_costs_gpu_models_are_priced_by_their_tensor_parallel_size(tmp_path):
+    raw = yaml.safe_load(LOCAL.read_text())
+    raw.pop("costs", None)
+    raw["models"]["big"] = {**raw["models"]["demo"], "engine": {"tensor_parallel_size": 2},
+                            "deployment": {"num_replicas": 1, "num_gpus": 2}}
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(raw))
+    prices = replica_hour_prices(load_config(tmp_path / "gpu.yaml", check_engine_args=False))
     assert (prices["demo"].profile, prices["demo"].per_replica_hour) == ("cpu-2core", 0.05)
     assert (prices["big"].profile, prices["big"].per_replica_hour) == ("h100-80gb-tp2", 5.0)
 
 
 def _with_costs(cfg, **costs):
-    """The config with a `costs:` block as the cost part defines it (fields read by name)."""
-    new = cfg.model_copy(update={"costs": SimpleNamespace(**costs)})
-    assert "costs" in new.model_fields_set
-    return new
+    return cfg.model_copy(update={"costs": CostConfig(**costs)})
 
 
 def test_costs_block_names_the_profile_and_token_weights(cfg):
-    priced = _with_costs(cfg, hardware={"demo": "h100-80gb"},
-                         token_weights=SimpleNamespace(prompt=0.5, completion=2.0))
+    priced = _with_costs(cfg, hardware={"demo": "h100-80gb"}, token_weights={"prompt": 0.5, "completion": 2.0})
     dash = build_dashboard(priced)
     assert "* 2.5)" in _cost_queries(dash)[0]
     tenant = next(p for p in all_panels(dash) if p.title.startswith("Cost per hour by tenant"))
