@@ -221,10 +221,11 @@ def test_provisioning_loads_the_dashboard_file_with_a_prometheus_datasource(dash
     assert provider["options"]["path"] in readme  # where the README copies keel.json
 
 
-def _promtool_test(tmp_path: Path, series: dict[str, str], checks: list[tuple[str, str, list[dict]]]):
+def _promtool_test(tmp_path: Path, series: dict[str, str], checks: list[tuple[str, str, list[dict]]],
+                   rules: Path | None = None):
     """`promtool test rules` with synthetic series: each (expr, eval_time, expected samples)."""
     (tmp_path / "none.yml").write_text("groups: []\n")
-    tests = {"rule_files": ["none.yml"], "evaluation_interval": "1m", "tests": [{
+    tests = {"rule_files": [str(rules) if rules else "none.yml"], "evaluation_interval": "1m", "tests": [{
         "interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series.items()],
         "promql_expr_test": [{"expr": e, "eval_time": t, "exp_samples": exp} for e, t, exp in checks]}]}
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
@@ -286,3 +287,14 @@ def test_burn_rate_is_the_error_ratio_over_the_error_budget(dash, tmp_path):
         (_query(dash, "Burn rate", 1), "2m", [{"labels": '{slo="avail", model="demo"}', "value": 14.4},
                                               {"labels": '{slo="ttft", model="demo", tenant="a"}',
                                                "value": 0.5}])])
+
+
+def test_burn_rate_panel_reads_the_rules_keel_slo_rules_writes(dash, tmp_path):
+    # deploy/prometheus's rules for local.yaml: demo-availability, objective 0.99. 9 bad in 60
+    # events a minute: an error ratio of 0.15, 15 times the budget (rounded: 1 - 0.99 is inexact).
+    rules = REPO_ROOT / "deploy" / "prometheus" / "keel-slo-rules.yaml"
+    series = {'keel_slo_events_total{slo="demo-availability", model="demo", tenant="demo", good="false"}': "0+9x120",
+              'keel_slo_events_total{slo="demo-availability", model="demo", tenant="demo", good="true"}': "0+51x120"}
+    _promtool_test(tmp_path, series, [
+        (f"round({_query(dash, 'Burn rate', 1)}, 0.001)", "90m",
+         [{"labels": '{slo="demo-availability", model="demo"}', "value": 15}])], rules=rules)
