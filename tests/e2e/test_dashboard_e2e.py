@@ -1,8 +1,10 @@
 """Every dashboard query against a real Prometheus scraping the real stack.
 
 Prometheus is Debian's `prometheus` package; it scrapes the gateway's metrics listener every
-second. After a few requests, every panel's PromQL must evaluate without error, and the panels
-the traffic feeds (requests, tokens, engines, replicas, cost) must show series.
+second and evaluates the SLO rules of configs/local.yaml (deploy/prometheus/) every second.
+After a few requests, every panel's PromQL must evaluate without error, and the panels the
+traffic feeds (requests, latencies, tokens, guardrails, engines, replicas, SLOs, cost) must
+show series.
 """
 
 from __future__ import annotations
@@ -15,23 +17,24 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from benchmarks.suite.stack import free_port
 from serving.config import load_config
 from serving.ops.dashboard import all_panels, build_dashboard, expand
+from serving.ops.slo_rules import dump, prometheus_doc
 
 from tests.e2e.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 # With a 1 s scrape, 30 s windows hold enough samples for rate(); the range is the test's span.
 VALUES = {"__rate_interval": "30s", "__range": "5m", "__range_s": "300", "__interval": "1s"}
-# Panels the requests below must fill (the SLO, anomaly and gateway TTFT/TPOT panels need those
-# parts' metrics and config; guardrail, quota and shadow panels need such events).
-FED = ["Requests per second", "Responses by status", "Error ratio (5xx)", "End-to-end latency",
-       "Tokens per second by tenant", "Running requests per replica", "Waiting requests per replica",
-       "KV cache usage per replica", "Tokens per second per replica", "Replicas ready",
-       "Traffic share by variant", "Tokens by variant", "Engine TTFT p95 by variant",
+# Panels the requests below must fill (quota, shadow, anomaly and alert panels need such events).
+FED = ["Requests per second", "Responses by status", "Error ratio (5xx)", "Time to first token",
+       "Time per output token", "End-to-end latency", "In flight and held", "Tokens per second by tenant",
+       "Running requests per replica", "Waiting requests per replica", "KV cache usage per replica",
+       "Tokens per second per replica", "Replicas ready", "Guardrail actions by guardrail",
+       "Guardrail actions by tenant", "Traffic share by variant", "Tokens by variant",
+       "Engine TTFT p95 by variant", "Error budget left", "SLO error ratio by window", "Burn rate",
        "Cost per hour by model (USD)", "Cost per hour by tenant (USD)", "Cost over the time range (USD)"]
 
 
@@ -40,10 +43,9 @@ def prometheus(scrape_url: str, tmp: Path):
     binary = shutil.which("prometheus")
     assert binary, "prometheus not found: `make setup` installs Debian's prometheus package"
     port = free_port()
-    target = scrape_url.removeprefix("http://")
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "keel", "static_configs": [{"targets": [target]}]}]}))
+    rules = REPO / "deploy" / "prometheus" / "keel-slo-rules.yaml"  # `keel slo rules configs/local.yaml`
+    doc = prometheus_doc(scrape_url.removeprefix("http://"), scrape_interval="1s", rules=str(rules))
+    (tmp / "prometheus.yml").write_text(dump(doc))
     log = open(tmp / "prometheus.log", "wb")
     proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
@@ -76,7 +78,8 @@ def test_every_panel_query_runs_on_a_real_prometheus_and_traffic_fills_the_panel
         up = wait_for(lambda: _query(prom, "up")["data"]["result"], lambda r: r and r[0]["value"][1] == "1")
         assert up and up[0]["value"][1] == "1", "Prometheus does not scrape the gateway"
         for i in range(8):
-            messages = [{"role": "user", "content": f"Count to {i + 3}."}]
+            card = " My card is 4111 1111 1111 1111." if i == 2 else ""  # the input guardrail redacts it
+            messages = [{"role": "user", "content": f"Count to {i + 3}.{card}"}]
             if i % 2:
                 for _ in client.chat.completions.create(model=stack.model, messages=messages, max_tokens=8, stream=True):
                     pass
