@@ -87,6 +87,11 @@ def test_committed_dashboard_is_what_keel_dashboard_writes(tmp_path, capsys):
         "deploy/grafana/keel.json is stale: run `keel dashboard configs/local.yaml`"
 
 
+def test_out_dash_prints_the_dashboard(capsys):
+    assert main(["dashboard", str(LOCAL), "--out", "-"]) == 0
+    assert capsys.readouterr().out == COMMITTED.read_text()
+
+
 def test_every_panel_query_is_valid_promql(dash, tmp_path):
     queries = panel_queries(dash)
     assert len(queries) >= 30
