@@ -10,7 +10,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed-$(ENGINE)
 
-.PHONY: setup redis prometheus slo-rules serve test unit e2e bench clean
+.PHONY: setup redis prometheus slo-rules dashboard serve test unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ slo-rules: $(STAMP) prometheus
 	$(BIN)/keel slo rules $(CONFIG) --out deploy/prometheus
 	promtool check rules deploy/prometheus/keel-slo-rules.yaml
 	cd deploy/prometheus && promtool test rules keel-slo-rules.test-*.yaml
+
+# The Grafana dashboard for $(CONFIG) (prices from its costs:), into deploy/grafana/keel.json.
+dashboard: $(STAMP)
+	$(BIN)/keel dashboard $(CONFIG) --out deploy/grafana/keel.json
 
 setup: $(STAMP) redis prometheus
 	$(BIN)/keel models ensure $(CONFIG)
