@@ -21,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.conftest import DEMO_KEY, local_config
+from tests.e2e.conftest import DEMO_KEY, local_config, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
@@ -130,11 +130,19 @@ def _came_too_late(seen: Kill) -> bool:
 def _kill_mid_stream(stack, client: openai.OpenAI) -> Kill:
     """Stream a long answer, SIGKILL the engine's API server after the first token, then wait
     for the dead engine's processes to go and for the replacement replica to serve."""
-    servers = stack.engine_servers()
-    assert len(servers) == 1, f"expected the stack's one engine, found {[_cmdline(p) for p in servers]}"
-    server = servers[0]
-    seen = Kill(request_id=f"kill-{uuid.uuid4().hex}", engine=[server, *server.children(recursive=True)])
-    assert any("EngineCore" in _cmdline(p) for p in seen.engine), [_cmdline(p) for p in seen.engine]
+    def engine() -> list[psutil.Process]:  # the one engine's server and its processes, or []
+        servers = stack.engine_servers()
+        try:
+            return [servers[0], *servers[0].children(recursive=True)] if len(servers) == 1 else servers
+        except psutil.Error:  # gone since the listing
+            return []
+
+    # A replacement from an earlier try may still be starting its EngineCore: wait for it.
+    procs = wait_for(engine, lambda ps: any("EngineCore" in _cmdline(p) for p in ps), timeout_s=120, interval_s=1)
+    assert any("EngineCore" in _cmdline(p) for p in procs), "expected the stack's one engine with its " \
+        "EngineCore; found:\n" + "\n".join(f"{p.pid} {_cmdline(p)[:100]}" for p in procs)
+    server = procs[0]
+    seen = Kill(request_id=f"kill-{uuid.uuid4().hex}", engine=procs)
 
     stream = client.chat.completions.create(
         model=stack.model, messages=[{"role": "user", "content": "Tell me a long story."}],
