@@ -37,6 +37,10 @@ KILL_WAIT_S = 5.0
 # Draining: after the replica has left the registry, gateways learn it within milliseconds (they
 # long-poll it); a request one of them had picked just before is connected well within this.
 DRAIN_SETTLE_S = 1.0
+# ... but a gateway under load can learn it seconds late (a CI run on a loaded box: 15 s, its
+# registry calls slow) and still send a request just after the last one ended. So the engine
+# stops only once it has had no request for this long, not at the first instant with none.
+DRAIN_QUIET_S = 3.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 # Ray starts a worker process for a new replica, and its imports take seconds before the
 # constructor runs. A worker older than this was not started for this replica: its age is not
@@ -213,9 +217,16 @@ class EngineReplica:
             log.warning("replica %s could not leave the registry; draining anyway", self.replica_id, exc_info=True)
         await asyncio.sleep(max(0.0, min(DRAIN_SETTLE_S, deadline - loop.time())))
         left = self.requests_in_flight()
-        while left and self.proc.poll() is None and loop.time() < deadline:
+        quiet_since = None if left else loop.time()
+        while self.proc.poll() is None and loop.time() < deadline:
+            if not left and quiet_since is not None and loop.time() - quiet_since >= DRAIN_QUIET_S:
+                break
             await asyncio.sleep(0.2)
             left = self.requests_in_flight()
+            if left:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = loop.time()
         if left:
             log.warning("replica %s: %d requests still in flight after the %gs drain; stopping the engine",
                         self.replica_id, left, self.drain_timeout_s)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from benchmarks.suite.stack import free_port
-from serving.engine.replica import EngineReplica, EngineSpec
+from serving.engine.replica import DRAIN_SETTLE_S, EngineReplica, EngineSpec
 
 # Answers /health at once; any other path is an answer that lasts until the client hangs up.
 ENGINE = """
@@ -94,6 +94,27 @@ def test_a_stream_in_flight_finishes_before_the_engine_stops(replica):
     asyncio.run(drain_while(replica, meanwhile))
     assert replica.proc.poll() is not None  # then the engine stops
     assert [rid for rid, _ in replica.registry.removed] == ["replica-1"]
+
+
+def test_a_request_that_arrives_just_after_the_last_one_ended_is_answered(replica):
+    # A gateway that learns late that the replica left sends one more request right after the
+    # last one ended: the engine must not stop at the first instant with nothing in flight.
+    first = stream(replica.port)
+
+    def meanwhile():
+        assert wait(lambda: replica.registry.removed), "the replica did not leave the registry"
+        time.sleep(DRAIN_SETTLE_S + 0.5)  # the drain is now waiting for the stream to end
+        first.close()
+        assert wait(lambda: replica.requests_in_flight() == 0)
+        time.sleep(0.5)  # the late gateway's request
+        late = stream(replica.port)
+        time.sleep(1.0)
+        assert replica.proc.poll() is None, "the engine stopped under the late request"
+        late.recv(65536)  # still streaming
+        late.close()
+
+    asyncio.run(drain_while(replica, meanwhile))
+    assert replica.proc.poll() is not None  # then the engine stops
 
 
 def test_the_drain_is_bounded_by_drain_timeout_s(replica):
