@@ -61,7 +61,12 @@ setup: $(STAMP) redis prometheus
 serve: setup
 	$(BIN)/keel serve $(CONFIG)
 
-test: setup
+# Every import in serving/ and benchmarks/ declared in pyproject.toml, nothing declared unused.
+.PHONY: deps
+deps: $(STAMP)
+	$(BIN)/deptry .
+
+test: setup deps
 	$(BIN)/pytest -q tests
 
 unit: setup
