@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
@@ -80,7 +81,7 @@ def parse_registration(body: bytes) -> RegistrationRequest:
                            param=param) from None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: Mapping[str, Any]) -> str:  # one of ValidationError.errors()
     field = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"`{field}` is not a field of a registration (fields: {_FIELDS})"

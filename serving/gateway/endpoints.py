@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -25,7 +26,7 @@ class Endpoint:
 @dataclass
 class EndpointPool:
     cooldown_s: float = 5.0
-    clock: object = time.monotonic
+    clock: Callable[[], float] = time.monotonic
     _by_model: dict[str, list[Endpoint]] = field(default_factory=dict)
 
     def update(self, snapshot: dict[str, list[dict]]) -> None:

@@ -54,6 +54,7 @@ class GuardInput:
             return
         info = self.rt.models.get(ctx.target)
         tokenizer = getattr(info.counter, "tokenizer", None) if info is not None else None
+        assert ctx.payload is not None  # ParseBody, the first stage, set it
         args = (self.rt.input_guards[tenant.guardrails], endpoint, ctx.payload, tokenizer,
                 ctx.prompt_tokens, self.text_rules[tenant.guardrails])
         try:
@@ -99,6 +100,7 @@ class GuardOutput:
         endpoint = endpoint_for(ctx.path)
         if endpoint is None or self._guard(ctx) is None:
             return
+        assert ctx.payload is not None  # ParseBody, the first stage, set it
         for option in unscanned_options(endpoint, ctx.payload):
             raise GatewayError(400, f"`{option}` is not available to tenant `{ctx.tenant}`: its output "
                                "guardrails cannot check the text it would return.",

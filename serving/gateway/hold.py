@@ -141,6 +141,7 @@ class RequestHold:
     async def _keep_waking(self, model: str) -> None:
         """One wake call for one held request, outstanding until a replica answers it; retried
         (with backoff) when it fails, until the request is released or given up."""
+        assert self._wake is not None  # started only with a waker
         for attempt in itertools.count():
             try:
                 await self._wake(model)

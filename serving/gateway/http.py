@@ -25,10 +25,16 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from typing import TYPE_CHECKING
 
 import httptools
 
 from serving.errors import GatewayError, status_phrase
+
+if TYPE_CHECKING:
+    from serving.gateway.relay import Upstream
+    from serving.gateway.routes import Route
+    from serving.policy.identity import Principal
 
 # Headers a request may carry once: a second copy is ambiguous (which key? which id?).
 _SINGLE = frozenset({"authorization", "x-request-id", "host", "content-type", "x-keel-variant"})
@@ -54,8 +60,8 @@ class Request:
         self.http10 = http10
         self.received_at = received_at
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        self.principal = None  # the caller, when the gateway authenticated the head
-        self.route = None  # serving.gateway.routes.Route, once the head is admitted
+        self.principal: Principal | None = None  # the caller, when the gateway authenticated the head
+        self.route: Route | None = None  # once the head is admitted
         self.refusal: GatewayError | None = None  # answered in turn instead of being handled
         self.body_reserved = 0  # bytes of the gateway's body budget this request holds
         self.counted = False  # holds one of the gateway's in-flight slots
@@ -78,11 +84,12 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.limits = gateway.limits
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        # set by connection_made, which asyncio calls before any other callback
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task | None = None
-        self.upstream = None  # the relay of the response in progress (serving.gateway.relay)
+        self.upstream: Upstream | None = None  # the relay of the response in progress
         self.closed = False
         self.keep_alive = True
         self.http10 = False  # of the request being answered: no chunked framing for it
@@ -172,7 +179,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self._disarm()
-        self.parser = None  # it calls back into this object: a cycle holding what was read
+        # it calls back into this object: a cycle holding what was read (nothing feeds it after this)
+        self.parser = None  # type: ignore[assignment]
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.abort()  # the engine sees the disconnect and aborts the request
         elif self.task is not None and not self.task.done():
@@ -253,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
         req = self._req
+        assert req is not None  # httptools calls on_headers_complete, which sets it, first
         if self._body_len > req.body_reserved:  # a chunked body, past what it has reserved
             err = self.gateway.grow_body(req, self._body_len)
             if err is not None:
@@ -263,6 +272,7 @@ class ClientConnection(asyncio.Protocol):
         self._disarm()
         self._state = _IDLE
         req = self._req
+        assert req is not None  # set by on_headers_complete
         self._req = None
         req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []

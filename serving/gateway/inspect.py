@@ -19,7 +19,7 @@ relay decodes the HTTP body and hands it here:
 
 from __future__ import annotations
 
-from json.decoder import scanstring as _scanstring
+from json.decoder import scanstring as _scanstring  # type: ignore[attr-defined]  # CPython's, not in the stubs
 
 import orjson
 
@@ -108,7 +108,8 @@ class StreamInspector:
                     if tpl is not None:
                         run.append((ev, holder[key]))
                         continue
-                if run and holder is not None and finishing and _same_stream(tpl[3], obj):  # run: tpl is set
+                # run is only ever filled once tpl is set (above), which mypy cannot follow
+                if run and holder is not None and finishing and _same_stream(tpl[3], obj):  # type: ignore[index]
                     holder[key] = "".join(t for _, t in run) + holder[key]
                     res = self._parsed(b"", obj, len(run) + 1)
                 else:
@@ -124,7 +125,7 @@ class StreamInspector:
 
     def _text_run(self, run: list[tuple[bytes, str]], out: list[bytes]) -> None:
         """Consecutive text events of the learned choice, as one event (or none, if held back)."""
-        prefix, suffix, idx, _ = self.tpl
+        prefix, suffix, idx, _ = self.tpl  # type: ignore[misc]  # a run exists only once tpl is learned
         text = run[0][1] if len(run) == 1 else "".join(t for _, t in run)
         self.ctx.completion_chunks += len(run)
         feed = self.feeders.get(idx) or self.watched.primary_feeder(idx)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.httpraw import http_get
@@ -141,6 +142,7 @@ class GatewayMetrics:
         t = timing_of(ctx, outcome)
         if self.ttft is None:
             self.use_slos(self.judge)
+        assert self.ttft is not None and self.tpot is not None  # use_slos made them
         variant = ctx.variant or ctx.model
         if t.ttft_s is not None:
             self.ttft.labels(ctx.model, variant).observe(t.ttft_s)
@@ -183,7 +185,7 @@ class _EngineFamilies:
         self.scraped = scraped
 
     def collect(self):
-        families = {}
+        families: dict[str, Metric] = {}
         for replica, text in self.scraped:
             for fam in text_string_to_metric_families(text):
                 if not fam.name.startswith("vllm:"):

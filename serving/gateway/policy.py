@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 
 import orjson
@@ -44,8 +45,11 @@ from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
 from serving.policy.guardrails import InputGuard, OutputGuard
 from serving.policy.identity import KeyRing
-from serving.policy.quotas import QuotaBackendError, Scope, make_backend
+from serving.policy.quotas import QuotaBackend, QuotaBackendError, Scope, make_backend
 from serving.policy.routing import assign_variant, shadow_selected
+
+if TYPE_CHECKING:
+    from serving.policy.tokens import TokenCounter
 
 log = logging.getLogger("keel.gateway")
 
@@ -58,7 +62,7 @@ class ModelInfo:
     """What the gateway knows of a configured model without asking its engine."""
 
     name: str
-    counter: object | None  # serving.policy.tokens.TokenCounter
+    counter: TokenCounter | None
     max_model_len: int | None
 
 
@@ -84,6 +88,8 @@ class PolicyRuntime:
         self.public = (set(models) - candidates) | set(policy.experiments)
         self.allowed = {t: allowed_models(tc, self.public) for t, tc in policy.tenants.items()}
         # State that outlives a reload: kept when its config did not change.
+        self.quota_backend: QuotaBackend | None
+        self.audit_log: AuditLog | None
         if previous is not None and previous.policy.quotas == policy.quotas:
             self.quota_backend = previous.quota_backend
         else:
@@ -104,6 +110,7 @@ class PolicyRuntime:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None
         # The detector's baselines outlive a reload too (serving/gateway/anomalies.py).
+        self.anomalies: anomalies.AnomalyWatch | None
         self.anomalies = anomalies.carry(previous.anomalies if previous is not None else None,
                                          policy.anomalies, metrics, self.audit_log)
         # Does the relay read responses? Only when something needs usage or text (output
@@ -205,6 +212,7 @@ class Audit(_PolicyStage):
             rec["response"] = "".join(ctx.response_text)
             if ctx.response_fields:  # what else the client was shown: refusal, reasoning, tool calls
                 rec["response_fields"] = {k: "".join(v) for k, v in ctx.response_fields.items()}
+        assert self.rt.audit_log is not None  # this stage exists only with an audit log
         self.rt.audit_log.write(rec)
 
 
@@ -281,6 +289,7 @@ class Route(_PolicyStage):
         if ctx.role != "admin" and not self.rt.open:
             raise GatewayError(403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
                                code="variant_override_not_allowed")
+        assert ctx.payload is not None  # it named the model
         rolled = self.rt.candidate_of[candidate]
         if rolled != ctx.model and (exp is None or rolled not in exp.variants):
             raise GatewayError(400, f"`{candidate}` is not a variant of `{ctx.model}`.", code="unknown_variant")
@@ -298,6 +307,7 @@ class Route(_PolicyStage):
         user = (ctx.payload or {}).get("user") or ctx.headers.get(ROLLOUT_USER_HEADER)
         who = f"user:{user}" if user else f"request:{ctx.request_id}"
         baseline = ctx.target
+        assert baseline is not None and ctx.payload is not None  # routed: its rollout was found by it
         if assign_variant(f"rollout:{baseline}", ctx.tenant or OPEN_TENANT, who,
                           {baseline: 100.0 - percent, candidate: percent}) == candidate:
             ctx.target = ctx.variant = candidate
@@ -342,7 +352,7 @@ class CountTokens(_PolicyStage):
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.tenant not in self.needed:
             return
-        await count_prompt(ctx, self.rt.models.get(ctx.target))
+        await count_prompt(ctx, self.rt.models.get(ctx.target) if ctx.target is not None else None)
 
 
 async def count_prompt(ctx: RequestContext, info: ModelInfo | None) -> None:
@@ -350,6 +360,7 @@ async def count_prompt(ctx: RequestContext, info: ModelInfo | None) -> None:
     the model's tokenizer: inline, or on a worker thread when long."""
     if info is None or info.counter is None:
         return
+    assert ctx.payload is not None  # ParseBody, the first stage, set it
     if len(ctx.body) > OFFLOAD_COUNT_BYTES:
         # Nothing else touches this request's payload until the count is back.
         counts = await off_loop(info.counter.count_each, ctx.path, ctx.payload)
@@ -392,14 +403,16 @@ class Admit(_PolicyStage):
         tenant = self.rt.tenant(ctx)
         scopes = []
         if tenant is not None and not tenant.quotas.is_empty():
+            assert ctx.tenant is not None  # rt.tenant found it by this name
             scopes.append(Scope("tenant", ctx.tenant, tenant.quotas))
-        kq = self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
+        kq = (self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
+              if ctx.tenant is not None and ctx.key_id is not None else None)
         if kq is not None and not kq.is_empty():
             scopes.append(Scope("key", f"{ctx.tenant}/{ctx.key_id}", kq))
         return scopes
 
     async def on_request(self, ctx: RequestContext) -> None:
-        info = self.rt.models.get(ctx.target)
+        info = self.rt.models.get(ctx.target) if ctx.target is not None else None
         check_context(ctx, info)  # an invalid request is a 400, not a 429 the client would retry
         scopes = self.scopes(ctx)
         if not scopes:
@@ -408,6 +421,7 @@ class Admit(_PolicyStage):
         prompt, cap = reservation(ctx, info)
         tokens = prompt + cap
         m = self.rt.metrics
+        assert self.rt.quota_backend is not None  # quota scopes exist only with tenants (not open)
         try:
             adm = await self.rt.quota_backend.reserve(scopes, tokens, ctx.request_id)
         except QuotaBackendError as e:
@@ -421,6 +435,7 @@ class Admit(_PolicyStage):
                                code="quota_service_unavailable", headers={"retry-after": "1"}) from None
         ctx.response_headers.update(adm.headers)
         if not adm.allowed:
+            assert adm.scope is not None  # a refusal names the scope that refused
             m.quota_rejections.labels(ctx.tenant, adm.limit).inc()
             ctx.quota = f"rejected:{adm.scope.name}:{adm.limit}"
             who = f"{adm.scope.name} `{adm.scope.id}`"
@@ -461,10 +476,11 @@ class Admit(_PolicyStage):
             log.warning("quota backend unreachable (%s): %s", e, "admitting without quotas (fail_open)"
                         if mode == "fail_open" else "rejecting requests with 503 (fail_closed)")
 
-    async def _settle(self, r, actual: int, tenant: str, reserved: int) -> None:
+    async def _settle(self, r, actual: int, tenant: str | None, reserved: int) -> None:
         try:
             for attempt in range(3):
                 try:
+                    assert self.rt.quota_backend is not None  # it reserved r
                     await self.rt.quota_backend.settle(r, actual)
                     return
                 except QuotaBackendError as e:
@@ -500,6 +516,7 @@ class Prepare(_PolicyStage):
 
     async def on_request(self, ctx: RequestContext) -> None:
         p = ctx.payload
+        assert p is not None  # ParseBody, the first stage, set it
         ctx.inspect = self.rt.inspects
         if ctx.inspect and p.get("stream"):
             so = p.get("stream_options")

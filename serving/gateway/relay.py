@@ -113,17 +113,20 @@ class Upstream(asyncio.Protocol):
         self.buf += data
         if self.is_error:
             if len(self.buf) > MAX_ERROR_BODY:
+                assert self.transport is not None  # data_received comes after connection_made
                 self.transport.abort()
             return
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buf) > MAX_RESPONSE_HEAD:
+                assert self.transport is not None
                 self.transport.abort()
             return
         try:
             status, headers = parse_head(bytes(self.buf[:end]))
         except ValueError:
             log.warning("request %s: malformed response head from the engine", self.ctx.request_id)
+            assert self.transport is not None
             self.transport.abort()  # answered as a 502 when the connection is gone
             return
         rest = bytes(self.buf[end + 4:])
@@ -166,6 +169,7 @@ class Upstream(asyncio.Protocol):
         ctype = next((v for k, v in headers if k == "content-type"), "")
         self.out_headers = [k + ": " + v for k, v in headers
                             if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")]
+        self.stream: StreamInspector | _Passthrough | None
         if not self.ctx.inspect:
             self.stream = _PASS  # an HTTP/1.0 client: the body as it comes, unframed
         elif ctype.startswith("text/event-stream"):
@@ -187,6 +191,7 @@ class Upstream(asyncio.Protocol):
         self.bytes_in += len(data)
         if self.cut:
             return
+        assert self.decoder is not None and self.transport is not None  # set once the head was read
         try:
             self.decoder.feed_data(data)
         except httptools.HttpParserError:
@@ -208,6 +213,7 @@ class Upstream(asyncio.Protocol):
             return
         body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
         self.pending.clear()
+        assert self.stream is not None  # only a stream's body is pending
         try:
             out = self.stream.feed(body)
         except GuardrailBlocked as e:
@@ -276,6 +282,7 @@ class Upstream(asyncio.Protocol):
         self.cut = True
         self.pending.clear()
         self.ctx.blocked = e
+        assert self.stream is not None and self.transport is not None  # only a stream is cut
         self.stream.close()
         self._send_chunk(blocked_event(e, self.ctx.request_id))
         self._end_body()

@@ -110,7 +110,10 @@ class GatewayReplica:
     after construction, and again whenever `keel apply` changes the policy or the models. `hold`
     ({timeout_s, max_requests}) marks a model that scales to zero (serving.gateway.hold)."""
 
-    async def __init__(self, server: dict, registry, engine_api_key: str | None = None, wake=None):
+    # Ray Serve awaits an async constructor; mypy wants __init__ to return None.
+    async def __init__(  # type: ignore[misc]
+        self, server: dict, registry, engine_api_key: str | None = None, wake=None
+    ):
         self.settings = ServerConfig.model_validate(server)
         self.registry = registry
         self.infos: dict[str, ModelInfo] = {}
@@ -159,6 +162,7 @@ class GatewayReplica:
             gw.registrations.models_dir = Path(user_config.get("models_dir") or default_models_dir())
             gw.set_models(list(models), model_info, holds)
             gw.set_policy(PolicyRuntime(policy, infos, gw.metrics, previous=gw.runtime, rollouts=rollouts))
+            assert gw.runtime is not None  # set just above
             return gw.runtime.version
 
         version = self.server.call(swap)

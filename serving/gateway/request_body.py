@@ -112,7 +112,7 @@ def _deep_member(body: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     decoder = json.JSONDecoder()
-    ws = json.decoder.WHITESPACE.match
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]  # in CPython's json, not in its stubs
     i = ws(text, 0).end()
     if text[i:i + 1] != "{":
         return None
@@ -122,7 +122,7 @@ def _deep_member(body: bytes) -> str | None:
             i = ws(text, i).end()
             if text[i:i + 1] != '"':
                 return None
-            key, i = json.decoder.scanstring(text, i + 1)
+            key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]  # as WHITESPACE
             i = ws(text, i).end()
             if text[i:i + 1] != ":":
                 return None

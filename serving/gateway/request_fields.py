@@ -11,6 +11,7 @@ read the same value. What the engine would refuse is a 400 here, naming the fiel
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -145,7 +146,7 @@ class Generation:
 
 class _Endpoint:
     def __init__(self, schema: type, chat: bool):
-        self.adapter = TypeAdapter(schema)
+        self.adapter: TypeAdapter[Any] = TypeAdapter(schema)
         self.chat = chat
 
     def check(self, payload: dict) -> bool:
@@ -242,7 +243,7 @@ def _field_error(payload: dict, e: ValidationError) -> GatewayError:
     return GatewayError(400, f"{message} (got {got}).", param=path)
 
 
-def _input_path(payload: dict, err: dict) -> str:
+def _input_path(payload: dict, err: Mapping[str, Any]) -> str:  # one of ValidationError.errors()
     """pydantic's error location as a path in the body (`messages.0.role`), without the names it
     gives the members of a union."""
     loc = err["loc"]

@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -42,6 +43,9 @@ from serving.httpraw import parse_head
 from serving.model_registry.jobs import RegistrationJobs
 from serving.ops.replica_time import ReplicaCensus
 from serving.plan import CONTROL_APP
+
+if TYPE_CHECKING:
+    from serving.gateway.policy import PolicyRuntime
 
 log = logging.getLogger("keel.gateway")
 
@@ -84,7 +88,7 @@ class Gateway:
         self.census = ReplicaCensus()  # what this gateway has written of the replica counts
         self.metrics = metrics or GatewayMetrics()
         self.model_info = model_info or {}
-        self.runtime = None  # serving.gateway.policy.PolicyRuntime, once a policy is set
+        self.runtime: PolicyRuntime | None = None  # once a policy is set
         self.registrations = registrations or RegistrationJobs()  # its models_dir: each reconfigure
         # Models that scale to zero: their requests wait for a replica (serving.gateway.hold).
         self.hold = RequestHold(lambda m: self.pool.count(m) > 0, wake,
@@ -95,7 +99,7 @@ class Gateway:
         self.body_bytes = 0  # request-body bytes held, all requests together
         self._shadows_in_flight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._relays: dict[Upstream, tuple[int, float]] = {}  # in flight: (progress seen, since when)
         self._watch: asyncio.Task | None = None
         self._created = int(time.time())
@@ -110,7 +114,7 @@ class Gateway:
             self._servers.append(await self._listen(s.metrics_host, s.metrics_port, METRICS))
         self._watch = asyncio.get_running_loop().create_task(self._watch_engines())
 
-    async def _listen(self, host: str, port: int, listener: str) -> asyncio.AbstractServer:
+    async def _listen(self, host: str, port: int, listener: str) -> asyncio.Server:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.settings.reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -230,6 +234,7 @@ class Gateway:
         keyed = rt is not None and not rt.open
         if keyed and (route is None or route.access != PUBLIC):
             # With tenants, only a key opens anything but the public routes (unknown paths too).
+            assert rt is not None  # keyed says so
             req.principal = rt.keyring.authenticate(req.headers.get("authorization"))  # AuthError: 401
         if route is None:
             raise GatewayError(404, f"No route {req.method} {req.path}.", code="unknown_route")
@@ -237,8 +242,10 @@ class Gateway:
             allowed = ", ".join(sorted(route.methods))
             raise GatewayError(405, f"Use {allowed} for {req.path}.", code="method_not_allowed",
                                headers={"allow": allowed})
-        if route.access == ADMIN and keyed and req.principal.role != "admin":
-            raise GatewayError(403, f"{req.path} needs an admin key.", code="admin_only")
+        if route.access == ADMIN and keyed:
+            assert req.principal is not None  # authenticated above: the route is not public
+            if req.principal.role != "admin":
+                raise GatewayError(403, f"{req.path} needs an admin key.", code="admin_only")
         req.route = route
         limits = self.limits
         if content_length > limits.max_body_bytes:
@@ -296,6 +303,7 @@ class Gateway:
 
     async def handle(self, conn: ClientConnection, req: Request) -> None:
         route = req.route
+        assert route is not None  # admit_head routed it, or the request was refused
         rid = req.request_id
         if route.handler == "proxy":
             await self._proxy(conn, req, rid)
@@ -431,6 +439,7 @@ class Gateway:
                 raise
         self.metrics.in_flight.labels(model).inc()
         try:
+            assert upstream.transport is not None  # connected above
             if client.closed:
                 upstream.transport.abort()
                 return Outcome(499, error="client disconnected")
@@ -449,6 +458,7 @@ class Gateway:
 
     def _spawn_shadow(self, ctx: RequestContext) -> None:
         """Mirror the request to ctx.shadow; its answer is read, measured and dropped."""
+        assert ctx.shadow is not None and ctx.model is not None and ctx.payload is not None  # a routed request
         if self._shadows_in_flight >= MAX_SHADOWS_IN_FLIGHT:
             self.metrics.shadow_requests.labels(ctx.model, ctx.shadow, "dropped").inc()
             return
@@ -500,6 +510,7 @@ class Gateway:
         rt = self.runtime
         names = list(self.models) + (list(rt.policy.experiments) if rt is not None else [])
         if p is not None:
+            assert rt is not None  # only a policy with tenants authenticates
             names = [n for n in names if n in rt.allowed[p.tenant]]
         data = []
         for m in names:
