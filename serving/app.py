@@ -86,7 +86,8 @@ def stack_secret() -> str:
 
 
 class EngineDeployment(EngineReplica):
-    async def __init__(self, spec: EngineSpec):
+    # Ray Serve awaits an async constructor; mypy wants __init__ to return None.
+    async def __init__(self, spec: EngineSpec):  # type: ignore[misc]
         # A model's own application reaches the registry of the front application by name; at
         # the first deploy it may not exist yet, and calls on the handle wait until it does.
         handle = serve.get_deployment_handle("endpoint-registry", app_name=CONTROL_APP, _check_exists=False)
@@ -99,7 +100,8 @@ class EngineDeployment(EngineReplica):
 
 
 class GatewayDeployment(GatewayReplica):
-    async def __init__(self, server: dict, registry_handle):
+    # Ray Serve awaits an async constructor; mypy wants __init__ to return None.
+    async def __init__(self, server: dict, registry_handle):  # type: ignore[misc]
         await super().__init__(server, registry_handle, engine_api_key=stack_secret(), wake=EngineWaker())
 
     async def __del__(self):
@@ -119,7 +121,7 @@ def engine_spec(args: dict) -> EngineSpec:
 
 
 def _registry():
-    return serve.deployment(
+    return serve.deployment(  # type: ignore[attr-defined]  # ray's overloads miss deployment(cls, **options)
         EndpointRegistry,
         name="endpoint-registry",
         num_replicas=1,
@@ -140,7 +142,7 @@ def _gateway(server: dict, registry, **options):
         graceful_shutdown_timeout_s=server["drain_timeout_s"] + 10,
         logging_config=_QUIET,
         **options,
-    ).bind(server, registry)
+    ).bind(server, registry)  # type: ignore[attr-defined]  # ray's overloads miss deployment(cls, **options)
 
 
 def _engine(args: dict, **options):
@@ -153,7 +155,7 @@ def _engine(args: dict, **options):
         max_ongoing_requests=100_000,
         logging_config=_QUIET,
         **options,
-    ).bind(engine_spec(args))
+    ).bind(engine_spec(args))  # type: ignore[attr-defined]  # as above
 
 
 def control_builder(args: dict) -> serve.Application:
@@ -175,11 +177,13 @@ def submit(cfg_or_state: KeelConfig | StackState) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     state = cfg_or_state if isinstance(cfg_or_state, StackState) else desired(cfg_or_state)
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(schema(state)))
+    # it raises, not returns None, when no controller runs (raise_if_no_controller_running)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(schema(state)))  # type: ignore[union-attr]
 
 
 def deployed_state() -> StackState | None:
     """The state the running stack was last given (None: no stack)."""
     from ray.serve.context import _get_global_client
 
-    return from_serve(_get_global_client().get_serve_details())
+    # it raises, not returns None, when no controller runs (raise_if_no_controller_running)
+    return from_serve(_get_global_client().get_serve_details())  # type: ignore[union-attr]

@@ -324,11 +324,11 @@ def _audit(args) -> int:
 
     if args.audit_cmd == "keygen":
         try:
-            key = create_key_file(args.path)
+            created = create_key_file(args.path)
         except AuditKeyError as e:
             print(f"keel: {e}", file=sys.stderr)
             return 1
-        print(f"wrote a new audit HMAC key to {args.path} (mode 0600, key id {key.id})")
+        print(f"wrote a new audit HMAC key to {args.path} (mode 0600, key id {created.id})")
         print(f"set `audit: {{hmac_key_file: {Path(args.path).absolute()}}}` in the config; keep the file "
               "outside the audit dir, on every gateway node, and where `keel audit verify` runs")
         return 0

@@ -32,10 +32,7 @@ class ConfigError(ValueError):
     """A config file that cannot be used; str() is the message a user reads."""
 
 
-_Strict = Strict
-
-
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     gateway_replicas: int = Field(
@@ -76,7 +73,7 @@ class ServerConfig(_Strict):
         return self
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     address: str | None = Field(
         None, description="Ray cluster to join (e.g. 'auto'); null starts a local Ray."
     )
@@ -84,7 +81,7 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray.")
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(Strict):
     """Ray Serve options for the deployment that serves one model."""
 
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count.")
@@ -114,7 +111,7 @@ class DeploymentConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     weights: str = Field(description="Registered weights: NAME@VERSION (`keel models register`), NAME "
                          "(its newest version not retired), or a plain manifest models/NAME/manifest.yaml.")
     engine: dict[str, Any] = Field(
@@ -178,7 +175,7 @@ class KeelConfig(PolicyConfig):
 
 
 
-class ModelManifest(_Strict):
+class ModelManifest(Strict):
     """models/NAME/manifest.yaml: a registered set of weights."""
 
     name: str

@@ -11,10 +11,11 @@ import hashlib
 import json
 import shutil
 import tempfile
+from typing import Any
 from pathlib import Path
 
 # head_dim 64: vLLM's CPU attention kernels reject head_dim 16.
-LLAMA_SHAPE = dict(
+LLAMA_SHAPE: dict[str, Any] = dict(  # LlamaConfig keywords of several types
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=2,
@@ -62,7 +63,8 @@ def build_demo_model(out_dir: Path, corpus: Path) -> Path:
     fast.chat_template = CHAT_TEMPLATE
 
     torch.manual_seed(SEED)
-    config = LlamaConfig(
+    # torch_dtype: the name transformers >= 4.45 all read (5.x maps it to `dtype`; its typed signature lacks it)
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(fast),
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=fast.bos_token_id,

@@ -162,14 +162,17 @@ def _drain_and_shutdown(cfg: KeelConfig) -> None:
     would on a scale-down (EngineDeployment.__del__, GatewayDeployment.__del__)."""
     from ray.serve.context import _get_global_client
 
-    _get_global_client().shutdown(timeout_s=drain_bound(cfg) + 10)
+    # it raises, not returns None, when no controller runs (raise_if_no_controller_running)
+    _get_global_client().shutdown(timeout_s=drain_bound(cfg) + 10)  # type: ignore[union-attr]
 
 
 def _deploy_error() -> str | None:
     """Serve's error once an application of the stack failed to deploy, else None."""
     from ray.serve.context import _get_global_client
 
-    return "; ".join(deploy_failures(_get_global_client().get_serve_details().get("applications") or {})) or None
+    # it raises, not returns None, when no controller runs (raise_if_no_controller_running)
+    apps = _get_global_client().get_serve_details().get("applications") or {}  # type: ignore[union-attr]
+    return "; ".join(deploy_failures(apps)) or None
 
 
 def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, deploy_failed=None) -> None:
@@ -321,13 +324,14 @@ def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str |
                            "nothing was changed") from None
 
 
-def _wait_settled(timeout_s: float, gone: set[str] = frozenset()) -> None:
+def _wait_settled(timeout_s: float, gone: frozenset[str] | set[str] = frozenset()) -> None:
     """Until every application runs with all deployments healthy and `gone` ones are deleted."""
     from ray.serve.context import _get_global_client
 
     from serving.plan import SERVE_PICKUP_S
 
     client = _get_global_client()
+    assert client is not None  # it raises, not returns None, when no controller runs
     start = time.monotonic()
     said = start
     time.sleep(SERVE_PICKUP_S)  # statuses read before it are the old config's

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.autoscaling.ray_policy import ray_autoscaling_config
 from serving.autoscaling.settings import AutoscalingConfig
@@ -159,7 +160,7 @@ def from_serve(details: dict) -> StackState | None:
         if not app_name.startswith(MODEL_APP_PREFIX) or not conf:
             continue
         args = conf.get("args") or {}
-        overrides = next(iter(conf.get("deployments") or []), {})
+        overrides: dict[str, Any] = next(iter(conf.get("deployments") or []), {})
         models[args.get("model", app_name[len(MODEL_APP_PREFIX):])] = ModelState(args, overrides)
     return StackState(server=control["args"]["server"], gateway=gateway, models=models)
 
@@ -296,6 +297,7 @@ def make_plan(current: StackState, new: StackState) -> Plan:
         old, now = current.models.get(name), new.models.get(name)
         old_s, new_s = (old_gw.get(name) or {}).get("autoscaling"), (new_gw.get(name) or {}).get("autoscaling")
         if old is None:
+            assert now is not None  # the name is in one of the two
             lo, hi = now.replicas
             changes.append(ModelChange(name, ADDED, note=f"{_count(lo, hi)} started; no other engine restarts"))
         elif now is None:

@@ -124,6 +124,7 @@ class Autoscaler:
         # them before they serve (Ray stops starting replicas first), so that is a scale-down.
         base = max(n, prev)
         if panicking:
+            assert self.last_panic is not None  # panicking says so
             want = max(_ceil(burst), base)
             why = f"panic ({level}" + (f" >= {s.panic_threshold:g} x {n})" if self.last_panic == now else
                                        f"; over {s.panic_threshold:g} x running {now - self.last_panic:.0f} s ago)")
@@ -148,6 +149,7 @@ class Autoscaler:
         s = self.settings
         if panicking:
             return n, why + f": no scale-down while panicking, keep {n}"
+        assert self.first_sample is not None  # set by the first observation
         filled = now - self.first_sample
         if filled < s.stable_window_s:
             return n, why + f": stable window {filled:.0f} of {s.stable_window_s:g} s seen, keep {n}"

@@ -7,7 +7,7 @@ simulator alike, so a setting means the same thing in `keel autoscale simulate` 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from serving.schema import Strict
 
 Signal = Literal["requests_in_flight", "waiting_requests", "kv_cache_usage", "tokens_in_flight"]
-SIGNALS: tuple[str, ...] = Signal.__args__
+SIGNALS: tuple[str, ...] = get_args(Signal)
 
 # A target per replica that fits the demo model on CPU and a mid-size model on one GPU alike is
 # not knowable; these are the defaults for a replica of vLLM's default max_num_seqs (256).
@@ -26,7 +26,7 @@ DEFAULT_TARGETS: dict[str, float] = {
     "tokens_in_flight": 16384.0,
 }
 
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 # Keys of Ray Serve's autoscaling_config that this block replaced, and what to write instead.

@@ -23,14 +23,20 @@ import heapq
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from serving.autoscaling.calibrate import SLO, ReplicaModel
-from serving.autoscaling.policy import Autoscaler, Observation
+from serving.autoscaling.policy import Autoscaler, Decision, Observation
 from serving.autoscaling.settings import AutoscalingConfig
 from serving.autoscaling.traces import Trace
+
+
+class Policy(Protocol):
+    """What the simulator asks each tick (Autoscaler, or a policy under comparison)."""
+
+    def decide(self, obs: Observation) -> Decision: ...
 
 # Event kinds, in the order they run when they fall at the same instant: a finished request
 # frees its slot before a new one arrives, a replica is ready before the tick reads it.
@@ -111,7 +117,7 @@ class _Replica:
 
 class Simulation:
     def __init__(self, trace: Trace, model: ReplicaModel, settings: AutoscalingConfig,
-                 slo: SLO = SLO(), name: str = "", policy: Callable[[AutoscalingConfig], object] | None = None):
+                 slo: SLO = SLO(), name: str = "", policy: Callable[[AutoscalingConfig], Policy] | None = None):
         if settings.signal == "kv_cache_usage" and not model.kv_cache_tokens:
             raise ValueError("signal kv_cache_usage needs the replica's KV cache size in tokens (--kv-cache-tokens)")
         self.trace, self.model, self.settings, self.slo = trace, model, settings, slo
@@ -273,6 +279,7 @@ class Simulation:
             tokens += p + made
         if sig == "tokens_in_flight":
             return tokens
+        assert self.model.kv_cache_tokens is not None  # kv_cache_usage is simulated only with it
         return min(1.0, tokens / self.model.kv_cache_tokens)
 
     def _start(self, now: float) -> _Replica:
@@ -349,7 +356,7 @@ def _stats(xs: np.ndarray) -> dict[str, float]:
 
 
 def simulate(trace: Trace, model: ReplicaModel, settings: AutoscalingConfig, slo: SLO = SLO(), name: str = "",
-             policy: Callable[[AutoscalingConfig], object] | None = None) -> SimResult:
+             policy: Callable[[AutoscalingConfig], Policy] | None = None) -> SimResult:
     """Replays `trace` through replicas of `model` scaled by `settings`; `policy` builds the
     policy from the settings (default: Autoscaler; tests pass a stand-in)."""
     return Simulation(trace, model, settings, slo, name, policy).run()

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, get_args
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def _open(path: Path):
 
 def read_jsonl(path: str | Path, epoch: float = DEFAULT_EPOCH) -> Trace:
     path = Path(path)
-    reqs = []
+    reqs: list[Request] = []
     with _open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -182,7 +182,7 @@ def _counts(d: dict[str, int]) -> str:
 # Generated traces
 
 Kind = Literal["steady", "diurnal", "bursty"]
-KINDS: tuple[str, ...] = Kind.__args__
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,7 @@ class Lengths:
     low: int = 0  # at least this many
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        x: np.ndarray  # floats, or ints from the geometric draw
         if self.dist == "uniform":
             x = rng.uniform(self.mean * (1 - self.spread), self.mean * (1 + self.spread), n)
         elif self.dist == "lognormal":

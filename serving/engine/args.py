@@ -66,5 +66,5 @@ def validate_engine_args(engine: dict[str, Any]) -> None:
     try:
         _parser().parse_args(["placeholder-model", *to_cli_args(engine)])
     except EngineArgsError as e:
-        key = next((k for k in engine if "--" + k.replace("_", "-") in e.message), None)
-        raise EngineArgsError(e.message, key) from None
+        named = next((k for k in engine if "--" + k.replace("_", "-") in e.message), None)
+        raise EngineArgsError(e.message, named) from None

@@ -72,7 +72,8 @@ def _worker_start_s() -> float:
 
 
 class EngineReplica:
-    async def __init__(self, spec: EngineSpec, registry, replica_id: str | None = None):
+    # Ray Serve awaits an async constructor; mypy wants __init__ to return None.
+    async def __init__(self, spec: EngineSpec, registry, replica_id: str | None = None):  # type: ignore[misc]
         started = _now() - _worker_start_s()
         self.spec = spec
         self.registry = registry  # anything with heartbeat/remove; a Ray handle in production

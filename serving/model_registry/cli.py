@@ -82,8 +82,11 @@ def registered_text(found: RegisteredVersion, new: bool) -> str:
         return f"{found.ref} is already registered with these bytes ({found.file}); nothing changed"
     m = found.manifest
     mem = m.memory
-    fit = (f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
-           "for the KV cache" if mem.gpu_memory_gib else "")
+    fit = ""
+    if mem.gpu_memory_gib:
+        assert mem.headroom_bytes_per_gpu is not None  # estimated against that GPU
+        fit = (f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
+               "for the KV cache")
     return (f"registered {found.ref}: {', '.join(m.architectures)}, {m.parameter_count:,} parameters "
             f"({', '.join(m.dtypes)}), {format_bytes(mem.weights_bytes_per_gpu)} of weights per GPU "
             f"({mem.served_dtype}){fit}\n"
@@ -138,6 +141,7 @@ def _retire(args, base: Path) -> int:
         return 1
     found, now = retire_version(base, name, version, args.reason)
     if not now:
+        assert found.retired is not None  # not retired now: it was already
         print(f"{found.ref} was already retired on {found.retired.retired}")
         return 0
     latest = newest(list_versions(base, name))
@@ -155,7 +159,11 @@ def _lookup(base: Path, ref: str) -> RegisteredVersion | ResolvedWeights:
         if found is not None:
             return found
     resolved = resolve_weights(KeelConfig.model_construct(models={}, models_dir=str(base)), ref)
-    return resolved if resolved.version is None else read_version(base, resolved.name, resolved.version)
+    if resolved.version is None:
+        return resolved
+    found = read_version(base, resolved.name, resolved.version)
+    assert found is not None  # resolve_weights found it registered
+    return found
 
 
 def _progress(file: Path, size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from serving.model_registry.memory import format_bytes
 from serving.model_registry.resolve import read_plain_manifest
@@ -16,7 +17,7 @@ def list_models(base: Path) -> list[dict]:
     for name in model_names(base):
         versions = list_versions(base, name)
         latest = newest(versions)
-        entry = {"name": name, "latest": latest.manifest.version if latest else None,
+        entry: dict[str, Any] = {"name": name, "latest": latest.manifest.version if latest else None,
                  "versions": [_version(v, v is latest) for v in versions], "manifest": None}
         if (base / name / "manifest.yaml").is_file():
             _, path = read_plain_manifest(base, name)

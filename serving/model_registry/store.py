@@ -53,7 +53,9 @@ def versions_dir(base: Path, name: str) -> Path:
 def list_versions(base: Path, name: str) -> list[RegisteredVersion]:
     """NAME's versions, oldest registration first."""
     files = sorted(versions_dir(base, name).glob("*.yaml"))
-    found = [read_version(base, name, f.stem) for f in files if NAME_PATTERN.fullmatch(f.stem)]
+    # read_version is None only for a file gone since the glob (versions are not deleted)
+    found = [v for f in files
+             if NAME_PATTERN.fullmatch(f.stem) and (v := read_version(base, name, f.stem)) is not None]
     return sorted(found, key=lambda v: (datetime.fromisoformat(v.manifest.created), v.manifest.version))
 
 
@@ -110,7 +112,9 @@ def register_version(base: Path, name: str, version: str, path: str | Path, *, c
     text = MANIFEST_HEADER + yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False)
     file = versions_dir(base, name) / f"{version}.yaml"
     if not _create_once(file, text):  # registered by someone else since we looked
-        return _same_bytes_or_refuse(read_version(base, name, version), facts), False
+        theirs = read_version(base, name, version)
+        assert theirs is not None  # _create_once found the file there
+        return _same_bytes_or_refuse(theirs, facts), False
     return RegisteredVersion(manifest, file, None), True
 
 
@@ -135,7 +139,9 @@ def retire_version(base: Path, name: str, version: str, reason: str = "") -> tup
                        reason=reason)
     _create_once(base / name / "retired" / f"{version}.yaml",
                  yaml.safe_dump(mark.model_dump(mode="json"), sort_keys=False))
-    return read_version(base, name, version), True
+    retired = read_version(base, name, version)
+    assert retired is not None  # found above; versions are never deleted
+    return retired, True
 
 
 def _same_bytes_or_refuse(existing: RegisteredVersion, facts: ModelFacts) -> RegisteredVersion:
@@ -160,6 +166,7 @@ def _differences(manifest: VersionManifest, now: list) -> list[str]:
     for name in sorted(registered | current):
         old, new = registered.get(name), current.get(name)
         if new is None:
+            assert old is not None  # the name came from one of the two
             lines.append(f"{path / name}: missing (registered: {old.size:,} bytes)")
         elif old is None:
             lines.append(f"{path / name}: not in the manifest (added after registration)")

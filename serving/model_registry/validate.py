@@ -137,9 +137,10 @@ def _check_weights(path: Path, problems: list[str]) -> tuple[dict[str, int], int
     index = path / INDEX_FILE
     weight_map: dict[str, str] = {}
     if index.exists():
-        weight_map = _read_index(index, problems)
-        if weight_map is None:
+        read = _read_index(index, problems)
+        if read is None:
             return None
+        weight_map = read
         shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())

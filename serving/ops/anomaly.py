@@ -89,6 +89,7 @@ class _Bucket:
         self.latency: list[int] | None = None
 
     def p95(self) -> float:
+        assert self.latency is not None  # made by the first timed request; asked only when timed
         rank, seen = 0.95 * self.timed, 0
         for i, k in enumerate(self.latency):
             seen += k
@@ -418,6 +419,7 @@ class AnomalyDetector:
 
     def _end(self, w: _Watch, reason: str, t: float) -> tuple[str, Anomaly]:
         a, w.active = w.active, None
+        assert a is not None  # callers end an active anomaly
         w.above = w.below = 0
         a.ended_at, a.end_reason = _iso(t), reason
         self.recent.append(a)

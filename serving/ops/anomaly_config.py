@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from serving.schema import Strict
 
 Signal = Literal["requests", "tokens", "error_rate", "latency", "guardrail_hits"]
-SIGNALS: tuple[str, ...] = ("requests", "tokens", "error_rate", "latency", "guardrail_hits")
+SIGNALS: tuple[Signal, ...] = ("requests", "tokens", "error_rate", "latency", "guardrail_hits")
 
 
 class AnomalyConfig(Strict):

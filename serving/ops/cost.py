@@ -117,12 +117,12 @@ def allocate(usage: Usage, costs: CostConfig, prices: dict[str, Price],
             continue
         for hour, seconds in hours.items():
             amount = seconds / 3600 * price.per_replica_hour
-            per = weights.get((model, hour))
-            total = sum(per.values()) if per else 0.0
-            if total <= 0:
+            tenants = weights.get((model, hour))
+            total = sum(tenants.values()) if tenants else 0.0
+            if tenants is None or total <= 0:
                 out.idle[(model, hour)] = out.idle.get((model, hour), 0.0) + amount
                 continue
-            for tenant, w in per.items():
+            for tenant, w in tenants.items():
                 key = (tenant, model, hour)
                 out.cost[key] = out.cost.get(key, 0.0) + amount * w / total
     for model in sorted({m for (_, m, _) in usage.tokens} - set(replicas.seconds)):
@@ -141,12 +141,12 @@ def _spread_idle(out: Allocation, weights: dict[tuple[str, int], dict[str, float
         for tenant, w in per.items():
             share.setdefault(model, {})[tenant] = share.get(model, {}).get(tenant, 0.0) + w
     for (model, hour), amount in list(out.idle.items()):
-        per = share.get(model)
-        total = sum(per.values()) if per else 0.0
-        if total <= 0:
+        tenants = share.get(model)
+        total = sum(tenants.values()) if tenants else 0.0
+        if tenants is None or total <= 0:
             continue
         del out.idle[(model, hour)]
-        for tenant, w in per.items():
+        for tenant, w in tenants.items():
             key = (tenant, model, hour)
             out.cost[key] = out.cost.get(key, 0.0) + amount * w / total
 

@@ -211,8 +211,8 @@ def _forecast(args) -> int:
     usage, alloc = _allocate(cfg, audit_dir, until - history_s, until, args.config, args.prometheus)
     days = int(history_s // DAY_S)
     day0 = until - history_s
-    cost = {}  # tenant -> daily cost
-    tokens = {}
+    cost: dict[str, np.ndarray] = {}  # tenant -> daily cost
+    tokens: dict[str, np.ndarray] = {}
     total = np.zeros(days)
     for (tenant, _, hour), amount in alloc.cost.items():
         cost.setdefault(tenant, np.zeros(days))[int((hour - day0) // DAY_S)] += amount

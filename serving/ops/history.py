@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -270,6 +271,7 @@ def change_record(*, command: str, who: dict, old_view: dict | None, new_view: d
     """The record of one change (outcome not yet set). old_view: the deployed config, unmasked
     (None: nothing deployed); previous: else the last recorded change, whose config is masked."""
     new_masked = mask(new_view)
+    prev_version: str | None
     if old_view is not None:
         changes, prev_version = masked_changes(diff(old_view, new_view)), version(mask(old_view))
         against = "deployed"
@@ -280,7 +282,7 @@ def change_record(*, command: str, who: dict, old_view: dict | None, new_view: d
         changes, prev_version = diff({}, new_masked), None
         against = "nothing"
     changes, omitted = _bounded(changes)
-    rec = {"event": EVENT, "command": command, "who": who, "version": version(new_masked),
+    rec: dict[str, Any] = {"event": EVENT, "command": command, "who": who, "version": version(new_masked),
            "previous_version": prev_version, "diff_against": against, "changes": changes, "plan": plan}
     if omitted:
         rec["changes_omitted"] = omitted
@@ -316,6 +318,7 @@ class ChangeRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        outcome: tuple[str, str | None]
         if exc is not None:
             outcome = (FAILED, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__)
         else:

@@ -142,7 +142,8 @@ def summary(rec: dict) -> str:
         models = [f"{m} {k}" for m, k in (plan.get("models") or {}).items() if k != "unchanged"]
         parts = [", ".join(models)] if models else []
         parts += [g for g in plan.get("gateways") or [] if g.startswith("policy:")]
-        parts += [f"restart {', '.join(plan.get('restart'))}"] if plan.get("restart") else []
+        restart = plan.get("restart")
+        parts += [f"restart {', '.join(restart)}"] if restart else []
         n = len(rec.get("changes") or []) + rec.get("changes_omitted", 0)
         if rec.get("error"):  # what went wrong first; the plan is in `show N`
             text = f"{rec.get('command')} {rec.get('outcome')}: {rec['error'].splitlines()[0]}"

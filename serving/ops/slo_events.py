@@ -78,7 +78,9 @@ class SloJudge:
                 out.append((s.name, t.status < 500))
             elif s.kind == "ttft":
                 if t.ttft_s is not None:
+                    assert s.threshold_s is not None  # a latency SLO has its threshold
                     out.append((s.name, t.ttft_s <= s.threshold_s))
             elif t.tpot_s is not None:
+                assert s.threshold_s is not None
                 out.append((s.name, t.tpot_s <= s.threshold_s))
         return out

@@ -57,7 +57,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
@@ -422,6 +422,7 @@ class MemoryQuotaBackend:
                     states[i] += 1
         adm = _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
         if adm.allowed and limited:
+            assert adm.reservation is not None  # an admission holds its reservation
             self._renewals.opened(adm.reservation)
         return adm
 
@@ -643,7 +644,7 @@ class RedisQuotaBackend:
 
     # --- the Redis call ---
 
-    async def _call(self, script: _Script, keys: list[bytes], args: list[bytes]) -> object:
+    async def _call(self, script: _Script, keys: list[bytes], args: list[bytes]) -> Any:  # the script's reply
         """EVALSHA `script` with `keys` and `args` (each already a RESP bulk string)."""
         import redis.exceptions
 
@@ -774,6 +775,7 @@ class RedisQuotaBackend:
             worst, retry_us, never_fits = _verdict(limits, tokens, now, states)
         adm = _admission(limits, scopes, tokens, rid, now, states, worst, retry_us, never_fits)
         if adm.allowed:
+            assert adm.reservation is not None  # an admission holds its reservation
             self._renewals.opened(adm.reservation)
         return adm
 

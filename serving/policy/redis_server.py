@@ -69,8 +69,12 @@ class RedisServer:
             raise RedisServerError(f"redis-server is not installed (needed for quotas.backend: redis); {INSTALL_HINT}.")
         self.host = bind
         self.port = port or _free_port(bind)
-        self._tmpdir = None if dir is not None else tempfile.mkdtemp(prefix="keel-redis-")
-        self.dir = Path(dir if dir is not None else self._tmpdir)
+        self._tmpdir: str | None = None  # ours to remove
+        if dir is not None:
+            self.dir = Path(dir)
+        else:
+            self._tmpdir = tempfile.mkdtemp(prefix="keel-redis-")
+            self.dir = Path(self._tmpdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         log_path = self.dir / f"redis-{self.port}.log"
         with open(log_path, "wb") as log:

@@ -164,8 +164,8 @@ class TokenCounter:
                 "(the directory must hold a HuggingFace fast tokenizer)")
         config_file = model_dir / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        special_tokens = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES
-                          if _token_text(config.get(name)) is not None}
+        special_tokens = {name: text for name in SPECIAL_TOKEN_NAMES
+                          if (text := _token_text(config.get(name))) is not None}
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         _align_with_transformers(tokenizer, special_tokens)
         templates = ({"default": chat_template} if chat_template is not None
@@ -538,7 +538,7 @@ def _content_part(part: Any, openai_parts: bool):
     if kind == "tool_reference":
         return {"type": "tool_reference", "name": part.get("name")} if openai_parts else part.get("name")
     # Media: counted by the engine's processor, not by the text template; keep the placeholder.
-    modality = _MEDIA_PART_MODALITY.get(kind)
+    modality = _MEDIA_PART_MODALITY.get(kind) if kind is not None else None
     if openai_parts and modality is not None:
         return {"type": modality}
     return None

@@ -149,6 +149,7 @@ class Controller:
 
     def _evaluate(self, state: RolloutState, spec: RolloutSpec) -> bool:
         """The evaluation gate: every case asked of the candidate alone, at 0% of traffic."""
+        assert spec.evaluation is not None  # the gate runs only for a spec that has one
         self.say(f"keel rollout: {state.model}: asking the candidate {len(spec.evaluation.cases)} evaluation "
                  f"cases from {spec.eval_file or 'the eval set'}")
         result = run_eval(spec.evaluation, state.model,

@@ -118,7 +118,8 @@ def start(cfg, model: str, admin_key: str | None) -> bool:
         max_restarts=-1, max_concurrency=2,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg, model, admin_key, os.getcwd())
-    ray.get(actor.running.remote(), timeout=120)  # constructed, on this node: its thread drives
+    # Constructed, on this node: its thread drives. (Ray types an actor's methods without .remote.)
+    ray.get(actor.running.remote(), timeout=120)  # type: ignore[attr-defined]
     return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,7 +56,8 @@ def delta(start: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 def by_variant(samples: dict[str, float], baseline: str, candidate: str) -> dict[str, dict]:
     """{"baseline": {...}, "candidate": {...}} with requests, errors, ttft and tpot buckets."""
     role = {baseline: BASELINE, candidate: CANDIDATE}
-    out = {r: {"requests": 0, "errors": 0, "ttft": {}, "tpot": {}} for r in (BASELINE, CANDIDATE)}
+    out: dict[str, dict[str, Any]] = {r: {"requests": 0, "errors": 0, "ttft": {}, "tpot": {}}
+                                      for r in (BASELINE, CANDIDATE)}
     for key, value in samples.items():
         brace = key.index("{")
         name, labels = key[:brace], json.loads(key[brace:])

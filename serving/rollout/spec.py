@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from serving.rollout.evaluate import EvalSet
 from serving.schema import Strict
 
-DEFAULT_STEPS = (5, 25, 50, 100)
+DEFAULT_STEPS: tuple[float, ...] = (5, 25, 50, 100)
 DEFAULT_STATE_DIR = ".keel/rollouts"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

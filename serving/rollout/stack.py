@@ -62,7 +62,8 @@ class RayStack:
 
         from serving.plan import deploy_failures, unsettled
 
-        apps = _get_global_client().get_serve_details().get("applications") or {}
+        # it raises, not returns None, when no controller runs (raise_if_no_controller_running)
+        apps = _get_global_client().get_serve_details().get("applications") or {}  # type: ignore[union-attr]
         failed = deploy_failures(apps)
         if failed:
             raise DeployFailed("; ".join(failed))

@@ -164,6 +164,7 @@ def verify(path: str | Path, *, require_head: bool = True, key: AuditKey | None 
                 time.sleep(_LIVE_WAIT_S)
                 continue
             if check.start is None:
+                assert newer is not None  # a start is missing only while there was no head: newer differs
                 check.start, check.next_seq = newer.start, newer.start[0]
             head = newer
             check.read(f)
@@ -218,7 +219,11 @@ def _check_head(head: Head, check: _Records, key: AuditKey | None, problems: lis
     elif head.key_id is not None:
         warnings.append(f"written with an HMAC key (id {head.key_id}): its MACs were not checked (give "
                         "--hmac-key-file); the chain alone catches accidents, not forgery")
-    last_line, last_seq, last_hash = check.last if check.last else (check.lineno, check.last_seq, check.start[1])
+    if check.last:
+        last_line, last_seq, last_hash = check.last
+    else:
+        assert check.start is not None  # with a head the chain starts from it
+        last_line, last_seq, last_hash = check.lineno, check.last_seq, check.start[1]
     if head.seq > last_seq:
         problems.append(f"line {last_line}: the file ends at seq {last_seq} but its head records seq "
                         f"{head.seq}: {head.seq - last_seq} record(s) removed from the end")

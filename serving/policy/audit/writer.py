@@ -378,6 +378,7 @@ def _resume_point(path: Path, head: Head | None, key: AuditKey | None) -> tuple[
     # The head wins a tie or when ahead: records lost from the tail then show up as a gap in the
     # chain instead of being papered over.
     if last is None or (head is not None and head.seq >= last[0]):
+        assert head is not None  # last is None here only with a head (neither: returned above)
         if last is not None and (head.seq, head.hash) != last:
             log.warning("audit log %s: the file ends at seq %d but its head says %d; continuing after "
                         "the head, so `keel audit verify` will show the gap", path, last[0], head.seq)

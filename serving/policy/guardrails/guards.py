@@ -21,6 +21,7 @@ class InputGuard:
         tally = Tally("input")
         if prompt_tokens is not None:
             for rule in self._token_rules:
+                assert rule.limit is not None  # a max_prompt_tokens rule has its limit
                 if prompt_tokens > rule.limit:
                     if rule.action == "block":
                         raise GuardrailBlocked(

@@ -53,7 +53,8 @@ _INJECTION_LINES: list[tuple[str, float]] = [  # a "### System:" header line
 def _injection_sources() -> list[tuple[str, dict[str, float], Callable[[str], object] | None]]:
     """(pattern, group -> weight, needs) for each injection detector; group names unique across
     them. Every marker holds "<|", "<<" or "]" (case does not change those), every header "##"."""
-    out, i = [], 0
+    out: list[tuple[str, dict[str, float], Callable[[str], object] | None]] = []
+    i = 0
     for phrases, prefix, needs in ((_INJECTION_WORDS, r"\b", None), (_INJECTION_MARKERS, "", has("<|", "<<", "]")),
                                    (_INJECTION_LINES, "", has("##"))):
         weights = {}

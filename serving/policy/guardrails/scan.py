@@ -306,6 +306,7 @@ class Scan:
             self.orig = self.text[self.released - self.base:]
             self.obase = self.oreleased = self.sbase = self.released
             self.src = list(range(self.released, end))
+        assert self.orig is not None and self.src is not None  # kept from the first piece that differs
         at = self.obase + len(self.orig)
         self.orig += piece
         self.text += piece_view
@@ -314,6 +315,7 @@ class Scan:
     def _original(self, upto: int) -> str:
         """The text as written from the release point to offset upto of the view: the
         characters before the one upto came from, invisible ones included."""
+        assert self.orig is not None  # called only while an original is kept
         if upto < self.base + len(self.text):
             end = self._offsets()[upto - self.sbase]
         else:  # the end: with the invisible characters after the last one of the view
@@ -325,15 +327,20 @@ class Scan:
         return piece
 
     def _offsets(self) -> list[int]:
-        if self.src is None:  # a whole text (a stream keeps them as it goes)
-            self.src = fold(self.orig)[1]
-        return self.src
+        src = self.src
+        if src is None:  # a whole text (a stream keeps them as it goes)
+            assert self.orig is not None  # called only while an original is kept
+            src = fold(self.orig)[1]
+            assert src is not None  # the original differs from its view
+            self.src = src
+        return src
 
     def _masked(self, end: int) -> None:
         """A mask replaced the view up to end: the original characters it came from are gone,
         with the combining marks on the last one (all here: a match is decided only once a
         character of the view follows it, or at the end of the text)."""
         last = self._offsets()[end - 1 - self.sbase] + 1 - self.obase
+        assert self.orig is not None  # _offsets needs it too
         self.oreleased = max(self.oreleased, self.obase + marks_end(self.orig, last))
 
     def _run(self, final: bool) -> str:
@@ -380,6 +387,7 @@ class Scan:
         if key in tally.injection_fired:
             return False
         groups = tally.injection_groups.setdefault(key, {})
+        assert det.weights is not None  # an injection detector has its phrase weights
         groups[m.lastgroup] = det.weights[m.lastgroup]
         if sum(groups.values()) >= det.threshold:
             tally.injection_fired.add(key)
@@ -467,6 +475,7 @@ class Scan:
         i = self.released - self.base
         o = self.oreleased - self.obase
         n = len(self.text) - i
+        assert self.orig is not None and self.src is not None  # called only while an original is kept
         if n == len(self.orig) - o and self.orig[o:] == self.text[i:] \
                 and self.src[self.released - self.sbase:] == list(range(self.oreleased, self.oreleased + n)):
             self.orig = self.src = None
