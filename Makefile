@@ -61,12 +61,16 @@ setup: $(STAMP) redis prometheus
 serve: setup
 	$(BIN)/keel serve $(CONFIG)
 
+# Types of serving/ ([tool.mypy] in pyproject.toml).
+.PHONY: types deps
+types: $(STAMP)
+	$(BIN)/mypy
+
 # Every import in serving/ and benchmarks/ declared in pyproject.toml, nothing declared unused.
-.PHONY: deps
 deps: $(STAMP)
 	$(BIN)/deptry .
 
-test: setup deps
+test: setup types deps
 	$(BIN)/pytest -q tests
 
 unit: setup
