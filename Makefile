@@ -10,7 +10,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed-$(ENGINE)
 
-.PHONY: setup redis prometheus slo-rules dashboard serve test unit e2e bench clean
+.PHONY: setup redis prometheus slo-rules dashboard serve lint test unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,7 +70,12 @@ types: $(STAMP)
 deps: $(STAMP)
 	$(BIN)/deptry .
 
-test: setup types deps
+# Lint and format check first: seconds, and they fail before the suite's minutes.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint types deps
 	$(BIN)/pytest -q tests
 
 unit: setup
