@@ -56,8 +56,18 @@ import orjson
 import uvloop
 
 from benchmarks.gateway_overhead import (
-    _HEAD, OUTPUT_WORDS, RESULTS, REPO_ROOT, InstantEngine, _answer, _commands, _Pool, _proc_cpu_s, drain,
-    engine_answer, request_bytes,
+    _HEAD,
+    OUTPUT_WORDS,
+    REPO_ROOT,
+    RESULTS,
+    InstantEngine,
+    _answer,
+    _commands,
+    _Pool,
+    _proc_cpu_s,
+    drain,
+    engine_answer,
+    request_bytes,
 )
 from benchmarks.suite.records import git_version
 from benchmarks.suite.stack import free_port
@@ -133,7 +143,7 @@ class UpstreamResponse(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
 
     @classmethod
-    async def open(cls, path: bytes, body: bytes) -> "UpstreamResponse":
+    async def open(cls, path: bytes, body: bytes) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         port = int(os.environ[UPSTREAM_ENV])
         _, up = await loop.create_connection(lambda: cls(loop), "127.0.0.1", port)

@@ -53,7 +53,6 @@ import uvloop
 
 from benchmarks.suite.records import git_version
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 DEMO_DIR = REPO_ROOT / ".keel" / "models" / "demo-tiny"
@@ -66,7 +65,7 @@ TARGET_ADDED_P99_MS = 3.0
 OUTPUT_TOKENS = 16
 DENY_TERMS = ["project nightingale", "internal codename", "confidential roadmap"]
 # The responder's output: OUTPUT_TOKENS words, each a token event.
-OUTPUT_WORDS = [" " + w for w in "the quick brown fox jumps over a lazy dog while model servers stream tokens to many".split()]
+OUTPUT_WORDS = [" " + w for w in ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "model", "servers", "stream", "tokens", "to", "many"]]
 assert len(OUTPUT_WORDS) == OUTPUT_TOKENS
 POOL_SIZE = 16  # keep-alive connections opened per target before each phase
 USERS = 64  # distinct `user` values: the experiment's sticky routing sees many users
@@ -364,7 +363,7 @@ async def serve(redis: bool, burst: bool, engine_port: int | None = None) -> Non
 class _Connection(asyncio.Protocol):
     """One keep-alive client connection; one request at a time (no pipelining)."""
 
-    def __init__(self, pool: "_Pool"):
+    def __init__(self, pool: _Pool):
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)
         self.transport = None
@@ -535,7 +534,7 @@ def request_bytes(config: str, port: int, stream: bool, n: int = PROMPTS) -> lis
     return out
 
 
-async def drain(pool: "_Pool", timeout_s: float) -> None:
+async def drain(pool: _Pool, timeout_s: float) -> None:
     """Wait for the requests still out; those unanswered after timeout_s count as errors."""
     if pool.outstanding:
         pool.drained = asyncio.Event()

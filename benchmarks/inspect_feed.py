@@ -25,8 +25,7 @@ from serving.gateway.stages import RequestContext
 from serving.policy.config import PolicyConfig
 
 TOKENS = 64
-WORDS = (" the quick brown fox jumps over a lazy dog while model servers stream tokens to many"
-         " clients at once").split(" ")[1:]
+WORDS = ["", "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "model", "servers", "stream", "tokens", "to", "many", "clients", "at", "once"][1:]
 
 
 def stream_events() -> list[bytes]:

@@ -21,6 +21,7 @@ from benchmarks.suite.loadgen import run_point
 from benchmarks.suite.metrics import summarize
 from benchmarks.suite.spec import DatasetSpec, LoadSpec
 
+
 async def run_load(
     base_url: str,
     model: str,

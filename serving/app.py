@@ -23,8 +23,7 @@ from serving.config import KeelConfig
 from serving.engine.args import to_cli_args
 from serving.engine.replica import EngineReplica, EngineSpec
 from serving.gateway.replica import GatewayReplica
-from serving.plan import (CONTROL_APP, MODEL_APP_PREFIX, StackState, desired, engine_deployment_name, from_serve,
-                          schema)
+from serving.plan import CONTROL_APP, MODEL_APP_PREFIX, StackState, desired, engine_deployment_name, from_serve, schema
 from serving.registry import EndpointRegistry
 
 APP_NAME = CONTROL_APP

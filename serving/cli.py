@@ -319,7 +319,13 @@ def _keys(args) -> int:
 
 def _audit(args) -> int:
     from serving.policy.audit import (
-        KEY_FILE_ENV, AuditKeyError, chain_order, create_key_file, load_key, tail, verify_chain,
+        KEY_FILE_ENV,
+        AuditKeyError,
+        chain_order,
+        create_key_file,
+        load_key,
+        tail,
+        verify_chain,
     )
 
     if args.audit_cmd == "keygen":

@@ -11,8 +11,8 @@ import hashlib
 import json
 import shutil
 import tempfile
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 # head_dim 64: vLLM's CPU attention kernels reject head_dim 16.
 LLAMA_SHAPE: dict[str, Any] = dict(  # LlamaConfig keywords of several types

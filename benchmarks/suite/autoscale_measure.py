@@ -166,7 +166,7 @@ class ReplicaWatch:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def start(self, t0: float, t0_wall: float) -> "ReplicaWatch":
+    def start(self, t0: float, t0_wall: float) -> ReplicaWatch:
         self.t0, self.t0_wall = t0, t0_wall
         self._thread.start()
         return self

@@ -22,28 +22,7 @@ from typing import Any
 from benchmarks.suite.spec import DatasetSpec
 
 # Common English words most tokenizers hold as single tokens (with a leading space).
-WORDS = """
-the of and to in is was for on that with as by at from his her are be this have not but had
-they you which one were all she there would their we him been has when who will more no if out
-so said what up its about into than them can only other new some could time these two may then
-do first any my now such like our over man me even most made after also did many before must
-through back years where much your way well down should because each just those people how too
-little state good very make world still own see men work long get here between both life being
-under never day same another know while last might us great old year off come since against go
-came right used take three states himself few house use during without again place around
-however home small found thought went say part once general high upon school every don does got
-united left number course war until always away something fact though water less public put think
-almost hand enough far took head yet government system better set told nothing night end why
-called didn eyes find going look asked later knew point next city give group toward young let
-room president side social given present several order national possible rather second face per
-among form important often things looked early white case john become large big need four within
-felt along children saw best church ever least power development light thing seemed family
-interest want members mind country area others done turned although open god service certain kind
-problem began different door thus help sense means whole matter perhaps itself york times law
-human line above name example action company hands local show whether five history gave today
-either act feet across taken past quite anything seen having death experience body word half
-really week field car words already information
-""".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "are", "be", "this", "have", "not", "but", "had", "they", "you", "which", "one", "were", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "states", "himself", "few", "house", "use", "during", "without", "again", "place", "around", "however", "home", "small", "found", "thought", "went", "say", "part", "once", "general", "high", "upon", "school", "every", "don", "does", "got", "united", "left", "number", "course", "war", "until", "always", "away", "something", "fact", "though", "water", "less", "public", "put", "think", "almost", "hand", "enough", "far", "took", "head", "yet", "government", "system", "better", "set", "told", "nothing", "night", "end", "why", "called", "didn", "eyes", "find", "going", "look", "asked", "later", "knew", "point", "next", "city", "give", "group", "toward", "young", "let", "room", "president", "side", "social", "given", "present", "several", "order", "national", "possible", "rather", "second", "face", "per", "among", "form", "important", "often", "things", "looked", "early", "white", "case", "john", "become", "large", "big", "need", "four", "within", "felt", "along", "children", "saw", "best", "church", "ever", "least", "power", "development", "light", "thing", "seemed", "family", "interest", "want", "members", "mind", "country", "area", "others", "done", "turned", "although", "open", "god", "service", "certain", "kind", "problem", "began", "different", "door", "thus", "help", "sense", "means", "whole", "matter", "perhaps", "itself", "york", "times", "law", "human", "line", "above", "name", "example", "action", "company", "hands", "local", "show", "whether", "five", "history", "gave", "today", "either", "act", "feet", "across", "taken", "past", "quite", "anything", "seen", "having", "death", "experience", "body", "word", "half", "really", "week", "field", "car", "words", "already", "information"]
 # vLLM's ShareGPT filter (benchmarks/datasets.py is_valid_sequence), so sampled sets compare.
 SHAREGPT_MIN_LEN = 4
 SHAREGPT_MAX_PROMPT_LEN = 1024
@@ -89,7 +68,7 @@ def length_range(length: int, range_ratio: float) -> tuple[int, int]:
 
 
 def _random_requests(spec: DatasetSpec, n: int, rng: random.Random,
-                     text: "_TextSampler") -> list[BenchRequest]:
+                     text: _TextSampler) -> list[BenchRequest]:
     in_low, in_high = length_range(spec.input_len, spec.range_ratio)
     out_low, out_high = length_range(spec.output_len, spec.range_ratio)
     requests: list[BenchRequest] = []
@@ -103,7 +82,7 @@ def _random_requests(spec: DatasetSpec, n: int, rng: random.Random,
 
 
 def _shared_prefix_requests(spec: DatasetSpec, n: int, rng: random.Random,
-                            text: "_TextSampler") -> list[BenchRequest]:
+                            text: _TextSampler) -> list[BenchRequest]:
     prefixes: list[str] = []
     for _ in range(spec.num_prefixes):
         prefix, _count = text.distinct(rng, spec.prefix_len, set(prefixes))

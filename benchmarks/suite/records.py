@@ -32,7 +32,6 @@ where a LoadPoint is the metrics summary of one load level plus
 from __future__ import annotations
 
 import subprocess
-
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1

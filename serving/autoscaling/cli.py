@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from serving.autoscaling.settings import AutoscalingConfig
 
-
 # Settings compared in one run: each is a whole simulation of the trace.
 MAX_SETTINGS = 64
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 from zoneinfo import ZoneInfo
 
 from serving.autoscaling.settings import DAYS, AutoscalingConfig, Schedule

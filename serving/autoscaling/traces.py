@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from serving.autoscaling.signals import MetricsUnreadable, read_signals
-from serving.engine.auth import KEY_ENV as ENGINE_KEY_ENV, MIDDLEWARE as ENGINE_AUTH_MIDDLEWARE
+from serving.engine.auth import KEY_ENV as ENGINE_KEY_ENV
+from serving.engine.auth import MIDDLEWARE as ENGINE_AUTH_MIDDLEWARE
 from serving.engine.server import TREE_ENV
 from serving.httpraw import http_get
 

@@ -6,7 +6,8 @@ serving.policy.guardrails (InputGuard.check, OutputGuard.stream/check_text only)
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from serving.errors import GatewayError
 from serving.gateway.offload import off_loop
@@ -106,7 +107,7 @@ class GuardOutput:
                                "guardrails cannot check the text it would return.",
                                code="unsupported_with_guardrails", param=option)
 
-    def on_response(self, ctx: RequestContext) -> "OutputGuardWatch | None":
+    def on_response(self, ctx: RequestContext) -> OutputGuardWatch | None:
         guard = self._guard(ctx)
         return OutputGuardWatch(guard, ctx.guardrail_actions) if guard is not None else None
 

@@ -23,8 +23,8 @@ import itertools
 import logging
 import math
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from serving.errors import GatewayError
 
@@ -42,7 +42,7 @@ class HoldSettings:
     max_requests: int = 64
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HoldSettings":
+    def from_dict(cls, d: dict) -> HoldSettings:
         return cls(float(d["timeout_s"]), int(d["max_requests"]))
 
 

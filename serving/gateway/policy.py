@@ -29,8 +29,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -39,8 +39,8 @@ from serving.gateway import anomalies
 from serving.gateway.guard import GuardInput, GuardOutput
 from serving.gateway.offload import off_loop
 from serving.gateway.request_fields import Generation
-from serving.ops.slo_events import SloJudge
 from serving.gateway.stages import Outcome, ParseBody, Pipeline, RequestContext, Stage
+from serving.ops.slo_events import SloJudge
 from serving.policy.audit import AuditLog
 from serving.policy.config import ALL_MODELS, PolicyConfig, TenantConfig
 from serving.policy.guardrails import InputGuard, OutputGuard
@@ -68,7 +68,7 @@ class ModelInfo:
 
 class PolicyRuntime:
     def __init__(self, policy: PolicyConfig, models: dict[str, ModelInfo], metrics,
-                 previous: "PolicyRuntime | None" = None, rollouts: dict | None = None):
+                 previous: PolicyRuntime | None = None, rollouts: dict | None = None):
         self.policy = policy
         self.version = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:12]
         self.models = models  # candidates of rollouts included: their tokenizers count their prompts

@@ -21,8 +21,8 @@ from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
 from serving.policy.config import PolicyConfig, check_policy_refs
 from serving.policy.tokens import TokenCounter
-from serving.rollout.spec import TrafficSplit, check_splits
 from serving.priority import run_at_normal_priority
+from serving.rollout.spec import TrafficSplit, check_splits
 
 log = logging.getLogger("keel.gateway")
 

@@ -251,9 +251,7 @@ def _input_path(payload: dict, err: Mapping[str, Any]) -> str:  # one of Validat
     node: Any = payload
     parts = []
     for part in loc[:-1] if missing else loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         else:
             continue  # a union member's name

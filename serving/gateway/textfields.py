@@ -15,8 +15,9 @@ scanned; prompt embeddings cannot be scanned and are refused where input rules a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from serving.errors import GatewayError
 
@@ -305,11 +306,7 @@ def _token_ids(value: Any, param: str) -> list[int]:
         raise Unscannable(param, f"`{param}` must be a string, a list of strings or a list of token ids.")
     ids = []
     for v in value:
-        if isinstance(v, (bool, int)):
-            ids.append(int(v))
-        elif isinstance(v, float) and v.is_integer():
-            ids.append(int(v))
-        elif isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        if isinstance(v, (bool, int)) or isinstance(v, float) and v.is_integer() or isinstance(v, str) and v.strip().lstrip("+-").isdigit():
             ids.append(int(v))
         else:
             raise Unscannable(param, f"`{param}` mixes token ids with other values.")

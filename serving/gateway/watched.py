@@ -18,7 +18,7 @@ so streams without them pay nothing per token).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from serving.gateway.guard import TOKENS_FIELD
 from serving.gateway.textfields import Endpoint, choice_texts, put_text

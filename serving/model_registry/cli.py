@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 from serving.config import MODELS_DIR_ENV, ConfigError, KeelConfig, default_models_dir
+from serving.model_registry.listing import format_table, list_models
 from serving.model_registry.manifest import RegistrationError, check_name
 from serving.model_registry.memory import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, format_bytes
-from serving.model_registry.listing import format_table, list_models
 from serving.model_registry.resolve import ResolvedWeights, resolve_weights
 from serving.model_registry.store import (
-    RegisteredVersion, list_versions, newest, read_version, register_version, retire_version,
+    RegisteredVersion,
+    list_versions,
+    newest,
+    read_version,
+    register_version,
+    retire_version,
     verify_version,
 )
 

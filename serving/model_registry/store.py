@@ -20,10 +20,17 @@ from pydantic import ValidationError
 
 from serving.config import ConfigError, format_validation_error
 from serving.model_registry.manifest import (
-    NAME_PATTERN, RegistrationError, RetiredMark, VersionManifest, check_name, files_digest,
+    NAME_PATTERN,
+    RegistrationError,
+    RetiredMark,
+    VersionManifest,
+    check_name,
+    files_digest,
 )
 from serving.model_registry.memory import (
-    VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, check_gpu_args, estimate_memory,
+    VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+    check_gpu_args,
+    estimate_memory,
 )
 from serving.model_registry.validate import ModelFacts, hash_files, inspect_model_dir
 

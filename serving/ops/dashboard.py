@@ -16,7 +16,12 @@ from grafana_foundation_sdk.builders import dashboard as gd
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
-    DataSourceRef, Dashboard, DashboardCursorSync, VariableRefresh, VariableSort)
+    Dashboard,
+    DashboardCursorSync,
+    DataSourceRef,
+    VariableRefresh,
+    VariableSort,
+)
 
 from benchmarks.suite.spec import DEFAULT_HARDWARE_FILE
 from serving.config import KeelConfig, read_yaml

@@ -10,14 +10,14 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from serving.schema import Strict as _Strict
+from serving.ops.anomaly_config import AnomalyConfig
+from serving.ops.slo_config import SloConfig, check_slos
 from serving.policy.audit import key_inside
 from serving.policy.guardrails import GuardrailPolicy
 from serving.policy.identity import check_digest
 from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
 from serving.policy.routing import Experiment
-from serving.ops.anomaly_config import AnomalyConfig
-from serving.ops.slo_config import SloConfig, check_slos
+from serving.schema import Strict as _Strict
 
 ALL_MODELS = "*"
 

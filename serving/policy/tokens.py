@@ -95,7 +95,7 @@ class _AsciiCounter:
         self._pieces: dict[str, int] = {}
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer) -> "_AsciiCounter | None":
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> _AsciiCounter | None:
         pre, model = tokenizer.pre_tokenizer, tokenizer.model
         if (tokenizer.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
                 or pre.add_prefix_space or not pre.use_regex
@@ -153,7 +153,7 @@ class TokenCounter:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, chat_template: str | None = None,
-                       default_chat_template_kwargs: dict | None = None) -> "TokenCounter":
+                       default_chat_template_kwargs: dict | None = None) -> TokenCounter:
         """chat_template / default_chat_template_kwargs: the engine's --chat-template (its text)
         and --default-chat-template-kwargs, when the model is served with them."""
         model_dir = Path(path)
@@ -467,9 +467,7 @@ def _message_loop_vars(root):
 def _content_item_loops(root):
     message_vars = list(_message_loop_vars(root))
     for loop in root.find_all(jinja2.nodes.For):
-        if any(_is_var_or_elems(loop.iter, name, "content") for name in message_vars):
-            yield loop
-        elif isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name == "content":
+        if any(_is_var_or_elems(loop.iter, name, "content") for name in message_vars) or isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name == "content":
             yield loop
 
 

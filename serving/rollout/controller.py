@@ -7,12 +7,33 @@ every transition, so a controller started again resumes where the last one stopp
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-from serving.plan import ModelState, StackState, candidate_name, candidate_state, promoted, with_rollout, without_rollout
+from serving.plan import (
+    ModelState,
+    StackState,
+    candidate_name,
+    candidate_state,
+    promoted,
+    with_rollout,
+    without_rollout,
+)
 from serving.rollout.decide import (
-    ABORTED, ACTIVE, DEPLOYING, PROMOTE, PROMOTED, PROMOTING, ROLLBACK, ROLLED_BACK, ROLLING_BACK, STEPPING,
-    RolloutState, apply_decision, decide, record,
+    ABORTED,
+    ACTIVE,
+    DEPLOYING,
+    PROMOTE,
+    PROMOTED,
+    PROMOTING,
+    ROLLBACK,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    STEPPING,
+    RolloutState,
+    apply_decision,
+    decide,
+    record,
 )
 from serving.rollout.evaluate import run_eval
 from serving.rollout.signals import by_variant, delta, snapshot

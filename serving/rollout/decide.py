@@ -72,7 +72,7 @@ class RolloutState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RolloutState":
+    def from_dict(cls, d: dict) -> RolloutState:
         return cls(**d)
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -61,7 +62,7 @@ class Expect(Strict):
                                      "against this schema (JSON Schema 2020-12).")
 
     @model_validator(mode="after")
-    def _one(self) -> "Expect":
+    def _one(self) -> Expect:
         given = [k for k in ("regex", "exact", "json_schema") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of regex, exact, json_schema (got {', '.join(given) or 'none'})")
@@ -110,7 +111,7 @@ class EvalCase(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_input(self) -> "EvalCase":
+    def _one_input(self) -> EvalCase:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt (completions) or messages (chat)")
         return self

@@ -22,7 +22,6 @@ from benchmarks.suite.stack import free_port
 from serving.config import load_config
 from serving.ops.dashboard import all_panels, build_dashboard, expand
 from serving.ops.slo_rules import dump, prometheus_doc
-
 from tests.e2e.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.e2e

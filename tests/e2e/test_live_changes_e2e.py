@@ -14,8 +14,18 @@ import pytest
 import yaml
 
 from benchmarks.live_changes import (
-    StreamingLoad, _add_model, _autoscaling, _engine_args, _remove_model, _scale_to_1, _scale_to_2,
-    base_doc, engine_pids, keel_apply, restarted, wait_engines,
+    StreamingLoad,
+    _add_model,
+    _autoscaling,
+    _engine_args,
+    _remove_model,
+    _scale_to_1,
+    _scale_to_2,
+    base_doc,
+    engine_pids,
+    keel_apply,
+    restarted,
+    wait_engines,
 )
 from tests.e2e.conftest import AUTH, running_stack
 

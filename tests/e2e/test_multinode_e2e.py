@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from benchmarks.suite.stack import free_port
-from tests.e2e.conftest import AUTH, DEMO_KEY, STARTUP_TIMEOUT_S, local_config, running_stack
+from tests.e2e.conftest import AUTH, DEMO_KEY, local_config, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 

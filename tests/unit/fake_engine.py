@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-
 METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="demo"} 2.0
@@ -176,7 +175,7 @@ class FakeEngine:
             return None
         k = req["logprobs"]
         return {"text_offset": [offset], "token_logprobs": [-0.5], "tokens": [token],
-                "top_logprobs": [{t: -1.5 for t in [token, *self.alternatives.get(token, [])][:max(k, 1)]}]}
+                "top_logprobs": [dict.fromkeys([token, *self.alternatives.get(token, [])][:max(k, 1)], -1.5)]}
 
     @staticmethod
     def _joined(logprobs: list, chat: bool):

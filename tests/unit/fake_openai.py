@@ -27,7 +27,7 @@ class FakeOpenAI:
         self.release = asyncio.Event()  # ends #slow requests when the server stops
         self.health: dict | None = None  # what GET /health answers (404 while None)
 
-    async def __aenter__(self) -> "FakeOpenAI":
+    async def __aenter__(self) -> FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_post("/v1/completions", self.handle)

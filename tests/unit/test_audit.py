@@ -89,9 +89,8 @@ def test_caller_mutating_its_dict_after_write_does_not_change_the_record(tmp_pat
 
 
 def test_records_may_not_set_chain_fields(tmp_path):
-    with AuditLog(tmp_path) as log:
-        with pytest.raises(ValueError, match="seq"):
-            log.write({"seq": 7})
+    with AuditLog(tmp_path) as log, pytest.raises(ValueError, match="seq"):
+        log.write({"seq": 7})
 
 
 def test_unserialisable_field_is_dropped_and_named_but_the_record_is_kept(tmp_path):

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from serving.policy.audit import (
-    AuditError, AuditKeyError, AuditLog, chain_order, create_key_file, head_path, load_key, record_hash,
-    verify, verify_chain,
+    AuditError,
+    AuditKeyError,
+    AuditLog,
+    chain_order,
+    create_key_file,
+    head_path,
+    load_key,
+    record_hash,
+    verify,
+    verify_chain,
 )
 from tests.unit.test_audit import problems_text, read_lines, write_lines
 
@@ -368,9 +376,8 @@ def test_a_restarted_writer_with_the_key_continues_across_a_rotation(tmp_path, k
 
 
 def test_records_may_not_set_the_mac_field(tmp_path):
-    with AuditLog(tmp_path) as log:
-        with pytest.raises(ValueError, match="mac"):
-            log.write({"mac": "x"})
+    with AuditLog(tmp_path) as log, pytest.raises(ValueError, match="mac"):
+        log.write({"mac": "x"})
 
 
 # -- the key file --------------------------------------------------------------------------------------

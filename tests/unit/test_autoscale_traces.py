@@ -11,7 +11,14 @@ import pytest
 
 from serving.autoscaling.calibrate import CalibrationError, ServiceCurve, calibrate, curve_from_points
 from serving.autoscaling.traces import (
-    Lengths, Request, Trace, TraceError, generate, read_audit, read_jsonl, write_jsonl,
+    Lengths,
+    Request,
+    Trace,
+    TraceError,
+    generate,
+    read_audit,
+    read_jsonl,
+    write_jsonl,
 )
 from serving.policy.audit import AuditLog
 

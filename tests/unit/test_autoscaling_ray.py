@@ -12,7 +12,8 @@ from ray.serve._private.autoscaling_state import DeploymentAutoscalingState
 from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve._private.config import DeploymentConfig, ReplicaConfig
 from ray.serve._private.deployment_info import DeploymentInfo
-from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig, AutoscalingContext
+from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
+from ray.serve.config import AutoscalingContext
 
 from serving.autoscaling import published, ray_policy
 from serving.autoscaling.ray_policy import KeelAutoscalingPolicy, ray_autoscaling_config

@@ -17,9 +17,16 @@ from serving.cli import main
 from serving.config import REPO_ROOT, ConfigError, load_config
 from serving.gateway.metrics import GatewayMetrics
 from serving.ops.cost_config import CostConfig
-from serving.ops.slo_events import SloJudge
 from serving.ops.dashboard import (
-    SLO_WINDOWS, all_panels, build_dashboard, dashboard_json, expand, panel_queries, replica_hour_prices)
+    SLO_WINDOWS,
+    all_panels,
+    build_dashboard,
+    dashboard_json,
+    expand,
+    panel_queries,
+    replica_hour_prices,
+)
+from serving.ops.slo_events import SloJudge
 
 LOCAL = REPO_ROOT / "configs" / "local.yaml"
 COMMITTED = REPO_ROOT / "deploy" / "grafana" / "keel.json"
@@ -128,7 +135,7 @@ def test_dashboard_loads_as_a_grafana_dashboard_model(dash):
     cells = set()
     for p in panels:
         g = p.grid_pos
-        assert g.w > 0 and g.h > 0 and 0 <= g.x and g.x + g.w <= 24, (p.title, g.to_json())
+        assert g.w > 0 and g.h > 0 and g.x >= 0 and g.x + g.w <= 24, (p.title, g.to_json())
         mine = {(x, y) for x in range(g.x, g.x + g.w) for y in range(g.y, g.y + g.h)}
         assert not mine & cells, f"panel {p.title!r} overlaps another"
         cells |= mine

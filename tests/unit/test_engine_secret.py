@@ -166,9 +166,8 @@ def test_two_authorization_headers_are_refused_even_if_one_is_right(engine_app):
 def test_a_websocket_without_the_secret_is_closed(engine_app):
     from starlette.websockets import WebSocketDisconnect
 
-    with pytest.raises(WebSocketDisconnect) as e:
-        with engine_app.websocket_connect("/v1/realtime") as ws:
-            ws.receive_text()
+    with pytest.raises(WebSocketDisconnect) as e, engine_app.websocket_connect("/v1/realtime") as ws:
+        ws.receive_text()
     assert (e.value.code, e.value.reason) == (1008, "")  # closed before the route ran
     with engine_app.websocket_connect("/v1/realtime", headers={"authorization": f"Bearer {SECRET}"}) as ws:
         assert ws.receive_text() == "hello"

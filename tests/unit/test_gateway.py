@@ -8,10 +8,10 @@ import json
 import httpx
 import pytest
 
+from serving.errors import GatewayError
 from serving.gateway.limits import HttpLimits
 from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
-from serving.errors import GatewayError
 from tests.unit.fake_engine import FakeEngine
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": True}

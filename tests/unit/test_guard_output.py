@@ -15,9 +15,6 @@ from tests.unit.fake_engine import FakeEngine
 from tests.unit.test_guard_input import EMAIL, completion, send
 from tests.unit.test_policy_gateway import APP_KEY, CHAT, Harness, error_of, policy, run
 
-
-
-
 SPLIT_EMAIL = ["Write to ", "jo", "hn.", "smith", "@", "exam", "ple", ".org", " today", "."]
 
 

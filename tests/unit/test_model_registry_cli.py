@@ -10,8 +10,12 @@ import pytest
 from serving.cli import main
 from serving.config import ConfigError, parse_config
 from serving.model_registry.store import register_version
-from tests.unit.model_registry_fixtures import (  # noqa: F401,F811 - fixtures
-    demo_weights, edit_json, model_dir, models_base, two_versions,
+from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
+    demo_weights,
+    edit_json,
+    model_dir,
+    models_base,
+    two_versions,
 )
 
 

@@ -9,12 +9,24 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serving.config import REPO_ROOT, parse_config
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    demo_weights, model_dir, models_base,
-)
 from serving.plan import (
-    ADDED, CONTROL_APP, MODEL_APP_PREFIX, REMOVED, REPLACED, SCALED, UNCHANGED, desired, from_serve,
-    make_plan, render, schema,
+    ADDED,
+    CONTROL_APP,
+    MODEL_APP_PREFIX,
+    REMOVED,
+    REPLACED,
+    SCALED,
+    UNCHANGED,
+    desired,
+    from_serve,
+    make_plan,
+    render,
+    schema,
+)
+from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
+    demo_weights,
+    model_dir,
+    models_base,
 )
 
 

@@ -10,7 +10,17 @@ import pytest
 from pydantic import ValidationError
 
 from serving.rollout.decide import (
-    ADVANCE, HOLD, PROMOTE, PROMOTING, ROLLBACK, ROLLING_BACK, STEPPING, WARMED, RolloutState, apply_decision, decide,
+    ADVANCE,
+    HOLD,
+    PROMOTE,
+    PROMOTING,
+    ROLLBACK,
+    ROLLING_BACK,
+    STEPPING,
+    WARMED,
+    RolloutState,
+    apply_decision,
+    decide,
 )
 from serving.rollout.signals import by_variant, delta, histogram_quantile, snapshot
 from serving.rollout.spec import RolloutSpec, parse_duration

@@ -11,7 +11,15 @@ import yaml
 from serving.config import ConfigError
 from serving.rollout.cli import spec_from_args
 from serving.rollout.evaluate import (
-    AskFailed, EvalError, EvalSet, Expect, answer_text, check, load_eval_set, request_for, run_eval,
+    AskFailed,
+    EvalError,
+    EvalSet,
+    Expect,
+    answer_text,
+    check,
+    load_eval_set,
+    request_for,
+    run_eval,
 )
 from serving.rollout.spec import RolloutDefaults
 

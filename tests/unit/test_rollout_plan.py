@@ -10,8 +10,21 @@ from ray.serve.schema import ServeDeploySchema
 
 from serving.config import REPO_ROOT, parse_config
 from serving.plan import (
-    ADDED, MODEL_APP_PREFIX, REMOVED, REPLACED, UNCHANGED, candidate_name, candidate_state, desired,
-    from_serve, keep_rollouts, make_plan, promoted, schema, with_rollout, without_rollout,
+    ADDED,
+    MODEL_APP_PREFIX,
+    REMOVED,
+    REPLACED,
+    UNCHANGED,
+    candidate_name,
+    candidate_state,
+    desired,
+    from_serve,
+    keep_rollouts,
+    make_plan,
+    promoted,
+    schema,
+    with_rollout,
+    without_rollout,
 )
 from serving.rollout.spec import TrafficSplit, check_splits
 
@@ -126,7 +139,7 @@ def test_keel_apply_of_the_pre_promotion_config_is_refused_as_a_rollback(tmp_pat
     store.save(done)
     # The config the stack was started with still names the old weights: refused, naming the key.
     [problem] = undone_promotions(store, after, base)
-    assert problem.startswith(f"models.demo.weights: the stack serves demo-tiny@v2, promoted by `keel rollout` at ")
+    assert problem.startswith("models.demo.weights: the stack serves demo-tiny@v2, promoted by `keel rollout` at ")
     assert f"this config says {old_weights}, which would roll demo back" in problem
     # A config that says the promoted version, or a third one, or a rollback that never promoted: fine.
     assert undone_promotions(store, after, after) == []

@@ -3,7 +3,6 @@ through the real gateway in front of stand-in engines (and the judge on its own)
 
 from __future__ import annotations
 
-
 from serving.gateway.metrics import GatewayMetrics
 from serving.ops.slo_config import SloConfig
 from serving.ops.slo_events import RequestTiming, SloJudge

@@ -14,7 +14,7 @@ import yaml
 from serving.cli import main as keel
 from serving.config import REPO_ROOT
 from serving.ops.slo_config import SloConfig
-from serving.ops.slo_rules import RULES_FILE, rules_doc, promtool_tests, write_all
+from serving.ops.slo_rules import RULES_FILE, promtool_tests, rules_doc, write_all
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: `make prometheus` installs it")

@@ -45,8 +45,17 @@ deleted; ship files off the host for that.
 """
 
 from serving.policy.audit.files import (
-    GENESIS, RESERVED_FIELDS, AuditError, Head, canonical_json, chain_order, head_path, read_head,
-    record_hash, rotated_files, tail,
+    GENESIS,
+    RESERVED_FIELDS,
+    AuditError,
+    Head,
+    canonical_json,
+    chain_order,
+    head_path,
+    read_head,
+    record_hash,
+    rotated_files,
+    tail,
 )
 from serving.policy.audit.mac import KEY_FILE_ENV, AuditKey, AuditKeyError, create_key_file, key_inside, load_key
 from serving.policy.audit.verification import VerifyResult, verify, verify_chain

@@ -15,8 +15,17 @@ from typing import Any
 import orjson
 
 from serving.policy.audit.files import (
-    GENESIS, RESERVED_FIELDS, AuditError, Head, fresh_path, head_path, lines_backward, read_head,
-    read_last_line, record_hash, rotated_files,
+    GENESIS,
+    RESERVED_FIELDS,
+    AuditError,
+    Head,
+    fresh_path,
+    head_path,
+    lines_backward,
+    read_head,
+    read_last_line,
+    record_hash,
+    rotated_files,
 )
 from serving.policy.audit.mac import AuditKey, AuditKeyError, load_key
 

@@ -4,8 +4,9 @@ and the tables that let a stream skip a detector no new character can begin a ma
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import regex
 

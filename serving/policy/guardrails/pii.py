@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import regex
 
