@@ -14,14 +14,7 @@ from serving.gateway.server import Gateway, GatewaySettings
 from serving.gateway.stages import Pipeline, default_stages
 from serving.model_registry.jobs import JOB_ID, JOBS_DIR, RegistrationJobs
 from tests.unit.fake_engine import FakeEngine
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    blocking_model,
-    demo_weights,
-    edit_json,
-    model_dir,
-    models_base,
-    two_versions,
-)
+from tests.unit.model_registry_fixtures import blocking_model, edit_json
 from tests.unit.test_policy_gateway import ADMIN_KEY, APP_KEY, Harness, error_of, policy
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

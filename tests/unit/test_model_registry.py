@@ -11,13 +11,7 @@ import yaml
 
 from serving.model_registry.manifest import RegistrationError
 from serving.model_registry.store import read_version, register_version, retire_version, verify_version
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    demo_weights,
-    edit_json,
-    model_dir,
-    models_base,
-    shard,
-)
+from tests.unit.model_registry_fixtures import edit_json, shard
 
 
 def refused(models_base, path, **kw) -> str:

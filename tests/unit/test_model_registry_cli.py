@@ -10,13 +10,7 @@ import pytest
 from serving.cli import main
 from serving.config import ConfigError, parse_config
 from serving.model_registry.store import register_version
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    demo_weights,
-    edit_json,
-    model_dir,
-    models_base,
-    two_versions,
-)
+from tests.unit.model_registry_fixtures import edit_json
 
 
 def config(models_base, weights: str):

@@ -9,14 +9,7 @@ from serving.config import ConfigError, KeelConfig, load_manifest, parse_config
 from serving.model_registry.resolve import resolve_weights
 from serving.model_registry.store import register_version, retire_version
 from serving.models import ensure_weights
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    copy_model,
-    demo_weights,
-    edit_json,
-    model_dir,
-    models_base,
-    two_versions,
-)
+from tests.unit.model_registry_fixtures import copy_model
 
 
 def config(models_base, weights: str):

@@ -23,11 +23,6 @@ from serving.plan import (
     render,
     schema,
 )
-from tests.unit.model_registry_fixtures import (  # noqa: F401 - fixtures
-    demo_weights,
-    model_dir,
-    models_base,
-)
 
 
 def raw() -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from serving.engine.server import _running
 from serving.model_registry.jobs import JOB_NICE, JOBS_DIR, STALE_AFTER_S, RegistrationJobs, RegistrationRequest
-from tests.unit.model_registry_fixtures import blocking_model, demo_weights, models_base  # noqa: F401
+from tests.unit.model_registry_fixtures import blocking_model
 
 JOB_WAIT_S = 120
 
