@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         predicted = predict(trace_path, bench, slo, horizon, args.cold_start_s)
         if cold:  # which part of the error is the cold start's: the same run with the one measured
             diagnostic = predict(trace_path, bench, slo, horizon, sum(cold) / len(cold))
-    except Exception as e:  # the simulator missing or failing must not lose a 15-minute measurement
+    except Exception as e:  # noqa: BLE001 - the simulator missing or failing must not lose a 15-minute measurement
         why = f"{type(e).__name__}: {e}"
         print(f"no prediction: {why}", file=sys.stderr)
 

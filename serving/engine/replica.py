@@ -248,7 +248,7 @@ class EngineReplica:
         if registry is not None and getattr(self, "replica_id", None):
             try:
                 registry.remove(self.replica_id)
-            except Exception:
+            except Exception:  # noqa: BLE001 - shutdown goes on to stop the engine regardless
                 pass
         self._stop_engine()
 
@@ -367,7 +367,7 @@ def _advertised_host(bind_host: str) -> str:
         import ray.util
 
         return ray.util.get_node_ip_address()
-    except Exception:
+    except Exception:  # noqa: BLE001 - no Ray here (a bare process): the host's own address
         return socket.gethostbyname(socket.gethostname())
 
 
@@ -376,5 +376,5 @@ def _serve_replica_id() -> str:
         from ray import serve
 
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:
+    except Exception:  # noqa: BLE001 - not in a Serve replica: host and pid name it
         return f"{socket.gethostname()}-{os.getpid()}"

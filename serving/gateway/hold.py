@@ -148,7 +148,7 @@ class RequestHold:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the request waits on; its deadline bounds this
+            except Exception as e:  # noqa: BLE001 - the request waits on; its deadline bounds this
                 self.wake_failures += 1
                 if attempt == 0:
                     log.warning("could not ask for a replica of %s (%s: %s); retrying", model, type(e).__name__, e)

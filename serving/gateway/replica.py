@@ -34,7 +34,7 @@ def load_model_info(name: str, weights_path: str, max_model_len: int | None) -> 
     weights = Path(weights_path)
     try:
         counter = TokenCounter.from_model_dir(weights)
-    except Exception as e:  # the engine still serves; token limits then count output only
+    except Exception as e:  # noqa: BLE001 - the engine still serves; token limits then count output only
         log.warning("model %s: no tokenizer in %s (%s); prompt tokens will not be counted", name, weights, e)
         counter = None
     if max_model_len is None:

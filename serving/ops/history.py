@@ -329,7 +329,7 @@ class ChangeRecorder:
             rec["error"] = outcome[1]
         try:
             self._log(rec)
-        except Exception as e:  # the change happened (or failed) either way: say so, don't hide it
+        except Exception as e:  # noqa: BLE001 - the change happened (or failed) either way: say so, don't hide it
             self._say(f"keel {rec.get('command')}: WARNING: the change {outcome[0]}, but its history record "
                       f"could not be written to {self._log.log.directory}: {e}")
         finally:

@@ -662,7 +662,7 @@ class RedisQuotaBackend:
             except BaseException:
                 try:
                     await conn.disconnect(nowait=True)  # it may get a late reply: never reuse it as is
-                except Exception:
+                except Exception:  # noqa: BLE001 - the error being raised is the one to report
                     pass
                 raise
             finally:

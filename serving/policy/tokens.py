@@ -220,7 +220,7 @@ class TokenCounter:
         add_special = payload.get("add_special_tokens", False) is True
         try:
             text = self._render_chat(payload, messages)
-        except Exception:  # the engine judges a chat its template rejects; we only estimate it
+        except Exception:  # noqa: BLE001 - the engine judges a chat its template rejects; we only estimate it
             return self._estimate_chat(payload, messages)
         return _cap(self._encode(text, add_special), _truncation_limit(payload))
 
@@ -416,8 +416,8 @@ def _loops_over_content_parts(env: ImmutableSandboxedEnvironment, source: str) -
         next(_content_item_loops(ast))
     except StopIteration:
         return False
-    except Exception:
-        return False  # vLLM's default when the template cannot be analysed: "string"
+    except Exception:  # noqa: BLE001 - vLLM's default when the template cannot be analysed: "string"
+        return False
     return True
 
 

@@ -154,7 +154,7 @@ def resume_all(cfg, admin_key: str | None, say=print) -> list[str]:
             if start(cfg, model, admin_key):
                 say(f"Keel: resuming the rollout of {model} to {state.to_version} ({state.phase})")
                 resumed.append(model)
-        except Exception as e:  # the stack serves; the rollout waits for `keel rollout start`
+        except Exception as e:  # noqa: BLE001 - the stack serves; the rollout waits for `keel rollout start`
             say(f"Keel: could not resume the rollout of {model}: {e}")
     return resumed
 
