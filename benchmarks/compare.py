@@ -298,7 +298,7 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
     servers = {}
     for side in (KEEL, BASE):
         port = free_port()
-        log = open(RESULTS / f"compare-{stamp}-{side}.log", "wb")
+        log = open(RESULTS / f"compare-{stamp}-{side}.log", "wb")  # noqa: SIM115 - closed when its server stops
         with_policies = side == KEEL
         bare = side == BASE and a.baseline == "bare"
         if bare:

@@ -487,7 +487,7 @@ async def benchmark(a) -> list[dict]:
     try:
         for name in a.servers:
             doors[name] = _FrontDoor(name, upstream.port)
-        for name, door in doors.items():
+        for door in doors.values():
             for kind in a.kinds:
                 await check_answer(door.port, kind != "json", a.chunks)
             door.find_workers()

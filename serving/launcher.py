@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -54,7 +55,7 @@ def check_audit_key(cfg: KeelConfig) -> None:
 
 
 def serve_forever(cfg: KeelConfig, *, ready_timeout_s: float = 900.0, on_ready=None) -> None:
-    for name, mc in cfg.models.items():
+    for mc in cfg.models.values():
         ensure_weights(cfg, mc.weights)
     if not cfg.ray.address:  # on a cluster the gateway may run on another node
         check_port_free(cfg.server.host, cfg.server.port)
@@ -197,8 +198,8 @@ def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, de
 
 def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> str:
     model = next(iter(cfg.models))
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello"}], '
-            '"max_tokens": 32, "stream": true}' % model)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32,
+                       "stream": True})
     auth = ""
     if cfg.tenants:
         auth = " -H 'Authorization: Bearer $KEEL_API_KEY'"

@@ -181,13 +181,12 @@ class Simulation:
                     arg.state = "ready"
                     self.held.clear()  # released: they take the next free slots in order
                     self._dispatch(now)
-            elif kind == _TIMEOUT:
-                if arg in self.held:
-                    self.held.discard(arg)
-                    self.failed[arg] = True
-                    self.queued -= 1
-                    unresolved -= 1
-                    self.last_done = now
+            elif kind == _TIMEOUT and arg in self.held:
+                self.held.discard(arg)
+                self.failed[arg] = True
+                self.queued -= 1
+                unresolved -= 1
+                self.last_done = now
         return self._result(max(self.last_done, self.trace.duration))
 
     def _push(self, t: float, kind: int, arg) -> None:

@@ -425,7 +425,7 @@ class Gateway:
             upstream = Upstream(client, ctx, loop)
             try:
                 await asyncio.wait_for(
-                    loop.create_connection(lambda: upstream, ep.host, ep.port),
+                    loop.create_connection(lambda: upstream, ep.host, ep.port),  # noqa: B023 - called in this await
                     self.settings.connect_timeout_s,
                 )
                 break

@@ -164,7 +164,7 @@ def _visit(tree: dict, obj: dict, where: tuple, slots: list, tokenizer) -> None:
             if not many:
                 _apply(then, obj, key, where + (key,), slots, tokenizer)
             elif isinstance(value, list):
-                for i, item in enumerate(value):
+                for i in range(len(value)):
                     _apply(then, value, i, where + (key, i), slots, tokenizer)
 
 

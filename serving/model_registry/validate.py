@@ -207,7 +207,7 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, tuple[str, list[int]]
     try:
         tensors = {}
         with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__ or __contains__
                 part = f.get_slice(name)
                 tensors[name] = (part.get_dtype(), list(part.get_shape()))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error, OSError or ValueError

@@ -184,5 +184,5 @@ def report(usage: Usage, alloc: Allocation) -> CostReport:
     by_tenant: dict[str, float] = {}
     for line in lines.values():
         by_tenant[line.tenant] = by_tenant.get(line.tenant, 0.0) + line.cost
-    ordered = sorted(lines.values(), key=lambda l: (-by_tenant[l.tenant], l.tenant, -l.cost, l.model))
+    ordered = sorted(lines.values(), key=lambda ln: (-by_tenant[ln.tenant], ln.tenant, -ln.cost, ln.model))
     return CostReport(ordered, idle, alloc)

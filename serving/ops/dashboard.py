@@ -110,7 +110,7 @@ class _Grid:
 
 
 def _quantiles(metric: str, by: str, selector: str) -> list[tuple[str, str]]:
-    legend = " / ".join("{{%s}}" % label for label in by.split(", "))
+    legend = " / ".join("{{" + label + "}}" for label in by.split(", "))
     return [(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
              f"p{round(q * 100)} {legend}") for q in PERCENTILES]
 

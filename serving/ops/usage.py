@@ -72,7 +72,7 @@ def read_usage(directory: str | Path, since: float, until: float) -> Usage:
     seen = 0
     for path in files:
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - outside `with`: only open()'s OSError becomes a UsageError
         except OSError as e:
             raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
         with f:

@@ -156,9 +156,8 @@ class Controller:
         if state.promote_when_ready:
             state.phase, state.promote_when_ready = PROMOTING, False
             return self._transition(state, PROMOTE, "promoted by hand (keel rollout promote)")
-        if spec.evaluation is not None and not state.evaluated:
-            if not self._evaluate(state, spec):
-                return
+        if spec.evaluation is not None and not state.evaluated and not self._evaluate(state, spec):
+            return
         again = state.step_started_at is not None  # deployed again (the stack restarted): same step
         state.phase = STEPPING
         if not self._set_split(state, state.percent):

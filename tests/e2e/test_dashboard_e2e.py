@@ -45,7 +45,7 @@ def prometheus(scrape_url: str, tmp: Path):
     rules = REPO / "deploy" / "prometheus" / "keel-slo-rules.yaml"  # `keel slo rules configs/local.yaml`
     doc = prometheus_doc(scrape_url.removeprefix("http://"), scrape_interval="1s", rules=str(rules))
     (tmp / "prometheus.yml").write_text(dump(doc))
-    log = open(tmp / "prometheus.log", "wb")
+    log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 - closed after Prometheus stops
     proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -234,7 +234,7 @@ def test_the_gateway_reaches_the_engine_at_the_worker_nodes_address(cluster, sta
     stream = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=200, stream=True, extra_body={"ignore_eos": True})
     peers = set()
-    for chunk in stream:
+    for _ in stream:
         if not peers:  # the first chunk: the connection is open until the last
             peers = {c.raddr.ip for c in gateway.net_connections(kind="tcp") if c.raddr and c.raddr.port == port}
     assert peers == {WORKER_IP}

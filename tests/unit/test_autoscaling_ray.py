@@ -137,7 +137,9 @@ def test_a_settings_change_leaves_rays_code_version_alone():
     before, after = apps(8), apps(4)
     assert get_app_code_version(before["keel-model-demo"]) == get_app_code_version(after["keel-model-demo"])
     assert get_app_code_version(before["keel"]) == get_app_code_version(after["keel"])
-    gateway = lambda a: next(d for d in a["keel"].deployments if d.name == "gateway").user_config
+    def gateway(apps):
+        return next(d for d in apps["keel"].deployments if d.name == "gateway").user_config
+
     assert gateway(before)["models"]["demo"]["autoscaling"]["target"] == 8
     assert gateway(after)["models"]["demo"]["autoscaling"]["target"] == 4
 

@@ -189,8 +189,7 @@ def test_client_disconnect_mid_stream_closes_the_engine_connection():
     async def go():
         engine = FakeEngine(chunks=200, delay=0.01)
         gw, url = await start_gateway(engine)
-        async with httpx.AsyncClient(base_url=url) as c:
-            async with c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
+        async with httpx.AsyncClient(base_url=url) as c, c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
                 async for _ in r.aiter_bytes():
                     break  # read one piece, then hang up
         for _ in range(100):

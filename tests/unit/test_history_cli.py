@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,9 +53,8 @@ def stack(tmp_path):
          "reason": "errors 0.00% vs 0.00%"})
     log({"request_id": "req-1", "tenant": "demo", "status": 200, "time": time.time()})  # not a change
     log.close()
-    with pytest.raises(RuntimeError):
-        with history.ChangeRecorder(cfg, {**records[1], "who": {"user": "bob", "host": "ops-2"}}):
-            raise RuntimeError("keel-model-demo: engine did not start")
+    with pytest.raises(RuntimeError), history.ChangeRecorder(cfg, {**records[1], "who": {"user": "bob", "host": "ops-2"}}):
+        raise RuntimeError("keel-model-demo: engine did not start")
     return write_doc(tmp_path, doc)
 
 
@@ -84,7 +84,7 @@ def test_show_prints_who_the_versions_and_the_diff(stack, capsys):
     out = capsys.readouterr().out
     assert "change 2 of 4" in out and "keel apply: applied" in out
     assert "who       platform/ops (alice@ops-1)" in out
-    recs = [e.record for e in history.read_history(yaml.safe_load(open(stack))["audit"]["dir"]).entries]
+    recs = [e.record for e in history.read_history(yaml.safe_load(Path(stack).read_text())["audit"]["dir"]).entries]
     assert f"version   {recs[1]['version']} (before: {recs[0]['version']}, as deployed)" in out
     assert "  ~ models.demo.deployment.num_replicas: 1 -> 2" in out
     assert "  ~ policy.tenants.demo.quotas.requests_per_minute: 6000 -> 100" in out
@@ -127,8 +127,8 @@ def test_an_empty_or_missing_audit_dir_is_said_plainly(tmp_path, capsys):
 
 
 def test_an_edited_record_fails_verification_and_is_marked(stack, capsys):
-    audit = yaml.safe_load(open(stack))["audit"]["dir"]
-    (path,) = [p for p in sorted(__import__("pathlib").Path(audit).glob("audit-*.jsonl"))]
+    audit = yaml.safe_load(Path(stack).read_text())["audit"]["dir"]
+    (path,) = sorted(Path(audit).glob("audit-*.jsonl"))
     text = path.read_text()
     path.write_text(text.replace('"new":100', '"new":999', 1))  # someone rewrites what was changed
     assert main(["history", stack]) == 1

@@ -73,7 +73,9 @@ def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
     assert state(after).gateway["models"]["demo"]["autoscaling"]["target"] == 4
     assert "autoscaling settings the gateways publish: demo" in p.gateway
     assert "models the gateways route to: demo" not in p.gateway
-    policy = lambda st: st.models["demo"].overrides["autoscaling_config"]["policy"]
+    def policy(st):
+        return st.models["demo"].overrides["autoscaling_config"]["policy"]
+
     assert policy(state(before)) == policy(state(after)) == {
         "policy_function": "serving.autoscaling.ray_policy:KeelAutoscalingPolicy", "policy_kwargs": {"model": "demo"}}
 
