@@ -510,7 +510,8 @@ async def benchmark(a) -> list[dict]:
                     phases.append(res)
                     unit = "chunk" if kind != "json" else "req"
                     print(f"round {rnd + 1}/{a.rounds} {kind:6} {name:12} CPU {_us(res):7.1f} µs/{unit}  "
-                          f"{res['units'] / res['wall_s']:8.0f} {unit}s/s  upstream {_us(res, 'upstream_cpu_s'):6.1f} µs  "
+                          f"{res['units'] / res['wall_s']:8.0f} {unit}s/s  "
+                          f"upstream {_us(res, 'upstream_cpu_s'):6.1f} µs  "
                           f"errors {sum(res['errors'].values())}", flush=True)
         return phases
     finally:

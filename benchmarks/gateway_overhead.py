@@ -1014,7 +1014,8 @@ def main() -> None:
     summaries = {k: summarize(result["phases"], configs, s) for k, s in kinds.items()} if result else {}
     print(f"\nGateway overhead: open loop at {a.rate:g} req/s, {a.rounds} rounds x {a.seconds:g} s per "
           f"configuration, {os.cpu_count()} CPUs (load average before {load_before[0]:.2f}), chat with "
-          f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct, stages add = minus policies off, in the same round")
+          f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct, "
+          "stages add = minus policies off, in the same round")
     for kind, rows in summaries.items():
         print(f"\n{'Streaming' if kind == 'stream' else 'Non-streaming'}:\n\n" + table(rows))
         judged = verdict(rows)

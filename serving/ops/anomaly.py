@@ -16,8 +16,8 @@ latency as log(p95 of time to first byte), the error rate by a binomial z-score 
 series' own rate. Robust to outliers: a residual moves a baseline by at most `_CLIP` spreads,
 and an anomalous bucket does not teach the spreads or the profile, so one past anomaly does
 not widen what counts as normal. A series alarms only after `warmup_buckets`; the daily
-check only after `season_warmup_days` (and its own spread's warm-up). An anomaly lasting `adapt_after_buckets` is taken as
-the new normal: it ends ("adapted") and the baselines move to it.
+check only after `season_warmup_days` (and its own spread's warm-up). An anomaly lasting
+`adapt_after_buckets` is taken as the new normal: it ends ("adapted") and the baselines move to it.
 
 Why not a library: statsmodels' seasonal models (STL, ExponentialSmoothing, UnobservedComponents)
 fit a whole series at once; refitting one per series, signal and minute costs milliseconds

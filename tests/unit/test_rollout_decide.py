@@ -66,7 +66,8 @@ def metrics_text(demo_ok=0, demo_5xx=0, cand_ok=0, cand_5xx=0, cand_499=0, ttft=
         for le, c in buckets.items():
             lines.append(f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{le}",model_name="{name}",'
                          f'replica="{replica}"}} {c}')
-        lines.append(f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="{name}",replica="{replica}"}} {buckets[INF]}')
+        lines.append(f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="{name}",replica="{replica}"}} '
+                     f'{buckets[INF]}')
     return "\n".join(lines) + "\n"
 
 
