@@ -73,8 +73,10 @@ def traffic(seed: int, kind: str | None, bucket_s: int = 60, days: int = DAYS):
             p_err = 0.15 if kind == "error_burst" and hit and since < 600 else 0.003
             errors = rng.random(n) < p_err
             guards = rng.random(n) < 0.02
-            reqs += [(tenant, 503 if e else 200, int(tok), float(lat), int(g))
-                     for e, tok, lat, g in zip(errors, tokens, latency, guards)]
+            reqs += [
+                (tenant, 503 if e else 200, int(tok), float(lat), int(g))
+                for e, tok, lat, g in zip(errors, tokens, latency, guards)
+            ]
         buckets.append((t, reqs))
     return buckets, t0
 
@@ -92,8 +94,7 @@ def run_one(seed: int, kind: str | None, config: AnomalyConfig | None = None) ->
         close_s += time.perf_counter() - c
         closes += 1
         starts += [(t + cfg.bucket_s, a) for phase, a in events if phase == "start"]
-    out = {"seed": seed, "kind": kind, "injected_at": t0, "close_us": close_s / closes * 1e6,
-           "series": len(det.series)}
+    out = {"seed": seed, "kind": kind, "injected_at": t0, "close_us": close_s / closes * 1e6, "series": len(det.series)}
     if kind is None:
         judged_days = DAYS - cfg.warmup_buckets * cfg.bucket_s / DAY_S
         out["false_alarms"] = [_brief(at, a) for at, a in starts]
@@ -125,17 +126,22 @@ def summary(res: dict) -> str:
     for kind, runs in res["kinds"].items():
         delays = [r["delay_s"] / 60 for r in runs if r["detected"]]
         med = f"{statistics.median(delays):.0f}, {max(delays):.0f}" if delays else "-"
-        checks = ",".join(sorted({r['check'] for r in runs if r['check']}))
+        checks = ",".join(sorted({r["check"] for r in runs if r["check"]}))
         fa = sum(len(r["false_alarms"]) for r in runs)
-        lines.append(f"{kind:12} {KINDS[kind]:11} {sum(r['detected'] for r in runs)}/{len(runs):<7} "
-                     f"{med:24} {checks:9} {fa}")
+        lines.append(
+            f"{kind:12} {KINDS[kind]:11} {sum(r['detected'] for r in runs)}/{len(runs):<7} {med:24} {checks:9} {fa}"
+        )
     per_day = [r["false_alarms_per_day"] for r in res["clean"]]
     total = sum(len(r["false_alarms"]) for r in res["clean"])
-    lines.append(f"clean traffic: {total} false alarms over {len(per_day)} seeds x {len(TENANTS)} tenants x "
-                 f"~{DAYS - 1 / 24:.2f} judged days = {statistics.mean(per_day):.3f} per series-day")
+    lines.append(
+        f"clean traffic: {total} false alarms over {len(per_day)} seeds x {len(TENANTS)} tenants x "
+        f"~{DAYS - 1 / 24:.2f} judged days = {statistics.mean(per_day):.3f} per series-day"
+    )
     close_us = statistics.mean(r["close_us"] for r in res["clean"])
-    lines.append(f"tick cost: {close_us:.0f} us per close of {res['clean'][0]['series']} series "
-                 f"({close_us / res['clean'][0]['series']:.0f} us per series)")
+    lines.append(
+        f"tick cost: {close_us:.0f} us per close of {res['clean'][0]['series']} series "
+        f"({close_us / res['clean'][0]['series']:.0f} us per series)"
+    )
     return "\n".join(lines)
 
 
@@ -175,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--threshold", type=float, default=AnomalyConfig().threshold,
-                    help="anomalies.threshold to evaluate (the default config's otherwise)")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=AnomalyConfig().threshold,
+        help="anomalies.threshold to evaluate (the default config's otherwise)",
+    )
     ap.add_argument("--series", type=int, default=1000, help="series for the tick-cost and memory run")
     args = ap.parse_args(argv)
     started = time.perf_counter()
@@ -186,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(res, sys.stdout, indent=1, default=str)
         print()
     print(summary(res))
-    print(f"{big['series']} series: tick {big['tick_ms']:.1f} ms per bucket, observe {big['observe_us']:.2f} us "
-          f"per request, {big['bytes_per_series'] / 1024:.1f} KiB per series (tracemalloc)")
+    print(
+        f"{big['series']} series: tick {big['tick_ms']:.1f} ms per bucket, observe {big['observe_us']:.2f} us "
+        f"per request, {big['bytes_per_series'] / 1024:.1f} KiB per series (tracemalloc)"
+    )
     print(f"({time.perf_counter() - started:.1f} s)")
     return 0
 

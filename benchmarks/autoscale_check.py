@@ -40,9 +40,18 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 MODEL = "demo"
 # The policy under test (the e2e test's shape): 0..2 replicas, 4 requests in flight per replica,
 # short windows so a few minutes of trace see scale-ups, panics and scale-downs to zero.
-SETTINGS = {"min_replicas": 0, "max_replicas": 2, "signal": "requests_in_flight", "target": 4,
-            "stable_window_s": 10, "panic_window_s": 2, "scale_down_cooldown_s": 20,
-            "metrics_interval_s": 1, "hold_timeout_s": 600, "hold_max_requests": 2000}
+SETTINGS = {
+    "min_replicas": 0,
+    "max_replicas": 2,
+    "signal": "requests_in_flight",
+    "target": 4,
+    "stable_window_s": 10,
+    "panic_window_s": 2,
+    "scale_down_cooldown_s": 20,
+    "metrics_interval_s": 1,
+    "hold_timeout_s": 600,
+    "hold_max_requests": 2000,
+}
 # The calibration run: one replica of the same config, closed-loop points spanning the requests
 # in flight one replica sees in the trace (a burst's first seconds queue many at once).
 BENCH_LEVELS = [1, 4, 16, 64]
@@ -75,13 +84,21 @@ def run_bench(workdir: Path, slo: dict, trace: list[dict]) -> Path:
     max_num_seqs = doc["models"][MODEL]["engine"]["max_num_seqs"]  # named, so the calibration reads it
     mean = lambda key: round(sum(r[key] for r in trace) / len(trace))  # noqa: E731
     spread = max(abs(r["output_tokens"] - mean("output_tokens")) for r in trace) / mean("output_tokens")
-    spec = {"config": str(config), "model": MODEL, "label": "autoscale-check-calibration",
-            "dataset": {"kind": "random", "input_len": mean("prompt_tokens"), "output_len": mean("output_tokens"),
-                        "range_ratio": round(min(spread, 0.9), 2)},
-            "load": {"mode": "concurrency", "levels": BENCH_LEVELS, "num_requests": BENCH_REQUESTS,
-                     "warmup_requests": 4},
-            "slo": slo, "hardware": "cpu-2core",
-            "settings": [{"engine": {"max_num_seqs": max_num_seqs}}]}
+    spec = {
+        "config": str(config),
+        "model": MODEL,
+        "label": "autoscale-check-calibration",
+        "dataset": {
+            "kind": "random",
+            "input_len": mean("prompt_tokens"),
+            "output_len": mean("output_tokens"),
+            "range_ratio": round(min(spread, 0.9), 2),
+        },
+        "load": {"mode": "concurrency", "levels": BENCH_LEVELS, "num_requests": BENCH_REQUESTS, "warmup_requests": 4},
+        "slo": slo,
+        "hardware": "cpu-2core",
+        "settings": [{"engine": {"max_num_seqs": max_num_seqs}}],
+    }
     spec_path = workdir / "bench-spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -155,13 +172,29 @@ def measure(trace: list[dict], slo: dict, workdir: Path, tail_s: float) -> dict:
             stop(proc)
     end = watch.samples[-1][0]
     stats = am.request_stats(records, slo["ttft_ms"], slo["tpot_ms"])
-    return {**stats, "replica_seconds": am.replica_seconds(watch.samples),
-            "scale_events": len(events) if events is not None else am.count_changes(watch.samples),
-            "scale_events_from": "controller log" if events is not None else "replica process count changes",
-            "events": events, "last_request_done_s": round(last, 1), "end_s": end,
-            "back_to_zero": back_to_zero, "samples": watch.samples,
-            "records": [{"t": r.start, "ok": r.ok, "status": r.status, "ttft": r.ttft, "e2el": r.e2el,
-                         "output_tokens": r.output_tokens, "error": r.error} for r in records]}
+    return {
+        **stats,
+        "replica_seconds": am.replica_seconds(watch.samples),
+        "scale_events": len(events) if events is not None else am.count_changes(watch.samples),
+        "scale_events_from": "controller log" if events is not None else "replica process count changes",
+        "events": events,
+        "last_request_done_s": round(last, 1),
+        "end_s": end,
+        "back_to_zero": back_to_zero,
+        "samples": watch.samples,
+        "records": [
+            {
+                "t": r.start,
+                "ok": r.ok,
+                "status": r.status,
+                "ttft": r.ttft,
+                "e2el": r.e2el,
+                "output_tokens": r.output_tokens,
+                "error": r.error,
+            }
+            for r in records
+        ],
+    }
 
 
 def predict(trace_path: Path, bench: Path, slo: dict, horizon_s: float, cold_start_s: float | None = None) -> dict:
@@ -175,15 +208,31 @@ def predict(trace_path: Path, bench: Path, slo: dict, horizon_s: float, cold_sta
     model, _, setting = calibrate(bench, cold_start_s=cold_start_s)
     trace = read_jsonl(trace_path)
     trace.duration = max(trace.duration, horizon_s)
-    r = simulate(trace, model, AutoscalingConfig(**SETTINGS), SLO(slo["ttft_ms"], slo["tpot_ms"],
-                 percentile=slo["percentile"]), name="check")
-    return {"slo_attainment": r.slo_attainment, "p95_ttft_ms": r.ttft_ms["p95"], "p50_ttft_ms": r.ttft_ms["p50"],
-            "p95_tpot_ms": r.tpot_ms["p95"], "replica_seconds": r.replica_seconds,
-            "scale_events": len(r.scale_events), "failed": r.failed, "cold_start_s": model.cold_start_s,
-            "curve": {"concurrency": model.curve.concurrency, "ttft_s": model.curve.ttft_s, "tpot_s": model.curve.tpot_s},
-            "events": [{"t": round(e.t, 2), "from": e.from_replicas, "to": e.to_replicas, "reason": e.reason}
-                       for e in r.scale_events], "duration_s": r.duration_s, "notes": r.notes,
-            "bench_setting": setting["name"]}
+    r = simulate(
+        trace,
+        model,
+        AutoscalingConfig(**SETTINGS),
+        SLO(slo["ttft_ms"], slo["tpot_ms"], percentile=slo["percentile"]),
+        name="check",
+    )
+    return {
+        "slo_attainment": r.slo_attainment,
+        "p95_ttft_ms": r.ttft_ms["p95"],
+        "p50_ttft_ms": r.ttft_ms["p50"],
+        "p95_tpot_ms": r.tpot_ms["p95"],
+        "replica_seconds": r.replica_seconds,
+        "scale_events": len(r.scale_events),
+        "failed": r.failed,
+        "cold_start_s": model.cold_start_s,
+        "curve": {"concurrency": model.curve.concurrency, "ttft_s": model.curve.ttft_s, "tpot_s": model.curve.tpot_s},
+        "events": [
+            {"t": round(e.t, 2), "from": e.from_replicas, "to": e.to_replicas, "reason": e.reason}
+            for e in r.scale_events
+        ],
+        "duration_s": r.duration_s,
+        "notes": r.notes,
+        "bench_setting": setting["name"],
+    }
 
 
 def measured_cold_starts(measured: dict) -> list[float]:
@@ -197,8 +246,12 @@ def measured_cold_starts(measured: dict) -> list[float]:
     return out
 
 
-ROWS = [("SLO attainment", "slo_attainment", "{:.1%}"), ("p95 TTFT", "p95_ttft_ms", "{:,.0f} ms"),
-        ("replica-seconds", "replica_seconds", "{:,.0f}"), ("scale events", "scale_events", "{:d}")]
+ROWS = [
+    ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("p95 TTFT", "p95_ttft_ms", "{:,.0f} ms"),
+    ("replica-seconds", "replica_seconds", "{:,.0f}"),
+    ("scale events", "scale_events", "{:d}"),
+]
 
 
 def table(predicted: dict | None, measured: dict) -> str:
@@ -207,8 +260,10 @@ def table(predicted: dict | None, measured: dict) -> str:
         m = measured.get(key)
         p = predicted.get(key) if predicted else None
         err = f"{(p - m) / m:+.0%}" if p is not None and m else "—"
-        lines.append(f"| {title} | {fmt.format(p) if p is not None else '—'} | "
-                     f"{fmt.format(m) if m is not None else '—'} | {err} |")
+        lines.append(
+            f"| {title} | {fmt.format(p) if p is not None else '—'} | "
+            f"{fmt.format(m) if m is not None else '—'} | {err} |"
+        )
     return "\n".join(lines)
 
 
@@ -226,8 +281,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-ms", type=float, default=2000)
     ap.add_argument("--tpot-ms", type=float, default=100)
     ap.add_argument("--cold-start-s", type=float, help="override the bench file's cold start")
-    ap.add_argument("--tail-s", type=float, default=240, help="after the last request: wait this long at most "
-                    "for the model to be back at zero replicas")
+    ap.add_argument(
+        "--tail-s",
+        type=float,
+        default=240,
+        help="after the last request: wait this long at most for the model to be back at zero replicas",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -264,18 +323,30 @@ def main(argv=None) -> int:
     text = table(predicted, measured)
     print(text)
     if diagnostic:
-        print(f"\nthe same with the measured cold start ({', '.join(f'{c:g}' for c in cold)} s) instead of the "
-              f"bench's {predicted['cold_start_s']:g} s:")
+        print(
+            f"\nthe same with the measured cold start ({', '.join(f'{c:g}' for c in cold)} s) instead of the "
+            f"bench's {predicted['cold_start_s']:g} s:"
+        )
         print(table(diagnostic, measured))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"autoscale-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python -m benchmarks.autoscale_check",
-                                                                           *(argv or sys.argv[1:])]),
-           "seconds": round(time.time() - started), "settings": SETTINGS, "slo": slo,
-           "bench_file": str(bench), "bench_ran_here": bench_ran,
-           "bench": json.loads(Path(bench).read_text()) if Path(bench).is_file() else None,
-           "trace": trace, "measured": measured, "measured_cold_starts_s": cold, "predicted": predicted,
-           "predicted_with_measured_cold_start": diagnostic, "no_prediction": why, "table": text}
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python -m benchmarks.autoscale_check", *(argv or sys.argv[1:])]),
+        "seconds": round(time.time() - started),
+        "settings": SETTINGS,
+        "slo": slo,
+        "bench_file": str(bench),
+        "bench_ran_here": bench_ran,
+        "bench": json.loads(Path(bench).read_text()) if Path(bench).is_file() else None,
+        "trace": trace,
+        "measured": measured,
+        "measured_cold_starts_s": cold,
+        "predicted": predicted,
+        "predicted_with_measured_cold_start": diagnostic,
+        "no_prediction": why,
+        "table": text,
+    }
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(f"wrote {out}")
     return 0

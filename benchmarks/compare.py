@@ -63,6 +63,7 @@ _OWN_FLAGS = ("--keel-parent", "--host", "--port", "--middleware")
 
 # --- the baseline: bare vLLM as the replica starts its engine ---------------------------------
 
+
 def replica_omp_threads(num_cpus: float) -> int:
     """OMP_NUM_THREADS Ray gives a replica that reserves num_cpus CPUs (when it is unset): the
     floor, at least 1 (ray._private.utils.set_omp_num_threads_if_unset)."""
@@ -73,9 +74,21 @@ def bare_command(cfg, model: str, port: int, python: str = sys.executable) -> li
     """vLLM's own OpenAI server with the flags serving/engine/replica.py gives the engine."""
     mc = cfg.models[model]
     _, weights = load_manifest(cfg, mc.weights)
-    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
-            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-            "--disable-uvicorn-access-log", *to_cli_args(mc.engine)]
+    return [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(weights),
+        "--served-model-name",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *to_cli_args(mc.engine),
+    ]
 
 
 def bare_env(cfg, model: str, environ=os.environ) -> dict[str, str]:
@@ -94,11 +107,18 @@ def _normal_priority() -> None:
 
 
 def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
-    return subprocess.Popen(bare_command(cfg, model, port), env=bare_env(cfg, model), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_normal_priority)
+    return subprocess.Popen(
+        bare_command(cfg, model, port),
+        env=bare_env(cfg, model),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_normal_priority,
+    )
 
 
 # --- the engines' process trees ----------------------------------------------------------------
+
 
 def _stat(pid: int) -> list[str]:
     """/proc/PID/stat from field 3 (state) on: field N is at index N - 3."""
@@ -147,7 +167,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 def engine_args(cmdline: list[str]) -> list[str]:
     """The vLLM flags of an engine's command line: after `-m MODULE`, without the flags that
     differ by construction (_OWN_FLAGS)."""
-    args = cmdline[cmdline.index("-m") + 2:] if "-m" in cmdline else list(cmdline)
+    args = cmdline[cmdline.index("-m") + 2 :] if "-m" in cmdline else list(cmdline)
     out, skip = [], False
     for a in args:
         if skip:
@@ -166,8 +186,7 @@ def process_conditions(pid: int) -> dict:
         pairs = (kv.decode(errors="replace").partition("=") for kv in f.read().split(b"\0") if kv)
         env = {k: v for k, _, v in pairs if k.startswith(THREAD_ENV)}
     stat = _stat(pid)
-    return {"nice": int(stat[16]), "affinity": sorted(os.sched_getaffinity(pid)),
-            "threads": int(stat[17]), "env": env}
+    return {"nice": int(stat[16]), "affinity": sorted(os.sched_getaffinity(pid)), "threads": int(stat[17]), "env": env}
 
 
 def engine_conditions(root: psutil.Process) -> dict:
@@ -203,14 +222,23 @@ def condition_diffs(keel: dict, base: dict) -> list[str]:
 
 # --- the rounds --------------------------------------------------------------------------------
 
+
 def schedule(rounds: int, points: list[tuple[int, int]]) -> list[tuple[int, int, int, tuple[str, str]]]:
     """(round, concurrency, requests, order) for each pair: Keel first in even rounds (0-based),
     the baseline first in odd ones, so neither side always runs right after the other's load."""
     return [(r, c, n, (KEEL, BASE) if r % 2 == 0 else (BASE, KEEL)) for r in range(rounds) for c, n in points]
 
 
-def measure_pair(servers: dict[str, dict], model: str, c: int, n: int, order: tuple[str, str],
-                 max_tokens: int, seed: int, settle_s: float = SETTLE_S) -> dict:
+def measure_pair(
+    servers: dict[str, dict],
+    model: str,
+    c: int,
+    n: int,
+    order: tuple[str, str],
+    max_tokens: int,
+    seed: int,
+    settle_s: float = SETTLE_S,
+) -> dict:
     """One load point on each server in `order`; with each side's own CPU and the idle one's."""
     pair: dict = {"order": list(order)}
     for side in order:
@@ -224,14 +252,18 @@ def measure_pair(servers: dict[str, dict], model: str, c: int, n: int, order: tu
         result["server_cpu_cores"] = cpu_seconds(before[side], tree_cpu_ticks(s["pid"])) / wall
         result["idle_other_cpu_cores"] = cpu_seconds(before[other], tree_cpu_ticks(o["pid"])) / wall
         pair[side] = result
-        print(f"    c={c:<3} {s['name']:>12}: {result['output_throughput']:7.0f} tok/s  "
-              f"ttft p50 {result['median_ttft_ms']:7.1f} ms  tpot p50 {result['median_tpot_ms']:6.2f} ms  "
-              f"failed {result['failed']}  server CPU {result['server_cpu_cores']:.2f} cores, "
-              f"idle {o['name']} {100 * result['idle_other_cpu_cores']:.1f}% of a core", flush=True)
+        print(
+            f"    c={c:<3} {s['name']:>12}: {result['output_throughput']:7.0f} tok/s  "
+            f"ttft p50 {result['median_ttft_ms']:7.1f} ms  tpot p50 {result['median_tpot_ms']:6.2f} ms  "
+            f"failed {result['failed']}  server CPU {result['server_cpu_cores']:.2f} cores, "
+            f"idle {o['name']} {100 * result['idle_other_cpu_cores']:.1f}% of a core",
+            flush=True,
+        )
     return pair
 
 
 # --- the table ---------------------------------------------------------------------------------
+
 
 def pair_ratio(pair: dict, key: str = "output_throughput") -> float | None:
     """Keel / baseline for one pair; None when the baseline has no throughput to divide by."""
@@ -283,12 +315,16 @@ def table(summary: dict[int, dict], names: tuple[str, str] = ("bare", "Keel")) -
         )
     c1 = min(summary)
     b1, k1 = summary[c1][BASE]["best_ttft_ms"], summary[c1][KEEL]["best_ttft_ms"]
-    rows += ["", f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms). "
-             f"Idle CPU: the server not being measured, median over pairs, % of one core."]
+    rows += [
+        "",
+        f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms). "
+        f"Idle CPU: the server not being measured, median over pairs, % of one core.",
+    ]
     return "\n".join(rows)
 
 
 # --- the run -----------------------------------------------------------------------------------
+
 
 def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
     """Both servers, started together; each with its URL, key, process and log."""
@@ -305,11 +341,22 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
             proc = start_bare(cfg, model, port, log)
         else:
             doc = keel_doc(Path(a.config), port, policies=with_policies)
-            proc = start_keel(doc, RESULTS, log, name=f"compare-{stamp}-{side}",
-                              code=Path(a.keel_code).resolve() if a.keel_code and side == KEEL else None)
-        servers[side] = {"name": names[side], "url": f"http://127.0.0.1:{port}", "proc": proc,
-                         "pid": proc.pid, "log": log, "stop": signal.SIGTERM if bare else signal.SIGINT,
-                         "key": a.api_key if with_policies and cfg.tenants else None}
+            proc = start_keel(
+                doc,
+                RESULTS,
+                log,
+                name=f"compare-{stamp}-{side}",
+                code=Path(a.keel_code).resolve() if a.keel_code and side == KEEL else None,
+            )
+        servers[side] = {
+            "name": names[side],
+            "url": f"http://127.0.0.1:{port}",
+            "proc": proc,
+            "pid": proc.pid,
+            "log": log,
+            "stop": signal.SIGTERM if bare else signal.SIGINT,
+            "key": a.api_key if with_policies and cfg.tenants else None,
+        }
         print(f"starting {names[side]} on :{port}", flush=True)
     return servers
 
@@ -321,8 +368,11 @@ def check_conditions(servers: dict[str, dict]) -> dict:
         roots = engine_roots(s["pid"])
         found[side] = engine_conditions(roots[0])
         for role, c in found[side]["processes"].items():
-            print(f"  {s['name']:>12} {role:<17} nice {c['nice']}  CPUs {c['affinity']}  threads {c['threads']:<3} "
-                  f"{' '.join(f'{k}={v}' for k, v in sorted(c['env'].items()))}", flush=True)
+            print(
+                f"  {s['name']:>12} {role:<17} nice {c['nice']}  CPUs {c['affinity']}  threads {c['threads']:<3} "
+                f"{' '.join(f'{k}={v}' for k, v in sorted(c['env'].items()))}",
+                flush=True,
+            )
     diffs = condition_diffs(found[KEEL], found[BASE])
     if diffs:
         raise SystemExit("the engines do not run alike; the ratio would measure that:\n  " + "\n  ".join(diffs))
@@ -337,13 +387,24 @@ def main() -> None:
     ap.add_argument("--requests", default="1:32,16:256,64:384", help="concurrency:requests,...")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--startup-timeout", type=float, default=600)
-    ap.add_argument("--settle-s", type=float, default=SETTLE_S,
-                    help="pause before each measurement, for the previous one's busy-polling to end")
-    ap.add_argument("--baseline", choices=["bare", "policies-off"], default="bare",
-                    help="bare: vLLM's own server; policies-off: the same Keel stack without policies")
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=SETTLE_S,
+        help="pause before each measurement, for the previous one's busy-polling to end",
+    )
+    ap.add_argument(
+        "--baseline",
+        choices=["bare", "policies-off"],
+        default="bare",
+        help="bare: vLLM's own server; policies-off: the same Keel stack without policies",
+    )
     ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
-    ap.add_argument("--keel-code", help="serve Keel from this checkout (e.g. a git worktree of an older "
-                    "commit), to compare versions against the same baseline")
+    ap.add_argument(
+        "--keel-code",
+        help="serve Keel from this checkout (e.g. a git worktree of an older "
+        "commit), to compare versions against the same baseline",
+    )
     a = ap.parse_args()
 
     cfg = load_config(a.config)
@@ -374,12 +435,26 @@ def main() -> None:
     names = (servers[BASE]["name"], servers[KEEL]["name"])
     summary = summarize_pairs(pairs)
     text = table(summary, names)
-    header = (f"{names[1]} vs {names[0]}: model `{model}` ({cfg.models[model].weights}), both up at once, "
-              f"{a.rounds} alternating rounds, streaming chat, {a.max_tokens} output tokens (ignore_eos)\n")
+    header = (
+        f"{names[1]} vs {names[0]}: model `{model}` ({cfg.models[model].weights}), both up at once, "
+        f"{a.rounds} alternating rounds, streaming chat, {a.max_tokens} output tokens (ignore_eos)\n"
+    )
     print("\n" + header + "\n" + text)
     out = RESULTS / f"compare-{stamp}.json"
-    out.write_text(json.dumps({"model": model, "baseline": a.baseline, "points": points, "conditions": conditions,
-                               "pairs": pairs, "summary": summary, "table": text}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "baseline": a.baseline,
+                "points": points,
+                "conditions": conditions,
+                "pairs": pairs,
+                "summary": summary,
+                "table": text,
+            },
+            indent=2,
+        )
+    )
     print(f"\nraw results: {out}")
 
 

@@ -118,18 +118,31 @@ def main() -> None:
         for at, tenant, model, shadow in sorted(requests):
             prompt = int(rng.lognormal(math.log(500), 0.6))
             completion = int(rng.lognormal(math.log(200), 0.5))
-            rec = {"time": dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="milliseconds"),
-                   "request_id": f"req-{written}", "method": "POST", "path": "/v1/chat/completions",
-                   "tenant": tenant, "key_id": f"{tenant}-app", "model": "chat" if shadow else model,
-                   "variant": model, "shadow": shadow, "status": 200, "error": None,
-                   "prompt_tokens": prompt, "completion_tokens": completion,
-                   "latency_ms": round(float(rng.gamma(4, 300)), 3), "guardrails": []}
+            rec = {
+                "time": dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": f"req-{written}",
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "tenant": tenant,
+                "key_id": f"{tenant}-app",
+                "model": "chat" if shadow else model,
+                "variant": model,
+                "shadow": shadow,
+                "status": 200,
+                "error": None,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "latency_ms": round(float(rng.gamma(4, 300)), 3),
+                "guardrails": [],
+            }
             gateways[int(rng.integers(2))].write(rec)
             written += 1
     for log in gateways:
         log.close()
-    print(f"wrote {written:,} synthetic audit records ({args.days} days, refresh every {REFRESH_S:g}s) to "
-          f"{audit}; config {args.out / 'keel.yaml'}")
+    print(
+        f"wrote {written:,} synthetic audit records ({args.days} days, refresh every {REFRESH_S:g}s) to "
+        f"{audit}; config {args.out / 'keel.yaml'}"
+    )
 
 
 if __name__ == "__main__":

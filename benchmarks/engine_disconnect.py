@@ -48,21 +48,36 @@ def metric_sum(url: str, name: str) -> float:
         time.sleep(0.2)
 
 
-def hang_up(url: str, model: str, max_tokens: int, delay: float, headers: dict[str, str] | None = None,
-            metrics_url: str | None = None) -> float:
+def hang_up(
+    url: str,
+    model: str,
+    max_tokens: int,
+    delay: float,
+    headers: dict[str, str] | None = None,
+    metrics_url: str | None = None,
+) -> float:
     """Tokens the engine generated for one request whose client left after `delay` seconds.
 
     metrics_url (default: url) serves vLLM's metrics: the engine itself, or Keel's gateway (which
     adds them to its own). Raises RuntimeError if the engine still runs something a minute later."""
     metrics_url = metrics_url or url
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": max_tokens, "stream": False, "ignore_eos": True}).encode()
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": max_tokens,
+            "stream": False,
+            "ignore_eos": True,
+        }
+    ).encode()
     host, port = url.removeprefix("http://").split(":")
     head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode("latin-1")
     before = metric_sum(metrics_url, "vllm:generation_tokens_total")
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\n"
-                  b"%bcontent-length: %d\r\n\r\n%b" % (head, len(body), body))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\n"
+            b"%bcontent-length: %d\r\n\r\n%b" % (head, len(body), body)
+        )
         time.sleep(delay)
     deadline = time.monotonic() + 60
     while metric_sum(metrics_url, "vllm:num_requests_running") > 0:

@@ -37,12 +37,18 @@ def main() -> None:
         shipped += f.lower <= truth <= f.upper
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fit = ETSModel(pd.Series(y[:56]), error="add", trend="add", seasonal="add", seasonal_periods=7).fit(disp=False)
-            totals = np.asarray(fit.simulate(28, repetitions=2000, anchor="end", rng=np.random.default_rng(seed))).sum(0)
+            fit = ETSModel(pd.Series(y[:56]), error="add", trend="add", seasonal="add", seasonal_periods=7).fit(
+                disp=False
+            )
+            totals = np.asarray(fit.simulate(28, repetitions=2000, anchor="end", rng=np.random.default_rng(seed))).sum(
+                0
+            )
         tail = (1 - args.level) / 2
         simulated += np.quantile(totals, tail) <= truth <= np.quantile(totals, 1 - tail)
-    print(f"{args.level:.0%} interval of the 28-day total held the truth: summed daily bounds (shipped) "
-          f"{shipped}/{args.series}, simulated paths {simulated}/{args.series}")
+    print(
+        f"{args.level:.0%} interval of the 28-day total held the truth: summed daily bounds (shipped) "
+        f"{shipped}/{args.series}, simulated paths {simulated}/{args.series}"
+    )
 
 
 if __name__ == "__main__":

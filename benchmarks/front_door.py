@@ -147,8 +147,10 @@ class UpstreamResponse(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         port = int(os.environ[UPSTREAM_ENV])
         _, up = await loop.create_connection(lambda: cls(loop), "127.0.0.1", port)
-        up.transport.write(b"POST %b HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
-                           b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (path, port, len(body), body))
+        up.transport.write(
+            b"POST %b HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (path, port, len(body), body)
+        )
         await up.head
         return up
 
@@ -227,8 +229,13 @@ async def asgi_relay(scope, receive, send) -> None:
     up = await UpstreamResponse.open(scope["raw_path"], bytes(body))
     if not up.streamed:
         data = await up.read()
-        await send({"type": "http.response.start", "status": up.status,
-                    "headers": [(b"content-type", up.content_type), (b"content-length", b"%d" % len(data))]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": up.status,
+                "headers": [(b"content-type", up.content_type), (b"content-length", b"%d" % len(data))],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
         return
     await send({"type": "http.response.start", "status": up.status, "headers": [(b"content-type", up.content_type)]})
@@ -287,8 +294,16 @@ async def _start_uvicorn():
 
     sock = socket.create_server(("127.0.0.1", 0), backlog=2048)
     # keep-alive 600 s: pools left idle between phases stay open (the default closes them at 5 s)
-    config = uvicorn.Config(asgi_relay, http="httptools", loop="uvloop", ws="none", lifespan="off",
-                            access_log=False, log_level="warning", timeout_keep_alive=600)
+    config = uvicorn.Config(
+        asgi_relay,
+        http="httptools",
+        loop="uvloop",
+        ws="none",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=600,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -333,15 +348,38 @@ class _FrontDoor:
             self.port = free_port()
             interface = "rsgi" if name == "granian" else "asgi"
             target = "benchmarks.front_door:" + ("rsgi_relay" if name == "granian" else "asgi_relay")
-            cmd = [sys.executable, "-m", "granian", "--interface", interface, "--loop", "uvloop", "--http", "1",
-                   "--no-ws", "--workers", "1", "--runtime-threads", "1", "--log-level", "warning",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--backlog", "2048", target]
+            cmd = [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                interface,
+                "--loop",
+                "uvloop",
+                "--http",
+                "1",
+                "--no-ws",
+                "--workers",
+                "1",
+                "--runtime-threads",
+                "1",
+                "--log-level",
+                "warning",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backlog",
+                "2048",
+                target,
+            ]
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env)
             _wait_for_port(self.port, self.proc)
         else:
             cmd = [sys.executable, "-m", "benchmarks.front_door", "--serve", name]
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT,
-                                         env=env, text=True)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env, text=True
+            )
             self.port = json.loads(self.proc.stdout.readline())["port"]
         self.pids = [self.proc.pid]
 
@@ -443,8 +481,7 @@ class _ClosedLoop(_Pool):
             self._next()
 
 
-async def run_phase(pool: _ClosedLoop, door: _FrontDoor, upstream: _Upstream, concurrency: int,
-                    seconds: float) -> dict:
+async def run_phase(pool: _ClosedLoop, door: _FrontDoor, upstream: _Upstream, concurrency: int, seconds: float) -> dict:
     await pool.fill(concurrency)
     pool.reset()
     cpu0 = door.cpu_s(), upstream.cpu_s(), time.process_time()
@@ -456,10 +493,16 @@ async def run_phase(pool: _ClosedLoop, door: _FrontDoor, upstream: _Upstream, co
     wall = max(pool.last_done, start + seconds) - start
     cpu1 = door.cpu_s(), upstream.cpu_s(), time.process_time()
     lat = sorted(pool.latencies)
-    return {"ok": len(lat), "errors": dict(pool.errors), "wall_s": wall,
-            "front_door_cpu_s": cpu1[0] - cpu0[0], "upstream_cpu_s": cpu1[1] - cpu0[1],
-            "loadgen_cpu_s": cpu1[2] - cpu0[2], "p50_ms": lat[len(lat) // 2] * 1000 if lat else 0.0,
-            "new_connections": pool.extra_connections}
+    return {
+        "ok": len(lat),
+        "errors": dict(pool.errors),
+        "wall_s": wall,
+        "front_door_cpu_s": cpu1[0] - cpu0[0],
+        "upstream_cpu_s": cpu1[1] - cpu0[1],
+        "loadgen_cpu_s": cpu1[2] - cpu0[2],
+        "p50_ms": lat[len(lat) // 2] * 1000 if lat else 0.0,
+        "new_connections": pool.extra_connections,
+    }
 
 
 async def check_answer(port: int, stream: bool, chunks: int) -> None:
@@ -476,8 +519,11 @@ async def check_answer(port: int, stream: bool, chunks: int) -> None:
     if ("transfer-encoding", "chunked") in headers:
         body = decode_chunked(body)
     events = [e for e in body.split(b"\n\n") if e]
-    if status != 200 or (stream and (len(events) != chunks or events[-1] != b"data: [DONE]")) or (
-            not stream and "choices" not in orjson.loads(body)):
+    if (
+        status != 200
+        or (stream and (len(events) != chunks or events[-1] != b"data: [DONE]"))
+        or (not stream and "choices" not in orjson.loads(body))
+    ):
         raise RuntimeError(f"port {port}: unexpected answer {status} {body[:300]!r}")
 
 
@@ -491,8 +537,11 @@ async def benchmark(a) -> list[dict]:
             for kind in a.kinds:
                 await check_answer(door.port, kind != "json", a.chunks)
             door.find_workers()
-        pools = {(n, k): _ClosedLoop(d.port, k != "json", request_bytes("off", d.port, k != "json"))
-                 for n, d in doors.items() for k in a.kinds}
+        pools = {
+            (n, k): _ClosedLoop(d.port, k != "json", request_bytes("off", d.port, k != "json"))
+            for n, d in doors.items()
+            for k in a.kinds
+        }
         gap = {"paced": a.pace_ms / 1000}
         for kind in a.kinds:  # warm-up: connections, caches; not recorded
             upstream.set_gap(gap.get(kind, 0.0))
@@ -502,17 +551,20 @@ async def benchmark(a) -> list[dict]:
         for rnd in range(a.rounds):
             for kind in a.kinds:
                 upstream.set_gap(gap.get(kind, 0.0))
-                names = a.servers[rnd % len(a.servers):] + a.servers[:rnd % len(a.servers)]
+                names = a.servers[rnd % len(a.servers) :] + a.servers[: rnd % len(a.servers)]
                 for name in names:
                     await asyncio.sleep(0.3)
                     res = await run_phase(pools[(name, kind)], doors[name], upstream, a.concurrency, a.seconds)
                     res.update(round=rnd, server=name, kind=kind, units=res["ok"] * (a.chunks if kind != "json" else 1))
                     phases.append(res)
                     unit = "chunk" if kind != "json" else "req"
-                    print(f"round {rnd + 1}/{a.rounds} {kind:6} {name:12} CPU {_us(res):7.1f} µs/{unit}  "
-                          f"{res['units'] / res['wall_s']:8.0f} {unit}s/s  "
-                          f"upstream {_us(res, 'upstream_cpu_s'):6.1f} µs  "
-                          f"errors {sum(res['errors'].values())}", flush=True)
+                    print(
+                        f"round {rnd + 1}/{a.rounds} {kind:6} {name:12} CPU {_us(res):7.1f} µs/{unit}  "
+                        f"{res['units'] / res['wall_s']:8.0f} {unit}s/s  "
+                        f"upstream {_us(res, 'upstream_cpu_s'):6.1f} µs  "
+                        f"errors {sum(res['errors'].values())}",
+                        flush=True,
+                    )
         return phases
     finally:
         for door in doors.values():
@@ -539,33 +591,42 @@ def summarize(phases: list[dict], servers: list[str], kind: str) -> list[dict]:
             continue
         vs = [(p, by[(r, "keel")]) for r, p in mine if (r, "keel") in by]
         rate = lambda p: p["units"] / p["wall_s"]  # noqa: E731
-        rows.append({
-            "server": name, "label": SERVERS[name], "rounds": len(mine),
-            "cpu_us": med(_us(p) for _, p in mine),
-            "cpu_ratio": med(_us(p) / _us(k) for p, k in vs) if vs else None,
-            "cpu_ratios": [round(_us(p) / _us(k), 2) for p, k in vs],
-            "cpu_us_per_round": [round(_us(p), 1) for _, p in mine],
-            "rate": med(rate(p) for _, p in mine),
-            "rate_ratio": med(rate(p) / rate(k) for p, k in vs) if vs else None,
-            "upstream_cpu_us": med(_us(p, "upstream_cpu_s") for _, p in mine),
-            "loadgen_cpu_us": med(_us(p, "loadgen_cpu_s") for _, p in mine),
-            "p50_ms": med(p["p50_ms"] for _, p in mine),
-            "errors": sum(sum(p["errors"].values()) for _, p in mine),
-            "answered": sum(p["ok"] for _, p in mine),
-        })
+        rows.append(
+            {
+                "server": name,
+                "label": SERVERS[name],
+                "rounds": len(mine),
+                "cpu_us": med(_us(p) for _, p in mine),
+                "cpu_ratio": med(_us(p) / _us(k) for p, k in vs) if vs else None,
+                "cpu_ratios": [round(_us(p) / _us(k), 2) for p, k in vs],
+                "cpu_us_per_round": [round(_us(p), 1) for _, p in mine],
+                "rate": med(rate(p) for _, p in mine),
+                "rate_ratio": med(rate(p) / rate(k) for p, k in vs) if vs else None,
+                "upstream_cpu_us": med(_us(p, "upstream_cpu_s") for _, p in mine),
+                "loadgen_cpu_us": med(_us(p, "loadgen_cpu_s") for _, p in mine),
+                "p50_ms": med(p["p50_ms"] for _, p in mine),
+                "errors": sum(sum(p["errors"].values()) for _, p in mine),
+                "answered": sum(p["ok"] for _, p in mine),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], kind: str) -> str:
     unit = "request" if kind == "json" else "chunk"
-    lines = [f"| front door | CPU µs/{unit} | × keel (per-round ratios) | {unit}s/s | × keel | e2e p50 "
-             f"| upstream CPU µs/{unit} | errors |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| front door | CPU µs/{unit} | × keel (per-round ratios) | {unit}s/s | × keel | e2e p50 "
+        f"| upstream CPU µs/{unit} | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         keel = r["server"] == "keel"
         ratio = "—" if keel else f"**{r['cpu_ratio']:.2f}×** ({', '.join(map(str, r['cpu_ratios']))})"
-        lines.append(f"| {r['label']} | {r['cpu_us']:.1f} | {ratio} | {r['rate']:,.0f} | "
-                     f"{'—' if keel else format(r['rate_ratio'], '.2f') + '×'} | {r['p50_ms']:.1f} ms | "
-                     f"{r['upstream_cpu_us']:.1f} | {r['errors']}/{r['answered'] + r['errors']} |")
+        lines.append(
+            f"| {r['label']} | {r['cpu_us']:.1f} | {ratio} | {r['rate']:,.0f} | "
+            f"{'—' if keel else format(r['rate_ratio'], '.2f') + '×'} | {r['p50_ms']:.1f} ms | "
+            f"{r['upstream_cpu_us']:.1f} | {r['errors']}/{r['answered'] + r['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -584,8 +645,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8, help="per server per kind per round")
     ap.add_argument("--pace-ms", type=float, default=20, help="gap between a stream's events, paced kind")
     ap.add_argument("--kinds", default="stream,paced,json", help="of stream,paced,json")
-    ap.add_argument("--servers", default="keel,uvicorn,aiohttp,granian",
-                    help="of " + ",".join(SERVERS) + " (keel, the baseline, is always measured)")
+    ap.add_argument(
+        "--servers",
+        default="keel,uvicorn,aiohttp,granian",
+        help="of " + ",".join(SERVERS) + " (keel, the baseline, is always measured)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "front_door.json"))
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # a front door's child process
     ap.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
@@ -601,26 +665,38 @@ def main() -> None:
     if a.chunks < 4:
         ap.error("--chunks must be at least 4 (role, a token, finish, [DONE])")
     if any(s.startswith("granian") for s in a.servers) and _version("granian") is None:
-        ap.error("granian is not installed (a benchmark-only comparison, not a dependency): "
-                 "`pip install granian`, or leave it out of --servers")
+        ap.error(
+            "granian is not installed (a benchmark-only comparison, not a dependency): "
+            "`pip install granian`, or leave it out of --servers"
+        )
     load_before = os.getloadavg()
     started = time.time()
     phases = uvloop.run(benchmark(a))
     summary = {k: summarize(phases, a.servers, k) for k in a.kinds}
-    print(f"\nFront door: c={a.concurrency} closed loop, {a.chunks} events per stream, {a.rounds} rounds x "
-          f"{a.seconds:g} s per server and kind, paced = {a.pace_ms:g} ms between a stream's events; "
-          f"{os.cpu_count()} CPUs (load average before {load_before[0]:.2f}); medians over rounds, "
-          f"× keel = median of per-round ratios")
+    print(
+        f"\nFront door: c={a.concurrency} closed loop, {a.chunks} events per stream, {a.rounds} rounds x "
+        f"{a.seconds:g} s per server and kind, paced = {a.pace_ms:g} ms between a stream's events; "
+        f"{os.cpu_count()} CPUs (load average before {load_before[0]:.2f}); medians over rounds, "
+        f"× keel = median of per-round ratios"
+    )
     for kind, rows in summary.items():
         print(f"\n{KINDS[kind]}:\n\n" + table(rows, kind))
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git": git_version(),
         "command": " ".join(["python", "-m", "benchmarks.front_door", *sys.argv[1:]]),
-        "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "python": platform.python_version(), "pinned": False,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "python": platform.python_version(),
+        "pinned": False,
         "versions": {p: _version(p) for p in ("uvicorn", "aiohttp", "granian", "httptools", "uvloop")},
-        "concurrency": a.concurrency, "chunks": a.chunks, "seconds": a.seconds, "rounds": a.rounds,
-        "pace_ms": a.pace_ms, "wall_s": time.time() - started,
+        "concurrency": a.concurrency,
+        "chunks": a.chunks,
+        "seconds": a.seconds,
+        "rounds": a.rounds,
+        "pace_ms": a.pace_ms,
+        "wall_s": time.time() - started,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

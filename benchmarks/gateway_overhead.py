@@ -65,7 +65,27 @@ TARGET_ADDED_P99_MS = 3.0
 OUTPUT_TOKENS = 16
 DENY_TERMS = ["project nightingale", "internal codename", "confidential roadmap"]
 # The responder's output: OUTPUT_TOKENS words, each a token event.
-OUTPUT_WORDS = [" " + w for w in ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "model", "servers", "stream", "tokens", "to", "many"]]
+OUTPUT_WORDS = [
+    " " + w
+    for w in [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "model",
+        "servers",
+        "stream",
+        "tokens",
+        "to",
+        "many",
+    ]
+]
 assert len(OUTPUT_WORDS) == OUTPUT_TOKENS
 POOL_SIZE = 16  # keep-alive connections opened per target before each phase
 USERS = 64  # distinct `user` values: the experiment's sticky routing sees many users
@@ -96,8 +116,11 @@ def _events(model: str, with_usage: bool, prompt_tokens: int = 40) -> list[bytes
     out += [chunk({"content": w}) for w in OUTPUT_WORDS]
     out.append(chunk({"content": ""}, finish="length"))
     if with_usage:
-        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + OUTPUT_TOKENS,
-                 "completion_tokens": OUTPUT_TOKENS}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + OUTPUT_TOKENS,
+            "completion_tokens": OUTPUT_TOKENS,
+        }
         out.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
     out.append(b"data: [DONE]\n\n")
     return out
@@ -105,13 +128,27 @@ def _events(model: str, with_usage: bool, prompt_tokens: int = 40) -> list[bytes
 
 def _json_answer(model: str, prompt_tokens: int = 40) -> bytes:
     text = "".join(OUTPUT_WORDS)
-    return orjson.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_764_000_000, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": "length"}],
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + OUTPUT_TOKENS,
-                  "completion_tokens": OUTPUT_TOKENS},
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1_764_000_000,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens + OUTPUT_TOKENS,
+                "completion_tokens": OUTPUT_TOKENS,
+            },
+        }
+    )
 
 
 _HEAD = b"HTTP/1.1 200 OK\r\ndate: Wed, 26 Nov 2026 09:00:00 GMT\r\nserver: uvicorn\r\n"
@@ -134,8 +171,11 @@ def engine_answer(req: dict, close: bool) -> list[bytes]:
             _answers[key] = [head + conn + b"\r\n", *chunks]
         else:
             payload = _json_answer(model)
-            _answers[key] = [_HEAD + b"content-type: application/json\r\ncontent-length: %d\r\n%b\r\n"
-                             % (len(payload), conn) + payload]
+            _answers[key] = [
+                _HEAD
+                + b"content-type: application/json\r\ncontent-length: %d\r\n%b\r\n" % (len(payload), conn)
+                + payload
+            ]
     return _answers[key]
 
 
@@ -169,11 +209,11 @@ class InstantEngine(asyncio.Protocol):
         head = bytes(self.buf[:end]).lower()
         at = head.find(b"content-length:")
         eol = head.find(b"\r\n", at)
-        length = int(head[at + 15:eol if eol > 0 else None]) if at >= 0 else 0
+        length = int(head[at + 15 : eol if eol > 0 else None]) if at >= 0 else 0
         if len(self.buf) < end + 4 + length:
             return
-        body = bytes(self.buf[end + 4:end + 4 + length])
-        del self.buf[:end + 4 + length]
+        body = bytes(self.buf[end + 4 : end + 4 + length])
+        del self.buf[: end + 4 + length]
         close = b"connection: close" in head
         pieces = self.answer(orjson.loads(body), close)
         self._send([b"".join(pieces)] if self.burst else pieces, 0, close)
@@ -195,19 +235,27 @@ def policy_on(audit_dir: str, redis_url: str | None = None) -> dict:
     """Every stage on, with limits high enough that no request of the benchmark is refused."""
     from serving.policy.identity import key_digest
 
-    rules = [{"type": "pii", "action": "redact"},  # entities left out: all of them
-             {"type": "prompt_injection", "action": "block"},
-             {"type": "deny", "terms": DENY_TERMS, "action": "block"}]
+    rules = [
+        {"type": "pii", "action": "redact"},  # entities left out: all of them
+        {"type": "prompt_injection", "action": "block"},
+        {"type": "deny", "terms": DENY_TERMS, "action": "block"},
+    ]
     quotas = {"backend": "redis", "redis_url": redis_url} if redis_url else {"backend": "memory"}
     return {
-        "tenants": {"bench": {
-            "keys": [{"id": "load", "digest": key_digest(API_KEY)}],
-            "models": ["*"],
-            "guardrails": "everything",
-            "audit_content": True,
-            "quotas": {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
-                       "tokens_per_day": 100_000_000_000, "concurrent_requests": 10_000},
-        }},
+        "tenants": {
+            "bench": {
+                "keys": [{"id": "load", "digest": key_digest(API_KEY)}],
+                "models": ["*"],
+                "guardrails": "everything",
+                "audit_content": True,
+                "quotas": {
+                    "requests_per_minute": 10_000_000,
+                    "tokens_per_minute": 1_000_000_000,
+                    "tokens_per_day": 100_000_000_000,
+                    "concurrent_requests": 10_000,
+                },
+            }
+        },
         "quotas": quotas,
         "guardrails": {"everything": {"input": rules, "output": rules}},
         "experiments": {EXPERIMENT: {"variants": {"demo": 50, "demo-b": 50}}},
@@ -246,12 +294,13 @@ def build_gateways(engine_port: int, workdir: str, redis_url: str | None) -> dic
     max_len = json.loads((DEMO_DIR / "config.json").read_text()).get("max_position_embeddings")
     infos = {m: ModelInfo(m, counter, max_len) for m in MODELS}
     # off: a byte relay (anomaly detection is on by default, so it is turned off here too)
-    policies = {"off": {"audit": {"enabled": False}, "anomalies": {"enabled": False}},
-                "on": policy_on(f"{workdir}/audit-on")}
+    policies = {
+        "off": {"audit": {"enabled": False}, "anomalies": {"enabled": False}},
+        "on": policy_on(f"{workdir}/audit-on"),
+    }
     if redis_url:
         policies["redis"] = policy_on(f"{workdir}/audit-redis", redis_url)
-    snapshot = {m: [{"model": m, "replica_id": f"{m}-r1", "host": "127.0.0.1", "port": engine_port}]
-                for m in MODELS}
+    snapshot = {m: [{"model": m, "replica_id": f"{m}-r1", "host": "127.0.0.1", "port": engine_port}] for m in MODELS}
     gateways = {}
     for name, pol in policies.items():
         gw = Gateway(GatewaySettings(port=0), MODELS, Pipeline(default_stages(MODELS)))
@@ -320,13 +369,23 @@ async def serve(redis: bool, burst: bool, engine_port: int | None = None) -> Non
     freeze_long_lived()  # as a gateway replica does once its policy is in force
 
     def cpu_now() -> dict:
-        audit = {n: _thread_cpu_s(gw.runtime.audit_log._thread) for n, gw in gateways.items()
-                 if gw.runtime.audit_log is not None}
-        return {"cpu_s": _own_cpu_s(), "audit_thread_cpu_s": audit,
-                "redis_cpu_s": _proc_cpu_s(redis_server.pid) if redis_server else 0.0}
+        audit = {
+            n: _thread_cpu_s(gw.runtime.audit_log._thread)
+            for n, gw in gateways.items()
+            if gw.runtime.audit_log is not None
+        }
+        return {
+            "cpu_s": _own_cpu_s(),
+            "audit_thread_cpu_s": audit,
+            "redis_cpu_s": _proc_cpu_s(redis_server.pid) if redis_server else 0.0,
+        }
 
-    _answer({"ports": {"direct": engine_port, **{n: gw.port for n, gw in gateways.items()}},
-             "redis_pid": redis_server.pid if redis_server else None})
+    _answer(
+        {
+            "ports": {"direct": engine_port, **{n: gw.port for n, gw in gateways.items()}},
+            "redis_pid": redis_server.pid if redis_server else None,
+        }
+    )
     async for line in _commands():
         if line == b"cpu":
             _answer(cpu_now())
@@ -512,11 +571,17 @@ def request_bodies(config: str, stream: bool, n: int = PROMPTS, seed: int = 0) -
     out = []
     for i in range(n):
         at = rng.randrange(len(words) - 32)
-        body = {"model": EXPERIMENT if config in ("on", "redis") else "demo",
-                "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                             {"role": "user", "content": " ".join(words[at:at + 32])}],
-                "max_tokens": OUTPUT_TOKENS, "temperature": 0.7, "stream": stream,
-                "user": f"user-{i % USERS}"}
+        body = {
+            "model": EXPERIMENT if config in ("on", "redis") else "demo",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": " ".join(words[at : at + 32])},
+            ],
+            "max_tokens": OUTPUT_TOKENS,
+            "temperature": 0.7,
+            "stream": stream,
+            "user": f"user-{i % USERS}",
+        }
         headers = {"content-type": "application/json", "accept": "*/*"}
         if config in ("on", "redis"):
             headers["authorization"] = f"Bearer {API_KEY}"
@@ -569,7 +634,9 @@ async def run_phase(pool: _Pool, requests: list[bytes], rate: float, seconds: fl
         "errors": dict(pool.errors),
         # answered per second, from the first request sent to the last answer (a backlog shows)
         "achieved_rps": len(lat) / (max(pool.last_done, start + sent_for) - start),
-        "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99),
+        "p50_ms": _pct(lat, 50),
+        "p90_ms": _pct(lat, 90),
+        "p99_ms": _pct(lat, 99),
         "max_ms": max(lat) if lat else 0.0,
         "mean_ms": statistics.fmean(lat) if lat else 0.0,
         "send_lag_p99_ms": _pct([x * 1000 for x in lags], 99),
@@ -650,21 +717,27 @@ async def check_answers(child: _Servers, configs: list[str], stream: bool) -> di
             raise RuntimeError(f"{config}: status {status}: {body[:300]!r}")
         if stream:
             events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
-            text = "".join(((orjson.loads(e[6:])["choices"] or [{}])[0].get("delta") or {}).get("content") or ""
-                           for e in events if e != b"data: [DONE]")
+            text = "".join(
+                ((orjson.loads(e[6:])["choices"] or [{}])[0].get("delta") or {}).get("content") or ""
+                for e in events
+                if e != b"data: [DONE]"
+            )
             if events[-1] != b"data: [DONE]" or any(b'"usage"' in e for e in events):
                 raise RuntimeError(f"{config}: unexpected stream: {body[:300]!r}")
         else:
             text = orjson.loads(body)["choices"][0]["message"]["content"]
         seen[config] = f"{len(events) if stream else 1} events, {len(text.split())} words" + (
-            f", variant {h['x-keel-variant']}" if "x-keel-variant" in h else "")
+            f", variant {h['x-keel-variant']}" if "x-keel-variant" in h else ""
+        )
     return seen
 
 
 def _cpu_delta(before: dict, after: dict, config: str) -> dict:
-    out = {"server_cpu_s": after["cpu_s"] - before["cpu_s"],
-           "audit_thread_cpu_s": after["audit_thread_cpu_s"].get(config, 0.0)
-           - before["audit_thread_cpu_s"].get(config, 0.0)}
+    out = {
+        "server_cpu_s": after["cpu_s"] - before["cpu_s"],
+        "audit_thread_cpu_s": after["audit_thread_cpu_s"].get(config, 0.0)
+        - before["audit_thread_cpu_s"].get(config, 0.0),
+    }
     if config == "redis":
         out["redis_cpu_s"] = after["redis_cpu_s"] - before["redis_cpu_s"]
     return out
@@ -686,7 +759,7 @@ async def benchmark(a) -> dict:
         phases = []
         for rnd in range(a.rounds):
             for s in kinds:
-                order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+                order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
                 for config in order:
                     await asyncio.sleep(0.3)  # settlements and audit batches of the last phase
                     before = child.ask("cpu")
@@ -694,10 +767,13 @@ async def benchmark(a) -> dict:
                     res.update(_cpu_delta(before, child.ask("cpu"), config))
                     res.update(round=rnd, config=config, stream=s)
                     phases.append(res)
-                    print(f"round {rnd + 1}/{a.rounds} {'stream' if s else 'json':6} {CONFIGS[config]:36} "
-                          f"p50 {res['p50_ms']:6.3f}  p90 {res['p90_ms']:6.3f}  p99 {res['p99_ms']:6.3f} ms  "
-                          f"{res['achieved_rps']:6.1f} req/s  errors {sum(res['errors'].values())}  "
-                          f"server CPU {_per_req_us(res):5.0f} µs/req", flush=True)
+                    print(
+                        f"round {rnd + 1}/{a.rounds} {'stream' if s else 'json':6} {CONFIGS[config]:36} "
+                        f"p50 {res['p50_ms']:6.3f}  p90 {res['p90_ms']:6.3f}  p99 {res['p99_ms']:6.3f} ms  "
+                        f"{res['achieved_rps']:6.1f} req/s  errors {sum(res['errors'].values())}  "
+                        f"server CPU {_per_req_us(res):5.0f} µs/req",
+                        flush=True,
+                    )
         counts = child.ask("counts")
     finally:
         child.stop()
@@ -747,8 +823,9 @@ def _relay_response(ctx, client, loop, at_once: bool = False):
 
 def _replay(spent: dict[str, float], row: str, ctx, client, loop, at_once: bool = False, **changes) -> float:
     """Time ctx's response once more (on a copy of ctx, with `changes`) into spent[row]."""
-    again = dataclasses.replace(ctx, response_text=[], response_fields={}, usage=None, completion_chunks=0, guardrail_actions=[],
-                                **changes)
+    again = dataclasses.replace(
+        ctx, response_text=[], response_fields={}, usage=None, completion_chunks=0, guardrail_actions=[], **changes
+    )
     t = time.perf_counter()
     _relay_response(again, client, loop, at_once=at_once)
     took = time.perf_counter() - t
@@ -848,7 +925,9 @@ def rule_costs(repeats: int = 5, requests: int = 200) -> dict[str, dict[str, flo
     from serving.policy.guardrails import GuardrailPolicy, InputGuard, OutputGuard
 
     rules = GuardrailPolicy.model_validate(policy_on("-")["guardrails"]["everything"]).input
-    texts = [[get() for get, _ in prompt_slots(orjson.loads(body))] for _, body in request_bodies("on", True, n=requests)]
+    texts = [
+        [get() for get, _ in prompt_slots(orjson.loads(body))] for _, body in request_bodies("on", True, n=requests)
+    ]
     out = {}
     for rule in rules:
         label = rule.type + (f" ({rule.action})")
@@ -877,8 +956,10 @@ def profile_table(costs: dict[str, dict[str, float]]) -> str:
     keys = list(dict.fromkeys(k for c in sorted(costs.values(), key=len, reverse=True) for k in c))
     last = ["total on the event loop", "quota settlement (a task after the response)", _AUDIT_THREAD]
     keys = [k for k in keys if k not in last] + [k for k in last if k in keys]
-    lines = ["| µs per streamed request | " + " | ".join(CONFIGS[n] for n in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
+    lines = [
+        "| µs per streamed request | " + " | ".join(CONFIGS[n] for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for k in keys:
         cells = [f"{costs[n][k]:.1f}" if k in costs[n] else "—" for n in names]
         if k == "total on the event loop":
@@ -911,8 +992,11 @@ def summarize(phases: list[dict], configs: list[str], stream: bool) -> list[dict
             continue
         vs_direct = pairs(config, "direct")
         row = {
-            "config": config, "label": CONFIGS[config], "rounds": len(mine),
-            "p50_ms": med(p["p50_ms"] for p in mine), "p90_ms": med(p["p90_ms"] for p in mine),
+            "config": config,
+            "label": CONFIGS[config],
+            "rounds": len(mine),
+            "p50_ms": med(p["p50_ms"] for p in mine),
+            "p90_ms": med(p["p90_ms"] for p in mine),
             "p99_ms": med(p["p99_ms"] for p in mine),
             "added_p50_ms": med(p["p50_ms"] - b["p50_ms"] for p, b in vs_direct),
             "added_p90_ms": med(p["p90_ms"] - b["p90_ms"] for p, b in vs_direct),
@@ -939,9 +1023,11 @@ def summarize(phases: list[dict], configs: list[str], stream: bool) -> list[dict
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| configuration | p50 | p90 | p99 | added p50 | added p99 | stages add p50 / p99 | server CPU/req "
-             "| added CPU/req | achieved req/s | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| configuration | p50 | p90 | p99 | added p50 | added p99 | stages add p50 / p99 | server CPU/req "
+        "| added CPU/req | achieved req/s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         direct = r["config"] == "direct"
         added = lambda k: "—" if direct else f"**{r[k]:+.3f} ms**"  # noqa: E731, B023 - used in this iteration
@@ -954,7 +1040,8 @@ def table(rows: list[dict]) -> str:
             + (f"**{r['vs_off_p50_ms']:+.3f} / {r['vs_off_p99_ms']:+.3f} ms**" if "vs_off_p50_ms" in r else "—")
             + f" | {cpu} | "
             f"{'—' if direct else format(r['added_cpu_us_per_req'], '+.0f') + ' µs'} | "
-            f"{r['achieved_rps']:.1f} | {r['errors']}/{r['sent']} |")
+            f"{r['achieved_rps']:.1f} | {r['errors']}/{r['sent']} |"
+        )
     return "\n".join(lines)
 
 
@@ -965,8 +1052,10 @@ def verdict(rows: list[dict]) -> str:
 
     def judge(p50: float, p99: float) -> str:
         ok50, ok99 = p50 < TARGET_ADDED_P50_MS, p99 < TARGET_ADDED_P99_MS
-        return (f"p50 {p50:+.3f} ms ({'meets' if ok50 else 'MISSES'} < {TARGET_ADDED_P50_MS:g} ms), "
-                f"p99 {p99:+.3f} ms ({'meets' if ok99 else 'MISSES'} < {TARGET_ADDED_P99_MS:g} ms)")
+        return (
+            f"p50 {p50:+.3f} ms ({'meets' if ok50 else 'MISSES'} < {TARGET_ADDED_P50_MS:g} ms), "
+            f"p99 {p99:+.3f} ms ({'meets' if ok99 else 'MISSES'} < {TARGET_ADDED_P99_MS:g} ms)"
+        )
 
     for r in rows:
         if r["config"] in ("on", "redis"):
@@ -983,19 +1072,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="add a row with the Redis quota backend")
     ap.add_argument("--non-streaming", action="store_true", help="also measure non-streaming requests")
-    ap.add_argument("--burst", action="store_true",
-                    help="the responder writes a whole stream at once (per-chunk relay cost drops out)")
-    ap.add_argument("--profile", action="store_true",
-                    help="afterwards, time each step of the request path in-process (µs per request)")
+    ap.add_argument(
+        "--burst",
+        action="store_true",
+        help="the responder writes a whole stream at once (per-chunk relay cost drops out)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, time each step of the request path in-process (µs per request)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "gateway_overhead.json"))
-    ap.add_argument("--one-process", action="store_true",
-                    help="run the responder on the gateways' event loop (how this benchmark ran before "
-                         "2026-11-26) instead of in its own process")
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the responder on the gateways' event loop (how this benchmark ran before "
+        "2026-11-26) instead of in its own process",
+    )
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the gateways' child process
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)  # the responder's
     ap.add_argument("--engine-port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--configs", default="direct,off,on",
-                    help="which rows, of direct,off,on (direct, the baseline, is always measured)")
+    ap.add_argument(
+        "--configs",
+        default="direct,off,on",
+        help="which rows, of direct,off,on (direct, the baseline, is always measured)",
+    )
     a = ap.parse_args()
     a.configs = ["direct"] + [c for c in CONFIGS if c in a.configs.split(",") and c not in ("direct", "redis")]
     a.configs += ["redis"] if a.redis else []
@@ -1012,10 +1113,12 @@ def main() -> None:
     kinds = {"stream": True, **({"json": False} if a.non_streaming else {})}
     result = uvloop.run(benchmark(a)) if a.rounds > 0 else {}
     summaries = {k: summarize(result["phases"], configs, s) for k, s in kinds.items()} if result else {}
-    print(f"\nGateway overhead: open loop at {a.rate:g} req/s, {a.rounds} rounds x {a.seconds:g} s per "
-          f"configuration, {os.cpu_count()} CPUs (load average before {load_before[0]:.2f}), chat with "
-          f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct, "
-          "stages add = minus policies off, in the same round")
+    print(
+        f"\nGateway overhead: open loop at {a.rate:g} req/s, {a.rounds} rounds x {a.seconds:g} s per "
+        f"configuration, {os.cpu_count()} CPUs (load average before {load_before[0]:.2f}), chat with "
+        f"{OUTPUT_TOKENS} output tokens; medians over rounds; added = minus direct, "
+        "stages add = minus policies off, in the same round"
+    )
     for kind, rows in summaries.items():
         print(f"\n{'Streaming' if kind == 'stream' else 'Non-streaming'}:\n\n" + table(rows))
         judged = verdict(rows)
@@ -1024,17 +1127,30 @@ def main() -> None:
     if a.profile:
         result["stage_costs_us"] = costs = uvloop.run(stage_costs(a.redis))
         result["guardrail_rule_costs_us"] = rules = rule_costs()
-        print("\nWhere the time goes (--profile: each step run in this process without sockets; "
-              "median of 7 x 200 streamed requests; wall time, so Redis rows include the round trip):\n\n" + profile_table(costs))
-        print("\nGuardrail rules alone, µs per request (input: the prompt texts; output: 16 streamed "
-              "tokens):\n\n| rule | input | output |\n|---|---|---|\n"
-              + "\n".join(f"| {r} | {c['input']:.1f} | {c['output']:.1f} |" for r, c in rules.items()))
+        print(
+            "\nWhere the time goes (--profile: each step run in this process without sockets; "
+            "median of 7 x 200 streamed requests; wall time, so Redis rows include the round trip):\n\n"
+            + profile_table(costs)
+        )
+        print(
+            "\nGuardrail rules alone, µs per request (input: the prompt texts; output: 16 streamed "
+            "tokens):\n\n| rule | input | output |\n|---|---|---|\n"
+            + "\n".join(f"| {r} | {c['input']:.1f} | {c['output']:.1f} |" for r, c in rules.items())
+        )
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git": git_version(),
         "command": " ".join(["python", "-m", "benchmarks.gateway_overhead", *sys.argv[1:]]),
-        "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "python": platform.python_version(), "uvloop": uvloop.__version__, "rate": a.rate,
-        "seconds": a.seconds, "rounds": a.rounds, "output_tokens": OUTPUT_TOKENS, "burst": a.burst,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "python": platform.python_version(),
+        "uvloop": uvloop.__version__,
+        "rate": a.rate,
+        "seconds": a.seconds,
+        "rounds": a.rounds,
+        "output_tokens": OUTPUT_TOKENS,
+        "burst": a.burst,
         "responder": "gateways' process" if a.one_process else "own process",
         "wall_s": time.time() - started,
     }

@@ -22,10 +22,21 @@ import yaml
 
 
 def request_record(i: int) -> dict:
-    return {"time": "2026-12-06T13:00:00.000+00:00", "request_id": f"req-{i:012x}", "tenant": f"t{i % 7}",
-            "key_id": "key-1", "model": "demo", "variant": "demo", "status": 200, "error": None,
-            "prompt_tokens": 120 + i % 50, "completion_tokens": 64, "latency_ms": 812.5, "ttfb_ms": 91.2,
-            "guardrails": [{"name": "pii", "action": "redact", "direction": "output"}]}
+    return {
+        "time": "2026-12-06T13:00:00.000+00:00",
+        "request_id": f"req-{i:012x}",
+        "tenant": f"t{i % 7}",
+        "key_id": "key-1",
+        "model": "demo",
+        "variant": "demo",
+        "status": 200,
+        "error": None,
+        "prompt_tokens": 120 + i % 50,
+        "completion_tokens": 64,
+        "latency_ms": 812.5,
+        "ttfb_ms": 91.2,
+        "guardrails": [{"name": "pii", "action": "redact", "direction": "output"}],
+    }
 
 
 def change_records(m: int) -> list[dict]:
@@ -38,8 +49,13 @@ def change_records(m: int) -> list[dict]:
     for i in range(m):
         doc["tenants"]["demo"]["quotas"]["requests_per_minute"] = 1000 + i
         after = history.config_view(desired(parse_config(copy.deepcopy(doc), check_engine_args=False)))
-        rec = history.change_record(command="apply", who={"user": "bench", "host": "bench"}, old_view=before,
-                                    new_view=after, plan={"models": {"demo": "unchanged"}})
+        rec = history.change_record(
+            command="apply",
+            who={"user": "bench", "host": "bench"},
+            old_view=before,
+            new_view=after,
+            plan={"models": {"demo": "unchanged"}},
+        )
         out.append({**rec, "time": f"2026-12-06T13:{i // 60 % 60:02d}:{i % 60:02d}.000+00:00", "outcome": "applied"})
         before = after
     return out

@@ -34,8 +34,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 API_KEY = "sk-keel-hostile-load-bench"
-GOOD = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\nauthorization: Bearer " + API_KEY.encode() +
-        b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n")
+GOOD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: keel\r\nauthorization: Bearer "
+    + API_KEY.encode()
+    + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+)
 
 
 # -- the gateway child -------------------------------------------------------------------------
@@ -55,8 +58,9 @@ async def serve() -> None:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     engine, engine_port = await _start_engine(False)
     gw = Gateway(GatewaySettings(port=0), MODELS, Pipeline(default_stages(MODELS)))
-    gw.update_endpoints({m: [{"model": m, "replica_id": f"{m}-r1", "host": "127.0.0.1", "port": engine_port}]
-                         for m in MODELS})
+    gw.update_endpoints(
+        {m: [{"model": m, "replica_id": f"{m}-r1", "host": "127.0.0.1", "port": engine_port}] for m in MODELS}
+    )
     pol = {"tenants": {"t": {"keys": [{"id": "k", "digest": key_digest(API_KEY)}]}}, "audit": {"enabled": False}}
     infos = {m: ModelInfo(m, None, None) for m in MODELS}
     gw.set_policy(PolicyRuntime(PolicyConfig.model_validate(pol), infos, gw.metrics))
@@ -70,8 +74,11 @@ async def serve() -> None:
 def memory(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss_mib": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mib": int(fields["VmHWM"].split()[0]) / 1024,
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {
+        "rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
+        "peak_rss_mib": int(fields["VmHWM"].split()[0]) / 1024,
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
 
 
 # -- the attacks (this process) --------------------------------------------------------------
@@ -126,10 +133,23 @@ async def idle_flood(port: int, pid: int, n: int, hold_s: float) -> dict:
     """n idle connections from flooder children (one process cannot hold 20,000 sockets under
     the usual open-file limit of 20,000), held for hold_s while the gateway is watched."""
     per_child = 9000
-    children = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "flood", "--port", str(port),
-                                  "--idle", str(min(per_child, n - i))], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-                for i in range(0, n, per_child)]
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "flood",
+                "--port",
+                str(port),
+                "--idle",
+                str(min(per_child, n - i)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(0, n, per_child)
+    ]
     reports = [json.loads(c.stdout.readline()) for c in children]
     at_peak = memory(pid)
     during = await good_request(port)
@@ -142,13 +162,18 @@ async def idle_flood(port: int, pid: int, n: int, hold_s: float) -> dict:
         c.stdin.close()
         c.wait(timeout=60)
     await asyncio.sleep(2)
-    return {"connections": n, "opened_s": round(max(r["seconds"] for r in reports), 1),
-            "connect_failures": sum(r["failed"] for r in reports),
-            "gateway_after_open": at_peak, "good_request_during": during,
-            "peak_fds": max(s["fds"] for s in samples + [at_peak]),
-            "peak_rss_mib": max(s["rss_mib"] for s in samples + [at_peak]),
-            f"gateway_after_{hold_s:g}s": samples[-1], "good_request_later": later,
-            "gateway_after_close": memory(pid)}
+    return {
+        "connections": n,
+        "opened_s": round(max(r["seconds"] for r in reports), 1),
+        "connect_failures": sum(r["failed"] for r in reports),
+        "gateway_after_open": at_peak,
+        "good_request_during": during,
+        "peak_fds": max(s["fds"] for s in samples + [at_peak]),
+        "peak_rss_mib": max(s["rss_mib"] for s in samples + [at_peak]),
+        f"gateway_after_{hold_s:g}s": samples[-1],
+        "good_request_later": later,
+        "gateway_after_close": memory(pid),
+    }
 
 
 async def pipelined_bodies(port: int, pid: int, conns: int, per_conn: int, body_mib: float, timeout_s: float) -> dict:
@@ -196,8 +221,15 @@ async def pipelined_bodies(port: int, pid: int, conns: int, per_conn: int, body_
     took = time.perf_counter() - started
     await asyncio.sleep(2)
     sampler.cancel()
-    return {"connections": conns, "requests_each": per_conn, "body_mib": body_mib, "answered": answered,
-            "seconds": round(took, 1), "peak_rss_mib": peak["rss_mib"], "gateway_after_close": memory(pid)}
+    return {
+        "connections": conns,
+        "requests_each": per_conn,
+        "body_mib": body_mib,
+        "answered": answered,
+        "seconds": round(took, 1),
+        "peak_rss_mib": peak["rss_mib"],
+        "gateway_after_close": memory(pid),
+    }
 
 
 async def attack(a, port: int, pid: int) -> dict:
@@ -231,8 +263,14 @@ def main() -> None:
         return
     code = Path(a.code).resolve() if a.code else REPO_ROOT
     env = {**os.environ, "PYTHONPATH": str(code)}
-    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve"], cwd=code, env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "serve"],
+        cwd=code,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     gateway_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         port = json.loads(child.stdout.readline())["port"]

@@ -25,15 +25,41 @@ from serving.gateway.stages import RequestContext
 from serving.policy.config import PolicyConfig
 
 TOKENS = 64
-WORDS = ["", "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "model", "servers", "stream", "tokens", "to", "many", "clients", "at", "once"][1:]
+WORDS = [
+    "",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "model",
+    "servers",
+    "stream",
+    "tokens",
+    "to",
+    "many",
+    "clients",
+    "at",
+    "once",
+][1:]
 
 
 def stream_events() -> list[bytes]:
     base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_764_000_000, "model": "demo"}
 
     def chunk(delta: dict, finish=None) -> bytes:
-        return b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                              "finish_reason": finish}]}) + b"\n\n"
+        return (
+            b"data: "
+            + orjson.dumps(
+                {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            )
+            + b"\n\n"
+        )
 
     out = [chunk({"role": "assistant", "content": ""})]
     out += [chunk({"content": " " + WORDS[i % len(WORDS)]}) for i in range(TOKENS)]
@@ -58,8 +84,9 @@ def runtime(rules: bool) -> PolicyRuntime:
 
 
 async def admitted(rt: PolicyRuntime) -> RequestContext:
-    body = orjson.dumps({"model": "demo", "stream": True, "max_tokens": TOKENS,
-                         "messages": [{"role": "user", "content": "hello"}]})
+    body = orjson.dumps(
+        {"model": "demo", "stream": True, "max_tokens": TOKENS, "messages": [{"role": "user", "content": "hello"}]}
+    )
     ctx = RequestContext("r", "POST", "/v1/chat/completions", {"authorization": "Bearer sk-keel-demo"}, body)
     await rt.pipeline.admit(ctx)
     return ctx
@@ -68,10 +95,11 @@ async def admitted(rt: PolicyRuntime) -> RequestContext:
 def measure(rt: PolicyRuntime, pieces: list[bytes], n: int = 300, repeats: int = 9) -> float:
     async def admit_all() -> list[RequestContext]:
         return [await admitted(rt) for _ in range(n * repeats)]
+
     ctxs = asyncio.run(admit_all())
     runs = []
     for r in range(repeats):
-        batch = ctxs[r * n:(r + 1) * n]
+        batch = ctxs[r * n : (r + 1) * n]
         t0 = time.thread_time()
         for ctx in batch:
             insp = StreamInspector(ctx, chat=True)

@@ -86,8 +86,13 @@ class StreamingLoad:
                 self._lock.release()
 
     def _client(self) -> None:
-        body = {"model": self.model, "messages": [{"role": "user", "content": "Tell me about licences."}],
-                "max_tokens": self.max_tokens, "stream": True, "ignore_eos": True}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Tell me about licences."}],
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=120) as client:
             while not self._stop.is_set():
                 failure = self._one(client, body)
@@ -155,8 +160,10 @@ def restarted(before: dict[str, set[int]], after: dict[str, set[int]]) -> dict[s
 
 # The changes, in order, each a function of the config document (issue 12's table, and more).
 def _autoscaling(doc):
-    doc["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
-        "min_replicas": 1, "max_replicas": 2, "target": 64, "scale_down_cooldown_s": 600}}
+    doc["models"]["demo"]["deployment"] = {
+        "num_cpus": 1,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target": 64, "scale_down_cooldown_s": 600},
+    }
 
 
 def _add_model(doc):
@@ -233,9 +240,16 @@ def main(argv=None) -> int:
                     after = wait_engines(config, engines)
                     stats = load.snapshot()
                     gone = restarted(before, after)
-                    row = {"change": title, "apply_s": round(took, 1), "rc": rc, "requests": stats.requests,
-                           "failed": len(stats.failed), "longest_silence_s": round(stats.longest_silence_s, 1),
-                           "engines_restarted": gone, "failures": stats.failed[:5]}
+                    row = {
+                        "change": title,
+                        "apply_s": round(took, 1),
+                        "rc": rc,
+                        "requests": stats.requests,
+                        "failed": len(stats.failed),
+                        "longest_silence_s": round(stats.longest_silence_s, 1),
+                        "engines_restarted": gone,
+                        "failures": stats.failed[:5],
+                    }
                     rows.append(row)
                     print(out.rstrip(), flush=True)
                     print(json.dumps(row), flush=True)
@@ -243,12 +257,16 @@ def main(argv=None) -> int:
                         break
         finally:
             stop(proc)
-    table = ["| change | `keel apply` took | exit | requests | failed | longest time with no answer | engines restarted |",
-             "|---|---|---|---|---|---|---|"]
+    table = [
+        "| change | `keel apply` took | exit | requests | failed | longest time with no answer | engines restarted |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         gone = ", ".join(f"{m}: {n}" for m, n in r["engines_restarted"].items()) or "none"
-        table.append(f"| {r['change']} | {r['apply_s']} s | {r['rc']} | {r['requests']} | {r['failed']} | "
-                     f"{r['longest_silence_s']} s | {gone} |")
+        table.append(
+            f"| {r['change']} | {r['apply_s']} s | {r['rc']} | {r['requests']} | {r['failed']} | "
+            f"{r['longest_silence_s']} s | {gone} |"
+        )
     text = "\n".join(table)
     print(text)
     if args.out:

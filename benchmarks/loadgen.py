@@ -36,8 +36,14 @@ async def run_load(
     """One closed-loop load point: `concurrency` workers send `num_requests` random prompts of
     about `prompt_words` tokens (no tokenizer here: one word ~ one token)."""
     dataset = DatasetSpec(kind="random", input_len=prompt_words, output_len=max_tokens)
-    load = LoadSpec(mode="concurrency", levels=[concurrency], num_requests=num_requests,
-                    warmup_requests=0, seed=seed, endpoint=endpoint)
+    load = LoadSpec(
+        mode="concurrency",
+        levels=[concurrency],
+        num_requests=num_requests,
+        warmup_requests=0,
+        seed=seed,
+        endpoint=endpoint,
+    )
     requests = make_requests(dataset, num_requests, seed)
     records, duration = await run_point(base_url, model, requests, load, concurrency, api_key)
     summary = summarize(records, duration)
@@ -58,7 +64,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     out = asyncio.run(
-        run_load(a.url, a.model, a.concurrency, a.num_requests, a.max_tokens, a.prompt_words, a.seed, a.api_key, a.endpoint)
+        run_load(
+            a.url, a.model, a.concurrency, a.num_requests, a.max_tokens, a.prompt_words, a.seed, a.api_key, a.endpoint
+        )
     )
     print(json.dumps(out, indent=2))
 

@@ -26,8 +26,15 @@ def best_us(fn) -> float:
 
 def main(config: str) -> None:
     slos = load_config(config, check_engine_args=False).slos
-    ctx = SimpleNamespace(model="demo", tenant="demo", variant=None, payload={"stream": True}, received_at=0.0,
-                          usage={"prompt_tokens": 5, "completion_tokens": 16}, guardrail_actions=[])
+    ctx = SimpleNamespace(
+        model="demo",
+        tenant="demo",
+        variant=None,
+        payload={"stream": True},
+        received_at=0.0,
+        usage={"prompt_tokens": 5, "completion_tokens": 16},
+        guardrail_actions=[],
+    )
     out = SimpleNamespace(status=200, error=None, first_byte_at=0.05, finished_at=0.5)
     none, some = GatewayMetrics(), GatewayMetrics()
     none.use_slos(SloJudge({}))
@@ -35,7 +42,7 @@ def main(config: str) -> None:
     print(f"per streamed request, best of {REPEATS} x {CALLS:,} calls:")
     print(f"  metrics before SLOs (observe):     {best_us(lambda: some.observe('demo', 0.0, out, 'demo')):6.1f} us")
     print(f"  SLI part, no SLOs (histograms):     {best_us(lambda: none._observe_slis(ctx, out, 'demo')):6.1f} us")
-    sli_us = best_us(lambda: some._observe_slis(ctx, out, 'demo'))
+    sli_us = best_us(lambda: some._observe_slis(ctx, out, "demo"))
     print(f"  SLI part, {len(slos)} SLOs:                  {sli_us:6.1f} us")
 
 

@@ -62,7 +62,8 @@ class EngineWaker:
         handle = self._handles.get(model)
         if handle is None:
             handle = self._handles[model] = serve.get_deployment_handle(
-                engine_deployment_name(model), app_name=MODEL_APP_PREFIX + model, _check_exists=False)
+                engine_deployment_name(model), app_name=MODEL_APP_PREFIX + model, _check_exists=False
+            )
         response = handle.wake.remote()
         try:
             await response

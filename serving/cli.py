@@ -22,18 +22,31 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="start the stack in the foreground")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
 
-    p = sub.add_parser("apply", help="apply a changed config to the running stack, live: only what changed "
-                       "restarts (a model's engines when its weights, engine args, env or resources change)")
+    p = sub.add_parser(
+        "apply",
+        help="apply a changed config to the running stack, live: only what changed "
+        "restarts (a model's engines when its weights, engine args, env or resources change)",
+    )
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.add_argument("--address", default="auto", help="Ray cluster of the running stack (default: this machine's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan per model and change nothing")
-    p.add_argument("--restart", action="store_true",
-                   help="also apply `server:` changes, which restart the gateways (after draining them)")
-    p.add_argument("--allow-rollback", action="store_true",
-                   help="apply even where it puts back the weights a `keel rollout` promotion replaced")
-    p.add_argument("--admin-key", default=None, metavar="KEY",
-                   help="an admin key of the stack: `keel history` then names its id as who made the change "
-                   "(default: $KEEL_ADMIN_KEY; a key typed here shows in ps and the shell's history)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="also apply `server:` changes, which restart the gateways (after draining them)",
+    )
+    p.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="apply even where it puts back the weights a `keel rollout` promotion replaced",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=None,
+        metavar="KEY",
+        help="an admin key of the stack: `keel history` then names its id as who made the change "
+        "(default: $KEEL_ADMIN_KEY; a key typed here shows in ps and the shell's history)",
+    )
 
     p = sub.add_parser("config", help="validate a config or print its JSON Schema")
     csub = p.add_subparsers(dest="config_cmd", required=True)
@@ -44,11 +57,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("kuberay", help="deploy on Kubernetes with KubeRay (deploy/kuberay/rayservice.yaml)")
     kr = p.add_subparsers(dest="kuberay_cmd", required=True)
-    r = kr.add_parser("serve-config", help="print a config as the RayService's serveConfigV2 (one Serve "
-                      "application per model), or write it into a RayService manifest")
+    r = kr.add_parser(
+        "serve-config",
+        help="print a config as the RayService's serveConfigV2 (one Serve "
+        "application per model), or write it into a RayService manifest",
+    )
     r.add_argument("config")
-    r.add_argument("--write", metavar="RAYSERVICE_YAML", default=None,
-                   help="replace the serveConfigV2 block in this manifest instead of printing")
+    r.add_argument(
+        "--write",
+        metavar="RAYSERVICE_YAML",
+        default=None,
+        help="replace the serveConfigV2 block in this manifest instead of printing",
+    )
 
     p = sub.add_parser("models", help="registered weights")
     msub = p.add_subparsers(dest="models_cmd", required=True)
@@ -78,21 +98,32 @@ def main(argv: list[str] | None = None) -> int:
     k = ksub.add_parser("create", help="make a key; prints it once, and the config line to paste")
     k.add_argument("--tenant", required=True, help="tenant name (a key under tenants:)")
     k.add_argument("--role", choices=["app", "admin"], default="app")
-    k.add_argument("--id", type=_key_id, default=None, help="key id shown in audit and metrics "
-                   "(default: key- and 6 random hex characters)")
+    k.add_argument(
+        "--id",
+        type=_key_id,
+        default=None,
+        help="key id shown in audit and metrics (default: key- and 6 random hex characters)",
+    )
     ksub.add_parser("digest", help="read a key from stdin and print its digest (keeps it out of shell history)")
 
     p = sub.add_parser("audit", help="the hash-chained audit files")
     asub = p.add_subparsers(dest="audit_cmd", required=True)
-    a = asub.add_parser("verify", help="check files' hash chains, and that rotated files link up; "
-                        "exit status 0 only if all verify")
-    a.add_argument("files", nargs="+", metavar="FILE_OR_DIR",
-                   help="audit files, or directories (every audit-*.jsonl in them)")
-    a.add_argument("--no-head", action="store_true",
-                   help="for copies shipped without their .head file: skip the truncation check")
-    a.add_argument("--hmac-key-file", metavar="PATH", default=None,
-                   help="the key the files were written with (audit.hmac_key_file): also check every "
-                   "record's and head's MAC (default: $KEEL_AUDIT_HMAC_KEY_FILE, if set)")
+    a = asub.add_parser(
+        "verify", help="check files' hash chains, and that rotated files link up; exit status 0 only if all verify"
+    )
+    a.add_argument(
+        "files", nargs="+", metavar="FILE_OR_DIR", help="audit files, or directories (every audit-*.jsonl in them)"
+    )
+    a.add_argument(
+        "--no-head", action="store_true", help="for copies shipped without their .head file: skip the truncation check"
+    )
+    a.add_argument(
+        "--hmac-key-file",
+        metavar="PATH",
+        default=None,
+        help="the key the files were written with (audit.hmac_key_file): also check every "
+        "record's and head's MAC (default: $KEEL_AUDIT_HMAC_KEY_FILE, if set)",
+    )
     g = asub.add_parser("keygen", help="make a new HMAC key file (mode 0600) for audit.hmac_key_file")
     g.add_argument("path", metavar="PATH", help="where to write it: outside the audit dir; never overwritten")
     t = asub.add_parser("tail", help="pretty-print the last records of a file")
@@ -101,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="measure throughput, latency and cost; sweep settings; report")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
-    r = bsub.add_parser("run", help="run a bench spec (see configs/bench/demo.yaml): every setting, "
-                        "every load point; writes one result file. Or measure a running server: "
-                        "keel bench run --url URL --model NAME [--levels 1,4,16] ...")
+    r = bsub.add_parser(
+        "run",
+        help="run a bench spec (see configs/bench/demo.yaml): every setting, "
+        "every load point; writes one result file. Or measure a running server: "
+        "keel bench run --url URL --model NAME [--levels 1,4,16] ...",
+    )
     r.add_argument("spec", metavar="SPEC", nargs="?")
     r.add_argument("--url", help="without SPEC: an OpenAI-compatible server already running")
     r.add_argument("--model", help="without SPEC: the model name to request")
@@ -113,15 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-requests", type=int, default=64)
     r.add_argument("--input-len", type=int, default=256)
     r.add_argument("--output-len", type=int, default=128)
-    r.add_argument("--slo", default="ttft=1000,tpot=100,p=99",
-                   help="without SPEC: thresholds in ms and the percentile, e.g. ttft=500,tpot=50,e2el=20000,p=90")
+    r.add_argument(
+        "--slo",
+        default="ttft=1000,tpot=100,p=99",
+        help="without SPEC: thresholds in ms and the percentile, e.g. ttft=500,tpot=50,e2el=20000,p=90",
+    )
     r.add_argument("--hardware", default="cpu-2core", help="without SPEC: a profile in configs/bench/hardware.yaml")
     r.add_argument("--label", default=None)
     r.add_argument("--out", default=None, help="result file (default benchmarks/results/bench-LABEL-TIME.json)")
     r.add_argument("--report", default=None, metavar="DIR", help="also write the report into DIR")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rp = bsub.add_parser("report", help="HTML page, PNG plots and a Markdown summary of result files; "
-                         "with several, compare them (the first is the baseline)")
+    rp = bsub.add_parser(
+        "report",
+        help="HTML page, PNG plots and a Markdown summary of result files; "
+        "with several, compare them (the first is the baseline)",
+    )
     rp.add_argument("results", nargs="+", metavar="RESULTS")
     rp.add_argument("--out", default=None, metavar="DIR", help="default: next to the first result file")
     rp.add_argument("--title", default=None)
@@ -151,9 +191,17 @@ def _run(args) -> int:
     if args.cmd == "apply":
         from serving.launcher import apply_config
 
-        print(apply_config(load_config(args.config), address=args.address, allow_restart=args.restart,
-                           dry_run=args.dry_run, allow_rollback=args.allow_rollback,
-                           admin_key=args.admin_key or os.environ.get("KEEL_ADMIN_KEY")), flush=True)
+        print(
+            apply_config(
+                load_config(args.config),
+                address=args.address,
+                allow_restart=args.restart,
+                dry_run=args.dry_run,
+                allow_rollback=args.allow_rollback,
+                admin_key=args.admin_key or os.environ.get("KEEL_ADMIN_KEY"),
+            ),
+            flush=True,
+        )
         return 0
     if args.cmd == "config":
         if args.config_cmd == "validate":
@@ -176,8 +224,10 @@ def _run(args) -> int:
             print(text, end="")
         else:
             changed = write_serve_config(Path(args.write), text)
-            print(f"{args.write}: serveConfigV2 {'updated' if changed else 'unchanged'}; "
-                  "`kubectl apply -f` it to change the running stack")
+            print(
+                f"{args.write}: serveConfigV2 {'updated' if changed else 'unchanged'}; "
+                "`kubectl apply -f` it to change the running stack"
+            )
         return 0
     if args.cmd == "models":
         from serving.model_registry import cli as registry_cli
@@ -229,11 +279,20 @@ def _adhoc_spec(args):
         if key not in names or not value:
             raise ConfigError(f"--slo: `{part}` is not one of ttft=MS, tpot=MS, e2el=MS, p=PERCENTILE")
         slo[names[key]] = value  # converted and checked by BenchSpec, like every other flag
-    doc = {"url": args.url, "model": args.model, "api_key": args.api_key, "label": args.label or "adhoc",
-           "dataset": {"kind": "random", "input_len": args.input_len, "output_len": args.output_len},
-           "load": {"mode": args.mode, "levels": [x for x in args.levels.split(",") if x],
-                    "num_requests": args.num_requests},
-           "slo": slo, "hardware": args.hardware}
+    doc = {
+        "url": args.url,
+        "model": args.model,
+        "api_key": args.api_key,
+        "label": args.label or "adhoc",
+        "dataset": {"kind": "random", "input_len": args.input_len, "output_len": args.output_len},
+        "load": {
+            "mode": args.mode,
+            "levels": [x for x in args.levels.split(",") if x],
+            "num_requests": args.num_requests,
+        },
+        "slo": slo,
+        "hardware": args.hardware,
+    }
     try:
         spec = BenchSpec.model_validate(doc)
     except ValidationError as e:
@@ -258,8 +317,13 @@ def _bench(args) -> int:
             spec = _adhoc_spec(args)
             spec_path = Path.cwd() / f"{spec.label}.yaml"  # relative paths resolve from here
         try:
-            out = run_spec(spec, spec_path, Path(args.out) if args.out else None,
-                           progress=not args.no_progress, command="keel " + shlex.join(args.argv))
+            out = run_spec(
+                spec,
+                spec_path,
+                Path(args.out) if args.out else None,
+                progress=not args.no_progress,
+                command="keel " + shlex.join(args.argv),
+            )
         except ValueError as e:
             print(f"keel: {e}", file=sys.stderr)
             return 2
@@ -273,8 +337,7 @@ def _bench(args) -> int:
     except ValueError as e:
         print(f"keel: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out) if args.out else Path(args.results[0]).parent / (
-        Path(args.results[0]).stem + "-report")
+    out_dir = Path(args.out) if args.out else Path(args.results[0]).parent / (Path(args.results[0]).stem + "-report")
     paths = write_report(results, out_dir, title=args.title)
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['html']} ({len(paths['png'])} plots in {out_dir})")
@@ -285,8 +348,9 @@ def _key_id(s: str) -> str:
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s):
-        raise argparse.ArgumentTypeError("use letters, digits, '.', '_' and '-' (at most 64), starting "
-                                         "with a letter or digit")
+        raise argparse.ArgumentTypeError(
+            "use letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit"
+        )
     return s
 
 
@@ -335,8 +399,10 @@ def _audit(args) -> int:
             print(f"keel: {e}", file=sys.stderr)
             return 1
         print(f"wrote a new audit HMAC key to {args.path} (mode 0600, key id {created.id})")
-        print(f"set `audit: {{hmac_key_file: {Path(args.path).absolute()}}}` in the config; keep the file "
-              "outside the audit dir, on every gateway node, and where `keel audit verify` runs")
+        print(
+            f"set `audit: {{hmac_key_file: {Path(args.path).absolute()}}}` in the config; keep the file "
+            "outside the audit dir, on every gateway node, and where `keel audit verify` runs"
+        )
         return 0
     if args.audit_cmd == "tail":
         try:
@@ -360,8 +426,9 @@ def _audit(args) -> int:
             print(f"keel: {e}", file=sys.stderr)
             return 2
     for _ in range(3):
-        checked = [pr for chain in chain_order(paths)
-                   for pr in verify_chain(chain, require_head=not args.no_head, key=key)]
+        checked = [
+            pr for chain in chain_order(paths) for pr in verify_chain(chain, require_head=not args.no_head, key=key)
+        ]
         now = paths if all(result.ok for _, result in checked) else _audit_files(args.files)
         if not isinstance(now, list) or now == paths:
             break

@@ -35,9 +35,7 @@ class ConfigError(ValueError):
 class ServerConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
-    gateway_replicas: int = Field(
-        1, ge=1, description="Gateway replicas per node; they share the port (SO_REUSEPORT)."
-    )
+    gateway_replicas: int = Field(1, ge=1, description="Gateway replicas per node; they share the port (SO_REUSEPORT).")
     engine_host: str = Field(
         "127.0.0.1",
         description="Address each engine replica's HTTP server binds to. Use 0.0.0.0 on a "
@@ -49,34 +47,44 @@ class ServerConfig(Strict):
         "only to the nodes a load balancer sends traffic to.",
     )
     limits: HttpLimits = Field(
-        default_factory=HttpLimits, description="The front door's limits on what clients send: sizes, "
-        "counts and times (413, 414, 431, 408, 503).")
+        default_factory=HttpLimits,
+        description="The front door's limits on what clients send: sizes, counts and times (413, 414, 431, 408, 503).",
+    )
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="A second listener that serves /metrics (and /health) "
+        None,
+        ge=1,
+        le=65535,
+        description="A second listener that serves /metrics (and /health) "
         "without a key, for Prometheus; on the API port /metrics needs an admin key when tenants "
-        "are configured (its labels name tenants).")
+        "are configured (its labels name tenants).",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds to.")
     allow_unauthenticated: bool = Field(
-        False, description="Serve without API keys on a non-loopback host. Without tenants, a gateway "
+        False,
+        description="Serve without API keys on a non-loopback host. Without tenants, a gateway "
         "listening beyond loopback refuses to start unless this is true (e.g. behind a proxy that "
-        "authenticates); give tenants keys instead (`keel keys create --tenant NAME`).")
+        "authenticates); give tenants keys instead (`keel keys create --tenant NAME`).",
+    )
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(
-        60.0, ge=0, le=3600, description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
-        "then waits this long at most for the requests it is relaying to finish.")
+        60.0,
+        ge=0,
+        le=3600,
+        description="A gateway that stops (Ctrl-C, a server change) stops accepting, "
+        "then waits this long at most for the requests it is relaying to finish.",
+    )
 
     @model_validator(mode="after")
     def _two_listeners(self):
         if self.metrics_port == self.port:
-            raise ValueError(f"metrics_port must differ from port ({self.port}): the metrics listener "
-                             "is a second socket")
+            raise ValueError(
+                f"metrics_port must differ from port ({self.port}): the metrics listener is a second socket"
+            )
         return self
 
 
 class RayConfig(Strict):
-    address: str | None = Field(
-        None, description="Ray cluster to join (e.g. 'auto'); null starts a local Ray."
-    )
+    address: str | None = Field(None, description="Ray cluster to join (e.g. 'auto'); null starts a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray.")
 
@@ -91,18 +99,24 @@ class DeploymentConfig(Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    startup_timeout_s: float = Field(
-        600.0, gt=0, description="How long a replica may take to load weights and answer."
-    )
+    startup_timeout_s: float = Field(600.0, gt=0, description="How long a replica may take to load weights and answer.")
     drain_timeout_s: float = Field(
-        60.0, ge=0, le=3600, description="A replica that stops (scale-down, replacement, removal, Ctrl-C) "
+        60.0,
+        ge=0,
+        le=3600,
+        description="A replica that stops (scale-down, replacement, removal, Ctrl-C) "
         "leaves the registry first, then waits this long at most for the requests it is answering "
-        "to finish before its engine stops. Changing it restarts nothing.")
+        "to finish before its engine stops. Changing it restarts nothing.",
+    )
     max_surge_percent: int = Field(
-        100, ge=0, le=100, description="Replacing replicas (changed engine arguments, weights, env "
+        100,
+        ge=0,
+        le=100,
+        description="Replacing replicas (changed engine arguments, weights, env "
         "or resources): new replicas, as a percentage of the replica count, started and ready "
         "before old ones drain (Ray Serve's max_surge_percent). 100: capacity never drops; 0: one "
-        "at a time, stopped before its replacement starts, for clusters with no spare GPUs.")
+        "at a time, stopped before its replacement starts, for clusters with no spare GPUs.",
+    )
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -112,8 +126,10 @@ class DeploymentConfig(Strict):
 
 
 class ModelConfig(Strict):
-    weights: str = Field(description="Registered weights: NAME@VERSION (`keel models register`), NAME "
-                         "(its newest version not retired), or a plain manifest models/NAME/manifest.yaml.")
+    weights: str = Field(
+        description="Registered weights: NAME@VERSION (`keel models register`), NAME "
+        "(its newest version not retired), or a plain manifest models/NAME/manifest.yaml."
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments (the `vllm serve` flags, snake_case), validated by vLLM.",
@@ -146,17 +162,22 @@ class KeelConfig(PolicyConfig):
     ray: RayConfig = Field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = Field(description="Public model name -> how it is served.")
     models_dir: str | None = Field(
-        None, description="Directory of model manifests; default: $KEEL_MODELS_DIR (the GPU image "
-        "sets /app/models), else the checkout's models/ (an editable install)."
+        None,
+        description="Directory of model manifests; default: $KEEL_MODELS_DIR (the GPU image "
+        "sets /app/models), else the checkout's models/ (an editable install).",
     )
     rollouts: RolloutsConfig = Field(
-        default_factory=RolloutsConfig, description="`keel rollout`: where rollout state lives and the "
+        default_factory=RolloutsConfig,
+        description="`keel rollout`: where rollout state lives and the "
         "default steps, hold and gates. Read by the rollout command only: not policy (the gateways "
-        "never read it) nor server (a change restarts nothing).")
+        "never read it) nor server (a change restarts nothing).",
+    )
 
     costs: CostConfig = Field(
-        default_factory=CostConfig, description="`keel cost`: prices per replica-hour and how cost is "
-        "allocated to tenants. Read by the cost commands only (a change restarts nothing).")
+        default_factory=CostConfig,
+        description="`keel cost`: prices per replica-hour and how cost is "
+        "allocated to tenants. Read by the cost commands only (a change restarts nothing).",
+    )
 
     @field_validator("models")
     @classmethod
@@ -172,7 +193,6 @@ class KeelConfig(PolicyConfig):
         """The part `keel apply` changes live, as the gateway's user_config. Only what the file
         set: defaults stay implicit, so the dict validates again as it was written."""
         return self.model_dump(mode="json", include=set(POLICY_KEYS), exclude_unset=True)
-
 
 
 class ModelManifest(Strict):
@@ -258,12 +278,14 @@ def open_beyond_loopback(cfg: KeelConfig) -> str | None:
     s = cfg.server
     if cfg.tenants or s.allow_unauthenticated or is_loopback(s.host):
         return None
-    return (f"server.host: {s.host} is reachable beyond this machine and no tenants are configured, so "
-            "anyone who reaches the port could use every model. Add a tenant with a key: `keel keys "
-            "create --tenant NAME` prints a new key once and the `digest: sha256:...` line to paste "
-            "under tenants.NAME.keys (`keel keys digest` makes the digest of a key you have). Or, to "
-            "serve without keys (e.g. behind a proxy that authenticates), set "
-            "server.allow_unauthenticated: true.")
+    return (
+        f"server.host: {s.host} is reachable beyond this machine and no tenants are configured, so "
+        "anyone who reaches the port could use every model. Add a tenant with a key: `keel keys "
+        "create --tenant NAME` prints a new key once and the `digest: sha256:...` line to paste "
+        "under tenants.NAME.keys (`keel keys digest` makes the digest of a key you have). Or, to "
+        "serve without keys (e.g. behind a proxy that authenticates), set "
+        "server.allow_unauthenticated: true."
+    )
 
 
 def default_models_dir() -> Path:
@@ -277,8 +299,9 @@ def models_dir(cfg: KeelConfig) -> Path:
     base = Path(cfg.models_dir).resolve() if cfg.models_dir else default_models_dir()
     if not base.is_dir():
         where = "models_dir in the config" if cfg.models_dir else f"${MODELS_DIR_ENV} (or models_dir in the config)"
-        raise ConfigError(f"the models directory {base} does not exist: set {where} to the directory "
-                          "that holds NAME/manifest.yaml")
+        raise ConfigError(
+            f"the models directory {base} does not exist: set {where} to the directory that holds NAME/manifest.yaml"
+        )
     return base
 
 

@@ -18,8 +18,9 @@ import yaml
 from serving.config import KeelConfig
 from serving.plan import desired, schema
 
-_BLOCK = re.compile(r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+.*\n|[ \t]*\n)*)",
-                    re.MULTILINE)
+_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+.*\n|[ \t]*\n)*)", re.MULTILINE
+)
 
 
 def serve_config(cfg: KeelConfig) -> str:
@@ -44,7 +45,7 @@ def write_serve_config(manifest: Path, text: str) -> bool:
         raise ValueError(f"{manifest}: no `serveConfigV2: |` block to replace")
     indent = m.group("indent") + "  "
     body = "".join(indent + line if line.strip() else "\n" for line in text.splitlines(keepends=True))
-    new = old[:m.start("body")] + body + old[m.end("body"):]
+    new = old[: m.start("body")] + body + old[m.end("body") :]
     if new != old:
         manifest.write_text(new)
     return new != old

@@ -108,8 +108,9 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
     try:
         serve.start(proxy_location="Disabled")
         url = f"http://{cfg.server.host}:{cfg.server.port}"
-        with _history(cfg, "serve", None, desired(cfg), None, os.environ.get(ADMIN_KEY_ENV),
-                      lambda line: print(line, flush=True)) as change:
+        with _history(
+            cfg, "serve", None, desired(cfg), None, os.environ.get(ADMIN_KEY_ENV), lambda line: print(line, flush=True)
+        ) as change:
             # Declarative, as `serve deploy` does it: the policy is the gateway's user_config, so
             # `keel apply` can change it later without restarting anything.
             submit(cfg)
@@ -124,8 +125,11 @@ def _serve(cfg: KeelConfig, ready_timeout_s: float, on_ready) -> None:
             on_ready()
         while not stop.wait(1.0):
             pass
-        print(f"\nKeel: draining: the requests in flight finish (at most {drain_bound(cfg):.0f} s); "
-              "Ctrl-C again stops at once", flush=True)
+        print(
+            f"\nKeel: draining: the requests in flight finish (at most {drain_bound(cfg):.0f} s); "
+            "Ctrl-C again stops at once",
+            flush=True,
+        )
         # Rollouts first: they stay where they are (state files) and resume at the next start.
         rollout_driver.stop_all()
         _drain_and_shutdown(cfg)
@@ -183,8 +187,9 @@ def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, de
         if deploy_failed is not None:
             err = deploy_failed()
             if err:
-                raise StartupError(f"the stack failed to start: {err} (Serve logs in "
-                                   "/tmp/ray/session_latest/logs/serve/)")
+                raise StartupError(
+                    f"the stack failed to start: {err} (Serve logs in /tmp/ray/session_latest/logs/serve/)"
+                )
         try:
             status, _ = asyncio.run(http_get(check_host, port, "/health", timeout=2.0))
             if status == 200:
@@ -198,8 +203,9 @@ def wait_ready(host: str, port: int, timeout_s: float, stop: threading.Event, de
 
 def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> str:
     model = next(iter(cfg.models))
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32,
-                       "stream": True})
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32, "stream": True}
+    )
     auth = ""
     if cfg.tenants:
         auth = " -H 'Authorization: Bearer $KEEL_API_KEY'"
@@ -218,9 +224,17 @@ def ready_message(cfg: KeelConfig, url: str, ray_address: str | None = None) -> 
     )
 
 
-def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool = False,
-                 dry_run: bool = False, timeout_s: float | None = None, say=print,
-                 allow_rollback: bool = False, admin_key: str | None = None) -> str:
+def apply_config(
+    cfg: KeelConfig,
+    *,
+    address: str = "auto",
+    allow_restart: bool = False,
+    dry_run: bool = False,
+    timeout_s: float | None = None,
+    say=print,
+    allow_rollback: bool = False,
+    admin_key: str | None = None,
+) -> str:
     """`keel apply`: change the running stack to what cfg asks, with the least disruption
     (serving.plan): models scale in place, are added or replaced (surge-first) beside the others,
     the gateways learn models and policy live, removed models drain. Returns the last line.
@@ -254,21 +268,29 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
         plan = make_plan(current, new)
         undone = [] if allow_rollback else undone_promotions(StateStore(cfg.rollouts.state_dir), current, new)
         if dry_run:
-            return "keel apply --dry-run: nothing is changed; the plan:\n" + render(plan) + "".join(
-                f"\n  refused without --allow-rollback: {u}" for u in undone)
+            return (
+                "keel apply --dry-run: nothing is changed; the plan:\n"
+                + render(plan)
+                + "".join(f"\n  refused without --allow-rollback: {u}" for u in undone)
+            )
         if undone:
-            raise StartupError("\n".join(undone) + "\nSet weights: to the promoted version in the config, or "
-                               "re-run with --allow-rollback to go back to the old weights. Nothing was changed.")
+            raise StartupError(
+                "\n".join(undone) + "\nSet weights: to the promoted version in the config, or "
+                "re-run with --allow-rollback to go back to the old weights. Nothing was changed."
+            )
         if plan.restart and not allow_restart:
-            raise StartupError("this config changes `server:`, which restarts the gateways (requests in "
-                               "flight are drained, new ones refused meanwhile); re-run with --restart "
-                               "to do that. The plan:\n" + render(plan))
+            raise StartupError(
+                "this config changes `server:`, which restarts the gateways (requests in "
+                "flight are drained, new ones refused meanwhile); re-run with --restart "
+                "to do that. The plan:\n" + render(plan)
+            )
         if plan.empty:
             return "keel: nothing to change"
         say("keel apply: the plan\n" + render(plan))
         if timeout_s is None:
-            timeout_s = 120 + max(m.deployment.startup_timeout_s + m.deployment.drain_timeout_s
-                                  for m in cfg.models.values())
+            timeout_s = 120 + max(
+                m.deployment.startup_timeout_s + m.deployment.drain_timeout_s for m in cfg.models.values()
+            )
         removed = {MODEL_APP_PREFIX + m.model for m in plan.models if m.kind == REMOVED}
         with _history(cfg, "apply", current, new, plan, admin_key, say):
             if plan.changes_models and not plan.restart:
@@ -284,8 +306,11 @@ def apply_config(cfg: KeelConfig, *, address: str = "auto", allow_restart: bool 
         if plan.restart:
             return "keel: applied (the gateways restarted)"
         restarted = [m.model for m in plan.models if m.kind in (REPLACED, REMOVED)]
-        return ("keel: applied live; engines restarted: " + (", ".join(restarted) if restarted else "none")
-                + " (replaced surge-first, removed ones drained)" * bool(restarted))
+        return (
+            "keel: applied live; engines restarted: "
+            + (", ".join(restarted) if restarted else "none")
+            + " (replaced surge-first, removed ones drained)" * bool(restarted)
+        )
     finally:
         ray.shutdown()
 
@@ -314,15 +339,21 @@ def _history(cfg: KeelConfig, command: str, current, new, plan, admin_key: str |
             previous = history.read_history(cfg.audit.dir, verify=False).last_change()
         except FileNotFoundError:
             previous = None
-    record = history.change_record(command=command, who=who, old_view=history.config_view(current) if current
-                                   else None, new_view=new_view, previous=previous,
-                                   # a first deploy adds every model; nothing else is a change of plan
-                                   plan=history.plan_summary(plan) if plan else history.first_deploy(new))
+    record = history.change_record(
+        command=command,
+        who=who,
+        old_view=history.config_view(current) if current else None,
+        new_view=new_view,
+        previous=previous,
+        # a first deploy adds every model; nothing else is a change of plan
+        plan=history.plan_summary(plan) if plan else history.first_deploy(new),
+    )
     try:
         return history.ChangeRecorder(cfg, record, say)
     except (OSError, AuditError) as e:
-        raise StartupError(f"cannot record the change in the history ({cfg.audit.dir}): {e}; "
-                           "nothing was changed") from None
+        raise StartupError(
+            f"cannot record the change in the history ({cfg.audit.dir}): {e}; nothing was changed"
+        ) from None
 
 
 def _wait_settled(timeout_s: float, gone: frozenset[str] | set[str] = frozenset()) -> None:
@@ -349,5 +380,3 @@ def _wait_settled(timeout_s: float, gone: frozenset[str] | set[str] = frozenset(
             said = time.monotonic()
         time.sleep(0.5)
     raise StartupError(f"the stack did not settle within {timeout_s:.0f}s; see `serve status`")
-
-

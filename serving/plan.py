@@ -88,18 +88,30 @@ def desired(cfg) -> StackState:
         engine = mc.model_dump(mode="json")["engine"]
         # NAME@VERSION (immutable), so registering a newer version `weights: NAME` means is a
         # replacement the plan names, as is a plain manifest moved to another path.
-        args = {"model": name, "weights": resolved.identity, "weights_path": str(weights), "engine": engine,
-                "env": dict(mc.env), "engine_host": cfg.server.engine_host,
-                "startup_timeout_s": d.startup_timeout_s, "ray_actor_options": actor}
+        args = {
+            "model": name,
+            "weights": resolved.identity,
+            "weights_path": str(weights),
+            "engine": engine,
+            "env": dict(mc.env),
+            "engine_host": cfg.server.engine_host,
+            "startup_timeout_s": d.startup_timeout_s,
+            "ray_actor_options": actor,
+        }
         models[name] = ModelState(args, model_overrides(name, d))
         # The policy's settings travel with the gateways' config, which publish them
         # (serving.autoscaling.published): in the engine deployment they would restart it.
-        gateway_models[name] = {"weights_path": str(weights), "max_model_len": mc.engine.get("max_model_len"),
-                                "autoscaling": scale_settings(d).model_dump(mode="json", exclude_none=True)}
+        gateway_models[name] = {
+            "weights_path": str(weights),
+            "max_model_len": mc.engine.get("max_model_len"),
+            "autoscaling": scale_settings(d).model_dump(mode="json", exclude_none=True),
+        }
         if d.autoscaling is not None and d.autoscaling.min_replicas == 0:
             # Scale to zero: the gateways hold its requests while a replica starts (a reconfigure).
-            gateway_models[name]["hold"] = {"timeout_s": d.autoscaling.hold_timeout,
-                                            "max_requests": d.autoscaling.hold_max}
+            gateway_models[name]["hold"] = {
+                "timeout_s": d.autoscaling.hold_timeout,
+                "max_requests": d.autoscaling.hold_max,
+            }
     gateway = {"policy": cfg.policy_dict(), "models": gateway_models}
     if cfg.models_dir:  # else the gateways' own default ($KEEL_MODELS_DIR, the checkout's models/),
         # as on the machine that renders the state: a KubeRay manifest must not carry this one's path
@@ -132,14 +144,25 @@ def model_overrides(name: str, d) -> dict:
 
 def schema(state: StackState) -> dict:
     """The Serve deploy schema (`serve deploy` format) of a state: every application."""
-    apps = [{
-        "name": CONTROL_APP, "import_path": CONTROL_IMPORT, "route_prefix": None,
-        "args": {"server": state.server},
-        "deployments": [{"name": "gateway", "user_config": state.gateway}],
-    }]
+    apps = [
+        {
+            "name": CONTROL_APP,
+            "import_path": CONTROL_IMPORT,
+            "route_prefix": None,
+            "args": {"server": state.server},
+            "deployments": [{"name": "gateway", "user_config": state.gateway}],
+        }
+    ]
     for name, m in state.models.items():
-        apps.append({"name": MODEL_APP_PREFIX + name, "import_path": MODEL_IMPORT, "route_prefix": None,
-                     "args": m.args, "deployments": [m.overrides]})
+        apps.append(
+            {
+                "name": MODEL_APP_PREFIX + name,
+                "import_path": MODEL_IMPORT,
+                "route_prefix": None,
+                "args": m.args,
+                "deployments": [m.overrides],
+            }
+        )
     return {"proxy_location": "Disabled", "applications": apps}
 
 
@@ -150,10 +173,13 @@ def from_serve(details: dict) -> StackState | None:
     if not control:
         return None
     if "server" not in (control.get("args") or {}):
-        raise ValueError("the running stack was deployed by an older Keel (one application); "
-                         "restart `keel serve` once to move it to one application per model")
-    gateway = next((d.get("user_config") or {} for d in control.get("deployments") or []
-                    if d.get("name") == "gateway"), {})
+        raise ValueError(
+            "the running stack was deployed by an older Keel (one application); "
+            "restart `keel serve` once to move it to one application per model"
+        )
+    gateway = next(
+        (d.get("user_config") or {} for d in control.get("deployments") or [] if d.get("name") == "gateway"), {}
+    )
     models = {}
     for app_name, app in apps.items():
         conf = (app or {}).get("deployed_app_config")
@@ -161,7 +187,7 @@ def from_serve(details: dict) -> StackState | None:
             continue
         args = conf.get("args") or {}
         overrides: dict[str, Any] = next(iter(conf.get("deployments") or []), {})
-        models[args.get("model", app_name[len(MODEL_APP_PREFIX):])] = ModelState(args, overrides)
+        models[args.get("model", app_name[len(MODEL_APP_PREFIX) :])] = ModelState(args, overrides)
     return StackState(server=control["args"]["server"], gateway=gateway, models=models)
 
 
@@ -181,16 +207,22 @@ def candidate_name(model: str) -> str:
 def candidate_state(base: ModelState, model: str, weights: str, weights_path: str) -> ModelState:
     """The candidate of `model`: its running engine arguments, env and scale, other weights."""
     name = candidate_name(model)
-    return ModelState({**base.args, "model": name, "weights": weights, "weights_path": weights_path},
-                      {**base.overrides, "name": engine_deployment_name(name)})
+    return ModelState(
+        {**base.args, "model": name, "weights": weights, "weights_path": weights_path},
+        {**base.overrides, "name": engine_deployment_name(name)},
+    )
 
 
 def with_rollout(state: StackState, model: str, candidate: ModelState, percent: float) -> StackState:
     """`state` with the candidate deployed and getting `percent` of the model's users."""
     name = candidate.args["model"]
     base = state.gateway.get("models", {}).get(model) or {}
-    split = {"candidate": name, "percent": percent, "weights_path": candidate.args.get("weights_path"),
-             "max_model_len": base.get("max_model_len")}
+    split = {
+        "candidate": name,
+        "percent": percent,
+        "weights_path": candidate.args.get("weights_path"),
+        "max_model_len": base.get("max_model_len"),
+    }
     gateway = {**state.gateway, "rollouts": {**(state.gateway.get("rollouts") or {}), model: split}}
     return StackState(state.server, gateway, {**state.models, name: candidate})
 
@@ -213,8 +245,11 @@ def promoted(state: StackState, model: str) -> StackState:
     args = {**base.args, "weights": cand.args["weights"], "weights_path": cand.args["weights_path"]}
     gateway_models = {**state.gateway.get("models", {})}
     gateway_models[model] = {**gateway_models.get(model, {}), "weights_path": cand.args["weights_path"]}
-    return StackState(state.server, {**state.gateway, "models": gateway_models},
-                      {**state.models, model: ModelState(args, base.overrides)})
+    return StackState(
+        state.server,
+        {**state.gateway, "models": gateway_models},
+        {**state.models, model: ModelState(args, base.overrides)},
+    )
 
 
 def keep_rollouts(current: StackState, new: StackState) -> StackState:
@@ -252,14 +287,18 @@ def unsettled(apps: dict, gone=frozenset()) -> list[str]:
     no deployments yet), a deployment not HEALTHY, a `gone` application not deleted yet."""
     waiting = []
     for name, app in apps.items():
-        unhealthy = [f"{d_name} {status_value(d.get('status'))} "
-                     f"({', '.join(status_value(r.get('state')) for r in d.get('replicas') or [])})"
-                     for d_name, d in (app.get("deployments") or {}).items()
-                     if status_value(d.get("status")) != "HEALTHY"]
+        unhealthy = [
+            f"{d_name} {status_value(d.get('status'))} "
+            f"({', '.join(status_value(r.get('state')) for r in d.get('replicas') or [])})"
+            for d_name, d in (app.get("deployments") or {}).items()
+            if status_value(d.get("status")) != "HEALTHY"
+        ]
         if name in gone:
             waiting.append(f"{name} draining")
         elif status_value(app.get("status")) != "RUNNING" or unhealthy:
-            waiting.append(f"{name} {status_value(app.get('status'))}" + (f": {', '.join(unhealthy)}" if unhealthy else ""))
+            waiting.append(
+                f"{name} {status_value(app.get('status'))}" + (f": {', '.join(unhealthy)}" if unhealthy else "")
+            )
     return waiting
 
 
@@ -301,15 +340,27 @@ def make_plan(current: StackState, new: StackState) -> Plan:
             lo, hi = now.replicas
             changes.append(ModelChange(name, ADDED, note=f"{_count(lo, hi)} started; no other engine restarts"))
         elif now is None:
-            changes.append(ModelChange(name, REMOVED, note="leaves the gateways, then its replicas drain "
-                                       f"(up to {old.overrides.get('user_config', {}).get('drain_timeout_s')} s) and stop"))
+            changes.append(
+                ModelChange(
+                    name,
+                    REMOVED,
+                    note="leaves the gateways, then its replicas drain "
+                    f"(up to {old.overrides.get('user_config', {}).get('drain_timeout_s')} s) and stop",
+                )
+            )
         elif old.args != now.args:
-            changes.append(ModelChange(name, REPLACED, _diff(old.args, now.args, skip={"weights_path"}),
-                                       _replace_note(now)))
+            changes.append(
+                ModelChange(name, REPLACED, _diff(old.args, now.args, skip={"weights_path"}), _replace_note(now))
+            )
         elif old.overrides != now.overrides or old_s != new_s:
-            changes.append(ModelChange(name, SCALED, _diff(_readable(old.overrides, old_s),
-                                                           _readable(now.overrides, new_s)),
-                                       "applied to running replicas; no engine restarts"))
+            changes.append(
+                ModelChange(
+                    name,
+                    SCALED,
+                    _diff(_readable(old.overrides, old_s), _readable(now.overrides, new_s)),
+                    "applied to running replicas; no engine restarts",
+                )
+            )
         else:
             changes.append(ModelChange(name, UNCHANGED))
     gateway = []
@@ -317,6 +368,7 @@ def make_plan(current: StackState, new: StackState) -> Plan:
     if old_policy != new_policy:  # which sections, not their values: they hold key digests
         keys = sorted(k for k in set(old_policy) | set(new_policy) if old_policy.get(k) != new_policy.get(k))
         gateway.append(f"policy: {', '.join(keys)} changed")
+
     def routed(models: dict) -> dict:
         return {n: {k: v for k, v in m.items() if k != "autoscaling"} for n, m in models.items()}
 
@@ -339,8 +391,10 @@ def _replace_note(m: ModelState) -> str:
     lo, _ = m.replicas
     surge = m.max_surge_percent
     if surge <= 0:
-        return (f"its replicas are replaced one at a time, each stopped before its replacement is "
-                f"ready: capacity dips by 1 of {lo} (max_surge_percent: 0)")
+        return (
+            f"its replicas are replaced one at a time, each stopped before its replacement is "
+            f"ready: capacity dips by 1 of {lo} (max_surge_percent: 0)"
+        )
     extra = -(-surge * lo // 100)
     starts = "1 new replica starts and is" if extra == 1 else f"{extra} new replicas start and are"
     return f"surge-first: {starts} ready before old ones drain (needs room for {extra} more); other models untouched"

@@ -25,6 +25,7 @@ def run_at_normal_priority(what: str) -> bool:
         log.warning(
             "%s runs at nice %d (no CAP_SYS_NICE to reset it); start Ray with "
             "RAY_worker_niceness=0 to keep Ray from deprioritizing the data path",
-            what, os.getpriority(os.PRIO_PROCESS, 0),
+            what,
+            os.getpriority(os.PRIO_PROCESS, 0),
         )
         return False

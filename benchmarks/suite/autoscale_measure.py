@@ -34,9 +34,16 @@ from benchmarks.suite.loadgen import _send, _session, endpoint_url, request_body
 from benchmarks.suite.records import RequestRecord
 
 
-def bursty_trace(seed: int = 0, bursts: int = 2, burst_s: float = 120.0, gap_s: float = 90.0,
-                 rate: float = 4.0, burstiness: float = 0.5, prompt_tokens: tuple[int, int] = (48, 80),
-                 output_tokens: tuple[int, int] = (64, 128)) -> list[dict]:
+def bursty_trace(
+    seed: int = 0,
+    bursts: int = 2,
+    burst_s: float = 120.0,
+    gap_s: float = 90.0,
+    rate: float = 4.0,
+    burstiness: float = 0.5,
+    prompt_tokens: tuple[int, int] = (48, 80),
+    output_tokens: tuple[int, int] = (64, 128),
+) -> list[dict]:
     """Arrivals as the simulator reads them ({"t", "prompt_tokens", "output_tokens"}, t in s from
     0): `bursts` periods of `burst_s` s at `rate` req/s with gamma gaps of shape `burstiness`
     (vLLM bench's; < 1 is burstier than Poisson), `gap_s` s of silence between them. Seeded."""
@@ -46,8 +53,13 @@ def bursty_trace(seed: int = 0, bursts: int = 2, burst_s: float = 120.0, gap_s: 
         start = b * (burst_s + gap_s)
         t = start + rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
         while t < start + burst_s:
-            out.append({"t": round(t, 4), "prompt_tokens": rng.randint(*prompt_tokens),
-                        "output_tokens": rng.randint(*output_tokens)})
+            out.append(
+                {
+                    "t": round(t, 4),
+                    "prompt_tokens": rng.randint(*prompt_tokens),
+                    "output_tokens": rng.randint(*output_tokens),
+                }
+            )
             t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
     return out
 
@@ -83,9 +95,15 @@ def trace_requests(trace: list[dict], tokenizer, seed: int = 0) -> list[BenchReq
     return out
 
 
-async def replay(url: str, model: str, trace: list[dict], requests: list[BenchRequest],
-                 api_key: str | None, t0: float | None = None,
-                 timeout_s: float = 900.0) -> list[RequestRecord]:
+async def replay(
+    url: str,
+    model: str,
+    trace: list[dict],
+    requests: list[BenchRequest],
+    api_key: str | None,
+    t0: float | None = None,
+    timeout_s: float = 900.0,
+) -> list[RequestRecord]:
     """Open loop: request i is sent at trace[i]["t"] s after t0 (a time.perf_counter() value;
     now by default) whatever is in flight; streaming. Records in trace order; their `start` is
     the send time relative to t0."""
@@ -182,8 +200,10 @@ class ReplicaWatch:
             self._stop.wait(self.interval_s)
 
 
-_SCALE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?(Upscaling|Downscaling) Deployment\(name='"
-                    r"(?P<dep>[^']+)', app='(?P<app>[^']+)'\) from (?P<a>\d+) to (?P<b>\d+) replicas")
+_SCALE = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?(Upscaling|Downscaling) Deployment\(name='"
+    r"(?P<dep>[^']+)', app='(?P<app>[^']+)'\) from (?P<a>\d+) to (?P<b>\d+) replicas"
+)
 
 
 def scale_events(controller: int | None, app: str, deployment: str, t0_wall: float) -> list[dict] | None:
@@ -229,7 +249,9 @@ def request_stats(records: list[RequestRecord], ttft_ms: float, tpot_ms: float) 
     tpot = np.array([tpot_of(r) for r in ok]) if ok else np.zeros(1)
     good = sum(1 for r in ok if r.ttft * 1000 <= ttft_ms and tpot_of(r) <= tpot_ms)
     return {
-        "requests": len(records), "ok": len(ok), "failed": len(records) - len(ok),
+        "requests": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
         "errors": sorted({r.error for r in records if not r.ok})[:5],
         "slo_attainment": good / len(records) if records else 0.0,
         **{f"p{p}_ttft_ms": float(np.percentile(ttft, p)) for p in (50, 95, 99)},

@@ -23,8 +23,9 @@ _DECIDED = {"num_replicas", "autoscaling"}
 _AUTOSCALING_DECIDED = {"min_replicas", "max_replicas", "initial_replicas", "signal", "target"}
 
 
-def cost_per_million_output_tokens(output_throughput: float, replicas: int,
-                                   price_per_replica_hour: float) -> float | None:
+def cost_per_million_output_tokens(
+    output_throughput: float, replicas: int, price_per_replica_hour: float
+) -> float | None:
     """Price of 1M output tokens at `output_throughput` tok/s from `replicas` replicas; None
     when nothing was produced."""
     if output_throughput <= 0:
@@ -63,9 +64,17 @@ def replicas_needed(per_replica: dict, target: TargetSpec) -> int | None:
     return max(1, math.ceil(round(peak / each, 9)))
 
 
-def recommend(settings: list[dict], target: TargetSpec, slo: SLOSpec, hardware_name: str,
-              hardware: HardwareProfile, model: str, weights: str, base_engine: dict,
-              base_model: dict | None = None) -> dict | None:
+def recommend(
+    settings: list[dict],
+    target: TargetSpec,
+    slo: SLOSpec,
+    hardware_name: str,
+    hardware: HardwareProfile,
+    model: str,
+    weights: str,
+    base_engine: dict,
+    base_model: dict | None = None,
+) -> dict | None:
     """The setting and replica count that carry `target` inside `slo` for the lowest price per
     hour (ties: the lower cost per million output tokens, then the earlier setting), with an
     autoscaling block and `config_yaml`, a `models:` block to paste into a Keel config.
@@ -81,8 +90,9 @@ def recommend(settings: list[dict], target: TargetSpec, slo: SLOSpec, hardware_n
         if needed is None:
             continue
         point = setting["slo_max"]
-        cpm = cost_per_million_output_tokens(point["output_throughput"], setting["replicas"],
-                                             hardware.price_per_replica_hour)
+        cpm = cost_per_million_output_tokens(
+            point["output_throughput"], setting["replicas"], hardware.price_per_replica_hour
+        )
         cost_per_hour = needed * hardware.price_per_replica_hour
         key = (cost_per_hour, cpm if cpm is not None else math.inf, index)
         candidates.append((key, setting, per_replica, needed, cpm))
@@ -91,10 +101,15 @@ def recommend(settings: list[dict], target: TargetSpec, slo: SLOSpec, hardware_n
     (cost_per_hour, _, _), setting, per_replica, needed, cpm = min(candidates, key=lambda c: c[0])
 
     engine = {**base_engine, **setting.get("engine", {})}
-    autoscaling = {"min_replicas": 1, "max_replicas": needed, "signal": "requests_in_flight",
-                   "target": _target_in_flight(per_replica["in_flight"])}
-    reasoning = _reasoning(setting["name"], per_replica, needed, cost_per_hour, hardware,
-                           hardware_name, slo, target, len(candidates))
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": needed,
+        "signal": "requests_in_flight",
+        "target": _target_in_flight(per_replica["in_flight"]),
+    }
+    reasoning = _reasoning(
+        setting["name"], per_replica, needed, cost_per_hour, hardware, hardware_name, slo, target, len(candidates)
+    )
     return {
         "setting": setting["name"],
         "engine": engine,
@@ -116,14 +131,19 @@ def recommend(settings: list[dict], target: TargetSpec, slo: SLOSpec, hardware_n
 def no_recommendation_reason(settings: list[dict], slo: SLOSpec) -> str:
     """What to tell the reader when `recommend` returns None."""
     names = ", ".join(s["name"] for s in settings) or "none"
-    return (f"No setting met the SLO ({describe_slo(slo)}, no failed requests) even at its lowest "
-            f"load (settings: {names}); measure lower loads, other settings, or relax the SLO.")
+    return (
+        f"No setting met the SLO ({describe_slo(slo)}, no failed requests) even at its lowest "
+        f"load (settings: {names}); measure lower loads, other settings, or relax the SLO."
+    )
 
 
 def describe_slo(slo: SLOSpec) -> str:
     """e.g. "p99 TTFT <= 500 ms, TPOT <= 50 ms"."""
-    parts = [f"{name} <= {limit:g} ms" for name, limit in
-             (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms), ("E2EL", slo.e2el_ms)) if limit is not None]
+    parts = [
+        f"{name} <= {limit:g} ms"
+        for name, limit in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms), ("E2EL", slo.e2el_ms))
+        if limit is not None
+    ]
     word = percentile_word(slo.percentile)
     return f"{word} " + ", ".join(parts)
 
@@ -135,27 +155,41 @@ def _target_in_flight(in_flight: float) -> float:
     return rounded if rounded > 0 else float(f"{in_flight:.2g}")
 
 
-def _reasoning(name: str, per_replica: dict, needed: int, cost_per_hour: float,
-               hardware: HardwareProfile, hardware_name: str, slo: SLOSpec, target: TargetSpec,
-               n_candidates: int) -> str:
-    peak = (f"{target.peak_rps:g} req/s" if target.peak_rps is not None
-            else f"{target.peak_concurrency} requests in flight")
+def _reasoning(
+    name: str,
+    per_replica: dict,
+    needed: int,
+    cost_per_hour: float,
+    hardware: HardwareProfile,
+    hardware_name: str,
+    slo: SLOSpec,
+    target: TargetSpec,
+    n_candidates: int,
+) -> str:
+    peak = (
+        f"{target.peak_rps:g} req/s" if target.peak_rps is not None else f"{target.peak_concurrency} requests in flight"
+    )
     plural = "replica carries" if needed == 1 else "replicas carry"
-    others = (f"the cheapest of {n_candidates} settings that met the SLO" if n_candidates > 1
-              else "the only setting that met the SLO")
-    return (f"With {name}, one {hardware_name} replica carries {per_replica['request_throughput']:.3g} "
-            f"req/s ({per_replica['in_flight']:.3g} in flight) within {describe_slo(slo)}. "
-            f"{needed} {plural} the peak of {peak} for {cost_per_hour:.2f} "
-            f"{hardware.currency}/h, {others}.")
+    others = (
+        f"the cheapest of {n_candidates} settings that met the SLO"
+        if n_candidates > 1
+        else "the only setting that met the SLO"
+    )
+    return (
+        f"With {name}, one {hardware_name} replica carries {per_replica['request_throughput']:.3g} "
+        f"req/s ({per_replica['in_flight']:.3g} in flight) within {describe_slo(slo)}. "
+        f"{needed} {plural} the peak of {peak} for {cost_per_hour:.2f} "
+        f"{hardware.currency}/h, {others}."
+    )
 
 
-def _config_yaml(model: str, weights: str, engine: dict, autoscaling: dict,
-                 base_model: dict | None, reasoning: str) -> str:
+def _config_yaml(
+    model: str, weights: str, engine: dict, autoscaling: dict, base_model: dict | None, reasoning: str
+) -> str:
     base = base_model or {}
     base_deployment = base.get("deployment") or {}
     deployment = {k: v for k, v in base_deployment.items() if k not in _DECIDED}
-    kept = {k: v for k, v in (base_deployment.get("autoscaling") or {}).items()
-            if k not in _AUTOSCALING_DECIDED}
+    kept = {k: v for k, v in (base_deployment.get("autoscaling") or {}).items() if k not in _AUTOSCALING_DECIDED}
     deployment["autoscaling"] = {**autoscaling, **kept}
     entry: dict = {"weights": weights, "engine": engine}
     if base.get("env"):

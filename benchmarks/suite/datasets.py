@@ -22,7 +22,338 @@ from typing import Any
 from benchmarks.suite.spec import DatasetSpec
 
 # Common English words most tokenizers hold as single tokens (with a leading space).
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "are", "be", "this", "have", "not", "but", "had", "they", "you", "which", "one", "were", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "states", "himself", "few", "house", "use", "during", "without", "again", "place", "around", "however", "home", "small", "found", "thought", "went", "say", "part", "once", "general", "high", "upon", "school", "every", "don", "does", "got", "united", "left", "number", "course", "war", "until", "always", "away", "something", "fact", "though", "water", "less", "public", "put", "think", "almost", "hand", "enough", "far", "took", "head", "yet", "government", "system", "better", "set", "told", "nothing", "night", "end", "why", "called", "didn", "eyes", "find", "going", "look", "asked", "later", "knew", "point", "next", "city", "give", "group", "toward", "young", "let", "room", "president", "side", "social", "given", "present", "several", "order", "national", "possible", "rather", "second", "face", "per", "among", "form", "important", "often", "things", "looked", "early", "white", "case", "john", "become", "large", "big", "need", "four", "within", "felt", "along", "children", "saw", "best", "church", "ever", "least", "power", "development", "light", "thing", "seemed", "family", "interest", "want", "members", "mind", "country", "area", "others", "done", "turned", "although", "open", "god", "service", "certain", "kind", "problem", "began", "different", "door", "thus", "help", "sense", "means", "whole", "matter", "perhaps", "itself", "york", "times", "law", "human", "line", "above", "name", "example", "action", "company", "hands", "local", "show", "whether", "five", "history", "gave", "today", "either", "act", "feet", "across", "taken", "past", "quite", "anything", "seen", "having", "death", "experience", "body", "word", "half", "really", "week", "field", "car", "words", "already", "information"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "are",
+    "be",
+    "this",
+    "have",
+    "not",
+    "but",
+    "had",
+    "they",
+    "you",
+    "which",
+    "one",
+    "were",
+    "all",
+    "she",
+    "there",
+    "would",
+    "their",
+    "we",
+    "him",
+    "been",
+    "has",
+    "when",
+    "who",
+    "will",
+    "more",
+    "no",
+    "if",
+    "out",
+    "so",
+    "said",
+    "what",
+    "up",
+    "its",
+    "about",
+    "into",
+    "than",
+    "them",
+    "can",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "time",
+    "these",
+    "two",
+    "may",
+    "then",
+    "do",
+    "first",
+    "any",
+    "my",
+    "now",
+    "such",
+    "like",
+    "our",
+    "over",
+    "man",
+    "me",
+    "even",
+    "most",
+    "made",
+    "after",
+    "also",
+    "did",
+    "many",
+    "before",
+    "must",
+    "through",
+    "back",
+    "years",
+    "where",
+    "much",
+    "your",
+    "way",
+    "well",
+    "down",
+    "should",
+    "because",
+    "each",
+    "just",
+    "those",
+    "people",
+    "how",
+    "too",
+    "little",
+    "state",
+    "good",
+    "very",
+    "make",
+    "world",
+    "still",
+    "own",
+    "see",
+    "men",
+    "work",
+    "long",
+    "get",
+    "here",
+    "between",
+    "both",
+    "life",
+    "being",
+    "under",
+    "never",
+    "day",
+    "same",
+    "another",
+    "know",
+    "while",
+    "last",
+    "might",
+    "us",
+    "great",
+    "old",
+    "year",
+    "off",
+    "come",
+    "since",
+    "against",
+    "go",
+    "came",
+    "right",
+    "used",
+    "take",
+    "three",
+    "states",
+    "himself",
+    "few",
+    "house",
+    "use",
+    "during",
+    "without",
+    "again",
+    "place",
+    "around",
+    "however",
+    "home",
+    "small",
+    "found",
+    "thought",
+    "went",
+    "say",
+    "part",
+    "once",
+    "general",
+    "high",
+    "upon",
+    "school",
+    "every",
+    "don",
+    "does",
+    "got",
+    "united",
+    "left",
+    "number",
+    "course",
+    "war",
+    "until",
+    "always",
+    "away",
+    "something",
+    "fact",
+    "though",
+    "water",
+    "less",
+    "public",
+    "put",
+    "think",
+    "almost",
+    "hand",
+    "enough",
+    "far",
+    "took",
+    "head",
+    "yet",
+    "government",
+    "system",
+    "better",
+    "set",
+    "told",
+    "nothing",
+    "night",
+    "end",
+    "why",
+    "called",
+    "didn",
+    "eyes",
+    "find",
+    "going",
+    "look",
+    "asked",
+    "later",
+    "knew",
+    "point",
+    "next",
+    "city",
+    "give",
+    "group",
+    "toward",
+    "young",
+    "let",
+    "room",
+    "president",
+    "side",
+    "social",
+    "given",
+    "present",
+    "several",
+    "order",
+    "national",
+    "possible",
+    "rather",
+    "second",
+    "face",
+    "per",
+    "among",
+    "form",
+    "important",
+    "often",
+    "things",
+    "looked",
+    "early",
+    "white",
+    "case",
+    "john",
+    "become",
+    "large",
+    "big",
+    "need",
+    "four",
+    "within",
+    "felt",
+    "along",
+    "children",
+    "saw",
+    "best",
+    "church",
+    "ever",
+    "least",
+    "power",
+    "development",
+    "light",
+    "thing",
+    "seemed",
+    "family",
+    "interest",
+    "want",
+    "members",
+    "mind",
+    "country",
+    "area",
+    "others",
+    "done",
+    "turned",
+    "although",
+    "open",
+    "god",
+    "service",
+    "certain",
+    "kind",
+    "problem",
+    "began",
+    "different",
+    "door",
+    "thus",
+    "help",
+    "sense",
+    "means",
+    "whole",
+    "matter",
+    "perhaps",
+    "itself",
+    "york",
+    "times",
+    "law",
+    "human",
+    "line",
+    "above",
+    "name",
+    "example",
+    "action",
+    "company",
+    "hands",
+    "local",
+    "show",
+    "whether",
+    "five",
+    "history",
+    "gave",
+    "today",
+    "either",
+    "act",
+    "feet",
+    "across",
+    "taken",
+    "past",
+    "quite",
+    "anything",
+    "seen",
+    "having",
+    "death",
+    "experience",
+    "body",
+    "word",
+    "half",
+    "really",
+    "week",
+    "field",
+    "car",
+    "words",
+    "already",
+    "information",
+]
 # vLLM's ShareGPT filter (benchmarks/datasets.py is_valid_sequence), so sampled sets compare.
 SHAREGPT_MIN_LEN = 4
 SHAREGPT_MAX_PROMPT_LEN = 1024
@@ -67,8 +398,7 @@ def length_range(length: int, range_ratio: float) -> tuple[int, int]:
     return low, high
 
 
-def _random_requests(spec: DatasetSpec, n: int, rng: random.Random,
-                     text: _TextSampler) -> list[BenchRequest]:
+def _random_requests(spec: DatasetSpec, n: int, rng: random.Random, text: _TextSampler) -> list[BenchRequest]:
     in_low, in_high = length_range(spec.input_len, spec.range_ratio)
     out_low, out_high = length_range(spec.output_len, spec.range_ratio)
     requests: list[BenchRequest] = []
@@ -81,8 +411,7 @@ def _random_requests(spec: DatasetSpec, n: int, rng: random.Random,
     return requests
 
 
-def _shared_prefix_requests(spec: DatasetSpec, n: int, rng: random.Random,
-                            text: _TextSampler) -> list[BenchRequest]:
+def _shared_prefix_requests(spec: DatasetSpec, n: int, rng: random.Random, text: _TextSampler) -> list[BenchRequest]:
     prefixes: list[str] = []
     for _ in range(spec.num_prefixes):
         prefix, _count = text.distinct(rng, spec.prefix_len, set(prefixes))
@@ -95,8 +424,7 @@ def _shared_prefix_requests(spec: DatasetSpec, n: int, rng: random.Random,
         prefix = prefixes[i % len(prefixes)]
         suffix_len = rng.randint(in_low, in_high)
         max_tokens = rng.randint(out_low, out_high)
-        prompt, count = text.distinct(rng, suffix_len, seen, prefix=prefix,
-                                      prefix_tokens=spec.prefix_len)
+        prompt, count = text.distinct(rng, suffix_len, seen, prefix=prefix, prefix_tokens=spec.prefix_len)
         requests.append(BenchRequest(prompt, count, max_tokens))
     return requests
 
@@ -110,8 +438,9 @@ class _TextSampler:
         if tokenizer is not None:
             self.ids = _word_token_ids(tokenizer)
 
-    def distinct(self, rng: random.Random, length: int, seen: set[str], *, prefix: str = "",
-                 prefix_tokens: int = 0) -> tuple[str, int | None]:
+    def distinct(
+        self, rng: random.Random, length: int, seen: set[str], *, prefix: str = "", prefix_tokens: int = 0
+    ) -> tuple[str, int | None]:
         """prefix + random text of `length` tokens, not in `seen` (when the space of texts allows
         it), added to `seen`; with its token count (None without a tokenizer)."""
         for _ in range(_DISTINCT_TRIES):
@@ -121,15 +450,13 @@ class _TextSampler:
         seen.add(prompt)
         return prompt, count
 
-    def text(self, rng: random.Random, length: int, prefix: str = "",
-             prefix_tokens: int = 0) -> tuple[str, int | None]:
+    def text(self, rng: random.Random, length: int, prefix: str = "", prefix_tokens: int = 0) -> tuple[str, int | None]:
         if self.tokenizer is None:
             words = " ".join(rng.choice(WORDS) for _ in range(length))
             return (f"{prefix} {words}" if prefix else words), None
         return self._exact(rng, length, prefix, prefix_tokens)
 
-    def _exact(self, rng: random.Random, length: int, prefix: str,
-               prefix_tokens: int) -> tuple[str, int]:
+    def _exact(self, rng: random.Random, length: int, prefix: str, prefix_tokens: int) -> tuple[str, int]:
         # Whole-word tokens re-encode to themselves, so this is exact on the first try for BPE
         # vocabularies; the loop is vLLM's decode/re-encode/adjust for any other tokenizer.
         target = prefix_tokens + length
@@ -142,7 +469,7 @@ class _TextSampler:
             if count < target:
                 ids += [rng.choice(self.ids) for _ in range(target - count)]
             else:
-                ids = ids[:max(1, len(ids) - (count - target))]
+                ids = ids[: max(1, len(ids) - (count - target))]
         return prompt, count
 
 
@@ -153,8 +480,7 @@ def _word_token_ids(tokenizer: Any) -> list[int]:
     ids = [i for i in range(tokenizer.get_vocab_size()) if i not in special]
     texts = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
-    words = [i for i, t, e in zip(ids, texts, encoded)
-             if t[:1] == " " and t[1:].isalpha() and e.ids == [i]]
+    words = [i for i, t, e in zip(ids, texts, encoded) if t[:1] == " " and t[1:].isalpha() and e.ids == [i]]
     if len(words) >= 64:
         return words
     if not ids:
@@ -164,8 +490,8 @@ def _word_token_ids(tokenizer: Any) -> list[int]:
 
 # --- ShareGPT --------------------------------------------------------------------------------------
 
-def _sharegpt_requests(spec: DatasetSpec, n: int, rng: random.Random,
-                       tokenizer: Any) -> list[BenchRequest]:
+
+def _sharegpt_requests(spec: DatasetSpec, n: int, rng: random.Random, tokenizer: Any) -> list[BenchRequest]:
     path = Path(spec.path or "")
     pairs = read_sharegpt(path)
     rng.shuffle(pairs)
@@ -179,9 +505,11 @@ def _sharegpt_requests(spec: DatasetSpec, n: int, rng: random.Random,
             continue
         chosen.append(BenchRequest(prompt, prompt_len if tokenizer is not None else None, output_len))
     if not chosen and n:
-        raise ValueError(f"{path}: no conversation fits (prompt {SHAREGPT_MIN_LEN}.."
-                         f"{SHAREGPT_MAX_PROMPT_LEN} tokens, prompt + output <= "
-                         f"{SHAREGPT_MAX_TOTAL_LEN}, as vLLM bench filters ShareGPT)")
+        raise ValueError(
+            f"{path}: no conversation fits (prompt {SHAREGPT_MIN_LEN}.."
+            f"{SHAREGPT_MAX_PROMPT_LEN} tokens, prompt + output <= "
+            f"{SHAREGPT_MAX_TOTAL_LEN}, as vLLM bench filters ShareGPT)"
+        )
     return [chosen[i % len(chosen)] for i in range(n)]
 
 
@@ -201,24 +529,24 @@ def read_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations, "
-                         f"not a {type(data).__name__}")
+        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations, not a {type(data).__name__}")
     pairs: list[tuple[str, str]] = []
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {index} is a {type(entry).__name__}, not an object "
-                             'with "conversations"')
+            raise ValueError(f'{path}: entry {index} is a {type(entry).__name__}, not an object with "conversations"')
         turns = entry.get("conversations")
         if turns is None:
             continue
         if not isinstance(turns, list):
-            raise ValueError(f'{path}: entry {index}: "conversations" must be a list of '
-                             '{"from", "value"} turns')
+            raise ValueError(f'{path}: entry {index}: "conversations" must be a list of {{"from", "value"}} turns')
         for t, turn in enumerate(turns):
-            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
-                    and isinstance(turn.get("value"), str)):
-                raise ValueError(f'{path}: entry {index}, turn {t}: expected {{"from": str, '
-                                 f'"value": str}}, got {json.dumps(turn)[:80]}')
+            if not (
+                isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)
+            ):
+                raise ValueError(
+                    f'{path}: entry {index}, turn {t}: expected {{"from": str, '
+                    f'"value": str}}, got {json.dumps(turn)[:80]}'
+                )
         if len(turns) < 2:
             continue
         pair = _first_exchange(turns)

@@ -36,11 +36,10 @@ from benchmarks.suite.spec import LoadSpec
 WARMUP_CONCURRENCY = 2
 WARMUP_TIMEOUT_S = 600.0
 _ERROR_CHARS = 200
-_READ_BUFSIZE = 10 * 1024 ** 2  # as vLLM bench: large chunks are read whole
+_READ_BUFSIZE = 10 * 1024**2  # as vLLM bench: large chunks are read whole
 
 
-def arrival_times(n: int, rate: float, burstiness: float = 1.0, ramp_up_s: float = 0.0,
-                  seed: int = 0) -> list[float]:
+def arrival_times(n: int, rate: float, burstiness: float = 1.0, ramp_up_s: float = 0.0, seed: int = 0) -> list[float]:
     """When each of n requests is sent, in seconds from the load point's start (non-decreasing).
 
     Gaps are gamma-distributed with shape `burstiness` and mean 1/rate, as vLLM bench (1 is a
@@ -66,9 +65,15 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, ramp_up_s: float
     return [math.sqrt(2 * ramp_up_s * s) if s < half else s + half for s in times]
 
 
-async def run_point(url: str, model: str, requests: list[BenchRequest], load: LoadSpec,
-                    level: float, api_key: str | None = None,
-                    progress: bool = False) -> tuple[list[RequestRecord], float]:
+async def run_point(
+    url: str,
+    model: str,
+    requests: list[BenchRequest],
+    load: LoadSpec,
+    level: float,
+    api_key: str | None = None,
+    progress: bool = False,
+) -> tuple[list[RequestRecord], float]:
     """Send every request at one load level; the records (in request order) and the duration
     from the first send to the last completion, in seconds."""
     if not requests:
@@ -83,8 +88,7 @@ async def run_point(url: str, model: str, requests: list[BenchRequest], load: Lo
 
             async def send(i: int) -> None:
                 body = request_body(model, requests[i], load.endpoint)
-                records[i] = await _send(session, endpoint, body, headers, requests[i], start,
-                                         load.request_timeout_s)
+                records[i] = await _send(session, endpoint, body, headers, requests[i], start, load.request_timeout_s)
                 advance()
 
             if load.mode == "concurrency":
@@ -97,8 +101,7 @@ async def run_point(url: str, model: str, requests: list[BenchRequest], load: Lo
                 workers = min(max(1, int(level)), len(requests))
                 await asyncio.gather(*(worker() for _ in range(workers)))
             else:
-                times = arrival_times(len(requests), level, load.burstiness, load.ramp_up_s,
-                                      load.seed)
+                times = arrival_times(len(requests), level, load.burstiness, load.ramp_up_s, load.seed)
                 limit = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
 
                 async def arrive(i: int) -> None:
@@ -117,16 +120,19 @@ async def run_point(url: str, model: str, requests: list[BenchRequest], load: Lo
     return done, duration
 
 
-async def warmup(url: str, model: str, requests: list[BenchRequest], n: int,
-                 api_key: str | None = None, endpoint: str = "chat") -> int:
+async def warmup(
+    url: str, model: str, requests: list[BenchRequest], n: int, api_key: str | None = None, endpoint: str = "chat"
+) -> int:
     """Send n requests (cycling through `requests`), two at a time, recording nothing; returns
     how many failed, so a caller can warn before measuring a server that does not answer."""
     if n <= 0 or not requests:
         return 0
-    load = LoadSpec(mode="concurrency", levels=[WARMUP_CONCURRENCY], endpoint=endpoint,
-                    request_timeout_s=WARMUP_TIMEOUT_S)
-    records, _ = await run_point(url, model, [requests[i % len(requests)] for i in range(n)], load,
-                                 WARMUP_CONCURRENCY, api_key)
+    load = LoadSpec(
+        mode="concurrency", levels=[WARMUP_CONCURRENCY], endpoint=endpoint, request_timeout_s=WARMUP_TIMEOUT_S
+    )
+    records, _ = await run_point(
+        url, model, [requests[i % len(requests)] for i in range(n)], load, WARMUP_CONCURRENCY, api_key
+    )
     return sum(not r.ok for r in records)
 
 
@@ -161,13 +167,22 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def _session(timeout_s: float) -> aiohttp.ClientSession:
     # limit=0: no connection cap, so the load level alone decides what is in flight.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                 read_bufsize=_READ_BUFSIZE)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        read_bufsize=_READ_BUFSIZE,
+    )
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str],
-                request: BenchRequest, start: float, timeout_s: float) -> RequestRecord:
+async def _send(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict,
+    headers: dict[str, str],
+    request: BenchRequest,
+    start: float,
+    timeout_s: float,
+) -> RequestRecord:
     record = RequestRecord(ok=False, prompt_tokens=request.prompt_tokens or 0)
     sent = time.perf_counter()
     record.start = sent - start
@@ -295,8 +310,14 @@ def _progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     with bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)

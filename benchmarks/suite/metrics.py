@@ -39,8 +39,12 @@ def percentile_key(p: float, metric: str) -> str:
     return f"{percentile_word(p)}_{metric}_ms"
 
 
-def summarize(records: list[RequestRecord], duration_s: float, slo: SLOSpec | None = None,
-              percentiles: tuple[float, ...] = (50, 90, 99)) -> dict:
+def summarize(
+    records: list[RequestRecord],
+    duration_s: float,
+    slo: SLOSpec | None = None,
+    percentiles: tuple[float, ...] = (50, 90, 99),
+) -> dict:
     """The metrics of one load point that ran `records` over `duration_s` seconds. With an SLO,
     request_goodput and good_requests are counted and the SLO's percentile is always among the
     pNN fields; without one they are None. A duration of 0 gives rates of 0."""

@@ -55,8 +55,12 @@ _SET_MARKERS = ("o", "s", "^", "D", "v", "P")
 _MAX_PLOT_LABEL = 60
 _HALO = [patheffects.withStroke(linewidth=2.5, foreground="white")]  # point labels stay legible over lines
 # Where each line's point labels go (dx, dy in points, ha, va), so two lines' labels part.
-_LABEL_OFFSETS = ((6, 5, "left", "bottom"), (6, -5, "left", "top"),
-                  (-6, 5, "right", "bottom"), (-6, -5, "right", "top"))
+_LABEL_OFFSETS = (
+    (6, 5, "left", "bottom"),
+    (6, -5, "left", "top"),
+    (-6, 5, "right", "bottom"),
+    (-6, -5, "right", "top"),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,11 +79,14 @@ def load_results(paths: list[Path]) -> list[dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a keel bench result (not JSON: {e})") from None
         if not isinstance(doc, dict) or "keel_bench" not in doc:
-            raise ValueError(f'{path}: not a keel bench result (no "keel_bench" key; '
-                             "result files are written by `keel bench run`)")
+            raise ValueError(
+                f'{path}: not a keel bench result (no "keel_bench" key; result files are written by `keel bench run`)'
+            )
         if doc["keel_bench"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: keel bench result format {doc['keel_bench']!r}; "
-                             f"this version of Keel reads format {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: keel bench result format {doc['keel_bench']!r}; "
+                f"this version of Keel reads format {FORMAT_VERSION}"
+            )
         _check_shape(doc, path)
         meta = doc.setdefault("meta", {})
         if not meta.get("label"):
@@ -98,8 +105,9 @@ def _check_shape(doc: dict, path: Path) -> None:
         for j, p in enumerate(s["points"]):
             load = p.get("load") if isinstance(p, dict) else None
             if not isinstance(load, dict) or "kind" not in load or "value" not in load:
-                raise ValueError(f'{path}: malformed keel bench result: settings[{i}].points[{j}] '
-                                 'has no "load" {kind, value}')
+                raise ValueError(
+                    f'{path}: malformed keel bench result: settings[{i}].points[{j}] has no "load" {{kind, value}}'
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +139,16 @@ def _sets(results: list[dict]) -> list[_Set]:
         if seen[label] > 1:  # two runs with the same label: keep them apart in legends
             label = f"{label} #{seen[label]}"
         slo = r.get("slo") or {}
-        out.append(_Set(tag=_tag(i), label=label, result=r, slo=slo, pct=float(slo.get("percentile") or 99),
-                        currency=str((r.get("hardware") or {}).get("currency") or "USD")))
+        out.append(
+            _Set(
+                tag=_tag(i),
+                label=label,
+                result=r,
+                slo=slo,
+                pct=float(slo.get("percentile") or 99),
+                currency=str((r.get("hardware") or {}).get("currency") or "USD"),
+            )
+        )
     return out
 
 
@@ -186,9 +202,11 @@ def _load_axis(kind: str) -> str:
 
 
 def _slo_text(s: _Set) -> str:
-    parts = [f"{name} {percentile_word(s.pct)} ≤ {s.slo[key]:g} ms"
-             for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("E2EL", "e2el_ms"))
-             if s.slo.get(key) is not None]
+    parts = [
+        f"{name} {percentile_word(s.pct)} ≤ {s.slo[key]:g} ms"
+        for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("E2EL", "e2el_ms"))
+        if s.slo.get(key) is not None
+    ]
     return ", ".join(parts) if parts else "none"
 
 
@@ -369,20 +387,27 @@ def _to_html(blocks: list[Block], title: str, images: dict[str, bytes]) -> str:
         elif isinstance(b, _Table):
             align = _align(b)
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            rows = "".join("<tr>" + "".join(f'<td class="{a}">{_html_inline(c)}</td>' for a, c in zip(align, row))
-                           + "</tr>" for row in b.rows)
+            rows = "".join(
+                "<tr>" + "".join(f'<td class="{a}">{_html_inline(c)}</td>' for a, c in zip(align, row)) + "</tr>"
+                for row in b.rows
+            )
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif isinstance(b, _CodeBlock):
             cls = f' class="language-{html.escape(b.lang)}"' if b.lang else ""
             body.append(f"<pre><code{cls}>{html.escape(b.text.rstrip())}</code></pre>")
         elif isinstance(b, _Image):
             data = base64.b64encode(images[b.file]).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b.alt)}</figcaption></figure>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+            body.append(
+                f'<figure><img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(b.alt)}</figcaption></figure>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +440,15 @@ def _set_blocks(s: _Set, compare: bool) -> list[Block]:
     fact("server", meta.get("url") or spec.get("url"))
     if facts:
         blocks.append(_Para(facts))
-    blocks.append(_Para([_Bold("SLO:"), f" {_slo_text(s)}; a load point meets it when each percentile is "
-                         "within its threshold and no request failed."]))
+    blocks.append(
+        _Para(
+            [
+                _Bold("SLO:"),
+                f" {_slo_text(s)}; a load point meets it when each percentile is "
+                "within its threshold and no request failed.",
+            ]
+        )
+    )
     workload = _workload_text(spec)
     if workload:
         blocks.append(_Para(workload))
@@ -454,18 +486,30 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
         desc += ["; engine: ", _Code(", ".join(f"{k}={v}" for k, v in engine.items()))]
     pw = percentile_word(s.pct)
     e2el = s.slo.get("e2el_ms") is not None
-    header = ["load", "req/s", "output tok/s", "TTFT p50 (ms)", f"TTFT {pw} (ms)", "TPOT p50 (ms)",
-              f"TPOT {pw} (ms)"] + ([f"E2EL {pw} (ms)"] if e2el else []) + \
-             ["goodput (req/s)", "failed", f"{s.currency}/M output tok", "meets SLO"]
+    header = (
+        ["load", "req/s", "output tok/s", "TTFT p50 (ms)", f"TTFT {pw} (ms)", "TPOT p50 (ms)", f"TPOT {pw} (ms)"]
+        + ([f"E2EL {pw} (ms)"] if e2el else [])
+        + ["goodput (req/s)", "failed", f"{s.currency}/M output tok", "meets SLO"]
+    )
     rows = []
     for p in _sorted_points(setting):
-        row: list[Text] = [load_text(p["load"]), _num(p.get("request_throughput")), _num(p.get("output_throughput")),
-                           _num(p.get("median_ttft_ms")), _over(_q(p, s.pct, "ttft"), s.slo.get("ttft_ms")),
-                           _num(p.get("median_tpot_ms")), _over(_q(p, s.pct, "tpot"), s.slo.get("tpot_ms"))]
+        row: list[Text] = [
+            load_text(p["load"]),
+            _num(p.get("request_throughput")),
+            _num(p.get("output_throughput")),
+            _num(p.get("median_ttft_ms")),
+            _over(_q(p, s.pct, "ttft"), s.slo.get("ttft_ms")),
+            _num(p.get("median_tpot_ms")),
+            _over(_q(p, s.pct, "tpot"), s.slo.get("tpot_ms")),
+        ]
         if e2el:
             row.append(_over(_q(p, s.pct, "e2el"), s.slo.get("e2el_ms")))
-        row += [_num(p.get("request_goodput")), _failed_text(p), _num(p.get("cost_per_million_output_tokens")),
-                "✓" if p.get("meets_slo") else "✗"]
+        row += [
+            _num(p.get("request_goodput")),
+            _failed_text(p),
+            _num(p.get("cost_per_million_output_tokens")),
+            "✓" if p.get("meets_slo") else "✗",
+        ]
         rows.append(row)
     align = "l" + "r" * (len(header) - 2) + "c"
     blocks: list[Block] = [_Heading(3, head), _Para(desc)]
@@ -474,9 +518,11 @@ def _setting_blocks(s: _Set, setting: dict, i: int) -> list[Block]:
     blocks.append(_Table(header, rows, align) if rows else _Para("No load points."))
     best = setting.get("slo_max")
     if best:
-        text = (f" {load_text(best['load'])}: {_num(best.get('request_throughput'))} req/s, "
-                f"{_num(best.get('output_throughput'))} output tok/s, TTFT {pw} {_num(_q(best, s.pct, 'ttft'))} ms, "
-                f"TPOT {pw} {_num(_q(best, s.pct, 'tpot'))} ms")
+        text = (
+            f" {load_text(best['load'])}: {_num(best.get('request_throughput'))} req/s, "
+            f"{_num(best.get('output_throughput'))} output tok/s, TTFT {pw} {_num(_q(best, s.pct, 'ttft'))} ms, "
+            f"TPOT {pw} {_num(_q(best, s.pct, 'tpot'))} ms"
+        )
         cost = best.get("cost_per_million_output_tokens")
         text += f", {s.currency} {_num(cost)} per million output tokens." if cost is not None else "."
     elif setting.get("error") and not rows:
@@ -496,8 +542,11 @@ def _recommendation_blocks(s: _Set) -> list[Block]:
     rec = s.result.get("recommendation")
     blocks: list[Block] = [_Heading(3, "Recommendation")]
     if not rec:
-        why = "no setting met the SLO at any load" if not any(st.get("slo_max") for st in s.settings) \
+        why = (
+            "no setting met the SLO at any load"
+            if not any(st.get("slo_max") for st in s.settings)
             else "none in this result (the spec gave no target peak load)"
+        )
         blocks.append(_Para(f"No recommendation: {why}."))
         return blocks
     cur = str(rec.get("currency") or s.currency)
@@ -509,8 +558,9 @@ def _recommendation_blocks(s: _Set) -> list[Block]:
     if rec.get("cost_per_hour") is not None:
         summary.append(f"{', ' if summary else ''}{cur} {_num(rec['cost_per_hour'])} per hour")
     if rec.get("cost_per_million_output_tokens") is not None:
-        summary.append(f"{', ' if summary else ''}{cur} {_num(rec['cost_per_million_output_tokens'])} "
-                       "per million output tokens")
+        summary.append(
+            f"{', ' if summary else ''}{cur} {_num(rec['cost_per_million_output_tokens'])} per million output tokens"
+        )
     if summary:
         blocks.append(_Para([_Bold("Recommended:"), " "] + summary + ["."]))
     items: list[Text] = []
@@ -538,8 +588,10 @@ def _recommendation_blocks(s: _Set) -> list[Block]:
 def _describe(value: Any, s: _Set) -> str:
     """A short text for a recommendation field that may be a load point, a mapping or a value."""
     if isinstance(value, dict) and isinstance(value.get("load"), dict):
-        return (f"{load_text(value['load'])}: {_num(value.get('request_throughput'))} req/s, "
-                f"{_num(value.get('output_throughput'))} output tok/s")
+        return (
+            f"{load_text(value['load'])}: {_num(value.get('request_throughput'))} req/s, "
+            f"{_num(value.get('output_throughput'))} output tok/s"
+        )
     if isinstance(value, dict):
         return ", ".join(f"{k}={_describe(v, s)}" for k, v in value.items())
     if isinstance(value, float):
@@ -604,8 +656,12 @@ def _compare_blocks(sets: list[_Set]) -> list[Block]:
     for i, s in enumerate(sets):
         who += [("; " if i else ""), _Bold(s.tag), f" = {s.label}" + (" (baseline)" if i == 0 else "")]
     blocks.append(_Para(who + ["."]))
-    blocks.append(_Para("Ratios are set ÷ baseline: above 1× is better for throughput, below 1× is better "
-                        f"for latency and cost. Latencies are at the baseline's SLO percentile ({pw})."))
+    blocks.append(
+        _Para(
+            "Ratios are set ÷ baseline: above 1× is better for throughput, below 1× is better "
+            f"for latency and cost. Latencies are at the baseline's SLO percentile ({pw})."
+        )
+    )
     for other in sets[1:]:
         m = _match(base, other)
         a, b = base.tag, other.tag
@@ -616,41 +672,86 @@ def _compare_blocks(sets: list[_Set]) -> list[Block]:
             blocks.append(_Para("The two sets share no setting name: points matched by setting position and load."))
         notes = []
         if _slo_text(base) != _slo_text(other):
-            notes.append(f"The SLOs differ ({a}: {_slo_text(base)}; {b}: {_slo_text(other)}); each set's "
-                         "✓/✗ is judged against its own SLO.")
+            notes.append(
+                f"The SLOs differ ({a}: {_slo_text(base)}; {b}: {_slo_text(other)}); each set's "
+                "✓/✗ is judged against its own SLO."
+            )
         same_currency = base.currency == other.currency
         if not same_currency:
             notes.append(f"The currencies differ ({a}: {base.currency}, {b}: {other.currency}): no cost ratio.")
         blocks += [_Para(n) for n in notes]
         cur = base.currency if same_currency else "cost"
-        header = ["setting", "load",
-                  f"output tok/s {a}", b, "ratio",
-                  f"TTFT {pw} (ms) {a}", b, "ratio",
-                  f"TPOT {pw} (ms) {a}", b, "ratio",
-                  f"{cur}/M output tok {a}", b, "ratio", f"meets SLO {a} / {b}"]
+        header = [
+            "setting",
+            "load",
+            f"output tok/s {a}",
+            b,
+            "ratio",
+            f"TTFT {pw} (ms) {a}",
+            b,
+            "ratio",
+            f"TPOT {pw} (ms) {a}",
+            b,
+            "ratio",
+            f"{cur}/M output tok {a}",
+            b,
+            "ratio",
+            f"meets SLO {a} / {b}",
+        ]
         rows = []
         for bname, oname, p, q in m.rows:
             name: Text = [_Code(bname)] if bname == oname else [_Code(bname), " ↔ ", _Code(oname)]
             cb, co = p.get("cost_per_million_output_tokens"), q.get("cost_per_million_output_tokens")
-            rows.append([name, load_text(p["load"]),
-                         _num(p.get("output_throughput")), _num(q.get("output_throughput")),
-                         _ratio(p.get("output_throughput"), q.get("output_throughput")),
-                         _num(_q(p, base.pct, "ttft")), _num(_q(q, base.pct, "ttft")),
-                         _ratio(_q(p, base.pct, "ttft"), _q(q, base.pct, "ttft")),
-                         _num(_q(p, base.pct, "tpot")), _num(_q(q, base.pct, "tpot")),
-                         _ratio(_q(p, base.pct, "tpot"), _q(q, base.pct, "tpot")),
-                         _num(cb), _num(co), _ratio(cb, co) if same_currency else "–",
-                         f"{'✓' if p.get('meets_slo') else '✗'} / {'✓' if q.get('meets_slo') else '✗'}"])
+            rows.append(
+                [
+                    name,
+                    load_text(p["load"]),
+                    _num(p.get("output_throughput")),
+                    _num(q.get("output_throughput")),
+                    _ratio(p.get("output_throughput"), q.get("output_throughput")),
+                    _num(_q(p, base.pct, "ttft")),
+                    _num(_q(q, base.pct, "ttft")),
+                    _ratio(_q(p, base.pct, "ttft"), _q(q, base.pct, "ttft")),
+                    _num(_q(p, base.pct, "tpot")),
+                    _num(_q(q, base.pct, "tpot")),
+                    _ratio(_q(p, base.pct, "tpot"), _q(q, base.pct, "tpot")),
+                    _num(cb),
+                    _num(co),
+                    _ratio(cb, co) if same_currency else "–",
+                    f"{'✓' if p.get('meets_slo') else '✗'} / {'✓' if q.get('meets_slo') else '✗'}",
+                ]
+            )
         blocks.append(_Table(header, rows, "ll" + "r" * 12 + "c") if rows else _Para("No load point matched."))
         if m.settings:
-            blocks.append(_Para([_Bold("SLO-compliant maximum"), " (the highest load each set carried inside its SLO):"]))
-            blocks.append(_Table(
-                ["setting", f"max load {a}", b, f"output tok/s {a}", b, "ratio", f"{cur}/M output tok {a}", b, "ratio"],
-                [_max_row(sb, so, nb, no, same_currency) for sb, so, nb, no in m.settings], "lllrrrrrr"))
+            blocks.append(
+                _Para([_Bold("SLO-compliant maximum"), " (the highest load each set carried inside its SLO):"])
+            )
+            blocks.append(
+                _Table(
+                    [
+                        "setting",
+                        f"max load {a}",
+                        b,
+                        f"output tok/s {a}",
+                        b,
+                        "ratio",
+                        f"{cur}/M output tok {a}",
+                        b,
+                        "ratio",
+                    ],
+                    [_max_row(sb, so, nb, no, same_currency) for sb, so, nb, no in m.settings],
+                    "lllrrrrrr",
+                )
+            )
         if m.only_base or m.only_other:
-            items: list[Text] = [[f"only in {a}: setting ", _Code(n), f", {load_text(p['load'])}"] for n, p in m.only_base]
+            items: list[Text] = [
+                [f"only in {a}: setting ", _Code(n), f", {load_text(p['load'])}"] for n, p in m.only_base
+            ]
             items += [[f"only in {b}: setting ", _Code(n), f", {load_text(p['load'])}"] for n, p in m.only_other]
-            blocks += [_Para([_Bold("Unmatched load points"), f" ({len(items)}, not in the table above):"]), _List(items)]
+            blocks += [
+                _Para([_Bold("Unmatched load points"), f" ({len(items)}, not in the table above):"]),
+                _List(items),
+            ]
         else:
             blocks.append(_Para("Every load point matched."))
     return blocks
@@ -664,10 +765,17 @@ def _max_row(sb: dict, so: dict, nb: str, no: str, same_currency: bool) -> list[
         return p.get(k) if p else None
 
     cb, co = get(pb, "cost_per_million_output_tokens"), get(po, "cost_per_million_output_tokens")
-    return [name, load_text(pb["load"]) if pb else "none", load_text(po["load"]) if po else "none",
-            _num(get(pb, "output_throughput")), _num(get(po, "output_throughput")),
-            _ratio(get(pb, "output_throughput"), get(po, "output_throughput")),
-            _num(cb), _num(co), _ratio(cb, co) if same_currency else "–"]
+    return [
+        name,
+        load_text(pb["load"]) if pb else "none",
+        load_text(po["load"]) if po else "none",
+        _num(get(pb, "output_throughput")),
+        _num(get(po, "output_throughput")),
+        _ratio(get(pb, "output_throughput"), get(po, "output_throughput")),
+        _num(cb),
+        _num(co),
+        _ratio(cb, co) if same_currency else "–",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,9 +807,17 @@ def _lines(sets: list[_Set]) -> list[_Line]:
             colors.setdefault(key, len(colors))
             label = name if len(sets) == 1 else f"{s.label} · {name}"
             if len(label) > _MAX_PLOT_LABEL:
-                label = label[:_MAX_PLOT_LABEL - 1] + "…"
-            lines.append(_Line(label, palette[colors[key] % len(palette)], _SET_STYLES[si % len(_SET_STYLES)],
-                               _SET_MARKERS[si % len(_SET_MARKERS)], _sorted_points(st), s))
+                label = label[: _MAX_PLOT_LABEL - 1] + "…"
+            lines.append(
+                _Line(
+                    label,
+                    palette[colors[key] % len(palette)],
+                    _SET_STYLES[si % len(_SET_STYLES)],
+                    _SET_MARKERS[si % len(_SET_MARKERS)],
+                    _sorted_points(st),
+                    s,
+                )
+            )
     return lines
 
 
@@ -750,14 +866,21 @@ def _legend_cols(labels: list[str], width_in: float) -> int:
 def _figure(width_in: float, plots_height_in: float, labels: list[str], legend_title: bool) -> Figure:
     """A figure tall enough for its plots plus the legend rows below them."""
     rows = math.ceil(len(labels) / _legend_cols(labels, width_in)) if labels else 0
-    return Figure(figsize=(width_in, plots_height_in + 0.22 * rows + (0.25 if legend_title else 0)),
-                  layout="constrained")
+    return Figure(
+        figsize=(width_in, plots_height_in + 0.22 * rows + (0.25 if legend_title else 0)), layout="constrained"
+    )
 
 
 def _finish(fig: Figure, handles: list, labels: list[str], legend_title: str | None, path: Path) -> None:
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=_legend_cols(labels, fig.get_figwidth()),
-                   frameon=False, title=legend_title)
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=_legend_cols(labels, fig.get_figwidth()),
+            frameon=False,
+            title=legend_title,
+        )
     fig.savefig(path, format="png", metadata={"Software": None})
 
 
@@ -777,8 +900,9 @@ def _slo_lines(lines: list[_Line], metric: str, name: str) -> dict[str, float]:
 
 
 def _plot_latency(lines: list[_Line], title: str, path: Path) -> None:
-    slo_labels = [label for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT"))
-                  for label in _slo_lines(lines, metric, name)]
+    slo_labels = [
+        label for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT")) for label in _slo_lines(lines, metric, name)
+    ]
     fig = _figure(12.5, 5.0, list(dict.fromkeys([ln.label for ln in lines] + slo_labels)), True)
     fig.suptitle(f"{title}\nLatency vs output throughput")
     axes = fig.subplots(1, 2)
@@ -791,13 +915,29 @@ def _plot_latency(lines: list[_Line], title: str, path: Path) -> None:
             pts = [t for t in pts if t[0] is not None and t[1] is not None]
             if not pts:
                 continue
-            h, = ax.plot([t[0] for t in pts], [t[1] for t in pts], color=ln.color, linestyle=ln.style,
-                         marker=ln.marker, markersize=6, linewidth=1.8)
+            (h,) = ax.plot(
+                [t[0] for t in pts],
+                [t[1] for t in pts],
+                color=ln.color,
+                linestyle=ln.style,
+                marker=ln.marker,
+                markersize=6,
+                linewidth=1.8,
+            )
             handles.setdefault(ln.label, h)
             dx, dy, ha, va = _LABEL_OFFSETS[k % len(_LABEL_OFFSETS)]
             for x, y, p in pts:
-                ax.annotate(_load_short(p["load"]), (x, y), xytext=(dx, dy), textcoords="offset points",
-                            ha=ha, va=va, fontsize=8, color=ln.color, path_effects=_HALO)
+                ax.annotate(
+                    _load_short(p["load"]),
+                    (x, y),
+                    xytext=(dx, dy),
+                    textcoords="offset points",
+                    ha=ha,
+                    va=va,
+                    fontsize=8,
+                    color=ln.color,
+                    path_effects=_HALO,
+                )
             ys_all += [t[1] for t in pts]
         seen = _slo_lines(lines, metric, name)
         for label, limit in seen.items():
@@ -841,18 +981,38 @@ def _plot_cost(lines: list[_Line], title: str, path: Path) -> None:
     for ax, kind in zip(axes, kinds):
         ys_all, xs_all = [], []
         for ln in lines:
-            pts = [(float(p["load"]["value"]), p.get("cost_per_million_output_tokens"), bool(p.get("meets_slo")))
-                   for p in ln.points if p["load"]["kind"] == kind]
+            pts = [
+                (float(p["load"]["value"]), p.get("cost_per_million_output_tokens"), bool(p.get("meets_slo")))
+                for p in ln.points
+                if p["load"]["kind"] == kind
+            ]
             pts = [t for t in pts if t[1] is not None]
             if not pts:
                 continue
             label = ln.label if one_currency else f"{ln.label} ({ln.set.currency})"
-            h, = ax.plot([t[0] for t in pts], [t[1] for t in pts], color=ln.color, linestyle=ln.style,
-                         linewidth=1.8, marker=ln.marker, markersize=7, markerfacecolor=ln.color)
+            (h,) = ax.plot(
+                [t[0] for t in pts],
+                [t[1] for t in pts],
+                color=ln.color,
+                linestyle=ln.style,
+                linewidth=1.8,
+                marker=ln.marker,
+                markersize=7,
+                markerfacecolor=ln.color,
+            )
             for x, y, ok in pts:  # hollow markers over the line's for points outside the SLO
                 if not ok:
-                    ax.plot([x], [y], linestyle="none", marker=ln.marker, markersize=7, markeredgewidth=1.6,
-                            markeredgecolor=ln.color, markerfacecolor="white", zorder=h.get_zorder() + 0.1)
+                    ax.plot(
+                        [x],
+                        [y],
+                        linestyle="none",
+                        marker=ln.marker,
+                        markersize=7,
+                        markeredgewidth=1.6,
+                        markeredgecolor=ln.color,
+                        markerfacecolor="white",
+                        zorder=h.get_zorder() + 0.1,
+                    )
             handles.setdefault(label, h)
             xs_all += [t[0] for t in pts]
             ys_all += [t[1] for t in pts]
@@ -860,14 +1020,25 @@ def _plot_cost(lines: list[_Line], title: str, path: Path) -> None:
             _no_data(ax, "no cost figures (no hardware price?)")
         ax.set_title(f"by {kind}")
         ax.set_xlabel(_load_axis(kind))
-        ax.set_ylabel(f"{next(iter(currencies))} per 1M output tokens" if one_currency
-                      else "cost per 1M output tokens (currency in legend)")
+        ax.set_ylabel(
+            f"{next(iter(currencies))} per 1M output tokens"
+            if one_currency
+            else "cost per 1M output tokens (currency in legend)"
+        )
         ax.margins(x=0.06, y=0.1)
         _scale_load_x(ax, xs_all)
         _scale_y(ax, ys_all)
     handles["meets SLO (filled)"] = Line2D([], [], linestyle="none", marker="o", markersize=7, color="#555555")
-    handles["misses SLO (hollow)"] = Line2D([], [], linestyle="none", marker="o", markersize=7, color="#555555",
-                                            markerfacecolor="white", markeredgewidth=1.6)
+    handles["misses SLO (hollow)"] = Line2D(
+        [],
+        [],
+        linestyle="none",
+        marker="o",
+        markersize=7,
+        color="#555555",
+        markerfacecolor="white",
+        markeredgewidth=1.6,
+    )
     _finish(fig, list(handles.values()), list(handles), None, path)
 
 
@@ -875,8 +1046,9 @@ def _plot_goodput(lines: list[_Line], title: str, path: Path) -> None:
     kinds = _kinds(lines)
     has_goodput = any(p.get("request_goodput") is not None for ln in lines for p in ln.points)
     cols = 2 if has_goodput else 1
-    fig = _figure(12.5 if has_goodput else 8.5, 0.4 + 4.6 * len(kinds),
-                  list(dict.fromkeys(ln.label for ln in lines)), False)
+    fig = _figure(
+        12.5 if has_goodput else 8.5, 0.4 + 4.6 * len(kinds), list(dict.fromkeys(ln.label for ln in lines)), False
+    )
     fig.suptitle(f"{title}\nRequest throughput" + (" and goodput" if has_goodput else "") + " vs load")
     grid = fig.subplots(len(kinds), cols, squeeze=False, sharey="row")
     handles: dict[str, Any] = {}
@@ -891,8 +1063,15 @@ def _plot_goodput(lines: list[_Line], title: str, path: Path) -> None:
                 pts = [t for t in pts if t[1] is not None]
                 if not pts:
                     continue
-                h, = ax.plot([t[0] for t in pts], [t[1] for t in pts], color=ln.color, linestyle=ln.style,
-                             marker=ln.marker, markersize=6, linewidth=1.8)
+                (h,) = ax.plot(
+                    [t[0] for t in pts],
+                    [t[1] for t in pts],
+                    color=ln.color,
+                    linestyle=ln.style,
+                    marker=ln.marker,
+                    markersize=6,
+                    linewidth=1.8,
+                )
                 handles.setdefault(ln.label, h)
                 xs_all += [t[0] for t in pts]
                 ys_all += [t[1] for t in pts]
@@ -948,11 +1127,15 @@ def write_report(results: list[dict], out_dir: Path, title: str | None = None) -
         blocks += _compare_blocks(sets)
     for s in sets:
         blocks += _set_blocks(s, compare=len(sets) > 1)
-    blocks += [_Heading(2, "Plots"),
-               _Image(PLOT_FILES[0], "Latency (TTFT, TPOT at the SLO percentile) vs output throughput; "
-                                     "the dashed line is the SLO threshold"),
-               _Image(PLOT_FILES[1], "Cost per million output tokens vs load; hollow points miss the SLO"),
-               _Image(PLOT_FILES[2], "Request throughput and goodput vs load")]
+    blocks += [
+        _Heading(2, "Plots"),
+        _Image(
+            PLOT_FILES[0],
+            "Latency (TTFT, TPOT at the SLO percentile) vs output throughput; the dashed line is the SLO threshold",
+        ),
+        _Image(PLOT_FILES[1], "Cost per million output tokens vs load; hollow points miss the SLO"),
+        _Image(PLOT_FILES[2], "Request throughput and goodput vs load"),
+    ]
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(_to_markdown(blocks), encoding="utf-8")
     images = {p.name: p.read_bytes() for p in pngs}

@@ -67,8 +67,9 @@ def _tokenizer(weights: Path | None):
     return Tokenizer.from_file(str(weights / "tokenizer.json"))
 
 
-def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress: bool = True,
-             command: str = "") -> Path:
+def run_spec(
+    spec: BenchSpec, spec_path: Path, out: Path | None = None, progress: bool = True, command: str = ""
+) -> Path:
     """Runs the whole spec; returns the path of the result file."""
     base = spec_path.parent
     hw_name, hardware = load_hardware(spec, base)
@@ -142,7 +143,8 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
                     point["load"] = {"kind": load.mode, "value": level, "burstiness": load.burstiness}
                     point["replicas"] = setting.replicas
                     point["cost_per_million_output_tokens"] = cost_per_million_output_tokens(
-                        point["output_throughput"], setting.replicas, hardware.price_per_replica_hour)
+                        point["output_throughput"], setting.replicas, hardware.price_per_replica_hour
+                    )
                     point["meets_slo"] = meets_slo(point, spec.slo)
                     points.append(point)
                     _say(_point_line(point, spec.slo.percentile, hardware.currency))
@@ -158,9 +160,15 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             finally:
                 if proc is not None:
                     stop(proc)
-            entry = {"name": name, "engine": setting.engine, "replicas": setting.replicas,
-                     "points": points, "slo_max": slo_max(points), "startup_s": startup_s,
-                     "replica_start_s": replica_s}
+            entry = {
+                "name": name,
+                "engine": setting.engine,
+                "replicas": setting.replicas,
+                "points": points,
+                "slo_max": slo_max(points),
+                "startup_s": startup_s,
+                "replica_start_s": replica_s,
+            }
             if error is not None:
                 entry["error"] = error
             settings.append(entry)
@@ -168,19 +176,31 @@ def run_spec(spec: BenchSpec, spec_path: Path, out: Path | None = None, progress
             _say(f"  SLO-compliant maximum: {load_text(best['load']) if best else 'none'}")
     rec, note = None, None
     if spec.target is not None:
-        rec = recommend(settings, spec.target, spec.slo, hw_name, hardware, model, weights_name, base_engine,
-                        base_model=base_model)
+        rec = recommend(
+            settings, spec.target, spec.slo, hw_name, hardware, model, weights_name, base_engine, base_model=base_model
+        )
         if rec is None:
             note = no_recommendation_reason(settings, spec.slo)
             _say(f"no recommendation: {note}")
     result = {
         "keel_bench": FORMAT_VERSION,
-        "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_version(), "command": _without_key(command),
-                 "label": label, "host": platform.node(), "cpus": os.cpu_count(), "model": model,
-                 "url": spec.url, "config": str(config_path) if config_path else None},
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "git": git_version(),
+            "command": _without_key(command),
+            "label": label,
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "model": model,
+            "url": spec.url,
+            "config": str(config_path) if config_path else None,
+        },
         "spec": {**spec.model_dump(mode="json"), "api_key": _hidden(spec.api_key)},
-        "hardware": {"name": hw_name, "price_per_replica_hour": hardware.price_per_replica_hour,
-                     "currency": hardware.currency},
+        "hardware": {
+            "name": hw_name,
+            "price_per_replica_hour": hardware.price_per_replica_hour,
+            "currency": hardware.currency,
+        },
         "slo": spec.slo.model_dump(mode="json"),
         "settings": settings,
         "recommendation": rec,
@@ -200,8 +220,10 @@ def _log_tail(path: Path, start: int, lines: int = 15) -> str:
 def _point_line(p: dict, pct: float, currency: str) -> str:
     q = percentile_word(pct)
     cost = p.get("cost_per_million_output_tokens")
-    return (f"  {load_text(p['load']):>10}  {p['output_throughput']:8.1f} tok/s  {p['request_throughput']:6.2f} req/s  "
-            f"TTFT {q} {p.get(percentile_key(pct, 'ttft')) or 0:8.1f} ms  "
-            f"TPOT {q} {p.get(percentile_key(pct, 'tpot')) or 0:6.2f} ms  "
-            f"failed {p['failed']}  {'' if cost is None else f'{cost:.3f} {currency}/M out'}  "
-            f"{'meets SLO' if p['meets_slo'] else 'misses SLO'}")
+    return (
+        f"  {load_text(p['load']):>10}  {p['output_throughput']:8.1f} tok/s  {p['request_throughput']:6.2f} req/s  "
+        f"TTFT {q} {p.get(percentile_key(pct, 'ttft')) or 0:8.1f} ms  "
+        f"TPOT {q} {p.get(percentile_key(pct, 'tpot')) or 0:6.2f} ms  "
+        f"failed {p['failed']}  {'' if cost is None else f'{cost:.3f} {currency}/M out'}  "
+        f"{'meets SLO' if p['meets_slo'] else 'misses SLO'}"
+    )

@@ -22,18 +22,31 @@ DEFAULT_HARDWARE_FILE = REPO_ROOT / "configs" / "bench" / "hardware.yaml"
 
 class DatasetSpec(Strict):
     kind: Literal["random", "sharegpt", "shared_prefix"] = Field(
-        "random", description="random: prompts of input_len tokens; sharegpt: conversations from a "
+        "random",
+        description="random: prompts of input_len tokens; sharegpt: conversations from a "
         "ShareGPT-format JSON file; shared_prefix: num_prefixes common prefixes of prefix_len "
-        "tokens, each followed by a random input_len-token suffix.")
+        "tokens, each followed by a random input_len-token suffix.",
+    )
     input_len: int = Field(256, ge=1, description="Prompt tokens (random, shared_prefix: the suffix).")
-    output_len: int = Field(128, ge=1, description="Output tokens per request (sent as max_tokens "
-                            "with ignore_eos, so every request generates exactly that many).")
-    range_ratio: float = Field(0.0, ge=0, lt=1, description="Lengths are drawn uniformly from "
-                               "[len * (1 - r), len * (1 + r)], as vLLM bench's --random-range-ratio.")
-    path: str | None = Field(None, description="sharegpt: the JSON file (a list of {conversations: "
-                             "[{from, value}, ...]}).")
-    output_len_from_dataset: bool = Field(False, description="sharegpt: use each conversation's "
-                                          "answer length as max_tokens instead of output_len.")
+    output_len: int = Field(
+        128,
+        ge=1,
+        description="Output tokens per request (sent as max_tokens "
+        "with ignore_eos, so every request generates exactly that many).",
+    )
+    range_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Lengths are drawn uniformly from "
+        "[len * (1 - r), len * (1 + r)], as vLLM bench's --random-range-ratio.",
+    )
+    path: str | None = Field(
+        None, description="sharegpt: the JSON file (a list of {conversations: [{from, value}, ...]})."
+    )
+    output_len_from_dataset: bool = Field(
+        False, description="sharegpt: use each conversation's answer length as max_tokens instead of output_len."
+    )
     prefix_len: int = Field(0, ge=0, description="shared_prefix: tokens in each common prefix.")
     num_prefixes: int = Field(1, ge=1, description="shared_prefix: how many distinct prefixes.")
 
@@ -48,17 +61,22 @@ class DatasetSpec(Strict):
 
 class LoadSpec(Strict):
     mode: Literal["concurrency", "rate"] = Field(
-        "concurrency", description="concurrency: closed loop, `levels` are in-flight requests; "
-        "rate: open loop, `levels` are requests per second.")
+        "concurrency",
+        description="concurrency: closed loop, `levels` are in-flight requests; "
+        "rate: open loop, `levels` are requests per second.",
+    )
     levels: list[float] = Field(description="The load points, lowest first.", min_length=1)
     num_requests: int = Field(64, ge=1, description="Requests measured per load point.")
-    burstiness: float = Field(1.0, gt=0, description="rate: gamma-distributed gaps with this "
-                              "shape (1 = Poisson; lower is burstier), as vLLM bench.")
-    ramp_up_s: float = Field(0.0, ge=0, description="rate: the rate rises linearly from 0 over the "
-                             "first seconds of each load point.")
+    burstiness: float = Field(
+        1.0,
+        gt=0,
+        description="rate: gamma-distributed gaps with this shape (1 = Poisson; lower is burstier), as vLLM bench.",
+    )
+    ramp_up_s: float = Field(
+        0.0, ge=0, description="rate: the rate rises linearly from 0 over the first seconds of each load point."
+    )
     max_concurrency: int | None = Field(None, ge=1, description="rate: cap on requests in flight.")
-    warmup_requests: int = Field(4, ge=0, description="Sent before each setting's first load "
-                                 "point and not recorded.")
+    warmup_requests: int = Field(4, ge=0, description="Sent before each setting's first load point and not recorded.")
     seed: int = 0
     endpoint: Literal["chat", "completions"] = "chat"
     request_timeout_s: float = Field(600.0, gt=0)
@@ -100,8 +118,10 @@ class SettingSpec(Strict):
     """One deployment to measure: engine-argument overrides and a replica count."""
 
     name: str | None = Field(None, description="Label in results and plots; default from the overrides.")
-    engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments merged "
-                                   "over the model's (e.g. max_num_seqs, max_num_batched_tokens).")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments merged over the model's (e.g. max_num_seqs, max_num_batched_tokens).",
+    )
     replicas: int = Field(1, ge=1, description="Engine replicas (fixed; autoscaling off while measured).")
 
     def label(self) -> str:
@@ -127,19 +147,25 @@ class TargetSpec(Strict):
 
 
 class BenchSpec(Strict):
-    config: str | None = Field(None, description="Keel config to start once per setting "
-                               "(relative to this file). Either this or url.")
-    url: str | None = Field(None, description="An OpenAI-compatible server already running "
-                            "(Keel, bare vLLM, anything): measured as it is, no settings.")
+    config: str | None = Field(
+        None, description="Keel config to start once per setting (relative to this file). Either this or url."
+    )
+    url: str | None = Field(
+        None,
+        description="An OpenAI-compatible server already running "
+        "(Keel, bare vLLM, anything): measured as it is, no settings.",
+    )
     model: str | None = Field(None, description="Model name to request; default: the config's first.")
-    api_key: str | None = Field(None, description="Bearer key; default: the demo key when the "
-                                "config has tenants. $NAME reads the environment variable.")
+    api_key: str | None = Field(
+        None,
+        description="Bearer key; default: the demo key when the "
+        "config has tenants. $NAME reads the environment variable.",
+    )
     label: str | None = Field(None, description="Name of this result set in reports.")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     load: LoadSpec
     slo: SLOSpec
-    hardware: str | HardwareProfile = Field(description="A profile name from hardware_file, or a "
-                                            "profile inline.")
+    hardware: str | HardwareProfile = Field(description="A profile name from hardware_file, or a profile inline.")
     hardware_file: str | None = Field(None, description="Profiles file; default configs/bench/hardware.yaml.")
     settings: list[SettingSpec] = Field(default_factory=lambda: [SettingSpec()], min_length=1)
     target: TargetSpec | None = Field(None, description="Peak load for the recommendation.")
@@ -149,8 +175,9 @@ class BenchSpec(Strict):
     def _stack(self):
         if (self.config is None) == (self.url is None):
             raise ValueError("give exactly one of `config` (a Keel config to start) or `url`")
-        if self.url is not None and (len(self.settings) > 1 or self.settings[0].engine
-                                     or self.settings[0].replicas != 1):
+        if self.url is not None and (
+            len(self.settings) > 1 or self.settings[0].engine or self.settings[0].replicas != 1
+        ):
             raise ValueError("settings need a `config` to start; a `url` is measured as it is")
         labels = [s.label() for s in self.settings]
         if len(set(labels)) != len(labels):

@@ -43,8 +43,15 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def keel_doc(config_path: Path, port: int, *, policies: bool = True, model: str | None = None,
-             engine: dict | None = None, replicas: int | None = None) -> dict:
+def keel_doc(
+    config_path: Path,
+    port: int,
+    *,
+    policies: bool = True,
+    model: str | None = None,
+    engine: dict | None = None,
+    replicas: int | None = None,
+) -> dict:
     """The config file's document with the gateway on `port`; optionally without policies, and
     with `model`'s engine arguments overridden and a fixed replica count (autoscaling off)."""
     doc = yaml.safe_load(config_path.read_text())
@@ -76,8 +83,9 @@ def start_keel(doc: dict, workdir: Path, log, name: str = "bench-keel", code: Pa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    return subprocess.Popen([str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env, cwd=code)
+    return subprocess.Popen(
+        [str(keel), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=code
+    )
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -56,8 +56,11 @@ class SLO:
     percentile: float = 99.0  # a setting meets the SLO when this share of requests meets it
 
     def describe(self) -> str:
-        parts = [f"{k} <= {v:g} ms" for k, v in (("TTFT", self.ttft_ms), ("TPOT", self.tpot_ms),
-                                                  ("E2EL", self.e2el_ms)) if v is not None]
+        parts = [
+            f"{k} <= {v:g} ms"
+            for k, v in (("TTFT", self.ttft_ms), ("TPOT", self.tpot_ms), ("E2EL", self.e2el_ms))
+            if v is not None
+        ]
         return f"{self.percentile:g}% of requests with " + (", ".join(parts) or "no limit")
 
 
@@ -97,8 +100,9 @@ def pick_setting(doc: dict, name: str | None, source: str = "") -> dict:
     for s in settings:
         if s["name"] == name:
             return s
-    raise CalibrationError(f"{source}: no setting {name!r} with points (settings: "
-                           f"{', '.join(s['name'] for s in settings)})")
+    raise CalibrationError(
+        f"{source}: no setting {name!r} with points (settings: {', '.join(s['name'] for s in settings)})"
+    )
 
 
 def curve_from_points(points: list[dict], replicas: int, max_concurrency: int | None = None) -> ServiceCurve:
@@ -131,19 +135,28 @@ def _cold_start(setting: dict) -> tuple[float | None, str]:
     """A replica's cold start from a bench setting, and a note saying where it came from."""
     replica_s = setting.get("replica_start_s")
     if replica_s is not None:
-        return float(replica_s), (f"cold start {replica_s:.1f} s: the bench's replica start, its Ray "
-                                  "worker's start to engine ready")
+        return float(replica_s), (
+            f"cold start {replica_s:.1f} s: the bench's replica start, its Ray worker's start to engine ready"
+        )
     stack_s = setting.get("startup_s")
     if stack_s is None:
         return None, ""
-    return float(stack_s), (f"cold start {stack_s:.1f} s: the bench's stack start to ready, Ray's start "
-                            "included (this file has no replica_start_s: an upper bound; "
-                            "--cold-start-s overrides it)")
+    return float(stack_s), (
+        f"cold start {stack_s:.1f} s: the bench's stack start to ready, Ray's start "
+        "included (this file has no replica_start_s: an upper bound; "
+        "--cold-start-s overrides it)"
+    )
 
 
-def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: float | None = None,
-              price: float | None = None, max_concurrency: int | None = None,
-              kv_cache_tokens: float | None = None) -> tuple[ReplicaModel, SLO, dict]:
+def calibrate(
+    path: str | Path,
+    setting: str | None = None,
+    *,
+    cold_start_s: float | None = None,
+    price: float | None = None,
+    max_concurrency: int | None = None,
+    kv_cache_tokens: float | None = None,
+) -> tuple[ReplicaModel, SLO, dict]:
     """The replica model, the bench's SLO and the setting used, from a result file. Flags win
     over the file: cold_start_s over the setting's replica_start_s (the seconds its slowest
     replica took from its Ray worker's start to its engine ready) or, in files without it, startup_s
@@ -161,13 +174,16 @@ def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: flo
         max_concurrency = engine.get("max_num_seqs")
         if max_concurrency is None:
             max_concurrency = DEFAULT_MAX_NUM_SEQS
-            notes.append(f"max concurrency: vLLM's default max_num_seqs {DEFAULT_MAX_NUM_SEQS} "
-                         "(the setting names none)")
+            notes.append(
+                f"max concurrency: vLLM's default max_num_seqs {DEFAULT_MAX_NUM_SEQS} (the setting names none)"
+            )
     if cold_start_s is None:
         cold_start_s, note = _cold_start(s)
         if cold_start_s is None:
-            raise CalibrationError(f"{path}: setting {s['name']!r} has neither replica_start_s nor startup_s "
-                                   "(bench files before they were recorded): give --cold-start-s")
+            raise CalibrationError(
+                f"{path}: setting {s['name']!r} has neither replica_start_s nor startup_s "
+                "(bench files before they were recorded): give --cold-start-s"
+            )
         notes.append(note)
     hw = doc.get("hardware") or {}
     if price is None:
@@ -178,9 +194,18 @@ def calibrate(path: str | Path, setting: str | None = None, *, cold_start_s: flo
         curve = curve_from_points(s["points"], replicas, int(max_concurrency))
     except CalibrationError as e:
         raise CalibrationError(f"{path}: setting {s['name']!r}: {e}") from None
-    model = ReplicaModel(curve, int(max_concurrency), float(cold_start_s), float(price),
-                         hw.get("currency") or "USD", kv_cache_tokens, str(path), notes)
+    model = ReplicaModel(
+        curve,
+        int(max_concurrency),
+        float(cold_start_s),
+        float(price),
+        hw.get("currency") or "USD",
+        kv_cache_tokens,
+        str(path),
+        notes,
+    )
     slo_doc = doc.get("slo") or {}
-    slo = SLO(slo_doc.get("ttft_ms"), slo_doc.get("tpot_ms"), slo_doc.get("e2el_ms"),
-              float(slo_doc.get("percentile") or 99))
+    slo = SLO(
+        slo_doc.get("ttft_ms"), slo_doc.get("tpot_ms"), slo_doc.get("e2el_ms"), float(slo_doc.get("percentile") or 99)
+    )
     return model, slo, s

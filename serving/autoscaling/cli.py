@@ -26,17 +26,28 @@ class UsageError(ValueError):
 def add_parser(sub) -> None:
     p = sub.add_parser("autoscale", help="autoscaling: what-if simulation of settings against a trace")
     asub = p.add_subparsers(dest="autoscale_cmd", required=True)
-    s = asub.add_parser("simulate", help="replay a trace through replicas calibrated from a `keel bench` result, "
-                        "under one or more autoscaling settings; print SLO attainment, latency, cost, and the "
-                        "cheapest setting that meets the SLO as a block to paste",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = asub.add_parser(
+        "simulate",
+        help="replay a trace through replicas calibrated from a `keel bench` result, "
+        "under one or more autoscaling settings; print SLO attainment, latency, cost, and the "
+        "cheapest setting that meets the SLO as a block to paste",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     s.add_argument("--bench", required=True, metavar="FILE", help="a `keel bench run` result (JSON)")
-    s.add_argument("--bench-setting", default=None, metavar="NAME",
-                   help="which of its settings to calibrate from (default: its recommendation's, else the first)")
+    s.add_argument(
+        "--bench-setting",
+        default=None,
+        metavar="NAME",
+        help="which of its settings to calibrate from (default: its recommendation's, else the first)",
+    )
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", metavar="FILE", help="JSONL: {t, prompt_tokens, output_tokens} per line")
-    src.add_argument("--audit", metavar="PATH", action="append", help="Keel audit files or directories "
-                     "(repeatable); with --model, that model's requests only")
+    src.add_argument(
+        "--audit",
+        metavar="PATH",
+        action="append",
+        help="Keel audit files or directories (repeatable); with --model, that model's requests only",
+    )
     src.add_argument("--generate", choices=("steady", "diurnal", "bursty"), help="a generated trace")
     s.add_argument("--model", default=None, help="--audit: the model whose requests to replay")
     g = s.add_argument_group("generated traces")
@@ -49,24 +60,40 @@ def add_parser(sub) -> None:
     g.add_argument("--prompt-tokens", type=float, default=256, help="mean prompt tokens")
     g.add_argument("--output-tokens", type=float, default=128, help="mean output tokens")
     g.add_argument("--length-dist", choices=("uniform", "lognormal", "geometric"), default="uniform")
-    g.add_argument("--length-spread", type=float, default=0.25,
-                   help="uniform: the range ratio; lognormal: sigma")
+    g.add_argument("--length-spread", type=float, default=0.25, help="uniform: the range ratio; lognormal: sigma")
     g.add_argument("--write-trace", metavar="FILE", help="also write the trace as JSONL")
-    s.add_argument("--start", default=None, metavar="ISO",
-                   help="the trace's t=0 as a date-time (schedules use it); default: an audit trace's "
-                   "first arrival, else Monday 2026-01-05 00:00 UTC")
+    s.add_argument(
+        "--start",
+        default=None,
+        metavar="ISO",
+        help="the trace's t=0 as a date-time (schedules use it); default: an audit trace's "
+        "first arrival, else Monday 2026-01-05 00:00 UTC",
+    )
     c = s.add_argument_group("settings to compare")
     c.add_argument("--settings", metavar="FILE", help="YAML: {name: autoscaling block, ...}")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a grid: every combination of the values given (repeatable), over each --settings entry")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid: every combination of the values given (repeatable), over each --settings entry",
+    )
     r = s.add_argument_group("replica model and SLO (default: from the bench file)")
-    r.add_argument("--cold-start-s", type=float, default=None,
-                   help="seconds from a scale-up to a ready replica (default: the bench setting's replica_start_s, "
-                        "else its startup_s)")
+    r.add_argument(
+        "--cold-start-s",
+        type=float,
+        default=None,
+        help="seconds from a scale-up to a ready replica (default: the bench setting's replica_start_s, "
+        "else its startup_s)",
+    )
     r.add_argument("--price", type=float, default=None, help="price per replica-hour")
     r.add_argument("--max-concurrency", type=int, default=None, help="requests a replica runs at once (max_num_seqs)")
-    r.add_argument("--kv-cache-tokens", type=float, default=None, help="tokens one replica's KV cache holds "
-                   "(signal kv_cache_usage)")
+    r.add_argument(
+        "--kv-cache-tokens",
+        type=float,
+        default=None,
+        help="tokens one replica's KV cache holds (signal kv_cache_usage)",
+    )
     r.add_argument("--slo-ttft-ms", type=float, default=None)
     r.add_argument("--slo-tpot-ms", type=float, default=None)
     r.add_argument("--slo-e2el-ms", type=float, default=None)
@@ -93,8 +120,9 @@ def settings_grid(named: dict[str, dict], sets: list[str], source: str = "--sett
         if not eq or not key or not values:
             raise UsageError(f"--set {item!r}: write KEY=V1,V2,...")
         if key not in AutoscalingConfig.model_fields:
-            raise UsageError(f"--set {item!r}: {key!r} is not an autoscaling key (keys: "
-                             f"{', '.join(AutoscalingConfig.model_fields)})")
+            raise UsageError(
+                f"--set {item!r}: {key!r} is not an autoscaling key (keys: {', '.join(AutoscalingConfig.model_fields)})"
+            )
         axes.append((key, [parse_value(v) for v in values.split(",")]))
     combos = math.prod(len(vals) for _, vals in axes) * max(1, len(named or {}))
     if combos > MAX_SETTINGS:
@@ -149,11 +177,18 @@ def _trace(args):
         return t
     lengths = {"spread": args.length_spread, "dist": args.length_dist}
     try:
-        return traces.generate(args.generate, args.rate, args.duration, args.seed, burstiness=args.burstiness,
-                               period_s=args.period_s, amplitude=args.amplitude,
-                               prompt=traces.Lengths(args.prompt_tokens, **lengths),
-                               output=traces.Lengths(args.output_tokens, low=1, **lengths),
-                               epoch=epoch if epoch is not None else traces.DEFAULT_EPOCH)
+        return traces.generate(
+            args.generate,
+            args.rate,
+            args.duration,
+            args.seed,
+            burstiness=args.burstiness,
+            period_s=args.period_s,
+            amplitude=args.amplitude,
+            prompt=traces.Lengths(args.prompt_tokens, **lengths),
+            output=traces.Lengths(args.output_tokens, low=1, **lengths),
+            epoch=epoch if epoch is not None else traces.DEFAULT_EPOCH,
+        )
     except ValueError as e:
         raise UsageError(f"--generate {args.generate}: {e}") from None
 
@@ -173,20 +208,35 @@ def run(args) -> int:
     try:
         named = load_settings_file(args.settings) if args.settings else {}
         grid = settings_grid(named, args.set, args.settings or "--set")
-        model, bench_slo, _ = calibrate(args.bench, args.bench_setting, cold_start_s=args.cold_start_s,
-                                        price=args.price, max_concurrency=args.max_concurrency,
-                                        kv_cache_tokens=args.kv_cache_tokens)
+        model, bench_slo, _ = calibrate(
+            args.bench,
+            args.bench_setting,
+            cold_start_s=args.cold_start_s,
+            price=args.price,
+            max_concurrency=args.max_concurrency,
+            kv_cache_tokens=args.kv_cache_tokens,
+        )
         trace = _trace(args)
     except (UsageError, CalibrationError, TraceError) as e:
         return fail(str(e))
-    slo = SLO(*(flag if flag is not None else getattr(bench_slo, key) for flag, key in (
-        (args.slo_ttft_ms, "ttft_ms"), (args.slo_tpot_ms, "tpot_ms"), (args.slo_e2el_ms, "e2el_ms"),
-        (args.slo_percentile, "percentile"))))
+    slo = SLO(
+        *(
+            flag if flag is not None else getattr(bench_slo, key)
+            for flag, key in (
+                (args.slo_ttft_ms, "ttft_ms"),
+                (args.slo_tpot_ms, "tpot_ms"),
+                (args.slo_e2el_ms, "e2el_ms"),
+                (args.slo_percentile, "percentile"),
+            )
+        )
+    )
     if args.write_trace:
         write_jsonl(trace, args.write_trace)
-    print(f"trace: {trace.source}: {len(trace.requests)} requests over {trace.duration:.0f} s; "
-          f"replica: max {model.max_concurrency} at once, cold start {model.cold_start_s:g} s, "
-          f"{model.price_per_replica_hour:g} {model.currency}/h")
+    print(
+        f"trace: {trace.source}: {len(trace.requests)} requests over {trace.duration:.0f} s; "
+        f"replica: max {model.max_concurrency} at once, cold start {model.cold_start_s:g} s, "
+        f"{model.price_per_replica_hour:g} {model.currency}/h"
+    )
     results = []
     for name, settings in grid.items():
         try:
@@ -203,13 +253,19 @@ def run(args) -> int:
     if args.plot:
         print(f"plot: {report.plot(results, args.plot, trace.source)}")
     if args.json:
-        meta = {"bench": args.bench, "trace": trace.source, "requests": len(trace.requests),
-                "command": "keel " + " ".join(getattr(args, "argv", []) or sys.argv[1:])}
+        meta = {
+            "bench": args.bench,
+            "trace": trace.source,
+            "requests": len(trace.requests),
+            "command": "keel " + " ".join(getattr(args, "argv", []) or sys.argv[1:]),
+        }
         print(f"json: {report.write_json(results, slo, args.json, meta)}")
     best = report.cheapest(results)
     if best is None:
-        print(f"No setting met the SLO ({slo.describe()}): try a higher max_replicas, a lower target, "
-              "or a shorter panic window.")
+        print(
+            f"No setting met the SLO ({slo.describe()}): try a higher max_replicas, a lower target, "
+            "or a shorter panic window."
+        )
         return 0
     print(f"\nThe cheapest setting that meets the SLO: {best.name}\n")
     print(report.paste_block(best, slo), end="", flush=True)

@@ -112,22 +112,31 @@ class Autoscaler:
                 want, why = prev, f"nothing held, {prev} starting: cooldown, keep {prev}"
             else:
                 want, why = 0, "no replica, nothing held"
-            return self._decided(obs, min(max(want, floor), s.max_replicas), False,
-                                 self._floored(why, n, max(want, floor), floor, floor_why))
+            return self._decided(
+                obs,
+                min(max(want, floor), s.max_replicas),
+                False,
+                self._floored(why, n, max(want, floor), floor, floor_why),
+            )
 
         if burst >= s.panic_threshold * n:
             self.last_panic = now
         panicking = self.last_panic is not None and now - self.last_panic < s.stable_window_s
-        level = (f"demand {stable:.2f} replicas at target over {s.stable_window_s:g} s, "
-                 f"{burst:.2f} over {s.panic_window_s:g} s")
+        level = (
+            f"demand {stable:.2f} replicas at target over {s.stable_window_s:g} s, "
+            f"{burst:.2f} over {s.panic_window_s:g} s"
+        )
         # Replicas decided on but not ready yet count as there: deciding below them would stop
         # them before they serve (Ray stops starting replicas first), so that is a scale-down.
         base = max(n, prev)
         if panicking:
             assert self.last_panic is not None  # panicking says so
             want = max(_ceil(burst), base)
-            why = f"panic ({level}" + (f" >= {s.panic_threshold:g} x {n})" if self.last_panic == now else
-                                       f"; over {s.panic_threshold:g} x running {now - self.last_panic:.0f} s ago)")
+            why = f"panic ({level}" + (
+                f" >= {s.panic_threshold:g} x {n})"
+                if self.last_panic == now
+                else f"; over {s.panic_threshold:g} x running {now - self.last_panic:.0f} s ago)"
+            )
             if _ceil(burst) < base:
                 why += f": no scale-down while panicking, keep {base}"
         elif abs(stable - base) <= s.tolerance * base:
@@ -142,8 +151,7 @@ class Autoscaler:
         want = min(want, s.max_replicas)
         if want < base:
             want, why = self._scale_down(now, base, want, why, panicking)
-        return self._decided(obs, want, panicking, self._floored(why, n, want, floor, floor_why),
-                             stable, burst)
+        return self._decided(obs, want, panicking, self._floored(why, n, want, floor, floor_why), stable, burst)
 
     def _scale_down(self, now: float, n: int, want: int, why: str, panicking: bool) -> tuple[int, str]:
         s = self.settings
@@ -175,14 +183,26 @@ class Autoscaler:
             why += f"; floor {floor} ({floor_why})"
         return why
 
-    def _decided(self, obs: Observation, want: int, panicking: bool, why: str,
-                 stable: float | None = None, burst: float | None = None) -> Decision:
+    def _decided(
+        self,
+        obs: Observation,
+        want: int,
+        panicking: bool,
+        why: str,
+        stable: float | None = None,
+        burst: float | None = None,
+    ) -> Decision:
         if want != (self.last_replicas if self.last_replicas is not None else obs.replicas):
             self.last_change = obs.now
         self.last_replicas = want
         arrow = f"{obs.replicas} -> {want}" if want != obs.replicas else f"{want}"
-        return Decision(want, panicking, self.stable.mean if stable is None else stable,
-                        self.panic.mean if burst is None else burst, f"{arrow}: {why}")
+        return Decision(
+            want,
+            panicking,
+            self.stable.mean if stable is None else stable,
+            self.panic.mean if burst is None else burst,
+            f"{arrow}: {why}",
+        )
 
     def floor(self, now: float) -> tuple[int, str]:
         """The least replicas wanted at `now`: min_replicas, raised by any schedule in force

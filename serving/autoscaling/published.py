@@ -27,8 +27,9 @@ def publish(settings_by_model: dict[str, dict]) -> None:
     if not internal_kv._internal_kv_initialized():
         return
     for model, settings in settings_by_model.items():
-        internal_kv._internal_kv_put(_key(model), json.dumps(settings, sort_keys=True).encode(),
-                                     overwrite=True, namespace=NAMESPACE)
+        internal_kv._internal_kv_put(
+            _key(model), json.dumps(settings, sort_keys=True).encode(), overwrite=True, namespace=NAMESPACE
+        )
 
 
 def read(model: str) -> dict | None:

@@ -104,8 +104,12 @@ class KeelAutoscalingPolicy:
         decision = self.autoscaler.decide(self.observe(ctx))
         if (decision.replicas, decision.panic) != self._last:
             self._last = (decision.replicas, decision.panic)
-            log.info("autoscaling %s: %d replicas (%s)", getattr(ctx, "deployment_name", "?"),
-                     decision.replicas, decision.reason)
+            log.info(
+                "autoscaling %s: %d replicas (%s)",
+                getattr(ctx, "deployment_name", "?"),
+                decision.replicas,
+                decision.reason,
+            )
         return decision.replicas, {"keel_reason": decision.reason}
 
     def observe(self, ctx) -> Observation:

@@ -26,9 +26,17 @@ def table(results: list[SimResult], slo: SLO) -> Table:
     best = cheapest(results)
     for r in results:
         ttft = "/".join(f"{r.ttft_ms[p]:.0f}" for p in ("p50", "p95", "p99"))
-        t.add_row(r.name + (" *" if r is best else ""), "met" if r.meets_slo else "missed", f"{r.slo_attainment:.2%}",
-                  ttft, f"{r.tpot_ms['p95']:.1f}", str(r.failed), f"{r.replica_hours:.2f}",
-                  f"{money(r.cost)} {r.currency}", str(len(r.scale_events)))
+        t.add_row(
+            r.name + (" *" if r is best else ""),
+            "met" if r.meets_slo else "missed",
+            f"{r.slo_attainment:.2%}",
+            ttft,
+            f"{r.tpot_ms['p95']:.1f}",
+            str(r.failed),
+            f"{r.replica_hours:.2f}",
+            f"{money(r.cost)} {r.currency}",
+            str(len(r.scale_events)),
+        )
     if best is not None:
         t.caption = "* the cheapest setting that meets the SLO"
         t.caption_justify = "left"
@@ -60,10 +68,12 @@ def paste_block(result: SimResult, slo: SLO) -> str:
     """A commented `autoscaling:` block for models.NAME.deployment, checked by AutoscalingConfig."""
     block = settings_block(result.settings)
     AutoscalingConfig.model_validate(block)  # what is pasted must load as what was simulated
-    why = (f"keel autoscale simulate: setting {result.name!r} kept {result.slo_attainment:.1%} of "
-           f"{result.requests} requests within the SLO ({slo.describe()}) for {money(result.cost)} "
-           f"{result.currency} ({result.replica_hours:.2f} replica-hours, {len(result.scale_events)} scale events) "
-           f"over {result.duration_s:.0f} s of trace.")
+    why = (
+        f"keel autoscale simulate: setting {result.name!r} kept {result.slo_attainment:.1%} of "
+        f"{result.requests} requests within the SLO ({slo.describe()}) for {money(result.cost)} "
+        f"{result.currency} ({result.replica_hours:.2f} replica-hours, {len(result.scale_events)} scale events) "
+        f"over {result.duration_s:.0f} s of trace."
+    )
     header = "".join(f"# {line}\n" for line in textwrap.wrap(why, 96))
     header += "# Paste under models.NAME.deployment, then: keel apply --dry-run CONFIG; keel apply CONFIG\n"
     return header + yaml.safe_dump({"autoscaling": block}, sort_keys=False)
@@ -95,8 +105,12 @@ def plot(results: list[SimResult], path: str | Path, title: str = "") -> Path:
         ax2.step(tl.t, tl.ready, where="post", color="tab:red", lw=1.3, label="replicas ready")
         ax2.set_ylabel("replicas")
         ax2.set_ylim(bottom=0, top=max([1, *tl.wanted, *tl.ready]) * 1.2)
-        ax.set_title(f"{r.name}: SLO attainment {r.slo_attainment:.1%}, {r.replica_hours:.2f} replica-h, "
-                     f"{money(r.cost)} {r.currency}", fontsize=9, loc="left")
+        ax.set_title(
+            f"{r.name}: SLO attainment {r.slo_attainment:.1%}, {r.replica_hours:.2f} replica-h, "
+            f"{money(r.cost)} {r.currency}",
+            fontsize=9,
+            loc="left",
+        )
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds from the trace's start")
@@ -111,8 +125,12 @@ def plot(results: list[SimResult], path: str | Path, title: str = "") -> Path:
 
 def write_json(results: list[SimResult], slo: SLO, path: str | Path, meta: dict) -> Path:
     best = cheapest(results)
-    doc = {"meta": meta, "slo": slo.__dict__, "results": [r.to_dict() for r in results],
-           "cheapest": best.name if best else None,
-           "config_block": paste_block(best, slo) if best else None}
+    doc = {
+        "meta": meta,
+        "slo": slo.__dict__,
+        "results": [r.to_dict() for r in results],
+        "cheapest": best.name if best else None,
+        "config_block": paste_block(best, slo) if best else None,
+    }
     Path(path).write_text(json.dumps(doc, indent=2, default=float))
     return Path(path)

@@ -74,32 +74,61 @@ class AutoscalingConfig(Strict):
     """Replicas follow demand on one engine signal (Knative's KPA rule: a stable window for the
     level, a short panic window for bursts, no scale-down while panicking)."""
 
-    min_replicas: int = Field(1, ge=0, le=10_000, description="0: scale to zero when idle; the gateway "
-                              "holds the requests that arrive meanwhile while a replica starts.")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        le=10_000,
+        description="0: scale to zero when idle; the gateway "
+        "holds the requests that arrive meanwhile while a replica starts.",
+    )
     max_replicas: int = Field(1, ge=1, le=10_000)
     initial_replicas: int | None = Field(None, ge=0, le=10_000)
-    signal: Signal = Field("requests_in_flight", description="What a replica's load is measured in: "
-                           "requests_in_flight (running + waiting), waiting_requests (queued in the "
-                           "engine), kv_cache_usage (0..1) or tokens_in_flight (tokens held in KV cache).")
-    target: float | None = Field(None, gt=0, description="The signal's value per replica to aim for; "
-                                 "default per signal: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TARGETS.items()))
+    signal: Signal = Field(
+        "requests_in_flight",
+        description="What a replica's load is measured in: "
+        "requests_in_flight (running + waiting), waiting_requests (queued in the "
+        "engine), kv_cache_usage (0..1) or tokens_in_flight (tokens held in KV cache).",
+    )
+    target: float | None = Field(
+        None,
+        gt=0,
+        description="The signal's value per replica to aim for; "
+        "default per signal: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TARGETS.items()),
+    )
     stable_window_s: float = Field(60.0, ge=1, le=3600, description="Demand is averaged over this window.")
     panic_window_s: float = Field(6.0, gt=0, le=3600, description="The short window that detects bursts.")
-    panic_threshold: float = Field(2.0, ge=1, le=100, description="Panic when the panic window's demand "
-                                   "is at least this many times what the current replicas serve at target.")
-    tolerance: float = Field(0.1, ge=0, lt=1, description="No change while demand is within this fraction "
-                             "of the current replicas' capacity.")
-    max_scale_up_ratio: float = Field(2.0, ge=1, le=100, description="One decision multiplies replicas "
-                                      "by at most this (from zero: to 1).")
-    scale_down_cooldown_s: float = Field(300.0, ge=0, le=86_400, description="No scale-down sooner than "
-                                         "this after any scale change or panic.")
+    panic_threshold: float = Field(
+        2.0,
+        ge=1,
+        le=100,
+        description="Panic when the panic window's demand "
+        "is at least this many times what the current replicas serve at target.",
+    )
+    tolerance: float = Field(
+        0.1, ge=0, lt=1, description="No change while demand is within this fraction of the current replicas' capacity."
+    )
+    max_scale_up_ratio: float = Field(
+        2.0, ge=1, le=100, description="One decision multiplies replicas by at most this (from zero: to 1)."
+    )
+    scale_down_cooldown_s: float = Field(
+        300.0, ge=0, le=86_400, description="No scale-down sooner than this after any scale change or panic."
+    )
     metrics_interval_s: float = Field(1.0, gt=0, le=60, description="How often each replica reports.")
     schedules: list[Schedule] = Field(default_factory=list, max_length=64)
-    hold_timeout_s: float | None = Field(None, gt=0, le=3600, description="min_replicas 0: how long the "
-                                         "gateway holds a request while a replica starts (default 300); past "
-                                         "it the client gets 503 with retry-after.")
-    hold_max_requests: int | None = Field(None, ge=1, le=100_000, description="min_replicas 0: requests "
-                                          "held at most per gateway (default 64); beyond, 503 at once.")
+    hold_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="min_replicas 0: how long the "
+        "gateway holds a request while a replica starts (default 300); past "
+        "it the client gets 503 with retry-after.",
+    )
+    hold_max_requests: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="min_replicas 0: requests held at most per gateway (default 64); beyond, 503 at once.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -115,22 +144,28 @@ class AutoscalingConfig(Strict):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
-                             f"({self.min_replicas}) and max_replicas ({self.max_replicas})")
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
         if self.panic_window_s > self.stable_window_s:
-            raise ValueError(f"panic_window_s ({self.panic_window_s:g}) must be <= stable_window_s "
-                             f"({self.stable_window_s:g})")
+            raise ValueError(
+                f"panic_window_s ({self.panic_window_s:g}) must be <= stable_window_s ({self.stable_window_s:g})"
+            )
         if self.signal == "kv_cache_usage" and self.target is not None and self.target > 1:
             raise ValueError(f"target ({self.target:g}) for kv_cache_usage is a fraction of the cache: 0 < target <= 1")
         for i, s in enumerate(self.schedules):
             if s.min_replicas > self.max_replicas:
-                raise ValueError(f"schedules[{i}].min_replicas ({s.min_replicas}) must be <= max_replicas "
-                                 f"({self.max_replicas})")
+                raise ValueError(
+                    f"schedules[{i}].min_replicas ({s.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+                )
         if self.min_replicas > 0:
             for key in ("hold_timeout_s", "hold_max_requests"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies only with min_replicas: 0 (a model that never scales to "
-                                     "zero has no requests to hold)")
+                    raise ValueError(
+                        f"{key} applies only with min_replicas: 0 (a model that never scales to "
+                        "zero has no requests to hold)"
+                    )
         return self
 
     @property

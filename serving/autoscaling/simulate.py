@@ -39,6 +39,7 @@ class Policy(Protocol):
 
     def decide(self, obs: Observation) -> Decision: ...
 
+
 # Event kinds, in the order they run when they fall at the same instant: a finished request
 # frees its slot before a new one arrives, a replica is ready before the tick reads it.
 _DONE, _READY, _TICK, _ARRIVE, _TIMEOUT = range(5)
@@ -117,8 +118,15 @@ class _Replica:
 
 
 class Simulation:
-    def __init__(self, trace: Trace, model: ReplicaModel, settings: AutoscalingConfig,
-                 slo: SLO = SLO(), name: str = "", policy: Callable[[AutoscalingConfig], Policy] | None = None):
+    def __init__(
+        self,
+        trace: Trace,
+        model: ReplicaModel,
+        settings: AutoscalingConfig,
+        slo: SLO = SLO(),
+        name: str = "",
+        policy: Callable[[AutoscalingConfig], Policy] | None = None,
+    ):
         if settings.signal == "kv_cache_usage" and not model.kv_cache_tokens:
             raise ValueError("signal kv_cache_usage needs the replica's KV cache size in tokens (--kv-cache-tokens)")
         self.trace, self.model, self.settings, self.slo = trace, model, settings, slo
@@ -296,7 +304,7 @@ class Simulation:
         # As Ray Serve picks (deployment_scheduler._get_replicas_to_stop): replicas not yet
         # running first, then the newest.
         order = sorted(active, key=lambda r: (r.state != "starting", -r.created, -int(r.id[1:])))
-        for rep in order[:max(0, extra)]:
+        for rep in order[: max(0, extra)]:
             if rep.state == "starting" or rep.running == 0:
                 rep.state, rep.stopped = "stopped", now
             else:
@@ -321,31 +329,49 @@ class Simulation:
         out_tokens = np.array([r.output_tokens for r in self.trace.requests]) if n else np.zeros(0)
         tpot = np.where(out_tokens > 1, self.tpot, np.nan)  # as vLLM bench: only multi-token requests
         attainment = float(good.sum() / n) if n else 1.0
-        replica_seconds = sum((r.stopped if r.stopped is not None else end) - r.created
-                              for r in self.replicas + self.retired)
+        replica_seconds = sum(
+            (r.stopped if r.stopped is not None else end) - r.created for r in self.replicas + self.retired
+        )
         admitted = ~np.isnan(self.admitted_at)
         arrivals = np.array([r.t for r in self.trace.requests]) if n else np.zeros(0)
         wait = (self.admitted_at - arrivals)[admitted]
         notes = list(self.trace.notes) + list(self.model.notes)
         if self.stuck:
-            notes.append(f"{self.stuck} requests were never served (no replica took them within a day of the "
-                         "trace's end); they count as failed")
+            notes.append(
+                f"{self.stuck} requests were never served (no replica took them within a day of the "
+                "trace's end); they count as failed"
+            )
             self.failed |= np.isnan(self.e2el)
             ok = ~self.failed
         if self.beyond_curve:
-            notes.append(f"{self.beyond_curve} admissions ran a replica past the highest concurrency the bench "
-                         f"measured ({self.model.curve.concurrency[-1]:g}): their latencies are that point's")
+            notes.append(
+                f"{self.beyond_curve} admissions ran a replica past the highest concurrency the bench "
+                f"measured ({self.model.curve.concurrency[-1]:g}): their latencies are that point's"
+            )
         return SimResult(
-            name=self.name, settings=self.settings, requests=n, completed=int(ok.sum()),
-            failed=int(self.failed.sum()), slo_attainment=attainment,
+            name=self.name,
+            settings=self.settings,
+            requests=n,
+            completed=int(ok.sum()),
+            failed=int(self.failed.sum()),
+            slo_attainment=attainment,
             # as keel bench judges a load point: a failed request (a 503) fails the setting
             meets_slo=attainment >= self.slo.percentile / 100 - 1e-12 and not self.failed.any(),
-            ttft_ms=_stats(self.ttft[ok]), tpot_ms=_stats(tpot[ok]), e2el_ms=_stats(self.e2el[ok]),
-            replica_seconds=replica_seconds, cost=replica_seconds / 3600 * self.model.price_per_replica_hour,
-            currency=self.model.currency, scale_events=self.scale_events, timeline=self.timeline,
+            ttft_ms=_stats(self.ttft[ok]),
+            tpot_ms=_stats(tpot[ok]),
+            e2el_ms=_stats(self.e2el[ok]),
+            replica_seconds=replica_seconds,
+            cost=replica_seconds / 3600 * self.model.price_per_replica_hour,
+            currency=self.model.currency,
+            scale_events=self.scale_events,
+            timeline=self.timeline,
             waited=float((wait > 1e-12).mean()) if wait.size else 0.0,
-            mean_wait_s=float(wait.mean()) if wait.size else 0.0, duration_s=end, notes=notes,
-            ttft_s=self.ttft[ok], wait_s=wait)
+            mean_wait_s=float(wait.mean()) if wait.size else 0.0,
+            duration_s=end,
+            notes=notes,
+            ttft_s=self.ttft[ok],
+            wait_s=wait,
+        )
 
 
 def _stats(xs: np.ndarray) -> dict[str, float]:
@@ -355,8 +381,14 @@ def _stats(xs: np.ndarray) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(xs, p)) * 1000 for p in PERCENTILES} | {"mean": float(xs.mean()) * 1000}
 
 
-def simulate(trace: Trace, model: ReplicaModel, settings: AutoscalingConfig, slo: SLO = SLO(), name: str = "",
-             policy: Callable[[AutoscalingConfig], Policy] | None = None) -> SimResult:
+def simulate(
+    trace: Trace,
+    model: ReplicaModel,
+    settings: AutoscalingConfig,
+    slo: SLO = SLO(),
+    name: str = "",
+    policy: Callable[[AutoscalingConfig], Policy] | None = None,
+) -> SimResult:
     """Replays `trace` through replicas of `model` scaled by `settings`; `policy` builds the
     policy from the settings (default: Autoscaler; tests pass a stand-in)."""
     return Simulation(trace, model, settings, slo, name, policy).run()

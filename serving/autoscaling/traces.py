@@ -33,8 +33,9 @@ class TraceError(ValueError):
 
 
 def _too_many(where: str) -> TraceError:
-    return TraceError(f"{where}: more than {MAX_REQUESTS:,} requests (the most a trace may hold: "
-                      "replay a shorter span)")
+    return TraceError(
+        f"{where}: more than {MAX_REQUESTS:,} requests (the most a trace may hold: replay a shorter span)"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ def read_jsonl(path: str | Path, epoch: float = DEFAULT_EPOCH) -> Trace:
                 raise TraceError(f"{path}:{n}: expected an object with t, prompt_tokens, output_tokens")
             extra = set(doc) - {"t", "prompt_tokens", "output_tokens"}
             if extra:
-                raise TraceError(f"{path}:{n}: unknown key {sorted(extra)[0]!r} (keys: t, prompt_tokens, output_tokens)")
+                raise TraceError(
+                    f"{path}:{n}: unknown key {sorted(extra)[0]!r} (keys: t, prompt_tokens, output_tokens)"
+                )
             reqs.append(_request(doc, f"{path}:{n}"))
     if not reqs:
         raise TraceError(f"{path}: no requests")
@@ -102,8 +105,10 @@ def _request(doc: dict, where: str) -> Request:
 def write_jsonl(trace: Trace, path: str | Path) -> None:
     with open(path, "w") as f:
         for r in trace.requests:
-            f.write(json.dumps({"t": round(r.t, 6), "prompt_tokens": r.prompt_tokens,
-                                "output_tokens": r.output_tokens}) + "\n")
+            f.write(
+                json.dumps({"t": round(r.t, 6), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens})
+                + "\n"
+            )
 
 
 def audit_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -150,8 +155,10 @@ def read_audit(paths: Iterable[str | Path], model: str | None = None) -> Trace:
                     raise TraceError(f"{path}:{n}: audit record without a usable time and latency_ms ({e})") from None
                 arrivals.append((start, int(rec["prompt_tokens"]), int(rec["completion_tokens"])))
     if not arrivals:
-        raise TraceError(f"no answered requests{f' for model {model!r}' if model else ''} in "
-                         f"{', '.join(map(str, files))} (skipped: {_counts(skipped) or 'none'})")
+        raise TraceError(
+            f"no answered requests{f' for model {model!r}' if model else ''} in "
+            f"{', '.join(map(str, files))} (skipped: {_counts(skipped) or 'none'})"
+        )
     arrivals.sort()
     epoch = arrivals[0][0]
     reqs = [Request(s - epoch, p, max(1, o)) for s, p, o in arrivals]
@@ -203,16 +210,26 @@ class Lengths:
         if self.dist == "uniform":
             x = rng.uniform(self.mean * (1 - self.spread), self.mean * (1 + self.spread), n)
         elif self.dist == "lognormal":
-            mu = math.log(self.mean) - self.spread ** 2 / 2  # keeps the mean at `mean`
+            mu = math.log(self.mean) - self.spread**2 / 2  # keeps the mean at `mean`
             x = rng.lognormal(mu, self.spread, n)
         else:
             x = rng.geometric(1 / self.mean, n)
         return np.maximum(np.rint(x), self.low).astype(int)
 
 
-def generate(kind: str, rate: float, duration: float, seed: int = 0, *, burstiness: float = 1.0,
-             period_s: float = 86_400.0, amplitude: float = 0.5, prompt: Lengths = Lengths(256, 0.25),
-             output: Lengths = Lengths(128, 0.25), epoch: float = DEFAULT_EPOCH) -> Trace:
+def generate(
+    kind: str,
+    rate: float,
+    duration: float,
+    seed: int = 0,
+    *,
+    burstiness: float = 1.0,
+    period_s: float = 86_400.0,
+    amplitude: float = 0.5,
+    prompt: Lengths = Lengths(256, 0.25),
+    output: Lengths = Lengths(128, 0.25),
+    epoch: float = DEFAULT_EPOCH,
+) -> Trace:
     """steady: Poisson arrivals at `rate` req/s. diurnal: Poisson with the rate
     rate x (1 + amplitude x sin(2 pi t / period_s)), mean `rate`. bursty: gamma inter-arrival
     gaps of shape `burstiness` and mean 1/rate (vLLM bench's --burstiness: 1 is Poisson, lower is
@@ -231,8 +248,10 @@ def generate(kind: str, rate: float, duration: float, seed: int = 0, *, burstine
         if not (1 <= lengths.mean <= 10_000_000 and 0 <= lengths.spread <= 10):
             raise ValueError(f"{name}: mean must lie in 1..10,000,000 and spread in 0..10")
     if rate * (1 + amplitude) * duration > MAX_REQUESTS:
-        raise ValueError(f"{rate:g} req/s for {duration:g} s is more than {MAX_REQUESTS:,} requests "
-                         "(the most a trace may hold: simulate a shorter span)")
+        raise ValueError(
+            f"{rate:g} req/s for {duration:g} s is more than {MAX_REQUESTS:,} requests "
+            "(the most a trace may hold: simulate a shorter span)"
+        )
     rng = np.random.default_rng(seed)
     if kind == "diurnal":
         peak = rate * (1 + amplitude)

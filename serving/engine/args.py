@@ -29,7 +29,9 @@ def to_cli_args(engine: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, (dict, list)) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        elif isinstance(value, (dict, list)) and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
             out += [flag, json.dumps(value)]
         elif isinstance(value, list):
             out += [flag, *value]

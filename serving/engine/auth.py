@@ -17,8 +17,10 @@ KEY_ENV = "VLLM_API_KEY"
 MIDDLEWARE = "serving.engine.auth.EngineAuth"  # the import path vLLM's --middleware takes
 # The replica's health check and autoscaling read these, and the gateway scrapes /metrics.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
-_DENIED = b'{"error":{"message":"This engine answers only its Keel gateway.","type":"invalid_request_error",' \
-          b'"param":null,"code":"invalid_api_key"}}'
+_DENIED = (
+    b'{"error":{"message":"This engine answers only its Keel gateway.","type":"invalid_request_error",'
+    b'"param":null,"code":"invalid_api_key"}}'
+)
 
 
 class EngineAuth:
@@ -37,9 +39,17 @@ class EngineAuth:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # policy violation
         else:
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(_DENIED)).encode()),
-                (b"www-authenticate", b"Bearer")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(_DENIED)).encode()),
+                        (b"www-authenticate", b"Bearer"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": _DENIED})
 
     def _authorised(self, scope) -> bool:
@@ -54,4 +64,4 @@ class EngineAuth:
 
 def _path(scope) -> str:
     path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -92,15 +92,31 @@ class EngineReplica:
         self._note_engine_processes()
         await self._heartbeat()
         self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
-        log.info("engine for %s ready at %s:%s in %.1fs (replica %s)", spec.model, self.host, self.port,
-                 self.start_s, self.replica_id)
+        log.info(
+            "engine for %s ready at %s:%s in %.1fs (replica %s)",
+            spec.model,
+            self.host,
+            self.port,
+            self.start_s,
+            self.replica_id,
+        )
 
     def _start_engine(self) -> subprocess.Popen:
         s = self.spec
         cmd = [
-            sys.executable, "-m", "serving.engine.server", "--keel-parent", str(os.getpid()),
-            "--model", s.weights_path, "--served-model-name", s.model,
-            "--host", s.bind_host, "--port", str(self.port),
+            sys.executable,
+            "-m",
+            "serving.engine.server",
+            "--keel-parent",
+            str(os.getpid()),
+            "--model",
+            s.weights_path,
+            "--served-model-name",
+            s.model,
+            "--host",
+            s.bind_host,
+            "--port",
+            str(self.port),
             # A log line per request costs CPU in the engine, Ray's log monitor, the GCS and the
             # driver, on the cores that generate tokens; the gateway accounts for requests.
             # A config can turn it back on (disable_uvicorn_access_log: false): later flags win.
@@ -138,8 +154,9 @@ class EngineReplica:
         return status == 200
 
     async def _heartbeat(self) -> None:
-        await _maybe_await(self.registry.heartbeat(self.spec.model, self.replica_id, self.host, self.port,
-                                                   self.start_s))
+        await _maybe_await(
+            self.registry.heartbeat(self.spec.model, self.replica_id, self.host, self.port, self.start_s)
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -230,8 +247,12 @@ class EngineReplica:
             elif quiet_since is None:
                 quiet_since = loop.time()
         if left:
-            log.warning("replica %s: %d requests still in flight after the %gs drain; stopping the engine",
-                        self.replica_id, left, self.drain_timeout_s)
+            log.warning(
+                "replica %s: %d requests still in flight after the %gs drain; stopping the engine",
+                self.replica_id,
+                left,
+                self.drain_timeout_s,
+            )
         else:
             log.info("replica %s drained; stopping its engine", self.replica_id)
         await asyncio.to_thread(self._stop_engine)
@@ -269,8 +290,9 @@ class EngineReplica:
         return "127.0.0.1" if self.spec.bind_host in ("0.0.0.0", "::") else self.spec.bind_host
 
 
-def stop_engine_tree(proc: subprocess.Popen, tree: str, seen=(), grace_s: float = STOP_GRACE_S,
-                     kill_wait_s: float = KILL_WAIT_S) -> list[int]:
+def stop_engine_tree(
+    proc: subprocess.Popen, tree: str, seen=(), grace_s: float = STOP_GRACE_S, kill_wait_s: float = KILL_WAIT_S
+) -> list[int]:
     """Stop every process of the engine `proc` leads, even when `proc` itself is already gone.
 
     The engine is its own process group (start_new_session); a process that left the group

@@ -41,8 +41,7 @@ def die_with_parent(expected_parent: int) -> None:
         return
     _armed_in = os.getpid()
     if not _set_parent_death_signal(signal.SIGKILL):
-        threading.Thread(target=_poll_parent, args=(os.getppid(),), daemon=True,
-                         name="keel-parent-watch").start()
+        threading.Thread(target=_poll_parent, args=(os.getppid(),), daemon=True, name="keel-parent-watch").start()
     # The signal only comes for a death after the prctl: one before it shows as a new parent.
     if os.getppid() != expected_parent and not _running(expected_parent):
         os.kill(os.getpid(), signal.SIGKILL)

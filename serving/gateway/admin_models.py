@@ -40,14 +40,15 @@ async def admin_register(gw, req: Request):
     try:
         job = gw.registrations.start(request)  # here, on the gateway's thread: see start()
     except TooManyRegistrations as e:
-        raise GatewayError(429, str(e), code="too_many_registrations",
-                           headers={"retry-after": str(RETRY_REGISTRATION_S)}) from None
+        raise GatewayError(
+            429, str(e), code="too_many_registrations", headers={"retry-after": str(RETRY_REGISTRATION_S)}
+        ) from None
     return 202, _json(job), {"location": f"{REGISTER_PATH}/{job['id']}"}, "application/json"
 
 
 async def admin_registration(gw, req: Request):
     """GET /v1/admin/models/register/ID: the job, from its file (any replica's job)."""
-    job_id = req.path[len(REGISTER_PATH) + 1:]
+    job_id = req.path[len(REGISTER_PATH) + 1 :]
     gw.registrations.running()  # reap this replica's finished children first
     job = await asyncio.to_thread(gw.registrations.read, job_id)
     if job is None:
@@ -77,8 +78,9 @@ def parse_registration(body: bytes) -> RegistrationRequest:
     except ValidationError as e:
         errors = e.errors(include_url=False)
         param = ".".join(str(p) for p in errors[0]["loc"])
-        raise GatewayError(400, "; ".join(_describe(err) for err in errors), code="invalid_registration",
-                           param=param) from None
+        raise GatewayError(
+            400, "; ".join(_describe(err) for err in errors), code="invalid_registration", param=param
+        ) from None
 
 
 def _describe(err: Mapping[str, Any]) -> str:  # one of ValidationError.errors()

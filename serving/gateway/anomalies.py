@@ -51,8 +51,9 @@ class AnomalyWatch:
             tokens = ctx.prompt_tokens or 0
         first = outcome.first_byte_at if outcome.first_byte_at is not None else outcome.finished_at
         hits = sum(a.count for a in ctx.guardrail_actions) if ctx.guardrail_actions else 0
-        self.detector.observe(ctx.tenant or NO_LABEL, ctx.model or NO_LABEL, outcome.status, tokens,
-                              first - ctx.received_at, hits)
+        self.detector.observe(
+            ctx.tenant or NO_LABEL, ctx.model or NO_LABEL, outcome.status, tokens, first - ctx.received_at, hits
+        )
 
     async def _run(self) -> None:
         while True:
@@ -63,7 +64,7 @@ class AnomalyWatch:
             keys = list(self.detector.series)
             for i in range(0, len(keys), TICK_SLICE):
                 try:
-                    self.tick(start, keys[i:i + TICK_SLICE], done=i + TICK_SLICE >= len(keys))
+                    self.tick(start, keys[i : i + TICK_SLICE], done=i + TICK_SLICE >= len(keys))
                 except Exception:  # a bug here must not stop detection for good
                     log.exception("anomaly detection tick failed")
                 await asyncio.sleep(0)  # requests run between slices
@@ -84,15 +85,29 @@ class AnomalyWatch:
             if phase == "start":
                 m.anomalies.labels(a.tenant, a.model, a.signal).inc()
                 m.anomaly_active.labels(a.tenant, a.model, a.signal).set(1)
-                log.warning("anomaly: %s of tenant %s on %s is %s (%s %.4g, expected %.4g, score %.1f)",
-                            a.signal, a.tenant, a.model, a.direction, a.check, a.value, a.expected, a.score)
+                log.warning(
+                    "anomaly: %s of tenant %s on %s is %s (%s %.4g, expected %.4g, score %.1f)",
+                    a.signal,
+                    a.tenant,
+                    a.model,
+                    a.direction,
+                    a.check,
+                    a.value,
+                    a.expected,
+                    a.score,
+                )
             else:
                 m.anomaly_active.labels(a.tenant, a.model, a.signal).set(0)
                 log.info("anomaly ended (%s): %s of tenant %s on %s", a.end_reason, a.signal, a.tenant, a.model)
             if self.audit_log is not None:
-                self.audit_log.write({"event": "anomaly", "phase": phase,
-                                      "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                                      **a.to_dict()})
+                self.audit_log.write(
+                    {
+                        "event": "anomaly",
+                        "phase": phase,
+                        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                        **a.to_dict(),
+                    }
+                )
 
     def reconfigure(self, config: AnomalyConfig) -> None:
         self.publish(self.detector.configure(config))
@@ -107,8 +122,13 @@ class AnomalyWatch:
     def snapshot(self) -> dict:
         cfg = self.config
         out = self.detector.snapshot()
-        out.update(enabled=True, bucket_s=cfg.bucket_s, signals=list(cfg.signals), ticks=self.ticks,
-                   tick_ms_mean=round(self.tick_s / self.ticks * 1000, 3) if self.ticks else None)
+        out.update(
+            enabled=True,
+            bucket_s=cfg.bucket_s,
+            signals=list(cfg.signals),
+            ticks=self.ticks,
+            tick_ms_mean=round(self.tick_s / self.ticks * 1000, 3) if self.ticks else None,
+        )
         return out
 
 
@@ -147,4 +167,3 @@ async def admin_anomalies(gw, req):
     watch = getattr(rt, "anomalies", None)
     body = watch.snapshot() if watch is not None else {"enabled": False, "active": [], "recent": []}
     return 200, json.dumps(body).encode(), None, "application/json"
-

@@ -45,8 +45,9 @@ class GuardInput:
         self.rt = rt
         self.recount = recount
         # Policies with rules that read text (max_prompt_tokens alone reads only the count).
-        self.text_rules = {n: any(r.type != "max_prompt_tokens" for r in g.input)
-                           for n, g in rt.policy.guardrails.items()}
+        self.text_rules = {
+            n: any(r.type != "max_prompt_tokens" for r in g.input) for n, g in rt.policy.guardrails.items()
+        }
 
     async def on_request(self, ctx: RequestContext) -> None:
         tenant = self.rt.tenant(ctx)
@@ -56,8 +57,14 @@ class GuardInput:
         info = self.rt.models.get(ctx.target)
         tokenizer = getattr(info.counter, "tokenizer", None) if info is not None else None
         assert ctx.payload is not None  # ParseBody, the first stage, set it
-        args = (self.rt.input_guards[tenant.guardrails], endpoint, ctx.payload, tokenizer,
-                ctx.prompt_tokens, self.text_rules[tenant.guardrails])
+        args = (
+            self.rt.input_guards[tenant.guardrails],
+            endpoint,
+            ctx.payload,
+            tokenizer,
+            ctx.prompt_tokens,
+            self.text_rules[tenant.guardrails],
+        )
         try:
             if len(ctx.body) > OFFLOAD_GUARD_BYTES:
                 # Nothing else touches this request's payload until the scan is back.
@@ -103,9 +110,13 @@ class GuardOutput:
             return
         assert ctx.payload is not None  # ParseBody, the first stage, set it
         for option in unscanned_options(endpoint, ctx.payload):
-            raise GatewayError(400, f"`{option}` is not available to tenant `{ctx.tenant}`: its output "
-                               "guardrails cannot check the text it would return.",
-                               code="unsupported_with_guardrails", param=option)
+            raise GatewayError(
+                400,
+                f"`{option}` is not available to tenant `{ctx.tenant}`: its output "
+                "guardrails cannot check the text it would return.",
+                code="unsupported_with_guardrails",
+                param=option,
+            )
 
     def on_response(self, ctx: RequestContext) -> OutputGuardWatch | None:
         guard = self._guard(ctx)
@@ -123,8 +134,9 @@ def prompt_slots(payload: dict | None) -> list[tuple]:
     return request_slots(CHAT if "messages" in payload else COMPLETIONS, payload)
 
 
-def scan_request(guard: InputGuard, endpoint: Endpoint, payload: dict, tokenizer: Any,
-                 prompt_tokens: int | None, text_rules: bool) -> tuple[bool, list[GuardrailAction]]:
+def scan_request(
+    guard: InputGuard, endpoint: Endpoint, payload: dict, tokenizer: Any, prompt_tokens: int | None, text_rules: bool
+) -> tuple[bool, list[GuardrailAction]]:
     """Apply the input rules to every text the request gives the model, in place. Returns
     (whether a text changed, the actions). Raises GuardrailBlocked, or textfields.Unscannable
     for a field the rules cannot read. Touches only this request's payload, so it may run on a

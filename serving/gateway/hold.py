@@ -49,8 +49,13 @@ class HoldSettings:
 class RequestHold:
     """The held requests of one gateway, per model."""
 
-    def __init__(self, ready: Callable[[str], bool], wake: Callable[[str], Awaitable] | None = None,
-                 on_change: Callable[[str, int], None] | None = None, recheck_s: float = RECHECK_S):
+    def __init__(
+        self,
+        ready: Callable[[str], bool],
+        wake: Callable[[str], Awaitable] | None = None,
+        on_change: Callable[[str, int], None] | None = None,
+        recheck_s: float = RECHECK_S,
+    ):
         self._ready = ready  # model -> has a replica the gateway can route to
         self._wake = wake  # model -> a call that returns once a replica of the model runs
         self._on_change = on_change  # (model, requests held): for the gauge
@@ -94,9 +99,12 @@ class RequestHold:
             if not queue:
                 self._queues.pop(model, None)
             raise GatewayError(
-                503, f"No replica of `{model}` is ready and {settings.max_requests} requests already wait "
-                "for one to start; retry shortly.", code="model_not_ready",
-                headers={"retry-after": str(_retry_after(settings.timeout_s))})
+                503,
+                f"No replica of `{model}` is ready and {settings.max_requests} requests already wait "
+                "for one to start; retry shortly.",
+                code="model_not_ready",
+                headers={"retry-after": str(_retry_after(settings.timeout_s))},
+            )
         released = loop.create_future()
         queue.append(released)
         self._changed(model)
@@ -106,9 +114,11 @@ class RequestHold:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise GatewayError(
-                        503, f"No replica of `{model}` became ready within {settings.timeout_s:g} s; retry "
-                        "shortly.", code="model_not_ready",
-                        headers={"retry-after": str(_retry_after(settings.timeout_s))})
+                        503,
+                        f"No replica of `{model}` became ready within {settings.timeout_s:g} s; retry shortly.",
+                        code="model_not_ready",
+                        headers={"retry-after": str(_retry_after(settings.timeout_s))},
+                    )
                 try:
                     await asyncio.wait_for(asyncio.shield(released), min(remaining, self.recheck_s))
                 except asyncio.TimeoutError:

@@ -47,11 +47,26 @@ _IDLE, _HEAD, _BODY = 0, 1, 2  # where the parser is: between requests, in a hea
 class Request:
     """One request as the client sent it, once its head (and later its body) has arrived."""
 
-    __slots__ = ("method", "path", "headers", "body", "keep_alive", "http10", "received_at",
-                 "request_id", "principal", "route", "refusal", "body_reserved", "counted", "expect_body")
+    __slots__ = (
+        "method",
+        "path",
+        "headers",
+        "body",
+        "keep_alive",
+        "http10",
+        "received_at",
+        "request_id",
+        "principal",
+        "route",
+        "refusal",
+        "body_reserved",
+        "counted",
+        "expect_body",
+    )
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], keep_alive: bool, http10: bool,
-                 received_at: float):
+    def __init__(
+        self, method: str, path: str, headers: dict[str, str], keep_alive: bool, http10: bool, received_at: float
+    ):
         self.method = method
         self.path = path
         self.headers = headers
@@ -102,8 +117,9 @@ class ClientConnection(asyncio.Protocol):
         self.counted = False  # holds one of the gateway's connection slots
         self._head_seen = 0  # bytes parsed inside the current head (bounds httptools' buffer)
         self._stash: bytes | None = None  # read, not yet parsed: waits until reading resumes
-        self._head_cap = (self.limits.max_request_line_bytes + self.limits.max_header_bytes
-                          + 4 * self.limits.max_headers + 64)
+        self._head_cap = (
+            self.limits.max_request_line_bytes + self.limits.max_header_bytes + 4 * self.limits.max_headers + 64
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -120,8 +136,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         if not self.gateway.connection_opened(self):
-            err = GatewayError(503, "The gateway has too many open connections; retry shortly.",
-                               code="too_many_connections", headers={"retry-after": "1"})
+            err = GatewayError(
+                503,
+                "The gateway has too many open connections; retry shortly.",
+                code="too_many_connections",
+                headers={"retry-after": "1"},
+            )
             self.gateway.record_refusal(self, None, err)
             self.keep_alive = False
             self._write_error(err, uuid.uuid4().hex)
@@ -144,10 +164,10 @@ class ClientConnection(asyncio.Protocol):
             return
         view = memoryview(data)
         for pos in range(0, len(data), _SLICE):
-            if not self._feed_piece(view[pos:pos + _SLICE]):
+            if not self._feed_piece(view[pos : pos + _SLICE]):
                 return
             if not self._reading:
-                self._stash = bytes(view[pos + _SLICE:]) or None
+                self._stash = bytes(view[pos + _SLICE :]) or None
                 return
 
     def _feed_piece(self, piece) -> bool:
@@ -168,8 +188,9 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(_Refuse(GatewayError(400, "Protocol upgrades are not supported."), self._req))
             return False
         except httptools.HttpParserError as e:
-            self._refuse(_Refuse(GatewayError(400, f"Malformed HTTP request: {e}.", code="malformed_request"),
-                                 self._req))
+            self._refuse(
+                _Refuse(GatewayError(400, f"Malformed HTTP request: {e}.", code="malformed_request"), self._req)
+            )
             return False
         if self._state == _HEAD and self._head_seen > self._head_cap:
             self._refuse(_Refuse(_too_big_head(self.limits), self._req))
@@ -212,9 +233,13 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.limits.max_request_line_bytes:
-            raise _Refuse(GatewayError(
-                414, f"The request line is longer than {self.limits.max_request_line_bytes} bytes.",
-                code="uri_too_long"))
+            raise _Refuse(
+                GatewayError(
+                    414,
+                    f"The request line is longer than {self.limits.max_request_line_bytes} bytes.",
+                    code="uri_too_long",
+                )
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
@@ -226,8 +251,9 @@ class ClientConnection(asyncio.Protocol):
         if old is None:
             self._headers[key] = text
         elif key in _SINGLE:
-            raise _Refuse(GatewayError(400, f"The request has more than one `{key}` header.",
-                                       code="duplicate_header", param=key))
+            raise _Refuse(
+                GatewayError(400, f"The request has more than one `{key}` header.", code="duplicate_header", param=key)
+            )
         else:  # a list-valued header sent in several lines: one value, as RFC 9110 5.3 reads it
             self._headers[key] = old + ", " + text
 
@@ -237,8 +263,14 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         http10 = parser.get_http_version() == "1.0"
         url = httptools.parse_url(self._url)
-        req = Request(parser.get_method().decode("latin-1"), url.path.decode("latin-1"), self._headers,
-                      parser.should_keep_alive(), http10, self._started)
+        req = Request(
+            parser.get_method().decode("latin-1"),
+            url.path.decode("latin-1"),
+            self._headers,
+            parser.should_keep_alive(),
+            http10,
+            self._started,
+        )
         self._req = req
         length = self._headers.get("content-length")
         chunked = "chunked" in self._headers.get("transfer-encoding", "").lower()
@@ -368,8 +400,12 @@ class ClientConnection(asyncio.Protocol):
             return
         what = "head" if self._state == _HEAD else "body"
         limit = self.limits.header_timeout_s if self._state == _HEAD else self.limits.body_timeout_s
-        self._refuse(_Refuse(GatewayError(408, f"The request {what} did not arrive within {limit:g} s.",
-                                          code="request_timeout"), self._req))
+        self._refuse(
+            _Refuse(
+                GatewayError(408, f"The request {what} did not arrive within {limit:g} s.", code="request_timeout"),
+                self._req,
+            )
+        )
 
     # -- flow ----------------------------------------------------------------------------------
 
@@ -405,8 +441,14 @@ class ClientConnection(asyncio.Protocol):
         lines.append("connection: keep-alive" if self.keep_alive else "connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
-    def respond(self, status: int, body: bytes, rid: str, headers: dict[str, str] | None = None,
-                content_type: str = "application/json") -> None:
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        rid: str,
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         if self.closed or self.transport.is_closing():
             return
         lines = [f"content-type: {content_type}", f"content-length: {len(body)}"]
@@ -415,6 +457,8 @@ class ClientConnection(asyncio.Protocol):
 
 
 def _too_big_head(limits) -> GatewayError:
-    return GatewayError(431, f"The request head has more than {limits.max_headers} headers or "
-                        f"{limits.max_header_bytes} bytes of them.", code="headers_too_large")
-
+    return GatewayError(
+        431,
+        f"The request head has more than {limits.max_headers} headers or {limits.max_header_bytes} bytes of them.",
+        code="headers_too_large",
+    )

@@ -88,7 +88,7 @@ class StreamInspector:
         for ev in events:
             if tpl is not None and ev.startswith(tpl[0]) and ev.endswith(tpl[1]):
                 try:
-                    text = orjson.loads(ev[len(tpl[0]):len(ev) - len(tpl[1])])
+                    text = orjson.loads(ev[len(tpl[0]) : len(ev) - len(tpl[1])])
                 except orjson.JSONDecodeError:
                     text = None
                 if isinstance(text, str):
@@ -143,7 +143,7 @@ class StreamInspector:
             return None
         key = '"content":' if self.chat else '"text":'
         at = s.find(key)
-        if at < 0 or s.find(key, at + 1) >= 0 or s[at + len(key):at + len(key) + 1] != '"':
+        if at < 0 or s.find(key, at + 1) >= 0 or s[at + len(key) : at + len(key) + 1] != '"':
             return None  # absent, twice (another object has such a key), or spaced
         start = at + len(key)
         try:
@@ -228,7 +228,7 @@ class StreamInspector:
         choices = self.watched.release_held()
         if not choices:
             return b""
-        obj = ("chat.completion.chunk" if self.chat else "text_completion")
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
         return b"data: " + orjson.dumps({"object": obj, "choices": choices}) + b"\n\n"
 
 
@@ -239,8 +239,11 @@ _CHOICE_KEYS = frozenset({"index", "delta", "text", "finish_reason", "stop_reaso
 def _same_stream(a: dict, b: dict) -> bool:
     """b continues a's choice with nothing else changed (usage may grow: the latest is kept)."""
     ca, cb = a["choices"][0], b["choices"][0]
-    return (ca.get("index", 0) == cb.get("index", 0) and a.keys() == b.keys()
-            and all(a[k] == b[k] for k in a if k != "choices" and k != "usage"))
+    return (
+        ca.get("index", 0) == cb.get("index", 0)
+        and a.keys() == b.keys()
+        and all(a[k] == b[k] for k in a if k != "choices" and k != "usage")
+    )
 
 
 def _parse(ev: bytes) -> dict | None:

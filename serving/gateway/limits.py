@@ -20,32 +20,52 @@ MIB = 1024 * 1024
 
 class HttpLimits(Strict):
     max_body_bytes: int = Field(
-        8 * MIB, ge=1024, description="A request body larger than this gets 413, before it is read.")
+        8 * MIB, ge=1024, description="A request body larger than this gets 413, before it is read."
+    )
     max_request_line_bytes: int = Field(
-        8192, ge=256, description="A request line (method, target, version) longer than this gets 414.")
+        8192, ge=256, description="A request line (method, target, version) longer than this gets 414."
+    )
     max_header_bytes: int = Field(
-        32768, ge=1024, description="Header names and values of one request, summed; more gets 431.")
+        32768, ge=1024, description="Header names and values of one request, summed; more gets 431."
+    )
     max_headers: int = Field(100, ge=8, description="Header lines per request; more gets 431.")
     header_timeout_s: float = Field(
-        10.0, gt=0, description="A request head must arrive whole within this from its first byte "
-        "(a slow sender gets 408).")
+        10.0,
+        gt=0,
+        description="A request head must arrive whole within this from its first byte (a slow sender gets 408).",
+    )
     body_timeout_s: float = Field(
-        60.0, gt=0, description="A request body must arrive whole within this from the end of its "
-        "head (408).")
+        60.0, gt=0, description="A request body must arrive whole within this from the end of its head (408)."
+    )
     keepalive_timeout_s: float = Field(
-        5.0, gt=0, description="A connection with no request in progress is closed after this idle "
-        "time (also a new connection that sends nothing).")
+        5.0,
+        gt=0,
+        description="A connection with no request in progress is closed after this idle "
+        "time (also a new connection that sends nothing).",
+    )
     max_connections: int = Field(
-        8192, ge=1, description="Client connections held at once; the next one gets 503 + "
-        "retry-after and is closed. Capped at start below the process's open-file limit.")
+        8192,
+        ge=1,
+        description="Client connections held at once; the next one gets 503 + "
+        "retry-after and is closed. Capped at start below the process's open-file limit.",
+    )
     max_requests_in_flight: int = Field(
-        4096, ge=1, description="Requests accepted and not yet answered, all connections together; "
-        "the next gets 503 + retry-after without its body being read.")
+        4096,
+        ge=1,
+        description="Requests accepted and not yet answered, all connections together; "
+        "the next gets 503 + retry-after without its body being read.",
+    )
     max_buffered_body_bytes: int = Field(
-        256 * MIB, ge=MIB, description="Request-body bytes held in memory at once, all requests "
+        256 * MIB,
+        ge=MIB,
+        description="Request-body bytes held in memory at once, all requests "
         "together (a body counts from its head to its end); a request that would pass it gets 503 "
-        "+ retry-after without its body being read.")
+        "+ retry-after without its body being read.",
+    )
     engine_idle_timeout_s: float = Field(
-        600.0, gt=0, description="An engine that sends nothing for this long (no response head, no "
+        600.0,
+        gt=0,
+        description="An engine that sends nothing for this long (no response head, no "
         "token) has its request ended: 504, or an error event if the stream had begun. A "
-        "non-streamed answer arrives whole at the end, so allow for the longest generation.")
+        "non-streamed answer arrives whole at the end, so allow for the longest generation.",
+    )

@@ -34,56 +34,106 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "keel_requests", "Requests answered by the gateway, by tenant, public model, variant (the "
+            "keel_requests",
+            "Requests answered by the gateway, by tenant, public model, variant (the "
             "model deployment that served it) and HTTP status (499: the client went away first).",
-            ["tenant", "model", "variant", "status"], registry=r)
+            ["tenant", "model", "variant", "status"],
+            registry=r,
+        )
         self.tokens = Counter(
-            "keel_tokens", "Tokens by tenant, model, variant and kind (prompt, completion), as the "
-            "engine reported them.", ["tenant", "model", "variant", "kind"], registry=r)
+            "keel_tokens",
+            "Tokens by tenant, model, variant and kind (prompt, completion), as the engine reported them.",
+            ["tenant", "model", "variant", "kind"],
+            registry=r,
+        )
         self.quota_rejections = Counter(
-            "keel_quota_rejections", "Requests refused with 429 by tenant and the limit that refused "
-            "them.", ["tenant", "limit"], registry=r)
+            "keel_quota_rejections",
+            "Requests refused with 429 by tenant and the limit that refused them.",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.reserved_tokens = Gauge(
-            "keel_quota_reserved_tokens", "Tokens reserved by requests in flight and not yet settled.",
-            ["tenant"], registry=r)
+            "keel_quota_reserved_tokens",
+            "Tokens reserved by requests in flight and not yet settled.",
+            ["tenant"],
+            registry=r,
+        )
         self.quota_backend_errors = Counter(
-            "keel_quota_backend_errors", "Requests that found the quota backend unreachable, by what "
-            "happened to them (fail_open: admitted without quotas; fail_closed: 503).", ["mode"], registry=r)
+            "keel_quota_backend_errors",
+            "Requests that found the quota backend unreachable, by what "
+            "happened to them (fail_open: admitted without quotas; fail_closed: 503).",
+            ["mode"],
+            registry=r,
+        )
         self.guardrail_actions = Counter(
-            "keel_guardrail_actions", "Guardrail hits by tenant, guardrail, action (block, redact, flag) "
-            "and direction (input, output).", ["tenant", "guardrail", "action", "direction"], registry=r)
+            "keel_guardrail_actions",
+            "Guardrail hits by tenant, guardrail, action (block, redact, flag) and direction (input, output).",
+            ["tenant", "guardrail", "action", "direction"],
+            registry=r,
+        )
         self.shadow_requests = Counter(
-            "keel_shadow_requests", "Mirrored requests to an experiment's shadow variant, by status "
-            "(dropped: too many in flight; no_replica; error).", ["model", "variant", "status"], registry=r)
+            "keel_shadow_requests",
+            "Mirrored requests to an experiment's shadow variant, by status "
+            "(dropped: too many in flight; no_replica; error).",
+            ["model", "variant", "status"],
+            registry=r,
+        )
         self.shadow_duration = Histogram(
-            "keel_shadow_request_duration_seconds", "End-to-end time of shadow requests.",
-            ["model", "variant"], buckets=_LATENCY_BUCKETS, registry=r)
+            "keel_shadow_request_duration_seconds",
+            "End-to-end time of shadow requests.",
+            ["model", "variant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.shadow_tokens = Counter(
-            "keel_shadow_tokens", "Tokens used by shadow requests.", ["model", "variant", "kind"], registry=r)
+            "keel_shadow_tokens", "Tokens used by shadow requests.", ["model", "variant", "kind"], registry=r
+        )
         self.duration = Histogram(
-            "keel_request_duration_seconds", "Time from request received to response end, as the "
-            "gateway saw it.", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+            "keel_request_duration_seconds",
+            "Time from request received to response end, as the gateway saw it.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.first_byte = Histogram(
-            "keel_time_to_first_byte_seconds", "Time from request received to the first response "
-            "body byte (for streams: the first token chunk).", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+            "keel_time_to_first_byte_seconds",
+            "Time from request received to the first response body byte (for streams: the first token chunk).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
-            "keel_requests_in_flight", "Requests relayed to an engine and not finished.", ["model"], registry=r)
+            "keel_requests_in_flight", "Requests relayed to an engine and not finished.", ["model"], registry=r
+        )
         self.endpoints = Gauge(
-            "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r)
+            "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r
+        )
         self.anomalies = Counter(
-            "keel_anomalies", "Anomalies started, by tenant, model and signal (requests, tokens, "
+            "keel_anomalies",
+            "Anomalies started, by tenant, model and signal (requests, tokens, "
             "error_rate, latency, guardrail_hits); see GET /v1/admin/anomalies.",
-            ["tenant", "model", "signal"], registry=r)
+            ["tenant", "model", "signal"],
+            registry=r,
+        )
         self.anomaly_active = Gauge(
-            "keel_anomaly_active", "1 while an anomaly of the signal of the tenant on the model lasts, "
-            "0 once it ended.", ["tenant", "model", "signal"], registry=r)
+            "keel_anomaly_active",
+            "1 while an anomaly of the signal of the tenant on the model lasts, 0 once it ended.",
+            ["tenant", "model", "signal"],
+            registry=r,
+        )
         self.held = Gauge(
-            "keel_requests_held", "Requests waiting at this gateway for a replica of a model scaled to "
-            "zero to start.", ["model"], registry=r)
+            "keel_requests_held",
+            "Requests waiting at this gateway for a replica of a model scaled to zero to start.",
+            ["model"],
+            registry=r,
+        )
         self.slo_events = Counter(
-            "keel_slo_events", "Requests judged against each SLO (`slos:` in the policy), by model, tenant "
-            "and whether the event was good: the SLIs of `keel slo rules`.", ["slo", "model", "tenant", "good"],
-            registry=r)
+            "keel_slo_events",
+            "Requests judged against each SLO (`slos:` in the policy), by model, tenant "
+            "and whether the event was good: the SLIs of `keel slo rules`.",
+            ["slo", "model", "tenant", "good"],
+            registry=r,
+        )
         self._slo_series: dict[tuple[str, str, str], tuple] = {}  # (slo, model, tenant) -> (bad, good)
         self.judge = SloJudge({})
         self.ttft: Histogram | None = None  # made by the first use_slos: its thresholds are bounds
@@ -97,23 +147,37 @@ class GatewayMetrics:
         self.judge = judge
         wanted = judge.thresholds_s()
         if self.ttft is None:
-            self._buckets = {"ttft": _bounds(_LATENCY_BUCKETS, wanted["ttft"]),
-                             "tpot": _bounds(_TPOT_BUCKETS, wanted["tpot"])}
+            self._buckets = {
+                "ttft": _bounds(_LATENCY_BUCKETS, wanted["ttft"]),
+                "tpot": _bounds(_TPOT_BUCKETS, wanted["tpot"]),
+            }
             self.ttft = Histogram(
-                "keel_time_to_first_token_seconds", "Streamed requests: time from request received to "
+                "keel_time_to_first_token_seconds",
+                "Streamed requests: time from request received to "
                 "the first token event sent (the buckets include the ttft SLO thresholds).",
-                ["model", "variant"], buckets=self._buckets["ttft"], registry=self.registry)
+                ["model", "variant"],
+                buckets=self._buckets["ttft"],
+                registry=self.registry,
+            )
             self.tpot = Histogram(
-                "keel_time_per_output_token_seconds", "Streamed requests of one choice and >= 2 completion "
+                "keel_time_per_output_token_seconds",
+                "Streamed requests of one choice and >= 2 completion "
                 "tokens: (end - first token) / (completion tokens - 1) (the buckets include the tpot SLO "
-                "thresholds).", ["model", "variant"], buckets=self._buckets["tpot"],
-                registry=self.registry)
+                "thresholds).",
+                ["model", "variant"],
+                buckets=self._buckets["tpot"],
+                registry=self.registry,
+            )
             return
         for kind, bounds in self._buckets.items():
             missing = set(wanted[kind]) - set(bounds)
             if missing:
-                log.warning("%s SLO thresholds %s s are no bucket bounds of its histogram until the gateway "
-                            "restarts (keel_slo_events counts against them exactly)", kind, sorted(missing))
+                log.warning(
+                    "%s SLO thresholds %s s are no bucket bounds of its histogram until the gateway "
+                    "restarts (keel_slo_events counts against them exactly)",
+                    kind,
+                    sorted(missing),
+                )
 
     def observe_request(self, ctx, outcome) -> None:
         tenant = ctx.tenant or UNROUTED
@@ -129,8 +193,9 @@ class GatewayMetrics:
             for a in ctx.guardrail_actions:
                 self.guardrail_actions.labels(ctx.tenant, a.guardrail, a.action, a.direction).inc(a.count)
 
-    def observe(self, model: str | None, started: float, outcome, tenant: str = UNROUTED,
-                variant: str | None = None) -> None:
+    def observe(
+        self, model: str | None, started: float, outcome, tenant: str = UNROUTED, variant: str | None = None
+    ) -> None:
         label = model or UNROUTED
         self.requests.labels(tenant, label, variant or label, str(outcome.status)).inc()
         if model is not None:
@@ -155,7 +220,8 @@ class GatewayMetrics:
                 # well. The children are kept: labels() costs more than the increment.
                 pair = self._slo_series[(slo, ctx.model, tenant)] = (
                     self.slo_events.labels(slo, ctx.model, tenant, "false"),
-                    self.slo_events.labels(slo, ctx.model, tenant, "true"))
+                    self.slo_events.labels(slo, ctx.model, tenant, "true"),
+                )
             pair[good].inc()
 
     async def render(self, endpoints) -> bytes:

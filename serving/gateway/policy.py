@@ -67,8 +67,14 @@ class ModelInfo:
 
 
 class PolicyRuntime:
-    def __init__(self, policy: PolicyConfig, models: dict[str, ModelInfo], metrics,
-                 previous: PolicyRuntime | None = None, rollouts: dict | None = None):
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        models: dict[str, ModelInfo],
+        metrics,
+        previous: PolicyRuntime | None = None,
+        rollouts: dict | None = None,
+    ):
         self.policy = policy
         self.version = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:12]
         self.models = models  # candidates of rollouts included: their tokenizers count their prompts
@@ -104,20 +110,25 @@ class PolicyRuntime:
             if self.audit_log is not None:
                 self.audit_log.resize(max_file_bytes)
         else:
-            self.audit_log = AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes,
-                                      hmac_key_file=policy.audit.hmac_key_file) if policy.audit.enabled else None
+            self.audit_log = (
+                AuditLog(policy.audit.dir, max_file_bytes=max_file_bytes, hmac_key_file=policy.audit.hmac_key_file)
+                if policy.audit.enabled
+                else None
+            )
             if previous is not None and previous.audit_log is not None:
                 previous.audit_log.close()
         self.audit = Audit(self) if self.audit_log is not None else None
         # The detector's baselines outlive a reload too (serving/gateway/anomalies.py).
         self.anomalies: anomalies.AnomalyWatch | None
-        self.anomalies = anomalies.carry(previous.anomalies if previous is not None else None,
-                                         policy.anomalies, metrics, self.audit_log)
+        self.anomalies = anomalies.carry(
+            previous.anomalies if previous is not None else None, policy.anomalies, metrics, self.audit_log
+        )
         # Does the relay read responses? Only when something needs usage or text (output
         # guardrails exist only with tenants, so they are covered by `not open`).
         # A tpot SLO needs the completion tokens of streams, from the usage chunk.
-        self.inspects = (not self.open or self.audit_log is not None
-                         or any(s.kind == "tpot" for s in policy.slos.values()))
+        self.inspects = (
+            not self.open or self.audit_log is not None or any(s.kind == "tpot" for s in policy.slos.values())
+        )
         self.pipeline = Pipeline(self._stages())
 
     def _stages(self) -> list[Stage]:
@@ -144,8 +155,17 @@ class PolicyRuntime:
             # Settlements still running on it finish first; a few seconds is plenty.
             asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(backend.close()))
 
-    def audit_plain(self, rid: str, method: str, path: str, status: int, error: str | None,
-                    received_at: float, tenant: str | None = None, key_id: str | None = None) -> None:
+    def audit_plain(
+        self,
+        rid: str,
+        method: str,
+        path: str,
+        status: int,
+        error: str | None,
+        received_at: float,
+        tenant: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
         """A record for a request that does not go through the pipeline (413, 405, admin API)."""
         if self.audit is None:
             return
@@ -217,8 +237,13 @@ class Audit(_PolicyStage):
 
 
 def _action_dict(a) -> dict:
-    return {"guardrail": a.guardrail, "action": a.action, "direction": a.direction,
-            "entity": a.entity, "count": a.count}
+    return {
+        "guardrail": a.guardrail,
+        "action": a.action,
+        "direction": a.direction,
+        "entity": a.entity,
+        "count": a.count,
+    }
 
 
 class Authenticate(_PolicyStage):
@@ -248,12 +273,20 @@ class Route(_PolicyStage):
         allowed = rt.allowed.get(ctx.tenant) if ctx.tenant else None
         if model not in rt.public:
             visible = sorted(rt.public if allowed is None else allowed)
-            raise GatewayError(404, f"The model `{model}` does not exist. Available: {', '.join(visible)}.",
-                               code="model_not_found", param="model")
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist. Available: {', '.join(visible)}.",
+                code="model_not_found",
+                param="model",
+            )
         if allowed is not None and model not in allowed:
-            raise GatewayError(403, f"Tenant `{ctx.tenant}` may not use the model `{model}`. "
-                               f"Available to it: {', '.join(sorted(allowed)) or 'none'}.",
-                               code="model_not_allowed", param="model")
+            raise GatewayError(
+                403,
+                f"Tenant `{ctx.tenant}` may not use the model `{model}`. "
+                f"Available to it: {', '.join(sorted(allowed)) or 'none'}.",
+                code="model_not_allowed",
+                param="model",
+            )
         ctx.model = model
         exp = rt.policy.experiments.get(model)
         forced = ctx.headers.get(VARIANT_HEADER)
@@ -263,11 +296,17 @@ class Route(_PolicyStage):
             ctx.target = ctx.variant = model
         elif forced:
             if ctx.role != "admin":
-                raise GatewayError(403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
-                                   code="variant_override_not_allowed")
+                raise GatewayError(
+                    403,
+                    f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
+                    code="variant_override_not_allowed",
+                )
             if forced not in exp.variants:
-                raise GatewayError(400, f"`{forced}` is not a variant of `{model}`; variants: "
-                                   f"{', '.join(exp.variants)}.", code="unknown_variant")
+                raise GatewayError(
+                    400,
+                    f"`{forced}` is not a variant of `{model}`; variants: {', '.join(exp.variants)}.",
+                    code="unknown_variant",
+                )
             ctx.target = ctx.variant = forced
         else:
             user = payload.get("user") or ctx.headers.get(exp.user_header) or ctx.key_id or "anonymous"
@@ -276,8 +315,11 @@ class Route(_PolicyStage):
         if split is not None:
             self._split(ctx, split)
         if exp is not None:
-            if exp.shadow is not None and exp.shadow.variant != ctx.target \
-                    and shadow_selected(model, ctx.request_id, exp.shadow.percent):
+            if (
+                exp.shadow is not None
+                and exp.shadow.variant != ctx.target
+                and shadow_selected(model, ctx.request_id, exp.shadow.percent)
+            ):
                 ctx.shadow = exp.shadow.variant
             payload["model"] = ctx.target  # the engine serves the variant under its own name
             ctx.payload_changed = True
@@ -287,8 +329,9 @@ class Route(_PolicyStage):
         """An admin's request for a rollout's candidate alone, whatever its share (the rollout's
         evaluation gate asks its prompts this way). Only admin keys: the candidate is untested."""
         if ctx.role != "admin" and not self.rt.open:
-            raise GatewayError(403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.",
-                               code="variant_override_not_allowed")
+            raise GatewayError(
+                403, f"Only admin keys may choose a variant with {VARIANT_HEADER}.", code="variant_override_not_allowed"
+            )
         assert ctx.payload is not None  # it named the model
         rolled = self.rt.candidate_of[candidate]
         if rolled != ctx.model and (exp is None or rolled not in exp.variants):
@@ -308,8 +351,12 @@ class Route(_PolicyStage):
         who = f"user:{user}" if user else f"request:{ctx.request_id}"
         baseline = ctx.target
         assert baseline is not None and ctx.payload is not None  # routed: its rollout was found by it
-        if assign_variant(f"rollout:{baseline}", ctx.tenant or OPEN_TENANT, who,
-                          {baseline: 100.0 - percent, candidate: percent}) == candidate:
+        if (
+            assign_variant(
+                f"rollout:{baseline}", ctx.tenant or OPEN_TENANT, who, {baseline: 100.0 - percent, candidate: percent}
+            )
+            == candidate
+        ):
             ctx.target = ctx.variant = candidate
             ctx.payload["model"] = candidate  # the candidate's engines serve under that name
             ctx.payload_changed = True
@@ -405,8 +452,11 @@ class Admit(_PolicyStage):
         if tenant is not None and not tenant.quotas.is_empty():
             assert ctx.tenant is not None  # rt.tenant found it by this name
             scopes.append(Scope("tenant", ctx.tenant, tenant.quotas))
-        kq = (self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
-              if ctx.tenant is not None and ctx.key_id is not None else None)
+        kq = (
+            self.rt.key_quotas.get((ctx.tenant, ctx.key_id))
+            if ctx.tenant is not None and ctx.key_id is not None
+            else None
+        )
         if kq is not None and not kq.is_empty():
             scopes.append(Scope("key", f"{ctx.tenant}/{ctx.key_id}", kq))
         return scopes
@@ -431,8 +481,12 @@ class Admit(_PolicyStage):
             ctx.quota = mode
             if self.fail_open:
                 return
-            raise GatewayError(503, "The quota service is unavailable; retry shortly.",
-                               code="quota_service_unavailable", headers={"retry-after": "1"}) from None
+            raise GatewayError(
+                503,
+                "The quota service is unavailable; retry shortly.",
+                code="quota_service_unavailable",
+                headers={"retry-after": "1"},
+            ) from None
         ctx.response_headers.update(adm.headers)
         if not adm.allowed:
             assert adm.scope is not None  # a refusal names the scope that refused
@@ -442,14 +496,20 @@ class Admit(_PolicyStage):
             if adm.never_fits:
                 gen = ctx.generation or Generation()
                 raise GatewayError(
-                    429, f"Request too large for the {adm.limit} limit of {who}: it may use up to {tokens} "
+                    429,
+                    f"Request too large for the {adm.limit} limit of {who}: it may use up to {tokens} "
                     f"tokens (prompt {prompt} + output {cap}: {gen.n} choice(s) for each of {gen.prompts} "
                     "prompt(s)), more than the limit allows at once. Lower max_tokens or n, or send "
-                    "shorter or fewer prompts.", code="request_too_large")
+                    "shorter or fewer prompts.",
+                    code="request_too_large",
+                )
             retry = max(adm.retry_after_s, 0.001)
             raise GatewayError(
-                429, f"Rate limit reached for {who} on {adm.limit}. Retry in {retry:.3g}s.",
-                code="rate_limit_exceeded", headers={"retry-after": str(max(1, math.ceil(retry)))})
+                429,
+                f"Rate limit reached for {who} on {adm.limit}. Retry in {retry:.3g}s.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(max(1, math.ceil(retry)))},
+            )
         ctx.reservation = adm.reservation
         ctx.reserved_tokens = tokens
         ctx.quota = "admitted"
@@ -473,8 +533,13 @@ class Admit(_PolicyStage):
         now = time.monotonic()
         if now - self._last_warning > 10:  # at most one line per 10 s while the backend is down
             self._last_warning = now
-            log.warning("quota backend unreachable (%s): %s", e, "admitting without quotas (fail_open)"
-                        if mode == "fail_open" else "rejecting requests with 503 (fail_closed)")
+            log.warning(
+                "quota backend unreachable (%s): %s",
+                e,
+                "admitting without quotas (fail_open)"
+                if mode == "fail_open"
+                else "rejecting requests with 503 (fail_closed)",
+            )
 
     async def _settle(self, r, actual: int, tenant: str | None, reserved: int) -> None:
         try:

@@ -31,8 +31,18 @@ log = logging.getLogger("keel.gateway")
 
 # Hop-by-hop and gateway-owned headers: not forwarded to the engine.
 _DROP_REQUEST_HEADERS = {
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
-    "host", "content-length", "authorization", "x-request-id", "expect", "trailer",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+    "x-request-id",
+    "expect",
+    "trailer",
 }
 _DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "server", "x-request-id"}
 MAX_ERROR_BODY = 1 << 20
@@ -129,7 +139,7 @@ class Upstream(asyncio.Protocol):
             assert self.transport is not None
             self.transport.abort()  # answered as a 502 when the connection is gone
             return
-        rest = bytes(self.buf[end + 4:])
+        rest = bytes(self.buf[end + 4 :])
         self.status = status
         self.headers = headers
         if status >= 400:
@@ -162,13 +172,19 @@ class Upstream(asyncio.Protocol):
     def _start_decoding(self, headers: list[tuple[str, str]]) -> None:
         self.inspecting = True
         self.chat = self.ctx.path.endswith("/chat/completions")
-        framing = b"transfer-encoding: chunked\r\n" if self.chunked else (
-            b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
+        framing = (
+            b"transfer-encoding: chunked\r\n"
+            if self.chunked
+            else (b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
+        )
         self.decoder = httptools.HttpResponseParser(self)
         self.decoder.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
         ctype = next((v for k, v in headers if k == "content-type"), "")
-        self.out_headers = [k + ": " + v for k, v in headers
-                            if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")]
+        self.out_headers = [
+            k + ": " + v
+            for k, v in headers
+            if k not in _DROP_RESPONSE_HEADERS and k not in ("content-length", "transfer-encoding")
+        ]
         self.stream: StreamInspector | _Passthrough | None
         if not self.ctx.inspect:
             self.stream = _PASS  # an HTTP/1.0 client: the body as it comes, unframed
@@ -181,8 +197,9 @@ class Upstream(asyncio.Protocol):
         framing_out = ["transfer-encoding: chunked"] if self.framed else []
         if not self.framed:
             self.client.keep_alive = False  # the body ends when the connection does
-        self.client.write_head(self.status, [*self.out_headers, *framing_out],
-                               self.ctx.request_id, self.ctx.response_headers)
+        self.client.write_head(
+            self.status, [*self.out_headers, *framing_out], self.ctx.request_id, self.ctx.response_headers
+        )
         self.head_sent = True
 
     def _inspect(self, data: bytes) -> None:
@@ -242,12 +259,17 @@ class Upstream(asyncio.Protocol):
         except GuardrailBlocked as e:
             self.ctx.blocked = e
             self.blocked_status = 400
-            self.client.respond(400, error_body(400, e.message, code="content_policy_violation", request_id=rid),
-                                rid, self.ctx.response_headers)
+            self.client.respond(
+                400,
+                error_body(400, e.message, code="content_policy_violation", request_id=rid),
+                rid,
+                self.ctx.response_headers,
+            )
             self.complete = True
             return
-        self.client.write_head(self.status, [*self.out_headers, f"content-length: {len(body)}"], rid,
-                               self.ctx.response_headers)
+        self.client.write_head(
+            self.status, [*self.out_headers, f"content-length: {len(body)}"], rid, self.ctx.response_headers
+        )
         self.head_sent = True
         self.client.transport.write(body)
         self._count(body)
@@ -302,8 +324,11 @@ class Upstream(asyncio.Protocol):
     def _failure(self) -> tuple[int, str, str]:
         """Status, message and code for a response the engine did not finish."""
         if self.stalled_s is not None:
-            return (504, f"The model replica sent nothing for {self.stalled_s:g} s; the request was "
-                    "ended.", "engine_timeout")
+            return (
+                504,
+                f"The model replica sent nothing for {self.stalled_s:g} s; the request was ended.",
+                "engine_timeout",
+            )
         return 502, CUT_MESSAGE, "engine_failure"
 
     def _end_cut_stream(self) -> bool:
@@ -340,7 +365,9 @@ class Upstream(asyncio.Protocol):
             return
         rid = self.ctx.request_id
         if self.client.closed and not (self.head_sent and self.body_complete()):
-            outcome = Outcome(499, error="client disconnected", first_byte_at=self.first_byte_at, bytes_out=self.bytes_out)
+            outcome = Outcome(
+                499, error="client disconnected", first_byte_at=self.first_byte_at, bytes_out=self.bytes_out
+            )
         elif self.is_error:
             body = bytes(self.buf)
             if any(k == "transfer-encoding" and "chunked" in v.lower() for k, v in self.headers):
@@ -350,15 +377,19 @@ class Upstream(asyncio.Protocol):
             self.client.respond(self.status, payload, rid, self.ctx.response_headers)
             outcome = Outcome(self.status, error=msg)
         elif not self.head_sent:
-            status, msg, code = self._failure() if self.stalled_s is not None else (
-                502, "The model replica closed the connection before answering.", "engine_failure")
+            status, msg, code = (
+                self._failure()
+                if self.stalled_s is not None
+                else (502, "The model replica closed the connection before answering.", "engine_failure")
+            )
             self.client.respond(status, error_body(status, msg, code=code, request_id=rid), rid)
             outcome = Outcome(status, error=msg)
         elif self.blocked_status is not None:
             outcome = Outcome(self.blocked_status, error=self.ctx.blocked.message)
         elif self.cut:
-            outcome = Outcome(self.status, error=self.ctx.blocked.message, first_byte_at=self.first_byte_at,
-                              bytes_out=self.bytes_out)
+            outcome = Outcome(
+                self.status, error=self.ctx.blocked.message, first_byte_at=self.first_byte_at, bytes_out=self.bytes_out
+            )
         elif not self.body_complete() and (self.inspecting or self.chunked or self.body_length is not None):
             # The engine stopped mid-body (its process died, the connection broke).
             log.warning("request %s: the engine's response ended before its end", rid)

@@ -49,12 +49,18 @@ def build_gateway(server: ServerConfig, engine_api_key: str | None = None, wake=
     """A gateway with no model yet: models and policy come with each reconfigure. `wake(model)`:
     a call that lasts until a replica of the model runs (serving.gateway.hold)."""
     return Gateway(
-        GatewaySettings(host=server.host, port=server.port, limits=server.limits,
-                        connect_timeout_s=server.upstream_connect_timeout_s,
-                        metrics_port=server.metrics_port, metrics_host=server.metrics_host,
-                        # Only replicas of one stack share a port: a second stack started on a
-                        # taken port must fail, not silently take half the traffic.
-                        reuse_port=server.gateway_replicas > 1, engine_api_key=engine_api_key),
+        GatewaySettings(
+            host=server.host,
+            port=server.port,
+            limits=server.limits,
+            connect_timeout_s=server.upstream_connect_timeout_s,
+            metrics_port=server.metrics_port,
+            metrics_host=server.metrics_host,
+            # Only replicas of one stack share a port: a second stack started on a
+            # taken port must fail, not silently take half the traffic.
+            reuse_port=server.gateway_replicas > 1,
+            engine_api_key=engine_api_key,
+        ),
         [],
         Pipeline(default_stages([])),
         wake=wake,
@@ -86,8 +92,10 @@ class GatewayThread:
 
     def call(self, fn, *args, timeout: float = 30):
         """Run fn(*args) on the gateway's loop and return its result (policy objects bind to it)."""
+
         async def run():
             return fn(*args)
+
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def listen(self) -> None:
@@ -128,8 +136,9 @@ class GatewayReplica:
         user_config = user_config or {}
         unknown = set(user_config) - {"policy", "models", "rollouts", "models_dir"}
         if unknown:
-            raise ValueError(f"gateway user_config: unknown keys {sorted(unknown)} "
-                             "(policy, models, rollouts, models_dir)")
+            raise ValueError(
+                f"gateway user_config: unknown keys {sorted(unknown)} (policy, models, rollouts, models_dir)"
+            )
         policy = PolicyConfig.model_validate(user_config.get("policy") or {})
         models = user_config.get("models") or {}
         rollouts = {m: TrafficSplit.model_validate(s) for m, s in (user_config.get("rollouts") or {}).items()}
@@ -173,8 +182,7 @@ class GatewayReplica:
             self.server.listen()
             self.listening = True
             log.info("gateway listening on %s:%s", self.settings.host, self.settings.port)
-        log.info("gateway policy %s in force (%d tenants, models: %s)", version, len(policy.tenants),
-                 ", ".join(models))
+        log.info("gateway policy %s in force (%d tenants, models: %s)", version, len(policy.tenants), ", ".join(models))
 
     async def _refresh(self, timeout_s: float = WATCH_TIMEOUT_S) -> None:
         self._version, snapshot = await self.registry.watch.remote(self._version, timeout_s)
@@ -197,11 +205,13 @@ class GatewayReplica:
         """Stop accepting; the requests being relayed finish (up to server.drain_timeout_s)."""
         server = getattr(self, "server", None)
         if server is not None and server.alive():
-            left = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                server.gateway.drain(self.settings.drain_timeout_s), server.loop))
+            left = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(server.gateway.drain(self.settings.drain_timeout_s), server.loop)
+            )
             if left:
-                log.warning("gateway stopping with %d requests still in flight after %gs", left,
-                            self.settings.drain_timeout_s)
+                log.warning(
+                    "gateway stopping with %d requests still in flight after %gs", left, self.settings.drain_timeout_s
+                )
         self.close()
 
     def __del__(self):

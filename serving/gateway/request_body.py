@@ -50,7 +50,7 @@ def _too_deep(payload: dict) -> str | None:
         node, depth, field = stack.pop()
         if depth > MAX_JSON_DEPTH:
             return field
-        for child in (node.values() if type(node) is dict else node):
+        for child in node.values() if type(node) is dict else node:
             if type(child) is dict or type(child) is list:
                 stack.append((child, depth + 1, field))
     return None
@@ -58,8 +58,12 @@ def _too_deep(payload: dict) -> str | None:
 
 def _depth_error(field: str | None) -> GatewayError:
     where = f"`{_printable(field)}` nests" if field else "The request body nests"
-    return GatewayError(400, f"{where} JSON more than {MAX_JSON_DEPTH} levels deep.",
-                        code="invalid_json", param=_printable(field) if field else None)
+    return GatewayError(
+        400,
+        f"{where} JSON more than {MAX_JSON_DEPTH} levels deep.",
+        code="invalid_json",
+        param=_printable(field) if field else None,
+    )
 
 
 class _NonFinite:
@@ -94,12 +98,16 @@ def _unencodable(doc: Any) -> tuple[str, str] | None:
             for k, v in node.items():
                 sub = f"{path}.{k}" if path else str(k)
                 if not _valid_unicode(k):
-                    return _printable(sub), "has a key with a lone surrogate (a \\ud800-\\udfff escape without its pair)"
+                    return _printable(
+                        sub
+                    ), "has a key with a lone surrogate (a \\ud800-\\udfff escape without its pair)"
                 stack.append((v, sub))
         elif isinstance(node, list):
             stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node))
         elif isinstance(node, str) and not _valid_unicode(node):
-            return _printable(path), "holds a lone surrogate (a \\ud800-\\udfff escape without its pair); send valid Unicode"
+            return _printable(
+                path
+            ), "holds a lone surrogate (a \\ud800-\\udfff escape without its pair); send valid Unicode"
         elif isinstance(node, _NonFinite) or (isinstance(node, float) and not math.isfinite(node)):
             return _printable(path), "is not a finite number (NaN, Infinity or beyond a double's range)"
     return None
@@ -114,24 +122,24 @@ def _deep_member(body: bytes) -> str | None:
     decoder = json.JSONDecoder()
     ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]  # in CPython's json, not in its stubs
     i = ws(text, 0).end()
-    if text[i:i + 1] != "{":
+    if text[i : i + 1] != "{":
         return None
     i += 1
     try:
         while True:
             i = ws(text, i).end()
-            if text[i:i + 1] != '"':
+            if text[i : i + 1] != '"':
                 return None
             key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]  # as WHITESPACE
             i = ws(text, i).end()
-            if text[i:i + 1] != ":":
+            if text[i : i + 1] != ":":
                 return None
             try:
                 _, i = decoder.raw_decode(text, ws(text, i + 1).end())
             except RecursionError:
                 return key
             i = ws(text, i).end()
-            if text[i:i + 1] != ",":
+            if text[i : i + 1] != ",":
                 return None
             i += 1
     except ValueError:

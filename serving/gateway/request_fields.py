@@ -68,8 +68,12 @@ class _Completion(_Common, total=False):
 
 # Fields whose validated value may be written back (the others are containers pydantic copies
 # without the keys it does not know; nothing in them is converted).
-_CANONICAL = (frozenset(_Completion.__annotations__) | frozenset(_Chat.__annotations__)) \
-    - {"messages", "chat_template_kwargs", "tools", "prompt_embeds"}
+_CANONICAL = (frozenset(_Completion.__annotations__) | frozenset(_Chat.__annotations__)) - {
+    "messages",
+    "chat_template_kwargs",
+    "tools",
+    "prompt_embeds",
+}
 
 # What a field of several accepted shapes must be, by path (`*`: any index); pydantic names
 # each shape's failure, which reads worse than one sentence.
@@ -118,16 +122,23 @@ class Generation:
             return None
         out = self.max_output
         if out is not None and out > limit:
-            return GatewayError(400, f"`{self.output_param}` is {out}, more than this model's context "
-                                f"length of {limit} tokens. Please request fewer output tokens.",
-                                code="context_length_exceeded", param=self.output_param)
+            return GatewayError(
+                400,
+                f"`{self.output_param}` is {out}, more than this model's context "
+                f"length of {limit} tokens. Please request fewer output tokens.",
+                code="context_length_exceeded",
+                param=self.output_param,
+            )
         for prompt in self.prompt_lengths(counts or [], limit):
             if prompt + (out or 0) > limit:
                 return GatewayError(
-                    400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
                     f"{prompt + (out or 0)} tokens ({prompt} in the {field}, {out or 0} for the completion). "
                     f"Please reduce the length of the {field} or of the completion.",
-                    code="context_length_exceeded", param=field)
+                    code="context_length_exceeded",
+                    param=field,
+                )
         return None
 
     def prompt_lengths(self, counts: list[int], limit: int | None) -> list[int]:
@@ -251,7 +262,13 @@ def _input_path(payload: dict, err: Mapping[str, Any]) -> str:  # one of Validat
     node: Any = payload
     parts = []
     for part in loc[:-1] if missing else loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and 0 <= part < len(node)
+        ):
             node = node[part]
         else:
             continue  # a union member's name

@@ -91,8 +91,9 @@ class Gateway:
         self.runtime: PolicyRuntime | None = None  # once a policy is set
         self.registrations = registrations or RegistrationJobs()  # its models_dir: each reconfigure
         # Models that scale to zero: their requests wait for a replica (serving.gateway.hold).
-        self.hold = RequestHold(lambda m: self.pool.count(m) > 0, wake,
-                                on_change=lambda m, n: self.metrics.held.labels(m).set(n))
+        self.hold = RequestHold(
+            lambda m: self.pool.count(m) > 0, wake, on_change=lambda m, n: self.metrics.held.labels(m).set(n)
+        )
         self.max_connections = _connection_cap(self.limits.max_connections)
         self.connections = 0
         self.requests_in_flight = 0
@@ -174,8 +175,9 @@ class Gateway:
             await asyncio.sleep(0.1)
         return self.requests_in_flight
 
-    def set_models(self, models: list[str], model_info: dict[str, dict],
-                   holds: dict[str, HoldSettings] | None = None) -> None:
+    def set_models(
+        self, models: list[str], model_info: dict[str, dict], holds: dict[str, HoldSettings] | None = None
+    ) -> None:
         """The models this gateway routes to (each `keel apply` that adds or removes one), and
         those of them that scale to zero, whose requests wait for a replica."""
         for gone in set(self.models) - set(models):
@@ -240,8 +242,9 @@ class Gateway:
             raise GatewayError(404, f"No route {req.method} {req.path}.", code="unknown_route")
         if req.method not in route.methods:
             allowed = ", ".join(sorted(route.methods))
-            raise GatewayError(405, f"Use {allowed} for {req.path}.", code="method_not_allowed",
-                               headers={"allow": allowed})
+            raise GatewayError(
+                405, f"Use {allowed} for {req.path}.", code="method_not_allowed", headers={"allow": allowed}
+            )
         if route.access == ADMIN and keyed:
             assert req.principal is not None  # authenticated above: the route is not public
             if req.principal.role != "admin":
@@ -285,19 +288,35 @@ class Gateway:
         """Every refusal the front door writes is an audit record and a metric."""
         received = req.received_at if req is not None else time.monotonic()
         p = req.principal if req is not None else None
-        self._record(req.request_id if req is not None else "-", req.method if req is not None else "-",
-                     req.path if req is not None else "-", err.status, err.message, received, p)
+        self._record(
+            req.request_id if req is not None else "-",
+            req.method if req is not None else "-",
+            req.path if req is not None else "-",
+            err.status,
+            err.message,
+            received,
+            p,
+        )
 
     def log_internal_error(self, exc: BaseException) -> None:
         log.error("gateway error while reading a request", exc_info=exc)
 
-    def _record(self, rid: str, method: str, path: str, status: int, error: str | None, received_at: float,
-                principal=None) -> None:
+    def _record(
+        self, rid: str, method: str, path: str, status: int, error: str | None, received_at: float, principal=None
+    ) -> None:
         tenant = principal.tenant if principal is not None else None
         self.metrics.observe(None, received_at, Outcome(status, error=error), tenant or UNROUTED)
         if self.runtime is not None:
-            self.runtime.audit_plain(rid, method, path, status, error, received_at,
-                                     tenant=tenant, key_id=principal.key_id if principal is not None else None)
+            self.runtime.audit_plain(
+                rid,
+                method,
+                path,
+                status,
+                error,
+                received_at,
+                tenant=tenant,
+                key_id=principal.key_id if principal is not None else None,
+            )
 
     # -- answering ---------------------------------------------------------------------------
 
@@ -326,7 +345,7 @@ class Gateway:
         return 200, json.dumps(self._models_body(req)).encode(), None, "application/json"
 
     async def _model_card(self, req: Request):
-        name = req.path[len("/v1/models/"):]
+        name = req.path[len("/v1/models/") :]
         card = next((m for m in self._models_body(req)["data"] if m["id"] == name), None)
         if card is None:
             raise GatewayError(404, f"The model `{name}` does not exist.", code="model_not_found")
@@ -343,8 +362,7 @@ class Gateway:
         # Each replica's own start (constructor to engine ready): `keel bench` records it for the
         # simulator's cold start, which the stack's start to ready overstates (Ray's start in it).
         starts = {m: self.pool.start_seconds(m) for m in self.models}
-        body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready,
-                           "replica_start_s": starts}).encode()
+        body = json.dumps({"status": "ok" if ok else "starting", "replicas": ready, "replica_start_s": starts}).encode()
         return (200 if ok else 503), body, ({} if ok else {"retry-after": str(RETRY_AFTER_S)}), "application/json"
 
     async def _serve_healthz(self, req: Request):
@@ -483,8 +501,9 @@ class Gateway:
         started = time.monotonic()
         status = "error"
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port),
-                                                    self.settings.connect_timeout_s)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(ep.host, ep.port), self.settings.connect_timeout_s
+            )
             try:
                 writer.write(request_bytes(sctx, ep, self.settings.engine_api_key))
                 data = await asyncio.wait_for(reader.read(MAX_SHADOW_RESPONSE), SHADOW_TIMEOUT_S)
@@ -527,8 +546,9 @@ def _too_large(limits: HttpLimits) -> GatewayError:
 
 
 def _busy(what: str) -> GatewayError:
-    return GatewayError(503, f"The gateway is at its limit of {what}; retry shortly.", code="overloaded",
-                        headers={"retry-after": "1"})
+    return GatewayError(
+        503, f"The gateway is at its limit of {what}; retry shortly.", code="overloaded", headers={"retry-after": "1"}
+    )
 
 
 def _connection_cap(configured: int) -> int:
@@ -544,8 +564,9 @@ def _connection_cap(configured: int) -> int:
         return configured
     allowed = max(16, (soft - 256) // _FDS_PER_CONNECTION)
     if allowed < configured:
-        log.warning("server.limits.max_connections %d lowered to %d: the open-file limit is %d",
-                    configured, allowed, soft)
+        log.warning(
+            "server.limits.max_connections %d lowered to %d: the open-file limit is %d", configured, allowed, soft
+        )
     return min(configured, allowed)
 
 

@@ -38,11 +38,28 @@ PART_TEXTS = frozenset({"text", "refusal", "thinking", "name"})
 OPAQUE_PARTS = frozenset({"prompt_embeds"})  # as a type or as a key
 # Keys of content parts that vLLM reads itself (vLLM's _KNOWN_CONTENT_PART_FIELDS); any other
 # key of a part goes to the template as it is, so it is scanned as text.
-PART_KNOWN_KEYS = frozenset({
-    "audio_embeds", "audio_url", "closed", "data", "file", "image_embeds", "image_pil", "image_url",
-    "input_audio", "name", "prompt_cache_breakpoint", "refusal", "text", "thinking", "type", "uuid",
-    "video_embeds", "video_url",
-})
+PART_KNOWN_KEYS = frozenset(
+    {
+        "audio_embeds",
+        "audio_url",
+        "closed",
+        "data",
+        "file",
+        "image_embeds",
+        "image_pil",
+        "image_url",
+        "input_audio",
+        "name",
+        "prompt_cache_breakpoint",
+        "refusal",
+        "text",
+        "thinking",
+        "type",
+        "uuid",
+        "video_embeds",
+        "video_url",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -105,8 +122,12 @@ CHAT = Endpoint(
     choice_texts=("content", "refusal", "reasoning", "reasoning_content"),
     call_texts=("arguments", "name"),
     whole_texts=("name",),
-    unscanned_output_options=("return_token_ids", "return_tokens_as_token_ids", "prompt_logprobs",
-                              "return_prompt_text"),
+    unscanned_output_options=(
+        "return_token_ids",
+        "return_tokens_as_token_ids",
+        "prompt_logprobs",
+        "return_prompt_text",
+    ),
 )
 
 COMPLETIONS = Endpoint(
@@ -205,8 +226,9 @@ def _part(holder, key, where, slots, tokenizer) -> None:
     kind = part.get("type")  # any JSON value: a list or an object is no part type, not a crash
     if (isinstance(kind, str) and kind in OPAQUE_PARTS) or not OPAQUE_PARTS.isdisjoint(part):
         param = _param(where)
-        raise Unscannable(f"{param}.type", f"`{param}` is a prompt_embeds part, which the input "
-                          "guardrails cannot read; send text.")
+        raise Unscannable(
+            f"{param}.type", f"`{param}` is a prompt_embeds part, which the input guardrails cannot read; send text."
+        )
     for k in list(part):
         if k in PART_TEXTS:
             if isinstance(part[k], str):
@@ -271,13 +293,16 @@ _READERS = {TEXT: _text, ROLE: _role, PART: _part, JSON: _json, PROMPT: _prompt,
 def _slot(holder, key) -> Slot:
     def put(v: str) -> None:
         holder[key] = v
+
     return (lambda: holder[key]), put
 
 
 def _key_slot(obj: dict, key: str) -> Slot:
     """An object key is text the template may print too; a changed key renames it."""
+
     def put(v: str) -> None:
         obj[v] = obj.pop(key)
+
     return (lambda: key), put
 
 
@@ -286,8 +311,11 @@ def _token_slot(holder, key, where: tuple, tokenizer) -> Slot:
     changed text is encoded back into ids."""
     param = _param(where)
     if tokenizer is None:
-        raise Unscannable(param, f"`{param}` is token ids, which this model's input guardrails "
-                          "cannot read (no tokenizer for it in the gateway); send the prompt as text.")
+        raise Unscannable(
+            param,
+            f"`{param}` is token ids, which this model's input guardrails "
+            "cannot read (no tokenizer for it in the gateway); send the prompt as text.",
+        )
     ids = _token_ids(holder[key], param)
     try:
         text = tokenizer.decode(ids, skip_special_tokens=False)
@@ -296,6 +324,7 @@ def _token_slot(holder, key, where: tuple, tokenizer) -> Slot:
 
     def put(v: str) -> None:
         holder[key] = tokenizer.encode(v, add_special_tokens=False).ids
+
     return (lambda: text), put
 
 
@@ -306,7 +335,13 @@ def _token_ids(value: Any, param: str) -> list[int]:
         raise Unscannable(param, f"`{param}` must be a string, a list of strings or a list of token ids.")
     ids = []
     for v in value:
-        if isinstance(v, (bool, int)) or isinstance(v, float) and v.is_integer() or isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        if (
+            isinstance(v, (bool, int))
+            or isinstance(v, float)
+            and v.is_integer()
+            or isinstance(v, str)
+            and v.strip().lstrip("+-").isdigit()
+        ):
             ids.append(int(v))
         else:
             raise Unscannable(param, f"`{param}` mixes token ids with other values.")
@@ -338,8 +373,9 @@ def choice_texts(endpoint: Endpoint, choice: dict, holder_key: str | None) -> li
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
                     index = call.get("index", pos)
-                    out += [(fn, k, ("tool_calls", index, k)) for k in endpoint.call_texts
-                            if isinstance(fn.get(k), str)]
+                    out += [
+                        (fn, k, ("tool_calls", index, k)) for k in endpoint.call_texts if isinstance(fn.get(k), str)
+                    ]
         fn = holder.get("function_call")  # the deprecated single call
         if isinstance(fn, dict):
             out += [(fn, k, ("function_call", k)) for k in endpoint.call_texts if isinstance(fn.get(k), str)]

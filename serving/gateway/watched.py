@@ -217,7 +217,7 @@ class WatchedResponse:
             f.changed = True
             f.queue.clear()
             return
-        f.held[name] = held[len(out):]
+        f.held[name] = held[len(out) :]
         if name == TOKENS_FIELD:
             f.released += len(out)
 
@@ -266,8 +266,11 @@ class WatchedResponse:
             if chat:
                 tops = e[1].get("top_logprobs")
                 if tops:
-                    e[1]["top_logprobs"] = [a for a in tops if isinstance(a, dict) and (
-                        a.get("token") == token or self._allowed(f.tail, a.get("token")))]
+                    e[1]["top_logprobs"] = [
+                        a
+                        for a in tops
+                        if isinstance(a, dict) and (a.get("token") == token or self._allowed(f.tail, a.get("token")))
+                    ]
             elif isinstance(e[2], dict) and e[2]:
                 e[2] = {t: v for t, v in e[2].items() if t == token or self._allowed(f.tail, t)}
             f.tail = (f.tail + token)[-_CONTEXT:]
@@ -284,8 +287,13 @@ def _entries(lp, chat: bool) -> list:
     if not isinstance(lp, dict):
         return []
     if chat:
-        return [(key, e) for key in ("content", "refusal") if isinstance(lp.get(key), list)
-                for e in lp[key] if isinstance(e, dict)]
+        return [
+            (key, e)
+            for key in ("content", "refusal")
+            if isinstance(lp.get(key), list)
+            for e in lp[key]
+            if isinstance(e, dict)
+        ]
     tokens = lp.get("tokens")
     if not isinstance(tokens, list):
         return []
@@ -312,5 +320,9 @@ def _shape(entries: list, lp, chat: bool) -> dict:
         for key, e in entries:
             out.setdefault(key, []).append(e)
         return out
-    return {"text_offset": [e[3] for e in entries], "token_logprobs": [e[1] for e in entries],
-            "tokens": [e[0] for e in entries], "top_logprobs": [e[2] for e in entries]}
+    return {
+        "text_offset": [e[3] for e in entries],
+        "token_logprobs": [e[1] for e in entries],
+        "tokens": [e[0] for e in entries],
+        "top_logprobs": [e[2] for e in entries],
+    }

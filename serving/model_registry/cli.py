@@ -28,41 +28,65 @@ PROGRESS_MIN_BYTES = 100 << 20  # say which file is being hashed only when it ta
 
 def add_parsers(msub: argparse._SubParsersAction) -> None:
     """Add the registry's subcommands to `keel models`."""
-    r = msub.add_parser("register", help="check a weights directory and register it as NAME@VERSION "
-                        "(immutable)")
+    r = msub.add_parser("register", help="check a weights directory and register it as NAME@VERSION (immutable)")
     r.add_argument("name", metavar="NAME")
     r.add_argument("--version", required=True, metavar="V", help="letters, digits, '.', '_', '-'")
-    r.add_argument("--path", required=True, metavar="DIR", help="the Hugging Face model directory "
-                   "(config.json, tokenizer, *.safetensors); recorded absolute: it must be the same "
-                   "path on every node")
-    r.add_argument("--no-chat", action="store_true", help="do not require a chat template "
-                   "(a model served only on /v1/completions)")
-    r.add_argument("--gpu-memory-gib", type=float, default=None, metavar="N",
-                   help="refuse weights that do not fit a GPU of N GiB (default: no check)")
-    r.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                   help="GPUs the weights are split over (default 1)")
-    r.add_argument("--gpu-memory-utilization", type=float, default=VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
-                   metavar="U", help=f"vLLM's share of each GPU (default {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION})")
+    r.add_argument(
+        "--path",
+        required=True,
+        metavar="DIR",
+        help="the Hugging Face model directory "
+        "(config.json, tokenizer, *.safetensors); recorded absolute: it must be the same "
+        "path on every node",
+    )
+    r.add_argument(
+        "--no-chat", action="store_true", help="do not require a chat template (a model served only on /v1/completions)"
+    )
+    r.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        metavar="N",
+        help="refuse weights that do not fit a GPU of N GiB (default: no check)",
+    )
+    r.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs the weights are split over (default 1)"
+    )
+    r.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+        metavar="U",
+        help=f"vLLM's share of each GPU (default {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION})",
+    )
     lst = msub.add_parser("list", help="models and their registered versions")
     lst.add_argument("--json", action="store_true", help="as JSON (what GET /v1/admin/models answers)")
     s = msub.add_parser("show", help="a version's manifest (NAME: what `weights: NAME` resolves to)")
     s.add_argument("ref", metavar="NAME[@VERSION]")
-    v = msub.add_parser("verify", help="re-hash a version's files against its manifest; exit 1 if any "
-                        "changed or is missing")
+    v = msub.add_parser(
+        "verify", help="re-hash a version's files against its manifest; exit 1 if any changed or is missing"
+    )
     v.add_argument("ref", metavar="NAME[@VERSION]")
     t = msub.add_parser("retire", help="stop configs from using a version (its files stay)")
     t.add_argument("ref", metavar="NAME@VERSION")
     t.add_argument("--reason", default="", help="shown to whoever still names the version")
     for p in (r, msub.choices["list"], s, v, t):
-        p.add_argument("--models-dir", default=None, metavar="DIR",
-                       help="where manifests live (default: $KEEL_MODELS_DIR, else the checkout's models/)")
+        p.add_argument(
+            "--models-dir",
+            default=None,
+            metavar="DIR",
+            help="where manifests live (default: $KEEL_MODELS_DIR, else the checkout's models/)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     base = Path(args.models_dir).resolve() if args.models_dir else default_models_dir()
     if args.models_cmd != "register" and not base.is_dir():
-        print(f"keel: error:\nthe models directory {base} does not exist: pass --models-dir, or set "
-              f"${MODELS_DIR_ENV} to the directory that holds NAME/manifest.yaml", file=sys.stderr)
+        print(
+            f"keel: error:\nthe models directory {base} does not exist: pass --models-dir, or set "
+            f"${MODELS_DIR_ENV} to the directory that holds NAME/manifest.yaml",
+            file=sys.stderr,
+        )
         return 1
     try:
         return _COMMANDS[args.models_cmd](args, base)
@@ -74,9 +98,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _register(args, base: Path) -> int:
     found, new = register_version(
-        base, args.name, args.version, args.path, chat=not args.no_chat,
-        gpu_memory_gib=args.gpu_memory_gib, tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, progress=_progress)
+        base,
+        args.name,
+        args.version,
+        args.path,
+        chat=not args.no_chat,
+        gpu_memory_gib=args.gpu_memory_gib,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        progress=_progress,
+    )
     print(registered_text(found, new))
     return 0
 
@@ -90,13 +121,17 @@ def registered_text(found: RegisteredVersion, new: bool) -> str:
     fit = ""
     if mem.gpu_memory_gib:
         assert mem.headroom_bytes_per_gpu is not None  # estimated against that GPU
-        fit = (f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
-               "for the KV cache")
-    return (f"registered {found.ref}: {', '.join(m.architectures)}, {m.parameter_count:,} parameters "
-            f"({', '.join(m.dtypes)}), {format_bytes(mem.weights_bytes_per_gpu)} of weights per GPU "
-            f"({mem.served_dtype}){fit}\n"
-            f"  manifest: {found.file}\n"
-            f"  in a config: `weights: {found.ref}`, then `keel apply`")
+        fit = (
+            f"; fits a {mem.gpu_memory_gib:g} GiB GPU with {format_bytes(mem.headroom_bytes_per_gpu)} left "
+            "for the KV cache"
+        )
+    return (
+        f"registered {found.ref}: {', '.join(m.architectures)}, {m.parameter_count:,} parameters "
+        f"({', '.join(m.dtypes)}), {format_bytes(mem.weights_bytes_per_gpu)} of weights per GPU "
+        f"({mem.served_dtype}){fit}\n"
+        f"  manifest: {found.file}\n"
+        f"  in a config: `weights: {found.ref}`, then `keel apply`"
+    )
 
 
 def refusal_text(name: str, version: str, error: Exception) -> str:
@@ -125,8 +160,11 @@ def _show(args, base: Path) -> int:
 def _verify(args, base: Path) -> int:
     found = _lookup(base, args.ref)
     if isinstance(found, ResolvedWeights):
-        print(f"keel: {found.name} has no registered versions, so no hashes to verify against "
-              f"(`keel models register {found.name} --version V --path {found.path}`)", file=sys.stderr)
+        print(
+            f"keel: {found.name} has no registered versions, so no hashes to verify against "
+            f"(`keel models register {found.name} --version V --path {found.path}`)",
+            file=sys.stderr,
+        )
         return 1
     problems = verify_version(found, _progress)
     for line in problems:

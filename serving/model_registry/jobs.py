@@ -49,11 +49,13 @@ class RegistrationRequest(Strict):
 
     name: str = Field(description="The model's name (letters, digits, '.', '_', '-').")
     version: str = Field(description="The version to register, as `--version`.")
-    path: str = Field(min_length=1, max_length=4096,
-                      description="The weights directory on the serving nodes, absolute.")
+    path: str = Field(
+        min_length=1, max_length=4096, description="The weights directory on the serving nodes, absolute."
+    )
     chat: bool = Field(True, description="Require a chat template (false: `--no-chat`).")
-    gpu_memory_gib: float | None = Field(None, gt=0, le=65536, description="Refuse weights that do "
-                                         "not fit a GPU of this many GiB.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, le=65536, description="Refuse weights that do not fit a GPU of this many GiB."
+    )
     tensor_parallel_size: int = Field(1, ge=1, le=1024)
     gpu_memory_utilization: float = Field(VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, gt=0, le=1)
 
@@ -70,8 +72,10 @@ class TooManyRegistrations(Exception):
 def check_weights_dir(path: str) -> None:
     """What can be refused before a job starts: the path must be an absolute directory."""
     if not os.path.isabs(path):
-        raise RegistrationError(f"{path}: not an absolute path (the weights directory as the serving "
-                                "nodes see it, e.g. /models/support-bot-ft3)")
+        raise RegistrationError(
+            f"{path}: not an absolute path (the weights directory as the serving "
+            "nodes see it, e.g. /models/support-bot-ft3)"
+        )
     if not os.path.exists(path):
         raise RegistrationError(f"{path}: no such directory on this node")
     if not os.path.isdir(path):
@@ -95,21 +99,33 @@ class RegistrationJobs:
         if self.running() >= self.max_running:
             raise TooManyRegistrations(
                 f"this gateway replica is already running {self.max_running} registrations (each reads "
-                "and hashes every byte of its weights); retry when one has finished")
+                "and hashes every byte of its weights); retry when one has finished"
+            )
         jobs = self.models_dir / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)
         _remove_old_jobs(jobs)
         job_id = f"reg-{uuid.uuid4().hex}"
         file = jobs / f"{job_id}.json"
-        job = {"id": job_id, "object": "model.registration", "status": "running", **request.model_dump(),
-               "created": _now(), "finished": None}
+        job = {
+            "id": job_id,
+            "object": "model.registration",
+            "status": "running",
+            **request.model_dump(),
+            "created": _now(),
+            "finished": None,
+        }
         write_job(file, job)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_ENGINE_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT), env.get("PYTHONPATH")]))
         with open(jobs / f"{job_id}.log", "wb") as log:  # the child's warnings, and a crash's traceback
             proc = subprocess.Popen(
                 [sys.executable, "-m", "serving.model_registry.jobs", str(file), str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, close_fds=True)
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                close_fds=True,
+            )
         self._children[job_id] = (proc, file)
         return job
 
@@ -134,8 +150,11 @@ class RegistrationJobs:
         except FileNotFoundError:
             return None
         if job.get("status") == "running" and age > STALE_AFTER_S:
-            job.update(status="failed", error=f"the registration's process stopped without a result (no word "
-                       f"from it for {age:.0f} s: its gateway replica or node went away); register again")
+            job.update(
+                status="failed",
+                error=f"the registration's process stopped without a result (no word "
+                f"from it for {age:.0f} s: its gateway replica or node went away); register again",
+            )
         return job
 
     def stop(self) -> None:
@@ -161,9 +180,12 @@ def _fail_if_unfinished(file: Path, why: str) -> None:
     except (OSError, ValueError):
         return
     if job.get("status") == "running":
-        job.update(status="failed", finished=_now(),
-                   error=f"the registration's process ended without a result ({why}; its log: "
-                         f"{file.with_suffix('.log')}); register again")
+        job.update(
+            status="failed",
+            finished=_now(),
+            error=f"the registration's process ended without a result ({why}; its log: "
+            f"{file.with_suffix('.log')}); register again",
+        )
         write_job(file, job)
 
 
@@ -209,9 +231,16 @@ def run_job(file: Path) -> dict:
 
     try:
         found, new = register_version(
-            file.parent.parent, req.name, req.version, req.path, chat=req.chat,
-            gpu_memory_gib=req.gpu_memory_gib, tensor_parallel_size=req.tensor_parallel_size,
-            gpu_memory_utilization=req.gpu_memory_utilization, progress=progress)
+            file.parent.parent,
+            req.name,
+            req.version,
+            req.path,
+            chat=req.chat,
+            gpu_memory_gib=req.gpu_memory_gib,
+            tensor_parallel_size=req.tensor_parallel_size,
+            gpu_memory_utilization=req.gpu_memory_utilization,
+            progress=progress,
+        )
         job.update(status="succeeded", message=registered_text(found, new), result=_summary(found, new))
     except (RegistrationError, ConfigError) as e:
         job.update(status="failed", error=refusal_text(req.name, req.version, e))
@@ -228,10 +257,19 @@ def run_job(file: Path) -> dict:
 
 def _summary(found, new: bool) -> dict:
     m = found.manifest
-    return {"ref": found.ref, "new": new, "manifest": str(found.file), "path": m.path,
-            "architectures": list(m.architectures), "parameter_count": m.parameter_count,
-            "dtypes": dict(m.dtypes), "bytes": sum(f.size for f in m.files), "digest": m.digest,
-            "files": [f.model_dump() for f in m.files], "memory": m.memory.model_dump(mode="json")}
+    return {
+        "ref": found.ref,
+        "new": new,
+        "manifest": str(found.file),
+        "path": m.path,
+        "architectures": list(m.architectures),
+        "parameter_count": m.parameter_count,
+        "dtypes": dict(m.dtypes),
+        "bytes": sum(f.size for f in m.files),
+        "digest": m.digest,
+        "files": [f.model_dump() for f in m.files],
+        "memory": m.memory.model_dump(mode="json"),
+    }
 
 
 def _heartbeat(file: Path, done: threading.Event) -> None:
@@ -253,7 +291,7 @@ def _lower_priority() -> None:
 def main(argv: list[str] | None = None) -> int:
     from serving.engine.server import die_with_parent
 
-    file, parent = (sys.argv[1:] if argv is None else argv)
+    file, parent = sys.argv[1:] if argv is None else argv
     die_with_parent(int(parent))  # before anything slow: a job never outlives its gateway
     _lower_priority()
     return 0 if run_job(Path(file))["status"] == "succeeded" else 1

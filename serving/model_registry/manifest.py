@@ -24,7 +24,8 @@ def check_name(what: str, value: str) -> str:
     if not NAME_PATTERN.fullmatch(value):
         raise RegistrationError(
             f"{what} {value!r}: use letters, digits, '.', '_' and '-' (at most 128), starting with a "
-            "letter or digit (no '@' or '/')")
+            "letter or digit (no '@' or '/')"
+        )
     return value
 
 
@@ -38,14 +39,14 @@ class MemoryEstimate(Strict):
     """What the weights take on the GPUs; the rest of vLLM's budget is KV cache and activations."""
 
     weights_bytes: int = Field(description="All parameters at the dtype vLLM serves them in (dtype auto).")
-    served_dtype: str = Field(description="`as stored`, or `16-bit` where vLLM downcasts a float32 "
-                              "checkpoint.")
+    served_dtype: str = Field(description="`as stored`, or `16-bit` where vLLM downcasts a float32 checkpoint.")
     tensor_parallel_size: int = 1
     weights_bytes_per_gpu: int
     gpu_memory_gib: float | None = Field(None, description="The GPU it was checked against, if any.")
     gpu_memory_utilization: float | None = None
     headroom_bytes_per_gpu: int | None = Field(
-        None, description="vLLM's budget minus the weights: what is left for KV cache and activations.")
+        None, description="vLLM's budget minus the weights: what is left for KV cache and activations."
+    )
 
 
 class VersionManifest(Strict):

@@ -11,9 +11,13 @@ from serving.model_registry.validate import ModelFacts
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
-def estimate_memory(facts: ModelFacts, *, gpu_memory_gib: float | None = None,
-                    tensor_parallel_size: int = 1,
-                    gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION) -> MemoryEstimate:
+def estimate_memory(
+    facts: ModelFacts,
+    *,
+    gpu_memory_gib: float | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+) -> MemoryEstimate:
     """The weights' bytes on the GPUs at vLLM's `dtype: auto`; refused if they do not fit a
     GPU of gpu_memory_gib (when given) with the rest of the budget left for the KV cache."""
     check_gpu_args(gpu_memory_gib, tensor_parallel_size, gpu_memory_utilization)
@@ -24,8 +28,12 @@ def estimate_memory(facts: ModelFacts, *, gpu_memory_gib: float | None = None,
         weights -= 2 * facts.dtypes["F32"]
         served = "16-bit"
     per_gpu = math.ceil(weights / tensor_parallel_size)
-    estimate = MemoryEstimate(weights_bytes=weights, served_dtype=served,
-                              tensor_parallel_size=tensor_parallel_size, weights_bytes_per_gpu=per_gpu)
+    estimate = MemoryEstimate(
+        weights_bytes=weights,
+        served_dtype=served,
+        tensor_parallel_size=tensor_parallel_size,
+        weights_bytes_per_gpu=per_gpu,
+    )
     if gpu_memory_gib is None:
         return estimate
     budget = int(gpu_memory_gib * GIB * gpu_memory_utilization)
@@ -34,14 +42,18 @@ def estimate_memory(facts: ModelFacts, *, gpu_memory_gib: float | None = None,
             f"{facts.path}: the weights need {format_bytes(per_gpu)} per GPU (tensor_parallel_size "
             f"{tensor_parallel_size}, {served}), more than vLLM's budget of {format_bytes(budget)} on a "
             f"{gpu_memory_gib:g} GiB GPU at gpu_memory_utilization {gpu_memory_utilization:g}, with "
-            "nothing left for the KV cache; use more GPUs (--tensor-parallel-size) or larger ones")
-    return estimate.model_copy(update={
-        "gpu_memory_gib": gpu_memory_gib, "gpu_memory_utilization": gpu_memory_utilization,
-        "headroom_bytes_per_gpu": budget - per_gpu})
+            "nothing left for the KV cache; use more GPUs (--tensor-parallel-size) or larger ones"
+        )
+    return estimate.model_copy(
+        update={
+            "gpu_memory_gib": gpu_memory_gib,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "headroom_bytes_per_gpu": budget - per_gpu,
+        }
+    )
 
 
-def check_gpu_args(gpu_memory_gib: float | None, tensor_parallel_size: int,
-                   gpu_memory_utilization: float) -> None:
+def check_gpu_args(gpu_memory_gib: float | None, tensor_parallel_size: int, gpu_memory_utilization: float) -> None:
     """Refuse nonsense before the slow checks run."""
     if tensor_parallel_size < 1:
         raise RegistrationError(f"tensor parallel size must be at least 1, got {tensor_parallel_size}")

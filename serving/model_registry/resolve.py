@@ -34,8 +34,7 @@ def resolve_weights(cfg: KeelConfig, ref: str) -> ResolvedWeights:
     name, at, version = ref.partition("@")
     for what, value in [("model name", name)] + ([("version", version)] if at else []):
         if not NAME_PATTERN.fullmatch(value):
-            raise ConfigError(f"{ref!r}: the {what} must be letters, digits, '.', '_' or '-' "
-                              "(NAME or NAME@VERSION)")
+            raise ConfigError(f"{ref!r}: the {what} must be letters, digits, '.', '_' or '-' (NAME or NAME@VERSION)")
     versions = list_versions(base, name)
     if at:
         found = read_version(base, name, version)
@@ -43,8 +42,7 @@ def resolve_weights(cfg: KeelConfig, ref: str) -> ResolvedWeights:
             raise ConfigError(f"{name} has no version {version}; {_registered(name, versions)}")
         if found.retired:
             why = f" ({found.retired.reason})" if found.retired.reason else ""
-            raise ConfigError(f"{found.ref} was retired on {found.retired.retired}{why}; "
-                              f"{_registered(name, versions)}")
+            raise ConfigError(f"{found.ref} was retired on {found.retired.retired}{why}; {_registered(name, versions)}")
         return _versioned(found)
     if versions:
         latest = newest(versions)
@@ -60,8 +58,9 @@ def read_plain_manifest(base: Path, name: str) -> tuple[ModelManifest, Path]:
     file = base / name / "manifest.yaml"
     if not file.is_file():
         known = model_names(base)
-        raise ConfigError(f"no model manifest {file} and no registered versions of {name}; "
-                          f"registered: {', '.join(known) or 'none'}")
+        raise ConfigError(
+            f"no model manifest {file} and no registered versions of {name}; registered: {', '.join(known) or 'none'}"
+        )
     try:
         manifest = ModelManifest.model_validate(yaml.safe_load(file.read_text()))
     except ValidationError as e:
@@ -82,8 +81,10 @@ def check_files_present(resolved: ResolvedWeights) -> None:
         elif file.stat().st_size != f.size:
             problems.append(f"{file}: {file.stat().st_size:,} bytes, registered {f.size:,}")
     if problems:
-        raise ConfigError(f"{resolved.identity}: the weights changed since registration "
-                          f"(run `keel models verify {resolved.identity}`):\n" + "\n".join(problems))
+        raise ConfigError(
+            f"{resolved.identity}: the weights changed since registration "
+            f"(run `keel models verify {resolved.identity}`):\n" + "\n".join(problems)
+        )
 
 
 def _versioned(found: RegisteredVersion) -> ResolvedWeights:
@@ -95,5 +96,4 @@ def _versioned(found: RegisteredVersion) -> ResolvedWeights:
 def _registered(name: str, versions: list[RegisteredVersion]) -> str:
     if not versions:
         return f"{name} has no registered versions"
-    return "registered: " + ", ".join(
-        v.manifest.version + (" (retired)" if v.retired else "") for v in versions)
+    return "registered: " + ", ".join(v.manifest.version + (" (retired)" if v.retired else "") for v in versions)

@@ -34,8 +34,10 @@ from serving.model_registry.memory import (
 )
 from serving.model_registry.validate import ModelFacts, hash_files, inspect_model_dir
 
-MANIFEST_HEADER = ("# Written by `keel models register`; never edit it (immutable: `keel models verify`\n"
-                   "# checks the files against it, `keel models retire` marks it retired elsewhere).\n")
+MANIFEST_HEADER = (
+    "# Written by `keel models register`; never edit it (immutable: `keel models verify`\n"
+    "# checks the files against it, `keel models retire` marks it retired elsewhere).\n"
+)
 
 
 @dataclass
@@ -61,8 +63,7 @@ def list_versions(base: Path, name: str) -> list[RegisteredVersion]:
     """NAME's versions, oldest registration first."""
     files = sorted(versions_dir(base, name).glob("*.yaml"))
     # read_version is None only for a file gone since the glob (versions are not deleted)
-    found = [v for f in files
-             if NAME_PATTERN.fullmatch(f.stem) and (v := read_version(base, name, f.stem)) is not None]
+    found = [v for f in files if NAME_PATTERN.fullmatch(f.stem) and (v := read_version(base, name, f.stem)) is not None]
     return sorted(found, key=lambda v: (datetime.fromisoformat(v.manifest.created), v.manifest.version))
 
 
@@ -75,8 +76,10 @@ def newest(versions: list[RegisteredVersion]) -> RegisteredVersion | None:
 
 def model_names(base: Path) -> list[str]:
     """Every model with a plain manifest or registered versions."""
-    return sorted({p.parent.name for p in base.glob("*/manifest.yaml")}
-                  | {p.parent.parent.name for p in base.glob("*/versions/*.yaml")})
+    return sorted(
+        {p.parent.name for p in base.glob("*/manifest.yaml")}
+        | {p.parent.parent.name for p in base.glob("*/versions/*.yaml")}
+    )
 
 
 def read_version(base: Path, name: str, version: str) -> RegisteredVersion | None:
@@ -87,35 +90,58 @@ def read_version(base: Path, name: str, version: str) -> RegisteredVersion | Non
         return None
     manifest = _read_model(file, VersionManifest)
     if (manifest.name, manifest.version) != (name, version):
-        raise ConfigError(f"{file}: holds {manifest.name}@{manifest.version}, not {name}@{version} "
-                          "(a manifest was renamed or copied by hand)")
+        raise ConfigError(
+            f"{file}: holds {manifest.name}@{manifest.version}, not {name}@{version} "
+            "(a manifest was renamed or copied by hand)"
+        )
     mark_file = base / name / "retired" / f"{version}.yaml"
     retired = _read_model(mark_file, RetiredMark) if mark_file.is_file() else None
     return RegisteredVersion(manifest, file, retired)
 
 
-def register_version(base: Path, name: str, version: str, path: str | Path, *, chat: bool = True,
-                     gpu_memory_gib: float | None = None, tensor_parallel_size: int = 1,
-                     gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
-                     progress: Callable[[Path, int], None] | None = None) -> tuple[RegisteredVersion, bool]:
+def register_version(
+    base: Path,
+    name: str,
+    version: str,
+    path: str | Path,
+    *,
+    chat: bool = True,
+    gpu_memory_gib: float | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+    progress: Callable[[Path, int], None] | None = None,
+) -> tuple[RegisteredVersion, bool]:
     """Check PATH and write NAME@VERSION's manifest; (the version, whether it is new). Nothing is
     written unless every check passes; the same version with other bytes is refused."""
     check_name("model name", name)
     check_name("version", version)
     check_gpu_args(gpu_memory_gib, tensor_parallel_size, gpu_memory_utilization)
     facts = inspect_model_dir(path, chat=chat, progress=progress)
-    memory = estimate_memory(facts, gpu_memory_gib=gpu_memory_gib, tensor_parallel_size=tensor_parallel_size,
-                             gpu_memory_utilization=gpu_memory_utilization)
+    memory = estimate_memory(
+        facts,
+        gpu_memory_gib=gpu_memory_gib,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+    )
     existing = read_version(base, name, version)
     if existing:
         return _same_bytes_or_refuse(existing, facts), False
     manifest = VersionManifest(
-        name=name, version=version, path=str(facts.path),
+        name=name,
+        version=version,
+        path=str(facts.path),
         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        architectures=facts.architectures, model_type=facts.model_type, dtypes=facts.dtypes,
-        parameter_count=facts.parameter_count, parameter_bytes=facts.parameter_bytes, memory=memory,
-        chat_template=facts.chat_template, files=facts.files, digest=files_digest(facts.files),
-        validated_with=_library_versions())
+        architectures=facts.architectures,
+        model_type=facts.model_type,
+        dtypes=facts.dtypes,
+        parameter_count=facts.parameter_count,
+        parameter_bytes=facts.parameter_bytes,
+        memory=memory,
+        chat_template=facts.chat_template,
+        files=facts.files,
+        digest=files_digest(facts.files),
+        validated_with=_library_versions(),
+    )
     text = MANIFEST_HEADER + yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False)
     file = versions_dir(base, name) / f"{version}.yaml"
     if not _create_once(file, text):  # registered by someone else since we looked
@@ -125,8 +151,7 @@ def register_version(base: Path, name: str, version: str, path: str | Path, *, c
     return RegisteredVersion(manifest, file, None), True
 
 
-def verify_version(version: RegisteredVersion,
-                   progress: Callable[[Path, int], None] | None = None) -> list[str]:
+def verify_version(version: RegisteredVersion, progress: Callable[[Path, int], None] | None = None) -> list[str]:
     """Re-hash the directory; one line per file that changed, is missing or was added."""
     path = Path(version.manifest.path)
     if not path.is_dir():
@@ -142,10 +167,10 @@ def retire_version(base: Path, name: str, version: str, reason: str = "") -> tup
         raise RegistrationError(f"{name}@{version} is not registered (versions of {name}: {known})")
     if found.retired:
         return found, False
-    mark = RetiredMark(version=version, retired=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       reason=reason)
-    _create_once(base / name / "retired" / f"{version}.yaml",
-                 yaml.safe_dump(mark.model_dump(mode="json"), sort_keys=False))
+    mark = RetiredMark(version=version, retired=datetime.now(timezone.utc).isoformat(timespec="seconds"), reason=reason)
+    _create_once(
+        base / name / "retired" / f"{version}.yaml", yaml.safe_dump(mark.model_dump(mode="json"), sort_keys=False)
+    )
     retired = read_version(base, name, version)
     assert retired is not None  # found above; versions are never deleted
     return retired, True
@@ -156,12 +181,14 @@ def _same_bytes_or_refuse(existing: RegisteredVersion, facts: ModelFacts) -> Reg
     if Path(old.path) != facts.path:
         raise RegistrationError(
             f"{existing.ref} is already registered with the weights at {old.path}, not {facts.path}; "
-            f"a version never changes ({existing.file}): register these as a new version")
+            f"a version never changes ({existing.file}): register these as a new version"
+        )
     changed = _differences(old, facts.files)
     if changed:
         raise RegistrationError(
             f"{existing.ref} is already registered with other bytes; a version never changes "
-            f"({existing.file}): register these as a new version. Differences:\n" + "\n".join(changed))
+            f"({existing.file}): register these as a new version. Differences:\n" + "\n".join(changed)
+        )
     return existing
 
 
@@ -178,8 +205,10 @@ def _differences(manifest: VersionManifest, now: list) -> list[str]:
         elif old is None:
             lines.append(f"{path / name}: not in the manifest (added after registration)")
         elif (old.size, old.sha256) != (new.size, new.sha256):
-            lines.append(f"{path / name}: differs (registered {old.size:,} bytes sha256 {old.sha256[:12]}…, "
-                         f"now {new.size:,} bytes sha256 {new.sha256[:12]}…)")
+            lines.append(
+                f"{path / name}: differs (registered {old.size:,} bytes sha256 {old.sha256[:12]}…, "
+                f"now {new.size:,} bytes sha256 {new.sha256[:12]}…)"
+            )
     return lines
 
 

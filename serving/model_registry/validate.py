@@ -38,8 +38,9 @@ class ModelFacts:
     files: list[WeightFile]
 
 
-def inspect_model_dir(path: str | Path, *, chat: bool = True,
-                      progress: Callable[[Path, int], None] | None = None) -> ModelFacts:
+def inspect_model_dir(
+    path: str | Path, *, chat: bool = True, progress: Callable[[Path, int], None] | None = None
+) -> ModelFacts:
     """Check DIR as a servable model; RegistrationError lists every problem found."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -56,10 +57,16 @@ def inspect_model_dir(path: str | Path, *, chat: bool = True,
         raise RegistrationError("\n".join(problems))
     dtypes, parameter_count, parameter_bytes = weights
     return ModelFacts(
-        path=path, architectures=list(config["architectures"]), model_type=config.get("model_type"),
-        config_dtype=config.get("dtype") or config.get("torch_dtype"), dtypes=dtypes,
-        parameter_count=parameter_count, parameter_bytes=parameter_bytes, chat_template=has_template,
-        files=hash_files(path, progress))
+        path=path,
+        architectures=list(config["architectures"]),
+        model_type=config.get("model_type"),
+        config_dtype=config.get("dtype") or config.get("torch_dtype"),
+        dtypes=dtypes,
+        parameter_count=parameter_count,
+        parameter_bytes=parameter_bytes,
+        chat_template=has_template,
+        files=hash_files(path, progress),
+    )
 
 
 def hash_files(path: Path, progress: Callable[[Path, int], None] | None = None) -> list[WeightFile]:
@@ -91,8 +98,10 @@ def supported_architectures() -> frozenset[str]:
     try:
         from vllm.model_executor.models import ModelRegistry
     except ImportError as e:
-        raise RegistrationError(f"vLLM is not installed here ({e}): register weights on a machine "
-                                "with the engine, so its model registry can be asked") from None
+        raise RegistrationError(
+            f"vLLM is not installed here ({e}): register weights on a machine "
+            "with the engine, so its model registry can be asked"
+        ) from None
     return frozenset(ModelRegistry.get_supported_archs())
 
 
@@ -119,16 +128,19 @@ def _check_config(path: Path, problems: list[str]) -> dict | None:
         return None
     archs = config.get("architectures")
     if not (isinstance(archs, list) and archs and all(isinstance(a, str) and a for a in archs)):
-        problems.append(f"{file}: `architectures` must be a non-empty list of model class names, "
-                        f'e.g. ["LlamaForCausalLM"] (got {json.dumps(archs)})')
+        problems.append(
+            f"{file}: `architectures` must be a non-empty list of model class names, "
+            f'e.g. ["LlamaForCausalLM"] (got {json.dumps(archs)})'
+        )
         return None
     supported = supported_architectures()
     for arch in archs:
         if arch not in supported:
             close = difflib.get_close_matches(arch, sorted(supported), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            problems.append(f"{file}: architecture {arch} is not one the installed vLLM "
-                            f"{_vllm_version()} supports{hint}")
+            problems.append(
+                f"{file}: architecture {arch} is not one the installed vLLM {_vllm_version()} supports{hint}"
+            )
     return config
 
 
@@ -146,8 +158,11 @@ def _check_weights(path: Path, problems: list[str]) -> tuple[dict[str, int], int
         shards = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
         if not shards:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-            hint = (f"; found {', '.join(pickles)}: convert to safetensors (pickle files run code when "
-                    "loaded)") if pickles else ""
+            hint = (
+                (f"; found {', '.join(pickles)}: convert to safetensors (pickle files run code when loaded)")
+                if pickles
+                else ""
+            )
             problems.append(f"{path}: no *.safetensors weight files and no {INDEX_FILE}{hint}")
             return None
     dtypes: dict[str, int] = {}
@@ -189,8 +204,7 @@ def _read_index(index: Path, problems: list[str]) -> dict[str, str] | None:
         problems.append(f"{index}: not valid JSON ({e})")
         return None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not (isinstance(weight_map, dict) and weight_map
-            and all(isinstance(v, str) for v in weight_map.values())):
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
         problems.append(f"{index}: needs a non-empty `weight_map` of tensor name -> shard file name")
         return None
     return weight_map
@@ -252,5 +266,6 @@ def _check_tokenizer(path: Path, chat: bool, problems: list[str]) -> bool:
         problems.append(
             f"{path}: the tokenizer has no chat template (chat_template.jinja, or `chat_template` in "
             "tokenizer_config.json), and Keel serves /v1/chat/completions; add one, or register "
-            "with --no-chat for a completions-only model")
+            "with --no-chat for a completions-only model"
+        )
     return has_template

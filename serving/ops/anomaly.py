@@ -95,7 +95,7 @@ class _Bucket:
             seen += k
             if seen >= rank:
                 return _LAT_BASE * _LAT_RATIO ** (i + 0.5)
-        return _LAT_BASE * _LAT_RATIO ** _LAT_BINS
+        return _LAT_BASE * _LAT_RATIO**_LAT_BINS
 
 
 class _Baseline:
@@ -122,8 +122,15 @@ class _Baseline:
             return None
         return a + (b - a) * (x - i)
 
-    def judge(self, y: float, pos: float | None, rates: tuple[float, float, float], seasonal: bool,
-              threshold: float, noise=None):
+    def judge(
+        self,
+        y: float,
+        pos: float | None,
+        rates: tuple[float, float, float],
+        seasonal: bool,
+        threshold: float,
+        noise=None,
+    ):
         """(score, expected, check) for value y, then learn from it (less when it is anomalous).
         noise(expected count) -> the count's standard deviation by chance alone (Poisson): a
         deviation counts only as far as it is also unlikely by chance, so a series of few
@@ -215,8 +222,7 @@ class _Rate:
 
 
 class _Series:
-    __slots__ = ("tenant", "model", "bucket", "baselines", "rate", "watches", "buckets", "first_t",
-                 "idle")
+    __slots__ = ("tenant", "model", "bucket", "baselines", "rate", "watches", "buckets", "first_t", "idle")
 
     def __init__(self, tenant: str, model: str, slots: int):
         self.tenant, self.model = tenant, model
@@ -273,8 +279,9 @@ class AnomalyDetector:
 
     # -- the request path -------------------------------------------------------------------
 
-    def observe(self, tenant: str, model: str, status: int, tokens: int, latency_s: float | None,
-                guardrail_hits: int) -> None:
+    def observe(
+        self, tenant: str, model: str, status: int, tokens: int, latency_s: float | None, guardrail_hits: int
+    ) -> None:
         """One request that ended: O(1), a few additions to its series' open bucket."""
         key = (tenant, model)
         series = self.series.get(key)
@@ -371,8 +378,19 @@ class AnomalyDetector:
                 z = max(z, 0.0)
             self._step(series, signal, z, value, expected, check, warm, b, t, events)
 
-    def _step(self, series: _Series, signal: str, z: float, value: float, expected: float, check: str,
-              warm: bool, b: _Bucket, t: float, events: list) -> None:
+    def _step(
+        self,
+        series: _Series,
+        signal: str,
+        z: float,
+        value: float,
+        expected: float,
+        check: str,
+        warm: bool,
+        b: _Bucket,
+        t: float,
+        events: list,
+    ) -> None:
         cfg = self.config
         w = series.watches.get(signal)
         if w is None:
@@ -383,10 +401,19 @@ class AnomalyDetector:
             if w.above >= cfg.consecutive:
                 start = t - (cfg.consecutive - 1) * cfg.bucket_s
                 w.active = Anomaly(
-                    id=f"{series.tenant}/{series.model}/{signal}/{int(start)}", tenant=series.tenant,
-                    model=series.model, signal=signal, direction="up" if z > 0 else "down", check=check,
-                    started_at=_iso(start), value=round(value, 6), expected=round(expected, 6),
-                    score=round(z, 2), peak_score=round(abs(z), 2), buckets=cfg.consecutive)
+                    id=f"{series.tenant}/{series.model}/{signal}/{int(start)}",
+                    tenant=series.tenant,
+                    model=series.model,
+                    signal=signal,
+                    direction="up" if z > 0 else "down",
+                    check=check,
+                    started_at=_iso(start),
+                    value=round(value, 6),
+                    expected=round(expected, 6),
+                    score=round(z, 2),
+                    peak_score=round(abs(z), 2),
+                    buckets=cfg.consecutive,
+                )
                 w.above = w.below = 0
                 events.append(("start", w.active))
             return
@@ -434,8 +461,12 @@ class AnomalyDetector:
 
     def _end_all(self, which, reason: str) -> list:
         now = time.time()
-        return [self._end(w, reason, now) for s in self.series.values()
-                for sig, w in s.watches.items() if w.active is not None and which(s, sig)]
+        return [
+            self._end(w, reason, now)
+            for s in self.series.values()
+            for sig, w in s.watches.items()
+            if w.active is not None and which(s, sig)
+        ]
 
     # -- what the admin API shows ------------------------------------------------------------
 

@@ -47,8 +47,10 @@ def load_prices(costs: CostConfig, models: set[str], base: Path | None = None) -
         name = costs.hardware.get(model, costs.default_hardware)
         key = f"costs.hardware.{model}" if model in costs.hardware else "costs.default_hardware"
         if name is None:
-            notes.append(f"model {model}: no hardware profile (costs.hardware.{model} or "
-                         "costs.default_hardware): its replica time is not priced")
+            notes.append(
+                f"model {model}: no hardware profile (costs.hardware.{model} or "
+                "costs.default_hardware): its replica time is not priced"
+            )
             continue
         if name not in profiles:
             raise ConfigError(f"{key}: no hardware profile `{name}` in {path}; profiles: {', '.join(sorted(profiles))}")
@@ -59,8 +61,10 @@ def load_prices(costs: CostConfig, models: set[str], base: Path | None = None) -
         prices[model] = Price(name, profile.price_per_replica_hour, profile.currency)
     currencies = {p.currency for p in prices.values()}
     if len(currencies) > 1:
-        raise ConfigError(f"costs: the models' profiles are priced in {', '.join(sorted(currencies))}; "
-                          "costs add up in one currency only")
+        raise ConfigError(
+            f"costs: the models' profiles are priced in {', '.join(sorted(currencies))}; "
+            "costs add up in one currency only"
+        )
     return prices, notes
 
 
@@ -99,8 +103,9 @@ class Allocation:
         return next(iter(self.prices.values())).currency if self.prices else ""
 
 
-def allocate(usage: Usage, costs: CostConfig, prices: dict[str, Price],
-             replicas: ReplicaTime | None = None) -> Allocation:
+def allocate(
+    usage: Usage, costs: CostConfig, prices: dict[str, Price], replicas: ReplicaTime | None = None
+) -> Allocation:
     """Each model's hourly replica cost, split among that hour's tenants by weighted tokens."""
     if replicas is None:
         replicas = integrate(usage.replica_events, usage.since, usage.until)
@@ -126,8 +131,10 @@ def allocate(usage: Usage, costs: CostConfig, prices: dict[str, Price],
                 key = (tenant, model, hour)
                 out.cost[key] = out.cost.get(key, 0.0) + amount * w / total
     for model in sorted({m for (_, m, _) in usage.tokens} - set(replicas.seconds)):
-        out.notes.append(f"model {model}: tokens but no replica records in the period (gateways older "
-                         "than the replica records, or audit files missing): its tokens cost 0 here")
+        out.notes.append(
+            f"model {model}: tokens but no replica records in the period (gateways older "
+            "than the replica records, or audit files missing): its tokens cost 0 here"
+        )
     if costs.idle == "spread":
         _spread_idle(out, weights)
     return out

@@ -30,17 +30,27 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("cost", help="cost per tenant from the audit log (report) and a forecast")
     csub = p.add_subparsers(dest="cost_cmd", required=True)
-    r = csub.add_parser("report", help="per tenant and model: requests, tokens, cost, cost per million "
-                        "tokens; idle replica time as (unallocated)")
-    f = csub.add_parser("forecast", help="daily cost and tokens per tenant, fitted with trend + weekly "
-                        "season, summed over a horizon with an interval; flags quotas and budgets passed")
+    r = csub.add_parser(
+        "report",
+        help="per tenant and model: requests, tokens, cost, cost per million "
+        "tokens; idle replica time as (unallocated)",
+    )
+    f = csub.add_parser(
+        "forecast",
+        help="daily cost and tokens per tenant, fitted with trend + weekly "
+        "season, summed over a horizon with an interval; flags quotas and budgets passed",
+    )
     for c in (r, f):
         c.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
         c.add_argument("--audit-dir", default=None, help="audit files to read (default: the config's audit.dir)")
         c.add_argument("--format", choices=("table", "json"), default="table")
-        c.add_argument("--prometheus", metavar="URL", default=None,
-                       help="replica-time from this Prometheus (avg keel_engine_replicas_ready) instead of "
-                       "the audit log's replica records, e.g. for logs older than those records")
+        c.add_argument(
+            "--prometheus",
+            metavar="URL",
+            default=None,
+            help="replica-time from this Prometheus (avg keel_engine_replicas_ready) instead of "
+            "the audit log's replica records, e.g. for logs older than those records",
+        )
     r.add_argument("--since", default="30d", help="period: the last N m|h|d|w (default 30d)")
     r.add_argument("--until", default=None, help="end of the period, ISO 8601 (default: now)")
     f.add_argument("--horizon", default="30d", help="days to forecast: N d|w (default 30d, at most 366d)")
@@ -131,10 +141,15 @@ def _report(args) -> int:
 
 
 def _line_json(line) -> dict:
-    return {"tenant": line.tenant, "model": line.model, "requests": line.requests,
-            "prompt_tokens": line.prompt_tokens, "completion_tokens": line.completion_tokens,
-            "cost": round(line.cost, 6),
-            "cost_per_million_tokens": None if line.cost_per_million is None else round(line.cost_per_million, 6)}
+    return {
+        "tenant": line.tenant,
+        "model": line.model,
+        "requests": line.requests,
+        "prompt_tokens": line.prompt_tokens,
+        "completion_tokens": line.completion_tokens,
+        "cost": round(line.cost, 6),
+        "cost_per_million_tokens": None if line.cost_per_million is None else round(line.cost_per_million, 6),
+    }
 
 
 def _report_json(rep, usage, audit_dir: Path) -> dict:
@@ -142,12 +157,19 @@ def _report_json(rep, usage, audit_dir: Path) -> dict:
     total = _line_json(rep.total)
     del total["tenant"], total["model"]
     return {
-        "since": _iso(usage.since), "until": _iso(usage.until), "audit_dir": str(audit_dir), "files": usage.files,
-        "currency": a.currency, "lines": [_line_json(line) for line in rep.lines],
-        "unallocated": {m: round(c, 6) for m, c in sorted(rep.idle.items())}, "total": total,
+        "since": _iso(usage.since),
+        "until": _iso(usage.until),
+        "audit_dir": str(audit_dir),
+        "files": usage.files,
+        "currency": a.currency,
+        "lines": [_line_json(line) for line in rep.lines],
+        "unallocated": {m: round(c, 6) for m, c in sorted(rep.idle.items())},
+        "total": total,
         "replica_hours": {m: round(h, 4) for m, h in a.replica_hours.items()},
         "prices": {m: {"profile": p.profile, "per_replica_hour": p.per_replica_hour} for m, p in a.prices.items()},
-        "unobserved_hours": round(a.unobserved_s / 3600, 4), "skipped": usage.skipped, "notes": a.notes,
+        "unobserved_hours": round(a.unobserved_s / 3600, 4),
+        "skipped": usage.skipped,
+        "notes": a.notes,
     }
 
 
@@ -171,23 +193,54 @@ def _money(x: float | None) -> str:
 def _report_table(rep, usage, audit_dir: Path) -> str:
     a = rep.allocation
     cur = a.currency or "?"
-    out = [f"keel cost report: {_utc(usage.since)} .. {_utc(usage.until)} "
-           f"({(usage.until - usage.since) / DAY_S:.1f} days), from the audit log {audit_dir} ({usage.files} files)"]
-    rows = [[ln.tenant, ln.model, f"{ln.requests:,}", f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}",
-             _money(ln.cost), _money(ln.cost_per_million)] for ln in rep.lines]
+    out = [
+        f"keel cost report: {_utc(usage.since)} .. {_utc(usage.until)} "
+        f"({(usage.until - usage.since) / DAY_S:.1f} days), from the audit log {audit_dir} ({usage.files} files)"
+    ]
+    rows = [
+        [
+            ln.tenant,
+            ln.model,
+            f"{ln.requests:,}",
+            f"{ln.prompt_tokens:,}",
+            f"{ln.completion_tokens:,}",
+            _money(ln.cost),
+            _money(ln.cost_per_million),
+        ]
+        for ln in rep.lines
+    ]
     rows += [["(unallocated)", m, "-", "-", "-", _money(c), "-"] for m, c in sorted(rep.idle.items())]
     t = rep.total
-    rows.append(["total", "", f"{t.requests:,}", f"{t.prompt_tokens:,}", f"{t.completion_tokens:,}", _money(t.cost),
-                 _money(t.cost_per_million)])
-    out.append(_table(["tenant", "model", "requests", "prompt tokens", "completion tokens", f"cost ({cur})",
-                       f"{cur} / M tokens"], rows))
-    prices = ", ".join(f"{m} {a.replica_hours.get(m, 0):,.1f} replica-h x {p.per_replica_hour:g} ({p.profile})"
-                       for m, p in a.prices.items())
-    out.append(f"replica time: {prices or 'none priced'}; (unallocated) = replica hours in which the "
-               f"model served no tokens (costs.idle: unallocated)")
+    rows.append(
+        [
+            "total",
+            "",
+            f"{t.requests:,}",
+            f"{t.prompt_tokens:,}",
+            f"{t.completion_tokens:,}",
+            _money(t.cost),
+            _money(t.cost_per_million),
+        ]
+    )
+    out.append(
+        _table(
+            ["tenant", "model", "requests", "prompt tokens", "completion tokens", f"cost ({cur})", f"{cur} / M tokens"],
+            rows,
+        )
+    )
+    prices = ", ".join(
+        f"{m} {a.replica_hours.get(m, 0):,.1f} replica-h x {p.per_replica_hour:g} ({p.profile})"
+        for m, p in a.prices.items()
+    )
+    out.append(
+        f"replica time: {prices or 'none priced'}; (unallocated) = replica hours in which the "
+        f"model served no tokens (costs.idle: unallocated)"
+    )
     if a.unobserved_s >= 60:  # float dust below that
-        out.append(f"no replica record for {a.unobserved_s / 3600:,.2f} h of the period (no gateway running, "
-                   "or before the records existed): counted as 0 replicas")
+        out.append(
+            f"no replica record for {a.unobserved_s / 3600:,.2f} h of the period (no gateway running, "
+            "or before the records existed): counted as 0 replicas"
+        )
     for why, n in sorted(usage.skipped.items()):
         out.append(f"skipped {n:,} records: {why}")
     out += [f"note: {n}" for n in a.notes]
@@ -259,31 +312,69 @@ def _forecast(args) -> int:
 
 
 def _fc_json(f) -> dict:
-    return {"method": f.method, "history_days": f.history_days, "total": round(f.total, 4),
-            "lower": round(f.lower, 4), "upper": round(f.upper, 4), "peak_day": round(f.peak, 4)}
+    return {
+        "method": f.method,
+        "history_days": f.history_days,
+        "total": round(f.total, 4),
+        "lower": round(f.lower, 4),
+        "upper": round(f.upper, 4),
+        "peak_day": round(f.peak, 4),
+    }
 
 
 def _forecast_json(rows, ftotal, alloc, usage, horizon: int, level: float) -> dict:
-    return {"from": _iso(usage.until), "horizon_days": horizon, "level": level, "currency": alloc.currency,
-            "tenants": [{"tenant": t, "cost": _fc_json(fc), "tokens": _fc_json(ft), "flags": flags}
-                        for t, fc, ft, flags in rows],
-            "total_cost": _fc_json(ftotal), "notes": alloc.notes}
+    return {
+        "from": _iso(usage.until),
+        "horizon_days": horizon,
+        "level": level,
+        "currency": alloc.currency,
+        "tenants": [
+            {"tenant": t, "cost": _fc_json(fc), "tokens": _fc_json(ft), "flags": flags} for t, fc, ft, flags in rows
+        ],
+        "total_cost": _fc_json(ftotal),
+        "notes": alloc.notes,
+    }
 
 
 def _forecast_table(rows, ftotal, alloc, usage, horizon: int, level: float, audit_dir: Path) -> str:
     cur = alloc.currency or "?"
     end = usage.until + horizon * DAY_S
-    out = [f"keel cost forecast: {_utc(usage.until)[:10]} .. {_utc(end)[:10]} ({horizon} days), fitted on "
-           f"daily cost and tokens from the audit log {audit_dir}; {level:.0%} intervals"]
-    table = [[t, fc.method, str(fc.history_days),
-              _money(fc.total), f"{_money(fc.lower)} .. {_money(fc.upper)}", f"{ft.peak:,.0f}", "; ".join(flags) or "-"]
-             for t, fc, ft, flags in rows]
-    table.append(["total", ftotal.method, str(ftotal.history_days), _money(ftotal.total),
-                  f"{_money(ftotal.lower)} .. {_money(ftotal.upper)}", "", "incl. (unallocated) idle"])
-    out.append(_table(["tenant", "method", "days", f"cost ({cur})", "interval", "peak tokens/day", "flags"], table,
-                      left=(0, 1, 6)))
-    out.append("method: of the cost series (--format json has the tokens' too); flat below 14 days of "
-               "history, where a weekly season cannot be told from noise. The total is fitted on its own "
-               "series: its interval is not the sum of the tenants'.")
+    out = [
+        f"keel cost forecast: {_utc(usage.until)[:10]} .. {_utc(end)[:10]} ({horizon} days), fitted on "
+        f"daily cost and tokens from the audit log {audit_dir}; {level:.0%} intervals"
+    ]
+    table = [
+        [
+            t,
+            fc.method,
+            str(fc.history_days),
+            _money(fc.total),
+            f"{_money(fc.lower)} .. {_money(fc.upper)}",
+            f"{ft.peak:,.0f}",
+            "; ".join(flags) or "-",
+        ]
+        for t, fc, ft, flags in rows
+    ]
+    table.append(
+        [
+            "total",
+            ftotal.method,
+            str(ftotal.history_days),
+            _money(ftotal.total),
+            f"{_money(ftotal.lower)} .. {_money(ftotal.upper)}",
+            "",
+            "incl. (unallocated) idle",
+        ]
+    )
+    out.append(
+        _table(
+            ["tenant", "method", "days", f"cost ({cur})", "interval", "peak tokens/day", "flags"], table, left=(0, 1, 6)
+        )
+    )
+    out.append(
+        "method: of the cost series (--format json has the tokens' too); flat below 14 days of "
+        "history, where a weekly season cannot be told from noise. The total is fitted on its own "
+        "series: its interval is not the sum of the tenants'."
+    )
     out += [f"note: {n}" for n in alloc.notes]
     return "\n".join(out)

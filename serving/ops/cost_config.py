@@ -40,22 +40,35 @@ class CostConfig(Strict):
     """Prices per replica-hour (hardware profiles, as `keel bench` uses) and their allocation."""
 
     hardware_file: str | None = Field(
-        None, max_length=4096, description="Hardware profiles file (name -> price_per_replica_hour, "
-        "currency); default configs/bench/hardware.yaml, the one `keel bench` prices with.")
+        None,
+        max_length=4096,
+        description="Hardware profiles file (name -> price_per_replica_hour, "
+        "currency); default configs/bench/hardware.yaml, the one `keel bench` prices with.",
+    )
     hardware: dict[str, str] = Field(
-        default_factory=dict, max_length=1000, description="Model (deployment name: a model, or a "
-        "rollout candidate) -> hardware profile its replicas run on.")
+        default_factory=dict,
+        max_length=1000,
+        description="Model (deployment name: a model, or a rollout candidate) -> hardware profile its replicas run on.",
+    )
     default_hardware: str | None = Field(
-        None, max_length=200, description="Profile of models not under `hardware`; null: such models "
-        "get no cost (their tokens are still reported, with a note).")
+        None,
+        max_length=200,
+        description="Profile of models not under `hardware`; null: such models "
+        "get no cost (their tokens are still reported, with a note).",
+    )
     token_weights: TokenWeights = Field(default_factory=TokenWeights)
     idle: Literal["unallocated", "spread"] = Field(
-        "unallocated", description="Replica time in an hour when a model served no tokens: "
+        "unallocated",
+        description="Replica time in an hour when a model served no tokens: "
         "unallocated lists it on its own line per model; spread shares it among the tenants by "
-        "their share of that model's weighted tokens over the whole period.")
+        "their share of that model's weighted tokens over the whole period.",
+    )
     budgets: dict[str, float] = Field(
-        default_factory=dict, max_length=10_000, description="Tenant -> budget per 30 days (profile "
-        "currency); `keel cost forecast` flags a tenant whose forecast passes it.")
+        default_factory=dict,
+        max_length=10_000,
+        description="Tenant -> budget per 30 days (profile "
+        "currency); `keel cost forecast` flags a tenant whose forecast passes it.",
+    )
 
     @field_validator("budgets")
     @classmethod

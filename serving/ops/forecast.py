@@ -71,8 +71,12 @@ def _ets(y: np.ndarray, horizon: int, level: float) -> Forecast:
         warnings.simplefilter("ignore")
         # A linear trend and a damped one, the lower AICc kept: a free trend can chase the noise
         # (its smoothing as high as the level's) and its interval then grows with the horizon squared.
-        fits = [ETSModel(pd.Series(y), error="add", trend="add", seasonal="add", seasonal_periods=SEASON,
-                         damped_trend=damped).fit(disp=False) for damped in (False, True)]
+        fits = [
+            ETSModel(
+                pd.Series(y), error="add", trend="add", seasonal="add", seasonal_periods=SEASON, damped_trend=damped
+            ).fit(disp=False)
+            for damped in (False, True)
+        ]
         fit = min(fits, key=lambda f: f.aicc if np.isfinite(f.aicc) else np.inf)
         point = np.asarray(fit.forecast(horizon))
         frame = fit.get_prediction(start=len(y), end=len(y) + horizon - 1).summary_frame(alpha=1 - level)
@@ -81,8 +85,12 @@ def _ets(y: np.ndarray, horizon: int, level: float) -> Forecast:
     upper = np.clip(np.asarray(frame["pi_upper"]), 0, None)
     return Forecast(
         method="ETS: damped trend + weekly season" if fit.model.damped_trend else "ETS: trend + weekly season",
-        history_days=len(y), daily=daily, total=float(daily.sum()),
-        lower=float(lower.sum()), upper=float(upper.sum()), daily_upper=upper,
+        history_days=len(y),
+        daily=daily,
+        total=float(daily.sum()),
+        lower=float(lower.sum()),
+        upper=float(upper.sum()),
+        daily_upper=upper,
         slope_per_day=float(np.asarray(fit.states)[-1, 1]),
     )
 
@@ -90,6 +98,12 @@ def _ets(y: np.ndarray, horizon: int, level: float) -> Forecast:
 def _flat(y: np.ndarray, horizon: int, method: str) -> Forecast:
     recent = y[-SEASON:]
     mean = float(recent.mean())
-    return Forecast(method=method, history_days=len(y), daily=np.full(horizon, max(mean, 0.0)),
-                    total=max(mean, 0.0) * horizon, lower=max(float(recent.min()), 0.0) * horizon,
-                    upper=max(float(recent.max()), 0.0) * horizon, daily_upper=np.full(horizon, float(recent.max())))
+    return Forecast(
+        method=method,
+        history_days=len(y),
+        daily=np.full(horizon, max(mean, 0.0)),
+        total=max(mean, 0.0) * horizon,
+        lower=max(float(recent.min()), 0.0) * horizon,
+        upper=max(float(recent.max()), 0.0) * horizon,
+        daily_upper=np.full(horizon, float(recent.max())),
+    )

@@ -126,8 +126,12 @@ class _ById(dict):
 def _keyed(v):
     if isinstance(v, dict):
         return {k: _keyed(x) for k, x in v.items()}
-    if isinstance(v, list) and v and all(isinstance(x, dict) and isinstance(x.get("id"), str) for x in v) \
-            and len({x["id"] for x in v}) == len(v):
+    if (
+        isinstance(v, list)
+        and v
+        and all(isinstance(x, dict) and isinstance(x.get("id"), str) for x in v)
+        and len({x["id"] for x in v}) == len(v)
+    ):
         return _ById((x["id"], _keyed(x)) for x in v)
     return v
 
@@ -227,8 +231,7 @@ def identify(admin_key: str | None, policies: list[dict]) -> dict:
                 if k.get("digest") == digest:
                     if k.get("role") == "admin":
                         return {**who, "key_id": k.get("id"), "tenant": tenant}
-                    return {**who, "key_note": f"the key given is {tenant}/{k.get('id')}, an app key, "
-                            "not an admin key"}
+                    return {**who, "key_note": f"the key given is {tenant}/{k.get('id')}, an app key, not an admin key"}
     return {**who, "key_note": "the key given is not a key of this stack"}
 
 
@@ -254,20 +257,27 @@ def who_text(who: dict | None) -> str:
 
 def plan_summary(plan) -> dict:
     """serving.plan.Plan as data: each model's kind, what the gateways learn, what restarts."""
-    return {"models": {m.model: m.kind for m in plan.models}, "gateways": list(plan.gateway),
-            "restart": list(plan.restart)}
+    return {
+        "models": {m.model: m.kind for m in plan.models},
+        "gateways": list(plan.gateway),
+        "restart": list(plan.restart),
+    }
 
 
 def first_deploy(state) -> dict:
     """The plan of a first deploy (`keel serve`): every model added, no rollout candidates."""
     from serving.plan import ADDED, CANDIDATE_SUFFIX
 
-    return {"models": {m: ADDED for m in sorted(state.models) if not m.endswith(CANDIDATE_SUFFIX)},
-            "gateways": [], "restart": []}
+    return {
+        "models": {m: ADDED for m in sorted(state.models) if not m.endswith(CANDIDATE_SUFFIX)},
+        "gateways": [],
+        "restart": [],
+    }
 
 
-def change_record(*, command: str, who: dict, old_view: dict | None, new_view: dict, plan: dict,
-                  previous: dict | None = None) -> dict:
+def change_record(
+    *, command: str, who: dict, old_view: dict | None, new_view: dict, plan: dict, previous: dict | None = None
+) -> dict:
     """The record of one change (outcome not yet set). old_view: the deployed config, unmasked
     (None: nothing deployed); previous: else the last recorded change, whose config is masked."""
     new_masked = mask(new_view)
@@ -282,8 +292,16 @@ def change_record(*, command: str, who: dict, old_view: dict | None, new_view: d
         changes, prev_version = diff({}, new_masked), None
         against = "nothing"
     changes, omitted = _bounded(changes)
-    rec: dict[str, Any] = {"event": EVENT, "command": command, "who": who, "version": version(new_masked),
-           "previous_version": prev_version, "diff_against": against, "changes": changes, "plan": plan}
+    rec: dict[str, Any] = {
+        "event": EVENT,
+        "command": command,
+        "who": who,
+        "version": version(new_masked),
+        "previous_version": prev_version,
+        "diff_against": against,
+        "changes": changes,
+        "plan": plan,
+    }
     if omitted:
         rec["changes_omitted"] = omitted
     snapshot = orjson.dumps(new_masked)
@@ -323,15 +341,21 @@ class ChangeRecorder:
             outcome = (FAILED, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__)
         else:
             outcome = self.outcome or (APPLIED, None)
-        rec = {**self.record, "time": time.time(), "duration_s": round(time.monotonic() - self._start, 3),
-               "outcome": outcome[0]}
+        rec = {
+            **self.record,
+            "time": time.time(),
+            "duration_s": round(time.monotonic() - self._start, 3),
+            "outcome": outcome[0],
+        }
         if outcome[1]:
             rec["error"] = outcome[1]
         try:
             self._log(rec)
         except Exception as e:  # noqa: BLE001 - the change happened (or failed) either way: say so, don't hide it
-            self._say(f"keel {rec.get('command')}: WARNING: the change {outcome[0]}, but its history record "
-                      f"could not be written to {self._log.log.directory}: {e}")
+            self._say(
+                f"keel {rec.get('command')}: WARNING: the change {outcome[0]}, but its history record "
+                f"could not be written to {self._log.log.directory}: {e}"
+            )
         finally:
             self._log.close()
 
@@ -416,7 +440,7 @@ def _records_at_needles(data):
     for start in sorted(starts):
         end = data.find(b"\n", start)
         try:
-            rec = orjson.loads(data[start:end if end != -1 else len(data)])
+            rec = orjson.loads(data[start : end if end != -1 else len(data)])
         except orjson.JSONDecodeError:
             continue  # a torn line: `keel audit verify` names it
         if isinstance(rec, dict) and rec.get("event") in HISTORY_EVENTS:

@@ -16,18 +16,29 @@ MAX_LIST = 10_000  # -n bound
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("history", help="who changed what, when: every `keel apply`, `keel serve` deploy and "
-                       "rollout step, from the audit log; `keel history show N` prints one change's diff",
-                       description="keel history [CONFIG] lists the changes; keel history show N [CONFIG] "
-                       "prints change N (numbers count from the oldest, as the list shows them).")
-    p.add_argument("words", nargs="*", metavar="[CONFIG] | show N [CONFIG]",
-                   help="the stack config whose audit dir to read (default: configs/local.yaml)")
+    p = sub.add_parser(
+        "history",
+        help="who changed what, when: every `keel apply`, `keel serve` deploy and "
+        "rollout step, from the audit log; `keel history show N` prints one change's diff",
+        description="keel history [CONFIG] lists the changes; keel history show N [CONFIG] "
+        "prints change N (numbers count from the oldest, as the list shows them).",
+    )
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="[CONFIG] | show N [CONFIG]",
+        help="the stack config whose audit dir to read (default: configs/local.yaml)",
+    )
     p.add_argument("--audit-dir", metavar="DIR", default=None, help="read this audit dir instead of the config's")
     p.add_argument("-n", type=int, default=20, metavar="COUNT", help="list the last COUNT changes (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the audit files' hash chains")
-    p.add_argument("--hmac-key-file", metavar="PATH", default=None,
-                   help="also check the files' MACs with this key (default: the config's audit.hmac_key_file, "
-                   "else $KEEL_AUDIT_HMAC_KEY_FILE)")
+    p.add_argument(
+        "--hmac-key-file",
+        metavar="PATH",
+        default=None,
+        help="also check the files' MACs with this key (default: the config's audit.hmac_key_file, "
+        "else $KEEL_AUDIT_HMAC_KEY_FILE)",
+    )
     p.add_argument("--json", action="store_true", help="show N: print the record as JSON")
 
 
@@ -56,11 +67,18 @@ def run(args) -> int:
             print(f"keel history show {show}: no changes are recorded in {directory}", file=sys.stderr)
             return 2
         if not 1 <= show <= len(hist.entries):
-            print(f"keel history show {show}: no such change; {directory} holds {len(hist.entries)} "
-                  f"(1 to {len(hist.entries)})", file=sys.stderr)
+            print(
+                f"keel history show {show}: no such change; {directory} holds {len(hist.entries)} "
+                f"(1 to {len(hist.entries)})",
+                file=sys.stderr,
+            )
             return 2
         entry = hist.entries[show - 1]
-        print(json.dumps(entry.record, indent=2, ensure_ascii=False) if args.json else render_entry(entry, len(hist.entries)))
+        print(
+            json.dumps(entry.record, indent=2, ensure_ascii=False)
+            if args.json
+            else render_entry(entry, len(hist.entries))
+        )
         if hist.failed.get(entry.file):
             print(_verify_warning(hist, directory), file=sys.stderr)
             return 1
@@ -121,22 +139,38 @@ def render_list(hist, directory, count: int) -> str:
     entries = hist.entries[-count:]
     if not hist.entries:
         return f"keel history: no changes recorded in {directory} yet (`keel apply` and `keel serve` record them)"
-    rows = [(f"{e.n}{'!' if e.verified is False else ''}", _time(e.record), _who(e.record, who_text),
-             e.record.get("version") or "-", summary(e.record)) for e in entries]
+    rows = [
+        (
+            f"{e.n}{'!' if e.verified is False else ''}",
+            _time(e.record),
+            _who(e.record, who_text),
+            e.record.get("version") or "-",
+            summary(e.record),
+        )
+        for e in entries
+    ]
     head = ("N", "TIME (UTC)", "WHO", "VERSION", "SUMMARY")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    lines = [f"{directory}: {len(hist.entries)} change(s)" + (f", the last {len(entries)} shown"
-             if len(entries) < len(hist.entries) else "") + "; " + _verify_note(hist)]
+    lines = [
+        f"{directory}: {len(hist.entries)} change(s)"
+        + (f", the last {len(entries)} shown" if len(entries) < len(hist.entries) else "")
+        + "; "
+        + _verify_note(hist)
+    ]
     for r in [head, *rows]:
-        lines.append(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
+        lines.append(
+            f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip()
+        )
     return "\n".join(lines)
 
 
 def summary(rec: dict) -> str:
     """One line: what the change did."""
     if rec.get("event") == "rollout":
-        text = (f"rollout {rec.get('model')}: {rec.get('action')} (step {rec.get('step')}, "
-                f"{rec.get('percent')}% to {rec.get('to_version')})")
+        text = (
+            f"rollout {rec.get('model')}: {rec.get('action')} (step {rec.get('step')}, "
+            f"{rec.get('percent')}% to {rec.get('to_version')})"
+        )
     else:
         plan = rec.get("plan") or {}
         models = [f"{m} {k}" for m, k in (plan.get("models") or {}).items() if k != "unchanged"]
@@ -148,9 +182,12 @@ def summary(rec: dict) -> str:
         if rec.get("error"):  # what went wrong first; the plan is in `show N`
             text = f"{rec.get('command')} {rec.get('outcome')}: {rec['error'].splitlines()[0]}"
         else:
-            text = f"{rec.get('command')} {rec.get('outcome')}: " + ("; ".join(parts) or "no model changes") + \
-                f" ({n} change{'s' * (n != 1)})"
-    return text if len(text) <= MAX_SUMMARY else text[:MAX_SUMMARY - 3] + "..."
+            text = (
+                f"{rec.get('command')} {rec.get('outcome')}: "
+                + ("; ".join(parts) or "no model changes")
+                + f" ({n} change{'s' * (n != 1)})"
+            )
+    return text if len(text) <= MAX_SUMMARY else text[: MAX_SUMMARY - 3] + "..."
 
 
 def render_entry(entry, total: int) -> str:
@@ -158,9 +195,14 @@ def render_entry(entry, total: int) -> str:
 
     rec = entry.record
     verified = {True: "chain verified", False: "FAILS verification", None: "not verified"}[entry.verified]
-    lines = [f"change {entry.n} of {total}  {_time(rec)} UTC  " + (
-        f"rollout {rec.get('model')}" if rec.get("event") == "rollout" else
-        f"keel {rec.get('command')}: {rec.get('outcome')}")]
+    lines = [
+        f"change {entry.n} of {total}  {_time(rec)} UTC  "
+        + (
+            f"rollout {rec.get('model')}"
+            if rec.get("event") == "rollout"
+            else f"keel {rec.get('command')}: {rec.get('outcome')}"
+        )
+    ]
     if rec.get("event") == "rollout":
         for k in ("action", "phase", "step", "percent", "from_version", "to_version", "reason"):
             if k in rec:
@@ -173,18 +215,23 @@ def render_entry(entry, total: int) -> str:
         lines.append(f"{'who':<9} {who_text(rec.get('who'))}")
         if (rec.get("who") or {}).get("key_note"):
             lines.append(f"{'':<9} ({rec['who']['key_note']})")
-        lines.append(f"{'version':<9} {rec.get('version')} (before: {before}, "
-                     f"{against.get(rec.get('diff_against'), rec.get('diff_against'))})")
+        lines.append(
+            f"{'version':<9} {rec.get('version')} (before: {before}, "
+            f"{against.get(rec.get('diff_against'), rec.get('diff_against'))})"
+        )
         if rec.get("error"):
             lines.append(f"{'error':<9} {rec['error']}")
         plan = rec.get("plan") or {}
-        lines.append(f"{'plan':<9} " + ("; ".join(f"{m} {k}" for m, k in (plan.get("models") or {}).items())
-                                        or "no models"))
+        lines.append(
+            f"{'plan':<9} " + ("; ".join(f"{m} {k}" for m, k in (plan.get("models") or {}).items()) or "no models")
+        )
         lines += [f"{'':<9} gateways: {g}" for g in plan.get("gateways") or []]
         lines += [f"{'':<9} restart: {r}" for r in plan.get("restart") or []]
         changes = rec.get("changes") or []
-        lines.append(f"{'changes':<9} {len(changes) + rec.get('changes_omitted', 0)}" +
-                     (f" ({rec['changes_omitted']} more not recorded)" if rec.get("changes_omitted") else ""))
+        lines.append(
+            f"{'changes':<9} {len(changes) + rec.get('changes_omitted', 0)}"
+            + (f" ({rec['changes_omitted']} more not recorded)" if rec.get("changes_omitted") else "")
+        )
         lines += ["  " + change_line(c) for c in changes]
     lines.append(f"{'file':<9} {entry.file} (seq {rec.get('seq')}, {verified})")
     return "\n".join(lines)
@@ -208,9 +255,12 @@ def path_text(path: list) -> str:
 
 
 def _value(v) -> str:
-    text = v if isinstance(v, str) and v.startswith(("***", "(masked)")) else \
-        json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)
-    return text if len(text) <= MAX_SHOWN_VALUE else text[:MAX_SHOWN_VALUE - 3] + "..."
+    text = (
+        v
+        if isinstance(v, str) and v.startswith(("***", "(masked)"))
+        else json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)
+    )
+    return text if len(text) <= MAX_SHOWN_VALUE else text[: MAX_SHOWN_VALUE - 3] + "..."
 
 
 def _time(rec: dict) -> str:
@@ -233,8 +283,10 @@ def _verify_note(hist) -> str:
 
 
 def _verify_warning(hist, directory) -> str:
-    lines = [f"keel history: WARNING: {len(hist.failed)} audit file(s) fail verification: the records from "
-             f"them (marked !) may have been altered, added or cut. `keel audit verify {directory}` says more:"]
+    lines = [
+        f"keel history: WARNING: {len(hist.failed)} audit file(s) fail verification: the records from "
+        f"them (marked !) may have been altered, added or cut. `keel audit verify {directory}` says more:"
+    ]
     for path, problems in hist.failed.items():
         lines += [f"  {path.name}: {p}" for p in problems[:3]]
     return "\n".join(lines)

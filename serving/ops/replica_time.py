@@ -69,8 +69,7 @@ class ReplicaTime:
         return sum(self.seconds.get(model, {}).values()) / 3600
 
 
-def integrate(events: list[tuple[float, str, int]], start: float, end: float,
-              valid_s: float = VALID_S) -> ReplicaTime:
+def integrate(events: list[tuple[float, str, int]], start: float, end: float, valid_s: float = VALID_S) -> ReplicaTime:
     """Replica-seconds per model and hour between start and end, from (time, model, ready)
     records of any number of gateways. A record before `start` still sets the count at start."""
     by_model: dict[str, list[tuple[float, int]]] = {}

@@ -17,10 +17,12 @@ def add_parser(sub) -> None:
     r = slo_sub.add_parser("rules", help="write recording rules, burn-rate alerts, promtool tests, prometheus.yml")
     r.add_argument("config", help="the Keel config (its `slos:`)")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"directory to write to (default {DEFAULT_OUT})")
-    r.add_argument("--interval", default=None,
-                   help="rule evaluation interval of the groups (default: Prometheus' global one)")
-    r.add_argument("--target", default=None,
-                   help="HOST:PORT prometheus.yml scrapes (default: the config's metrics listener)")
+    r.add_argument(
+        "--interval", default=None, help="rule evaluation interval of the groups (default: Prometheus' global one)"
+    )
+    r.add_argument(
+        "--target", default=None, help="HOST:PORT prometheus.yml scrapes (default: the config's metrics listener)"
+    )
     s = slo_sub.add_parser("status", help="budget left, SLIs, burn rates and alerts from a Prometheus server")
     s.add_argument("config", nargs="?", default=None, help="limit to this config's SLOs (default: all found)")
     s.add_argument("--prometheus", default=DEFAULT_PROMETHEUS, help=f"Prometheus URL (default {DEFAULT_PROMETHEUS})")
@@ -57,14 +59,19 @@ def _rules(args, cfg) -> int:
     paths = write_all(cfg.slos, Path(args.out), target, args.interval)
     for name, slo in cfg.slos.items():
         alerts = ", ".join(f"{a.severity} {a.long_window}/{a.short_window} {a.factor:g}x" for a in slo.burn_alerts)
-        print(f"{name}: {slo.kind} {slo.objective:g} over {slo.window} ({', '.join(slo.models)}"
-              f"{', per tenant' if slo.per_tenant else ''}); alerts: {alerts}")
+        print(
+            f"{name}: {slo.kind} {slo.objective:g} over {slo.window} ({', '.join(slo.models)}"
+            f"{', per tenant' if slo.per_tenant else ''}); alerts: {alerts}"
+        )
     for p in paths:
         print(f"wrote {p}")
     print(f"check: promtool check rules {paths[0]} && promtool test rules {' '.join(map(str, paths[2:]))}")
     if not s.metrics_port and not args.target:
-        print(f"note: {paths[1]} scrapes the API port; with tenants, /metrics there needs an admin key: "
-              "set server.metrics_port", file=sys.stderr)
+        print(
+            f"note: {paths[1]} scrapes the API port; with tenants, /metrics there needs an admin key: "
+            "set server.metrics_port",
+            file=sys.stderr,
+        )
     return 0
 
 

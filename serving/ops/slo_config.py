@@ -55,8 +55,9 @@ class BurnRateAlert(Strict):
             if not MIN_ALERT_WINDOW_S <= s <= MAX_ALERT_WINDOW_S:
                 raise ValueError(f"{name} `{getattr(self, name)}` must be between 10s and 30d")
         if short_s >= long_s:
-            raise ValueError(f"short_window `{self.short_window}` must be shorter than "
-                             f"long_window `{self.long_window}`")
+            raise ValueError(
+                f"short_window `{self.short_window}` must be shorter than long_window `{self.long_window}`"
+            )
         return self
 
 
@@ -76,19 +77,32 @@ class SloConfig(Strict):
     """One objective over the requests to some models (and tenants)."""
 
     kind: Literal["availability", "ttft", "tpot"] = Field(
-        description="availability: not 5xx and not cut short; ttft: time to first token; tpot: time per output token.")
-    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=64,
-                              description='Public model names, or ["*"] for every model.')
-    tenants: list[str] | None = Field(default=None, min_length=1, max_length=256,
-                                      description="Only these tenants' requests count (default: every tenant's).")
+        description="availability: not 5xx and not cut short; ttft: time to first token; tpot: time per output token."
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        max_length=64,
+        description='Public model names, or ["*"] for every model.',
+    )
+    tenants: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Only these tenants' requests count (default: every tenant's).",
+    )
     per_tenant: bool = Field(default=False, description="Rules and alerts per tenant, not only per model.")
     objective: float = Field(ge=0.5, le=0.99999, description="The share of good events to keep (0.99).")
     window: str = Field(default="28d", pattern=DURATION_PATTERN, description="The budget's window (1h .. 365d).")
-    threshold_ms: float | None = Field(default=None, gt=0, le=600_000,
-                                       description="ttft and tpot: a good event takes at most this long.")
+    threshold_ms: float | None = Field(
+        default=None, gt=0, le=600_000, description="ttft and tpot: a good event takes at most this long."
+    )
     alerts: list[BurnRateAlert] | None = Field(
-        default=None, min_length=1, max_length=8,
-        description="Burn-rate alerts (default: the SRE workbook's two pages and two tickets).")
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Burn-rate alerts (default: the SRE workbook's two pages and two tickets).",
+    )
     description: str = Field(default="", max_length=200, description="Shown in the alerts' annotations.")
 
     @model_validator(mode="after")
@@ -106,12 +120,15 @@ class SloConfig(Strict):
         for i, a in enumerate(self.burn_alerts):
             where = f"alerts.{i}" if self.alerts is not None else f"the default alert {a.long_window}/{a.short_window}"
             if a.factor * budget >= 1:
-                raise ValueError(f"{where}: factor {a.factor:g} x error budget {budget:g} >= 1: an error "
-                                 "ratio can never pass it, so the alert could never fire (set `alerts:` "
-                                 "for this objective)")
+                raise ValueError(
+                    f"{where}: factor {a.factor:g} x error budget {budget:g} >= 1: an error "
+                    "ratio can never pass it, so the alert could never fire (set `alerts:` "
+                    "for this objective)"
+                )
             if duration_s(a.long_window) > w:
-                raise ValueError(f"{where}: long_window `{a.long_window}` is longer than the SLO window "
-                                 f"`{self.window}`")
+                raise ValueError(
+                    f"{where}: long_window `{a.long_window}` is longer than the SLO window `{self.window}`"
+                )
         return self
 
     @property
@@ -142,10 +159,12 @@ def check_slos(slos: dict[str, SloConfig], public: set[str], tenants: set[str]) 
             problems.append(f"slos.{name}: a name is letters, digits, _ . - (at most 63)")
         for m in slo.models:
             if m != "*" and m not in public:
-                problems.append(f"slos.{name}.models: no model or experiment `{m}`; "
-                                f"available: {', '.join(sorted(public))}")
+                problems.append(
+                    f"slos.{name}.models: no model or experiment `{m}`; available: {', '.join(sorted(public))}"
+                )
         for t in slo.tenants or ():
             if t not in tenants:
-                problems.append(f"slos.{name}.tenants: no tenant `{t}`; "
-                                f"defined: {', '.join(sorted(tenants)) or 'none'}")
+                problems.append(
+                    f"slos.{name}.tenants: no tenant `{t}`; defined: {', '.join(sorted(tenants)) or 'none'}"
+                )
     return problems

@@ -53,9 +53,11 @@ def _annotations(name: str, slo: SloConfig, a: BurnRateAlert) -> dict[str, str]:
     what = f" ({slo.description})" if slo.description else ""
     return {
         "summary": f"SLO {name} burns its error budget {a.factor:g}x too fast",
-        "description": (f"{who}: the {slo.kind} error ratio over {a.long_window} and {a.short_window} is above "
-                        f"{a.factor:g} x {_budget(slo)}{what}; at this rate the {slo.window} budget lasts "
-                        f"{_exhaustion(slo, a)}. `keel slo status --prometheus URL` shows the budget left."),
+        "description": (
+            f"{who}: the {slo.kind} error ratio over {a.long_window} and {a.short_window} is above "
+            f"{a.factor:g} x {_budget(slo)}{what}; at this rate the {slo.window} budget lasts "
+            f"{_exhaustion(slo, a)}. `keel slo status --prometheus URL` shows the budget left."
+        ),
     }
 
 
@@ -65,28 +67,41 @@ def _alert_labels(slo: SloConfig, a: BurnRateAlert) -> dict[str, str]:
 
 def rule_group(name: str, slo: SloConfig, interval: str | None = None) -> dict:
     by = _by(slo)
-    rules: list[dict] = [{
-        "record": OBJECTIVE_RULE, "expr": f"vector({slo.objective:g})",
-        "labels": {"slo": name, "kind": slo.kind, "window": slo.window},
-    }]
+    rules: list[dict] = [
+        {
+            "record": OBJECTIVE_RULE,
+            "expr": f"vector({slo.objective:g})",
+            "labels": {"slo": name, "kind": slo.kind, "window": slo.window},
+        }
+    ]
     own = {"slo": name}  # the same record in every SLO's group: the label tells them apart
     for w in slo.rate_windows():
-        rules.append({
-            "record": errors_rule(w),
-            "expr": (f'sum by ({by}) (rate({EVENTS}{{slo="{name}", good="false"}}[{w}]))\n/\n'
-                     f'sum by ({by}) (rate({EVENTS}{{slo="{name}"}}[{w}]))'),
+        rules.append(
+            {
+                "record": errors_rule(w),
+                "expr": (
+                    f'sum by ({by}) (rate({EVENTS}{{slo="{name}", good="false"}}[{w}]))\n/\n'
+                    f'sum by ({by}) (rate({EVENTS}{{slo="{name}"}}[{w}]))'
+                ),
+                "labels": own,
+            }
+        )
+    rules.append(
+        {
+            "record": BUDGET_RULE,
+            "expr": f'1 - {errors_rule(slo.window)}{{slo="{name}"}} / {_budget(slo)}',
             "labels": own,
-        })
-    rules.append({
-        "record": BUDGET_RULE,
-        "expr": f'1 - {errors_rule(slo.window)}{{slo="{name}"}} / {_budget(slo)}',
-        "labels": own,
-    })
+        }
+    )
     for a in slo.burn_alerts:
-        rules.append({
-            "alert": ALERT, "expr": alert_expr(name, slo, a),
-            "labels": {**own, **_alert_labels(slo, a)}, "annotations": _annotations(name, slo, a),
-        })
+        rules.append(
+            {
+                "alert": ALERT,
+                "expr": alert_expr(name, slo, a),
+                "labels": {**own, **_alert_labels(slo, a)},
+                "annotations": _annotations(name, slo, a),
+            }
+        )
     group = {"name": f"keel-slo-{name}", "rules": rules}
     if interval:
         group["interval"] = interval
@@ -110,8 +125,10 @@ def _series(name: str, slo: SloConfig, bad_steps: list[int]) -> list[dict]:
         b, g = b + n, g + _PER_STEP - n
         bad.append(b)
         good.append(g)
-    return [{"series": f'{EVENTS}{{{labels}, good="false"}}', "values": " ".join(map(str, bad))},
-            {"series": f'{EVENTS}{{{labels}, good="true"}}', "values": " ".join(map(str, good))}]
+    return [
+        {"series": f'{EVENTS}{{{labels}, good="false"}}', "values": " ".join(map(str, bad))},
+        {"series": f'{EVENTS}{{{labels}, good="true"}}', "values": " ".join(map(str, good))},
+    ]
 
 
 def _step_s(a: BurnRateAlert) -> int:
@@ -136,21 +153,29 @@ def _firing_cases(name: str, slo: SloConfig, a: BurnRateAlert) -> dict:
     steps = duration_s(a.long_window) // step
     labels = {"slo": name, "model": "demo", **({"tenant": "acme"} if slo.per_tenant else {})}
     expected = [
-        {"exp_labels": {"alertname": ALERT, **labels, **_alert_labels(slo, b)},
-         "exp_annotations": {k: v.replace("{{ $labels.model }}", "demo").replace("{{ $labels.tenant }}", "acme")
-                             for k, v in _annotations(name, slo, b).items()}}
-        for b in slo.burn_alerts if _limit(slo, b) < bad / _PER_STEP
+        {
+            "exp_labels": {"alertname": ALERT, **labels, **_alert_labels(slo, b)},
+            "exp_annotations": {
+                k: v.replace("{{ $labels.model }}", "demo").replace("{{ $labels.tenant }}", "acme")
+                for k, v in _annotations(name, slo, b).items()
+            },
+        }
+        for b in slo.burn_alerts
+        if _limit(slo, b) < bad / _PER_STEP
     ]
     sel = ", ".join(f'{k}="{v}"' for k, v in labels.items())
     return {
         "interval": _fmt_s(step),
         "input_series": _series(name, slo, [bad] * steps),
         "alert_rule_test": [{"eval_time": _fmt_s(steps * step), "alertname": ALERT, "exp_alerts": expected}],
-        "promql_expr_test": [{
-            # the budget left over the SLO window: 1 - ratio / budget, to a millionth
-            "expr": f"abs({BUDGET_RULE}{{{sel}}} - ({1 - (bad / _PER_STEP) / (1 - slo.objective)!r})) < bool 1e-6",
-            "eval_time": _fmt_s(steps * step), "exp_samples": [{"labels": "{" + sel + "}", "value": 1}],
-        }],
+        "promql_expr_test": [
+            {
+                # the budget left over the SLO window: 1 - ratio / budget, to a millionth
+                "expr": f"abs({BUDGET_RULE}{{{sel}}} - ({1 - (bad / _PER_STEP) / (1 - slo.objective)!r})) < bool 1e-6",
+                "eval_time": _fmt_s(steps * step),
+                "exp_samples": [{"labels": "{" + sel + "}", "value": 1}],
+            }
+        ],
     }
 
 
@@ -165,18 +190,29 @@ def _quiet_cases(name: str, slo: SloConfig, a: BurnRateAlert) -> list[dict]:
     under = round(0.95 * limit * _PER_STEP)
     burst = _PER_STEP  # every event bad while it lasted
     long_sel = f'{errors_rule(a.long_window)}{{slo="{name}"}}'
-    cases = [{"interval": _fmt_s(step), "input_series": _series(name, slo, [under] * steps),
-              "promql_expr_test": [{"expr": alert_expr(name, slo, a), "eval_time": at, "exp_samples": []}]}]
+    cases = [
+        {
+            "interval": _fmt_s(step),
+            "input_series": _series(name, slo, [under] * steps),
+            "promql_expr_test": [{"expr": alert_expr(name, slo, a), "eval_time": at, "exp_samples": []}],
+        }
+    ]
     if (steps - quiet_steps) / steps <= limit:
         return cases  # a stopped burn cannot hold the long window over this limit: nothing to show
     return cases + [
-        {"interval": _fmt_s(step),
-         "input_series": _series(name, slo, [burst] * (steps - quiet_steps) + [0] * quiet_steps),
-         "promql_expr_test": [
-             {"expr": alert_expr(name, slo, a), "eval_time": at, "exp_samples": []},
-             # ... though the long window alone is still over the limit: the short one stops it
-             {"expr": f"count({long_sel} > {limit!r})", "eval_time": at, "exp_samples": [{"labels": "{}", "value": 1}]},
-         ]},
+        {
+            "interval": _fmt_s(step),
+            "input_series": _series(name, slo, [burst] * (steps - quiet_steps) + [0] * quiet_steps),
+            "promql_expr_test": [
+                {"expr": alert_expr(name, slo, a), "eval_time": at, "exp_samples": []},
+                # ... though the long window alone is still over the limit: the short one stops it
+                {
+                    "expr": f"count({long_sel} > {limit!r})",
+                    "eval_time": at,
+                    "exp_samples": [{"labels": "{}", "value": 1}],
+                },
+            ],
+        },
     ]
 
 
@@ -192,8 +228,11 @@ def promtool_tests(slos: dict[str, SloConfig], rules_file: str = RULES_FILE) -> 
     out = {}
     for short in sorted(by_step, key=duration_s):
         step = _fmt_s(max(1, duration_s(short) // 5))
-        out[f"{TESTS_PREFIX}{short}.yaml"] = {"rule_files": [rules_file], "evaluation_interval": step,
-                                               "tests": by_step[short]}
+        out[f"{TESTS_PREFIX}{short}.yaml"] = {
+            "rule_files": [rules_file],
+            "evaluation_interval": step,
+            "tests": by_step[short],
+        }
     return out
 
 

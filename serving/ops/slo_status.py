@@ -34,8 +34,9 @@ def query(url: str, promql: str, timeout_s: float = QUERY_TIMEOUT_S) -> list[dic
     try:
         body = r.json()
     except ValueError:
-        raise PrometheusError(f"{endpoint} answered {r.status_code} with no JSON: is {url} a Prometheus "
-                              "server?") from None
+        raise PrometheusError(
+            f"{endpoint} answered {r.status_code} with no JSON: is {url} a Prometheus server?"
+        ) from None
     if body.get("status") != "success":
         raise PrometheusError(f"Prometheus refused `{promql}`: {body.get('error', r.status_code)}")
     return body["data"]["result"]
@@ -102,8 +103,10 @@ def collect(url: str, slos: dict[str, SloConfig] | None = None) -> list[SloRow]:
         m = s["metric"]
         r = row(m)
         if r is not None:
-            r.alerts.append(f"{m.get('severity', '?')} {m.get('long_window', '?')}/{m.get('short_window', '?')} "
-                            f"{m.get('alertstate', '?')}")
+            r.alerts.append(
+                f"{m.get('severity', '?')} {m.get('long_window', '?')}/{m.get('short_window', '?')} "
+                f"{m.get('alertstate', '?')}"
+            )
     missing = [n for n in objectives if not any(k[0] == n for k in rows)]
     out = sorted(rows.values(), key=lambda r: (r.slo, r.model, r.tenant or ""))
     for n in missing:
@@ -130,11 +133,32 @@ def table_rows(rows: list[SloRow]) -> tuple[list[str], list[list[str]]]:
     """The header and cells `keel slo status` prints."""
     windows = burn_windows(rows)
     tenants = any(r.tenant is not None for r in rows)
-    header = ["slo", "model", *(["tenant"] if tenants else []), "kind", "objective", "window", "SLI",
-              "budget left", *[f"burn {w}" for w in windows], "alerts"]
+    header = [
+        "slo",
+        "model",
+        *(["tenant"] if tenants else []),
+        "kind",
+        "objective",
+        "window",
+        "SLI",
+        "budget left",
+        *[f"burn {w}" for w in windows],
+        "alerts",
+    ]
     cells = []
     for r in rows:
-        cells.append([r.slo, r.model, *([r.tenant or "-"] if tenants else []), r.kind, _pct(r.objective),
-                      r.window, _pct(r.sli), _pct(r.budget_left, 1),
-                      *[_burn(r.burn.get(w)) for w in windows], ", ".join(r.alerts) or "-"])
+        cells.append(
+            [
+                r.slo,
+                r.model,
+                *([r.tenant or "-"] if tenants else []),
+                r.kind,
+                _pct(r.objective),
+                r.window,
+                _pct(r.sli),
+                _pct(r.budget_left, 1),
+                *[_burn(r.burn.get(w)) for w in windows],
+                ", ".join(r.alerts) or "-",
+            ]
+        )
     return header, cells

@@ -79,8 +79,10 @@ def read_usage(directory: str | Path, since: float, until: float) -> Usage:
             for line in f:
                 seen += 1
                 if seen > MAX_RECORDS:
-                    raise UsageError(f"{directory}: more than {MAX_RECORDS:,} audit records; give a "
-                                     "directory holding only the files of the period (ship older ones off)")
+                    raise UsageError(
+                        f"{directory}: more than {MAX_RECORDS:,} audit records; give a "
+                        "directory holding only the files of the period (ship older ones off)"
+                    )
                 try:
                     rec = orjson.loads(line)
                 except orjson.JSONDecodeError:

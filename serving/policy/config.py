@@ -26,8 +26,10 @@ class KeyConfig(_Strict):
     id: str = Field(description="Key id: what audit records, logs and metrics show (never the key).")
     digest: str = Field(description="sha256:<hex> of the key, as `keel keys create` prints it.")
     role: Literal["app", "admin"] = Field(
-        "app", description="app: inference on the tenant's models. admin: also the admin API and "
-        "forcing an experiment variant with the x-keel-variant header.")
+        "app",
+        description="app: inference on the tenant's models. admin: also the admin API and "
+        "forcing an experiment variant with the x-keel-variant header.",
+    )
     quotas: QuotaLimits | None = Field(None, description="Limits for this key alone, on top of the tenant's.")
 
     @field_validator("digest")
@@ -40,26 +42,34 @@ class TenantConfig(_Strict):
     keys: list[KeyConfig] = Field(default_factory=list)
     models: list[str] = Field(
         default_factory=lambda: [ALL_MODELS],
-        description="Public model names (models or experiments) this tenant may use; '*' = all.")
+        description="Public model names (models or experiments) this tenant may use; '*' = all.",
+    )
     quotas: QuotaLimits = Field(default_factory=QuotaLimits)
     guardrails: str | None = Field(None, description="Name of a policy under guardrails:.")
-    audit_content: bool = Field(
-        False, description="Also record the (redacted) prompt and response in the audit log.")
+    audit_content: bool = Field(False, description="Also record the (redacted) prompt and response in the audit log.")
 
 
 class AuditConfig(_Strict):
     enabled: bool = True
-    dir: str = Field(".keel/audit", description="Directory of the hash-chained JSONL files "
-                     "(one per gateway process: audit-0.jsonl, audit-1.jsonl, ...).")
+    dir: str = Field(
+        ".keel/audit",
+        description="Directory of the hash-chained JSONL files "
+        "(one per gateway process: audit-0.jsonl, audit-1.jsonl, ...).",
+    )
     max_file_mb: int | None = Field(
-        1024, gt=0, description="Rotate a file once it reaches this many MiB: it is renamed "
+        1024,
+        gt=0,
+        description="Rotate a file once it reaches this many MiB: it is renamed "
         "audit-<n>.<its first seq>.jsonl and a new audit-<n>.jsonl continues its chain. Keel never "
-        "deletes rotated files. null: never rotate.")
+        "deletes rotated files. null: never rotate.",
+    )
     hmac_key_file: str | None = Field(
-        None, description="A key file (`keel audit keygen PATH`) outside `dir`: every record and "
+        None,
+        description="A key file (`keel audit keygen PATH`) outside `dir`: every record and "
         "head then carries an HMAC-SHA256, so nobody without the key can edit, add or cut records "
         "undetected (`keel audit verify --hmac-key-file`). It must exist on every gateway node. A "
-        "changed key starts new chains in new files. null: hash chain only.")
+        "changed key starts new chains in new files. null: hash chain only.",
+    )
 
     @field_validator("hmac_key_file")
     @classmethod
@@ -69,8 +79,10 @@ class AuditConfig(_Strict):
         # Gateway replicas run in Ray's working directory: the path goes to them absolute.
         v = str(Path(v).expanduser().absolute())
         if "dir" in info.data and key_inside(v, info.data["dir"]):
-            raise ValueError(f"{v} is inside the audit dir {info.data['dir']}; whoever can write the logs "
-                             "could read or replace the key there, so keep it elsewhere (e.g. /etc/keel/audit.key)")
+            raise ValueError(
+                f"{v} is inside the audit dir {info.data['dir']}; whoever can write the logs "
+                "could read or replace the key there, so keep it elsewhere (e.g. /etc/keel/audit.key)"
+            )
         return v
 
 
@@ -80,15 +92,20 @@ class PolicyConfig(_Strict):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     quotas: QuotaBackendConfig = Field(default_factory=QuotaBackendConfig)
     guardrails: dict[str, GuardrailPolicy] = Field(
-        default_factory=dict, description="Named guardrail policies; tenants pick one by name.")
+        default_factory=dict, description="Named guardrail policies; tenants pick one by name."
+    )
     experiments: dict[str, Experiment] = Field(
-        default_factory=dict, description="Public model name -> weighted variants (configured models).")
+        default_factory=dict, description="Public model name -> weighted variants (configured models)."
+    )
     audit: AuditConfig = Field(default_factory=AuditConfig)
     slos: dict[str, SloConfig] = Field(
-        default_factory=dict, description="Named service-level objectives; the gateways count good and "
-        "bad events for each (`keel slo rules` makes the Prometheus rules).")
+        default_factory=dict,
+        description="Named service-level objectives; the gateways count good and "
+        "bad events for each (`keel slo rules` makes the Prometheus rules).",
+    )
     anomalies: AnomalyConfig = Field(
-        default_factory=AnomalyConfig, description="Online anomaly detection per tenant and model.")
+        default_factory=AnomalyConfig, description="Online anomaly detection per tenant and model."
+    )
 
 
 POLICY_KEYS = tuple(PolicyConfig.model_fields)
@@ -100,23 +117,29 @@ def check_policy_refs(policy: PolicyConfig, models: list[str]) -> list[str]:
     public = set(models) | set(policy.experiments)
     for name, exp in policy.experiments.items():
         if name in models:
-            problems.append(f"experiments.{name}: `{name}` is already a model name; give the experiment "
-                            "its own public name")
+            problems.append(
+                f"experiments.{name}: `{name}` is already a model name; give the experiment its own public name"
+            )
         for v in exp.variants:
             if v not in models:
                 problems.append(f"experiments.{name}.variants.{v}: no such model; configured: {', '.join(models)}")
         if exp.shadow is not None and exp.shadow.variant not in models:
-            problems.append(f"experiments.{name}.shadow.variant: no such model `{exp.shadow.variant}`; "
-                            f"configured: {', '.join(models)}")
+            problems.append(
+                f"experiments.{name}.shadow.variant: no such model `{exp.shadow.variant}`; "
+                f"configured: {', '.join(models)}"
+            )
     seen: dict[str, str] = {}
     for tname, t in policy.tenants.items():
         for m in t.models:
             if m != ALL_MODELS and m not in public:
-                problems.append(f"tenants.{tname}.models: no model or experiment `{m}`; "
-                                f"available: {', '.join(sorted(public))}")
+                problems.append(
+                    f"tenants.{tname}.models: no model or experiment `{m}`; available: {', '.join(sorted(public))}"
+                )
         if t.guardrails is not None and t.guardrails not in policy.guardrails:
-            problems.append(f"tenants.{tname}.guardrails: no guardrail policy `{t.guardrails}`; "
-                            f"defined: {', '.join(policy.guardrails) or 'none'}")
+            problems.append(
+                f"tenants.{tname}.guardrails: no guardrail policy `{t.guardrails}`; "
+                f"defined: {', '.join(policy.guardrails) or 'none'}"
+            )
         for i, k in enumerate(t.keys):
             where = f"tenants.{tname}.keys.{i}"
             if k.digest in seen:

@@ -45,12 +45,16 @@ def check_digest(s: str) -> str:
         return s
     if isinstance(s, str) and s.startswith(KEY_PREFIX):
         # The message must not repeat the value: it is a live key that belongs nowhere in a config.
-        raise ValueError("this is an API key, not its digest: never put a key in the config; "
-                         "run `keel keys digest` and paste its output (then rotate this key)")
+        raise ValueError(
+            "this is an API key, not its digest: never put a key in the config; "
+            "run `keel keys digest` and paste its output (then rotate this key)"
+        )
     if isinstance(s, str) and s.lower().startswith(_DIGEST_PREFIX) and _DIGEST_RE.fullmatch(s.lower()):
         raise ValueError("the digest must be lowercase: 'sha256:' followed by 64 lowercase hex characters")
-    raise ValueError("must be 'sha256:' followed by 64 lowercase hex characters, "
-                     "as `keel keys create` or `keel keys digest` prints it")
+    raise ValueError(
+        "must be 'sha256:' followed by 64 lowercase hex characters, "
+        "as `keel keys create` or `keel keys digest` prints it"
+    )
 
 
 @dataclass(frozen=True)
@@ -85,21 +89,27 @@ class KeyRing:
         for e in entries:
             check_digest(e.digest)
             if e.role not in ROLES:
-                raise ValueError(f"key `{e.key_id}` of tenant `{e.tenant}`: role must be one of "
-                                 f"{', '.join(ROLES)}, not `{e.role}`")
+                raise ValueError(
+                    f"key `{e.key_id}` of tenant `{e.tenant}`: role must be one of {', '.join(ROLES)}, not `{e.role}`"
+                )
             if e.digest in by_digest:
                 other = by_digest[e.digest]
-                raise ValueError(f"keys `{other.tenant}/{other.key_id}` and `{e.tenant}/{e.key_id}` "
-                                 "have the same digest: a key must belong to one tenant only; "
-                                 "remove one of them")
+                raise ValueError(
+                    f"keys `{other.tenant}/{other.key_id}` and `{e.tenant}/{e.key_id}` "
+                    "have the same digest: a key must belong to one tenant only; "
+                    "remove one of them"
+                )
             by_digest[e.digest] = e
         self._by_digest = by_digest
 
     @classmethod
     def from_tenants(cls, tenants: Mapping[str, Any]) -> KeyRing:
         """From the config's `tenants:` mapping (objects with `.keys`, each with id, digest, role)."""
-        return cls(KeyEntry(digest=k.digest, tenant=name, key_id=k.id, role=k.role)
-                   for name, t in tenants.items() for k in t.keys)
+        return cls(
+            KeyEntry(digest=k.digest, tenant=name, key_id=k.id, role=k.role)
+            for name, t in tenants.items()
+            for k in t.keys
+        )
 
     def __len__(self) -> int:
         return len(self._by_digest)

@@ -81,33 +81,50 @@ class QuotaLimits(_Strict):
 
     requests_per_minute: int | None = Field(None, gt=0, description="Requests admitted per minute.")
     tokens_per_minute: int | None = Field(
-        None, gt=0, description="Prompt + completion tokens per minute (each prompt + n × max_tokens "
-        "is reserved at admission, the unused part is given back when the request ends).")
+        None,
+        gt=0,
+        description="Prompt + completion tokens per minute (each prompt + n × max_tokens "
+        "is reserved at admission, the unused part is given back when the request ends).",
+    )
     tokens_per_day: int | None = Field(None, gt=0, description="Prompt + completion tokens per day (rolling).")
     concurrent_requests: int | None = Field(None, gt=0, description="Requests in flight at once.")
     burst_fraction: float = Field(
-        1.0, gt=0, le=1, description="How much of one period's limit may be used at once, as a "
+        1.0,
+        gt=0,
+        le=1,
+        description="How much of one period's limit may be used at once, as a "
         "fraction: 1 lets a full minute's requests/tokens arrive together, 0.1 at most a tenth, "
-        "the rest spread over the period. Applies to the three rate limits.")
+        "the rest spread over the period. Applies to the three rate limits.",
+    )
 
     def is_empty(self) -> bool:
-        return (self.requests_per_minute is None and self.tokens_per_minute is None
-                and self.tokens_per_day is None and self.concurrent_requests is None)
+        return (
+            self.requests_per_minute is None
+            and self.tokens_per_minute is None
+            and self.tokens_per_day is None
+            and self.concurrent_requests is None
+        )
 
 
 class QuotaBackendConfig(_Strict):
     backend: Literal["memory", "redis"] = Field(
-        "memory", description="memory: counters in each gateway process (one gateway). redis: "
-        "shared by every gateway replica.")
+        "memory",
+        description="memory: counters in each gateway process (one gateway). redis: shared by every gateway replica.",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL.")
     on_backend_error: Literal["fail_closed", "fail_open"] = Field(
-        "fail_closed", description="When Redis cannot be reached: fail_closed answers 503, "
-        "fail_open admits the request without a quota check.")
+        "fail_closed",
+        description="When Redis cannot be reached: fail_closed answers 503, "
+        "fail_open admits the request without a quota check.",
+    )
     timeout_s: float = Field(0.25, gt=0, description="Socket timeout for each Redis call.")
     lease_s: float = Field(
-        900, gt=0, description="How long a request's concurrency slot lasts without renewal. The "
+        900,
+        gt=0,
+        description="How long a request's concurrency slot lasts without renewal. The "
         "gateway renews it every lease_s/3 while the request runs; one that dies stops renewing, "
-        "so its slots free at most this long later.")
+        "so its slots free at most this long later.",
+    )
     key_prefix: str = Field("keel", min_length=1, description="Prefix of every Redis key Keel writes.")
 
     @field_validator("redis_url")
@@ -122,8 +139,9 @@ class QuotaBackendConfig(_Strict):
     @classmethod
     def _prefix(cls, v: str) -> str:
         if "{" in v or "}" in v:
-            raise ValueError("must not contain `{` or `}` (Keel puts the tenant in braces, as the "
-                             "Redis Cluster hash tag)")
+            raise ValueError(
+                "must not contain `{` or `}` (Keel puts the tenant in braces, as the Redis Cluster hash tag)"
+            )
         return v
 
 
@@ -212,8 +230,13 @@ _specs_cache: dict[tuple, tuple[_LimitSpec, ...]] = {}
 
 def _limit_specs(lim: QuotaLimits) -> tuple[_LimitSpec, ...]:
     """The limits one QuotaLimits defines; memoized by value (the arithmetic runs once per set of limits)."""
-    key = (lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests,
-           lim.burst_fraction)
+    key = (
+        lim.requests_per_minute,
+        lim.tokens_per_minute,
+        lim.tokens_per_day,
+        lim.concurrent_requests,
+        lim.burst_fraction,
+    )
     specs = _specs_cache.get(key)
     if specs is None:
         out = []
@@ -306,8 +329,15 @@ def _headers(limits: list[_Limit], states: list[int], now: int) -> dict[str, str
 
 
 def _admission(
-    limits: list[_Limit], scopes: list[Scope], tokens: int, reservation_id: str, now: int,
-    states: list[int], worst: int, retry_us: int, never_fits: bool,
+    limits: list[_Limit],
+    scopes: list[Scope],
+    tokens: int,
+    reservation_id: str,
+    now: int,
+    states: list[int],
+    worst: int,
+    retry_us: int,
+    never_fits: bool,
 ) -> Admission:
     headers = _headers(limits, states, now)
     if worst < 0:
@@ -315,8 +345,15 @@ def _admission(
     if not never_fits:
         headers["retry-after"] = str(max(1, math.ceil(retry_us / _US)))
         headers["retry-after-ms"] = str(math.ceil(retry_us / 1000))
-    return Admission(False, None, limit=limits[worst].name, scope=limits[worst].scope,
-                     retry_after_s=retry_us / _US, never_fits=never_fits, headers=headers)
+    return Admission(
+        False,
+        None,
+        limit=limits[worst].name,
+        scope=limits[worst].scope,
+        retry_after_s=retry_us / _US,
+        never_fits=never_fits,
+        headers=headers,
+    )
 
 
 def _check_tokens(tokens: int) -> None:
@@ -365,8 +402,11 @@ class _Renewals:
                     failing = False
                 except QuotaBackendError as e:
                     if not failing:  # once per outage; the next tick retries
-                        log.warning("could not renew %d quota leases (%s); they run out unless a "
-                                    "later renewal succeeds", len(self._open), e)
+                        log.warning(
+                            "could not renew %d quota leases (%s); they run out unless a later renewal succeeds",
+                            len(self._open),
+                            e,
+                        )
                     failing = True
         finally:
             self._task = None
@@ -629,7 +669,9 @@ class RedisQuotaBackend:
         # No retries: a quota check must answer within about timeout_s or let the gateway decide.
         # The pool is only a factory of configured connections: nothing is taken from it.
         self._factory = aioredis.ConnectionPool.from_url(
-            cfg.redis_url, socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
+            cfg.redis_url,
+            socket_timeout=cfg.timeout_s,
+            socket_connect_timeout=cfg.timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
         self._connections: list = []  # every connection made, for close()
@@ -726,9 +768,11 @@ class RedisQuotaBackend:
         keys = self._keys.get((scope.name, scope.id))
         if keys is None:
             prefix = self._cfg.key_prefix
-            keys = (f"{prefix}:{_tenant_tag(scope)}:gone:",
-                    _bulk(redis_key(prefix, scope, "open").encode()),
-                    {name: _bulk(redis_key(prefix, scope, name).encode()) for name in _PERIOD_US})
+            keys = (
+                f"{prefix}:{_tenant_tag(scope)}:gone:",
+                _bulk(redis_key(prefix, scope, "open").encode()),
+                {name: _bulk(redis_key(prefix, scope, name).encode()) for name in _PERIOD_US},
+            )
             if len(self._keys) >= 65536:  # scopes come from the configuration: this is a backstop
                 self._keys.clear()
             self._keys[(scope.name, scope.id)] = keys
@@ -765,7 +809,7 @@ class RedisQuotaBackend:
             raise
         if reply[0] == 2:
             raise QuotaBackendError(f"reservation {rid} was abandoned")  # unreachable: ids are unique
-        admitted, now, opens, tats = reply[0], reply[1], reply[2:2 + len(limited)], reply[2 + len(limited):]
+        admitted, now, opens, tats = reply[0], reply[1], reply[2 : 2 + len(limited)], reply[2 + len(limited) :]
         open_of = {(s.name, s.id): n for s, n in zip(limited, opens)}
         tat_of = iter(tats)
         states = [next(tat_of) if lim.is_rate else open_of[(lim.scope.name, lim.scope.id)] for lim in limits]
@@ -790,7 +834,7 @@ class RedisQuotaBackend:
         for key, ids in by_scope.items():  # every scope, even after one failed
             for at in range(0, len(ids), 1000):  # bounded arguments per call
                 try:
-                    await self._call(_RENEW, [key], [_bulk_int(self._lease_us), *ids[at:at + 1000]])
+                    await self._call(_RENEW, [key], [_bulk_int(self._lease_us), *ids[at : at + 1000]])
                 except QuotaBackendError as e:
                     failed = failed or e
         if failed is not None:

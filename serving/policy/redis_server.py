@@ -79,9 +79,26 @@ class RedisServer:
         log_path = self.dir / f"redis-{self.port}.log"
         with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", bind, "--save", "", "--appendonly", "no",
-                 "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    exe,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    bind,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self._finalizer = weakref.finalize(self, _stop_process, self._proc, self._tmpdir)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -130,15 +147,18 @@ def ensure_local_redis(url: str) -> RedisServer | None:
     if parsed.scheme == "unix":
         if redis_answers_unix(parsed.path):
             return None
-        raise RedisServerError(f"quotas.redis_url: nothing answers on the unix socket {parsed.path}; "
-                               "start Redis there, or use a redis://127.0.0.1:PORT URL and Keel starts one.")
+        raise RedisServerError(
+            f"quotas.redis_url: nothing answers on the unix socket {parsed.path}; "
+            "start Redis there, or use a redis://127.0.0.1:PORT URL and Keel starts one."
+        )
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     if redis_answers(host, port):
         return None
     if not _is_loopback(host):
         raise RedisServerError(
             f"quotas.redis_url: nothing answers at {host}:{port}; start Redis there (every gateway "
-            "replica shares it), or point redis_url at a running Redis.")
+            "replica shares it), or point redis_url at a running Redis."
+        )
     bind = "127.0.0.1" if host == "localhost" else host
     return RedisServer(port=port, bind=bind)
 

@@ -32,29 +32,71 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: what templates see as bos_token, eos_token, ...
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
-                       "cls_token", "mask_token")
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Estimate for a chat the template cannot render: role markers and separators per message.
 FALLBACK_TOKENS_PER_MESSAGE = 4
 # Named arguments of transformers' apply_chat_template: vLLM passes them there, not to the template.
-_APPLY_CHAT_TEMPLATE_ARGS = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs",
-})
+_APPLY_CHAT_TEMPLATE_ARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-_TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text",
-                   "refusal": "refusal", "thinking": "thinking"}
-_MEDIA_PART_MODALITY = {"image_url": "image", "input_image": "image", "image_pil": "image",
-                        "image_embeds": "image", "audio_url": "audio", "input_audio": "audio",
-                        "audio_embeds": "audio", "video_url": "video", "video_embeds": "video"}
+_TEXT_PART_KEYS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+_MEDIA_PART_MODALITY = {
+    "image_url": "image",
+    "input_image": "image",
+    "image_pil": "image",
+    "image_embeds": "image",
+    "audio_url": "audio",
+    "input_audio": "audio",
+    "audio_embeds": "audio",
+    "video_url": "video",
+    "video_embeds": "video",
+}
 # vLLM keeps a text part's other fields (e.g. cache_control) for templates that read parts.
-_KNOWN_PART_FIELDS = frozenset({
-    "audio_embeds", "audio_url", "closed", "data", "file", "image_embeds", "image_pil", "image_url",
-    "input_audio", "name", "prompt_cache_breakpoint", "refusal", "text", "thinking", "type", "uuid",
-    "video_embeds", "video_url",
-})
+_KNOWN_PART_FIELDS = frozenset(
+    {
+        "audio_embeds",
+        "audio_url",
+        "closed",
+        "data",
+        "file",
+        "image_embeds",
+        "image_pil",
+        "image_url",
+        "input_audio",
+        "name",
+        "prompt_cache_breakpoint",
+        "refusal",
+        "text",
+        "thinking",
+        "type",
+        "uuid",
+        "video_embeds",
+        "video_url",
+    }
+)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -66,11 +108,22 @@ _ASCII_MAX_CHARS = 4096  # longer texts go to the tokenizer, which releases the 
 _PIECE_CACHE_SIZE = 65536
 # Texts the fast path must count as the tokenizer does before it is used for a model.
 _ASCII_PROBES = [
-    "Hello there, how are you?", "It's, I'm, we've, they'll, she'd, you're, don't 'S 'Re",
-    "  leading and trailing   ", "tabs\tand\nnew\n\nlines\r\n end \n", "x  y   z\t\t w",
-    "1234567890 12.5% $3,000 v1.2.3 2024-01-31", "!!! ??? ... --- *** ___ ``` ''' \"\"\"",
-    "a.b@c.de https://example.com/path?q=1&r=2#frag", "CamelCase snake_case kebab-case UPPER",
-    "\x00\x01\x0b\x0c\x1c\x1f\x7f control", "   ", "\n", "", "'", "' s", "ab'sx 'll'd'm",
+    "Hello there, how are you?",
+    "It's, I'm, we've, they'll, she'd, you're, don't 'S 'Re",
+    "  leading and trailing   ",
+    "tabs\tand\nnew\n\nlines\r\n end \n",
+    "x  y   z\t\t w",
+    "1234567890 12.5% $3,000 v1.2.3 2024-01-31",
+    "!!! ??? ... --- *** ___ ``` ''' \"\"\"",
+    "a.b@c.de https://example.com/path?q=1&r=2#frag",
+    "CamelCase snake_case kebab-case UPPER",
+    "\x00\x01\x0b\x0c\x1c\x1f\x7f control",
+    "   ",
+    "\n",
+    "",
+    "'",
+    "' s",
+    "ab'sx 'll'd'm",
 ]
 
 
@@ -97,9 +150,14 @@ class _AsciiCounter:
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> _AsciiCounter | None:
         pre, model = tokenizer.pre_tokenizer, tokenizer.model
-        if (tokenizer.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
-                or pre.add_prefix_space or not pre.use_regex
-                or not isinstance(model, models.BPE) or model.dropout):
+        if (
+            tokenizer.normalizer is not None
+            or not isinstance(pre, pre_tokenizers.ByteLevel)
+            or pre.add_prefix_space
+            or not pre.use_regex
+            or not isinstance(model, models.BPE)
+            or model.dropout
+        ):
             return None
         added = list(tokenizer.get_added_tokens_decoder().values())
         if any(t.single_word or t.lstrip or t.rstrip or not t.content for t in added):
@@ -136,9 +194,14 @@ class TokenizerNotFound(FileNotFoundError):
 class TokenCounter:
     """Counts prompt tokens for one model, as its vLLM engine will count them."""
 
-    def __init__(self, tokenizer: Tokenizer, chat_templates: dict[str, str],
-                 special_tokens: dict[str, str], *,
-                 default_chat_template_kwargs: dict | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_templates: dict[str, str],
+        special_tokens: dict[str, str],
+        *,
+        default_chat_template_kwargs: dict | None = None,
+    ):
         self._tokenizer = tokenizer
         self._ascii = _AsciiCounter.for_tokenizer(tokenizer)
         self._specials_added = tokenizer.num_special_tokens_to_add(False)
@@ -148,12 +211,12 @@ class TokenCounter:
         self._templates = {name: env.from_string(src) for name, src in chat_templates.items()}
         # Templates that know the `developer` role; for the others it is sent as `system` (vLLM's way).
         self._developer_role = {name: "developer" in src for name, src in chat_templates.items()}
-        self._openai_content = {name: _loops_over_content_parts(env, src)
-                                for name, src in chat_templates.items()}
+        self._openai_content = {name: _loops_over_content_parts(env, src) for name, src in chat_templates.items()}
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, *, chat_template: str | None = None,
-                       default_chat_template_kwargs: dict | None = None) -> TokenCounter:
+    def from_model_dir(
+        cls, path: str | Path, *, chat_template: str | None = None, default_chat_template_kwargs: dict | None = None
+    ) -> TokenCounter:
         """chat_template / default_chat_template_kwargs: the engine's --chat-template (its text)
         and --default-chat-template-kwargs, when the model is served with them."""
         model_dir = Path(path)
@@ -161,17 +224,17 @@ class TokenCounter:
         if not tokenizer_file.is_file():
             raise TokenizerNotFound(
                 f"{model_dir}: no tokenizer.json, so prompt tokens cannot be counted for this model "
-                "(the directory must hold a HuggingFace fast tokenizer)")
+                "(the directory must hold a HuggingFace fast tokenizer)"
+            )
         config_file = model_dir / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        special_tokens = {name: text for name in SPECIAL_TOKEN_NAMES
-                          if (text := _token_text(config.get(name))) is not None}
+        special_tokens = {
+            name: text for name in SPECIAL_TOKEN_NAMES if (text := _token_text(config.get(name))) is not None
+        }
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         _align_with_transformers(tokenizer, special_tokens)
-        templates = ({"default": chat_template} if chat_template is not None
-                     else _read_chat_templates(model_dir, config))
-        return cls(tokenizer, templates, special_tokens,
-                   default_chat_template_kwargs=default_chat_template_kwargs)
+        templates = {"default": chat_template} if chat_template is not None else _read_chat_templates(model_dir, config)
+        return cls(tokenizer, templates, special_tokens, default_chat_template_kwargs=default_chat_template_kwargs)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -192,8 +255,9 @@ class TokenCounter:
             return [self.count_chat(payload)]
         if endpoint.endswith("/completions"):
             return self.count_completion_each(payload)
-        raise ValueError(f"cannot count prompt tokens for {path!r}: only /v1/chat/completions and "
-                         "/v1/completions have prompts")
+        raise ValueError(
+            f"cannot count prompt tokens for {path!r}: only /v1/chat/completions and /v1/completions have prompts"
+        )
 
     def count_completion(self, payload: dict) -> int:
         return sum(self.count_completion_each(payload))
@@ -210,8 +274,11 @@ class TokenCounter:
             return []
         if all(isinstance(t, int) for t in prompt):
             return [_cap(len(prompt), limit)]
-        return [_cap(self._encode(item, add_special) if isinstance(item, str) else len(item), limit)
-                for item in prompt if isinstance(item, (str, list))]
+        return [
+            _cap(self._encode(item, add_special) if isinstance(item, str) else len(item), limit)
+            for item in prompt
+            if isinstance(item, (str, list))
+        ]
 
     def count_chat(self, payload: dict) -> int:
         messages = payload.get("messages")
@@ -239,20 +306,27 @@ class TokenCounter:
         template_kwargs = self._template_kwargs(payload)
         tools = template_kwargs.pop("tools", None)
         name = self._template_name(tools)
-        conversation = _conversation(messages, openai_parts=self._openai_content[name],
-                                     developer_role=self._developer_role[name])
+        conversation = _conversation(
+            messages, openai_parts=self._openai_content[name], developer_role=self._developer_role[name]
+        )
         add_generation_prompt = bool(template_kwargs.pop("add_generation_prompt", False))
         continue_final = template_kwargs.pop("continue_final_message", False)
         documents = template_kwargs.pop("documents", None)
-        variables = {**self._special_tokens,
-                     **{k: v for k, v in template_kwargs.items() if k not in _APPLY_CHAT_TEMPLATE_ARGS}}
+        variables = {
+            **self._special_tokens,
+            **{k: v for k, v in template_kwargs.items() if k not in _APPLY_CHAT_TEMPLATE_ARGS},
+        }
         if continue_final and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt are exclusive")
         if continue_final:
             _tag_final_message(conversation)
         rendered = self._templates[name].render(
-            messages=conversation, tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **variables)
+            messages=conversation,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
         if continue_final:
             rendered = _cut_at_tag(rendered)
         return rendered
@@ -260,15 +334,19 @@ class TokenCounter:
     def _template_kwargs(self, payload: dict) -> dict:
         """Template arguments merged in vLLM's order; None and "auto" mean "not set" there."""
         request = dict(payload.get("chat_template_kwargs") or {})
-        fields = {"add_generation_prompt": payload.get("add_generation_prompt", True),
-                  "continue_final_message": payload.get("continue_final_message", False),
-                  "documents": payload.get("documents"),
-                  "reasoning_effort": payload.get("reasoning_effort")}
+        fields = {
+            "add_generation_prompt": payload.get("add_generation_prompt", True),
+            "continue_final_message": payload.get("continue_final_message", False),
+            "documents": payload.get("documents"),
+            "reasoning_effort": payload.get("reasoning_effort"),
+        }
         if fields["reasoning_effort"] is not None and "enable_thinking" not in request:
             fields["enable_thinking"] = fields["reasoning_effort"] != "none"
         request.update(_set_values(fields))
-        defaults = {**self._default_template_kwargs,
-                    **_set_values({"tools": _tools_as_vllm_passes_them(payload.get("tools"))})}
+        defaults = {
+            **self._default_template_kwargs,
+            **_set_values({"tools": _tools_as_vllm_passes_them(payload.get("tools"))}),
+        }
         return {**defaults, **_set_values(request)}
 
     def _template_name(self, tools: Any) -> str:
@@ -340,8 +418,9 @@ def _read_chat_templates(model_dir: Path, config: dict) -> dict[str, str]:
 
 def _template_environment() -> ImmutableSandboxedEnvironment:
     """The sandbox, filters and globals transformers gives chat templates."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -356,8 +435,7 @@ def _raise_exception(message):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Unlike jinja's own tojson, no HTML escaping: the text goes to a model, not a browser.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(format):
@@ -390,7 +468,8 @@ class _TemplateNamespace(jinja2.utils.Namespace):
     def _check_name(name):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set underscore-prefixed namespace attributes ({name!r})")
+                f"chat templates cannot set underscore-prefixed namespace attributes ({name!r})"
+            )
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -408,6 +487,7 @@ class _GenerationTag(jinja2.ext.Extension):
 
 
 # --- content format detection: vLLM's _detect_content_format, on the template's AST ---------------
+
 
 def _loops_over_content_parts(env: ImmutableSandboxedEnvironment, source: str) -> bool:
     """True when the template iterates message content parts ("openai" format), as vLLM detects it."""
@@ -427,8 +507,7 @@ def _is_var(node, name: str) -> bool:
 
 def _is_attr(node, name: str, key: str) -> bool:
     if isinstance(node, jinja2.nodes.Getitem):
-        return (_is_var(node.node, name) and isinstance(node.arg, jinja2.nodes.Const)
-                and node.arg.value == key)
+        return _is_var(node.node, name) and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == key
     if isinstance(node, jinja2.nodes.Getattr):
         return _is_var(node.node, name) and node.attr == key
     return False
@@ -460,18 +539,24 @@ def _message_loop_vars(root):
     message_lists = list(_names_bound_to(root, "messages"))
     for loop in root.find_all(jinja2.nodes.For):
         if isinstance(loop.target, jinja2.nodes.Name) and any(
-                _is_var_or_elems(loop.iter, name) for name in message_lists):
+            _is_var_or_elems(loop.iter, name) for name in message_lists
+        ):
             yield loop.target.name
 
 
 def _content_item_loops(root):
     message_vars = list(_message_loop_vars(root))
     for loop in root.find_all(jinja2.nodes.For):
-        if any(_is_var_or_elems(loop.iter, name, "content") for name in message_vars) or isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name == "content":
+        if (
+            any(_is_var_or_elems(loop.iter, name, "content") for name in message_vars)
+            or isinstance(loop.iter, jinja2.nodes.Name)
+            and loop.iter.name == "content"
+        ):
             yield loop
 
 
 # --- messages as vLLM hands them to the template --------------------------------------------------
+
 
 def _conversation(messages: list, *, openai_parts: bool, developer_role: bool) -> list[dict]:
     conversation = [_conversation_message(m, openai_parts) for m in messages]
@@ -494,12 +579,10 @@ def _conversation_message(message: dict, openai_parts: bool) -> dict:
     else:
         parts = list(content)
     parsed = [p for p in (_content_part(part, openai_parts) for part in parts) if p is not None]
-    result: dict[str, Any] = {"role": role,
-                              "content": parsed if openai_parts else "\n".join(parsed)}
+    result: dict[str, Any] = {"role": role, "content": parsed if openai_parts else "\n".join(parsed)}
     if role == "assistant":
         if message.get("tool_calls") is not None:
-            result["tool_calls"] = [dict(call) if isinstance(call, dict) else call
-                                    for call in message["tool_calls"]]
+            result["tool_calls"] = [dict(call) if isinstance(call, dict) else call for call in message["tool_calls"]]
         if message.get("reasoning") is not None:
             result["reasoning"] = result["reasoning_content"] = message["reasoning"]
     elif role == "tool":
@@ -531,8 +614,7 @@ def _content_part(part: Any, openai_parts: bool):
             return None
         if not openai_parts:
             return text
-        return {"type": "text", "text": text,
-                **{k: v for k, v in part.items() if k not in _KNOWN_PART_FIELDS}}
+        return {"type": "text", "text": text, **{k: v for k, v in part.items() if k not in _KNOWN_PART_FIELDS}}
     if kind == "tool_reference":
         return {"type": "tool_reference", "name": part.get("name")} if openai_parts else part.get("name")
     # Media: counted by the engine's processor, not by the text template; keep the placeholder.
@@ -556,12 +638,14 @@ def _developer_as_system(conversation: list[dict]) -> list[dict]:
     for i in systems:
         content = converted[i].get("content", "")
         if isinstance(content, list):
-            content = "\n".join(p["text"] if isinstance(p, dict) else p for p in content
-                                if isinstance(p, str) or (isinstance(p, dict) and "text" in p))
+            content = "\n".join(
+                p["text"] if isinstance(p, dict) else p
+                for p in content
+                if isinstance(p, str) or (isinstance(p, dict) and "text" in p)
+            )
         if content:
             texts.append(content)
-    return [{"role": "system", "content": "\n\n".join(texts)},
-            *[m for m in converted if m["role"] != "system"]]
+    return [{"role": "system", "content": "\n\n".join(texts)}, *[m for m in converted if m["role"] != "system"]]
 
 
 def _tool_call_arguments_as_dicts(message: dict) -> None:
@@ -606,8 +690,11 @@ def _tools_as_vllm_passes_them(tools: Any) -> list[dict] | None:
     dumped = []
     for tool in tools:
         function = tool.get("function") or {}
-        fn = {"name": function.get("name"), "description": function.get("description"),
-              "parameters": function.get("parameters")}
+        fn = {
+            "name": function.get("name"),
+            "description": function.get("description"),
+            "parameters": function.get("parameters"),
+        }
         defer = tool.get("defer_loading")
         if function.get("strict") is not None:
             fn["strict"] = function["strict"]
@@ -638,7 +725,7 @@ def _tag_final_message(conversation: list[dict]) -> None:
 
 def _cut_at_tag(rendered: str) -> str:
     at = rendered.rindex(_CONTINUE_TAG.strip())
-    if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
         return rendered[:at]
     return rendered[:at].rstrip()
 
@@ -648,6 +735,7 @@ def _message_text(message: dict) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p if isinstance(p, str) else str(p.get("text") or "")
-                         for p in content if isinstance(p, (str, dict)))
+        return "\n".join(
+            p if isinstance(p, str) else str(p.get("text") or "") for p in content if isinstance(p, (str, dict))
+        )
     return ""

@@ -19,34 +19,60 @@ UNDRIVEN_GRACE_S = 60.0
 def add_parser(sub, default_config: str) -> None:
     p = sub.add_parser("rollout", help="roll a model out to new weights in steps, with automatic rollback")
     rsub = p.add_subparsers(dest="rollout_cmd", required=True)
-    s = rsub.add_parser("start", help="deploy the candidate beside the model and move traffic to it step by "
-                        "step, judging live gates; driven inside the stack, followed here (again: resumes)")
+    s = rsub.add_parser(
+        "start",
+        help="deploy the candidate beside the model and move traffic to it step by "
+        "step, judging live gates; driven inside the stack, followed here (again: resumes)",
+    )
     s.add_argument("model")
-    s.add_argument("--to", required=True, dest="to_version", metavar="VERSION",
-                   help="the candidate's weights, as a config's `weights:` (NAME or NAME@VERSION)")
+    s.add_argument(
+        "--to",
+        required=True,
+        dest="to_version",
+        metavar="VERSION",
+        help="the candidate's weights, as a config's `weights:` (NAME or NAME@VERSION)",
+    )
     s.add_argument("--steps", default=None, help="candidate's share per step, e.g. 5,25,50,100")
     s.add_argument("--hold", default=None, help="how long each step holds every gate, e.g. 10m (default 600 s)")
-    s.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
-                   help="errors=0.01 (max error-rate increase), ttft=1.25, tpot=1.25 (max p95 ratios), "
-                   "min_requests=20, warmup=60 (s of each step before latency is judged); repeatable")
-    s.add_argument("--eval", default=None, dest="eval_file", metavar="FILE",
-                   help="an evaluation set (prompts with regex / exact / json_schema expectations) the "
-                   "candidate must pass, alone, before its first step; default: rollouts.defaults.eval_file")
+    s.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="errors=0.01 (max error-rate increase), ttft=1.25, tpot=1.25 (max p95 ratios), "
+        "min_requests=20, warmup=60 (s of each step before latency is judged); repeatable",
+    )
+    s.add_argument(
+        "--eval",
+        default=None,
+        dest="eval_file",
+        metavar="FILE",
+        help="an evaluation set (prompts with regex / exact / json_schema expectations) the "
+        "candidate must pass, alone, before its first step; default: rollouts.defaults.eval_file",
+    )
     st = rsub.add_parser("status", help="where a rollout is, and its decisions")
     st.add_argument("model", nargs="?", help="default: every rollout in the state dir")
     pr = rsub.add_parser("promote", help="promote now: the candidate takes all traffic and replaces the model")
     pr.add_argument("model")
     ab = rsub.add_parser("abort", help="roll back now: traffic back to the model, the candidate removed")
     ab.add_argument("model")
-    s.add_argument("--detach", action="store_true", help="return once the rollout is handed to the stack's "
-                   "driver, instead of following it to the end")
+    s.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once the rollout is handed to the stack's driver, instead of following it to the end",
+    )
     for q in (s, st, pr, ab):
         q.add_argument("--config", default=default_config, help="the stack's config (rollouts:, models_dir)")
         q.add_argument("--address", default="auto", help="Ray cluster of the running stack")
 
 
-_GATES = {"errors": "max_error_rate_increase", "ttft": "max_ttft_p95_ratio", "tpot": "max_tpot_p95_ratio",
-          "min_requests": "min_requests", "warmup": "warmup_s"}
+_GATES = {
+    "errors": "max_error_rate_increase",
+    "ttft": "max_ttft_p95_ratio",
+    "tpot": "max_tpot_p95_ratio",
+    "min_requests": "min_requests",
+    "warmup": "warmup_s",
+}
 
 
 def spec_from_args(args, defaults):
@@ -112,8 +138,10 @@ def run(args) -> int:
             return _start(cfg, store, args, spec, str(resolved.path))
         state = store.load(args.model)
         if state is None or state.phase not in _active():
-            print(f"keel: no rollout of {args.model} in progress" + (f" ({state.phase})" if state else ""),
-                  file=sys.stderr)
+            print(
+                f"keel: no rollout of {args.model} in progress" + (f" ({state.phase})" if state else ""),
+                file=sys.stderr,
+            )
             return 1
         store.request(args.model, PROMOTE_NOW if args.rollout_cmd == "promote" else ABORT)
         if not store.driven(args.model):  # nobody drives it (`keel serve` was down): the stack does now
@@ -158,15 +186,18 @@ def _start(cfg, store, args, spec, weights_path: str) -> int:
             audit = AuditRecords(cfg) if cfg.audit.enabled else None
             try:
                 state = Controller(store, stack, audit=audit, say=lambda line: print(line, flush=True)).begin(
-                    spec, weights_path)
+                    spec, weights_path
+                )
             finally:
                 store.unlock(lock)
                 if audit is not None:
                     audit.close()
         _start_driver(cfg, args.model)
     if args.detach:
-        print(f"keel: the rollout of {args.model} goes on in the stack; `keel rollout status {args.model}` "
-              "shows where it is")
+        print(
+            f"keel: the rollout of {args.model} goes on in the stack; `keel rollout status {args.model}` "
+            "shows where it is"
+        )
         return 0
     return _follow(store, args.model, len(state.history))
 
@@ -210,13 +241,18 @@ def _follow(store, model: str, seen: int) -> int:
             elif undriven_since is None:
                 undriven_since = time.monotonic()
             elif time.monotonic() - undriven_since > UNDRIVEN_GRACE_S:
-                print(f"keel: nothing drives {model}'s rollout ({state.phase}); `keel rollout start {model} "
-                      f"--to {state.to_version}` resumes it", file=sys.stderr)
+                print(
+                    f"keel: nothing drives {model}'s rollout ({state.phase}); `keel rollout start {model} "
+                    f"--to {state.to_version}` resumes it",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(FOLLOW_EVERY_S)
     except KeyboardInterrupt:
-        print(f"\nkeel: stopped following; the rollout goes on in the stack (`keel rollout status {model}`)",
-              file=sys.stderr)
+        print(
+            f"\nkeel: stopped following; the rollout goes on in the stack (`keel rollout status {model}`)",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -243,8 +279,11 @@ def render_status(state, driven: bool) -> str:
         where = f"step {state.step + 1} of {len(steps)}: {state.percent:g}% of users on the candidate"
     lines = [f"{state.model}: {state.from_version} -> {state.to_version}  {where}"]
     if state.phase in ACTIVE:
-        lines.append("  driven by the stack (its rollout driver)" if driven else
-                     f"  NOT driven: run `keel rollout start {state.model} --to {state.to_version}` to resume")
+        lines.append(
+            "  driven by the stack (its rollout driver)"
+            if driven
+            else f"  NOT driven: run `keel rollout start {state.model} --to {state.to_version}` to resume"
+        )
     if state.last_reason:
         lines.append(f"  now: {state.last_reason}")
     for h in state.history:

@@ -61,9 +61,17 @@ class Stack(Protocol):
 
 
 class Controller:
-    def __init__(self, store: StateStore, stack: Stack, *, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, audit: Callable[[dict], None] | None = None,
-                 say: Callable[[str], None] = print, look_every_s: float = LOOK_EVERY_S):
+    def __init__(
+        self,
+        store: StateStore,
+        stack: Stack,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        audit: Callable[[dict], None] | None = None,
+        say: Callable[[str], None] = print,
+        look_every_s: float = LOOK_EVERY_S,
+    ):
         self.store, self.stack = store, stack
         self.clock, self.sleep, self.say = clock, sleep, say
         self.audit = audit or (lambda rec: None)
@@ -77,27 +85,44 @@ class Controller:
         old = self.store.load(spec.model)
         if old is not None and old.phase in ACTIVE:
             if old.to_version != spec.to_version:
-                raise RolloutError(f"a rollout of {spec.model} to {old.to_version} is in progress ({old.phase}); "
-                                   f"`keel rollout abort {spec.model}` first")
+                raise RolloutError(
+                    f"a rollout of {spec.model} to {old.to_version} is in progress ({old.phase}); "
+                    f"`keel rollout abort {spec.model}` first"
+                )
             self.say(f"keel rollout: resuming {spec.model} -> {old.to_version} ({_where(old)})")
             return old
         current = self._current()
         if spec.model not in current.models or spec.model not in current.gateway.get("models", {}):
-            raise RolloutError(f"no model `{spec.model}` in the running stack; serving: "
-                               f"{', '.join(current.gateway.get('models', {})) or 'none'}")
+            raise RolloutError(
+                f"no model `{spec.model}` in the running stack; serving: "
+                f"{', '.join(current.gateway.get('models', {})) or 'none'}"
+            )
         base = current.models[spec.model]
         if candidate_name(spec.model) in current.gateway.get("models", {}):
-            raise RolloutError(f"`{candidate_name(spec.model)}` is a configured model name; rename it to roll out {spec.model}")
+            raise RolloutError(
+                f"`{candidate_name(spec.model)}` is a configured model name; rename it to roll out {spec.model}"
+            )
         if base.args.get("weights") == spec.to_version:
             raise RolloutError(f"{spec.model} already serves {spec.to_version}")
         now = self.clock()
         cand = candidate_state(base, spec.model, spec.to_version, weights_path)
-        state = RolloutState(model=spec.model, candidate=cand.args["model"], to_version=spec.to_version,
-                             from_version=base.args.get("weights", "?"), spec=spec.model_dump(mode="json"),
-                             weights_path=weights_path, from_weights_path=base.args.get("weights_path", ""),
-                             started_at=now, updated_at=now)
-        self._transition(state, "start", f"deploying {cand.args['model']} with {spec.to_version} beside "
-                         f"{spec.model} ({state.from_version}), 0% of traffic")
+        state = RolloutState(
+            model=spec.model,
+            candidate=cand.args["model"],
+            to_version=spec.to_version,
+            from_version=base.args.get("weights", "?"),
+            spec=spec.model_dump(mode="json"),
+            weights_path=weights_path,
+            from_weights_path=base.args.get("weights_path", ""),
+            started_at=now,
+            updated_at=now,
+        )
+        self._transition(
+            state,
+            "start",
+            f"deploying {cand.args['model']} with {spec.to_version} beside "
+            f"{spec.model} ({state.from_version}), 0% of traffic",
+        )
         return state
 
     # -- the loop --------------------------------------------------------------------------------
@@ -145,8 +170,9 @@ class Controller:
             if not waiting:
                 break
             if self.clock() >= deadline:
-                return self._fail(state, f"the candidate did not serve within {spec.ready_timeout_s:.0f} s "
-                                  f"({'; '.join(waiting)})")
+                return self._fail(
+                    state, f"the candidate did not serve within {spec.ready_timeout_s:.0f} s ({'; '.join(waiting)})"
+                )
             asked = self.store.take_request(state.model)
             if asked == ABORT:
                 return self._abort(state)
@@ -164,16 +190,25 @@ class Controller:
             return
         state.step_started_at, state.warmed, state.judged_since = self.clock(), False, None
         state.start_snapshot = self._snapshot(state) or {}
-        self._transition(state, "step", f"the candidate serves{' again' if again else ''}; step {state.step + 1}"
-                         f"{' starts over' if again else ''}: {state.percent:g}% of {state.model}'s users")
+        self._transition(
+            state,
+            "step",
+            f"the candidate serves{' again' if again else ''}; step {state.step + 1}"
+            f"{' starts over' if again else ''}: {state.percent:g}% of {state.model}'s users",
+        )
 
     def _evaluate(self, state: RolloutState, spec: RolloutSpec) -> bool:
         """The evaluation gate: every case asked of the candidate alone, at 0% of traffic."""
         assert spec.evaluation is not None  # the gate runs only for a spec that has one
-        self.say(f"keel rollout: {state.model}: asking the candidate {len(spec.evaluation.cases)} evaluation "
-                 f"cases from {spec.eval_file or 'the eval set'}")
-        result = run_eval(spec.evaluation, state.model,
-                          lambda path, body, timeout: self.stack.ask(state.model, state.candidate, path, body, timeout))
+        self.say(
+            f"keel rollout: {state.model}: asking the candidate {len(spec.evaluation.cases)} evaluation "
+            f"cases from {spec.eval_file or 'the eval set'}"
+        )
+        result = run_eval(
+            spec.evaluation,
+            state.model,
+            lambda path, body, timeout: self.stack.ask(state.model, state.candidate, path, body, timeout),
+        )
         if not result.ok:
             state.phase = ROLLING_BACK
             self._transition(state, ROLLBACK, result.summary(), evaluation=result.to_dict())
@@ -203,8 +238,9 @@ class Controller:
     def _promote(self, state: RolloutState) -> None:
         current = self._current()
         if state.candidate in current.models:
-            self.stack.submit(promoted(with_rollout(current, state.model, current.models[state.candidate], 100),
-                                       state.model))
+            self.stack.submit(
+                promoted(with_rollout(current, state.model, current.models[state.candidate], 100), state.model)
+            )
             if not self._settle(state, frozenset()):
                 return
         current = self._current()
@@ -212,9 +248,13 @@ class Controller:
         if not self._settle(state, frozenset({state.candidate})):
             return
         state.phase = PROMOTED
-        self._transition(state, "promoted", f"{state.model} serves {state.to_version}; the candidate is removed. "
-                         f"Set models.{state.model}.weights: {state.to_version} in the config (`keel apply` "
-                         f"refuses to put {state.from_version} back without --allow-rollback)")
+        self._transition(
+            state,
+            "promoted",
+            f"{state.model} serves {state.to_version}; the candidate is removed. "
+            f"Set models.{state.model}.weights: {state.to_version} in the config (`keel apply` "
+            f"refuses to put {state.from_version} back without --allow-rollback)",
+        )
 
     def _roll_back(self, state: RolloutState) -> None:
         current = self._current()
@@ -233,7 +273,9 @@ class Controller:
             self.stack.submit(restored(current, state))
             self._settle(state, frozenset(), failing_ok=True)
         state.phase = ABORTED if state.aborted else ROLLED_BACK
-        self._transition(state, state.phase, f"{state.model} serves {state.from_version} only; the candidate is removed")
+        self._transition(
+            state, state.phase, f"{state.model} serves {state.from_version} only; the candidate is removed"
+        )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -253,8 +295,12 @@ class Controller:
         if cand is None:
             # The stack was started again from its config (`keel serve`), which has no candidate.
             state.phase, state.deploy_started_at = DEPLOYING, self.clock()
-            self._transition(state, "redeploy", f"the candidate {state.candidate} is gone from the running stack "
-                             f"(restarted?); deploying it again, then step {state.step + 1} starts over")
+            self._transition(
+                state,
+                "redeploy",
+                f"the candidate {state.candidate} is gone from the running stack "
+                f"(restarted?); deploying it again, then step {state.step + 1} starts over",
+            )
             return False
         self.stack.submit(with_rollout(current, state.model, cand, percent))
         self._split_sent = percent
@@ -302,8 +348,11 @@ def restored(current: StackState, state: RolloutState) -> StackState:
     args = {**base.args, "weights": state.from_version, "weights_path": state.from_weights_path}
     models = {**current.gateway.get("models", {})}
     models[state.model] = {**models.get(state.model, {}), "weights_path": state.from_weights_path}
-    return StackState(current.server, {**current.gateway, "models": models},
-                      {**current.models, state.model: ModelState(args, base.overrides)})
+    return StackState(
+        current.server,
+        {**current.gateway, "models": models},
+        {**current.models, state.model: ModelState(args, base.overrides)},
+    )
 
 
 def _where(state: RolloutState) -> str:

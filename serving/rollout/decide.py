@@ -85,9 +85,13 @@ class Decision:
 
 def summarise(variant: dict) -> dict:
     """Requests, error rate and p95s of one variant's signals (signals.by_variant)."""
-    return {"requests": variant["requests"], "errors": variant["errors"], "error_rate": error_rate(variant),
-            "ttft_p95": histogram_quantile(QUANTILE, variant["ttft"]),
-            "tpot_p95": histogram_quantile(QUANTILE, variant["tpot"])}
+    return {
+        "requests": variant["requests"],
+        "errors": variant["errors"],
+        "error_rate": error_rate(variant),
+        "ttft_p95": histogram_quantile(QUANTILE, variant["ttft"]),
+        "tpot_p95": histogram_quantile(QUANTILE, variant["tpot"]),
+    }
 
 
 def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) -> Decision:
@@ -107,10 +111,17 @@ def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) ->
             return Decision(ROLLBACK, failed, summary)
         warm = now - (state.step_started_at if state.step_started_at is not None else now)
         if warm >= g.warmup_s:
-            return Decision(WARMED, f"step {state.step + 1} ({percent:g}%): warmed up {warm:.0f} s; "
-                            "every gate is judged from now", summary)
-        return Decision(HOLD, f"step {state.step + 1} ({percent:g}%): warming up, {warm:.0f} of "
-                        f"{g.warmup_s:.0f} s (errors judged, latency not yet)", summary)
+            return Decision(
+                WARMED,
+                f"step {state.step + 1} ({percent:g}%): warmed up {warm:.0f} s; every gate is judged from now",
+                summary,
+            )
+        return Decision(
+            HOLD,
+            f"step {state.step + 1} ({percent:g}%): warming up, {warm:.0f} of "
+            f"{g.warmup_s:.0f} s (errors judged, latency not yet)",
+            summary,
+        )
     if cand["requests"] < g.min_requests:
         return Decision(HOLD, f"{cand['requests']} of {g.min_requests} candidate requests needed to judge", summary)
     failed = _failed_gate(cand, ref, g)
@@ -124,18 +135,24 @@ def decide(state: RolloutState, spec: RolloutSpec, signals: dict, now: float) ->
     held = now - (state.judged_since if state.judged_since is not None else now)
     passing = _passing(cand, ref, g)
     if held < spec.hold_s:
-        return Decision(HOLD, f"step {state.step + 1} ({percent:g}%): gates hold ({passing}); "
-                        f"{held:.0f} of {spec.hold_s:.0f} s", summary)
+        return Decision(
+            HOLD,
+            f"step {state.step + 1} ({percent:g}%): gates hold ({passing}); {held:.0f} of {spec.hold_s:.0f} s",
+            summary,
+        )
     last = state.step == len(spec.steps) - 1
-    return Decision(PROMOTE if last else ADVANCE,
-                    f"step {state.step + 1} ({percent:g}%) held {held:.0f} s: {passing}", summary)
+    return Decision(
+        PROMOTE if last else ADVANCE, f"step {state.step + 1} ({percent:g}%) held {held:.0f} s: {passing}", summary
+    )
 
 
 def _failed_errors(cand: dict, base: dict, g) -> str | None:
     ce, be = cand["error_rate"], base["error_rate"] or 0.0
     if ce is not None and ce > be + g.max_error_rate_increase:
-        return (f"error rate: candidate {ce:.2%} ({cand['errors']}/{cand['requests']}) > baseline {be:.2%} "
-                f"+ {g.max_error_rate_increase:.2%}")
+        return (
+            f"error rate: candidate {ce:.2%} ({cand['errors']}/{cand['requests']}) > baseline {be:.2%} "
+            f"+ {g.max_error_rate_increase:.2%}"
+        )
     return None
 
 
@@ -143,8 +160,10 @@ def _failed_gate(cand: dict, base: dict, g) -> str | None:
     failed = _failed_errors(cand, base, g)
     if failed:
         return failed
-    for key, label, ratio in (("ttft_p95", "TTFT p95", g.max_ttft_p95_ratio),
-                              ("tpot_p95", "TPOT p95", g.max_tpot_p95_ratio)):
+    for key, label, ratio in (
+        ("ttft_p95", "TTFT p95", g.max_ttft_p95_ratio),
+        ("tpot_p95", "TPOT p95", g.max_tpot_p95_ratio),
+    ):
         c, b = cand[key], base[key]
         if c is not None and b is not None and c > ratio * b:
             return f"{label}: candidate {_ms(c)} > {ratio:g} x baseline {_ms(b)} ({_ms(ratio * b)})"
@@ -165,9 +184,19 @@ def _ms(seconds: float) -> str:
 
 def record(state: RolloutState, action: str, reason: str, now: float, **extra) -> dict:
     """Append a transition to the state's history; the same dict is the audit record."""
-    rec = {"event": "rollout", "time": now, "model": state.model, "to_version": state.to_version,
-           "from_version": state.from_version, "action": action, "phase": state.phase,
-           "step": state.step, "percent": state.percent, "reason": reason, **extra}
+    rec = {
+        "event": "rollout",
+        "time": now,
+        "model": state.model,
+        "to_version": state.to_version,
+        "from_version": state.from_version,
+        "action": action,
+        "phase": state.phase,
+        "step": state.step,
+        "percent": state.percent,
+        "reason": reason,
+        **extra,
+    }
     state.history.append(rec)
     state.last_reason = reason
     state.updated_at = now

@@ -113,11 +113,20 @@ def start(cfg, model: str, admin_key: str | None) -> bool:
         return False
     except ValueError:
         pass
-    actor = ray.remote(RolloutDriver).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_concurrency=2,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(cfg, model, admin_key, os.getcwd())
+    actor = (
+        ray.remote(RolloutDriver)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=2,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        )
+        .remote(cfg, model, admin_key, os.getcwd())
+    )
     # Constructed, on this node: its thread drives. (Ray types an actor's methods without .remote.)
     ray.get(actor.running.remote(), timeout=120)  # type: ignore[attr-defined]
     return True
@@ -133,7 +142,7 @@ def stop_all() -> list[str]:
         if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(NAME_PREFIX):
             try:
                 ray.kill(ray.get_actor(a["name"], namespace=NAMESPACE), no_restart=True)
-                stopped.append(a["name"][len(NAME_PREFIX):])
+                stopped.append(a["name"][len(NAME_PREFIX) :])
             except ValueError:
                 pass
     return stopped
@@ -157,4 +166,3 @@ def resume_all(cfg, admin_key: str | None, say=print) -> list[str]:
         except Exception as e:  # noqa: BLE001 - the stack serves; the rollout waits for `keel rollout start`
             say(f"Keel: could not resume the rollout of {model}: {e}")
     return resumed
-

@@ -56,10 +56,12 @@ class Expect(Strict):
     """Exactly one expectation about the answer's text."""
 
     regex: str | None = Field(None, max_length=2000, description="Found anywhere in the answer (re.search).")
-    exact: str | None = Field(None, max_length=100_000, description="The whole answer, leading and "
-                              "trailing whitespace ignored.")
-    json_schema: dict | None = Field(None, description="The answer parses as JSON and validates "
-                                     "against this schema (JSON Schema 2020-12).")
+    exact: str | None = Field(
+        None, max_length=100_000, description="The whole answer, leading and trailing whitespace ignored."
+    )
+    json_schema: dict | None = Field(
+        None, description="The answer parses as JSON and validates against this schema (JSON Schema 2020-12)."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Expect:
@@ -94,12 +96,16 @@ class Expect(Strict):
 class EvalCase(Strict):
     name: str = Field(min_length=1, max_length=128)
     prompt: str | None = Field(None, max_length=100_000, description="Sent to /v1/completions.")
-    messages: list[Message] | None = Field(None, min_length=1, max_length=64,
-                                           description="Sent to /v1/chat/completions.")
+    messages: list[Message] | None = Field(
+        None, min_length=1, max_length=64, description="Sent to /v1/chat/completions."
+    )
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0, le=2)
-    params: dict[str, Any] = Field(default_factory=dict, max_length=32, description="More request fields, as "
-                                   "the API takes them (stop, response_format, seed, ...).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="More request fields, as the API takes them (stop, response_format, seed, ...).",
+    )
     expect: Expect
 
     @field_validator("params")
@@ -156,8 +162,12 @@ def load_eval_set(path: str | Path) -> EvalSet:
 
 def request_for(case: EvalCase, model: str) -> tuple[str, dict]:
     """The (path, body) that asks `model` the case's question."""
-    body: dict[str, Any] = {**case.params, "model": model, "max_tokens": case.max_tokens,
-                            "temperature": case.temperature}
+    body: dict[str, Any] = {
+        **case.params,
+        "model": model,
+        "max_tokens": case.max_tokens,
+        "temperature": case.temperature,
+    }
     if case.messages is not None:
         body["messages"] = [m.model_dump() for m in case.messages]
         return "/v1/chat/completions", body
@@ -209,23 +219,31 @@ class EvalResult:
         return self.passed >= self.min_pass_rate * self.total
 
     def summary(self) -> str:
-        head = (f"evaluation: {self.passed} of {self.total} cases passed (needed "
-                f"{self.min_pass_rate:.0%}) in {self.seconds:.1f} s")
+        head = (
+            f"evaluation: {self.passed} of {self.total} cases passed (needed "
+            f"{self.min_pass_rate:.0%}) in {self.seconds:.1f} s"
+        )
         shown = "; ".join(f"{f['case']}: {f['reason']}" for f in self.failures[:3])
         more = f" (+{len(self.failures) - 3} more)" if len(self.failures) > 3 else ""
         return head + (f"; failed: {shown}{more}" if shown else "")
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "passed": self.passed, "min_pass_rate": self.min_pass_rate,
-                "failures": self.failures, "seconds": round(self.seconds, 3)}
+        return {
+            "total": self.total,
+            "passed": self.passed,
+            "min_pass_rate": self.min_pass_rate,
+            "failures": self.failures,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 class AskFailed(RuntimeError):
     """The request got no usable answer (HTTP error, timeout); str() says which."""
 
 
-def run_eval(evalset: EvalSet, model: str, ask: Callable[[str, dict, float], Any],
-             clock: Callable[[], float] = time.monotonic) -> EvalResult:
+def run_eval(
+    evalset: EvalSet, model: str, ask: Callable[[str, dict, float], Any], clock: Callable[[], float] = time.monotonic
+) -> EvalResult:
     """Ask every case in turn (one at a time: the candidate may share its GPUs) and check each."""
     start = clock()
     result = EvalResult(total=len(evalset.cases), passed=0, min_pass_rate=evalset.min_pass_rate)

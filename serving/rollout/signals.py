@@ -32,11 +32,19 @@ def snapshot(text: str, names: tuple[str, ...]) -> dict[str, float]:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == REQUESTS and s.labels.get("variant") in names:
-                labels = {"variant": s.labels["variant"], "status": s.labels.get("status", ""),
-                          "tenant": s.labels.get("tenant", ""), "model": s.labels.get("model", "")}
+                labels = {
+                    "variant": s.labels["variant"],
+                    "status": s.labels.get("status", ""),
+                    "tenant": s.labels.get("tenant", ""),
+                    "model": s.labels.get("model", ""),
+                }
             elif s.name in _HISTOGRAMS and s.labels.get("model_name") in names:
-                labels = {"model_name": s.labels["model_name"], "le": s.labels.get("le", "+Inf"),
-                          "replica": s.labels.get("replica", ""), "engine": s.labels.get("engine", "")}
+                labels = {
+                    "model_name": s.labels["model_name"],
+                    "le": s.labels.get("le", "+Inf"),
+                    "replica": s.labels.get("replica", ""),
+                    "engine": s.labels.get("engine", ""),
+                }
             else:
                 continue
             key = s.name + json.dumps(labels, sort_keys=True)
@@ -56,8 +64,9 @@ def delta(start: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 def by_variant(samples: dict[str, float], baseline: str, candidate: str) -> dict[str, dict]:
     """{"baseline": {...}, "candidate": {...}} with requests, errors, ttft and tpot buckets."""
     role = {baseline: BASELINE, candidate: CANDIDATE}
-    out: dict[str, dict[str, Any]] = {r: {"requests": 0, "errors": 0, "ttft": {}, "tpot": {}}
-                                      for r in (BASELINE, CANDIDATE)}
+    out: dict[str, dict[str, Any]] = {
+        r: {"requests": 0, "errors": 0, "ttft": {}, "tpot": {}} for r in (BASELINE, CANDIDATE)
+    }
     for key, value in samples.items():
         brace = key.index("{")
         name, labels = key[:brace], json.loads(key[brace:])

@@ -30,35 +30,60 @@ class Gates(Strict):
     """When the candidate is worse than the baseline, each compared over the same step."""
 
     max_error_rate_increase: float = Field(
-        0.01, ge=0, le=1, description="Rollback when the candidate's share of 5xx answers exceeds the "
-        "baseline's by more than this (0.01: one percentage point).")
+        0.01,
+        ge=0,
+        le=1,
+        description="Rollback when the candidate's share of 5xx answers exceeds the "
+        "baseline's by more than this (0.01: one percentage point).",
+    )
     max_ttft_p95_ratio: float = Field(
-        1.25, gt=0, description="Rollback when the candidate's p95 time to first token exceeds this "
-        "multiple of the baseline's (from the engines' vllm:time_to_first_token_seconds).")
+        1.25,
+        gt=0,
+        description="Rollback when the candidate's p95 time to first token exceeds this "
+        "multiple of the baseline's (from the engines' vllm:time_to_first_token_seconds).",
+    )
     max_tpot_p95_ratio: float = Field(
-        1.25, gt=0, description="Rollback when the candidate's p95 time per output token exceeds this "
-        "multiple of the baseline's (vllm:request_time_per_output_token_seconds).")
+        1.25,
+        gt=0,
+        description="Rollback when the candidate's p95 time per output token exceeds this "
+        "multiple of the baseline's (vllm:request_time_per_output_token_seconds).",
+    )
     warmup_s: float = Field(
-        60.0, ge=0, le=3600, description="At the start of each step, how long latency is not judged (errors "
+        60.0,
+        ge=0,
+        le=3600,
+        description="At the start of each step, how long latency is not judged (errors "
         "are): a candidate's first requests include its engines' warm-up. On the demo CPU path a healthy "
         "candidate's TTFT p95 read 16x the baseline's in its first 17 s, 0.3x after. The hold counts from "
-        "the end of the warm-up.")
+        "the end of the warm-up.",
+    )
     min_requests: int = Field(
-        20, ge=1, description="Candidate requests a step needs before any gate is judged; below it "
-        "the step holds (a p95 of three requests decides nothing).")
+        20,
+        ge=1,
+        description="Candidate requests a step needs before any gate is judged; below it "
+        "the step holds (a p95 of three requests decides nothing).",
+    )
 
 
 class RolloutDefaults(Strict):
-    steps: list[float] = Field(default_factory=lambda: list(DEFAULT_STEPS),
-                               description="Candidate's share of traffic per step, in percent, increasing, ending at 100.")
+    steps: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_STEPS),
+        description="Candidate's share of traffic per step, in percent, increasing, ending at 100.",
+    )
     hold_s: float = Field(600.0, gt=0, description="How long each step must hold every gate before the next.")
     gates: Gates = Field(default_factory=Gates)
-    ready_timeout_s: float = Field(900.0, gt=0, description="How long the candidate's engines may take to serve "
-                                   "before the rollout is abandoned (rolled back).")
-    eval_file: str | None = Field(None, description="An evaluation set (serving.rollout.evaluate): its "
-                                  "prompts are asked of the candidate alone before it gets any traffic, and the "
-                                  "rollout is rolled back unless enough of them pass. Relative paths are from "
-                                  "the current directory.")
+    ready_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="How long the candidate's engines may take to serve before the rollout is abandoned (rolled back).",
+    )
+    eval_file: str | None = Field(
+        None,
+        description="An evaluation set (serving.rollout.evaluate): its "
+        "prompts are asked of the candidate alone before it gets any traffic, and the "
+        "rollout is rolled back unless enough of them pass. Relative paths are from "
+        "the current directory.",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -76,15 +101,20 @@ def check_steps(steps: list[float]) -> list[float]:
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"steps must increase, got {steps}")
     if steps[-1] != 100:
-        raise ValueError(f"the last step must be 100 (the candidate takes all traffic before it is promoted), got {steps}")
+        raise ValueError(
+            f"the last step must be 100 (the candidate takes all traffic before it is promoted), got {steps}"
+        )
     return steps
 
 
 class RolloutsConfig(Strict):
     """The stack config's top-level `rollouts:` section (serving.config.KeelConfig)."""
 
-    state_dir: str = Field(DEFAULT_STATE_DIR, description="Where each rollout's state lives "
-                           "(<model>.json): `keel rollout start` resumes from it after a crash.")
+    state_dir: str = Field(
+        DEFAULT_STATE_DIR,
+        description="Where each rollout's state lives "
+        "(<model>.json): `keel rollout start` resumes from it after a crash.",
+    )
     defaults: RolloutDefaults = Field(default_factory=RolloutDefaults)
 
 
@@ -93,8 +123,9 @@ class RolloutSpec(RolloutDefaults):
 
     model: str = Field(description="The configured model whose version changes.")
     to_version: str = Field(description="The candidate's weights: a `weights:` value (NAME or NAME@VERSION).")
-    evaluation: EvalSet | None = Field(None, description="The eval_file's cases, read when the rollout "
-                                       "starts (a resume does not read the file again).")
+    evaluation: EvalSet | None = Field(
+        None, description="The eval_file's cases, read when the rollout starts (a resume does not read the file again)."
+    )
 
     @field_validator("model", "to_version")
     @classmethod

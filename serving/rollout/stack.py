@@ -75,9 +75,11 @@ class RayStack:
         server = (self.state() or StackState({}, {})).server
         if server.get("gateway_replicas", 1) > 1:
             # Each replica counts its own requests and a scrape reaches one of them at random.
-            raise RolloutError("rollouts read the gateway's request counters from one scrape, and with "
-                               "server.gateway_replicas > 1 each scrape reaches another replica; "
-                               "not supported yet")
+            raise RolloutError(
+                "rollouts read the gateway's request counters from one scrape, and with "
+                "server.gateway_replicas > 1 each scrape reaches another replica; "
+                "not supported yet"
+            )
         if server.get("metrics_port"):
             host, port, headers = _local(server.get("metrics_host")), server["metrics_port"], {}
         else:
@@ -88,8 +90,9 @@ class RayStack:
                 return resp.read().decode()
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise RolloutError("the gateway's /metrics needs an admin key: set server.metrics_port, or "
-                                   "give one in $KEEL_ADMIN_KEY") from None
+                raise RolloutError(
+                    "the gateway's /metrics needs an admin key: set server.metrics_port, or give one in $KEEL_ADMIN_KEY"
+                ) from None
             raise OSError(f"GET /metrics: HTTP {e.code}") from None
         except urllib.error.URLError as e:
             raise OSError(f"GET http://{host}:{port}/metrics: {e.reason}") from None
@@ -101,16 +104,19 @@ class RayStack:
 
         host, port = self._api((self.state() or StackState({}, {})).server)
         headers = {"content-type": "application/json", VARIANT_HEADER: candidate, **self._admin()}
-        req = urllib.request.Request(f"http://{host}:{port}{path}", data=json.dumps(body).encode(),
-                                     headers=headers, method="POST")
+        req = urllib.request.Request(
+            f"http://{host}:{port}{path}", data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = _error_message(e.read())
             if e.code in (401, 403):
-                raise RolloutError(f"the evaluation gate needs an admin key: give one in ${ADMIN_KEY_ENV} "
-                                   f"(the gateway said HTTP {e.code}: {detail})") from None
+                raise RolloutError(
+                    f"the evaluation gate needs an admin key: give one in ${ADMIN_KEY_ENV} "
+                    f"(the gateway said HTTP {e.code}: {detail})"
+                ) from None
             raise AskFailed(f"HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             raise AskFailed(f"no answer within {timeout_s:g} s: {getattr(e, 'reason', e)}") from None
@@ -127,13 +133,16 @@ class RayStack:
                 return
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise RolloutError(f"the evaluation gate asks the candidate with an admin key: give one in "
-                                   f"${ADMIN_KEY_ENV} (the gateway said HTTP {e.code}: "
-                                   f"{_error_message(e.read())})") from None
+                raise RolloutError(
+                    f"the evaluation gate asks the candidate with an admin key: give one in "
+                    f"${ADMIN_KEY_ENV} (the gateway said HTTP {e.code}: "
+                    f"{_error_message(e.read())})"
+                ) from None
             raise RolloutError(f"GET /v1/admin/policy: HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise RolloutError(f"cannot reach the gateway at {host}:{port} ({getattr(e, 'reason', e)}); "
-                               "is the stack up?") from None
+            raise RolloutError(
+                f"cannot reach the gateway at {host}:{port} ({getattr(e, 'reason', e)}); is the stack up?"
+            ) from None
 
     def _api(self, server: dict) -> tuple[str, int]:
         return _local(server.get("host")), server.get("port", 8000)

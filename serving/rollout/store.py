@@ -131,6 +131,8 @@ def undone_promotions(store: StateStore, current, new) -> list[str]:
         serving, asked = now.args.get("weights"), want.args.get("weights")
         if serving == state.to_version and asked == state.from_version:
             when = datetime.fromtimestamp(state.updated_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            problems.append(f"models.{model}.weights: the stack serves {serving}, promoted by `keel rollout` "
-                            f"at {when}; this config says {asked}, which would roll {model} back")
+            problems.append(
+                f"models.{model}.weights: the stack serves {serving}, promoted by `keel rollout` "
+                f"at {when}; this config says {asked}, which would roll {model} back"
+            )
     return problems

@@ -108,8 +108,13 @@ def running_stack(cfg: dict, tmp: Path):
     log = tmp / "keel-serve.log"
     keel = Path(sys.executable).with_name("keel")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(keel), "serve", str(cfg_path)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [str(keel), "serve", str(cfg_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

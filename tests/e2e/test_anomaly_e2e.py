@@ -59,8 +59,11 @@ def anomalies(stack) -> dict:
 
 
 def requests_anomaly(body: dict) -> list[dict]:
-    return [a for a in body["active"] + body["recent"]
-            if (a["tenant"], a["model"], a["signal"]) == ("demo", "demo", "requests")]
+    return [
+        a
+        for a in body["active"] + body["recent"]
+        if (a["tenant"], a["model"], a["signal"]) == ("demo", "demo", "requests")
+    ]
 
 
 def test_a_burst_is_an_anomaly_on_the_admin_api_metrics_and_audit_and_survives_keel_apply(astack):
@@ -91,8 +94,9 @@ def test_a_burst_is_an_anomaly_on_the_admin_api_metrics_and_audit_and_survives_k
     cfg["server"] = astack.cfg["server"]
     path = astack.tmp / "applied.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([str(KEEL), "apply", "--address", address, str(path)], capture_output=True,
-                         text=True, timeout=180)
+    out = subprocess.run(
+        [str(KEEL), "apply", "--address", address, str(path)], capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     after = anomalies(astack)
     assert [x["id"] for x in requests_anomaly(after)] == [a["id"]]  # the same detector, not a new one

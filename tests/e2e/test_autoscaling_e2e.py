@@ -37,9 +37,17 @@ def scaling(tmp_path_factory):
     demo["deployment"] = {
         "num_cpus": 1,
         "drain_timeout_s": 120,
-        "autoscaling": {"min_replicas": 0, "max_replicas": 2, "signal": "requests_in_flight", "target": 4,
-                        "stable_window_s": 10, "panic_window_s": 2, "scale_down_cooldown_s": 20,
-                        "metrics_interval_s": 1, "hold_timeout_s": 600},
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 2,
+            "signal": "requests_in_flight",
+            "target": 4,
+            "stable_window_s": 10,
+            "panic_window_s": 2,
+            "scale_down_cooldown_s": 20,
+            "metrics_interval_s": 1,
+            "hold_timeout_s": 600,
+        },
     }
     with running_stack(cfg, tmp_path_factory.mktemp("autoscaling")) as s:
         yield s
@@ -72,8 +80,14 @@ class Streams:
             t.join(timeout=300)
 
     def _run(self):
-        body = {"model": self.stack.model, "prompt": "scale", "max_tokens": self.max_tokens, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.stack.model,
+            "prompt": "scale",
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with httpx.Client(base_url=self.stack.url, timeout=300, headers=AUTH) as c:
             while not self.stop.is_set():
                 done, tokens, error = False, None, None
@@ -106,8 +120,9 @@ def test_a_model_at_zero_replicas_holds_the_first_request_and_answers_it(scaling
     assert replicas(stack) == 0 and stack.engine_servers() == []  # min_replicas 0: nothing runs idle
     client = OpenAI(base_url=stack.url + "/v1", api_key=DEMO_KEY, max_retries=0, timeout=STARTED_S)
     started = time.monotonic()
-    answer = client.chat.completions.create(model=stack.model, max_tokens=8,
-                                            messages=[{"role": "user", "content": "wake up"}])
+    answer = client.chat.completions.create(
+        model=stack.model, max_tokens=8, messages=[{"role": "user", "content": "wake up"}]
+    )
     cold_start_s = time.monotonic() - started
     assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
     assert replicas(stack) == 1
@@ -122,8 +137,11 @@ def test_load_scales_to_the_maximum_and_traffic_reaches_the_new_replica(scaling)
         assert wait_for(lambda: replicas(stack), lambda n: n >= 2, SCALED_S + STARTED_S, interval_s=2) == 2
 
         def served_by() -> dict[str, float]:  # a replica missing from one scrape is asked again
-            return {dict(labels)["replica"]: v for (name, labels), v in stack.metrics().items()
-                    if name == "vllm:request_success_total" and v > 0}
+            return {
+                dict(labels)["replica"]: v
+                for (name, labels), v in stack.metrics().items()
+                if name == "vllm:request_success_total" and v > 0
+            }
 
         per_replica = wait_for(served_by, lambda seen: len(seen) >= 2, SCALED_S, interval_s=1)
     assert len(per_replica) == 2, per_replica
@@ -147,6 +165,10 @@ def test_scaling_down_drains_cuts_no_stream_and_returns_to_zero(scaling):
     assert wait_for(lambda: replicas(stack), lambda n: n == 0, SCALED_S, interval_s=1) == 0
     assert wait_for(lambda: len(stack.engine_servers()), lambda n: n == 0, SCALED_S, interval_s=1) == 0
     # And from zero again: a request is held and answered.
-    r = httpx.post(stack.url + "/v1/completions", headers=AUTH, timeout=STARTED_S,
-                   json={"model": stack.model, "prompt": "again", "max_tokens": 4})
+    r = httpx.post(
+        stack.url + "/v1/completions",
+        headers=AUTH,
+        timeout=STARTED_S,
+        json={"model": stack.model, "prompt": "again", "max_tokens": 4},
+    )
     assert r.status_code == 200, r.text

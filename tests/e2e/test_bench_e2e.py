@@ -39,8 +39,13 @@ def sweep(tmp_path_factory):
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp / "result.json"
     report = tmp / "report"
-    proc = subprocess.run([KEEL, "bench", "run", str(spec_path), "--out", str(out), "--report", str(report),
-                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [KEEL, "bench", "run", str(spec_path), "--out", str(out), "--report", str(report), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), report, proc.stdout
 
@@ -53,8 +58,15 @@ def test_every_setting_and_load_point_is_measured_with_vllm_field_names(sweep):
         for p in setting["points"]:
             assert p["completed"] == 12 and p["failed"] == 0, p.get("failures_by_status")
             assert 12 * 12 <= p["total_output_tokens"] <= 12 * 20  # output_len 16 +- 25%, ignore_eos
-            for key in ("output_throughput", "request_throughput", "median_ttft_ms", "p90_ttft_ms",
-                        "p99_tpot_ms", "median_e2el_ms", "request_goodput"):
+            for key in (
+                "output_throughput",
+                "request_throughput",
+                "median_ttft_ms",
+                "p90_ttft_ms",
+                "p99_tpot_ms",
+                "median_e2el_ms",
+                "request_goodput",
+            ):
                 assert p[key] is not None and p[key] > 0, key
             assert p["median_ttft_ms"] <= p["median_e2el_ms"]
             assert p["cost_per_million_output_tokens"] > 0

@@ -18,8 +18,22 @@ KEEL = Path(sys.executable).with_name("keel")
 
 
 def _report(audit_dir: Path) -> dict:
-    out = subprocess.run([str(KEEL), "cost", "report", str(REPO / "configs" / "local.yaml"), "--audit-dir",
-                          str(audit_dir), "--since", "20m", "--format", "json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(KEEL),
+            "cost",
+            "report",
+            str(REPO / "configs" / "local.yaml"),
+            "--audit-dir",
+            str(audit_dir),
+            "--since",
+            "20m",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -29,10 +43,11 @@ def test_cost_report_prices_the_replica_and_splits_it_by_the_tenants_tokens(clie
     before = _report(audit_dir) if list(audit_dir.glob("audit-*.jsonl")) else {"lines": []}
     done = sum(line["requests"] for line in before["lines"] if line["tenant"] == "demo")
     for _ in range(3):
-        client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "cost?"}],
-                                       max_tokens=8)
-    report = wait_for(lambda: _report(audit_dir),
-                      lambda r: sum(x["requests"] for x in r["lines"] if x["tenant"] == "demo") >= done + 3)
+        client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "cost?"}], max_tokens=8)
+    report = wait_for(
+        lambda: _report(audit_dir),
+        lambda r: sum(x["requests"] for x in r["lines"] if x["tenant"] == "demo") >= done + 3,
+    )
     demo = [x for x in report["lines"] if x["tenant"] == "demo" and x["model"] == stack.model]
     assert demo and demo[0]["completion_tokens"] >= 24
     assert report["replica_hours"][stack.model] > 0  # the gateway wrote its replica count

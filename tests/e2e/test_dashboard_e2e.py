@@ -28,13 +28,32 @@ pytestmark = pytest.mark.e2e
 # With a 1 s scrape, 30 s windows hold enough samples for rate(); the range is the test's span.
 VALUES = {"__rate_interval": "30s", "__range": "5m", "__range_s": "300", "__interval": "1s"}
 # Panels the requests below must fill (quota, shadow, anomaly and alert panels need such events).
-FED = ["Requests per second", "Responses by status", "Error ratio (5xx)", "Time to first token",
-       "Time per output token", "End-to-end latency", "In flight and held", "Tokens per second by tenant",
-       "Running requests per replica", "Waiting requests per replica", "KV cache usage per replica",
-       "Tokens per second per replica", "Replicas ready", "Guardrail actions by guardrail",
-       "Guardrail actions by tenant", "Traffic share by variant", "Tokens by variant",
-       "Engine TTFT p95 by variant", "Error budget left", "SLO error ratio by window", "Burn rate",
-       "Cost per hour by model (USD)", "Cost per hour by tenant (USD)", "Cost over the time range (USD)"]
+FED = [
+    "Requests per second",
+    "Responses by status",
+    "Error ratio (5xx)",
+    "Time to first token",
+    "Time per output token",
+    "End-to-end latency",
+    "In flight and held",
+    "Tokens per second by tenant",
+    "Running requests per replica",
+    "Waiting requests per replica",
+    "KV cache usage per replica",
+    "Tokens per second per replica",
+    "Replicas ready",
+    "Guardrail actions by guardrail",
+    "Guardrail actions by tenant",
+    "Traffic share by variant",
+    "Tokens by variant",
+    "Engine TTFT p95 by variant",
+    "Error budget left",
+    "SLO error ratio by window",
+    "Burn rate",
+    "Cost per hour by model (USD)",
+    "Cost per hour by tenant (USD)",
+    "Cost over the time range (USD)",
+]
 
 
 @contextlib.contextmanager
@@ -46,8 +65,16 @@ def prometheus(scrape_url: str, tmp: Path):
     doc = prometheus_doc(scrape_url.removeprefix("http://"), scrape_interval="1s", rules=str(rules))
     (tmp / "prometheus.yml").write_text(dump(doc))
     log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 - closed after Prometheus stops
-    proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         ready = wait_for(lambda: _ok(url + "/-/ready"), bool, timeout_s=60, interval_s=0.5)
@@ -80,7 +107,9 @@ def test_every_panel_query_runs_on_a_real_prometheus_and_traffic_fills_the_panel
             card = " My card is 4111 1111 1111 1111." if i == 2 else ""  # the input guardrail redacts it
             messages = [{"role": "user", "content": f"Count to {i + 3}.{card}"}]
             if i % 2:
-                for _ in client.chat.completions.create(model=stack.model, messages=messages, max_tokens=8, stream=True):
+                for _ in client.chat.completions.create(
+                    model=stack.model, messages=messages, max_tokens=8, stream=True
+                ):
                     pass
             else:
                 client.chat.completions.create(model=stack.model, messages=messages, max_tokens=8)

@@ -51,8 +51,9 @@ def test_the_gateway_path_works_and_the_engine_still_serves_health_and_metrics(s
     assert httpx.get(url + "/health", timeout=10).status_code == 200  # the replica's health check
     assert "vllm:" in httpx.get(url + "/metrics", timeout=10).text  # the gateway's scrape
     # The secret the engine holds is the one that opens it, which is what the gateway sends.
-    r = httpx.post(url + "/v1/chat/completions", json=chat(stack), headers={"authorization": f"Bearer {secret}"},
-                   timeout=60)
+    r = httpx.post(
+        url + "/v1/chat/completions", json=chat(stack), headers={"authorization": f"Bearer {secret}"}, timeout=60
+    )
     assert r.status_code == 200
 
 

@@ -130,6 +130,7 @@ def _came_too_late(seen: Kill) -> bool:
 def _kill_mid_stream(stack, client: openai.OpenAI) -> Kill:
     """Stream a long answer, SIGKILL the engine's API server after the first token, then wait
     for the dead engine's processes to go and for the replacement replica to serve."""
+
     def engine() -> list[psutil.Process]:  # the one engine's server and its processes, or []
         servers = stack.engine_servers()
         try:
@@ -139,15 +140,21 @@ def _kill_mid_stream(stack, client: openai.OpenAI) -> Kill:
 
     # A replacement from an earlier try may still be starting its EngineCore: wait for it.
     procs = wait_for(engine, lambda ps: any("EngineCore" in _cmdline(p) for p in ps), timeout_s=120, interval_s=1)
-    assert any("EngineCore" in _cmdline(p) for p in procs), "expected the stack's one engine with its " \
+    assert any("EngineCore" in _cmdline(p) for p in procs), (
+        "expected the stack's one engine with its "
         "EngineCore; found:\n" + "\n".join(f"{p.pid} {_cmdline(p)[:100]}" for p in procs)
+    )
     server = procs[0]
     seen = Kill(request_id=f"kill-{uuid.uuid4().hex}", engine=procs)
 
     stream = client.chat.completions.create(
-        model=stack.model, messages=[{"role": "user", "content": "Tell me a long story."}],
-        max_tokens=MAX_TOKENS, stream=True, extra_body={"ignore_eos": True},
-        extra_headers={"x-request-id": seen.request_id})
+        model=stack.model,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        extra_headers={"x-request-id": seen.request_id},
+    )
     try:
         for chunk in stream:
             if seen.chunks_before == 0 and chunk.choices and chunk.choices[0].delta.content:
@@ -186,7 +193,8 @@ def test_no_process_of_the_dead_engine_survives(kill):
 
 def test_ray_serve_replaces_the_replica(kill, client, stack):
     assert kill.replaced_by is not None, f"no replacement in {REPLACED_S}s: {kill.replacement_error}"
-    r = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=4, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 4
     assert httpx.get(stack.url + "/health", timeout=10).json()["replicas"] == {stack.model: 1}

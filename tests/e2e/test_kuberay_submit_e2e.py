@@ -36,8 +36,9 @@ def rendered(cfg: dict, tmp: Path) -> dict:
     """`keel kuberay serve-config` of cfg, as KubeRay sends it (YAML parsed, sent as JSON)."""
     path = tmp / "keel.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([str(KEEL), "kuberay", "serve-config", str(path)], capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [str(KEEL), "kuberay", "serve-config", str(path)], capture_output=True, text=True, check=True, timeout=300
+    )
     return yaml.safe_load(out.stdout)
 
 
@@ -52,21 +53,52 @@ def ray_head(resources: dict):
     """`ray start --head --block` with a dashboard, as a KubeRay head runs it; stopped by its pid."""
     temp = Path(tempfile.mkdtemp(prefix="keel-kr-", dir="/tmp"))  # short: Ray's socket paths
     dash = port_outside_worker_range()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
     # Other clusters run on this machine (the e2e stacks): every port of this one is its own,
     # outside the range Ray keeps for its workers (10002-19999), which it checks them against.
-    ports = [f"--{name}={port_outside_worker_range()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                      "metrics-export-port", "runtime-env-agent-port",
-                                                      "node-manager-port", "object-manager-port",
-                                                      "ray-client-server-port")]
+    ports = [
+        f"--{name}={port_outside_worker_range()}"
+        for name in (
+            "port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
     log_path = temp / "head.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(RAY), "start", "--head", "--block", *ports, "--num-cpus=4",
-                                 "--resources", json.dumps(resources), "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                                 "--disable-usage-stats"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(RAY),
+                "start",
+                "--head",
+                "--block",
+                *ports,
+                "--num-cpus=4",
+                "--resources",
+                json.dumps(resources),
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--temp-dir={temp}",
+                "--disable-usage-stats",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
         yield f"http://127.0.0.1:{dash}", log_path
     finally:
@@ -91,18 +123,30 @@ def serve_status(dashboard: str) -> dict:
     r = get(dashboard + "/api/serve/applications/")
     if r is None or not r.is_success:
         return {}
-    return {name: {"status": app.get("status"), "message": app.get("message"),
-                   "deployments": {d: (v.get("status"), v.get("message")) for d, v in app.get("deployments", {}).items()}}
-            for name, app in r.json().get("applications", {}).items()}
+    return {
+        name: {
+            "status": app.get("status"),
+            "message": app.get("message"),
+            "deployments": {d: (v.get("status"), v.get("message")) for d, v in app.get("deployments", {}).items()},
+        }
+        for name, app in r.json().get("applications", {}).items()
+    }
 
 
 def why_not_up(dashboard: str, head_log: Path) -> str:
     """What a failed start leaves to read: the applications' status, the head's and Serve's logs."""
     logs = head_log.parent / "session_latest" / "logs"
-    tails = [f"{p.name}:\n{p.read_text(errors='replace')[-2500:]}"
-             for p in sorted((logs / "serve").glob("*.log"), key=lambda p: p.stat().st_mtime)[-4:]]
-    return "\n\n".join([f"applications: {json.dumps(serve_status(dashboard), indent=1)}",
-                        f"head log:\n{head_log.read_text(errors='replace')[-2500:]}", *tails])
+    tails = [
+        f"{p.name}:\n{p.read_text(errors='replace')[-2500:]}"
+        for p in sorted((logs / "serve").glob("*.log"), key=lambda p: p.stat().st_mtime)[-4:]
+    ]
+    return "\n\n".join(
+        [
+            f"applications: {json.dumps(serve_status(dashboard), indent=1)}",
+            f"head log:\n{head_log.read_text(errors='replace')[-2500:]}",
+            *tails,
+        ]
+    )
 
 
 def test_a_rendered_serve_config_submitted_as_kuberay_does_serves_and_a_changed_one_applies(tmp_path):
@@ -116,8 +160,12 @@ def test_a_rendered_serve_config_submitted_as_kuberay_does_serves_and_a_changed_
     cfg["audit"] = {"dir": str(tmp_path / "audit")}
     gateway = f"http://127.0.0.1:{port}"
     with ray_head({"keel-gateway": 1}) as (dashboard, head_log):
-        up = wait_for(lambda: get(dashboard + "/api/serve/applications/"), lambda r: r is not None and r.is_success,
-                      timeout_s=180, interval_s=1)
+        up = wait_for(
+            lambda: get(dashboard + "/api/serve/applications/"),
+            lambda r: r is not None and r.is_success,
+            timeout_s=180,
+            interval_s=1,
+        )
         assert up is not None and up.is_success, f"no dashboard:\n{head_log.read_text(errors='replace')[-3000:]}"
         assert httpx.put(dashboard + "/api/serve/applications/", json=rendered(cfg, tmp_path), timeout=60).is_success
 
@@ -134,8 +182,9 @@ def test_a_rendered_serve_config_submitted_as_kuberay_does_serves_and_a_changed_
 
         def chat(key: str) -> httpx.Response:
             body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-            return httpx.post(gateway + "/v1/chat/completions", json=body, timeout=120,
-                              headers={"authorization": f"Bearer {key}"})
+            return httpx.post(
+                gateway + "/v1/chat/completions", json=body, timeout=120, headers={"authorization": f"Bearer {key}"}
+            )
 
         assert chat(DEMO_KEY).status_code == 200
         new_key = generate_key()

@@ -66,8 +66,9 @@ def live(tmp_path_factory):
 
 
 def complete(url: str, model: str) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
-                      json={"model": model, "prompt": "hi", "max_tokens": 4})
+    return httpx.post(
+        url + "/v1/completions", headers=AUTH, timeout=60, json={"model": model, "prompt": "hi", "max_tokens": 4}
+    )
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(live):
@@ -93,8 +94,9 @@ def test_changing_autoscaling_restarts_nothing(live):
     history = subprocess.run([str(keel), "history", str(live.config)], capture_output=True, text=True, timeout=60)
     assert history.returncode == 0, history.stdout + history.stderr
     rows = history.stdout.splitlines()[2:]
-    assert len(rows) == 2 and "serve applied: demo added" in rows[0] and "apply applied: demo scaled" in rows[1], \
+    assert len(rows) == 2 and "serve applied: demo added" in rows[0] and "apply applied: demo scaled" in rows[1], (
         history.stdout
+    )
 
 
 def test_adding_a_model_leaves_the_first_untouched(live):
@@ -102,7 +104,10 @@ def test_adding_a_model_leaves_the_first_untouched(live):
     assert failed == [] and gone == {}, (failed, gone)
     r = complete(live.stack.url, "demo-b")
     assert r.status_code == 200, r.text
-    assert [m["id"] for m in httpx.get(live.stack.url + "/v1/models", headers=AUTH).json()["data"]] == ["demo", "demo-b"]
+    assert [m["id"] for m in httpx.get(live.stack.url + "/v1/models", headers=AUTH).json()["data"]] == [
+        "demo",
+        "demo-b",
+    ]
 
 
 def test_changing_engine_arguments_replaces_only_that_models_engines(live):

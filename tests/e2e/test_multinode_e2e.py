@@ -151,22 +151,38 @@ class Cluster:
 
     def start_node(self, name: str, resources: dict, num_cpus: int, ip: str, head: bool = False) -> RayNode:
         log = self.temp_dir / f"{name}.log"
-        cmd = [_ray(), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
-               f"--resources={json.dumps(resources)}", f"--temp-dir={self.temp_dir}",
-               # The ports a node takes at fixed numbers by default, made free ones; workers'
-               # ports random (0) instead of a range shared with every other cluster on the box.
-               "--min-worker-port=0", "--max-worker-port=0",
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-               "--object-store-memory=100000000", "--disable-usage-stats"]
+        cmd = [
+            _ray(),
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={self.temp_dir}",
+            # The ports a node takes at fixed numbers by default, made free ones; workers'
+            # ports random (0) instead of a range shared with every other cluster on the box.
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
+        ]
         if head:
-            cmd += ["--head", f"--port={self.head_port}", f"--ray-client-server-port={free_port()}",
-                    "--include-dashboard=false"]
+            cmd += [
+                "--head",
+                f"--port={self.head_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=false",
+            ]
         else:
             cmd += [f"--address={self.address}"]
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=_node_env(head))
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_node_env(head)
+            )
         node = RayNode(name, proc, log)
         self.nodes.append(node)
         deadline = time.monotonic() + NODE_UP_S
@@ -231,8 +247,13 @@ def test_the_gateway_reaches_the_engine_at_the_worker_nodes_address(cluster, sta
     cmd = server.cmdline()
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     port = int(cmd[cmd.index("--port") + 1])
-    stream = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=200, stream=True, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=stack.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=200,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     peers = set()
     for _ in stream:
         if not peers:  # the first chunk: the connection is open until the last
@@ -241,12 +262,18 @@ def test_the_gateway_reaches_the_engine_at_the_worker_nodes_address(cluster, sta
 
 
 def test_the_openai_client_chats_and_streams_through_the_gateway(stack, client):
-    reply = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}],
-                                           max_tokens=8)
+    reply = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+    )
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=16, stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=stack.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     # How many text chunks is vLLM's (it merges deltas a slow reader has not caught up with).
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
@@ -298,16 +325,19 @@ def node_loss(cluster, stack, client) -> NodeLoss:
         if replicas == {stack.model: 0} and len(seen.answers) >= 3:
             break
         time.sleep(0.5)
-    print(f"\nnode lost: {len(seen.answers)} answers {sorted({a[0] for a in seen.answers})}, slowest "
-          f"{max(seen.seconds, default=0):.3f} s, {len(seen.no_answer)} without an answer")
+    print(
+        f"\nnode lost: {len(seen.answers)} answers {sorted({a[0] for a in seen.answers})}, slowest "
+        f"{max(seen.seconds, default=0):.3f} s, {len(seen.no_answer)} without an answer"
+    )
     cluster.start_node("worker-2", {ENGINE_RESOURCE: 1}, num_cpus=1, ip=WORKER_IP)
     deadline = time.monotonic() + BACK_S
     seen.back = "no attempt"
     while time.monotonic() < deadline:
         try:
             if httpx.get(stack.url + "/health", timeout=10).json().get("replicas") == {stack.model: 1}:
-                client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "back?"}],
-                                               max_tokens=4)
+                client.chat.completions.create(
+                    model=stack.model, messages=[{"role": "user", "content": "back?"}], max_tokens=4
+                )
                 seen.back = None
                 break
         except (openai.APIError, httpx.HTTPError) as e:

@@ -16,8 +16,12 @@ IGNORE_EOS = {"ignore_eos": True}
 
 def test_streaming_chat_with_usage(client, stack):
     stream = client.chat.completions.create(
-        model=stack.model, messages=[{"role": "user", "content": "Tell me about licences."}],
-        max_tokens=24, stream=True, stream_options={"include_usage": True}, extra_body=IGNORE_EOS,
+        model=stack.model,
+        messages=[{"role": "user", "content": "Tell me about licences."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=IGNORE_EOS,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -42,12 +46,18 @@ def test_models_endpoint_lists_the_configured_model(client, stack):
 def test_usage_matches_what_the_engine_counted(client, stack):
     before_p = stack.metric_sum("vllm:prompt_tokens_total")
     before_g = stack.metric_sum("vllm:generation_tokens_total")
-    r = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "count me"}],
-                                       max_tokens=17, extra_body=IGNORE_EOS)
-    assert stack.metric_reaches("vllm:prompt_tokens_total", before_p + r.usage.prompt_tokens) - before_p \
+    r = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "count me"}], max_tokens=17, extra_body=IGNORE_EOS
+    )
+    assert (
+        stack.metric_reaches("vllm:prompt_tokens_total", before_p + r.usage.prompt_tokens) - before_p
         == r.usage.prompt_tokens
-    assert stack.metric_reaches("vllm:generation_tokens_total", before_g + 17) - before_g \
-        == r.usage.completion_tokens == 17
+    )
+    assert (
+        stack.metric_reaches("vllm:generation_tokens_total", before_g + 17) - before_g
+        == r.usage.completion_tokens
+        == 17
+    )
 
 
 def test_unknown_model_is_404(client):
@@ -59,8 +69,11 @@ def test_unknown_model_is_404(client):
 
 
 def test_malformed_json_is_400(stack):
-    r = httpx.post(stack.url + "/v1/chat/completions", content=b'{"model": "demo", "messages": [',
-                   headers={"content-type": "application/json", "x-request-id": "bad-json-1", **AUTH})
+    r = httpx.post(
+        stack.url + "/v1/chat/completions",
+        content=b'{"model": "demo", "messages": [',
+        headers={"content-type": "application/json", "x-request-id": "bad-json-1", **AUTH},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert r.headers["x-request-id"] == "bad-json-1" == r.json()["error"]["request_id"]
@@ -77,8 +90,12 @@ def test_prompt_plus_max_tokens_over_context_is_400(client, stack):
 
 
 def test_request_id_is_echoed(stack):
-    r = httpx.post(stack.url + "/v1/completions", headers={"x-request-id": "trace-42", **AUTH},
-                   json={"model": stack.model, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        stack.url + "/v1/completions",
+        headers={"x-request-id": "trace-42", **AUTH},
+        json={"model": stack.model, "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
 
 
@@ -98,6 +115,7 @@ def test_client_disconnect_aborts_generation_in_the_engine(stack):
     def hang_up_after(delay: float) -> tuple[float, float, float]:
         """Hang up `delay` s after sending; (tokens the engine generated, 499s and 200s the
         gateway recorded for it)."""
+
         def recorded() -> tuple[float, float]:
             return tuple(stack.metric_sum("keel_requests_total", model=stack.model, status=s) for s in ("499", "200"))
 
@@ -127,12 +145,15 @@ def test_metrics_count_the_requests_made(client, stack):
     ok_before = stack.metric_sum("keel_requests_total", model=stack.model, status="200")
     for _ in range(3):
         client.completions.create(model=stack.model, prompt="x", max_tokens=2)
-    assert stack.metric_reaches("keel_requests_total", ok_before + 3, model=stack.model, status="200") \
-        - ok_before == 3
+    assert stack.metric_reaches("keel_requests_total", ok_before + 3, model=stack.model, status="200") - ok_before == 3
     m = stack.metrics()
     names = {n for n, _ in m}
-    for family in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                   "vllm:e2e_request_latency_seconds_bucket", "keel_request_duration_seconds_bucket"):
+    for family in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "keel_request_duration_seconds_bucket",
+    ):
         assert family in names, family
 
 

@@ -32,16 +32,26 @@ KEEL = Path(sys.executable).with_name("keel")
 def policy_config(tmp: Path, limited_rpm: int = 2) -> dict:
     cfg = local_config()
     cfg["models"]["demo-b"] = yaml.safe_load(yaml.safe_dump(cfg["models"]["demo"]))  # a second variant
-    cfg["tenants"].update({
-        "limited": {"keys": [{"id": "lim-1", "digest": key_digest(LIMITED_KEY)}], "models": ["demo"],
-                    "quotas": {"requests_per_minute": limited_rpm, "tokens_per_minute": 50_000}},
-        "guarded": {"keys": [{"id": "g-1", "digest": key_digest(GUARDED_KEY)}], "guardrails": "strict",
-                    "audit_content": True},
-        "ops": {"keys": [{"id": "admin-1", "digest": key_digest(ADMIN_KEY), "role": "admin"}]},
-    })
+    cfg["tenants"].update(
+        {
+            "limited": {
+                "keys": [{"id": "lim-1", "digest": key_digest(LIMITED_KEY)}],
+                "models": ["demo"],
+                "quotas": {"requests_per_minute": limited_rpm, "tokens_per_minute": 50_000},
+            },
+            "guarded": {
+                "keys": [{"id": "g-1", "digest": key_digest(GUARDED_KEY)}],
+                "guardrails": "strict",
+                "audit_content": True,
+            },
+            "ops": {"keys": [{"id": "admin-1", "digest": key_digest(ADMIN_KEY), "role": "admin"}]},
+        }
+    )
     cfg["guardrails"]["strict"] = {
-        "input": [{"type": "deny", "terms": ["forbidden plan"], "action": "block"},
-                  {"type": "pii", "entities": ["email"], "action": "redact"}],
+        "input": [
+            {"type": "deny", "terms": ["forbidden plan"], "action": "block"},
+            {"type": "pii", "entities": ["email"], "action": "redact"},
+        ],
         # Every vowel the model writes is masked: whatever the tiny model says, the rule fires.
         "output": [{"type": "deny", "name": "vowels", "patterns": ["[aeiouAEIOU]"], "action": "redact"}],
     }
@@ -111,7 +121,8 @@ def test_blocked_prompt_is_400_content_policy_violation(pstack):
 
 def test_streamed_output_is_redacted(pstack):
     stream = oai(pstack, GUARDED_KEY).chat.completions.create(
-        **chat(max_tokens=48, stream=True, temperature=0), extra_body={"ignore_eos": True})
+        **chat(max_tokens=48, stream=True, temperature=0), extra_body={"ignore_eos": True}
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "[REDACTED]" in text
     assert not re.search("[aeiouAEIOU]", text.replace("[REDACTED]", ""))
@@ -166,8 +177,9 @@ def test_keel_apply_changes_the_policy_live_without_restarting_engines(pstack):
     cfg["quotas"] = pstack.cfg["quotas"]
     path = pstack.tmp / "applied.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([str(KEEL), "apply", "--address", address, str(path)], capture_output=True, text=True,
-                         timeout=180)
+    out = subprocess.run(
+        [str(KEEL), "apply", "--address", address, str(path)], capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "applied live" in out.stdout
     r = oai(pstack, LIMITED_KEY).chat.completions.with_raw_response.create(**chat(max_tokens=2))
@@ -178,9 +190,13 @@ def test_keel_apply_changes_the_policy_live_without_restarting_engines(pstack):
 def _engine_replicas(stack) -> set[str]:
     """The engine replicas serving the two deployments (one each): a replica missing from one
     scrape (the gateway gives each engine 2 s) is asked for again."""
+
     def scraped() -> set[str]:
-        return {dict(labels)["replica"] for (name, labels), _ in stack.metrics().items()
-                if name.startswith("vllm:") and "replica" in dict(labels)}
+        return {
+            dict(labels)["replica"]
+            for (name, labels), _ in stack.metrics().items()
+            if name.startswith("vllm:") and "replica" in dict(labels)
+        }
 
     replicas = wait_for(scraped, lambda seen: len(seen) >= 2)
     assert len(replicas) == 2, replicas

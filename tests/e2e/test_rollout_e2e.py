@@ -30,8 +30,13 @@ ADMIN_KEY = "sk-keel-e2e-rollout-admin"  # the evaluation gate asks the candidat
 
 
 def keel(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([str(KEEL), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "KEEL_ADMIN_KEY": ADMIN_KEY})
+    return subprocess.run(
+        [str(KEEL), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "KEEL_ADMIN_KEY": ADMIN_KEY},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,9 @@ def rollout_stack(tmp_path_factory):
     (models / "demo-tiny").mkdir(parents=True)  # the serving version: a plain manifest
     (models / "demo-tiny" / "manifest.yaml").write_text(yaml.safe_dump({"name": "demo-tiny", "path": str(weights)}))
     for version in ("2", "3"):  # candidates: the same bytes, registered as versions of demo-v
-        r = keel("models", "register", "demo-v", "--version", version, "--path", str(weights),
-                 "--models-dir", str(models))
+        r = keel(
+            "models", "register", "demo-v", "--version", version, "--path", str(weights), "--models-dir", str(models)
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     doc = base_doc(0, 0)
     doc["tenants"]["ops"] = {"keys": [{"id": "ops-key", "digest": key_digest(ADMIN_KEY), "role": "admin"}]}
@@ -64,9 +70,21 @@ def rollout(stack, *flags: str) -> tuple[subprocess.CompletedProcess, list[str],
 
 def eval_file(stack, expect: dict) -> str:
     path = stack.log.parent / f"eval-{len(list(stack.log.parent.glob('eval-*')))}.yaml"
-    path.write_text(yaml.safe_dump({"cases": [
-        {"name": "answers", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
-         "params": {"ignore_eos": True}, "expect": expect}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "cases": [
+                    {
+                        "name": "answers",
+                        "messages": [{"role": "user", "content": "Say something."}],
+                        "max_tokens": 8,
+                        "params": {"ignore_eos": True},
+                        "expect": expect,
+                    }
+                ]
+            }
+        )
+    )
     return str(path)
 
 
@@ -90,10 +108,32 @@ def test_a_candidate_that_holds_its_gates_is_promoted_by_the_stack_alone(rollout
     stack = rollout_stack
     config = str(stack.log.parent / "stack.yaml")
     with StreamingLoad(stack.url, "demo", clients=4) as load:
-        r = keel("rollout", "start", "demo", "--config", config, "--address", stack.ray_address, "--detach",
-                 "--to", "demo-v@2", "--steps", "50,100", "--hold", "30s", "--gate", "min_requests=5",
-                 "--gate", "ttft=100", "--gate", "tpot=100", "--gate", "warmup=10s",
-                 "--eval", eval_file(stack, {"regex": r"\S"}))
+        r = keel(
+            "rollout",
+            "start",
+            "demo",
+            "--config",
+            config,
+            "--address",
+            stack.ray_address,
+            "--detach",
+            "--to",
+            "demo-v@2",
+            "--steps",
+            "50,100",
+            "--hold",
+            "30s",
+            "--gate",
+            "min_requests=5",
+            "--gate",
+            "ttft=100",
+            "--gate",
+            "tpot=100",
+            "--gate",
+            "warmup=10s",
+            "--eval",
+            eval_file(stack, {"regex": r"\S"}),
+        )
         assert r.returncode == 0 and "goes on in the stack" in r.stdout, r.stdout + r.stderr
         # The CLI is gone; the driver runs in the stack. Killed in step 1, Ray starts it again and
         # it resumes from the state file.
@@ -113,8 +153,9 @@ def test_a_candidate_that_holds_its_gates_is_promoted_by_the_stack_alone(rollout
     assert set(pids) == {"demo"}, pids
     # The stack's config still names the old weights: applying it would undo the promotion.
     plan = keel("apply", "--dry-run", str(stack.log.parent / "stack.yaml"), "--address", stack.ray_address)
-    assert "refused without --allow-rollback: models.demo.weights: the stack serves demo-v@2" in plan.stdout, \
+    assert "refused without --allow-rollback: models.demo.weights: the stack serves demo-v@2" in plan.stdout, (
         plan.stdout + plan.stderr
+    )
 
 
 def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
@@ -122,8 +163,21 @@ def test_a_candidate_that_fails_its_gate_is_rolled_back(rollout_stack):
     config = stack.log.parent / "stack.yaml"
     before = engine_pids(config)["demo"]
     # The same weights cannot answer a hundred times faster than themselves: the gate fails.
-    r, failed, status = rollout(stack, "--to", "demo-v@3", "--steps", "50,100", "--hold", "15s",
-                                "--gate", "min_requests=5", "--gate", "ttft=0.01", "--gate", "warmup=5s")
+    r, failed, status = rollout(
+        stack,
+        "--to",
+        "demo-v@3",
+        "--steps",
+        "50,100",
+        "--hold",
+        "15s",
+        "--gate",
+        "min_requests=5",
+        "--gate",
+        "ttft=0.01",
+        "--gate",
+        "warmup=5s",
+    )
     assert r.returncode != 0, r.stdout + r.stderr
     assert "rolled_back" in status and "TTFT p95: candidate" in status, status  # the gate and its numbers
     assert failed == [], failed  # slower is not failed: only the candidate's users saw the latency
@@ -152,11 +206,17 @@ def test_an_admin_registers_weights_over_the_api_of_the_running_stack(rollout_st
     stack = rollout_stack
     weights = str((REPO_ROOT / ".keel" / "models" / "demo-tiny").resolve())
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
-    bad = httpx.post(f"{stack.url}/v1/admin/models/register", headers=admin,
-                     json={"name": "demo-api", "version": "1", "path": weights + "-missing"})
+    bad = httpx.post(
+        f"{stack.url}/v1/admin/models/register",
+        headers=admin,
+        json={"name": "demo-api", "version": "1", "path": weights + "-missing"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "path", bad.text
-    r = httpx.post(f"{stack.url}/v1/admin/models/register", headers=admin,
-                   json={"name": "demo-api", "version": "1", "path": weights})
+    r = httpx.post(
+        f"{stack.url}/v1/admin/models/register",
+        headers=admin,
+        json={"name": "demo-api", "version": "1", "path": weights},
+    )
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 300
     while True:

@@ -57,8 +57,11 @@ def main() -> None:
     multiprocessing.get_context("spawn").Process(target=engine_core, args=(args.pids,)).start()
     for role in args.plain:
         env = {k: v for k, v in os.environ.items() if role != "hidden" or k != TREE_ENV}
-        subprocess.Popen([sys.executable, "-c", PLAIN_CHILD, args.pids, role], env=env,
-                         start_new_session=role in ("setsid", "hidden"))
+        subprocess.Popen(
+            [sys.executable, "-c", PLAIN_CHILD, args.pids, role],
+            env=env,
+            start_new_session=role in ("setsid", "hidden"),
+        )
     report(args.pids, "server")
     time.sleep(600)
 

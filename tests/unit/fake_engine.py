@@ -20,9 +20,18 @@ python_gc_objects_collected_total{generation="0"} 1.0
 class FakeEngine:
     """Streams `chunks` SSE events per request, `delay` apart; or answers `error_status`."""
 
-    def __init__(self, chunks: int = 3, delay: float = 0.0, error_status: int | None = None, error_body: bytes = b"",
-                 tokens: list[str] | None = None, prompt_tokens: int = 7, field: str = "content",
-                 alternatives: dict[str, list[str]] | None = None, die_after: int | None = None):
+    def __init__(
+        self,
+        chunks: int = 3,
+        delay: float = 0.0,
+        error_status: int | None = None,
+        error_body: bytes = b"",
+        tokens: list[str] | None = None,
+        prompt_tokens: int = 7,
+        field: str = "content",
+        alternatives: dict[str, list[str]] | None = None,
+        die_after: int | None = None,
+    ):
         """tokens: answer like vLLM does, with these as the generated text pieces (role chunk,
         content chunks, a finish_reason chunk, a usage chunk when asked, [DONE]), with logprobs
         when the request asks (alternatives: token -> other tokens its top_logprobs list) and,
@@ -65,7 +74,9 @@ class FakeEngine:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         if lines[0].startswith("GET /metrics"):
             text = METRICS.encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(text) + text)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(text) + text
+            )
             await writer.drain()
             writer.close()
             return
@@ -73,7 +84,8 @@ class FakeEngine:
         if self.error_status:
             writer.write(
                 f"HTTP/1.1 {self.error_status} Err\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(self.error_body)}\r\nconnection: close\r\n\r\n".encode() + self.error_body
+                f"content-length: {len(self.error_body)}\r\nconnection: close\r\n\r\n".encode()
+                + self.error_body
             )
             await writer.drain()
             writer.close()
@@ -94,20 +106,34 @@ class FakeEngine:
     async def _answer_plain(self, reader, writer, stream: bool) -> None:
         if not stream:
             payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
-                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload
+            )
         else:
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
-                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-            await self._send_events(reader, writer, [
-                json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() for i in range(self.chunks)])
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
+                b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            )
+            await self._send_events(
+                reader,
+                writer,
+                [json.dumps({"choices": [{"delta": {"content": f"t{i}"}}]}).encode() for i in range(self.chunks)],
+            )
 
     async def _answer_like_vllm(self, reader, writer, req: dict, line: str) -> None:
         chat = "/chat/" in line
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
-                 "total_tokens": self.prompt_tokens + len(self.tokens)}
-        base = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": 1_764_000_000, "model": req.get("model")}
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.tokens),
+            "total_tokens": self.prompt_tokens + len(self.tokens),
+        }
+        base = {
+            "id": "cmpl-1",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 1_764_000_000,
+            "model": req.get("model"),
+        }
         pieces = list(self.tokens)
         if not chat and req.get("echo") and isinstance(req.get("prompt"), str):
             pieces.insert(0, req["prompt"])
@@ -124,23 +150,45 @@ class FakeEngine:
             text = "".join(pieces)
             lp = self._joined(logprobs, chat)
             if chat:
-                ch = {"index": 0, "message": {"role": "assistant", "content": None, **self._message(text)},
-                      "logprobs": lp, "finish_reason": "stop"}
+                ch = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": None, **self._message(text)},
+                    "logprobs": lp,
+                    "finish_reason": "stop",
+                }
             else:
                 ch = {"index": 0, "text": text, "logprobs": lp, "finish_reason": "stop"}
-            payload = json.dumps({**base, "object": "chat.completion" if chat else "text_completion",
-                                  "choices": [ch], "usage": usage}, separators=(",", ":")).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload)
+            payload = json.dumps(
+                {**base, "object": "chat.completion" if chat else "text_completion", "choices": [ch], "usage": usage},
+                separators=(",", ":"),
+            ).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload
+            )
             return
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                     b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        )
         events = []
         if chat:
-            events.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-        events += [{**base, "choices": [choice(t, lp=lp, first=i == 0)]}
-                   for i, (t, lp) in enumerate(zip(pieces, logprobs))]
+            events.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+        events += [
+            {**base, "choices": [choice(t, lp=lp, first=i == 0)]} for i, (t, lp) in enumerate(zip(pieces, logprobs))
+        ]
         events.append({**base, "choices": [choice("", finish="stop")]})
         if (req.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
@@ -158,8 +206,7 @@ class FakeEngine:
     def _message(self, text: str) -> dict:
         if self.field != "tool_arguments":
             return {self.field: text}
-        return {"tool_calls": [{"id": "call_1", "type": "function",
-                                "function": {"name": "lookup", "arguments": text}}]}
+        return {"tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": text}}]}
 
     def _logprobs(self, req: dict, chat: bool, token: str, offset: int):
         """One token's logprobs, as vLLM writes them, or None when the request did not ask."""
@@ -167,15 +214,20 @@ class FakeEngine:
             if not req.get("logprobs"):
                 return None
             k = req.get("top_logprobs") or 0
-            tops = [{"token": t, "logprob": -1.5, "bytes": list(t.encode())}
-                    for t in [token, *self.alternatives.get(token, [])][:k]]
-            return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()),
-                                 "top_logprobs": tops}]}
+            tops = [
+                {"token": t, "logprob": -1.5, "bytes": list(t.encode())}
+                for t in [token, *self.alternatives.get(token, [])][:k]
+            ]
+            return {"content": [{"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": tops}]}
         if req.get("logprobs") is None:
             return None
         k = req["logprobs"]
-        return {"text_offset": [offset], "token_logprobs": [-0.5], "tokens": [token],
-                "top_logprobs": [dict.fromkeys([token, *self.alternatives.get(token, [])][:max(k, 1)], -1.5)]}
+        return {
+            "text_offset": [offset],
+            "token_logprobs": [-0.5],
+            "tokens": [token],
+            "top_logprobs": [dict.fromkeys([token, *self.alternatives.get(token, [])][: max(k, 1)], -1.5)],
+        }
 
     @staticmethod
     def _joined(logprobs: list, chat: bool):

@@ -54,8 +54,10 @@ class FakeOpenAI:
         chat = "messages" in body
         prompt = body["messages"][0]["content"] if chat else body["prompt"]
         if "#429" in prompt:
-            return web.json_response({"error": {"message": "quota exceeded for tenant t1",
-                                                "type": "rate_limit_error", "code": 429}}, status=429)
+            return web.json_response(
+                {"error": {"message": "quota exceeded for tenant t1", "type": "rate_limit_error", "code": 429}},
+                status=429,
+            )
         if "#500" in prompt:
             return web.Response(status=500, text="Internal Server Error")
         if "#refuse" in prompt:
@@ -112,8 +114,13 @@ class FakeOpenAI:
                     await send(chunk(f"t{i} "))
                 leave()
                 if "#nousage" not in prompt:
-                    await send({"id": "x", "choices": [], "usage": {
-                        "prompt_tokens": USAGE_PROMPT_TOKENS, "completion_tokens": body["max_tokens"]}})
+                    await send(
+                        {
+                            "id": "x",
+                            "choices": [],
+                            "usage": {"prompt_tokens": USAGE_PROMPT_TOKENS, "completion_tokens": body["max_tokens"]},
+                        }
+                    )
             await send("[DONE]")
             await resp.write_eof()
             return resp

@@ -109,7 +109,10 @@ def test_registration_bodies_are_checked_strictly_400_naming_the_field(tmp_path,
         err = error_of(resp)
         assert (err["param"], err["type"]) == (param, "invalid_request_error") and text in err["message"], err
     assert [(r.status_code, error_of(r)["code"]) for r in raw] == [
-        (400, "invalid_json"), (400, "invalid_body"), (400, "invalid_body")]
+        (400, "invalid_json"),
+        (400, "invalid_body"),
+        (400, "invalid_body"),
+    ]
     assert not (models_base / JOBS_DIR).exists(), "a refused body starts no job"
 
 
@@ -119,8 +122,12 @@ def test_a_registration_runs_in_a_child_process_and_any_gateway_reads_its_job(tm
             started = await h.register(name="m", version="1", path=str(model_dir), gpu_memory_gib=80)
             job = await h.finished(started.json()["id"])
             # Another gateway replica sharing the models directory (open: no tenants) answers too.
-            other = Gateway(GatewaySettings(port=0), ["demo"], Pipeline(default_stages(["demo"])),
-                            registrations=RegistrationJobs(models_base))
+            other = Gateway(
+                GatewaySettings(port=0),
+                ["demo"],
+                Pipeline(default_stages(["demo"])),
+                registrations=RegistrationJobs(models_base),
+            )
             await other.start()
             try:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other.port}", timeout=10) as c:
@@ -135,7 +142,12 @@ def test_a_registration_runs_in_a_child_process_and_any_gateway_reads_its_job(tm
     assert started.status_code == 202 and JOB_ID.fullmatch(first["id"])
     assert started.headers["location"] == f"{REGISTER}/{first['id']}"
     assert {k: first[k] for k in ("status", "name", "version", "path", "gpu_memory_gib")} == {
-        "status": "running", "name": "m", "version": "1", "path": str(model_dir), "gpu_memory_gib": 80}
+        "status": "running",
+        "name": "m",
+        "version": "1",
+        "path": str(model_dir),
+        "gpu_memory_gib": 80,
+    }
     assert job["status"] == "succeeded", job
     assert job["pid"] != os.getpid()  # hashed in a child process, not the gateway's
     result = job["result"]
@@ -165,13 +177,16 @@ def test_a_truncated_safetensors_job_fails_naming_the_file_as_the_cli_does(tmp_p
     started, job = run(go())
     assert started.status_code == 202 and job["status"] == "failed" and "result" not in job
     assert job["error"].startswith("refused to register m@1:\n")
-    assert f"{weights}: truncated: its header describes {len(data):,} bytes, the file has {len(data) - 1000:,}" \
+    assert (
+        f"{weights}: truncated: its header describes {len(data):,} bytes, the file has {len(data) - 1000:,}"
         in job["error"]
+    )
     assert not (models_base / "m").exists()
 
 
 def test_registering_a_version_again_same_bytes_succeeds_other_bytes_fail_naming_the_file(
-        tmp_path, models_base, two_versions):
+    tmp_path, models_base, two_versions
+):
     v1, v2 = two_versions  # m@1 and m@2 registered already
     edit_json(v1 / "generation_config.json", top_p=0.5)
 
@@ -200,14 +215,14 @@ def test_unknown_or_malformed_job_ids_are_404(tmp_path, models_base):
 
 
 def test_more_registrations_than_the_limit_are_429_and_stopping_the_gateway_ends_them(
-        tmp_path, models_base, demo_weights):
+    tmp_path, models_base, demo_weights
+):
     path = str(blocking_model(tmp_path, demo_weights))
 
     async def go():
         async with Admin(tmp_path, models_base) as h:
             started = [await h.register(name="m", version=str(i), path=path) for i in range(3)]
-            running = [(await h.client.get(f"{REGISTER}/{r.json()['id']}", headers=ADMIN)).json()
-                       for r in started[:2]]
+            running = [(await h.client.get(f"{REGISTER}/{r.json()['id']}", headers=ADMIN)).json() for r in started[:2]]
         return started, running
 
     started, running = run(go())

@@ -32,8 +32,9 @@ def test_clean_traffic_with_a_daily_cycle_raises_no_anomaly():
         assert r["false_alarms"] == [], r
 
 
-def feed(det: AnomalyDetector, t: float, requests: int, tenant="acme", errors=0, tokens=100,
-         latency=0.1, hits=0) -> list:
+def feed(
+    det: AnomalyDetector, t: float, requests: int, tenant="acme", errors=0, tokens=100, latency=0.1, hits=0
+) -> list:
     for i in range(requests):
         det.observe(tenant, "demo", 503 if i < errors else 200, tokens, latency, hits if i == 0 else 0)
     return det.close(t)
@@ -110,13 +111,17 @@ def test_an_error_burst_ends_when_traffic_stops():
 
 
 def test_a_lasting_latency_step_is_adopted_once_and_not_raised_again_on_later_days():
-    det = AnomalyDetector(AnomalyConfig(warmup_buckets=10, season_slots=24, season_warmup_days=1,
-                                        adapt_after_buckets=12, bucket_s=3600))
+    det = AnomalyDetector(
+        AnomalyConfig(warmup_buckets=10, season_slots=24, season_warmup_days=1, adapt_after_buckets=12, bucket_s=3600)
+    )
     latency = [0.1] * (4 * 24) + [0.2] * (4 * 24)  # four days at 100 ms, four at 200 ms (hourly buckets)
     events = []
     for k, lat in enumerate(latency):
-        events += [(p, a.end_reason) for p, a in feed(det, k * 3600.0, 20 + k % 3, latency=lat * (1 + 0.02 * (k % 5)))
-                   if a.signal == "latency"]
+        events += [
+            (p, a.end_reason)
+            for p, a in feed(det, k * 3600.0, 20 + k % 3, latency=lat * (1 + 0.02 * (k % 5)))
+            if a.signal == "latency"
+        ]
     assert events == [("start", None), ("end", "adapted")]
 
 
@@ -160,10 +165,14 @@ def test_a_reload_keeps_baselines_unless_their_shape_changes_and_ends_disabled_s
 
 
 def test_config_errors_name_the_key_path():
-    for bad, where in [({"bucket_s": 5}, "anomalies.bucket_s"), ({"signals": []}, "anomalies.signals"),
-                       ({"signals": ["tokens", "tokens"]}, "anomalies.signals"),
-                       ({"signals": ["cpu"]}, "anomalies.signals.0"), ({"max_series": 0}, "anomalies.max_series"),
-                       ({"thresold": 5}, "anomalies.thresold")]:
+    for bad, where in [
+        ({"bucket_s": 5}, "anomalies.bucket_s"),
+        ({"signals": []}, "anomalies.signals"),
+        ({"signals": ["tokens", "tokens"]}, "anomalies.signals"),
+        ({"signals": ["cpu"]}, "anomalies.signals.0"),
+        ({"max_series": 0}, "anomalies.max_series"),
+        ({"thresold": 5}, "anomalies.thresold"),
+    ]:
         with pytest.raises(ValidationError) as e:
             PolicyConfig.model_validate({"anomalies": bad})
         assert where in str(e.value).replace("\n", " "), (bad, str(e.value))

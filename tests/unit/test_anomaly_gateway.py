@@ -38,8 +38,10 @@ def test_a_spike_of_requests_is_listed_counted_and_audited(tmp_path):
         async with Harness(policy(tmp_path, anomalies=DETECT), {"demo": FakeEngine(tokens=["ok"])}) as h:
             await spike(h)
             admin = await h.client.get(ANOMALIES, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-            metrics = (h.metric("keel_anomalies_total", tenant="acme", model="demo", signal="requests"),
-                       h.metric("keel_anomaly_active", tenant="acme", model="demo", signal="requests"))
+            metrics = (
+                h.metric("keel_anomalies_total", tenant="acme", model="demo", signal="requests"),
+                h.metric("keel_anomaly_active", tenant="acme", model="demo", signal="requests"),
+            )
             return admin, metrics, h.audit_records(events=True)
 
     admin, metrics, records = run(go())
@@ -53,8 +55,7 @@ def test_a_spike_of_requests_is_listed_counted_and_audited(tmp_path):
     assert 1 < a["expected"] < 4 and a["score"] >= 6
     assert metrics == (1.0, 1.0)
     audited = [r for r in records if r.get("event") == "anomaly" and r["signal"] == "requests"]
-    assert [(r["phase"], r["tenant"], r["model"], r["id"]) for r in audited] == [
-        ("start", "acme", "demo", a["id"])]
+    assert [(r["phase"], r["tenant"], r["model"], r["id"]) for r in audited] == [("start", "acme", "demo", a["id"])]
 
 
 def test_the_anomalies_endpoint_needs_an_admin_key(tmp_path):

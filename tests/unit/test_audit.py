@@ -70,9 +70,11 @@ def test_records_of_a_process_that_exits_without_close_are_on_disk(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from serving.policy.audit import AuditLog\n"
-            "log = AuditLog(sys.argv[1], flush_interval_s=60)\n"
-            "for i in range(100): log.write({'i': i})\n")
+    code = (
+        "import sys; from serving.policy.audit import AuditLog\n"
+        "log = AuditLog(sys.argv[1], flush_interval_s=60)\n"
+        "for i in range(100): log.write({'i': i})\n"
+    )
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60, cwd=repo)
     path = tmp_path / "audit-0.jsonl"
@@ -195,18 +197,35 @@ def _replace_last(lines):
     return lines
 
 
-@pytest.mark.parametrize("tamper, expected", [
-    (_edit_field, ["line 2", "altered"]),
-    (_edit_and_rehash, ["line 3", "prev does not match"]),  # the next record's prev gives it away
-    (lambda lines: lines[:1] + lines[2:], ["line 2: seq jumps from 0 to 2: 1 record(s) missing"]),
-    (lambda lines: lines[1:], ["line 1: the file's chain starts at seq 0 but its first record is seq 1: "
-                               "1 record(s) removed from the start"]),
-    (_swap, ["out of order", "line 2", "line 3"]),
-    (lambda lines: lines[:-1], ["1 record(s) removed from the end"]),
-    (_replace_last, ["replaced"]),
-    (lambda lines: lines[:2] + ["this is not json\n"] + lines[2:], ["line 3: not JSON"]),
-], ids=["edited field", "edited and re-hashed", "removed middle record", "removed first record",
-        "swapped records", "removed last record", "replaced last record", "garbage line"])
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        (_edit_field, ["line 2", "altered"]),
+        (_edit_and_rehash, ["line 3", "prev does not match"]),  # the next record's prev gives it away
+        (lambda lines: lines[:1] + lines[2:], ["line 2: seq jumps from 0 to 2: 1 record(s) missing"]),
+        (
+            lambda lines: lines[1:],
+            [
+                "line 1: the file's chain starts at seq 0 but its first record is seq 1: "
+                "1 record(s) removed from the start"
+            ],
+        ),
+        (_swap, ["out of order", "line 2", "line 3"]),
+        (lambda lines: lines[:-1], ["1 record(s) removed from the end"]),
+        (_replace_last, ["replaced"]),
+        (lambda lines: lines[:2] + ["this is not json\n"] + lines[2:], ["line 3: not JSON"]),
+    ],
+    ids=[
+        "edited field",
+        "edited and re-hashed",
+        "removed middle record",
+        "removed first record",
+        "swapped records",
+        "removed last record",
+        "replaced last record",
+        "garbage line",
+    ],
+)
 def test_verify_detects_tampering(tmp_path, tamper, expected):
     path = write_records(tmp_path, 4)
     write_lines(path, tamper(read_lines(path)))
@@ -302,8 +321,7 @@ def test_a_restarted_writer_continues_the_chain_across_a_rotation(tmp_path):
     write_rotating(tmp_path, 25, start=25)
     chain, results = chain_results(tmp_path)
     assert all(r.ok for _, r in results), [r.problems for _, r in results]
-    assert [json.loads(line)["request_id"] for p in chain for line in read_lines(p)] == \
-        [f"req-{i}" for i in range(50)]
+    assert [json.loads(line)["request_id"] for p in chain for line in read_lines(p)] == [f"req-{i}" for i in range(50)]
 
 
 def test_verify_chain_detects_a_missing_rotated_file(tmp_path):
@@ -377,8 +395,10 @@ def test_a_rotation_that_fails_part_way_is_undone_and_writing_goes_on(tmp_path, 
 
     monkeypatch.setattr(writer.os, "rename", rename)
     current = write_rotating(tmp_path, 20)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
-        ["audit-0.jsonl", "audit-0.jsonl.head"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "audit-0.jsonl",
+        "audit-0.jsonl.head",
+    ]
     result = verify(current)
     assert result.ok and result.records == 20
 
@@ -406,8 +426,9 @@ def _write_past_a_mebibyte(log) -> None:
 
 def _rotated_once_at_a_mebibyte(directory) -> bool:
     (chain,) = chain_order(sorted(directory.glob("audit-*.jsonl")))
-    return (len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20
-            and all(r.ok for _, r in verify_chain(chain)))
+    return (
+        len(chain) == 2 and 2**20 <= chain[0].stat().st_size < 2 * 2**20 and all(r.ok for _, r in verify_chain(chain))
+    )
 
 
 def test_the_policy_audit_block_sets_the_rotation_size(tmp_path):
@@ -432,8 +453,9 @@ def test_a_reload_that_changes_only_the_rotation_size_keeps_the_file_and_its_cha
 
     metrics = GatewayMetrics()
     first = PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path)}}), {}, metrics)
-    second = PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path), "max_file_mb": 1}}),
-                           {}, metrics, previous=first)
+    second = PolicyRuntime(
+        PolicyConfig.model_validate({"audit": {"dir": str(tmp_path), "max_file_mb": 1}}), {}, metrics, previous=first
+    )
     try:
         assert second.audit_log is first.audit_log and second.audit_log.path.name == "audit-0.jsonl"
         _write_past_a_mebibyte(second.audit_log)  # the new size applies to the file as it is

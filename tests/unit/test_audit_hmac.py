@@ -45,8 +45,6 @@ def write_records(directory, n, key_file=None, start=0, **log_args):
         return log.path
 
 
-
-
 # -- what a forger without the key does --------------------------------------------------------------
 
 
@@ -83,23 +81,34 @@ def appended(lines, n=2, **fields):
     last = json.loads(lines[-1])
     out = list(lines)
     for i in range(n):
-        rec = {"request_id": f"forged-{i}", "tenant": "acme", "status": 200, **fields,
-               "seq": last["seq"] + 1, "prev": last["hash"], "hash": "", "mac": last.get("mac")}
+        rec = {
+            "request_id": f"forged-{i}",
+            "tenant": "acme",
+            "status": 200,
+            **fields,
+            "seq": last["seq"] + 1,
+            "prev": last["hash"],
+            "hash": "",
+            "mac": last.get("mac"),
+        }
         out.append(forge(rec))
         last = json.loads(out[-1])
     return out
 
 
 def edit_and_rechain(path):
-    lines = rechain(read_lines(path)[:1] + [forge(json.loads(read_lines(path)[1]), tenant="globex")]
-                    + read_lines(path)[2:], 1)
+    lines = rechain(
+        read_lines(path)[:1] + [forge(json.loads(read_lines(path)[1]), tenant="globex")] + read_lines(path)[2:], 1
+    )
     write_lines(path, lines)
     rewrite_head(path, lines)
 
 
 def edit_field(path):
-    write_lines(path, [line.replace('"status":200', '"status":201') if i == 1 else line
-                       for i, line in enumerate(read_lines(path))])
+    write_lines(
+        path,
+        [line.replace('"status":200', '"status":201') if i == 1 else line for i, line in enumerate(read_lines(path))],
+    )
 
 
 def remove_middle(path):
@@ -145,27 +154,48 @@ TAMPERING = [
     (edit_field, ["line 2: record was altered"], True),
     (edit_and_rechain, ["line 2: seq 1 does not carry this key's MAC", "head: its MAC does not match"], False),
     (remove_middle, ["line 2: seq jumps from 0 to 2"], True),
-    (remove_middle_and_rechain, ["line 2: seq 1 does not carry this key's MAC", "head: its MAC does not match"],
-     False),
-    (append_after_head, ["line 5: 2 record(s) (seq 4 to 5) after the last one its head records (seq 3), "
-                         "without this key's MAC: added by someone else"], True),
-    (append_and_rewrite_head, ["line 5: seq 4 does not carry this key's MAC", "head: its MAC does not match"],
-     False),
-    (forge_head_seq, ["head: its MAC does not match (it records seq 8)",
-                      "line 4: the file ends at seq 3 but its head records seq 8: 5 record(s) removed from the end"],
-     True),
-    (truncate_keep_head, ["line 2: the file ends at seq 1 but its head records seq 3: 2 record(s) removed "
-                          "from the end"], True),
+    (remove_middle_and_rechain, ["line 2: seq 1 does not carry this key's MAC", "head: its MAC does not match"], False),
+    (
+        append_after_head,
+        [
+            "line 5: 2 record(s) (seq 4 to 5) after the last one its head records (seq 3), "
+            "without this key's MAC: added by someone else"
+        ],
+        True,
+    ),
+    (append_and_rewrite_head, ["line 5: seq 4 does not carry this key's MAC", "head: its MAC does not match"], False),
+    (
+        forge_head_seq,
+        [
+            "head: its MAC does not match (it records seq 8)",
+            "line 4: the file ends at seq 3 but its head records seq 8: 5 record(s) removed from the end",
+        ],
+        True,
+    ),
+    (
+        truncate_keep_head,
+        ["line 2: the file ends at seq 1 but its head records seq 3: 2 record(s) removed from the end"],
+        True,
+    ),
     (truncate_and_rewrite_head, ["head: its MAC does not match (it records seq 1)"], False),
 ]
-IDS = ["edited record", "edited record, chain and head rewritten", "removed record",
-       "removed record, chain and head rewritten", "records appended after the head",
-       "records appended, head rewritten", "forged head", "truncated tail", "truncated tail, head rewritten"]
+IDS = [
+    "edited record",
+    "edited record, chain and head rewritten",
+    "removed record",
+    "removed record, chain and head rewritten",
+    "records appended after the head",
+    "records appended, head rewritten",
+    "forged head",
+    "truncated tail",
+    "truncated tail, head rewritten",
+]
 
 
 @pytest.mark.parametrize("tamper, expected, seen_without_key", TAMPERING, ids=IDS)
-def test_verify_with_the_key_detects_tampering_by_someone_without_it(tmp_path, key_file, key, tamper, expected,
-                                                                       seen_without_key):
+def test_verify_with_the_key_detects_tampering_by_someone_without_it(
+    tmp_path, key_file, key, tamper, expected, seen_without_key
+):
     path = write_records(tmp_path / "audit", 4, key_file)
     assert verify(path, key=key).ok
     tamper(path)
@@ -178,8 +208,9 @@ def test_verify_with_the_key_detects_tampering_by_someone_without_it(tmp_path, k
 
 
 @pytest.mark.parametrize("tamper, expected, seen_without_key", TAMPERING, ids=IDS)
-def test_cli_verify_with_the_key_exits_1_and_names_the_file_and_the_seq(tmp_path, key_file, capsys, tamper,
-                                                                        expected, seen_without_key):
+def test_cli_verify_with_the_key_exits_1_and_names_the_file_and_the_seq(
+    tmp_path, key_file, capsys, tamper, expected, seen_without_key
+):
     from serving.cli import main
 
     path = write_records(tmp_path / "audit", 4, key_file)
@@ -229,8 +260,9 @@ def test_verify_with_the_key_fails_a_log_written_without_one_or_with_another(tmp
     create_key_file(other_file)
     other = write_records(tmp_path / "other", 2, other_file)
     result = verify(other, key=key)
-    assert not result.ok and f"head: written with another HMAC key (id {load_key(other_file).id}" in \
-        problems_text(result)
+    assert not result.ok and f"head: written with another HMAC key (id {load_key(other_file).id}" in problems_text(
+        result
+    )
     assert problems_text(result).count("\n") == 0  # one problem, not one per record
 
 
@@ -244,8 +276,7 @@ def test_a_copy_without_its_head_still_has_each_record_checked(tmp_path, key_fil
 
 def test_a_file_written_with_no_key_lists_at_most_ten_mac_problems(tmp_path, key_file, key):
     path = write_records(tmp_path / "audit", 15, key_file)
-    lines = [json.dumps({k: v for k, v in json.loads(line).items() if k != "mac"}) + "\n"
-             for line in read_lines(path)]
+    lines = [json.dumps({k: v for k, v in json.loads(line).items() if k != "mac"}) + "\n" for line in read_lines(path)]
     write_lines(path, lines)
     result = verify(path, key=key)
     assert problems_text(result).count("has no MAC") == 10
@@ -260,8 +291,10 @@ def test_without_a_key_records_after_the_head_fail_verification(tmp_path):
     append_after_head(path)
     result = verify(path)
     assert not result.ok
-    assert "line 4: 2 record(s) (seq 3 to 4) after the last one its head records (seq 2): added by " \
-           "someone else, or written just before a crash" in problems_text(result)
+    assert (
+        "line 4: 2 record(s) (seq 3 to 4) after the last one its head records (seq 2): added by "
+        "someone else, or written just before a crash" in problems_text(result)
+    )
 
 
 def crash_before_the_head(directory, key_file, n_before, n_after):
@@ -277,8 +310,10 @@ def test_records_the_writer_wrote_before_a_crash_fail_with_the_key_as_its_own(tm
     path = crash_before_the_head(tmp_path / "audit", key_file, 2, 2)
     result = verify(path, key=key)
     assert not result.ok
-    assert "line 3: 2 record(s) (seq 2 to 3) after the last one its head records (seq 1); they carry this " \
-           "key's MAC, so the writer stopped before updating its head" in problems_text(result)
+    assert (
+        "line 3: 2 record(s) (seq 2 to 3) after the last one its head records (seq 1); they carry this "
+        "key's MAC, so the writer stopped before updating its head" in problems_text(result)
+    )
 
 
 def test_a_restarted_writer_continues_after_its_own_records_past_the_head(tmp_path, key_file, key):
@@ -330,8 +365,11 @@ def test_turning_the_key_on_starts_a_new_chain_and_leaves_the_old_file_as_it_was
     assert [json.loads(line)["seq"] for line in read_lines(new)] == [0, 1]
     assert verify(old).ok and verify(new, key=key).ok
     # Verified with the key, the directory fails on the file written before it: archive that one.
-    results = dict(pr for chain in chain_order(sorted((tmp_path / "audit").glob("audit-*.jsonl")))
-                   for pr in verify_chain(chain, key=key))
+    results = dict(
+        pr
+        for chain in chain_order(sorted((tmp_path / "audit").glob("audit-*.jsonl")))
+        for pr in verify_chain(chain, key=key)
+    )
     assert not results[old].ok and results[new].ok
 
 
@@ -371,8 +409,7 @@ def test_a_restarted_writer_with_the_key_continues_across_a_rotation(tmp_path, k
     write_records(tmp_path / "audit", 20, key_file, start=20, max_file_bytes=1500)
     (chain,) = chain_order(sorted((tmp_path / "audit").glob("audit-*.jsonl")))
     assert all(r.ok and r.authenticated for _, r in verify_chain(chain, key=key))
-    assert [json.loads(line)["request_id"] for p in chain for line in read_lines(p)] == \
-        [f"req-{i}" for i in range(40)]
+    assert [json.loads(line)["request_id"] for p in chain for line in read_lines(p)] == [f"req-{i}" for i in range(40)]
 
 
 def test_records_may_not_set_the_mac_field(tmp_path):

@@ -31,8 +31,8 @@ MEAN_TOKENS = 200
 
 def erlang_c(c: int, a: float) -> float:
     """The probability that an arrival waits in M/M/c with offered load a = lambda / mu < c."""
-    below = sum(a ** k / math.factorial(k) for k in range(c))
-    top = a ** c / math.factorial(c) * c / (c - a)
+    below = sum(a**k / math.factorial(k) for k in range(c))
+    top = a**c / math.factorial(c) * c / (c - a)
     return top / (below + top)
 
 
@@ -47,8 +47,9 @@ def fixed(c: int) -> AutoscalingConfig:
 @pytest.mark.parametrize("c,lam,seed", [(2, 1.2, 0), (4, 3.0, 1), (3, 1.5, 2)])
 def test_mmc_waiting_probability_and_mean_wait_match_erlang_c(c, lam, seed):
     mu = 1.0
-    trace = generate("steady", lam, DURATION_S, seed, prompt=Lengths(10),
-                     output=Lengths(MEAN_TOKENS, dist="geometric", low=1))
+    trace = generate(
+        "steady", lam, DURATION_S, seed, prompt=Lengths(10), output=Lengths(MEAN_TOKENS, dist="geometric", low=1)
+    )
     r = simulate(trace, single_request_replicas(1 / mu), fixed(c), policy=Fixed)
     p_wait = erlang_c(c, lam / mu)
     wq = p_wait / (c * mu - lam)
@@ -67,8 +68,9 @@ def test_md1_mean_wait_matches_pollaczek_khinchine():
 
 
 def test_one_replica_waits_follow_lindleys_recursion_exactly():
-    trace = generate("bursty", 0.8, 2_000, 7, burstiness=0.3, prompt=Lengths(10),
-                     output=Lengths(50, dist="geometric", low=1))
+    trace = generate(
+        "bursty", 0.8, 2_000, 7, burstiness=0.3, prompt=Lengths(10), output=Lengths(50, dist="geometric", low=1)
+    )
     tpot = 0.02
     r = simulate(trace, ReplicaModel(ServiceCurve.constant(0.0, tpot), 1, 0.0), fixed(1), policy=Fixed)
     t = np.array([q.t for q in trace.requests])

@@ -42,8 +42,7 @@ def test_latency_follows_the_curve_at_the_replicas_concurrency():
 
 
 def test_full_replicas_queue_requests_in_arrival_order():
-    r = simulate(trace((0.0, 11), (0.1, 11), (0.2, 11)), replicas(max_concurrency=1), AutoscalingConfig(),
-                 policy=Fixed)
+    r = simulate(trace((0.0, 11), (0.1, 11), (0.2, 11)), replicas(max_concurrency=1), AutoscalingConfig(), policy=Fixed)
     # each runs 1.5 s; the second waits until 1.5, the third until 3.0
     assert list(r.wait_s) == pytest.approx([0.0, 1.4, 2.8])
     assert r.waited == pytest.approx(2 / 3)
@@ -62,8 +61,9 @@ def test_scale_up_counts_the_cold_start_in_replica_seconds_and_cost():
 def test_scale_down_drains_the_busy_replica_until_its_last_request_ends():
     settings = AutoscalingConfig(min_replicas=1, max_replicas=2, initial_replicas=2)
     # two long requests at t=0 land on r0 and r1 (least loaded); each runs 0.5 + 100 x 0.1 = 10.5 s
-    r = simulate(trace((0.0, 101), (0.0, 101), (4.0, 1), duration=20.0), replicas(), settings,
-                 policy=scripted([(3.0, 1)]))
+    r = simulate(
+        trace((0.0, 101), (0.0, 101), (4.0, 1), duration=20.0), replicas(), settings, policy=scripted([(3.0, 1)])
+    )
     # at 3 s one replica drains: it takes no new request (the 4 s one waits for neither), and
     # stops at 10.5 s when its request ends; the other runs to the trace's end at 20 s
     assert r.replica_seconds == pytest.approx(20.0 + 10.5)
@@ -75,8 +75,12 @@ def test_scale_down_drains_the_newest_ready_replica_as_ray_does():
     settings = AutoscalingConfig(min_replicas=1, max_replicas=2)
     # r1 starts at 2 s, ready at 7 s; at 8 s a short request lands on r0, a long one on r1
     # (busy until 18.5 s); at the 9 s tick one replica goes: r1, the newest, busy or not
-    r = simulate(trace((8.0, 2), (8.0, 101), duration=20.0), replicas(cold_start_s=5.0), settings,
-                 policy=scripted([(2.0, 2), (9.0, 1)]))
+    r = simulate(
+        trace((8.0, 2), (8.0, 101), duration=20.0),
+        replicas(cold_start_s=5.0),
+        settings,
+        policy=scripted([(2.0, 2), (9.0, 1)]),
+    )
     assert r.replica_seconds == pytest.approx(20.0 + (18.5 - 2.0))
 
 
@@ -110,8 +114,13 @@ def test_a_request_beyond_hold_max_requests_fails_at_once():
     assert r.failed == 1 and r.completed == 2
     assert r.slo_attainment == pytest.approx(2 / 3)
     # 67% attainment clears a p50 SLO, but a setting that fails requests never meets it
-    assert not simulate(trace((0.1, 2), (0.2, 2), (0.3, 2)), replicas(cold_start_s=1.0), settings,
-                        SLO(ttft_ms=60_000, percentile=50), policy=WakeOnHeld).meets_slo
+    assert not simulate(
+        trace((0.1, 2), (0.2, 2), (0.3, 2)),
+        replicas(cold_start_s=1.0),
+        settings,
+        SLO(ttft_ms=60_000, percentile=50),
+        policy=WakeOnHeld,
+    ).meets_slo
 
 
 def test_the_policy_sees_ready_replicas_their_signal_and_held_demand():

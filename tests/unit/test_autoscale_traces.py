@@ -33,14 +33,17 @@ def test_jsonl_round_trip_sorted_by_arrival(tmp_path):
     assert t.duration == 0.5
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"t": 1, "prompt_tokens": 3', "not JSON"),
-    ('{"t": -1, "prompt_tokens": 3, "output_tokens": 2}', "t must be a number of seconds >= 0"),
-    ('{"t": 1, "prompt_tokens": 3.5, "output_tokens": 2}', "prompt_tokens must be a whole number"),
-    ('{"t": 1, "prompt_tokens": 3, "output_tokens": 0}', "output_tokens must be a whole number >= 1"),
-    ('{"t": 1, "prompt_tokens": 3, "output_tokens": 2, "arrival": 1}', "unknown key 'arrival'"),
-    ('[1, 2, 3]', "expected an object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"t": 1, "prompt_tokens": 3', "not JSON"),
+        ('{"t": -1, "prompt_tokens": 3, "output_tokens": 2}', "t must be a number of seconds >= 0"),
+        ('{"t": 1, "prompt_tokens": 3.5, "output_tokens": 2}', "prompt_tokens must be a whole number"),
+        ('{"t": 1, "prompt_tokens": 3, "output_tokens": 0}', "output_tokens must be a whole number >= 1"),
+        ('{"t": 1, "prompt_tokens": 3, "output_tokens": 2, "arrival": 1}', "unknown key 'arrival'"),
+        ("[1, 2, 3]", "expected an object"),
+    ],
+)
 def test_jsonl_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "t.jsonl"
     path.write_text('{"t": 0, "prompt_tokens": 3, "output_tokens": 2}\n\n' + line + "\n")
@@ -53,10 +56,26 @@ def test_jsonl_errors_name_the_line(tmp_path, line, message):
 
 def audit_record(end: dt.datetime, latency_ms: float, **kw) -> dict:
     """A record as the gateway's Audit stage writes it (serving/gateway/policy.py)."""
-    rec = {"time": end.isoformat(timespec="milliseconds"), "request_id": "r", "method": "POST",
-           "path": "/v1/chat/completions", "tenant": "t", "key_id": "k", "model": "demo", "variant": None,
-           "shadow": False, "status": 200, "error": None, "prompt_tokens": 12, "completion_tokens": 5,
-           "reserved_tokens": None, "latency_ms": latency_ms, "ttfb_ms": 20.0, "guardrails": [], "quota": None}
+    rec = {
+        "time": end.isoformat(timespec="milliseconds"),
+        "request_id": "r",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "tenant": "t",
+        "key_id": "k",
+        "model": "demo",
+        "variant": None,
+        "shadow": False,
+        "status": 200,
+        "error": None,
+        "prompt_tokens": 12,
+        "completion_tokens": 5,
+        "reserved_tokens": None,
+        "latency_ms": latency_ms,
+        "ttfb_ms": 20.0,
+        "guardrails": [],
+        "quota": None,
+    }
     rec.update(kw)
     return rec
 
@@ -128,22 +147,41 @@ def test_token_lengths_follow_their_distribution():
 
 
 def point(kind: str, value: float, ttft_ms: float, tpot_ms: float, **kw) -> dict:
-    p = {"load": {"kind": kind, "value": value, "burstiness": 1.0}, "completed": 48, "failed": 0,
-         "mean_ttft_ms": ttft_ms, "mean_tpot_ms": tpot_ms, "output_throughput": 100.0 * value,
-         "request_throughput": 1.0, "mean_e2el_ms": 1000.0}
+    p = {
+        "load": {"kind": kind, "value": value, "burstiness": 1.0},
+        "completed": 48,
+        "failed": 0,
+        "mean_ttft_ms": ttft_ms,
+        "mean_tpot_ms": tpot_ms,
+        "output_throughput": 100.0 * value,
+        "request_throughput": 1.0,
+        "mean_e2el_ms": 1000.0,
+    }
     p.update(kw)
     return p
 
 
 def bench_file(tmp_path, **setting_kw) -> str:
-    setting = {"name": "max_num_seqs=16", "engine": {"max_num_seqs": 16}, "replicas": 1, "startup_s": 41.5,
-               "points": [point("concurrency", 1, 50, 10), point("concurrency", 4, 80, 20),
-                          point("concurrency", 16, 300, 40), point("concurrency", 32, 2000, 45)]}
+    setting = {
+        "name": "max_num_seqs=16",
+        "engine": {"max_num_seqs": 16},
+        "replicas": 1,
+        "startup_s": 41.5,
+        "points": [
+            point("concurrency", 1, 50, 10),
+            point("concurrency", 4, 80, 20),
+            point("concurrency", 16, 300, 40),
+            point("concurrency", 32, 2000, 45),
+        ],
+    }
     setting.update(setting_kw)
-    doc = {"keel_bench": 1, "hardware": {"name": "h100-80gb", "price_per_replica_hour": 2.5, "currency": "EUR"},
-           "slo": {"ttft_ms": 500, "tpot_ms": 50, "e2el_ms": None, "percentile": 90},
-           "settings": [{"name": "other", "engine": {}, "replicas": 1, "points": []}, setting],
-           "recommendation": {"setting": "max_num_seqs=16", "engine": {"max_num_seqs": 16}}}
+    doc = {
+        "keel_bench": 1,
+        "hardware": {"name": "h100-80gb", "price_per_replica_hour": 2.5, "currency": "EUR"},
+        "slo": {"ttft_ms": 500, "tpot_ms": 50, "e2el_ms": None, "percentile": 90},
+        "settings": [{"name": "other", "engine": {}, "replicas": 1, "points": []}, setting],
+        "recommendation": {"setting": "max_num_seqs=16", "engine": {"max_num_seqs": 16}},
+    }
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(doc))
     return str(path)
@@ -176,8 +214,7 @@ def test_an_older_bench_file_falls_back_to_the_stack_start_and_says_so(tmp_path)
 
 
 def test_flags_override_the_bench_file(tmp_path):
-    model, _, _ = calibrate(bench_file(tmp_path, replica_start_s=24.3), cold_start_s=9, price=1.0,
-                            max_concurrency=64)
+    model, _, _ = calibrate(bench_file(tmp_path, replica_start_s=24.3), cold_start_s=9, price=1.0, max_concurrency=64)
     assert (model.cold_start_s, model.price_per_replica_hour, model.max_concurrency) == (9, 1.0, 64)
     assert model.curve.concurrency == (1, 4, 16, 32)
 

@@ -14,8 +14,15 @@ T0 = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc).timestamp()  # a Mo
 
 
 def settings(**kw) -> AutoscalingConfig:
-    base = dict(min_replicas=1, max_replicas=10, signal="requests_in_flight", target=10,
-                stable_window_s=60, panic_window_s=6, scale_down_cooldown_s=300)
+    base = dict(
+        min_replicas=1,
+        max_replicas=10,
+        signal="requests_in_flight",
+        target=10,
+        stable_window_s=60,
+        panic_window_s=6,
+        scale_down_cooldown_s=300,
+    )
     return AutoscalingConfig.model_validate({**base, **kw})
 
 
@@ -68,7 +75,7 @@ def test_no_scale_down_while_panicking_and_for_a_stable_window_after():
     first, last = over[0], over[-1]
     assert first == 101  # the burst's second tick: (4 x 20 + 2 x 100) / 6 / 10 = 4.67 >= 2 x 2
     # panicking from the first tick over the threshold until a stable window after the last
-    assert all(d.panic for d in ds[first:last + 60]) and not ds[last + 60].panic
+    assert all(d.panic for d in ds[first : last + 60]) and not ds[last + 60].panic
     assert all(ds[k].replicas >= ds[k - 1].replicas for k in range(first, last + 60))
     assert ds[115].panic_demand == 0 and ds[115].replicas == 10  # demand gone, count held
     assert "no scale-down while panicking" in ds[last + 30].reason
@@ -112,12 +119,18 @@ def test_held_requests_count_as_demand():
     assert d.replicas == 4  # (20 + 15) / 10 per replica
 
 
-PARIS = {"start": "09:00", "end": "17:00", "days": ["mon", "tue", "wed", "thu", "fri"],
-         "timezone": "Europe/Paris", "min_replicas": 5}
+PARIS = {
+    "start": "09:00",
+    "end": "17:00",
+    "days": ["mon", "tue", "wed", "thu", "fri"],
+    "timezone": "Europe/Paris",
+    "min_replicas": 5,
+}
 
 
 def at(day: int, hh: int, mm: int = 0, tz: str = "UTC") -> float:
     from zoneinfo import ZoneInfo
+
     return dt.datetime(2026, 12, day, hh, mm, tzinfo=ZoneInfo(tz)).timestamp()
 
 
@@ -132,8 +145,7 @@ def test_a_schedule_raises_the_floor_in_its_time_zone():
 
 
 def test_a_schedule_past_midnight_belongs_to_the_day_it_starts():
-    a = Autoscaler(settings(schedules=[{"start": "22:00", "end": "02:00", "days": ["fri"],
-                                        "min_replicas": 3}]))
+    a = Autoscaler(settings(schedules=[{"start": "22:00", "end": "02:00", "days": ["fri"], "min_replicas": 3}]))
     assert a.floor(at(11, 23))[0] == 3  # Friday 23:00
     assert a.floor(at(12, 1, 59))[0] == 3  # Saturday 01:59: Friday's window
     assert a.floor(at(12, 2, 0))[0] == 1
@@ -201,21 +213,24 @@ def test_every_reason_is_one_line():
     assert all("\n" not in d.reason and d.reason for d in ds)
 
 
-@pytest.mark.parametrize("bad, key", [
-    ({"target_ongoing_requests": 4}, "target_ongoing_requests is not a Keel autoscaling key; write target"),
-    ({"upscale_delay_s": 4}, "write stable_window_s and panic_window_s"),
-    ({"downscale_delay_s": 4}, "write scale_down_cooldown_s"),
-    ({"look_back_period_s": 4}, "write stable_window_s"),
-    ({"panic_window_s": 90}, "panic_window_s (90) must be <= stable_window_s (60)"),
-    ({"signal": "gpu_util"}, "signal"),
-    ({"signal": "kv_cache_usage", "target": 70}, "target (70) for kv_cache_usage"),
-    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas (2) must be >= min_replicas (3)"),
-    ({"hold_timeout_s": 30}, "hold_timeout_s applies only with min_replicas: 0"),
-    ({"schedules": [{**PARIS, "start": "9am"}]}, "schedules.0.start"),
-    ({"schedules": [{**PARIS, "timezone": "Mars/Olympus"}]}, "not an IANA time zone"),
-    ({"schedules": [{**PARIS, "min_replicas": 50}]}, "schedules[0].min_replicas (50) must be <= max_replicas"),
-    ({"tolerence": 0.1}, "tolerence"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"target_ongoing_requests": 4}, "target_ongoing_requests is not a Keel autoscaling key; write target"),
+        ({"upscale_delay_s": 4}, "write stable_window_s and panic_window_s"),
+        ({"downscale_delay_s": 4}, "write scale_down_cooldown_s"),
+        ({"look_back_period_s": 4}, "write stable_window_s"),
+        ({"panic_window_s": 90}, "panic_window_s (90) must be <= stable_window_s (60)"),
+        ({"signal": "gpu_util"}, "signal"),
+        ({"signal": "kv_cache_usage", "target": 70}, "target (70) for kv_cache_usage"),
+        ({"min_replicas": 3, "max_replicas": 2}, "max_replicas (2) must be >= min_replicas (3)"),
+        ({"hold_timeout_s": 30}, "hold_timeout_s applies only with min_replicas: 0"),
+        ({"schedules": [{**PARIS, "start": "9am"}]}, "schedules.0.start"),
+        ({"schedules": [{**PARIS, "timezone": "Mars/Olympus"}]}, "not an IANA time zone"),
+        ({"schedules": [{**PARIS, "min_replicas": 50}]}, "schedules[0].min_replicas (50) must be <= max_replicas"),
+        ({"tolerence": 0.1}, "tolerence"),
+    ],
+)
 def test_config_errors_name_the_key(bad, key):
     with pytest.raises(ValidationError) as e:
         settings(**bad)

@@ -23,8 +23,15 @@ NOW = 1_800_000_000.0
 
 
 def settings(**kw) -> dict:
-    base = dict(min_replicas=1, max_replicas=8, target=10, panic_threshold=10,
-                scale_down_cooldown_s=0, stable_window_s=10, panic_window_s=2)
+    base = dict(
+        min_replicas=1,
+        max_replicas=8,
+        target=10,
+        panic_threshold=10,
+        scale_down_cooldown_s=0,
+        stable_window_s=10,
+        panic_window_s=2,
+    )
     return AutoscalingConfig(**{**base, **kw}).model_dump(mode="json", exclude_none=True)
 
 
@@ -50,21 +57,31 @@ def series(*points) -> list:
     return [TimeStampedValue(t, v) for t, v in points]
 
 
-def fake_ctx(replicas: int, raw: dict, now: float = NOW, queued: float = 0.0, total: float = 0.0,
-             target: int | None = None):
-    return SimpleNamespace(current_time=now, current_num_replicas=replicas, raw_metrics=raw,
-                           target_num_replicas=replicas if target is None else target,
-                           total_queued_requests=queued, total_num_requests=total,
-                           deployment_name="engine-demo", policy_state={})
+def fake_ctx(
+    replicas: int, raw: dict, now: float = NOW, queued: float = 0.0, total: float = 0.0, target: int | None = None
+):
+    return SimpleNamespace(
+        current_time=now,
+        current_num_replicas=replicas,
+        raw_metrics=raw,
+        target_num_replicas=replicas if target is None else target,
+        total_queued_requests=queued,
+        total_num_requests=total,
+        deployment_name="engine-demo",
+        policy_state={},
+    )
 
 
 def test_the_mean_of_its_fresh_points_is_a_replicas_report():
     policy = KeelAutoscalingPolicy(**kwargs())
-    raw = {"requests_in_flight": {
-        "a": series((NOW - 1.5, 8), (NOW - 0.5, 16)),  # its last push: mean 12
-        "b": series((NOW - 0.4, 8)),
-        "c": series((NOW - 30, 50)),  # its scrapes failed for 30 s: left out, not 0
-    }, "kv_cache_usage": {"a": series((NOW - 0.5, 0.9))}}
+    raw = {
+        "requests_in_flight": {
+            "a": series((NOW - 1.5, 8), (NOW - 0.5, 16)),  # its last push: mean 12
+            "b": series((NOW - 0.4, 8)),
+            "c": series((NOW - 30, 50)),  # its scrapes failed for 30 s: left out, not 0
+        },
+        "kv_cache_usage": {"a": series((NOW - 0.5, 0.9))},
+    }
     obs = policy.observe(fake_ctx(3, raw))
     assert dict(obs.reports) == {"a": 12.0, "b": 8.0}
     assert obs.replicas == 3 and obs.held == 0
@@ -129,14 +146,17 @@ def test_a_settings_change_leaves_rays_code_version_alone():
 
     def apps(target: int) -> dict:
         doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
-        doc["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 2,
-                                                                            "target": target}}
+        doc["models"]["demo"]["deployment"] = {
+            "num_cpus": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target": target},
+        }
         deploy = ServeDeploySchema.model_validate(schema(desired(parse_config(doc, check_engine_args=False))))
         return {a.name: a for a in deploy.applications}
 
     before, after = apps(8), apps(4)
     assert get_app_code_version(before["keel-model-demo"]) == get_app_code_version(after["keel-model-demo"])
     assert get_app_code_version(before["keel"]) == get_app_code_version(after["keel"])
+
     def gateway(apps):
         return next(d for d in apps["keel"].deployments if d.name == "gateway").user_config
 
@@ -145,26 +165,44 @@ def test_a_settings_change_leaves_rays_code_version_alone():
 
 
 def _info(config: RayAutoscalingConfig) -> DeploymentInfo:
-    return DeploymentInfo(deployment_config=DeploymentConfig(autoscaling_config=config),
-                          replica_config=ReplicaConfig.create(lambda: None),
-                          start_time_ms=0, deployer_job_id="test")
+    return DeploymentInfo(
+        deployment_config=DeploymentConfig(autoscaling_config=config),
+        replica_config=ReplicaConfig.create(lambda: None),
+        start_time_ms=0,
+        deployer_job_id="test",
+    )
 
 
 def _ray_ctx(config, policy_state, replicas, target, values, now, queued=0.0):
     raw = {"requests_in_flight": {f"r{i}": series((now, v)) for i, v in enumerate(values)}}
     return AutoscalingContext(
-        deployment_id=None, deployment_name="engine-demo", app_name="keel-model-demo",
-        current_num_replicas=replicas, target_num_replicas=target, running_replicas=[],
-        total_num_requests=queued + sum(values), total_queued_requests=queued,
-        aggregated_metrics={}, raw_metrics=raw, capacity_adjusted_min_replicas=config.min_replicas,
-        capacity_adjusted_max_replicas=config.max_replicas, policy_state=policy_state,
-        last_scale_up_time=None, last_scale_down_time=None, current_time=now, config=config)
+        deployment_id=None,
+        deployment_name="engine-demo",
+        app_name="keel-model-demo",
+        current_num_replicas=replicas,
+        target_num_replicas=target,
+        running_replicas=[],
+        total_num_requests=queued + sum(values),
+        total_queued_requests=queued,
+        aggregated_metrics={},
+        raw_metrics=raw,
+        capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas,
+        policy_state=policy_state,
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=now,
+        config=config,
+    )
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([40], 2),  # up: x2 at most a step, Ray's factor 1 and delay 0 add nothing
-    ([10, 10, 10, 10], 4),  # steady: no change
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([40], 2),  # up: x2 at most a step, Ray's factor 1 and delay 0 add nothing
+        ([10, 10, 10, 10], 4),  # steady: no change
+    ],
+)
 def test_rays_wrapper_passes_the_decision_through(values, expected, store):
     store["demo"] = settings(min_replicas=1, max_replicas=8)
     config = ray_config(min_replicas=1, max_replicas=8)

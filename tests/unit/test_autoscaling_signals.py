@@ -16,8 +16,11 @@ def vllm_page(running=(2,), waiting=(3,), usage=(0.25,), blocks=1000, block_size
 
     reg = CollectorRegistry()
     labels = ["model_name", "engine"]
-    for name, values in (("vllm:num_requests_running", running), ("vllm:num_requests_waiting", waiting),
-                         ("vllm:kv_cache_usage_perc", usage)):
+    for name, values in (
+        ("vllm:num_requests_running", running),
+        ("vllm:num_requests_waiting", waiting),
+        ("vllm:kv_cache_usage_perc", usage),
+    ):
         g = Gauge(name, name, labelnames=labels, registry=reg)
         for engine, v in enumerate(values):
             g.labels(model_name="demo", engine=str(engine)).set(v)
@@ -33,8 +36,12 @@ def vllm_page(running=(2,), waiting=(3,), usage=(0.25,), blocks=1000, block_size
 
 def test_all_four_signals_from_one_page():
     s = read_signals(vllm_page())
-    assert s == {"requests_in_flight": 5.0, "waiting_requests": 3.0, "kv_cache_usage": 0.25,
-                 "tokens_in_flight": 0.25 * 1000 * 16}
+    assert s == {
+        "requests_in_flight": 5.0,
+        "waiting_requests": 3.0,
+        "kv_cache_usage": 0.25,
+        "tokens_in_flight": 0.25 * 1000 * 16,
+    }
 
 
 def test_data_parallel_engines_add_up_and_average_their_kv_usage():

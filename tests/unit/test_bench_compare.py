@@ -60,6 +60,7 @@ def replica_launch(cfg, monkeypatch, environ: dict | None = None) -> tuple[list[
 
 # --- the baseline ------------------------------------------------------------------------------
 
+
 def test_bare_vllm_gets_the_flags_the_replica_gives_its_engine(monkeypatch):
     cfg = load_config(LOCAL)
     engine_cmd, _ = replica_launch(cfg, monkeypatch)
@@ -76,7 +77,8 @@ def test_bare_vllm_gets_the_engine_environment_with_rays_thread_count(monkeypatc
     assert env["OMP_NUM_THREADS"] == "1"  # what Ray adds to the replica's environment
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # the config's env:
     assert {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"} == {
-        k: v for k, v in engine_env.items() if k != "KEEL_ENGINE_TREE"}
+        k: v for k, v in engine_env.items() if k != "KEEL_ENGINE_TREE"
+    }
 
 
 @pytest.mark.parametrize(("num_cpus", "threads"), [(0, "1"), (0.5, "1"), (1, "1"), (2.5, "2"), (4, "4")])
@@ -94,11 +96,35 @@ def test_an_omp_setting_already_in_the_environment_or_the_config_wins():
 
 # --- the engines' conditions -------------------------------------------------------------------
 
+
 def test_engine_args_drop_only_the_flags_that_differ_by_construction():
-    keel = ["py", "-m", "serving.engine.server", "--keel-parent", "9", "--model", "/m", "--host", "0.0.0.0",
-            "--port", "1", "--max-num-seqs", "8"]
-    bare = ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host=127.0.0.1",
-            "--port", "2", "--max-num-seqs", "8"]
+    keel = [
+        "py",
+        "-m",
+        "serving.engine.server",
+        "--keel-parent",
+        "9",
+        "--model",
+        "/m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "1",
+        "--max-num-seqs",
+        "8",
+    ]
+    bare = [
+        "py",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/m",
+        "--host=127.0.0.1",
+        "--port",
+        "2",
+        "--max-num-seqs",
+        "8",
+    ]
     assert engine_args(keel) == engine_args(bare) == ["--model", "/m", "--max-num-seqs", "8"]
     assert engine_args(bare + ["--api-key", "s"]) != engine_args(keel)
 
@@ -107,14 +133,17 @@ def conditions(api=None, worker=None, args=("--model", "/m")):
     """Two engine processes as engine_conditions reads them, with fields changed by api/worker."""
     api_server = {"nice": 0, "affinity": [0, 1], "threads": 10, "env": {"OMP_NUM_THREADS": "1"}}
     vllm_worker = {"nice": 0, "affinity": [0], "threads": 47, "env": {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "0"}}
-    return {"args": list(args), "processes": {"api server": {**api_server, **(api or {})},
-                                              "VLLM::Worker": {**vllm_worker, **(worker or {})}}}
+    return {
+        "args": list(args),
+        "processes": {"api server": {**api_server, **(api or {})}, "VLLM::Worker": {**vllm_worker, **(worker or {})}},
+    }
 
 
 def test_conditions_differing_in_threads_env_priority_or_cpus_are_reported():
     assert condition_diffs(conditions(), conditions(api={"threads": 12})) == []  # reported, not judged
     assert condition_diffs(conditions(), conditions(api={"env": {}})) == [
-        "api server env: Keel {'OMP_NUM_THREADS': '1'} vs baseline {}"]
+        "api server env: Keel {'OMP_NUM_THREADS': '1'} vs baseline {}"
+    ]
     [nice] = condition_diffs(conditions(worker={"nice": 15}), conditions())
     assert nice == "VLLM::Worker nice: Keel 15 vs baseline 0"
     assert condition_diffs(conditions(), conditions(api={"affinity": [1]}))
@@ -126,9 +155,11 @@ def test_conditions_differing_in_threads_env_priority_or_cpus_are_reported():
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
 def test_a_live_processs_conditions_are_read_from_proc():
-    child = subprocess.Popen([sys.executable, "-m", "timeit", "-n1", "-r1", "import time; time.sleep(30)"],
-                             env={"OMP_NUM_THREADS": "3", "GOMP_CPU_AFFINITY": "0", "UNRELATED": "x"},
-                             preexec_fn=lambda: os.nice(5))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "timeit", "-n1", "-r1", "import time; time.sleep(30)"],
+        env={"OMP_NUM_THREADS": "3", "GOMP_CPU_AFFINITY": "0", "UNRELATED": "x"},
+        preexec_fn=lambda: os.nice(5),
+    )
     try:
         import psutil
 
@@ -149,8 +180,13 @@ def test_cpu_seconds_count_new_processes_from_zero_and_skip_gone_ones():
 
 
 def test_a_tree_that_burns_cpu_shows_it():
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)",
+        ]
+    )
     try:
         before = compare.tree_cpu_ticks(child.pid)
         import time
@@ -164,16 +200,28 @@ def test_a_tree_that_burns_cpu_shows_it():
 
 # --- pairs and ratios --------------------------------------------------------------------------
 
+
 def test_every_round_pairs_each_point_and_swaps_who_goes_first():
     s = schedule(3, [(1, 32), (64, 384)])
-    assert [(r, c, n) for r, c, n, _ in s] == [(0, 1, 32), (0, 64, 384), (1, 1, 32), (1, 64, 384),
-                                               (2, 1, 32), (2, 64, 384)]
+    assert [(r, c, n) for r, c, n, _ in s] == [
+        (0, 1, 32),
+        (0, 64, 384),
+        (1, 1, 32),
+        (1, 64, 384),
+        (2, 1, 32),
+        (2, 64, 384),
+    ]
     assert [order for *_, order in s] == [(KEEL, BASE)] * 2 + [(BASE, KEEL)] * 2 + [(KEEL, BASE)] * 2
 
 
 def side(tok_s, ttft=100.0, failed=0, idle=0.01):
-    return {"output_throughput": tok_s, "median_ttft_ms": ttft, "median_tpot_ms": 20.0, "failed": failed,
-            "idle_other_cpu_cores": idle}
+    return {
+        "output_throughput": tok_s,
+        "median_ttft_ms": ttft,
+        "median_tpot_ms": 20.0,
+        "failed": failed,
+        "idle_other_cpu_cores": idle,
+    }
 
 
 def pair(c, keel, base, **kw):
@@ -199,8 +247,12 @@ def test_a_pair_whose_baseline_failed_has_no_ratio_and_does_not_skew_the_median(
 
 
 def test_the_table_shows_each_pair_failures_and_the_idle_servers_cpu():
-    pairs = [pair(1, 180, 200, ttft=30.0), pair(1, 190, 200, ttft=25.0), pair(64, 2000, 2100, failed=1),
-             pair(64, 2050, 2000)]
+    pairs = [
+        pair(1, 180, 200, ttft=30.0),
+        pair(1, 190, 200, ttft=25.0),
+        pair(64, 2000, 2100, failed=1),
+        pair(64, 2050, 2000),
+    ]
     text = table(summarize_pairs(pairs))
     row64 = next(line for line in text.splitlines() if line.startswith("| 64 |"))
     assert "**0.99×**" in row64 and "0.95, 1.02" in row64 and "| 0/1 |" in row64 and "1.0% / 1.0%" in row64

@@ -25,14 +25,25 @@ BASE_ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 128}
 
 
 def at(kind, value, rps, out_tps, mean_e2el_ms=1000.0):
-    return {"load": {"kind": kind, "value": value, "burstiness": 1.0}, "request_throughput": rps,
-            "output_throughput": out_tps, "mean_e2el_ms": mean_e2el_ms, "meets_slo": True,
-            "failed": 0, "completed": 64}
+    return {
+        "load": {"kind": kind, "value": value, "burstiness": 1.0},
+        "request_throughput": rps,
+        "output_throughput": out_tps,
+        "mean_e2el_ms": mean_e2el_ms,
+        "meets_slo": True,
+        "failed": 0,
+        "completed": 64,
+    }
 
 
 def setting(name, replicas, slo_max, **engine):
-    return {"name": name, "engine": engine, "replicas": replicas,
-            "points": [slo_max] if slo_max else [], "slo_max": slo_max}
+    return {
+        "name": name,
+        "engine": engine,
+        "replicas": replicas,
+        "points": [slo_max] if slo_max else [],
+        "slo_max": slo_max,
+    }
 
 
 # Per replica: A carries 4 req/s with 8 in flight; B (measured on 2 replicas) 5 req/s with 16.
@@ -42,8 +53,7 @@ NONE = setting("max_num_seqs=64", 1, None, max_num_seqs=64)
 
 
 def rec(settings, **target):
-    return recommend(settings, TargetSpec(**target), SLO, "h100-80gb", H100, "demo", "demo-tiny",
-                     BASE_ENGINE)
+    return recommend(settings, TargetSpec(**target), SLO, "h100-80gb", H100, "demo", "demo-tiny", BASE_ENGINE)
 
 
 def test_cost_per_million_output_tokens():
@@ -53,8 +63,7 @@ def test_cost_per_million_output_tokens():
 
 
 def test_per_replica_capacity_divides_by_the_measured_replicas():
-    assert per_replica_capacity(B) == {"request_throughput": 5.0, "output_throughput": 640.0,
-                                       "in_flight": 16.0}
+    assert per_replica_capacity(B) == {"request_throughput": 5.0, "output_throughput": 640.0, "in_flight": 16.0}
     assert per_replica_capacity(NONE) is None
 
 
@@ -87,8 +96,7 @@ def test_the_setting_needing_fewest_replicas_wins():
     assert r["cost_per_hour"] == pytest.approx(10.0)
     assert r["currency"] == "USD"
     assert r["engine"] == {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 32}
-    assert r["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "signal": "requests_in_flight",
-                                "target": 16.0}
+    assert r["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "signal": "requests_in_flight", "target": 16.0}
     assert r["per_replica"]["request_throughput"] == 5.0
     assert r["cost_per_million_output_tokens"] == pytest.approx(5 / (1280 * 3600) * 1e6)
     assert "4 replicas" in r["reasoning"] and "10.00 USD/h" in r["reasoning"]
@@ -131,9 +139,17 @@ def test_the_config_block_is_a_valid_keel_config():
 def test_the_config_block_pastes_into_the_shipped_config_keeping_env_and_deployment():
     local = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     demo = local["models"]["demo"]  # deployment: num_replicas 1, num_cpus 1
-    r = recommend([A, B], TargetSpec(peak_rps=20), SLO, "cpu-2core",
-                  HardwareProfile(price_per_replica_hour=0.05), "demo", demo["weights"],
-                  demo["engine"], base_model=demo)
+    r = recommend(
+        [A, B],
+        TargetSpec(peak_rps=20),
+        SLO,
+        "cpu-2core",
+        HardwareProfile(price_per_replica_hour=0.05),
+        "demo",
+        demo["weights"],
+        demo["engine"],
+        base_model=demo,
+    )
     block = yaml.safe_load(r["config_yaml"])
     pasted = parse_config({**local, **block}, check_engine_args=False)
     model = pasted.models["demo"]
@@ -145,12 +161,31 @@ def test_the_config_block_pastes_into_the_shipped_config_keeping_env_and_deploym
 
 
 def test_the_config_block_keeps_autoscaling_delays_and_replaces_replica_bounds():
-    base = {"weights": "demo-tiny", "deployment": {"num_gpus": 1, "autoscaling": {
-        "min_replicas": 2, "max_replicas": 9, "initial_replicas": 9, "signal": "kv_cache_usage",
-        "target": 0.8, "scale_down_cooldown_s": 30}}}
-    r = recommend([A], TargetSpec(peak_rps=8), SLO, "h100-80gb", H100, "demo", "demo-tiny",
-                  BASE_ENGINE, base_model=base)
+    base = {
+        "weights": "demo-tiny",
+        "deployment": {
+            "num_gpus": 1,
+            "autoscaling": {
+                "min_replicas": 2,
+                "max_replicas": 9,
+                "initial_replicas": 9,
+                "signal": "kv_cache_usage",
+                "target": 0.8,
+                "scale_down_cooldown_s": 30,
+            },
+        },
+    }
+    r = recommend(
+        [A], TargetSpec(peak_rps=8), SLO, "h100-80gb", H100, "demo", "demo-tiny", BASE_ENGINE, base_model=base
+    )
     deployment = yaml.safe_load(r["config_yaml"])["models"]["demo"]["deployment"]
-    assert deployment == {"num_gpus": 1, "autoscaling": {
-        "min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight", "target": 8.0,
-        "scale_down_cooldown_s": 30}}
+    assert deployment == {
+        "num_gpus": 1,
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "signal": "requests_in_flight",
+            "target": 8.0,
+            "scale_down_cooldown_s": 30,
+        },
+    }

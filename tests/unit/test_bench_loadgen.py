@@ -46,6 +46,7 @@ def closed_port_url() -> str:
 
 # --- run_point ---------------------------------------------------------------------------------------
 
+
 def test_records_take_token_counts_from_usage_and_time_text_chunks():
     async def go():
         async with FakeOpenAI() as srv:
@@ -67,6 +68,7 @@ def test_an_answer_read_at_once_has_every_gap_zero_and_ttft_at_its_end():
     """The tiny model's bimodal mode (benchmarks/README.md): a whole answer in one read. Its
     inter-token gaps are 0, not missing and not negative, and TPOT is about 0: what vLLM bench
     reports for the same stream."""
+
     async def go():
         async with FakeOpenAI() as srv:
             return await run_point(srv.url, "demo", reqs("a #onewrite"), load(), 1)
@@ -128,8 +130,9 @@ def test_transport_failures_have_status_0():
 def test_concurrency_mode_keeps_level_requests_in_flight_and_no_more():
     async def go():
         async with FakeOpenAI() as srv:
-            records, _ = await run_point(srv.url, "demo", reqs(*"abcdefghijkl"),
-                                         load(mode="concurrency", levels=[3]), 3)
+            records, _ = await run_point(
+                srv.url, "demo", reqs(*"abcdefghijkl"), load(mode="concurrency", levels=[3]), 3
+            )
             return records, srv
 
     records, srv = run(go())
@@ -158,8 +161,14 @@ def test_request_body_is_vllm_bench_streaming_request():
 
     srv = run(go())
     chat, completion = srv.bodies
-    common = {"model": "demo", "stream": True, "stream_options": {"include_usage": True},
-              "max_tokens": 7, "ignore_eos": True, "temperature": 0.0}
+    common = {
+        "model": "demo",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 7,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
     assert chat == {**common, "messages": [{"role": "user", "content": "hi"}]}
     assert completion == {**common, "prompt": "hi"}
     assert srv.auth == ["Bearer sk-1", None]
@@ -188,6 +197,7 @@ def test_warmup_sends_n_requests_two_at_a_time_and_records_nothing():
 
 # --- arrival_times -----------------------------------------------------------------------------------
 
+
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip([0.0] + times, times)]
 
@@ -197,7 +207,7 @@ def test_arrival_gaps_have_mean_one_over_rate_and_cv_one_over_sqrt_burstiness(bu
     g = gaps(arrival_times(20000, 5.0, burstiness, 0.0, seed=7))
     mean = statistics.fmean(g)
     assert mean == pytest.approx(0.2, rel=1e-6)  # scaled so the last request goes at n / rate
-    assert statistics.pstdev(g) / mean == pytest.approx(burstiness ** -0.5, rel=0.08)
+    assert statistics.pstdev(g) / mean == pytest.approx(burstiness**-0.5, rel=0.08)
     assert min(g) >= 0
 
 
@@ -222,6 +232,7 @@ def test_arrival_times_are_reproducible_per_seed():
 
 
 # --- datasets -----------------------------------------------------------------------------------------
+
 
 def test_length_range_follows_vllm_range_ratio():
     assert length_range(100, 0.1) == (90, 110)
@@ -266,7 +277,7 @@ def test_shared_prefix_requests_share_their_prefix_tokens(demo_tokenizer):
     for i, r in enumerate(requests):
         assert r.prompt_tokens == len(ids[i]) == 52
         assert ids[i][:40] == ids[i % 3][:40]
-        assert r.prompt.startswith(requests[i % 3].prompt[:len(demo_tokenizer.decode(ids[i][:40]))])
+        assert r.prompt.startswith(requests[i % 3].prompt[: len(demo_tokenizer.decode(ids[i][:40]))])
     assert len({tuple(x[:40]) for x in ids}) == 3
     assert len({r.prompt for r in requests}) == 12
 
@@ -283,16 +294,31 @@ def write_sharegpt(tmp_path: Path, data) -> Path:
 
 
 CONVERSATIONS = [
-    {"id": "1", "conversations": [{"from": "human", "value": "what is a good name for a cat"},
-                                  {"from": "gpt", "value": "call it whiskers or maybe mittens please"}]},
+    {
+        "id": "1",
+        "conversations": [
+            {"from": "human", "value": "what is a good name for a cat"},
+            {"from": "gpt", "value": "call it whiskers or maybe mittens please"},
+        ],
+    },
     {"id": "2", "conversations": [{"from": "human", "value": "only one turn here"}]},
-    {"id": "3", "conversations": [{"from": "system", "value": "be brief"},
-                                  {"from": "human", "value": "tell me a very short story"},
-                                  {"from": "gpt", "value": "once upon a time it ended"},
-                                  {"from": "human", "value": "another"}]},
+    {
+        "id": "3",
+        "conversations": [
+            {"from": "system", "value": "be brief"},
+            {"from": "human", "value": "tell me a very short story"},
+            {"from": "gpt", "value": "once upon a time it ended"},
+            {"from": "human", "value": "another"},
+        ],
+    },
     {"id": "4"},
-    {"id": "5", "conversations": [{"from": "human", "value": "one two three four five"},
-                                  {"from": "human", "value": "no answer follows this"}]},
+    {
+        "id": "5",
+        "conversations": [
+            {"from": "human", "value": "one two three four five"},
+            {"from": "human", "value": "no answer follows this"},
+        ],
+    },
 ]
 
 
@@ -307,7 +333,9 @@ def test_sharegpt_takes_first_human_turn_and_answer_length(tmp_path, demo_tokeni
     assert {r.prompt for r in requests} == {"what is a good name for a cat", "tell me a very short story"}
     assert requests[:2] == requests[2:4] and requests[4] == requests[0]
     assert {(r.prompt, r.max_tokens, r.prompt_tokens) for r in requests} == {
-        ("what is a good name for a cat", 7, None), ("tell me a very short story", 6, None)}
+        ("what is a good name for a cat", 7, None),
+        ("tell me a very short story", 6, None),
+    }
     assert requests == make_requests(spec, 5, seed=0)
 
     counted = make_requests(spec, 2, seed=0, tokenizer=demo_tokenizer)
@@ -317,16 +345,18 @@ def test_sharegpt_takes_first_human_turn_and_answer_length(tmp_path, demo_tokeni
     assert [r.max_tokens for r in fixed] == [50, 50]
 
 
-@pytest.mark.parametrize("data, problem", [
-    (None, "no such ShareGPT file"),
-    ("{not json", "not valid JSON"),
-    ({"conversations": []}, "JSON list of conversations"),
-    ([["human", "hi"]], "entry 0 is a list"),
-    ([{"conversations": "hi"}], "entry 0: \"conversations\" must be a list"),
-    ([CONVERSATIONS[0], {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}],
-     "entry 1, turn 0"),
-    ([CONVERSATIONS[1]], "no conversation has a human turn followed by a gpt turn"),
-])
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (None, "no such ShareGPT file"),
+        ("{not json", "not valid JSON"),
+        ({"conversations": []}, "JSON list of conversations"),
+        ([["human", "hi"]], "entry 0 is a list"),
+        ([{"conversations": "hi"}], 'entry 0: "conversations" must be a list'),
+        ([CONVERSATIONS[0], {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}], "entry 1, turn 0"),
+        ([CONVERSATIONS[1]], "no conversation has a human turn followed by a gpt turn"),
+    ],
+)
 def test_sharegpt_file_problems_name_the_path_and_what_is_wrong(tmp_path, data, problem):
     path = tmp_path / "missing.json" if data is None else write_sharegpt(tmp_path, data)
     with pytest.raises(ValueError) as e:
@@ -339,8 +369,9 @@ def test_the_one_point_front_end_used_by_compare_summarises_with_vllm_field_name
 
     async def go():
         async with FakeOpenAI() as srv:
-            return await run_load(srv.url, "demo", concurrency=2, num_requests=6, max_tokens=7,
-                                  prompt_words=5, api_key="k"), srv
+            return await run_load(
+                srv.url, "demo", concurrency=2, num_requests=6, max_tokens=7, prompt_words=5, api_key="k"
+            ), srv
 
     summary, srv = run(go())
     assert summary["completed"] == 6 and summary["failed"] == 0 and summary["concurrency"] == 2

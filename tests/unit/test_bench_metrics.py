@@ -14,8 +14,7 @@ from benchmarks.suite.spec import SLOSpec
 
 
 def ok(ttft, e2el, itl, prompt, out):
-    return RequestRecord(ok=True, status=200, ttft=ttft, e2el=e2el, itl=itl,
-                         prompt_tokens=prompt, output_tokens=out)
+    return RequestRecord(ok=True, status=200, ttft=ttft, e2el=e2el, itl=itl, prompt_tokens=prompt, output_tokens=out)
 
 
 def failed(status, error):
@@ -149,8 +148,7 @@ def test_no_successful_request_gives_zeros_not_an_exception():
     assert (m["completed"], m["failed"]) == (0, 2)
     assert m["request_throughput"] == 0 and m["output_throughput"] == 0
     assert m["good_requests"] == 0 and m["request_goodput"] == 0
-    assert all(m[f"{s}_{x}_ms"] == 0 for s in ("mean", "median", "std", "p99")
-               for x in ("ttft", "tpot", "itl", "e2el"))
+    assert all(m[f"{s}_{x}_ms"] == 0 for s in ("mean", "median", "std", "p99") for x in ("ttft", "tpot", "itl", "e2el"))
     assert m["failures_by_status"] == {"503": 1, "0": 1}
 
 
@@ -167,8 +165,13 @@ def test_no_records_and_zero_duration_give_zero_rates():
 
 
 def point(p99_ttft=400.0, p99_tpot=40.0, failed=0, completed=10):
-    return {"p99_ttft_ms": p99_ttft, "p99_tpot_ms": p99_tpot, "p99_e2el_ms": 5000.0,
-            "failed": failed, "completed": completed}
+    return {
+        "p99_ttft_ms": p99_ttft,
+        "p99_tpot_ms": p99_tpot,
+        "p99_e2el_ms": 5000.0,
+        "failed": failed,
+        "completed": completed,
+    }
 
 
 SLO = SLOSpec(ttft_ms=500, tpot_ms=50)

@@ -19,22 +19,43 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)</script>"
 
 
-def point(c: float, out_tps: float, ttft: tuple[float, float], tpot: tuple[float, float], *,
-          meets: bool = True, failed: int = 0, cost: float | None = 1.0, goodput: float | None = None,
-          kind: str = "concurrency") -> dict:
+def point(
+    c: float,
+    out_tps: float,
+    ttft: tuple[float, float],
+    tpot: tuple[float, float],
+    *,
+    meets: bool = True,
+    failed: int = 0,
+    cost: float | None = 1.0,
+    goodput: float | None = None,
+    kind: str = "concurrency",
+) -> dict:
     """A load point with vLLM bench's field names; ttft/tpot are (p50, p99) in ms."""
     req_tps = out_tps / 128
     return {
-        "completed": 64 - failed, "failed": failed,
+        "completed": 64 - failed,
+        "failed": failed,
         "failures_by_status": {"503": failed} if failed else {},
-        "duration": 30.0, "request_throughput": req_tps,
+        "duration": 30.0,
+        "request_throughput": req_tps,
         "request_goodput": req_tps if goodput is None else goodput,
-        "output_throughput": out_tps, "total_token_throughput": out_tps * 3,
-        "mean_ttft_ms": ttft[0], "median_ttft_ms": ttft[0], "p50_ttft_ms": ttft[0], "p99_ttft_ms": ttft[1],
-        "mean_tpot_ms": tpot[0], "median_tpot_ms": tpot[0], "p50_tpot_ms": tpot[0], "p99_tpot_ms": tpot[1],
-        "median_e2el_ms": 900.0, "p99_e2el_ms": 1500.0,
+        "output_throughput": out_tps,
+        "total_token_throughput": out_tps * 3,
+        "mean_ttft_ms": ttft[0],
+        "median_ttft_ms": ttft[0],
+        "p50_ttft_ms": ttft[0],
+        "p99_ttft_ms": ttft[1],
+        "mean_tpot_ms": tpot[0],
+        "median_tpot_ms": tpot[0],
+        "p50_tpot_ms": tpot[0],
+        "p99_tpot_ms": tpot[1],
+        "median_e2el_ms": 900.0,
+        "p99_e2el_ms": 1500.0,
         "load": {"kind": kind, "value": c, "burstiness": 1.0},
-        "replicas": 1, "cost_per_million_output_tokens": cost, "meets_slo": meets,
+        "replicas": 1,
+        "cost_per_million_output_tokens": cost,
+        "meets_slo": meets,
     }
 
 
@@ -50,10 +71,20 @@ def setting(name: str, points: list[dict], engine: dict | None = None) -> dict:
 def result(label: str, settings: list[dict], recommendation: dict | None = None) -> dict:
     return {
         "keel_bench": FORMAT_VERSION,
-        "meta": {"date": "2026-11-26 11:00:00", "git": "abc1234", "command": "keel bench run demo.yaml",
-                 "label": label, "host": "bench-1", "cpus": 2, "model": "demo"},
-        "spec": {"model": "demo", "dataset": {"kind": "random", "input_len": 256, "output_len": 128},
-                 "load": {"mode": "concurrency", "levels": [1, 4, 16], "num_requests": 64}},
+        "meta": {
+            "date": "2026-11-26 11:00:00",
+            "git": "abc1234",
+            "command": "keel bench run demo.yaml",
+            "label": label,
+            "host": "bench-1",
+            "cpus": 2,
+            "model": "demo",
+        },
+        "spec": {
+            "model": "demo",
+            "dataset": {"kind": "random", "input_len": 256, "output_len": 128},
+            "load": {"mode": "concurrency", "levels": [1, 4, 16], "num_requests": 64},
+        },
         "hardware": {"name": "h100-80gb", "price_per_replica_hour": 2.5, "currency": "EUR"},
         "slo": {"ttft_ms": 500.0, "tpot_ms": 50.0, "e2el_ms": None, "percentile": 99},
         "settings": settings,
@@ -62,10 +93,17 @@ def result(label: str, settings: list[dict], recommendation: dict | None = None)
 
 
 RECOMMENDATION = {
-    "setting": "max_num_seqs=8", "engine": {"max_num_seqs": 8}, "replicas": 3,
-    "per_replica": {"load": {"kind": "concurrency", "value": 4, "burstiness": 1.0},
-                    "request_throughput": 2.13, "output_throughput": 272.6},
-    "cost_per_hour": 7.5, "cost_per_million_output_tokens": 2.55, "currency": "EUR",
+    "setting": "max_num_seqs=8",
+    "engine": {"max_num_seqs": 8},
+    "replicas": 3,
+    "per_replica": {
+        "load": {"kind": "concurrency", "value": 4, "burstiness": 1.0},
+        "request_throughput": 2.13,
+        "output_throughput": 272.6,
+    },
+    "cost_per_hour": 7.5,
+    "cost_per_million_output_tokens": 2.55,
+    "currency": "EUR",
     "reasoning": "max_num_seqs=8 carries 2.13 req/s per replica inside the SLO; 3 replicas carry the peak.",
     "autoscaling": {"min_replicas": 1, "max_replicas": 3},
     "config_yaml": "models:\n  demo:\n    engine:\n      max_num_seqs: 8\n    deployment:\n      num_replicas: 3\n",
@@ -73,18 +111,29 @@ RECOMMENDATION = {
 
 
 def baseline() -> dict:
-    return result("keel-main", [
-        setting("max_num_seqs=8", [
-            point(1, 175.3, (22.7, 30.1), (5.05, 6.2), cost=3.96),
-            point(4, 272.6, (61.2, 140.5), (9.9, 12.4), cost=2.55),
-            point(16, 410.0, (380.0, 612.3), (30.0, 71.0), meets=False, failed=2, cost=1.69),
-        ], engine={"max_num_seqs": 8}),
-        setting(f"big batch {EVIL}", [
-            point(1, 160.0, (25.0, 33.0), (5.5, 6.8), cost=4.34),
-            point(4, 250.0, (70.0, 150.0), (10.5, 13.0), cost=2.78),
-            point(16, 520.0, (300.0, 450.0), (25.0, 40.0), cost=1.34),
-        ]),
-    ], RECOMMENDATION)
+    return result(
+        "keel-main",
+        [
+            setting(
+                "max_num_seqs=8",
+                [
+                    point(1, 175.3, (22.7, 30.1), (5.05, 6.2), cost=3.96),
+                    point(4, 272.6, (61.2, 140.5), (9.9, 12.4), cost=2.55),
+                    point(16, 410.0, (380.0, 612.3), (30.0, 71.0), meets=False, failed=2, cost=1.69),
+                ],
+                engine={"max_num_seqs": 8},
+            ),
+            setting(
+                f"big batch {EVIL}",
+                [
+                    point(1, 160.0, (25.0, 33.0), (5.5, 6.8), cost=4.34),
+                    point(4, 250.0, (70.0, 150.0), (10.5, 13.0), cost=2.78),
+                    point(16, 520.0, (300.0, 450.0), (25.0, 40.0), cost=1.34),
+                ],
+            ),
+        ],
+        RECOMMENDATION,
+    )
 
 
 def candidate() -> dict:
@@ -104,7 +153,7 @@ def candidate() -> dict:
 
 def row_of(markdown: str, section_start: str, load: str) -> str:
     """The table row for `load` in the first table after `section_start`."""
-    rest = markdown[markdown.index(section_start):]
+    rest = markdown[markdown.index(section_start) :]
     return next(line for line in rest.splitlines() if line.startswith(f"| {load} |"))
 
 
@@ -163,7 +212,7 @@ def test_markdown_shows_a_points_numbers_and_marks_the_failing_point(single):
 
 def test_markdown_gives_the_slo_maximum_and_the_recommendation(single):
     md = single["markdown"].read_text()
-    first = md[md.index("Setting `max_num_seqs=8`"):md.index("Setting `big batch")]
+    first = md[md.index("Setting `max_num_seqs=8`") : md.index("Setting `big batch")]
     assert "**SLO-compliant maximum:** c=4: 2.13 req/s, 272.6 output tok/s" in first
     assert "EUR 2.55 per million output tokens" in first
     assert "3 replicas, EUR 7.50 per hour" in md
@@ -198,16 +247,29 @@ def test_compare_table_gives_each_sets_figures_and_the_ratio_to_the_baseline(com
 def test_compare_lists_the_points_it_could_not_match(compared):
     md = compared["markdown"].read_text()
     assert "**Unmatched load points** (2, not in the table above):" in md
-    unmatched = md[md.index("**Unmatched load points**"):]
+    unmatched = md[md.index("**Unmatched load points**") :]
     assert re.search(r"- only in A: setting `big batch .*`, c=16", unmatched)
     assert re.search(r"- only in B: setting `big batch .*`, c=32", unmatched)
 
 
 def test_compare_matches_by_setting_position_when_the_names_differ(tmp_path):
-    keel = result("keel", [setting("Keel", [point(1, 180.0, (27.9, 40.0), (4.87, 6.0)),
-                                            point(16, 1176.0, (133.3, 200.0), (10.62, 14.0))])])
-    bare = result("bare", [setting("bare vLLM", [point(1, 175.0, (22.7, 35.0), (5.05, 6.5)),
-                                                 point(16, 1301.0, (117.5, 180.0), (9.99, 13.0))])])
+    keel = result(
+        "keel",
+        [
+            setting(
+                "Keel", [point(1, 180.0, (27.9, 40.0), (4.87, 6.0)), point(16, 1176.0, (133.3, 200.0), (10.62, 14.0))]
+            )
+        ],
+    )
+    bare = result(
+        "bare",
+        [
+            setting(
+                "bare vLLM",
+                [point(1, 175.0, (22.7, 35.0), (5.05, 6.5)), point(16, 1301.0, (117.5, 180.0), (9.99, 13.0))],
+            )
+        ],
+    )
     md = write_report([bare, keel], tmp_path)["markdown"].read_text()
     assert "points matched by setting position and load" in md
     row = next(line for line in md.splitlines() if line.startswith("| `bare vLLM` ↔ `Keel` | c=16 |"))
@@ -248,13 +310,19 @@ def test_load_results_reads_result_files_and_labels_them(tmp_path):
     assert loaded[0]["meta"]["label"] == "bench-nightly"
 
 
-@pytest.mark.parametrize("content, why", [
-    ('{"meta": {}, "settings": []}', 'no "keel_bench" key'),
-    (json.dumps({**baseline(), "keel_bench": FORMAT_VERSION + 1}), f"format {FORMAT_VERSION + 1}"),
-    ("not json at all", "not JSON"),
-    ("[1, 2]", 'no "keel_bench" key'),
-    (json.dumps({**baseline(), "settings": [{"name": "x", "points": [{"completed": 1}]}]}), "settings[0].points[0]"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ('{"meta": {}, "settings": []}', 'no "keel_bench" key'),
+        (json.dumps({**baseline(), "keel_bench": FORMAT_VERSION + 1}), f"format {FORMAT_VERSION + 1}"),
+        ("not json at all", "not JSON"),
+        ("[1, 2]", 'no "keel_bench" key'),
+        (
+            json.dumps({**baseline(), "settings": [{"name": "x", "points": [{"completed": 1}]}]}),
+            "settings[0].points[0]",
+        ),
+    ],
+)
 def test_load_results_names_the_file_that_is_not_a_result(tmp_path, content, why):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(baseline()))
@@ -279,9 +347,16 @@ def test_write_report_does_not_change_the_results(tmp_path):
 
 def test_a_setting_that_failed_to_start_is_reported_with_its_error(tmp_path):
     res = baseline()
-    res["settings"].append({"name": "max_num_seqs=9999", "engine": {"max_num_seqs": 9999}, "replicas": 1,
-                               "points": [], "slo_max": None,
-                               "error": "server exited with 1 before it was ready; the end of its log:\nOOM"})
+    res["settings"].append(
+        {
+            "name": "max_num_seqs=9999",
+            "engine": {"max_num_seqs": 9999},
+            "replicas": 1,
+            "points": [],
+            "slo_max": None,
+            "error": "server exited with 1 before it was ready; the end of its log:\nOOM",
+        }
+    )
     paths = write_report([res], tmp_path)
     md = paths["markdown"].read_text()
     assert "This setting failed:** server exited with 1 before it was ready" in md

@@ -33,10 +33,15 @@ def server():
 
 
 def spec(tmp: Path, **over) -> tuple[BenchSpec, Path]:
-    doc = {"model": "demo", "label": "t", "dataset": {"kind": "random", "input_len": 8, "output_len": 5},
-           "load": {"mode": "concurrency", "levels": [1, 3], "num_requests": 6, "warmup_requests": 1},
-           "slo": {"ttft_ms": 60_000, "tpot_ms": 60_000, "percentile": 90},
-           "hardware": {"price_per_replica_hour": 3.6, "currency": "USD"}, "target": {"peak_concurrency": 5}}
+    doc = {
+        "model": "demo",
+        "label": "t",
+        "dataset": {"kind": "random", "input_len": 8, "output_len": 5},
+        "load": {"mode": "concurrency", "levels": [1, 3], "num_requests": 6, "warmup_requests": 1},
+        "slo": {"ttft_ms": 60_000, "tpot_ms": 60_000, "percentile": 90},
+        "hardware": {"price_per_replica_hour": 3.6, "currency": "USD"},
+        "target": {"peak_concurrency": 5},
+    }
     doc.update(over)
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -83,9 +88,11 @@ def test_a_setting_whose_stack_cannot_start_is_recorded_and_the_sweep_goes_on(tm
     monkeypatch.setattr(runner, "stop", lambda proc: None)
     monkeypatch.setattr(runner, "free_port", lambda: port)  # the "stack" is the stand-in server
     server.health = {"status": "ok", "replicas": {"demo": 2}, "replica_start_s": {"demo": [23.4, 25.1]}}
-    s, path = spec(tmp_path, config=str(REPO / "configs" / "local.yaml"),
-                   settings=[{"engine": {"max_num_seqs": 1}}, {"engine": {"max_num_seqz": 4}},
-                             {"engine": {"max_num_seqs": 4}}])
+    s, path = spec(
+        tmp_path,
+        config=str(REPO / "configs" / "local.yaml"),
+        settings=[{"engine": {"max_num_seqs": 1}}, {"engine": {"max_num_seqz": 4}}, {"engine": {"max_num_seqs": 4}}],
+    )
     result = json.loads(runner.run_spec(s, path, tmp_path / "r.json", progress=False).read_text())
     failed, misspelt, ok = result["settings"]
     assert started == [1, 4]  # the misspelt setting never started a stack
@@ -103,9 +110,33 @@ def test_keel_bench_run_measures_a_running_server_from_flags_alone(tmp_path, ser
     from serving.cli import main
 
     out = tmp_path / "adhoc.json"
-    rc = main(["bench", "run", "--url", server.url, "--model", "demo", "--levels", "1,2", "--num-requests", "4",
-               "--input-len", "8", "--output-len", "3", "--slo", "ttft=60000,p=90", "--out", str(out),
-               "--report", str(tmp_path / "report"), "--no-progress", "--api-key", "sk-keel-literal-secret"])
+    rc = main(
+        [
+            "bench",
+            "run",
+            "--url",
+            server.url,
+            "--model",
+            "demo",
+            "--levels",
+            "1,2",
+            "--num-requests",
+            "4",
+            "--input-len",
+            "8",
+            "--output-len",
+            "3",
+            "--slo",
+            "ttft=60000,p=90",
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "report"),
+            "--no-progress",
+            "--api-key",
+            "sk-keel-literal-secret",
+        ]
+    )
     assert rc == 0
     assert "sk-keel-literal-secret" not in out.read_text()  # results are shared; keys are not
     result = json.loads(out.read_text())

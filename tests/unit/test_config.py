@@ -64,8 +64,14 @@ def test_unregistered_weights_list_the_registered_ones(tmp_path):
 
 
 def test_replicas_and_autoscaling_are_exclusive(tmp_path):
-    doc = {"models": {"demo": {"weights": "demo-tiny", "deployment": {
-        "num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3}}}}}
+    doc = {
+        "models": {
+            "demo": {
+                "weights": "demo-tiny",
+                "deployment": {"num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+            }
+        }
+    }
     assert "either num_replicas or autoscaling" in err(tmp_path, doc)
 
 
@@ -90,10 +96,23 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_engine_mapping_becomes_vllm_flags():
-    flags = to_cli_args({"max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False,
-                         "served_extra": None, "override_generation_config": {"temperature": 0.5}})
-    assert flags == ["--max-model-len", "512", "--enforce-eager", "--no-enable-prefix-caching",
-                     "--override-generation-config", '{"temperature": 0.5}']
+    flags = to_cli_args(
+        {
+            "max_model_len": 512,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "served_extra": None,
+            "override_generation_config": {"temperature": 0.5},
+        }
+    )
+    assert flags == [
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--override-generation-config",
+        '{"temperature": 0.5}',
+    ]
     validate_engine_args({"max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False})
     with pytest.raises(EngineArgsError):
         validate_engine_args({"max_model_len": "lots"})
@@ -142,8 +161,10 @@ def test_the_metrics_listener_needs_its_own_free_port():
     from serving.launcher import StartupError, check_port_free
 
     with pytest.raises(ConfigError, match="server: .*metrics_port must differ from port"):
-        parse_config({"server": {"port": 9000, "metrics_port": 9000}, "models": {"demo": {"weights": "demo-tiny"}}},
-                     check_engine_args=False)
+        parse_config(
+            {"server": {"port": 9000, "metrics_port": 9000}, "models": {"demo": {"weights": "demo-tiny"}}},
+            check_engine_args=False,
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -158,8 +179,9 @@ def test_the_ready_message_names_the_demo_key_only_when_the_config_holds_it():
     from serving.policy.identity import DEMO_KEY, key_digest
 
     local = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-    assert f"KEEL_API_KEY={DEMO_KEY}" in ready_message(parse_config(local, check_engine_args=False),
-                                                       "http://127.0.0.1:8000")
+    assert f"KEEL_API_KEY={DEMO_KEY}" in ready_message(
+        parse_config(local, check_engine_args=False), "http://127.0.0.1:8000"
+    )
     local["tenants"]["demo"]["keys"][0]["digest"] = key_digest("sk-keel-another-key")  # same id, other key
     message = ready_message(parse_config(local, check_engine_args=False), "http://127.0.0.1:8000")
     assert DEMO_KEY not in message and "Bearer $KEEL_API_KEY" in message
@@ -172,13 +194,16 @@ def test_a_gateway_beyond_loopback_without_keys_is_refused_with_how_to_make_one(
     assert "keel keys create --tenant NAME" in msg and "server.allow_unauthenticated: true" in msg
 
 
-@pytest.mark.parametrize("server, tenants", [
-    ({"host": "127.0.0.1"}, None),
-    ({"host": "localhost"}, None),
-    ({"host": "::1"}, None),
-    ({"host": "0.0.0.0", "allow_unauthenticated": True}, None),
-    ({"host": "0.0.0.0"}, {"acme": {"keys": [{"id": "k1", "digest": "sha256:" + "0" * 64}]}}),
-])
+@pytest.mark.parametrize(
+    "server, tenants",
+    [
+        ({"host": "127.0.0.1"}, None),
+        ({"host": "localhost"}, None),
+        ({"host": "::1"}, None),
+        ({"host": "0.0.0.0", "allow_unauthenticated": True}, None),
+        ({"host": "0.0.0.0"}, {"acme": {"keys": [{"id": "k1", "digest": "sha256:" + "0" * 64}]}}),
+    ],
+)
 def test_loopback_keys_or_an_explicit_opt_out_may_start(tmp_path, server, tenants):
     doc = {**GOOD, "server": server, **({"tenants": tenants} if tenants else {})}
     cfg = load_config(write(tmp_path, doc), check_engine_args=False)

@@ -21,9 +21,19 @@ def at(hour: int, minute: int = 0) -> dt.datetime:
 
 
 def request(when: dt.datetime, tenant: str, prompt: int, completion: int | None, model="demo", **extra) -> dict:
-    return {"time": when.isoformat(timespec="milliseconds"), "request_id": "r", "tenant": tenant, "model": model,
-            "variant": model, "shadow": False, "status": 200 if completion is not None else 429,
-            "prompt_tokens": prompt, "completion_tokens": completion, "latency_ms": 10.0, **extra}
+    return {
+        "time": when.isoformat(timespec="milliseconds"),
+        "request_id": "r",
+        "tenant": tenant,
+        "model": model,
+        "variant": model,
+        "shadow": False,
+        "status": 200 if completion is not None else 429,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "latency_ms": 10.0,
+        **extra,
+    }
 
 
 def replicas(when: dt.datetime, ready: int, model="demo") -> dict:
@@ -39,9 +49,11 @@ def write_audit(directory, records: list[dict]) -> None:
 @pytest.fixture
 def hardware(tmp_path):
     path = tmp_path / "hardware.yaml"
-    path.write_text("small: {price_per_replica_hour: 2.0, currency: USD}\n"
-                    "big: {price_per_replica_hour: 10.0, currency: USD}\n"
-                    "euro: {price_per_replica_hour: 1.0, currency: EUR}\n")
+    path.write_text(
+        "small: {price_per_replica_hour: 2.0, currency: USD}\n"
+        "big: {price_per_replica_hour: 10.0, currency: USD}\n"
+        "euro: {price_per_replica_hour: 1.0, currency: EUR}\n"
+    )
     return str(path)
 
 
@@ -53,8 +65,11 @@ def hardware(tmp_path):
 #   hour 12: no tokens                                                       -> idle 2.00
 #   acme 5.00 (1,300 tokens: 3,846.15 per million), beta 3.00, unallocated 2.00, total 10.00
 HAND_RECORDS = [
-    replicas(at(10), 2), request(at(10, 5), "acme", 400, 100), request(at(10, 20), "beta", 0, 600),
-    request(at(11, 30), "acme", 800, 0), replicas(at(12), 1),
+    replicas(at(10), 2),
+    request(at(10, 5), "acme", 400, 100),
+    request(at(10, 20), "beta", 0, 600),
+    request(at(11, 30), "acme", 800, 0),
+    replicas(at(12), 1),
 ]
 
 
@@ -100,11 +115,14 @@ def test_token_weights_change_the_split(tmp_path, hardware):
 
 
 def test_refused_requests_are_not_billed_and_shadow_copies_are_the_platforms(tmp_path):
-    write_audit(tmp_path / "audit", [
-        request(at(10), "acme", 50, None),  # a 429: never reached an engine
-        request(at(10, 1), "acme", 10, 5, shadow=True),
-        {"event": "config_change", "time": at(10, 2).isoformat()},
-    ])
+    write_audit(
+        tmp_path / "audit",
+        [
+            request(at(10), "acme", 50, None),  # a 429: never reached an engine
+            request(at(10, 1), "acme", 10, 5, shadow=True),
+            {"event": "config_change", "time": at(10, 2).isoformat()},
+        ],
+    )
     usage = read_usage(tmp_path / "audit", at(10).timestamp(), at(11).timestamp())
     assert list(usage.tokens) == [(SHADOW, "demo", int(at(10).timestamp()))]
     assert sum(usage.skipped.values()) == 1

@@ -29,8 +29,18 @@ costs: {{hardware_file: hardware.yaml, hardware: {{demo: small}}, budgets: {{bet
 def test_report_prints_the_hand_computed_costs_as_json(config, tmp_path, capsys):
     write_audit(tmp_path / "audit", HAND_RECORDS)
     # the refresh records a gateway writes every 10 minutes, so the counts stay valid to 13:00
-    write_audit(tmp_path / "audit", [{"event": "replicas", "time": (at(10) + dt.timedelta(minutes=m)).isoformat(),
-                                      "model": "demo", "ready": 2 if m < 120 else 1} for m in range(10, 180, 10)])
+    write_audit(
+        tmp_path / "audit",
+        [
+            {
+                "event": "replicas",
+                "time": (at(10) + dt.timedelta(minutes=m)).isoformat(),
+                "model": "demo",
+                "ready": 2 if m < 120 else 1,
+            }
+            for m in range(10, 180, 10)
+        ],
+    )
     rc = main(["cost", "report", config, "--since", "3h", "--until", at(13).isoformat(), "--format", "json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
@@ -66,10 +76,14 @@ def test_forecast_with_days_of_history_is_flat_says_so_and_flags_quota_and_budge
     records = []
     for d in range(1, 4):
         day = today - dt.timedelta(days=d)
-        records += [{"event": "replicas", "time": (day + dt.timedelta(minutes=m)).isoformat(), "model": "demo",
-                     "ready": 1} for m in range(0, 1440, 10)]
-        records += [request(day + dt.timedelta(hours=9), "acme", 1500, 500),
-                    request(day + dt.timedelta(hours=10), "beta", 100, 100)]
+        records += [
+            {"event": "replicas", "time": (day + dt.timedelta(minutes=m)).isoformat(), "model": "demo", "ready": 1}
+            for m in range(0, 1440, 10)
+        ]
+        records += [
+            request(day + dt.timedelta(hours=9), "acme", 1500, 500),
+            request(day + dt.timedelta(hours=10), "beta", 100, 100),
+        ]
     write_audit(tmp_path / "audit", records)
     assert main(["cost", "forecast", config, "--horizon", "30d", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)

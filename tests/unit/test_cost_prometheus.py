@@ -18,6 +18,7 @@ def prometheus(result: list[dict], seen: list | None = None, status: int = 200) 
         if status != 200:
             return httpx.Response(status, json={"status": "error", "error": "bad query"})
         return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
+
     return httpx.MockTransport(answer)
 
 
@@ -25,7 +26,9 @@ def test_each_sample_counts_for_one_step_into_its_hour():
     # one sample a minute: 2 replicas for the first 90 minutes, then 1 for 30
     values = [[T0 + 60 * i, "2" if i < 90 else "1"] for i in range(120)]
     seen = []
-    rt = replica_time("http://prom:9090", T0, T0 + 7200, prometheus([{"metric": {"model": "demo"}, "values": values}], seen))
+    rt = replica_time(
+        "http://prom:9090", T0, T0 + 7200, prometheus([{"metric": {"model": "demo"}, "values": values}], seen)
+    )
     assert seen[0]["query"] == QUERY and seen[0]["step"] == "60"
     assert rt.seconds["demo"] == {T0: pytest.approx(2 * 3600), T0 + 3600: pytest.approx(2 * 1800 + 1 * 1800)}
     assert rt.unobserved_s == 0

@@ -11,8 +11,10 @@ from serving.policy.config import PolicyConfig
 
 
 def endpoints(**counts: int) -> dict[str, list[dict]]:
-    return {m: [{"replica_id": f"{m}-{i}", "host": "127.0.0.1", "port": 9000 + i} for i in range(n)]
-            for m, n in counts.items()}
+    return {
+        m: [{"replica_id": f"{m}-{i}", "host": "127.0.0.1", "port": 9000 + i} for i in range(n)]
+        for m, n in counts.items()
+    }
 
 
 def replica_records(gw: Gateway) -> list[tuple[str, int]]:
@@ -39,8 +41,11 @@ def test_a_new_audit_log_starts_with_every_models_count(tmp_path):
     gw.update_endpoints(endpoints(demo=3))
     gw.set_policy(PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path / "a")}}), {}, gw.metrics))
     first = gw.runtime
-    gw.set_policy(PolicyRuntime(PolicyConfig.model_validate({"audit": {"dir": str(tmp_path / "b")}}), {},
-                                gw.metrics, previous=first))
+    gw.set_policy(
+        PolicyRuntime(
+            PolicyConfig.model_validate({"audit": {"dir": str(tmp_path / "b")}}), {}, gw.metrics, previous=first
+        )
+    )
     try:
         assert replica_records(gw) == [("demo", 3)]
     finally:

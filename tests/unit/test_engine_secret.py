@@ -45,10 +45,17 @@ class HeadRecorder:
         self.heads.append(head)
         length = next(int(line.split(":", 1)[1]) for line in head if line.lower().startswith("content-length:"))
         await reader.readexactly(length)
-        body = json.dumps({"id": "c1", "object": "chat.completion", "model": "demo", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                     % len(body) + body)
+        body = json.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": "demo",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            }
+        ).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+        )
         await writer.drain()
         writer.close()
 
@@ -62,8 +69,11 @@ def test_the_gateway_sends_the_stack_secret_to_the_engine_and_never_the_clients_
         await gw.start()
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
-                return await c.post("/v1/chat/completions", json={**CHAT, "stream": False},
-                                    headers={"authorization": "Bearer client-own-key"}), engine
+                return await c.post(
+                    "/v1/chat/completions",
+                    json={**CHAT, "stream": False},
+                    headers={"authorization": "Bearer client-own-key"},
+                ), engine
         finally:
             await gw.stop()
             await engine.stop()
@@ -76,8 +86,9 @@ def test_the_gateway_sends_the_stack_secret_to_the_engine_and_never_the_clients_
 
 
 def test_shadow_copies_carry_the_secret_too(tmp_path):
-    pol = policy(tmp_path, experiments={"chat": {"variants": {"demo": 1},
-                                                 "shadow": {"variant": "demo-b", "percent": 100}}})
+    pol = policy(
+        tmp_path, experiments={"chat": {"variants": {"demo": 1}, "shadow": {"variant": "demo-b", "percent": 100}}}
+    )
 
     async def go():
         engines = {"demo": FakeEngine(tokens=["primary"]), "demo-b": FakeEngine(tokens=["shadow"])}
@@ -93,7 +104,7 @@ def test_shadow_copies_carry_the_secret_too(tmp_path):
     r, engines = run(go())
     assert r.status_code == 200
     for model in ("demo", "demo-b"):
-        (_, headers, _), = engines[model].requests
+        ((_, headers, _),) = engines[model].requests
         assert headers["authorization"] == f"Bearer {SECRET}"  # the tenant's APP_KEY went nowhere
     assert APP_KEY not in repr(engines["demo"].requests + engines["demo-b"].requests)
 
@@ -132,14 +143,25 @@ def engine_app(monkeypatch):
     return TestClient(app)
 
 
-GUARDED = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/invocations"),
-           ("POST", "/tokenize"), ("POST", "/abort_requests"), ("GET", "/v1/models"), ("GET", "/version"),
-           ("GET", "/load"), ("GET", "/no/such/route")]
+GUARDED = [
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/invocations"),
+    ("POST", "/tokenize"),
+    ("POST", "/abort_requests"),
+    ("GET", "/v1/models"),
+    ("GET", "/version"),
+    ("GET", "/load"),
+    ("GET", "/no/such/route"),
+]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
-@pytest.mark.parametrize("authorization", [None, f"Bearer {APP_KEY}", "Bearer wrong", SECRET, f"Basic {SECRET}"],
-                         ids=["none", "a tenant key", "wrong", "no scheme", "basic"])
+@pytest.mark.parametrize(
+    "authorization",
+    [None, f"Bearer {APP_KEY}", "Bearer wrong", SECRET, f"Basic {SECRET}"],
+    ids=["none", "a tenant key", "wrong", "no scheme", "basic"],
+)
 def test_the_engine_refuses_every_route_without_the_secret(engine_app, method, path, authorization):
     headers = {"authorization": authorization} if authorization else {}
     r = engine_app.request(method, path, headers=headers, json={})
@@ -158,8 +180,9 @@ def test_health_and_metrics_stay_open_for_the_replica_and_the_gateway(engine_app
 
 
 def test_two_authorization_headers_are_refused_even_if_one_is_right(engine_app):
-    r = engine_app.post("/v1/chat/completions", json={},
-                        headers=[("authorization", f"Bearer {SECRET}"), ("authorization", "Bearer x")])
+    r = engine_app.post(
+        "/v1/chat/completions", json={}, headers=[("authorization", f"Bearer {SECRET}"), ("authorization", "Bearer x")]
+    )
     assert r.status_code == 401
 
 

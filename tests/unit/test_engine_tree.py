@@ -25,8 +25,15 @@ WAIT_S = 30  # a deadline for what should happen at once (2 shared cores), not a
 
 def start_engine(tmp_path: Path, *plain: str, parent: int | None = None) -> tuple[subprocess.Popen, Path]:
     pids = tmp_path / "pids"
-    cmd = [sys.executable, "-m", "tests.unit.engine_tree", "--keel-parent", str(parent or os.getpid()),
-           "--pids", str(pids)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.unit.engine_tree",
+        "--keel-parent",
+        str(parent or os.getpid()),
+        "--pids",
+        str(pids),
+    ]
     for role in plain:
         cmd += ["--plain", role]
     return subprocess.Popen(cmd, cwd=REPO, env={**ENV, TREE_ENV: TREE}, start_new_session=True), pids
@@ -95,10 +102,17 @@ def test_a_worker_dies_with_the_engine_core(tmp_path, cleanup):
 def test_the_whole_engine_dies_with_the_replica(tmp_path, cleanup):
     # A stand-in replica: starts the engine as EngineReplica does, then waits on it.
     replica = subprocess.Popen(
-        [sys.executable, "-c", "import os, subprocess, sys; subprocess.Popen([sys.executable, "
-         "'-m', 'tests.unit.engine_tree', '--keel-parent', str(os.getpid()), '--pids', sys.argv[1]], "
-         "start_new_session=True).wait()", str(tmp_path / "pids")],
-        cwd=REPO, env=ENV)
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; subprocess.Popen([sys.executable, "
+            "'-m', 'tests.unit.engine_tree', '--keel-parent', str(os.getpid()), '--pids', sys.argv[1]], "
+            "start_new_session=True).wait()",
+            str(tmp_path / "pids"),
+        ],
+        cwd=REPO,
+        env=ENV,
+    )
     procs = wait_for_roles(tmp_path / "pids", 3)
     cleanup(procs.values())
     assert procs["server"].ppid() == replica.pid
@@ -109,8 +123,13 @@ def test_the_whole_engine_dies_with_the_replica(tmp_path, cleanup):
 
 
 def _import_engine_module_as_a_child_of(parent: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import serving.engine.server; print('running')"],
-                          cwd=REPO, env={**ENV, PARENT_ENV: str(parent)}, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", "import serving.engine.server; print('running')"],
+        cwd=REPO,
+        env={**ENV, PARENT_ENV: str(parent)},
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_a_child_whose_parent_died_before_it_armed_its_watch_exits():
@@ -158,4 +177,3 @@ def test_stop_sends_sigterm_first_then_sigkill_after_the_grace(tmp_path, cleanup
     assert stop_engine_tree(server, TREE, grace_s=0.5, kill_wait_s=WAIT_S) == []
     assert server.returncode == -signal.SIGTERM  # the API server got the chance to shut down cleanly
     assert survivors(procs, wait_s=0) == []  # the stubborn child ignored SIGTERM: SIGKILL took it
-

@@ -5,8 +5,15 @@ from serving.errors import GatewayError, error_body, reshape_upstream_error
 
 def test_error_body_is_openai_shaped():
     body = json.loads(error_body(429, "slow down", code="rate_limit_exceeded", request_id="r1"))
-    assert body == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                              "code": "rate_limit_exceeded", "request_id": "r1"}}
+    assert body == {
+        "error": {
+            "message": "slow down",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+            "request_id": "r1",
+        }
+    }
     assert json.loads(GatewayError(404, "nope").body("r"))["error"]["type"] == "not_found_error"
 
 

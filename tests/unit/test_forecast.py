@@ -48,11 +48,14 @@ def test_forecasts_are_never_negative():
     assert f.lower >= 0 and np.all(f.daily >= 0)
 
 
-@pytest.mark.parametrize("horizon, history, message", [
-    (0, [1.0] * 20, "horizon must be 1 to 366"),
-    (10, [], "no history"),
-    (10, [1.0, float("nan")] * 10, "not a finite number"),
-])
+@pytest.mark.parametrize(
+    "horizon, history, message",
+    [
+        (0, [1.0] * 20, "horizon must be 1 to 366"),
+        (10, [], "no history"),
+        (10, [1.0, float("nan")] * 10, "not a finite number"),
+    ],
+)
 def test_bad_input_is_refused(horizon, history, message):
     with pytest.raises(ValueError, match=message):
         forecast(np.array(history), horizon)

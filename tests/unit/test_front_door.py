@@ -37,11 +37,12 @@ async def gateway(engine: FakeEngine | None = None, **limits) -> Gateway:
     return gw
 
 
-def post(body: dict | bytes = CHAT, path: str = "/v1/chat/completions", version: str = "1.1",
-         extra: str = "") -> bytes:
+def post(body: dict | bytes = CHAT, path: str = "/v1/chat/completions", version: str = "1.1", extra: str = "") -> bytes:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f"POST {path} HTTP/{version}\r\nhost: x\r\ncontent-type: application/json\r\n{extra}"
-            f"content-length: {len(data)}\r\n\r\n").encode() + data
+    return (
+        f"POST {path} HTTP/{version}\r\nhost: x\r\ncontent-type: application/json\r\n{extra}"
+        f"content-length: {len(data)}\r\n\r\n"
+    ).encode() + data
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 5) -> bytes:
@@ -69,7 +70,7 @@ def responses(data: bytes) -> list[tuple[int, dict, bytes]]:
                     rest = rest[2:]
                     break
                 body += rest[:size]
-                rest = rest[size + 2:]
+                rest = rest[size + 2 :]
             data = rest
         else:
             body, data = rest, b""
@@ -134,7 +135,8 @@ def test_idle_connections_are_closed_after_the_keepalive_timeout():
         rest = await read_all(reader)  # the gateway closes it, idle after its answer
         silent = await read_all(silent_r)
         count = gw.connections
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return first, rest, silent, count
 
     first, rest, silent, count = run(go())
@@ -146,12 +148,15 @@ def test_idle_connections_are_closed_after_the_keepalive_timeout():
 # -- sizes ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("head,status", [
-    (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 414),
-    (b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 40_000 + b"\r\n\r\n", 431),
-    (b"GET /health HTTP/1.1\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
-    (b"GET /health HTTP/1.1\r\nx-big: " + b"a" * 2_000_000, 431),  # never ends: refused as it grows
-])
+@pytest.mark.parametrize(
+    "head,status",
+    [
+        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 414),
+        (b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 40_000 + b"\r\n\r\n", 431),
+        (b"GET /health HTTP/1.1\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
+        (b"GET /health HTTP/1.1\r\nx-big: " + b"a" * 2_000_000, 431),  # never ends: refused as it grows
+    ],
+)
 def test_oversized_heads_are_refused(head, status):
     async def go():
         gw = await gateway()
@@ -175,7 +180,8 @@ def test_a_body_over_the_limit_is_413_before_it_is_sent():
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # answered with no body sent
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return head, engine
 
     head, engine = run(go())
@@ -236,7 +242,8 @@ def test_requests_past_the_in_flight_cap_get_503_without_their_body_being_read()
         w2.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5000000\r\n\r\n")
         refused = await asyncio.wait_for(r2.readuntil(b"\r\n\r\n"), 5)
         rest = await read_all(r1)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return refused, rest, engine
 
     refused, rest, engine = run(go())
@@ -248,8 +255,9 @@ def test_requests_past_the_in_flight_cap_get_503_without_their_body_being_read()
 def test_the_body_budget_refuses_what_would_pass_it_and_comes_back():
     async def go():
         engine = FakeEngine()
-        gw = await gateway(engine, max_buffered_body_bytes=2 * 1024 * 1024, max_body_bytes=1536 * 1024,
-                           body_timeout_s=5)
+        gw = await gateway(
+            engine, max_buffered_body_bytes=2 * 1024 * 1024, max_body_bytes=1536 * 1024, body_timeout_s=5
+        )
         r1, w1 = await asyncio.open_connection("127.0.0.1", gw.port)
         w1.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1500000\r\n\r\n{")
         await asyncio.sleep(0.1)  # its 1.5 MB are held from its head on
@@ -262,7 +270,8 @@ def test_the_body_budget_refuses_what_would_pass_it_and_comes_back():
         r3, w3 = await asyncio.open_connection("127.0.0.1", gw.port)
         w3.write(post({**CHAT, "stream": False}))
         ok = await asyncio.wait_for(r3.readuntil(b"\r\n\r\n"), 5)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return refused, held, ok
 
     refused, held, ok = run(go())
@@ -281,7 +290,8 @@ def test_a_malformed_request_pipelined_behind_a_stream_is_answered_after_it():
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(post() + b"GARBAGE / HTTP/1.1\r\n\r\n")
         data = await read_all(reader)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return data
 
     first, second = responses(run(go()))
@@ -295,8 +305,9 @@ def test_pipelined_requests_are_answered_in_order_and_read_only_when_their_turn_
         gw = await gateway(engine)
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         pad = "x" * 200_000  # each request is many reads long
-        writer.write(b"".join(post({**CHAT, "user": pad, "messages": [{"role": "user", "content": f"n{i}"}]})
-                              for i in range(6)))
+        writer.write(
+            b"".join(post({**CHAT, "user": pad, "messages": [{"role": "user", "content": f"n{i}"}]}) for i in range(6))
+        )
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         held = []
         task = asyncio.ensure_future(read_all(reader))
@@ -304,7 +315,8 @@ def test_pipelined_requests_are_answered_in_order_and_read_only_when_their_turn_
             held.append((gw.requests_in_flight, gw.body_bytes))
             await asyncio.sleep(0.005)
         data = task.result()
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return data, held, engine
 
     data, held, engine = run(go())
@@ -326,7 +338,8 @@ def test_http10_clients_get_a_stream_without_chunked_framing():
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(post(version="1.0"))
         data = await read_all(reader)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return data
 
     data = run(go())
@@ -349,7 +362,8 @@ def test_a_stream_cut_by_an_engine_death_ends_with_an_error_event_and_a_clean_en
         first = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         after = await read_all(reader)  # the connection is still good for the next request
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return first, after, gw
 
     first, after, gw = run(go())
@@ -371,11 +385,22 @@ def test_an_engine_that_goes_silent_is_given_up_on_with_504():
         streamed = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)
         # an engine that takes the request and never answers at all
         mute = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        gw.update_endpoints({"demo": [{"model": "demo", "replica_id": "mute", "host": "127.0.0.1",
-                                       "port": mute.sockets[0].getsockname()[1]}]})
+        gw.update_endpoints(
+            {
+                "demo": [
+                    {
+                        "model": "demo",
+                        "replica_id": "mute",
+                        "host": "127.0.0.1",
+                        "port": mute.sockets[0].getsockname()[1],
+                    }
+                ]
+            }
+        )
         writer.write(post({**CHAT, "stream": False}))
         silent = await asyncio.wait_for(reader.readuntil(b"}}"), 10)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         mute.close()
         return streamed, silent, gw
 

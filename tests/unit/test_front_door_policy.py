@@ -20,6 +20,7 @@ def raw(h: Harness, data: bytes, port: int | None = None):
         reader, writer = await asyncio.open_connection("127.0.0.1", port or h.gw.port)
         writer.write(data)
         return await read_all(reader)
+
     return go()
 
 
@@ -62,8 +63,14 @@ def test_unknown_routes_need_a_key_and_every_answer_is_audited(tmp_path):
     assert out[5] == 200
     assert responses(malformed)[0][0] == 400
     statuses = [(r["path"], r["status"]) for r in records]
-    assert statuses == [("/v1/secret-route", 401), ("/v1/secret-route", 404), ("/v1/models", 401),
-                        ("/v1/models/nope", 404), ("/v1/chat/completions", 405), ("-", 400)]
+    assert statuses == [
+        ("/v1/secret-route", 401),
+        ("/v1/secret-route", 404),
+        ("/v1/models", 401),
+        ("/v1/models/nope", 404),
+        ("/v1/chat/completions", 405),
+        ("-", 400),
+    ]
     assert records[1]["tenant"] == "acme" and records[1]["key_id"] == "app-1"
 
 
@@ -71,9 +78,14 @@ def test_two_authorization_headers_are_a_400(tmp_path):
     async def go():
         async with Harness(policy(tmp_path), {"demo": FakeEngine()}) as h:
             body = json.dumps(CHAT).encode()
-            data = await raw(h, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-                                b"authorization: Bearer nope\r\nauthorization: Bearer " + APP_KEY.encode() +
-                                b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            data = await raw(
+                h,
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b"authorization: Bearer nope\r\nauthorization: Bearer "
+                + APP_KEY.encode()
+                + b"\r\ncontent-length: %d\r\n\r\n" % len(body)
+                + body,
+            )
             return data, h.engines["demo"].requests, h.audit_records()
 
     data, seen, records = run(go())

@@ -22,8 +22,11 @@ def run(coro):
 
 
 async def start_gateway(engine: FakeEngine | None, models=("demo",), stages=None, **settings):
-    gw = Gateway(GatewaySettings(port=0, reuse_port=False, **settings), list(models),
-                 Pipeline(stages if stages is not None else default_stages(list(models))))
+    gw = Gateway(
+        GatewaySettings(port=0, reuse_port=False, **settings),
+        list(models),
+        Pipeline(stages if stages is not None else default_stages(list(models))),
+    )
     if engine is not None:
         port = await engine.start()
         gw.update_endpoints({"demo": [{"model": "demo", "replica_id": "r1", "host": "127.0.0.1", "port": port}]})
@@ -56,7 +59,8 @@ def test_stream_is_relayed_byte_for_byte_with_request_id():
         gw, url = await start_gateway(engine)
         async with httpx.AsyncClient(base_url=url) as c:
             r = await c.post("/v1/chat/completions", json=CHAT)
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return r, engine
 
     r, engine = run(go())
@@ -79,9 +83,13 @@ def test_client_request_id_is_echoed_and_authorization_not_forwarded():
         engine = FakeEngine()
         gw, url = await start_gateway(engine)
         async with httpx.AsyncClient(base_url=url) as c:
-            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": False},
-                             headers={"x-request-id": "abc-123", "authorization": "Bearer secret"})
-        await gw.stop(); await engine.stop()
+            r = await c.post(
+                "/v1/chat/completions",
+                json={**CHAT, "stream": False},
+                headers={"x-request-id": "abc-123", "authorization": "Bearer secret"},
+            )
+        await gw.stop()
+        await engine.stop()
         return r, engine
 
     r, engine = run(go())
@@ -99,7 +107,8 @@ def test_keep_alive_serves_several_requests_on_one_connection():
         async with httpx.AsyncClient(base_url=url) as c:
             rs = [await c.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
             rs.append(await c.post("/v1/chat/completions", json={**CHAT, "stream": False}))
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return rs
 
     rs = run(go())
@@ -125,7 +134,8 @@ def test_bad_requests_get_openai_errors_and_never_reach_the_engine(body, status,
         async with httpx.AsyncClient(base_url=url) as c:
             r = await c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
             metrics = (await c.get("/metrics")).text
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return r, engine, metrics
 
     r, engine, metrics = run(go())
@@ -158,18 +168,29 @@ def test_unreachable_replica_is_skipped_for_a_live_one():
         gw, url = await start_gateway(engine)
         live = gw.pool.all()[0]
         dead = {"model": "demo", "replica_id": "r0", "host": "127.0.0.1", "port": 1}
-        gw.update_endpoints({"demo": [dead, {"model": "demo", "replica_id": live.replica_id, "host": live.host, "port": live.port}]})
+        gw.update_endpoints(
+            {"demo": [dead, {"model": "demo", "replica_id": live.replica_id, "host": live.host, "port": live.port}]}
+        )
         async with httpx.AsyncClient(base_url=url) as c:
             rs = [await c.post("/v1/chat/completions", json={**CHAT, "stream": False}) for _ in range(4)]
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return rs
 
     assert [r.status_code for r in run(go())] == [200] * 4
 
 
 def test_engine_errors_are_reshaped_keeping_status_and_message():
-    vllm_body = json.dumps({"error": {"message": "max_tokens=9000 cannot be greater than max_model_len=512.",
-                                      "type": "BadRequestError", "param": "max_tokens", "code": 400}}).encode()
+    vllm_body = json.dumps(
+        {
+            "error": {
+                "message": "max_tokens=9000 cannot be greater than max_model_len=512.",
+                "type": "BadRequestError",
+                "param": "max_tokens",
+                "code": 400,
+            }
+        }
+    ).encode()
 
     r = run(post_once(FakeEngine(error_status=400, error_body=vllm_body)))
     assert r.status_code == 400
@@ -190,15 +211,16 @@ def test_client_disconnect_mid_stream_closes_the_engine_connection():
         engine = FakeEngine(chunks=200, delay=0.01)
         gw, url = await start_gateway(engine)
         async with httpx.AsyncClient(base_url=url) as c, c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
-                async for _ in r.aiter_bytes():
-                    break  # read one piece, then hang up
+            async for _ in r.aiter_bytes():
+                break  # read one piece, then hang up
         for _ in range(100):
             if engine.disconnects:
                 break
             await asyncio.sleep(0.02)
         async with httpx.AsyncClient(base_url=url) as c:
             metrics = (await c.get("/metrics")).text
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return engine, metrics, gw
 
     engine, metrics, gw = run(go())
@@ -220,9 +242,16 @@ def test_models_health_and_unknown_routes():
         engine = FakeEngine()
         gw, url = await start_gateway(engine)
         async with httpx.AsyncClient(base_url=url) as c:
-            out = [await c.get("/v1/models"), await c.get("/v1/models/demo"), await c.get("/v1/models/x"),
-                   await c.get("/health"), await c.get("/v1/nothing"), await c.get("/v1/chat/completions")]
-        await gw.stop(); await engine.stop()
+            out = [
+                await c.get("/v1/models"),
+                await c.get("/v1/models/demo"),
+                await c.get("/v1/models/x"),
+                await c.get("/health"),
+                await c.get("/v1/nothing"),
+                await c.get("/v1/chat/completions"),
+            ]
+        await gw.stop()
+        await engine.stop()
         return out
 
     models, card, missing, health, nothing, wrong_method = run(go())
@@ -243,7 +272,8 @@ def test_metrics_count_requests_by_model_and_status():
                 await c.post("/v1/chat/completions", json=CHAT)
             await c.post("/v1/chat/completions", json={**CHAT, "model": "other"})
             text = (await c.get("/metrics")).text
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return text
 
     text = run(go())
@@ -276,7 +306,8 @@ def test_a_stage_can_reject_and_every_entered_stage_sees_completion():
         async with httpx.AsyncClient(base_url=url) as c:
             r = await c.post("/v1/chat/completions", json=CHAT)
             bad = await c.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return r, bad, engine
 
     r, bad, engine = run(go())
@@ -292,7 +323,8 @@ def test_metrics_include_engine_metrics_labelled_by_replica():
         gw, url = await start_gateway(engine)
         async with httpx.AsyncClient(base_url=url) as c:
             text = (await c.get("/metrics")).text
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return text
 
     text = run(go())
@@ -304,18 +336,23 @@ def test_one_base_url_routes_each_model_to_its_own_replicas():
     async def go():
         a, b = FakeEngine(chunks=1), FakeEngine(chunks=1)
         pa, pb = await a.start(), await b.start()
-        gw = Gateway(GatewaySettings(port=0, reuse_port=False), ["alpha", "beta"],
-                     Pipeline(default_stages(["alpha", "beta"])))
-        gw.update_endpoints({
-            "alpha": [{"model": "alpha", "replica_id": "a1", "host": "127.0.0.1", "port": pa}],
-            "beta": [{"model": "beta", "replica_id": "b1", "host": "127.0.0.1", "port": pb}],
-        })
+        gw = Gateway(
+            GatewaySettings(port=0, reuse_port=False), ["alpha", "beta"], Pipeline(default_stages(["alpha", "beta"]))
+        )
+        gw.update_endpoints(
+            {
+                "alpha": [{"model": "alpha", "replica_id": "a1", "host": "127.0.0.1", "port": pa}],
+                "beta": [{"model": "beta", "replica_id": "b1", "host": "127.0.0.1", "port": pb}],
+            }
+        )
         await gw.start()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
             for model in ("alpha", "beta", "beta"):
                 assert (await c.post("/v1/completions", json={"model": model, "prompt": "x"})).status_code == 200
             models = (await c.get("/v1/models")).json()
-        await gw.stop(); await a.stop(); await b.stop()
+        await gw.stop()
+        await a.stop()
+        await b.stop()
         return a, b, models
 
     a, b, models = run(go())
@@ -330,13 +367,16 @@ def test_expect_100_continue_is_answered_at_once():
         gw, url = await start_gateway(engine)
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         body = json.dumps({**CHAT, "stream": False}).encode()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)  # curl would wait 1 s
         writer.write(body)
         final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         writer.close()
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return interim, final
 
     interim, final = run(go())
@@ -359,7 +399,8 @@ def test_a_draining_gateway_refuses_new_connections_and_finishes_its_streams():
                     await fresh.get("/health")
             r = await in_flight
             left = await drained
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return r, left
 
     r, left = run(go())
@@ -377,7 +418,8 @@ def test_the_drain_gives_up_after_its_timeout():
                 await asyncio.sleep(0.01)
             left = await gw.drain(0.3)
             in_flight.cancel()
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return left
 
     assert run(go()) == 1
@@ -392,7 +434,8 @@ def test_models_change_live_on_the_gateway():
             listed = (await c.get("/v1/models")).json()
             gw.set_models(["demo-b"], {})
             after = (await c.get("/v1/models")).json()
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return listed, after, gw.metrics
 
     listed, after, metrics = run(go())
@@ -407,6 +450,7 @@ def test_models_change_live_on_the_gateway():
 def test_kuberay_health_paths_say_success_only_once_every_model_has_a_replica():
     """KubeRay labels the head as serving from `GET :8000/-/healthz` (200) and its exec probes
     grep the body for "success", as Ray's own proxy answers."""
+
     async def go():
         gw, url = await start_gateway(None)
         async with httpx.AsyncClient(base_url=url) as c:
@@ -415,7 +459,8 @@ def test_kuberay_health_paths_say_success_only_once_every_model_has_a_replica():
             port = await engine.start()
             gw.update_endpoints({"demo": [{"model": "demo", "replica_id": "r1", "host": "127.0.0.1", "port": port}]})
             after = [await c.get("/-/healthz"), await c.get("/-/routes"), await c.post("/-/healthz")]
-        await gw.stop(); await engine.stop()
+        await gw.stop()
+        await engine.stop()
         return before, after
 
     (h0, r0), (h1, r1, post) = run(go())

@@ -47,8 +47,7 @@ def logprob_tokens(chunks: list[ChatCompletionChunk]) -> list[str]:
 @pytest.mark.parametrize("field", ["content", "refusal", "reasoning", "reasoning_content", "tool_arguments"])
 def test_a_streamed_email_is_redacted_in_every_field_and_in_its_logprobs(tmp_path, field):
     engine = FakeEngine(tokens=SPLIT_EMAIL, field=field)
-    r, _, records = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 2},
-                         engine=engine)
+    r, _, records = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 2}, engine=engine)
     assert r.status_code == 200
     for piece in ("smith", "exam", "hn.", ".org"):
         assert piece not in r.text  # in no text, no logprob token, no alternative
@@ -56,8 +55,9 @@ def test_a_streamed_email_is_redacted_in_every_field_and_in_its_logprobs(tmp_pat
     assert field_text(chunks, field) == "Write to [EMAIL] today."
     tokens = logprob_tokens(chunks)
     assert tokens == ["Write to "]  # before the email; after the redaction, no more entries
-    assert {"guardrail": "pii", "action": "redact", "direction": "output", "entity": "email",
-            "count": 1} in records[-1]["guardrails"]
+    assert {"guardrail": "pii", "action": "redact", "direction": "output", "entity": "email", "count": 1} in records[
+        -1
+    ]["guardrails"]
 
 
 def test_logprobs_of_a_clean_stream_all_reach_the_client_with_their_alternatives(tmp_path):
@@ -66,8 +66,13 @@ def test_logprobs_of_a_clean_stream_all_reach_the_client_with_their_alternatives
     r, _, _ = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 2}, engine=engine)
     chunks = chunks_parse(r)
     assert logprob_tokens(chunks) == words
-    tops = [[a.token for a in t.top_logprobs] for c in chunks for ch in c.choices if ch.logprobs
-            for t in ch.logprobs.content]
+    tops = [
+        [a.token for a in t.top_logprobs]
+        for c in chunks
+        for ch in c.choices
+        if ch.logprobs
+        for t in ch.logprobs.content
+    ]
     assert tops[1] == [" sky", " sea"]
 
 
@@ -77,16 +82,20 @@ def test_an_alternative_token_that_a_rule_would_hit_is_not_shown(tmp_path):
     r, _, _ = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 4}, engine=engine)
     assert "launch" not in r.text and "jane" not in r.text
     chunks = chunks_parse(r)
-    tops = {t.token: [a.token for a in t.top_logprobs] for c in chunks for ch in c.choices if ch.logprobs
-            for t in ch.logprobs.content}
+    tops = {
+        t.token: [a.token for a in t.top_logprobs]
+        for c in chunks
+        for ch in c.choices
+        if ch.logprobs
+        for t in ch.logprobs.content
+    }
     assert tops[" bob"] == [" bob", " alice"]
 
 
 def test_a_blocked_term_in_the_stream_never_reaches_the_client_through_logprobs(tmp_path):
     tokens = ["Here ", "are ", "the ", "launch", " codes", ": 1234"]
     engine = FakeEngine(tokens=tokens, field="reasoning")
-    r, _, records = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 1},
-                         engine=engine)
+    r, _, records = send(policy(tmp_path), {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 1}, engine=engine)
     assert "launch" not in r.text and "1234" not in r.text
     assert sse_events(r)[-1]["error"]["code"] == "content_policy_violation"
     assert records[-1]["guardrails"][-1]["action"] == "block"
@@ -114,7 +123,9 @@ def test_a_non_streamed_clean_answer_keeps_its_logprobs(tmp_path):
     r, _, _ = send(policy(tmp_path), {**CHAT, "logprobs": True, "top_logprobs": 2}, engine=engine)
     answer = ChatCompletion.model_validate(r.json())
     assert [(t.token, [a.token for a in t.top_logprobs]) for t in answer.choices[0].logprobs.content] == [
-        ("All", ["All"]), (" good", [" good", " fine"])]
+        ("All", ["All"]),
+        (" good", [" good", " fine"]),
+    ]
 
 
 def output_only(tmp_path) -> dict:
@@ -126,10 +137,10 @@ def output_only(tmp_path) -> dict:
 
 def openai_call(pol: dict, engine: FakeEngine, create):
     """What the openai client reads from the gateway: create(client) makes the call."""
+
     async def go():
         async with Harness(pol, {"demo": engine}) as h:
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{h.gw.port}/v1", api_key=APP_KEY,
-                                        max_retries=0)
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{h.gw.port}/v1", api_key=APP_KEY, max_retries=0)
             try:
                 answer = await create(client)
                 if hasattr(answer, "__aiter__"):
@@ -137,14 +148,20 @@ def openai_call(pol: dict, engine: FakeEngine, create):
                 return answer
             finally:
                 await client.close()
+
     return run(go())
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_echo_with_logprobs_shows_no_email_and_no_blocked_term(tmp_path, stream):
     engine = FakeEngine(tokens=[" and", " more"])
-    answer = openai_call(output_only(tmp_path), engine, lambda c: c.completions.create(
-        model="demo", prompt=f"mail {EMAIL} about it", echo=True, logprobs=1, max_tokens=8, stream=stream))
+    answer = openai_call(
+        output_only(tmp_path),
+        engine,
+        lambda c: c.completions.create(
+            model="demo", prompt=f"mail {EMAIL} about it", echo=True, logprobs=1, max_tokens=8, stream=stream
+        ),
+    )
     choices = [c for e in answer for c in e.choices] if stream else answer.choices
     assert "jane" not in repr(answer)
     assert "".join(c.text for c in choices) == "mail [EMAIL] about it and more"
@@ -152,8 +169,13 @@ def test_echo_with_logprobs_shows_no_email_and_no_blocked_term(tmp_path, stream)
     assert [t for c in choices if c.logprobs for t in c.logprobs.tokens or []] == []
 
     with pytest.raises(openai.APIError) if stream else pytest.raises(openai.BadRequestError) as blocked:
-        answer = openai_call(output_only(tmp_path), engine, lambda c: c.completions.create(
-            model="demo", prompt="the launch codes", echo=True, logprobs=1, max_tokens=8, stream=stream))
+        answer = openai_call(
+            output_only(tmp_path),
+            engine,
+            lambda c: c.completions.create(
+                model="demo", prompt="the launch codes", echo=True, logprobs=1, max_tokens=8, stream=stream
+            ),
+        )
     assert "launch" not in str(blocked.value.body)
 
 
@@ -163,7 +185,8 @@ def test_the_openai_client_reads_a_guarded_stream_with_logprobs(tmp_path):
         async with Harness(policy(tmp_path), {"demo": engine}) as h:
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{h.gw.port}/v1", api_key=APP_KEY)
             stream = await client.chat.completions.create(
-                model="demo", messages=CHAT["messages"], stream=True, logprobs=True, top_logprobs=2)
+                model="demo", messages=CHAT["messages"], stream=True, logprobs=True, top_logprobs=2
+            )
             chunks = [c async for c in stream]
             await client.close()
             return chunks
@@ -173,11 +196,17 @@ def test_the_openai_client_reads_a_guarded_stream_with_logprobs(tmp_path):
     assert logprob_tokens(chunks) == ["Write to "]
 
 
-@pytest.mark.parametrize("path,option", [
-    ("/v1/chat/completions", "return_token_ids"), ("/v1/chat/completions", "return_tokens_as_token_ids"),
-    ("/v1/chat/completions", "prompt_logprobs"), ("/v1/chat/completions", "return_prompt_text"),
-    ("/v1/completions", "return_token_ids"), ("/v1/completions", "prompt_logprobs"),
-])
+@pytest.mark.parametrize(
+    "path,option",
+    [
+        ("/v1/chat/completions", "return_token_ids"),
+        ("/v1/chat/completions", "return_tokens_as_token_ids"),
+        ("/v1/chat/completions", "prompt_logprobs"),
+        ("/v1/chat/completions", "return_prompt_text"),
+        ("/v1/completions", "return_token_ids"),
+        ("/v1/completions", "prompt_logprobs"),
+    ],
+)
 def test_options_that_would_show_unscanned_text_are_400_for_tenants_with_output_rules(tmp_path, path, option):
     body = {**CHAT, option: True} if path.endswith("chat/completions") else completion("hi", **{option: 1})
     r, engine_requests, _ = send(policy(tmp_path), body, path=path)
@@ -187,12 +216,20 @@ def test_options_that_would_show_unscanned_text_are_400_for_tenants_with_output_
 
 
 @pytest.mark.parametrize("stream", [True, False])
-@pytest.mark.parametrize("field, label", [("content", None), ("refusal", "0.refusal"),
-                                          ("reasoning_content", "0.reasoning_content"),
-                                          ("tool_arguments", "0.tool_calls.0.arguments")])
+@pytest.mark.parametrize(
+    "field, label",
+    [
+        ("content", None),
+        ("refusal", "0.refusal"),
+        ("reasoning_content", "0.reasoning_content"),
+        ("tool_arguments", "0.tool_calls.0.arguments"),
+    ],
+)
 def test_the_audit_keeps_every_field_the_client_was_shown_redacted(tmp_path, field, label, stream):
     """audit_content: true (the policy's acme tenant) keeps what the client saw, in every field."""
-    r, _, records = send(policy(tmp_path), {**CHAT, "stream": stream}, engine=FakeEngine(tokens=SPLIT_EMAIL, field=field))
+    r, _, records = send(
+        policy(tmp_path), {**CHAT, "stream": stream}, engine=FakeEngine(tokens=SPLIT_EMAIL, field=field)
+    )
     assert r.status_code == 200
     rec = records[-1]
     if label is None:

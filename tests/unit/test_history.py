@@ -51,22 +51,37 @@ def test_diff_names_an_added_tenant_a_changed_quota_a_removed_model_and_a_change
     before = raw(tmp_path)
     add_model(before)
     after = copy.deepcopy(before)
-    after["tenants"]["acme"] = {"keys": [{"id": "acme-1", "digest": key_digest("sk-keel-acme"), "role": "app"}],
-                                "quotas": {"requests_per_minute": 60}}
+    after["tenants"]["acme"] = {
+        "keys": [{"id": "acme-1", "digest": key_digest("sk-keel-acme"), "role": "app"}],
+        "quotas": {"requests_per_minute": 60},
+    }
     after["tenants"]["demo"]["quotas"]["requests_per_minute"] = 100
     del after["models"]["demo-b"]
     after["models"]["demo"]["engine"]["max_num_seqs"] = 64
 
     changes = by_path(history.diff(view(before), view(after)))
 
-    assert set(changes) == {"policy.tenants.acme", "policy.tenants.demo.quotas.requests_per_minute",
-                            "models.demo-b", "models.demo.engine.max_num_seqs"}
+    assert set(changes) == {
+        "policy.tenants.acme",
+        "policy.tenants.demo.quotas.requests_per_minute",
+        "models.demo-b",
+        "models.demo.engine.max_num_seqs",
+    }
     assert changes["policy.tenants.acme"]["op"] == "added"
     assert changes["policy.tenants.acme"]["new"]["quotas"] == {"requests_per_minute": 60}
     assert changes["policy.tenants.demo.quotas.requests_per_minute"] == {
-        "path": ["policy", "tenants", "demo", "quotas", "requests_per_minute"], "op": "changed", "old": 6000, "new": 100}
-    assert changes["models.demo-b"]["op"] == "removed" and changes["models.demo-b"]["old"]["engine"]["max_num_seqs"] == 128
-    assert changes["models.demo.engine.max_num_seqs"]["old"] == 128 and changes["models.demo.engine.max_num_seqs"]["new"] == 64
+        "path": ["policy", "tenants", "demo", "quotas", "requests_per_minute"],
+        "op": "changed",
+        "old": 6000,
+        "new": 100,
+    }
+    assert (
+        changes["models.demo-b"]["op"] == "removed" and changes["models.demo-b"]["old"]["engine"]["max_num_seqs"] == 128
+    )
+    assert (
+        changes["models.demo.engine.max_num_seqs"]["old"] == 128
+        and changes["models.demo.engine.max_num_seqs"]["new"] == 64
+    )
 
 
 def test_a_scale_change_reads_as_the_config_key_not_rays_rendering(tmp_path):
@@ -74,7 +89,8 @@ def test_a_scale_change_reads_as_the_config_key_not_rays_rendering(tmp_path):
     after = copy.deepcopy(before)
     after["models"]["demo"]["deployment"]["num_replicas"] = 2
     assert history.diff(view(before), view(after)) == [
-        {"path": ["models", "demo", "deployment", "num_replicas"], "op": "changed", "old": 1, "new": 2}]
+        {"path": ["models", "demo", "deployment", "num_replicas"], "op": "changed", "old": 1, "new": 2}
+    ]
 
 
 def test_a_tenants_keys_are_compared_by_id(tmp_path):
@@ -110,15 +126,29 @@ def secret_doc(tmp_path, *, token=HF_TOKEN, password=REDIS_PASSWORD) -> dict:
 def test_no_digest_or_secret_appears_in_the_record(tmp_path):
     before = raw(tmp_path)
     after = secret_doc(tmp_path)
-    record = history.change_record(command="apply", who=history.identify(ADMIN_KEY, [view(after)["policy"]]),
-                                   old_view=view(before), new_view=view(after), plan={})
+    record = history.change_record(
+        command="apply",
+        who=history.identify(ADMIN_KEY, [view(after)["policy"]]),
+        old_view=view(before),
+        new_view=view(after),
+        plan={},
+    )
     text = json.dumps(record)
-    for secret in (HF_TOKEN, REDIS_PASSWORD, ADMIN_KEY, key_digest(ADMIN_KEY)[7:],
-                   before["tenants"]["demo"]["keys"][0]["digest"][7:]):
+    for secret in (
+        HF_TOKEN,
+        REDIS_PASSWORD,
+        ADMIN_KEY,
+        key_digest(ADMIN_KEY)[7:],
+        before["tenants"]["demo"]["keys"][0]["digest"][7:],
+    ):
         assert secret not in text
     env = record["config"]["models"]["demo"]["env"]
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_TOKEN": history.MASK,
-                   "AWS_SECRET_ACCESS_KEY": history.MASK}
+    assert env == {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "HF_TOKEN": history.MASK,
+        "AWS_SECRET_ACCESS_KEY": history.MASK,
+    }
     assert record["config"]["policy"]["quotas"]["redis_url"] == f"redis://keel:{history.MASK}@127.0.0.1:6379/0"
     assert record["who"]["key_id"] == "ops"
 
@@ -287,7 +317,8 @@ def test_serve_diffs_against_the_last_recorded_config(tmp_path):
     assert one["plan"] == {"models": {"demo": "added"}, "gateways": [], "restart": []}
     assert two["diff_against"] == "recorded" and two["previous_version"] == one["version"]
     assert [(c["path"], c["old"], c["new"]) for c in two["changes"]] == [
-        (["models", "demo", "engine", "max_model_len"], 512, 256)]
+        (["models", "demo", "engine", "max_model_len"], 512, 256)
+    ]
 
 
 def test_records_carry_the_configs_hmac(tmp_path):

@@ -38,22 +38,45 @@ def stack(tmp_path):
     second = history.config_view(desired(parse_config(copy.deepcopy(after), check_engine_args=False)))
     who = {"user": "alice", "host": "ops-1", "key_id": "ops", "tenant": "platform"}
     records = [
-        history.change_record(command="serve", who={"user": "alice", "host": "ops-1"}, old_view=None,
-                              new_view=first, plan={"models": {"demo": "added"}, "gateways": [], "restart": []}),
-        history.change_record(command="apply", who=who, old_view=first, new_view=second,
-                              plan={"models": {"demo": "scaled"}, "gateways": ["policy: tenants changed"],
-                                    "restart": []}),
+        history.change_record(
+            command="serve",
+            who={"user": "alice", "host": "ops-1"},
+            old_view=None,
+            new_view=first,
+            plan={"models": {"demo": "added"}, "gateways": [], "restart": []},
+        ),
+        history.change_record(
+            command="apply",
+            who=who,
+            old_view=first,
+            new_view=second,
+            plan={"models": {"demo": "scaled"}, "gateways": ["policy: tenants changed"], "restart": []},
+        ),
     ]
     for rec in records:
         with history.ChangeRecorder(cfg, rec):
             pass
     log = AuditRecords(cfg)
-    log({"event": "rollout", "time": time.time(), "model": "demo", "to_version": "demo-tiny@2",
-         "from_version": "demo-tiny@1", "action": "advance", "phase": "running", "step": 1, "percent": 25,
-         "reason": "errors 0.00% vs 0.00%"})
+    log(
+        {
+            "event": "rollout",
+            "time": time.time(),
+            "model": "demo",
+            "to_version": "demo-tiny@2",
+            "from_version": "demo-tiny@1",
+            "action": "advance",
+            "phase": "running",
+            "step": 1,
+            "percent": 25,
+            "reason": "errors 0.00% vs 0.00%",
+        }
+    )
     log({"request_id": "req-1", "tenant": "demo", "status": 200, "time": time.time()})  # not a change
     log.close()
-    with pytest.raises(RuntimeError), history.ChangeRecorder(cfg, {**records[1], "who": {"user": "bob", "host": "ops-2"}}):
+    with (
+        pytest.raises(RuntimeError),
+        history.ChangeRecorder(cfg, {**records[1], "who": {"user": "bob", "host": "ops-2"}}),
+    ):
         raise RuntimeError("keel-model-demo: engine did not start")
     return write_doc(tmp_path, doc)
 
@@ -103,9 +126,14 @@ def test_show_of_a_rollout_step_prints_its_decision(stack, capsys):
     assert "rollout demo" in out and "percent       25" in out and "reason        errors 0.00%" in out
 
 
-@pytest.mark.parametrize("n, message", [("9", "no such change; .* holds 4 \\(1 to 4\\)"),
-                                         ("0", "no such change"),
-                                         ("two", "N is a change's number from `keel history`, not 'two'")])
+@pytest.mark.parametrize(
+    "n, message",
+    [
+        ("9", "no such change; .* holds 4 \\(1 to 4\\)"),
+        ("0", "no such change"),
+        ("two", "N is a change's number from `keel history`, not 'two'"),
+    ],
+)
 def test_a_bad_n_is_a_clear_error(stack, capsys, n, message):
     import re
 

@@ -67,8 +67,9 @@ class Stack:
         pol = PolicyConfig.model_validate({"tenants": {"acme": tenant}, "audit": {"dir": str(self.tmp / "audit")}})
         self.gw.set_policy(PolicyRuntime(pol, {"demo": ModelInfo("demo", None, 512)}, self.gw.metrics))
         await self.gw.start()
-        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.gw.port}", timeout=10,
-                                        headers={"authorization": f"Bearer {KEY}"})
+        self.client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.gw.port}", timeout=10, headers={"authorization": f"Bearer {KEY}"}
+        )
         return self
 
     async def __aexit__(self, *exc):
@@ -92,8 +93,12 @@ class Stack:
         raise AssertionError(f"{self.gw.hold.held('demo')} held, expected {n}")
 
     def metric(self, name: str, **labels) -> float:
-        return sum(s.value for fam in self.gw.metrics.registry.collect() for s in fam.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for fam in self.gw.metrics.registry.collect()
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     async def reserved_after_settling(self) -> float:
         for _ in range(100):
@@ -108,8 +113,9 @@ class Stack:
         from pathlib import Path
 
         self.gw.runtime.audit_log.flush()
-        records = [json.loads(line) for line in Path(self.gw.runtime.audit_log.path).read_bytes().split(b"\n")
-                   if line.strip()]
+        records = [
+            json.loads(line) for line in Path(self.gw.runtime.audit_log.path).read_bytes().split(b"\n") if line.strip()
+        ]
         return [r for r in records if "event" not in r]
 
 
@@ -203,11 +209,18 @@ def test_a_full_hold_answers_503_at_once(tmp_path):
 
 def test_a_request_held_past_its_timeout_gets_503_with_retry_after_an_audit_record_and_its_quota_back(tmp_path):
     async def go():
-        async with Stack(tmp_path, HoldSettings(timeout_s=0.3, max_requests=4),
-                         quotas={"tokens_per_minute": 100_000}) as s:
+        async with Stack(
+            tmp_path, HoldSettings(timeout_s=0.3, max_requests=4), quotas={"tokens_per_minute": 100_000}
+        ) as s:
             r = await s.client.post("/v1/chat/completions", json=CHAT)
-            return (r, s.gw.hold.held("demo"), await s.reserved_after_settling(), s.audit(), s.waker,
-                    s.metric("keel_requests_total", model="demo", status="503"))
+            return (
+                r,
+                s.gw.hold.held("demo"),
+                await s.reserved_after_settling(),
+                s.audit(),
+                s.waker,
+                s.metric("keel_requests_total", model="demo", status="503"),
+            )
 
     r, held, reserved, records, waker, counted = run(go())
     assert r.status_code == 503
@@ -224,8 +237,9 @@ def test_a_request_held_past_its_timeout_gets_503_with_retry_after_an_audit_reco
 
 def test_a_client_that_leaves_while_held_is_dropped_and_its_reservation_released(tmp_path):
     async def go():
-        async with Stack(tmp_path, HoldSettings(timeout_s=20, max_requests=4),
-                         quotas={"tokens_per_minute": 100_000}) as s:
+        async with Stack(
+            tmp_path, HoldSettings(timeout_s=20, max_requests=4), quotas={"tokens_per_minute": 100_000}
+        ) as s:
             with pytest.raises(httpx.ReadTimeout):
                 await s.client.post("/v1/chat/completions", json=CHAT, timeout=0.3)
             await s.until_held(0)
@@ -273,7 +287,9 @@ def test_models_that_do_not_scale_to_zero_still_get_503_at_once():
         waker = FakeWaker()
         gw = Gateway(GatewaySettings(port=0), ["demo"], None, wake=waker)
         gw.set_models(["demo"], {}, {})
-        gw.set_policy(PolicyRuntime(PolicyConfig.model_validate({}), {"demo": ModelInfo("demo", None, 512)}, gw.metrics))
+        gw.set_policy(
+            PolicyRuntime(PolicyConfig.model_validate({}), {"demo": ModelInfo("demo", None, 512)}, gw.metrics)
+        )
         await gw.start()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
             r = await c.post("/v1/chat/completions", json=CHAT)
@@ -319,8 +335,10 @@ def test_a_model_scaling_to_zero_reaches_the_gateways_with_its_hold_settings_liv
 
     before = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text())
     after = copy.deepcopy(before)
-    after["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
-        "min_replicas": 0, "max_replicas": 2, "hold_timeout_s": 600, "hold_max_requests": 8}}
+    after["models"]["demo"]["deployment"] = {
+        "num_cpus": 1,
+        "autoscaling": {"min_replicas": 0, "max_replicas": 2, "hold_timeout_s": 600, "hold_max_requests": 8},
+    }
     old, new = (desired(parse_config(c, check_engine_args=False)) for c in (before, after))
     assert "hold" not in old.gateway["models"]["demo"]  # min_replicas > 0: today's behaviour
     assert new.gateway["models"]["demo"]["hold"] == {"timeout_s": 600, "max_requests": 8}

@@ -57,7 +57,7 @@ def test_unknown_key_is_401_without_echoing_the_key():
         ring.authenticate(f"Bearer {stranger}")
     assert e.value.status == 401
     assert e.value.message == "Invalid API key"
-    assert stranger not in str(e.value) and stranger[len(KEY_PREFIX):] not in e.value.body().decode()
+    assert stranger not in str(e.value) and stranger[len(KEY_PREFIX) :] not in e.value.body().decode()
 
 
 def test_non_bearer_scheme_is_401_without_echoing_the_credentials():
@@ -107,14 +107,17 @@ def test_key_digest_is_sha256_hex_and_passes_the_format_check():
     assert check_digest(d) == d
 
 
-@pytest.mark.parametrize("bad", [
-    "sha256:" + "a" * 63,             # too short
-    "sha256:" + "a" * 65,             # too long
-    "sha256:" + "g" * 64,             # not hex
-    "md5:" + "a" * 64,                # wrong algorithm
-    "a" * 64,                         # no prefix
-    " sha256:" + "a" * 64,            # stray whitespace
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "sha256:" + "a" * 63,  # too short
+        "sha256:" + "a" * 65,  # too long
+        "sha256:" + "g" * 64,  # not hex
+        "md5:" + "a" * 64,  # wrong algorithm
+        "a" * 64,  # no prefix
+        " sha256:" + "a" * 64,  # stray whitespace
+    ],
+)
 def test_malformed_digest_is_rejected_with_the_expected_format(bad):
     with pytest.raises(ValueError, match="64 lowercase hex"):
         check_digest(bad)

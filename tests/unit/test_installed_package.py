@@ -36,8 +36,22 @@ def test_installed_keel_validates_the_gpu_config_and_lists_models_from_outside_t
     for d in ("models", "configs"):
         shutil.copytree(REPO / d, app / d)
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+    )
     assert not (site / "models").exists()  # REPO_ROOT/models, as the installed package sees it
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KEEL_MODELS_DIR")}
@@ -45,11 +59,18 @@ def test_installed_keel_validates_the_gpu_config_and_lists_models_from_outside_t
     keel = [sys.executable, str(site / "bin" / "keel")]  # the console script the wheel declares
 
     def run(*args, extra=None):
-        return subprocess.run([*keel, *args], cwd=elsewhere, env={**env, **(extra or {})},
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [*keel, *args], cwd=elsewhere, env={**env, **(extra or {})}, capture_output=True, text=True, timeout=300
+        )
 
-    where = subprocess.run([sys.executable, "-c", "import serving; print(serving.__file__)"], cwd=elsewhere,
-                           env=env, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import serving; print(serving.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(site))
 
     bare = run("models", "list")

@@ -40,7 +40,8 @@ def test_serve_config_is_the_keel_config_rendered(monkeypatch):
     monkeypatch.delenv("KEEL_MODELS_DIR", raising=False)
     cfg = load_config(KEEL_CONFIG, check_engine_args=False)
     assert RAYSERVICE["spec"]["serveConfigV2"] == serve_config(cfg), (
-        "run: keel kuberay serve-config deploy/kuberay/keel.yaml --write deploy/kuberay/rayservice.yaml")
+        "run: keel kuberay serve-config deploy/kuberay/keel.yaml --write deploy/kuberay/rayservice.yaml"
+    )
 
 
 def test_serve_config_parses_with_serve_schema_and_builds_keel_applications():
@@ -124,9 +125,15 @@ def test_the_weights_claim_is_declared_read_only_many_and_mounted_where_manifest
             assert m["readOnly"] and path.startswith(m["mountPath"] + "/")
 
 
-@pytest.mark.parametrize("doc, kind", [(HEAD, "V1PodTemplateSpec"), *[(w, "V1PodTemplateSpec") for w in WORKERS],
-                                       (RAYSERVICE["spec"]["serveService"], "V1Service"),
-                                       *[(d, "V1PersistentVolumeClaim") for d in DOCS if d["kind"] != "RayService"]])
+@pytest.mark.parametrize(
+    "doc, kind",
+    [
+        (HEAD, "V1PodTemplateSpec"),
+        *[(w, "V1PodTemplateSpec") for w in WORKERS],
+        (RAYSERVICE["spec"]["serveService"], "V1Service"),
+        *[(d, "V1PersistentVolumeClaim") for d in DOCS if d["kind"] != "RayService"],
+    ],
+)
 def test_kubernetes_objects_parse_with_the_kubernetes_client_and_lose_no_field(doc, kind):
     """The client ignores keys it does not know, so a typo shows as a field lost on the way
     back: what it serializes must be what the manifest says."""
@@ -154,8 +161,10 @@ def test_write_serve_config_replaces_only_the_block(tmp_path):
     f = tmp_path / "rs.yaml"
     f.write_text("# keep me\nspec:\n  serveConfigV2: |\n    old: 1\n\n    older: 2\n  rayClusterConfig:\n    x: 1\n")
     assert write_serve_config(f, "applications: []\nproxy_location: Disabled\n")
-    assert f.read_text() == ("# keep me\nspec:\n  serveConfigV2: |\n    applications: []\n    proxy_location: Disabled\n"
-                             "  rayClusterConfig:\n    x: 1\n")
+    assert f.read_text() == (
+        "# keep me\nspec:\n  serveConfigV2: |\n    applications: []\n    proxy_location: Disabled\n"
+        "  rayClusterConfig:\n    x: 1\n"
+    )
     assert not write_serve_config(f, "applications: []\nproxy_location: Disabled\n")
     doc = "kind: RayService\n" + f.read_text().split("\n", 1)[1]
     assert serve_config_of(doc) == "applications: []\nproxy_location: Disabled\n"
@@ -167,8 +176,13 @@ def test_serve_config_prints_only_yaml_on_stdout():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "serving.cli", "kuberay", "serve-config", str(KEEL_CONFIG)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "kuberay", "serve-config", str(KEEL_CONFIG)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout) == SERVE

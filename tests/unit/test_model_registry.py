@@ -248,7 +248,10 @@ def test_verify_names_each_file_that_changed_is_missing_or_was_added(models_base
     (model_dir / "extra.safetensors").write_bytes(b"x")
     problems = verify_version(found)
     assert [p.split(":")[0] for p in problems] == [
-        str(model_dir / "config.json"), str(model_dir / "extra.safetensors"), str(model_dir / "tokenizer.json")]
+        str(model_dir / "config.json"),
+        str(model_dir / "extra.safetensors"),
+        str(model_dir / "tokenizer.json"),
+    ]
     assert "differs" in problems[0] and "not in the manifest" in problems[1] and "missing" in problems[2]
 
 

@@ -14,8 +14,9 @@ from tests.unit.model_registry_fixtures import edit_json
 
 
 def config(models_base, weights: str):
-    return parse_config({"models": {"chat": {"weights": weights}}, "models_dir": str(models_base)},
-                        check_engine_args=False)
+    return parse_config(
+        {"models": {"chat": {"weights": weights}}, "models_dir": str(models_base)}, check_engine_args=False
+    )
 
 
 def keel(capsys, *argv) -> tuple[int, str, str]:
@@ -25,12 +26,14 @@ def keel(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_cli_register_then_list_show_verify(capsys, models_base, model_dir):
-    code, out, _ = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
-                        "--models-dir", str(models_base))
+    code, out, _ = keel(
+        capsys, "register", "m", "--version", "1", "--path", str(model_dir), "--models-dir", str(models_base)
+    )
     assert code == 0 and out.startswith("registered m@1: LlamaForCausalLM, 2,229,504 parameters")
     assert "`weights: m@1`" in out
-    code, out, _ = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
-                        "--models-dir", str(models_base))
+    code, out, _ = keel(
+        capsys, "register", "m", "--version", "1", "--path", str(model_dir), "--models-dir", str(models_base)
+    )
     assert code == 0 and "m@1 is already registered with these bytes" in out
     code, out, _ = keel(capsys, "list", "--models-dir", str(models_base))
     row = out.splitlines()[1].split()
@@ -44,16 +47,18 @@ def test_cli_register_then_list_show_verify(capsys, models_base, model_dir):
 def test_cli_register_refusal_exits_1_naming_the_file(capsys, models_base, model_dir):
     file = model_dir / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-10])
-    code, out, err = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
-                          "--models-dir", str(models_base))
+    code, out, err = keel(
+        capsys, "register", "m", "--version", "1", "--path", str(model_dir), "--models-dir", str(models_base)
+    )
     assert code == 1 and out == ""
     assert err.startswith("keel: refused to register m@1:\n") and f"{file}: truncated" in err
     assert list(models_base.iterdir()) == []
 
 
 def test_cli_bad_version_exits_1(capsys, models_base, model_dir):
-    code, _, err = keel(capsys, "register", "m", "--version", "1/2", "--path", str(model_dir),
-                        "--models-dir", str(models_base))
+    code, _, err = keel(
+        capsys, "register", "m", "--version", "1/2", "--path", str(model_dir), "--models-dir", str(models_base)
+    )
     assert code == 1 and "version '1/2': use letters, digits" in err
 
 
@@ -105,14 +110,18 @@ def test_cli_list_shows_plain_manifests_beside_versions(capsys, models_base, two
     assert names == [["m", "1", "registered"], ["m", "2*", "registered"], ["p", "-", "present"]]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tensor-parallel-size", "0"], "tensor parallel size must be at least 1"),
-    (["--gpu-memory-gib", "-1"], "GPU memory must be more than 0 GiB"),
-    (["--gpu-memory-utilization", "1.5"], "GPU memory utilization must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tensor-parallel-size", "0"], "tensor parallel size must be at least 1"),
+        (["--gpu-memory-gib", "-1"], "GPU memory must be more than 0 GiB"),
+        (["--gpu-memory-utilization", "1.5"], "GPU memory utilization must be in (0, 1]"),
+    ],
+)
 def test_cli_nonsense_memory_flags_exit_1(capsys, models_base, model_dir, flags, message):
-    code, _, err = keel(capsys, "register", "m", "--version", "1", "--path", str(model_dir),
-                        "--models-dir", str(models_base), *flags)
+    code, _, err = keel(
+        capsys, "register", "m", "--version", "1", "--path", str(model_dir), "--models-dir", str(models_base), *flags
+    )
     assert code == 1 and message in err and list(models_base.iterdir()) == []
 
 
@@ -124,7 +133,9 @@ def test_cli_list_json_holds_what_the_table_shows(capsys, models_base, two_versi
     [m] = json.loads(out)
     assert code == 0 and m["name"] == "m" and m["latest"] == "2" and m["manifest"] is None
     assert [(v["ref"], v["state"], v["latest"]) for v in m["versions"]] == [
-        ("m@1", "retired", False), ("m@2", "registered", True)]
+        ("m@1", "retired", False),
+        ("m@2", "registered", True),
+    ]
     v1 = m["versions"][0]
     assert v1["retired_reason"] == "bad evals" and v1["bytes"] > 4_000_000 and v1["path"] == str(two_versions[0])
     assert v1["architectures"] == ["LlamaForCausalLM"] and v1["registered_at"].startswith("20")

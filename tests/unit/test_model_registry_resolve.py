@@ -13,8 +13,9 @@ from tests.unit.model_registry_fixtures import copy_model
 
 
 def config(models_base, weights: str):
-    return parse_config({"models": {"chat": {"weights": weights}}, "models_dir": str(models_base)},
-                        check_engine_args=False)
+    return parse_config(
+        {"models": {"chat": {"weights": weights}}, "models_dir": str(models_base)}, check_engine_args=False
+    )
 
 
 def cfg_for(models_base) -> KeelConfig:

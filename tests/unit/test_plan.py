@@ -50,6 +50,7 @@ def test_the_same_config_changes_nothing():
 def test_autoscaling_is_a_scale_change_not_a_restart():
     def change(c):
         c["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+
     p, models = plan_for(change)
     assert models["demo"].kind == SCALED
     assert any(line.startswith("autoscaling") for line in models["demo"].changes)
@@ -58,8 +59,11 @@ def test_autoscaling_is_a_scale_change_not_a_restart():
 
 def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
     def autoscaled(c, **kw):
-        c["models"]["demo"]["deployment"] = {"num_cpus": 1, "autoscaling": {
-            "min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight", "target": 8, **kw}}
+        c["models"]["demo"]["deployment"] = {
+            "num_cpus": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "signal": "requests_in_flight", "target": 8, **kw},
+        }
+
     before, after = raw(), raw()
     autoscaled(before)
     autoscaled(after, target=4, schedules=[{"start": "09:00", "end": "17:00", "min_replicas": 2}])
@@ -73,26 +77,37 @@ def test_a_policy_setting_change_is_live_and_reads_as_the_key_ops_wrote():
     assert state(after).gateway["models"]["demo"]["autoscaling"]["target"] == 4
     assert "autoscaling settings the gateways publish: demo" in p.gateway
     assert "models the gateways route to: demo" not in p.gateway
+
     def policy(st):
         return st.models["demo"].overrides["autoscaling_config"]["policy"]
 
-    assert policy(state(before)) == policy(state(after)) == {
-        "policy_function": "serving.autoscaling.ray_policy:KeelAutoscalingPolicy", "policy_kwargs": {"model": "demo"}}
+    assert (
+        policy(state(before))
+        == policy(state(after))
+        == {
+            "policy_function": "serving.autoscaling.ray_policy:KeelAutoscalingPolicy",
+            "policy_kwargs": {"model": "demo"},
+        }
+    )
 
 
-@pytest.mark.parametrize("key, value", [("drain_timeout_s", 5), ("health_check_period_s", 3),
-                                        ("num_replicas", 2), ("max_surge_percent", 0)])
+@pytest.mark.parametrize(
+    "key, value", [("drain_timeout_s", 5), ("health_check_period_s", 3), ("num_replicas", 2), ("max_surge_percent", 0)]
+)
 def test_live_deployment_options_scale_in_place(key, value):
     p, models = plan_for(lambda c: c["models"]["demo"]["deployment"].update({key: value}))
     assert models["demo"].kind == SCALED, models["demo"]
     assert any(line.startswith(key) for line in models["demo"].changes), models["demo"].changes
 
 
-@pytest.mark.parametrize("change, names", [
-    (lambda m: m["engine"].update(max_model_len=256), "engine.max_model_len: 512 -> 256"),
-    (lambda m: m["env"].update(VLLM_CPU_KVCACHE_SPACE="2"), 'env.VLLM_CPU_KVCACHE_SPACE: "1" -> "2"'),
-    (lambda m: m["deployment"].update(num_cpus=2), "ray_actor_options.num_cpus: 1.0 -> 2.0"),
-])
+@pytest.mark.parametrize(
+    "change, names",
+    [
+        (lambda m: m["engine"].update(max_model_len=256), "engine.max_model_len: 512 -> 256"),
+        (lambda m: m["env"].update(VLLM_CPU_KVCACHE_SPACE="2"), 'env.VLLM_CPU_KVCACHE_SPACE: "1" -> "2"'),
+        (lambda m: m["deployment"].update(num_cpus=2), "ray_actor_options.num_cpus: 1.0 -> 2.0"),
+    ],
+)
 def test_engine_arguments_env_and_resources_replace_only_that_model(change, names):
     before = raw()
     before["models"]["demo-b"] = copy.deepcopy(before["models"]["demo"])
@@ -117,6 +132,7 @@ def test_replacing_without_surge_says_capacity_dips():
 def test_adding_and_removing_models():
     def add(c):
         c["models"]["demo-b"] = copy.deepcopy(c["models"]["demo"])
+
     p, models = plan_for(add)
     assert models["demo-b"].kind == ADDED and models["demo"].kind == UNCHANGED
     assert p.gateway == ("models the gateways route to: demo, demo-b",)
@@ -141,7 +157,8 @@ def test_the_gateways_learn_the_models_dir_live_for_the_admin_api(tmp_path):
     assert "models_dir" not in before.gateway  # the gateways' own default, not this machine's path
     (tmp_path / "demo-tiny").mkdir()  # the manifest the config names, with the same weights
     (tmp_path / "demo-tiny" / "manifest.yaml").write_text(
-        f"name: demo-tiny\npath: {(REPO_ROOT / '.keel' / 'models' / 'demo-tiny').resolve()}\n")
+        f"name: demo-tiny\npath: {(REPO_ROOT / '.keel' / 'models' / 'demo-tiny').resolve()}\n"
+    )
     doc = raw()
     doc["models_dir"] = str(tmp_path)
     moved = state(doc)
@@ -197,7 +214,7 @@ def test_a_newer_registered_version_replaces_what_plain_name_serves(models_base,
     edit_json(v2 / "generation_config.json", temperature=0.7)
     register_version(models_base, "m", "2", v2)
     (m,) = make_plan(before, state(doc)).models
-    assert m.kind == REPLACED and m.changes == ("weights: \"m@1\" -> \"m@2\"",)
+    assert m.kind == REPLACED and m.changes == ('weights: "m@1" -> "m@2"',)
     pinned = dict(doc, models={"demo": dict(doc["models"]["demo"], weights="m@1")})
     assert make_plan(before, state(pinned)).models[0].kind == UNCHANGED
 
@@ -207,17 +224,32 @@ def test_an_application_still_building_is_not_settled():
     # rollout once read that as ready and sent users to a candidate with no replica (503s).
     from serving.plan import deploy_failures, unsettled
 
-    building = {"keel": {"status": "RUNNING", "deployments": {"gateway": {"status": "HEALTHY", "replicas": []}}},
-                "keel-model-demo@candidate": {"status": "DEPLOYING", "deployments": {}}}
+    building = {
+        "keel": {"status": "RUNNING", "deployments": {"gateway": {"status": "HEALTHY", "replicas": []}}},
+        "keel-model-demo@candidate": {"status": "DEPLOYING", "deployments": {}},
+    }
     assert unsettled(building) == ["keel-model-demo@candidate DEPLOYING"]
-    starting = {"keel-model-demo": {"status": "DEPLOYING", "deployments": {
-        "engine-demo": {"status": "UPDATING", "replicas": [{"state": "STARTING"}]}}}}
+    starting = {
+        "keel-model-demo": {
+            "status": "DEPLOYING",
+            "deployments": {"engine-demo": {"status": "UPDATING", "replicas": [{"state": "STARTING"}]}},
+        }
+    }
     assert unsettled(starting) == ["keel-model-demo DEPLOYING: engine-demo UPDATING (STARTING)"]
-    running = {"keel-model-demo-b": {"status": "RUNNING", "deployments": {
-        "engine-demo-b": {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}}}}
+    running = {
+        "keel-model-demo-b": {
+            "status": "RUNNING",
+            "deployments": {"engine-demo-b": {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}},
+        }
+    }
     assert unsettled(running) == [] and unsettled(running, gone={"keel-model-demo-b"}) == ["keel-model-demo-b draining"]
-    failed = {"keel-model-x": {"status": "DEPLOY_FAILED", "message": "Traceback...\nRuntimeError: engine exited",
-                               "deployments": {}}}
+    failed = {
+        "keel-model-x": {
+            "status": "DEPLOY_FAILED",
+            "message": "Traceback...\nRuntimeError: engine exited",
+            "deployments": {},
+        }
+    }
     assert deploy_failures(failed) == ["keel-model-x: RuntimeError: engine exited"]
 
 

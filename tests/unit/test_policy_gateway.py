@@ -36,8 +36,10 @@ def policy(tmp: Path, **over) -> dict:
     base = {
         "tenants": {
             "acme": {
-                "keys": [{"id": "app-1", "digest": key_digest(APP_KEY)},
-                         {"id": "ops", "digest": key_digest(ADMIN_KEY), "role": "admin"}],
+                "keys": [
+                    {"id": "app-1", "digest": key_digest(APP_KEY)},
+                    {"id": "ops", "digest": key_digest(ADMIN_KEY), "role": "admin"},
+                ],
                 "models": ["demo", "chat"],
                 "guardrails": "strict",
                 "audit_content": True,
@@ -46,10 +48,14 @@ def policy(tmp: Path, **over) -> dict:
         },
         "guardrails": {
             "strict": {
-                "input": [{"type": "pii", "entities": ["email"], "action": "redact"},
-                          {"type": "deny", "terms": ["forbidden plan"], "action": "block"}],
-                "output": [{"type": "pii", "entities": ["email"], "action": "redact"},
-                           {"type": "deny", "terms": ["launch codes"], "action": "block"}],
+                "input": [
+                    {"type": "pii", "entities": ["email"], "action": "redact"},
+                    {"type": "deny", "terms": ["forbidden plan"], "action": "block"},
+                ],
+                "output": [
+                    {"type": "pii", "entities": ["email"], "action": "redact"},
+                    {"type": "deny", "terms": ["launch codes"], "action": "block"},
+                ],
             }
         },
         "experiments": {"chat": {"variants": {"demo": 50, "demo-b": 50}}},
@@ -81,8 +87,9 @@ class Harness:
         return self
 
     def apply(self, pol: dict) -> None:
-        self.gw.set_policy(PolicyRuntime(PolicyConfig.model_validate(pol), self.infos, self.gw.metrics,
-                                         previous=self.gw.runtime))
+        self.gw.set_policy(
+            PolicyRuntime(PolicyConfig.model_validate(pol), self.infos, self.gw.metrics, previous=self.gw.runtime)
+        )
 
     async def __aexit__(self, *exc):
         await self.client.aclose()
@@ -160,7 +167,8 @@ def test_model_outside_the_tenants_list_is_403(tmp_path):
     async def go():
         async with Harness(policy(tmp_path), {"demo": FakeEngine(tokens=["ok"])}) as h:
             return await h.post(CHAT, key=OTHER_KEY), await h.client.get(
-                "/v1/models", headers={"authorization": f"Bearer {OTHER_KEY}"})
+                "/v1/models", headers={"authorization": f"Bearer {OTHER_KEY}"}
+            )
 
     r, models = run(go())
     assert r.status_code == 403
@@ -217,8 +225,12 @@ def test_client_disconnect_mid_stream_releases_the_reservation(tmp_path):
     async def go():
         engine = FakeEngine(tokens=["x"] * 200, delay=0.01)
         async with Harness(pol, {"demo": engine}) as h:
-            async with h.client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
-                                       headers={"authorization": f"Bearer {APP_KEY}"}) as r:
+            async with h.client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={**CHAT, "stream": True},
+                headers={"authorization": f"Bearer {APP_KEY}"},
+            ) as r:
                 async for _ in r.aiter_bytes():
                     break  # hang up after the first bytes
             for _ in range(100):
@@ -242,8 +254,12 @@ def test_blocked_prompt_is_400_and_never_reaches_the_engine(tmp_path):
     async def go():
         async with Harness(policy(tmp_path), {"demo": FakeEngine(tokens=["ok"])}) as h:
             body = {**CHAT, "messages": [{"role": "user", "content": "Tell me the Forbidden Plan now"}]}
-            return await h.post(body), h.engines["demo"].requests, h.audit_records(), h.metric(
-                "keel_guardrail_actions_total", tenant="acme", action="block", direction="input")
+            return (
+                await h.post(body),
+                h.engines["demo"].requests,
+                h.audit_records(),
+                h.metric("keel_guardrail_actions_total", tenant="acme", action="block", direction="input"),
+            )
 
     r, engine_requests, records, blocks = run(go())
     assert r.status_code == 400
@@ -284,7 +300,9 @@ def test_streamed_output_never_shows_an_email_split_across_tokens(tmp_path):
     assert not any(o.get("usage") for o in objs)  # the client did not ask for usage
     assert records[-1]["completion_tokens"] == len(tokens)
     assert records[-1]["response"] == "Write to [EMAIL] today."
-    assert {"guardrail": "pii", "action": "redact", "direction": "output", "entity": "email", "count": 1} in records[-1]["guardrails"]
+    assert {"guardrail": "pii", "action": "redact", "direction": "output", "entity": "email", "count": 1} in records[
+        -1
+    ]["guardrails"]
 
 
 def test_usage_chunk_is_kept_when_the_client_asked_for_it(tmp_path):
@@ -359,8 +377,10 @@ def test_only_admin_keys_may_force_a_variant(tmp_path):
         engines = {"demo": FakeEngine(tokens=["A"]), "demo-b": FakeEngine(tokens=["B"])}
         async with Harness(policy(tmp_path), engines) as h:
             app = await h.post({**CHAT, "model": "chat"}, **{"x-keel-variant": "demo-b"})
-            admin = [await h.post({**CHAT, "model": "chat", "user": f"u{i}"}, key=ADMIN_KEY,
-                                  **{"x-keel-variant": "demo-b"}) for i in range(5)]
+            admin = [
+                await h.post({**CHAT, "model": "chat", "user": f"u{i}"}, key=ADMIN_KEY, **{"x-keel-variant": "demo-b"})
+                for i in range(5)
+            ]
             return app, admin
 
     app, admin = run(go())
@@ -369,7 +389,9 @@ def test_only_admin_keys_may_force_a_variant(tmp_path):
 
 
 def test_shadow_variant_gets_a_copy_and_the_client_only_the_primary_answer(tmp_path):
-    pol = policy(tmp_path, experiments={"chat": {"variants": {"demo": 1}, "shadow": {"variant": "demo-b", "percent": 100}}})
+    pol = policy(
+        tmp_path, experiments={"chat": {"variants": {"demo": 1}, "shadow": {"variant": "demo-b", "percent": 100}}}
+    )
 
     async def go():
         engines = {"demo": FakeEngine(tokens=["primary"]), "demo-b": FakeEngine(tokens=["shadow"])}
@@ -394,8 +416,9 @@ def test_every_request_leaves_a_verifiable_audit_record(tmp_path):
         async with Harness(policy(tmp_path), {"demo": FakeEngine(tokens=["ok"])}) as h:
             await h.post(CHAT)
             await h.post(CHAT, key=None)
-            await h.client.post("/v1/chat/completions", content=b"{not json",
-                                headers={"authorization": f"Bearer {APP_KEY}"})
+            await h.client.post(
+                "/v1/chat/completions", content=b"{not json", headers={"authorization": f"Bearer {APP_KEY}"}
+            )
             await h.post({**CHAT, "model": "nope"})
             return h.audit_records(), h.gw.runtime.audit_log.path
 

@@ -361,10 +361,19 @@ def test_rejection_carries_ratelimit_and_retry_after_headers(quotas, clock):
     }
 
 
-@pytest.mark.parametrize("us, text", [
-    (0, "0s"), (250_000, "250ms"), (1, "1ms"), (1_000_000, "1s"), (1_500_000, "1.5s"),
-    (360_000_000, "6m0s"), (3_723_400_000, "1h2m3.4s"), (3_600_000_000, "1h0m0s"),
-])
+@pytest.mark.parametrize(
+    "us, text",
+    [
+        (0, "0s"),
+        (250_000, "250ms"),
+        (1, "1ms"),
+        (1_000_000, "1s"),
+        (1_500_000, "1.5s"),
+        (360_000_000, "6m0s"),
+        (3_723_400_000, "1h2m3.4s"),
+        (3_600_000_000, "1h0m0s"),
+    ],
+)
 def test_durations_are_formatted_like_openai(us, text):
     assert format_duration(us) == text
 

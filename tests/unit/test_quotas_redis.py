@@ -94,8 +94,7 @@ def test_rejected_request_is_admitted_after_its_retry_time(cfg, tenant_id):
 
 
 def test_a_rejection_by_one_limit_consumes_nothing_from_the_others(cfg, tenant_id):
-    acme = Scope("tenant", tenant_id, QuotaLimits(requests_per_minute=3, tokens_per_minute=1000,
-                                                  concurrent_requests=2))
+    acme = Scope("tenant", tenant_id, QuotaLimits(requests_per_minute=3, tokens_per_minute=1000, concurrent_requests=2))
     strict_key = Scope("key", f"{tenant_id}/k1", QuotaLimits(tokens_per_minute=300))
     other_key = Scope("key", f"{tenant_id}/k2", QuotaLimits())
 
@@ -146,8 +145,10 @@ def test_a_request_larger_than_the_burst_never_fits(cfg, tenant_id):
 
 
 def test_keys_carry_the_tenant_hash_tag_and_expire(cfg, tenant_id):
-    scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=1000, concurrent_requests=5)),
-              Scope("key", f"{tenant_id}/k1", QuotaLimits(requests_per_minute=10))]
+    scopes = [
+        Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=1000, concurrent_requests=5)),
+        Scope("key", f"{tenant_id}/k1", QuotaLimits(requests_per_minute=10)),
+    ]
     run(with_backend(cfg, lambda q: q.reserve(scopes, 100, "a")))
     keys = run(tenant_keys(cfg, tenant_id))
     assert set(keys) == {
@@ -156,7 +157,10 @@ def test_keys_carry_the_tenant_hash_tag_and_expire(cfg, tenant_id):
         f"keel:{{{tenant_id}}}:key:{tenant_id}/k1:rpm",
         f"keel:{{{tenant_id}}}:key:{tenant_id}/k1:open",
     }
-    tpm, rpm = keys[redis_key("keel", scopes[0], "tokens_per_minute")], keys[redis_key("keel", scopes[1], "requests_per_minute")]
+    tpm, rpm = (
+        keys[redis_key("keel", scopes[0], "tokens_per_minute")],
+        keys[redis_key("keel", scopes[1], "requests_per_minute")],
+    )
     assert tpm[0] == "string" and 0 < tpm[1] <= 6_000  # gone once the 100 tokens have drained
     assert rpm[0] == "string" and 0 < rpm[1] <= 6_000
     opened = keys[redis_key("keel", scopes[0], "open")]
@@ -164,8 +168,10 @@ def test_keys_carry_the_tenant_hash_tag_and_expire(cfg, tenant_id):
 
 
 def test_released_burst_leaves_no_reservation_behind_and_a_full_burst_fits(cfg, tenant_id):
-    scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=10_000, concurrent_requests=50)),
-              Scope("key", f"{tenant_id}/k1", QuotaLimits(tokens_per_day=100_000))]
+    scopes = [
+        Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=10_000, concurrent_requests=50)),
+        Scope("key", f"{tenant_id}/k1", QuotaLimits(tokens_per_day=100_000)),
+    ]
 
     async def body(q):
         admissions = await asyncio.gather(*(q.reserve(scopes, 200, f"r{i}") for i in range(60)))
@@ -197,8 +203,9 @@ def test_redis_that_never_answers_raises_quota_backend_error_after_the_timeout(t
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        cfg = QuotaBackendConfig(backend="redis", redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-                                 timeout_s=0.1)
+        cfg = QuotaBackendConfig(
+            backend="redis", redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.1
+        )
         scopes = [Scope("tenant", tenant_id, QuotaLimits(requests_per_minute=1))]
         with pytest.raises(QuotaBackendError, match="Timeout"):
             run(with_backend(cfg, lambda q: q.reserve(scopes, 1, "a")))
@@ -418,8 +425,13 @@ def test_more_concurrent_calls_than_connections_all_get_answers(cfg, tenant_id):
 
 def _hammer(url: str, tenant_id: str, seconds: float, start, in_flight, peak, results) -> None:
     """One gateway process: 8 concurrent request loops against one tenant."""
-    scopes = [Scope("tenant", tenant_id, QuotaLimits(tokens_per_minute=LIMIT, burst_fraction=BURST / LIMIT,
-                                                     concurrent_requests=CONCURRENCY))]
+    scopes = [
+        Scope(
+            "tenant",
+            tenant_id,
+            QuotaLimits(tokens_per_minute=LIMIT, burst_fraction=BURST / LIMIT, concurrent_requests=CONCURRENCY),
+        )
+    ]
 
     async def loop(q, rng, stop_at, totals):
         while time.time() < stop_at:
@@ -459,8 +471,10 @@ def test_several_gateway_processes_together_admit_no_more_than_burst_plus_rate(s
     ctx = multiprocessing.get_context("fork")
     start, results = ctx.Barrier(4), ctx.Queue()
     in_flight, peak = ctx.Value("i", 0), ctx.Value("i", 0)
-    procs = [ctx.Process(target=_hammer, args=(server.url, tenant_id, 2.0, start, in_flight, peak, results))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_hammer, args=(server.url, tenant_id, 2.0, start, in_flight, peak, results))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     runs = [results.get(timeout=30) for _ in procs]

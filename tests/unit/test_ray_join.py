@@ -9,14 +9,22 @@ import sys
 
 import pytest
 
-PROBE = ("import os; from serving.launcher import use_ray_token_if_any; use_ray_token_if_any(); "
-         "print(os.environ.get('RAY_AUTH_MODE'))")
+PROBE = (
+    "import os; from serving.launcher import use_ray_token_if_any; use_ray_token_if_any(); "
+    "print(os.environ.get('RAY_AUTH_MODE'))"
+)
 
 
 def mode_after_join(home, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, "HOME": str(home), **env},
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**clean, "HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 

@@ -31,10 +31,15 @@ time.sleep(600)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_registration_runs_niced_dies_with_its_gateway_process_then_reads_as_failed(
-        tmp_path, models_base, demo_weights):
+    tmp_path, models_base, demo_weights
+):
     path = blocking_model(tmp_path, demo_weights)
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(models_base), str(path)],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(models_base), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     try:
         job_id = parent.stdout.readline().strip()
         jobs = RegistrationJobs(models_base)

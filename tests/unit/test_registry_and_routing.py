@@ -101,6 +101,7 @@ def test_each_replica_start_reaches_the_gateways_health(monkeypatch):
 
     monkeypatch.setattr(replica_mod, "_now", clock)
     monkeypatch.setattr(replica_mod, "_worker_start_s", lambda: 4.2)  # Ray's worker, before the constructor
+
     def start_engine(self):
         self._engine_stopped = True  # nothing to stop, whenever the replica is collected
         return _RunningEngine()

@@ -64,24 +64,30 @@ def test_nesting_is_refused_one_level_past_the_limit_and_not_at_it():
     orjson.dumps(parse(at_limit))  # what passes can be sent on (orjson.dumps stops at 255)
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "messages.0.content"),
-    (b'{"user": "\\udc00"}', "user"),
-    (b'{"extra": {"deep": ["ok", "\\ud83d"]}}', "extra.deep.1"),
-    (b'{"\\ud800": 1}', "\\ud800"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "messages.0.content"),
+        (b'{"user": "\\udc00"}', "user"),
+        (b'{"extra": {"deep": ["ok", "\\ud83d"]}}', "extra.deep.1"),
+        (b'{"\\ud800": 1}', "\\ud800"),
+    ],
+)
 def test_a_lone_surrogate_is_a_400_naming_its_field(raw, param):
     err = refused(parse, raw)
     assert err.param == param and "surrogate" in err.message
     err.message.encode("utf-8")  # the error itself is valid text (it goes to the audit log)
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"temperature": NaN}', "temperature"),
-    (b'{"logit_bias": {"7": Infinity}}', "logit_bias.7"),
-    (b'{"x": [1, -Infinity]}', "x.1"),
-    (b'{"top_p": 1e400}', "top_p"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"temperature": NaN}', "temperature"),
+        (b'{"logit_bias": {"7": Infinity}}', "logit_bias.7"),
+        (b'{"x": [1, -Infinity]}', "x.1"),
+        (b'{"top_p": 1e400}', "top_p"),
+    ],
+)
 def test_a_number_that_is_not_finite_is_a_400_naming_its_field(raw, param):
     err = refused(parse, raw)
     assert err.param == param and "finite" in err.message
@@ -121,8 +127,11 @@ def test_hostile_bodies_get_a_400_naming_the_field_never_a_500(tmp_path):
 
     out, engine_requests, records = run(go())
     assert {name: (r.status_code, error_of(r)["param"]) for name, r in out.items() if name != "big_int"} == {
-        "deep": (400, "extra"), "deep_300": (400, "extra"), "surrogate": (400, "messages.0.content"),
-        "n_float": (400, "n")}
+        "deep": (400, "extra"),
+        "deep_300": (400, "extra"),
+        "surrogate": (400, "messages.0.content"),
+        "n_float": (400, "n"),
+    }
     assert out["big_int"].status_code == 200
     assert len(engine_requests) == 1  # only the big integer reached the engine
     assert [r["status"] for r in records] == [400, 400, 400, 400, 200]
@@ -132,13 +141,21 @@ def test_hostile_bodies_get_a_400_naming_the_field_never_a_500(tmp_path):
 
 # (path, field, value the client sent, what vLLM's pydantic model makes of it)
 LAX_SPELLINGS = [
-    (CHAT_PATH, "n", "20", 20), (CHAT_PATH, "n", 20.0, 20), (CHAT_PATH, "n", "20.0", 20),
-    (CHAT_PATH, "n", True, 1), (COMPLETIONS_PATH, "n", " 3", 3),
-    (CHAT_PATH, "max_tokens", "40", 40), (CHAT_PATH, "max_completion_tokens", 40.0, 40),
+    (CHAT_PATH, "n", "20", 20),
+    (CHAT_PATH, "n", 20.0, 20),
+    (CHAT_PATH, "n", "20.0", 20),
+    (CHAT_PATH, "n", True, 1),
+    (COMPLETIONS_PATH, "n", " 3", 3),
+    (CHAT_PATH, "max_tokens", "40", 40),
+    (CHAT_PATH, "max_completion_tokens", 40.0, 40),
     (COMPLETIONS_PATH, "max_tokens", True, 1),
-    (CHAT_PATH, "stream", "false", False), (CHAT_PATH, "stream", 0, False), (CHAT_PATH, "stream", "yes", True),
-    (CHAT_PATH, "truncate_prompt_tokens", "5", 5), (COMPLETIONS_PATH, "add_special_tokens", "false", False),
-    (COMPLETIONS_PATH, "prompt", [1.0, 2.0], [1, 2]), (COMPLETIONS_PATH, "prompt", [True, 2], [1, 2]),
+    (CHAT_PATH, "stream", "false", False),
+    (CHAT_PATH, "stream", 0, False),
+    (CHAT_PATH, "stream", "yes", True),
+    (CHAT_PATH, "truncate_prompt_tokens", "5", 5),
+    (COMPLETIONS_PATH, "add_special_tokens", "false", False),
+    (COMPLETIONS_PATH, "prompt", [1.0, 2.0], [1, 2]),
+    (COMPLETIONS_PATH, "prompt", [True, 2], [1, 2]),
     (COMPLETIONS_PATH, "prompt", [[1.0], [2, 3]], [[1], [2, 3]]),
 ]
 
@@ -170,21 +187,33 @@ def test_canonical_bodies_are_left_as_they_are():
     assert json.dumps(payload) == before
 
 
-@pytest.mark.parametrize("path, fields, param", [
-    (CHAT_PATH, {"n": 20.5}, "n"), (CHAT_PATH, {"n": "twenty"}, "n"), (CHAT_PATH, {"n": 0}, "n"),
-    (CHAT_PATH, {"n": -1}, "n"), (CHAT_PATH, {"n": 2**64}, "n"), (CHAT_PATH, {"max_tokens": -5}, "max_tokens"),
-    (CHAT_PATH, {"max_completion_tokens": [1]}, "max_completion_tokens"), (CHAT_PATH, {"stream": 2}, "stream"),
-    (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
-    (CHAT_PATH, {"stream_options": "yes"}, "stream_options"), (CHAT_PATH, {"user": 7}, "user"),
-    (CHAT_PATH, {"model": ["demo"]}, "model"), (CHAT_PATH, {"messages": "hello"}, "messages"),
-    (CHAT_PATH, {"messages": [{"content": "hi"}]}, "messages.0.role"),
-    (CHAT_PATH, {"messages": [{"role": ["user"], "content": "hi"}]}, "messages.0.role"),
-    (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    (CHAT_PATH, {"messages": [{"role": "user", "content": ["ok", 5]}]}, "messages.0.content.1"),
-    (CHAT_PATH, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
-    (COMPLETIONS_PATH, {"prompt": ["a", 1]}, "prompt"), (COMPLETIONS_PATH, {"prompt": [[1], "a"]}, "prompt"),
-    (COMPLETIONS_PATH, {"prompt": 5}, "prompt"), (COMPLETIONS_PATH, {"prompt_embeds": 5}, "prompt_embeds"),
-])
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        (CHAT_PATH, {"n": 20.5}, "n"),
+        (CHAT_PATH, {"n": "twenty"}, "n"),
+        (CHAT_PATH, {"n": 0}, "n"),
+        (CHAT_PATH, {"n": -1}, "n"),
+        (CHAT_PATH, {"n": 2**64}, "n"),
+        (CHAT_PATH, {"max_tokens": -5}, "max_tokens"),
+        (CHAT_PATH, {"max_completion_tokens": [1]}, "max_completion_tokens"),
+        (CHAT_PATH, {"stream": 2}, "stream"),
+        (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+        (CHAT_PATH, {"stream_options": "yes"}, "stream_options"),
+        (CHAT_PATH, {"user": 7}, "user"),
+        (CHAT_PATH, {"model": ["demo"]}, "model"),
+        (CHAT_PATH, {"messages": "hello"}, "messages"),
+        (CHAT_PATH, {"messages": [{"content": "hi"}]}, "messages.0.role"),
+        (CHAT_PATH, {"messages": [{"role": ["user"], "content": "hi"}]}, "messages.0.role"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": ["ok", 5]}]}, "messages.0.content.1"),
+        (CHAT_PATH, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        (COMPLETIONS_PATH, {"prompt": ["a", 1]}, "prompt"),
+        (COMPLETIONS_PATH, {"prompt": [[1], "a"]}, "prompt"),
+        (COMPLETIONS_PATH, {"prompt": 5}, "prompt"),
+        (COMPLETIONS_PATH, {"prompt_embeds": 5}, "prompt_embeds"),
+    ],
+)
 def test_a_field_keel_reads_of_the_wrong_type_is_a_400_naming_it(path, fields, param):
     body = _body(path, **fields)
     err = refused(check_fields, path, body)
@@ -210,12 +239,20 @@ def test_lax_spellings_match_what_vllm_reads(vllm_models, path, field, sent, rea
     assert getattr(request, field) == read
 
 
-@pytest.mark.parametrize("path, fields", [
-    (CHAT_PATH, {"n": 20.5}), (CHAT_PATH, {"n": "twenty"}), (CHAT_PATH, {"stream": 2}),
-    (CHAT_PATH, {"user": 7}), (CHAT_PATH, {"messages": [{"content": "hi"}]}),
-    (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}), (COMPLETIONS_PATH, {"prompt": ["a", 1]}),
-    (COMPLETIONS_PATH, {"prompt": [[1], "a"]}), (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}),
-])
+@pytest.mark.parametrize(
+    "path, fields",
+    [
+        (CHAT_PATH, {"n": 20.5}),
+        (CHAT_PATH, {"n": "twenty"}),
+        (CHAT_PATH, {"stream": 2}),
+        (CHAT_PATH, {"user": 7}),
+        (CHAT_PATH, {"messages": [{"content": "hi"}]}),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": 5}]}),
+        (COMPLETIONS_PATH, {"prompt": ["a", 1]}),
+        (COMPLETIONS_PATH, {"prompt": [[1], "a"]}),
+        (CHAT_PATH, {"stream": True, "stream_options": {"include_usage": "maybe"}}),
+    ],
+)
 def test_what_keel_refuses_as_a_type_vllm_refuses_too(vllm_models, path, fields):
     from pydantic import ValidationError
 
@@ -224,26 +261,37 @@ def test_what_keel_refuses_as_a_type_vllm_refuses_too(vllm_models, path, fields)
     refused(check_fields, path, _body(path, **fields))
 
 
-@pytest.mark.parametrize("fields, prompts, embeds", [
-    ({"prompt": "one"}, 1, 0), ({"prompt": [1, 2, 3]}, 1, 0), ({"prompt": ["a"] * 20}, 20, 0),
-    ({"prompt": [[1], [2, 3]]}, 2, 0), ({"prompt": []}, 0, 0), ({"prompt": None, "prompt_embeds": "QUJD"}, 1, 1),
-    ({"prompt": ["a", "b"], "prompt_embeds": ["QQ==", "Qg=="]}, 4, 2), ({"prompt": [1.0, 2.0]}, 1, 0),
-])
+@pytest.mark.parametrize(
+    "fields, prompts, embeds",
+    [
+        ({"prompt": "one"}, 1, 0),
+        ({"prompt": [1, 2, 3]}, 1, 0),
+        ({"prompt": ["a"] * 20}, 20, 0),
+        ({"prompt": [[1], [2, 3]]}, 2, 0),
+        ({"prompt": []}, 0, 0),
+        ({"prompt": None, "prompt_embeds": "QUJD"}, 1, 1),
+        ({"prompt": ["a", "b"], "prompt_embeds": ["QQ==", "Qg=="]}, 4, 2),
+        ({"prompt": [1.0, 2.0]}, 1, 0),
+    ],
+)
 def test_every_prompt_the_engine_runs_is_counted(fields, prompts, embeds):
     gen, _ = check_fields(COMPLETIONS_PATH, {"model": "demo", **fields})
     assert (gen.prompts, gen.embeds) == (prompts, embeds)
 
 
-@pytest.mark.parametrize("path, fields, max_output, param", [
-    (CHAT_PATH, {"max_tokens": 50}, 50, "max_tokens"),
-    (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": 7}, 7, "max_completion_tokens"),
-    (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": None}, 50, "max_tokens"),
-    (CHAT_PATH, {}, None, "max_tokens"),
-    (COMPLETIONS_PATH, {}, 16, "max_tokens"),  # vLLM's default for completions
-    (COMPLETIONS_PATH, {"max_tokens": None}, 16, "max_tokens"),
-    # /v1/completions has no max_completion_tokens: the engine ignores it, so does the quota
-    (COMPLETIONS_PATH, {"max_tokens": 300, "max_completion_tokens": 1}, 300, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "path, fields, max_output, param",
+    [
+        (CHAT_PATH, {"max_tokens": 50}, 50, "max_tokens"),
+        (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": 7}, 7, "max_completion_tokens"),
+        (CHAT_PATH, {"max_tokens": 50, "max_completion_tokens": None}, 50, "max_tokens"),
+        (CHAT_PATH, {}, None, "max_tokens"),
+        (COMPLETIONS_PATH, {}, 16, "max_tokens"),  # vLLM's default for completions
+        (COMPLETIONS_PATH, {"max_tokens": None}, 16, "max_tokens"),
+        # /v1/completions has no max_completion_tokens: the engine ignores it, so does the quota
+        (COMPLETIONS_PATH, {"max_tokens": 300, "max_completion_tokens": 1}, 300, "max_tokens"),
+    ],
+)
 def test_the_output_limit_is_the_field_the_engine_uses(path, fields, max_output, param):
     gen, _ = check_fields(path, _body(path, **fields))
     assert (gen.max_output, gen.output_param) == (max_output, param)
@@ -295,7 +343,7 @@ def test_the_context_check_names_the_field_that_overflows():
     assert (err.code, err.param) == ("context_length_exceeded", "messages")
     assert Generation(max_output=100).context_error([412], 512, "messages") is None
     assert Generation(max_output=None).context_error([512], 512, "prompt") is None
-    assert Generation(max_output=10 ** 6).context_error([1], None, "prompt") is None  # unknown context
+    assert Generation(max_output=10**6).context_error([1], None, "prompt") is None  # unknown context
 
 
 @pytest.mark.parametrize("n", [20, "20", 20.0, "20.0"])
@@ -329,7 +377,9 @@ def test_every_prompt_of_a_completions_request_is_reserved(tmp_path):
     async def go():
         async with Harness(quota_policy(tmp_path, tokens_per_minute=100_000), {"demo": FakeEngine(tokens=["ok"])}) as h:
             counter = h.infos["demo"].counter
-            as_text = await h.post({"model": "demo", "prompt": prompts, "max_tokens": 10, "n": 2}, path=COMPLETIONS_PATH)
+            as_text = await h.post(
+                {"model": "demo", "prompt": prompts, "max_tokens": 10, "n": 2}, path=COMPLETIONS_PATH
+            )
             ids = [[1, 2, 3]] * 20
             as_ids = await h.post({"model": "demo", "prompt": ids, "max_tokens": 10}, path=COMPLETIONS_PATH)
             default = await h.post({"model": "demo", "prompt": prompts[:3]}, path=COMPLETIONS_PATH)
@@ -386,9 +436,10 @@ async def _send_and_leave(h: Harness, body: dict) -> None:
     seen = len(engine.requests)
     payload = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", h.gw.port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 b"authorization: Bearer " + APP_KEY.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(payload)
-                 + payload)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer " + APP_KEY.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload
+    )
     await writer.drain()
     for _ in range(200):
         if len(engine.requests) > seen:

@@ -39,16 +39,19 @@ def test_flags_override_the_configs_defaults():
     assert spec_from_args(flags(gate=["warmup=90s"]), defaults).gates.warmup_s == 90
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"gate": ["latency=2"]}, "--gate: `latency=2` is not one of errors=VALUE"),
-    ({"gate": ["ttft=-1"]}, "gates.max_ttft_p95_ratio"),
-    ({"steps": "50,25,100"}, "steps must increase"),
-    ({"steps": "5,x,100"}, "--steps/--hold"),
-    ({"hold": "soon"}, "`soon` is not a duration"),
-    ({"gate": ["warmup=soon"]}, "--gate warmup: `soon` is not a duration"),
-    ({"gate": ["warmup=2h"]}, "gates.warmup_s: Input should be less than or equal to 3600"),
-    ({"gate": ["warmup=-5"]}, "--gate warmup: `-5` is not a duration"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"gate": ["latency=2"]}, "--gate: `latency=2` is not one of errors=VALUE"),
+        ({"gate": ["ttft=-1"]}, "gates.max_ttft_p95_ratio"),
+        ({"steps": "50,25,100"}, "steps must increase"),
+        ({"steps": "5,x,100"}, "--steps/--hold"),
+        ({"hold": "soon"}, "`soon` is not a duration"),
+        ({"gate": ["warmup=soon"]}, "--gate warmup: `soon` is not a duration"),
+        ({"gate": ["warmup=2h"]}, "gates.warmup_s: Input should be less than or equal to 3600"),
+        ({"gate": ["warmup=-5"]}, "--gate warmup: `-5` is not a duration"),
+    ],
+)
 def test_bad_flags_are_refused_naming_the_flag(over, message):
     with pytest.raises(ConfigError, match=message):
         spec_from_args(flags(**over), RolloutDefaults())
@@ -78,9 +81,15 @@ def test_promote_or_abort_without_a_rollout_says_so(tmp_path, capsys):
 
 def test_status_shows_the_step_the_gates_and_whether_anything_drives_it(tmp_path, capsys):
     cfg = config_file(tmp_path)
-    st = RolloutState(model="demo", candidate="demo@candidate", to_version="demo-tiny@v2", from_version="demo-tiny",
-                      spec={"model": "demo", "to_version": "demo-tiny@v2", "steps": [5, 25, 50, 100]},
-                      phase=STEPPING, step=1)
+    st = RolloutState(
+        model="demo",
+        candidate="demo@candidate",
+        to_version="demo-tiny@v2",
+        from_version="demo-tiny",
+        spec={"model": "demo", "to_version": "demo-tiny@v2", "steps": [5, 25, 50, 100]},
+        phase=STEPPING,
+        step=1,
+    )
     record(st, "advance", "step 1 (5%) held 600 s: errors 0.00% vs 0.00%", 1_700_000_000)
     st.last_reason = "step 2 (25%): gates hold; 30 of 600 s"
     StateStore(tmp_path / "rollouts").save(st)
@@ -94,8 +103,16 @@ def test_status_shows_the_step_the_gates_and_whether_anything_drives_it(tmp_path
 
 
 def _state(**over):
-    return RolloutState(**{"model": "demo", "candidate": "demo@candidate", "to_version": "demo-tiny@v2",
-                           "from_version": "demo-tiny", "spec": {"steps": [50, 100]}, **over})
+    return RolloutState(
+        **{
+            "model": "demo",
+            "candidate": "demo@candidate",
+            "to_version": "demo-tiny@v2",
+            "from_version": "demo-tiny",
+            "spec": {"steps": [50, 100]},
+            **over,
+        }
+    )
 
 
 def test_start_follows_the_drivers_decisions_until_it_is_done(tmp_path, capsys, monkeypatch):
@@ -125,8 +142,12 @@ def test_start_follows_the_drivers_decisions_until_it_is_done(tmp_path, capsys, 
     assert cli._follow(store, "demo", seen=1) == 0
     t.join()
     out = capsys.readouterr().out.splitlines()
-    assert out == ["keel rollout: demo: step: reason 0", "keel rollout: demo: advance: reason 1",
-                   "keel rollout: demo: promote: reason 2", "keel rollout: demo: promoted: done"]
+    assert out == [
+        "keel rollout: demo: step: reason 0",
+        "keel rollout: demo: advance: reason 1",
+        "keel rollout: demo: promote: reason 2",
+        "keel rollout: demo: promoted: done",
+    ]
     st.phase = ROLLED_BACK
     store.save(st)
     assert cli._follow(store, "demo", seen=len(st.history)) == 3
@@ -140,5 +161,7 @@ def test_following_a_rollout_nothing_drives_gives_up_and_says_how_to_resume(tmp_
     store = StateStore(tmp_path)
     store.save(_state(phase=STEPPING))
     assert cli._follow(store, "demo", seen=0) == 1
-    assert "nothing drives demo's rollout (stepping); `keel rollout start demo --to demo-tiny@v2` resumes it" \
+    assert (
+        "nothing drives demo's rollout (stepping); `keel rollout start demo --to demo-tiny@v2` resumes it"
         in capsys.readouterr().err
+    )

@@ -27,8 +27,9 @@ class FakeStack:
     `cand_error_every`-th request a 500."""
 
     def __init__(self, cand_ttft=0.05, cand_error_every=0, per_look=40, pending=None, crash_after=None):
-        self.deployed = desired(parse_config(yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text()),
-                                             check_engine_args=False))
+        self.deployed = desired(
+            parse_config(yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text()), check_engine_args=False)
+        )
         self.original = self.deployed
         self.submits = []
         self.cand_ttft, self.cand_error_every, self.per_look = cand_ttft, cand_error_every, per_look
@@ -107,14 +108,23 @@ class Clock:
 
 
 def spec(**over):
-    return RolloutSpec.model_validate({"model": "demo", "to_version": "demo-tiny@v2", "steps": [10, 50, 100],
-                                       "hold_s": 60, "gates": {"min_requests": 20, "warmup_s": 0}, **over})
+    return RolloutSpec.model_validate(
+        {
+            "model": "demo",
+            "to_version": "demo-tiny@v2",
+            "steps": [10, 50, 100],
+            "hold_s": 60,
+            "gates": {"min_requests": 20, "warmup_s": 0},
+            **over,
+        }
+    )
 
 
 def controller(tmp_path, stack, audit=None):
     clock = Clock()
-    return Controller(StateStore(tmp_path), stack, clock=clock, sleep=clock.sleep, audit=audit,
-                      say=lambda _: None, look_every_s=5), clock
+    return Controller(
+        StateStore(tmp_path), stack, clock=clock, sleep=clock.sleep, audit=audit, say=lambda _: None, look_every_s=5
+    ), clock
 
 
 def test_a_healthy_candidate_goes_through_every_step_and_is_promoted(tmp_path):
@@ -217,11 +227,17 @@ def test_a_rollout_that_cannot_start_says_why(tmp_path):
         c.begin(spec(to_version="demo-tiny@v3"), "/w")
 
 
-EVAL = {"cases": [{"name": "greets", "messages": [{"role": "user", "content": "hi"}],
-                   "expect": {"regex": "(?i)hello"}},
-                  {"name": "json", "messages": [{"role": "user", "content": "json please"}],
-                   "expect": {"json_schema": {"type": "object"}}}],
-        "min_pass_rate": 0.5}
+EVAL = {
+    "cases": [
+        {"name": "greets", "messages": [{"role": "user", "content": "hi"}], "expect": {"regex": "(?i)hello"}},
+        {
+            "name": "json",
+            "messages": [{"role": "user", "content": "json please"}],
+            "expect": {"json_schema": {"type": "object"}},
+        },
+    ],
+    "min_pass_rate": 0.5,
+}
 
 
 def test_the_evaluation_gate_asks_the_candidate_alone_before_any_traffic(tmp_path):
@@ -234,7 +250,9 @@ def test_the_evaluation_gate_asks_the_candidate_alone_before_any_traffic(tmp_pat
     assert ev["evaluation"]["passed"] == 1 and ev["evaluation"]["total"] == 2  # 1 of 2 >= 50%
     assert "json: not JSON" in ev["reason"]
     # both cases, to the candidate (deployed, 0% of users), through the public model name
-    assert [(a[0], a[1], a[2], a[4], a[5]) for a in stack.asked] == [("demo", CAND, "/v1/chat/completions", 0, True)] * 2
+    assert [(a[0], a[1], a[2], a[4], a[5]) for a in stack.asked] == [
+        ("demo", CAND, "/v1/chat/completions", 0, True)
+    ] * 2
     assert stack.asked[0][3]["temperature"] == 0.0
 
 
@@ -246,7 +264,7 @@ def test_a_candidate_that_fails_its_evaluation_never_gets_traffic(tmp_path):
     assert st.phase == ROLLED_BACK
     rollback = next(h for h in st.history if h["action"] == "rollback")
     assert rollback["reason"].startswith("evaluation: 0 of 2 cases passed (needed 100%)")
-    assert "greets: no match for /(?i)hello/ in \"goodbye\"" in rollback["reason"]
+    assert 'greets: no match for /(?i)hello/ in "goodbye"' in rollback["reason"]
     assert set(stack.percents()) <= {0, None}  # no user ever reached it
     assert stack.deployed == stack.original
 
@@ -279,11 +297,20 @@ def test_a_stack_restarted_under_the_rollout_gets_the_candidate_again_at_the_sam
     def restart(n):
         if n == 16:  # in step 2: `keel serve` started again from its config, which has no candidate
             stack.deployed = stack.original
+
     stack.on_scrape = restart
     st = c.run(c.begin(spec(), "/weights/v2"))
     actions = [(h["action"], h["step"]) for h in st.history]
-    assert actions == [("start", 0), ("step", 0), ("advance", 1), ("redeploy", 1), ("step", 1),
-                       ("advance", 2), ("promote", 2), ("promoted", 2)], actions
+    assert actions == [
+        ("start", 0),
+        ("step", 0),
+        ("advance", 1),
+        ("redeploy", 1),
+        ("step", 1),
+        ("advance", 2),
+        ("promote", 2),
+        ("promoted", 2),
+    ], actions
     assert "step 2 starts over: 50%" in st.history[4]["reason"]
     assert st.phase == PROMOTED and stack.deployed.models["demo"].args["weights"] == "demo-tiny@v2"
 

@@ -57,17 +57,26 @@ def test_quantile_of_no_observations_is_none():
 
 def metrics_text(demo_ok=0, demo_5xx=0, cand_ok=0, cand_5xx=0, cand_499=0, ttft=None, replica="r1") -> str:
     lines = ["# TYPE keel_requests counter"]
-    for variant, status, n in (("demo", "200", demo_ok), ("demo", "503", demo_5xx), ("demo@candidate", "200", cand_ok),
-                               ("demo@candidate", "500", cand_5xx), ("demo@candidate", "499", cand_499),
-                               ("other", "500", 50)):
+    for variant, status, n in (
+        ("demo", "200", demo_ok),
+        ("demo", "503", demo_5xx),
+        ("demo@candidate", "200", cand_ok),
+        ("demo@candidate", "500", cand_5xx),
+        ("demo@candidate", "499", cand_499),
+        ("other", "500", 50),
+    ):
         lines.append(f'keel_requests_total{{tenant="t",model="demo",variant="{variant}",status="{status}"}} {n}')
     lines.append("# TYPE vllm:time_to_first_token_seconds histogram")
     for name, buckets in (ttft or {}).items():
         for le, c in buckets.items():
-            lines.append(f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{le}",model_name="{name}",'
-                         f'replica="{replica}"}} {c}')
-        lines.append(f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="{name}",replica="{replica}"}} '
-                     f'{buckets[INF]}')
+            lines.append(
+                f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{le}",model_name="{name}",'
+                f'replica="{replica}"}} {c}'
+            )
+        lines.append(
+            f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="{name}",replica="{replica}"}} '
+            f"{buckets[INF]}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -76,8 +85,17 @@ NAMES = ("demo", "demo@candidate")
 
 def test_signals_count_per_variant_5xx_as_errors_and_not_client_disconnects():
     start = snapshot(metrics_text(demo_ok=100, cand_ok=10), NAMES)
-    now = snapshot(metrics_text(demo_ok=190, demo_5xx=1, cand_ok=18, cand_5xx=2, cand_499=5,
-                                ttft={"demo@candidate": {"0.1": 5, "1.0": 8, INF: 8}}), NAMES)
+    now = snapshot(
+        metrics_text(
+            demo_ok=190,
+            demo_5xx=1,
+            cand_ok=18,
+            cand_5xx=2,
+            cand_499=5,
+            ttft={"demo@candidate": {"0.1": 5, "1.0": 8, INF: 8}},
+        ),
+        NAMES,
+    )
     s = by_variant(delta(start, now), "demo", "demo@candidate")
     assert s["baseline"]["requests"] == 91 and s["baseline"]["errors"] == 1
     assert s["candidate"]["requests"] == 10 and s["candidate"]["errors"] == 2  # 8 ok + 2 errors; 499s aside
@@ -108,14 +126,25 @@ def spec(**over) -> RolloutSpec:
 def stepping(step=0, started=1000.0, **over) -> RolloutState:
     s = spec()
     over = {"warmed": True, "judged_since": started, **over}  # past its warm-up, unless a test says not
-    return RolloutState(model="demo", candidate="demo@candidate", to_version="demo-tiny@v2", from_version="demo-tiny",
-                        spec=s.model_dump(mode="json"), phase=STEPPING, step=step, step_started_at=started, **over)
+    return RolloutState(
+        model="demo",
+        candidate="demo@candidate",
+        to_version="demo-tiny@v2",
+        from_version="demo-tiny",
+        spec=s.model_dump(mode="json"),
+        phase=STEPPING,
+        step=step,
+        step_started_at=started,
+        **over,
+    )
 
 
 def variant(requests=100, errors=0, ttft=(0.05, 0.2), tpot=(0.02, 0.05)) -> dict:
     """`requests` with TTFT and TPOT spread over two buckets: 90% in the first, 10% in the second."""
+
     def hist(bounds):
         return {str(bounds[0]): 0.9 * requests, str(bounds[1]): requests, INF: requests}
+
     return {"requests": requests, "errors": errors, "ttft": hist(ttft), "tpot": hist(tpot)}
 
 
@@ -142,23 +171,36 @@ def test_the_last_step_promotes_comparing_with_the_previous_steps_baseline():
 
 
 def test_error_rate_gate_rolls_back_naming_both_rates():
-    d = decide(stepping(), spec(), {"baseline": variant(requests=1000, errors=5),
-                                    "candidate": variant(requests=50, errors=2)}, 1001)
+    d = decide(
+        stepping(),
+        spec(),
+        {"baseline": variant(requests=1000, errors=5), "candidate": variant(requests=50, errors=2)},
+        1001,
+    )
     # 4% > 0.5% + 1 point
     assert d.action == ROLLBACK
     assert d.reason == "error rate: candidate 4.00% (2/50) > baseline 0.50% + 1.00%"
 
 
 def test_error_rate_within_one_point_of_the_baseline_holds():
-    d = decide(stepping(), spec(), {"baseline": variant(requests=1000, errors=5),
-                                    "candidate": variant(requests=100, errors=1)}, 1001)
+    d = decide(
+        stepping(),
+        spec(),
+        {"baseline": variant(requests=1000, errors=5), "candidate": variant(requests=100, errors=1)},
+        1001,
+    )
     assert d.action == HOLD  # 1% <= 0.5% + 1 point
 
 
 def test_ttft_gate_rolls_back_at_once_even_before_the_hold_time():
     # p95 of the 90/10 spread: bucket 2 holds ranks 90..100, 95 is its middle. Baseline (0.05, 0.2]:
     # 0.125 s; candidate (0.05, 0.5]: 0.275 s > 1.25 x 0.125 = 0.156 s
-    d = decide(stepping(started=1000), spec(), {"baseline": variant(), "candidate": variant(requests=20, ttft=(0.05, 0.5))}, 1001)
+    d = decide(
+        stepping(started=1000),
+        spec(),
+        {"baseline": variant(), "candidate": variant(requests=20, ttft=(0.05, 0.5))},
+        1001,
+    )
     assert d.action == ROLLBACK
     assert d.reason == "TTFT p95: candidate 275 ms > 1.25 x baseline 125 ms (156 ms)"
 
@@ -211,8 +253,11 @@ def test_applying_decisions_moves_steps_and_records_each_transition():
 
 
 def test_promote_decision_puts_all_traffic_on_the_candidate_while_promoting():
-    st = stepping(step=3, started=0, baseline_ref={"requests": 500, "errors": 0, "error_rate": 0.0,
-                                                     "ttft_p95": 0.125, "tpot_p95": 0.035})
+    st = stepping(
+        step=3,
+        started=0,
+        baseline_ref={"requests": 500, "errors": 0, "error_rate": 0.0, "ttft_p95": 0.125, "tpot_p95": 0.035},
+    )
     d = decide(st, spec(), {"baseline": variant(requests=0), "candidate": variant(requests=100)}, 600)
     apply_decision(st, d, 600, {})
     assert st.phase == PROMOTING and st.percent == 100
@@ -221,10 +266,16 @@ def test_promote_decision_puts_all_traffic_on_the_candidate_while_promoting():
 # -- the spec a user gives ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps, message", [
-    ([100], "at least two steps"), ([5, 25, 50], "last step must be 100"), ([50, 25, 100], "must increase"),
-    ([0, 100], "> 0 and <= 100"), ([5, 150], "> 0 and <= 100"),
-])
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ([100], "at least two steps"),
+        ([5, 25, 50], "last step must be 100"),
+        ([50, 25, 100], "must increase"),
+        ([0, 100], "> 0 and <= 100"),
+        ([5, 150], "> 0 and <= 100"),
+    ],
+)
 def test_bad_steps_are_refused_with_the_reason(steps, message):
     with pytest.raises(ValidationError, match=message):
         spec(steps=steps)

@@ -20,8 +20,11 @@ def cfg_with(tmp_path):
 
 
 def save(tmp_path, model, phase):
-    StateStore(tmp_path).save(RolloutState(model=model, candidate=f"{model}@candidate", to_version="w@2",
-                                           from_version="w", spec={}, phase=phase))
+    StateStore(tmp_path).save(
+        RolloutState(
+            model=model, candidate=f"{model}@candidate", to_version="w@2", from_version="w", spec={}, phase=phase
+        )
+    )
 
 
 def test_keel_serve_resumes_every_rollout_in_progress_and_nothing_else(tmp_path, monkeypatch):
@@ -36,8 +39,10 @@ def test_keel_serve_resumes_every_rollout_in_progress_and_nothing_else(tmp_path,
     monkeypatch.setattr(driver, "start", lambda c, model, key: started.append((model, key)) or True)
     assert driver.resume_all(cfg, "sk-admin", say=said.append) == ["demo", "other"]
     assert started == [("demo", "sk-admin"), ("other", "sk-admin")]
-    assert said == ["Keel: resuming the rollout of demo to w@2 (stepping)",
-                    "Keel: resuming the rollout of other to w@2 (deploying)"]
+    assert said == [
+        "Keel: resuming the rollout of demo to w@2 (stepping)",
+        "Keel: resuming the rollout of other to w@2 (deploying)",
+    ]
 
 
 def test_a_driver_that_cannot_start_is_said_and_the_stack_serves_on(tmp_path, monkeypatch):
@@ -46,6 +51,7 @@ def test_a_driver_that_cannot_start_is_said_and_the_stack_serves_on(tmp_path, mo
 
     def refuse(*_):
         raise RuntimeError("no room on this node")
+
     monkeypatch.setattr(driver, "start", refuse)
     said = []
     assert driver.resume_all(cfg, None, say=said.append) == []

@@ -33,9 +33,23 @@ def write(tmp_path, doc, name="eval.yaml"):
 
 
 def test_a_good_file_loads_with_greedy_defaults(tmp_path):
-    es = load_eval_set(write(tmp_path, {"cases": [CHAT_CASE, {"name": "c", "prompt": "1+1=", "max_tokens": 4,
-                                                                "params": {"stop": ["\n"]},
-                                                                "expect": {"exact": "2"}}]}))
+    es = load_eval_set(
+        write(
+            tmp_path,
+            {
+                "cases": [
+                    CHAT_CASE,
+                    {
+                        "name": "c",
+                        "prompt": "1+1=",
+                        "max_tokens": 4,
+                        "params": {"stop": ["\n"]},
+                        "expect": {"exact": "2"},
+                    },
+                ]
+            },
+        )
+    )
     assert es.min_pass_rate == 1.0 and es.cases[0].temperature == 0.0 and es.cases[0].max_tokens == 64
     path, body = request_for(es.cases[0], "demo")
     assert path == "/v1/chat/completions" and body["model"] == "demo" and body["messages"][0]["content"] == "Say hello."
@@ -44,18 +58,30 @@ def test_a_good_file_loads_with_greedy_defaults(tmp_path):
     assert body["stop"] == ["\n"]
 
 
-@pytest.mark.parametrize("case, message", [
-    ({**CHAT_CASE, "prompt": "x"}, "cases.0: Value error, give exactly one of prompt"),
-    ({"name": "n", "expect": {"exact": "x"}}, "give exactly one of prompt"),
-    ({**CHAT_CASE, "expect": {}}, "cases.0.expect: Value error, give exactly one of regex, exact, json_schema"),
-    ({**CHAT_CASE, "expect": {"regex": "a", "exact": "a"}}, "(got regex, exact)"),
-    ({**CHAT_CASE, "expect": {"regex": "(unclosed"}}, "cases.0.expect.regex: Value error, not a regular expression"),
-    ({**CHAT_CASE, "expect": {"json_schema": {"type": "nonsense"}}}, "cases.0.expect.json_schema: Value error, not a JSON schema"),
-    ({**CHAT_CASE, "max_tokens": 100000}, "cases.0.max_tokens: Input should be less than or equal to 4096"),
-    ({**CHAT_CASE, "expected": {"regex": "x"}}, "cases.0.expected: unknown key; did you mean 'expect'"),
-    ({**CHAT_CASE, "messages": [{"role": "robot", "content": "x"}]}, "cases.0.messages.0.role"),
-    ({**CHAT_CASE, "params": {"stream": True, "model": "x"}}, "cases.0.params: Value error, model, stream: given by"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ({**CHAT_CASE, "prompt": "x"}, "cases.0: Value error, give exactly one of prompt"),
+        ({"name": "n", "expect": {"exact": "x"}}, "give exactly one of prompt"),
+        ({**CHAT_CASE, "expect": {}}, "cases.0.expect: Value error, give exactly one of regex, exact, json_schema"),
+        ({**CHAT_CASE, "expect": {"regex": "a", "exact": "a"}}, "(got regex, exact)"),
+        (
+            {**CHAT_CASE, "expect": {"regex": "(unclosed"}},
+            "cases.0.expect.regex: Value error, not a regular expression",
+        ),
+        (
+            {**CHAT_CASE, "expect": {"json_schema": {"type": "nonsense"}}},
+            "cases.0.expect.json_schema: Value error, not a JSON schema",
+        ),
+        ({**CHAT_CASE, "max_tokens": 100000}, "cases.0.max_tokens: Input should be less than or equal to 4096"),
+        ({**CHAT_CASE, "expected": {"regex": "x"}}, "cases.0.expected: unknown key; did you mean 'expect'"),
+        ({**CHAT_CASE, "messages": [{"role": "robot", "content": "x"}]}, "cases.0.messages.0.role"),
+        (
+            {**CHAT_CASE, "params": {"stream": True, "model": "x"}},
+            "cases.0.params: Value error, model, stream: given by",
+        ),
+    ],
+)
 def test_a_bad_case_is_refused_naming_the_file_and_key(tmp_path, case, message):
     p = write(tmp_path, {"cases": [case]})
     with pytest.raises(EvalError) as e:
@@ -63,14 +89,17 @@ def test_a_bad_case_is_refused_naming_the_file_and_key(tmp_path, case, message):
     assert str(p) in str(e.value) and message in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("doc, message", [
-    ("cases: [", "not YAML or JSON"),
-    ("- a\n- b\n", "expected a mapping with `cases:`, got list"),
-    ({"cases": []}, "cases: List should have at least 1 item"),
-    ({"cases": [CHAT_CASE] * 2}, "two cases are named `greets`"),
-    ({"cases": [CHAT_CASE], "min_pass_rate": 2}, "min_pass_rate: Input should be less than or equal to 1"),
-    ({"cases": [{**CHAT_CASE, "name": f"c{i}"} for i in range(501)]}, "at most 500 items"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ("cases: [", "not YAML or JSON"),
+        ("- a\n- b\n", "expected a mapping with `cases:`, got list"),
+        ({"cases": []}, "cases: List should have at least 1 item"),
+        ({"cases": [CHAT_CASE] * 2}, "two cases are named `greets`"),
+        ({"cases": [CHAT_CASE], "min_pass_rate": 2}, "min_pass_rate: Input should be less than or equal to 1"),
+        ({"cases": [{**CHAT_CASE, "name": f"c{i}"} for i in range(501)]}, "at most 500 items"),
+    ],
+)
 def test_a_bad_file_is_refused(tmp_path, doc, message):
     with pytest.raises(EvalError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_eval_set(write(tmp_path, doc))
@@ -104,8 +133,7 @@ def test_answer_text_reads_chat_and_completions_and_refuses_the_rest():
 
 
 def test_a_run_counts_passes_against_the_pass_rate():
-    es = EvalSet.model_validate({"min_pass_rate": 0.6, "cases": [
-        {**CHAT_CASE, "name": f"c{i}"} for i in range(5)]})
+    es = EvalSet.model_validate({"min_pass_rate": 0.6, "cases": [{**CHAT_CASE, "name": f"c{i}"} for i in range(5)]})
     answers = iter(["hello", "hello", "bye", "hello", AskFailed("HTTP 503: no replica")])
 
     def ask(path, body, timeout):

@@ -32,8 +32,11 @@ class Split:
     def __init__(self, percent: float, policy: dict | None = None):
         self.percent = percent
         self.policy = policy or {}
-        self.engines = {"demo": FakeEngine(tokens=["old"]), CAND: FakeEngine(tokens=["new"]),
-                        "demo-b": FakeEngine(tokens=["b"])}
+        self.engines = {
+            "demo": FakeEngine(tokens=["old"]),
+            CAND: FakeEngine(tokens=["new"]),
+            "demo-b": FakeEngine(tokens=["b"]),
+        }
 
     async def __aenter__(self):
         self.gw = Gateway(GatewaySettings(port=0), ["demo", "demo-b"], None)
@@ -50,8 +53,15 @@ class Split:
     def set_percent(self, percent: float) -> None:
         infos = {m: ModelInfo(m, None, 512) for m in ("demo", "demo-b", CAND)}
         split = {"demo": TrafficSplit(candidate=CAND, percent=percent)}
-        self.gw.set_policy(PolicyRuntime(PolicyConfig.model_validate(self.policy), infos, self.gw.metrics,
-                                         previous=self.gw.runtime, rollouts=split))
+        self.gw.set_policy(
+            PolicyRuntime(
+                PolicyConfig.model_validate(self.policy),
+                infos,
+                self.gw.metrics,
+                previous=self.gw.runtime,
+                rollouts=split,
+            )
+        )
 
     async def __aexit__(self, *exc):
         await self.client.aclose()
@@ -173,27 +183,41 @@ def test_metrics_tell_baseline_and_candidate_apart_for_the_gates():
 
 
 def test_a_split_must_name_a_model_and_a_candidate_that_is_not_one():
-    problems = check_splits({"nope": TrafficSplit(candidate="x", percent=5),
-                             "demo": TrafficSplit(candidate="demo-b", percent=5)}, ["demo", "demo-b"])
-    assert problems == ["rollouts.nope: no such model; configured: demo, demo-b",
-                        "rollouts.demo.candidate: `demo-b` is a public model name"]
+    problems = check_splits(
+        {"nope": TrafficSplit(candidate="x", percent=5), "demo": TrafficSplit(candidate="demo-b", percent=5)},
+        ["demo", "demo-b"],
+    )
+    assert problems == [
+        "rollouts.nope: no such model; configured: demo, demo-b",
+        "rollouts.demo.candidate: `demo-b` is a public model name",
+    ]
 
 
 ADMIN = "sk-keel-rollout-admin"
-KEYED = {"tenants": {"acme": {"keys": [{"id": "k1", "digest": key_digest(KEY)}], "models": ["demo", "demo-b"]},
-                     "ops": {"keys": [{"id": "a1", "digest": key_digest(ADMIN), "role": "admin"}]}}}
+KEYED = {
+    "tenants": {
+        "acme": {"keys": [{"id": "k1", "digest": key_digest(KEY)}], "models": ["demo", "demo-b"]},
+        "ops": {"keys": [{"id": "a1", "digest": key_digest(ADMIN), "role": "admin"}]},
+    }
+}
 
 
 def test_an_admin_can_ask_the_candidate_alone_at_zero_share():
     """What the rollout's evaluation gate does before the first step."""
+
     async def go():
         async with Split(0, KEYED) as s:
-            pinned = await s.client.post("/v1/chat/completions", json=CHAT, headers={
-                "authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND})
-            app = await s.client.post("/v1/chat/completions", json=CHAT, headers={
-                "authorization": f"Bearer {KEY}", "x-keel-variant": CAND})
-            other = await s.client.post("/v1/chat/completions", json={**CHAT, "model": "demo-b"}, headers={
-                "authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND})
+            pinned = await s.client.post(
+                "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND}
+            )
+            app = await s.client.post(
+                "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {KEY}", "x-keel-variant": CAND}
+            )
+            other = await s.client.post(
+                "/v1/chat/completions",
+                json={**CHAT, "model": "demo-b"},
+                headers={"authorization": f"Bearer {ADMIN}", "x-keel-variant": CAND},
+            )
             return pinned, app, other, s.engines[CAND].requests
 
     pinned, app, other, cand_requests = run(go())

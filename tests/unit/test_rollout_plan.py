@@ -134,8 +134,15 @@ def test_keel_apply_of_the_pre_promotion_config_is_refused_as_a_rollback(tmp_pat
     after = without_rollout(promoted(with_rollout(base, "demo", cand, 100), "demo"), "demo")
     assert after.models["demo"].args["weights"] == "demo-tiny@v2"
     store = StateStore(tmp_path)
-    done = RolloutState(model="demo", candidate=CAND, to_version="demo-tiny@v2", from_version=old_weights,
-                        spec={}, phase=PROMOTED, updated_at=1_780_000_000)
+    done = RolloutState(
+        model="demo",
+        candidate=CAND,
+        to_version="demo-tiny@v2",
+        from_version=old_weights,
+        spec={},
+        phase=PROMOTED,
+        updated_at=1_780_000_000,
+    )
     store.save(done)
     # The config the stack was started with still names the old weights: refused, naming the key.
     [problem] = undone_promotions(store, after, base)

@@ -38,10 +38,15 @@ def test_a_user_gets_the_same_variant_in_another_process():
         "print(','.join(assign_variant('chat', 'acme', f'user-{i}', {'model-a': 1, 'model-b': 1})"
         " for i in range(200)))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "12345"}, cwd=REPO)
-    assert out.stdout.strip().split(",") == assignments({"model-a": 1, "model-b": 1},
-                                                        users=USERS[:200])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345"},
+        cwd=REPO,
+    )
+    assert out.stdout.strip().split(",") == assignments({"model-a": 1, "model-b": 1}, users=USERS[:200])
 
 
 def test_observed_split_follows_the_weights_within_one_percent():
@@ -123,8 +128,7 @@ def test_shadow_at_one_hundred_percent_mirrors_every_request():
 
 
 def test_experiment_accepts_a_drained_variant_and_a_shadow():
-    exp = Experiment(variants={"model-a": 1, "model-b": 0},
-                     shadow={"variant": "model-b", "percent": 10})
+    exp = Experiment(variants={"model-a": 1, "model-b": 0}, shadow={"variant": "model-b", "percent": 10})
     assert exp.shadow.percent == 10
     assert exp.user_header == "x-keel-user"
 
@@ -140,12 +144,18 @@ def test_experiment_lower_cases_the_user_header():
         ({"variants": {"model-a": 0, "model-b": 0}}, "at least one variant needs a weight > 0"),
         ({"variants": {}}, "give at least one variant"),
         ({"variants": {"model-a": float("inf")}}, "weights must be finite"),
-        ({"variants": {"model-a": 1}, "shadow": {"variant": "model-b", "percent": 0}},
-         "shadow percent must be > 0 and <= 100, got 0"),
-        ({"variants": {"model-a": 1}, "shadow": {"variant": "model-b", "percent": 150}},
-         "shadow percent must be > 0 and <= 100, got 150"),
-        ({"variants": {"model-a": 1, "model-b": 0}, "shadow": {"variant": "model-a", "percent": 5}},
-         "shadow.variant 'model-a' is the only variant with weight > 0"),
+        (
+            {"variants": {"model-a": 1}, "shadow": {"variant": "model-b", "percent": 0}},
+            "shadow percent must be > 0 and <= 100, got 0",
+        ),
+        (
+            {"variants": {"model-a": 1}, "shadow": {"variant": "model-b", "percent": 150}},
+            "shadow percent must be > 0 and <= 100, got 150",
+        ),
+        (
+            {"variants": {"model-a": 1, "model-b": 0}, "shadow": {"variant": "model-a", "percent": 5}},
+            "shadow.variant 'model-a' is the only variant with weight > 0",
+        ),
         ({"variants": {"model-a": 1}, "user_header": "x user"}, "not a valid HTTP header name"),
         ({"variants": {"model-a": 1}, "weights": {}}, "Extra inputs are not permitted"),
     ],

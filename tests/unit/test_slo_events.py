@@ -27,6 +27,7 @@ def judge(**entries) -> SloJudge:
 
 # -- the judge -----------------------------------------------------------------------------------
 
+
 def test_availability_counts_5xx_as_bad_4xx_as_good_and_skips_client_gone():
     j = judge(avail={"kind": "availability"})
     assert j.judge("demo", "acme", RequestTiming(200)) == [("avail", True)]
@@ -44,14 +45,16 @@ def test_latency_slos_judge_only_requests_that_have_the_timing():
 
 
 def test_models_and_tenants_limit_what_an_slo_counts():
-    j = judge(only_demo={"kind": "availability", "models": ["demo"]},
-              only_acme={"kind": "availability", "tenants": ["acme"]})
+    j = judge(
+        only_demo={"kind": "availability", "models": ["demo"]}, only_acme={"kind": "availability", "tenants": ["acme"]}
+    )
     assert j.judge("demo", "other", RequestTiming(200)) == [("only_demo", True)]
     assert j.judge("demo-b", "acme", RequestTiming(200)) == [("only_acme", True)]
     assert j.thresholds_s() == {"ttft": [], "tpot": []}
 
 
 # -- through the gateway -------------------------------------------------------------------------
+
 
 def test_engine_errors_and_cut_streams_are_bad_events_client_errors_good(tmp_path):
     async def go():
@@ -71,15 +74,20 @@ def test_engine_errors_and_cut_streams_are_bad_events_client_errors_good(tmp_pat
             assert resp.status_code == 200 and '"error"' in resp.text
             assert events(h, "avail", "false", model="demo", tenant="acme") == 1
             assert events(h, "avail", "true", model="demo", tenant="acme") == 0
+
     run(go())
 
 
 def test_ttft_and_tpot_events_and_histograms_for_streams(tmp_path):
     async def go():
-        pol = policy(tmp_path, **slos(
-            fast={"kind": "ttft", "threshold_ms": 0.001},  # nothing is this fast
-            easy={"kind": "ttft", "threshold_ms": 60_000},
-            tpot={"kind": "tpot", "threshold_ms": 60_000}))
+        pol = policy(
+            tmp_path,
+            **slos(
+                fast={"kind": "ttft", "threshold_ms": 0.001},  # nothing is this fast
+                easy={"kind": "ttft", "threshold_ms": 60_000},
+                tpot={"kind": "tpot", "threshold_ms": 60_000},
+            ),
+        )
         async with Harness(pol, {"demo": FakeEngine(tokens=TOKENS, delay=0.01)}) as h:
             for _ in range(2):
                 assert (await h.post(STREAM)).status_code == 200
@@ -92,6 +100,7 @@ def test_ttft_and_tpot_events_and_histograms_for_streams(tmp_path):
             # the thresholds are bucket bounds: the histograms answer "how many within the SLO"
             assert h.metric("keel_time_to_first_token_seconds_bucket", model="demo", le="60.0") == 2
             assert h.metric("keel_time_per_output_token_seconds_bucket", model="demo", le="60.0") == 2
+
     run(go())
 
 
@@ -106,6 +115,7 @@ def test_a_changed_threshold_applies_to_the_next_request(tmp_path):
             h.apply(policy(tmp_path))  # the SLO removed: its counts stay, nothing new is counted
             await h.post(STREAM)
             assert events(h, "t", "true") + events(h, "t", "false") == 2
+
     run(go())
 
 
@@ -120,8 +130,12 @@ def test_first_event_creates_both_good_and_bad_series():
         status, error, first_byte_at, finished_at = 200, None, None, 1.0
 
     m.observe_request(Ctx(), Out())
-    samples = {(s.labels["good"], s.value) for f in m.registry.collect() for s in f.samples
-               if s.name == "keel_slo_events_total"}
+    samples = {
+        (s.labels["good"], s.value)
+        for f in m.registry.collect()
+        for s in f.samples
+        if s.name == "keel_slo_events_total"
+    }
     assert samples == {("true", 1.0), ("false", 0.0)}  # the error ratio reads 0, not "no data"
 
 
@@ -139,9 +153,17 @@ def test_histogram_buckets_come_from_the_first_policy_and_a_new_threshold_is_log
         status, error, first_byte_at, finished_at = 200, None, 0.5, 1.0
 
     m.observe_request(Ctx(), Out())
-    bounds = {s.labels["le"] for f in m.registry.collect() for s in f.samples
-              if s.name == "keel_time_to_first_token_seconds_bucket"}
+    bounds = {
+        s.labels["le"]
+        for f in m.registry.collect()
+        for s in f.samples
+        if s.name == "keel_time_to_first_token_seconds_bucket"
+    }
     assert "1.234" in bounds and "0.777" not in bounds  # Prometheus histograms keep their buckets
-    good = [s.value for f in m.registry.collect() for s in f.samples
-            if s.name == "keel_slo_events_total" and s.labels["good"] == "true"]
+    good = [
+        s.value
+        for f in m.registry.collect()
+        for s in f.samples
+        if s.name == "keel_slo_events_total" and s.labels["good"] == "true"
+    ]
     assert good == [1]  # a 500 ms first token, judged against the new 777 ms

@@ -18,9 +18,15 @@ from serving.ops.slo_rules import RULES_FILE, promtool_tests, rules_doc, write_a
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: `make prometheus` installs it")
-FAST = {"kind": "availability", "objective": 0.9, "window": "1h",
-        "alerts": [{"severity": "page", "long_window": "2m", "short_window": "20s", "factor": 5},
-                   {"severity": "ticket", "long_window": "10m", "short_window": "1m", "factor": 2}]}
+FAST = {
+    "kind": "availability",
+    "objective": 0.9,
+    "window": "1h",
+    "alerts": [
+        {"severity": "page", "long_window": "2m", "short_window": "20s", "factor": 5},
+        {"severity": "ticket", "long_window": "10m", "short_window": "1m", "factor": 2},
+    ],
+}
 
 
 def slos(**entries) -> dict[str, SloConfig]:
@@ -40,9 +46,15 @@ def test_rules_name_every_window_budget_and_alert():
     ] + ["keel:slo_error_budget_remaining:ratio"]
     alerts = [r for r in group["rules"] if "alert" in r]
     assert [(a["labels"]["severity"], a["labels"]["long_window"]) for a in alerts] == [
-        ("page", "1h"), ("page", "6h"), ("ticket", "1d"), ("ticket", "3d")]
-    assert alerts[0]["expr"] == ('keel:slo_errors:ratio_rate1h{slo="avail"} > (14.4 * (1 - 0.99))\nand\n'
-                                 'keel:slo_errors:ratio_rate5m{slo="avail"} > (14.4 * (1 - 0.99))')
+        ("page", "1h"),
+        ("page", "6h"),
+        ("ticket", "1d"),
+        ("ticket", "3d"),
+    ]
+    assert alerts[0]["expr"] == (
+        'keel:slo_errors:ratio_rate1h{slo="avail"} > (14.4 * (1 - 0.99))\nand\n'
+        'keel:slo_errors:ratio_rate5m{slo="avail"} > (14.4 * (1 - 0.99))'
+    )
     assert "budget lasts 46.7 hours" in alerts[0]["annotations"]["description"]
 
 
@@ -53,8 +65,11 @@ def test_per_tenant_slo_keeps_the_tenant_label():
 
 @needs_promtool
 def test_promtool_accepts_the_rules_and_their_tests_pass(tmp_path):
-    write_all(slos(fast=FAST, tenants={**FAST, "per_tenant": True, "kind": "ttft", "threshold_ms": 500}),
-              tmp_path, "127.0.0.1:8001")
+    write_all(
+        slos(fast=FAST, tenants={**FAST, "per_tenant": True, "kind": "ttft", "threshold_ms": 500}),
+        tmp_path,
+        "127.0.0.1:8001",
+    )
     check = promtool("check", "rules", RULES_FILE, cwd=tmp_path)
     assert check.returncode == 0 and "SUCCESS: 22 rules found" in check.stdout, check.stdout + check.stderr
     tests = sorted(p.name for p in tmp_path.glob("keel-slo-rules.test-*.yaml"))
@@ -87,8 +102,9 @@ def test_deploy_prometheus_is_what_keel_slo_rules_makes_of_local_yaml(tmp_path, 
     assert "demo-availability: availability 0.99 over 28d" in capsys.readouterr().out
     shipped = REPO_ROOT / "deploy" / "prometheus"
     for made in tmp_path.iterdir():
-        assert (shipped / made.name).read_text() == made.read_text(), \
+        assert (shipped / made.name).read_text() == made.read_text(), (
             f"{made.name} is stale: run `keel slo rules configs/local.yaml`"
+        )
     prom = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8001"]
 

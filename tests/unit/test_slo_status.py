@@ -21,8 +21,9 @@ def sample(value: float, **labels) -> dict:
 
 
 ANSWERS = {
-    "keel:slo_objective:ratio": [sample(0.99, __name__="keel:slo_objective:ratio", slo="avail",
-                                        kind="availability", window="28d")],
+    "keel:slo_objective:ratio": [
+        sample(0.99, __name__="keel:slo_objective:ratio", slo="avail", kind="availability", window="28d")
+    ],
     '{__name__=~"keel:slo_errors:ratio_rate.+"}': [
         sample(0.002, __name__="keel:slo_errors:ratio_rate28d", slo="avail", model="demo"),
         sample(0.2, __name__="keel:slo_errors:ratio_rate5m", slo="avail", model="demo"),
@@ -31,9 +32,19 @@ ANSWERS = {
         sample(0.5, __name__="keel:slo_errors:ratio_rate5m", slo="other", model="demo"),  # not in the config
     ],
     "keel:slo_error_budget_remaining:ratio": [sample(0.8, slo="avail", model="demo")],
-    'ALERTS{alertname="KeelSLOBurnRate"}': [sample(1, __name__="ALERTS", alertname="KeelSLOBurnRate", slo="avail",
-                                                   model="demo", severity="page", long_window="1h",
-                                                   short_window="5m", alertstate="firing")],
+    'ALERTS{alertname="KeelSLOBurnRate"}': [
+        sample(
+            1,
+            __name__="ALERTS",
+            alertname="KeelSLOBurnRate",
+            slo="avail",
+            model="demo",
+            severity="page",
+            long_window="1h",
+            short_window="5m",
+            alertstate="firing",
+        )
+    ],
 }
 
 
@@ -70,10 +81,30 @@ def test_rows_show_sli_budget_burn_rates_and_firing_alerts(prometheus):
     assert demo.burn == {"5m": pytest.approx(20), "1h": pytest.approx(15)}
     assert demo.alerts == ["page 1h/5m firing"]
     header, cells = table_rows(rows)
-    assert header == ["slo", "model", "kind", "objective", "window", "SLI", "budget left", "burn 5m", "burn 1h",
-                      "alerts"]
-    assert cells[0] == ["avail", "demo", "availability", "99.000%", "28d", "99.800%", "80.0%", "20.00x", "15.00x",
-                        "page 1h/5m firing"]
+    assert header == [
+        "slo",
+        "model",
+        "kind",
+        "objective",
+        "window",
+        "SLI",
+        "budget left",
+        "burn 5m",
+        "burn 1h",
+        "alerts",
+    ]
+    assert cells[0] == [
+        "avail",
+        "demo",
+        "availability",
+        "99.000%",
+        "28d",
+        "99.800%",
+        "80.0%",
+        "20.00x",
+        "15.00x",
+        "page 1h/5m firing",
+    ]
     assert cells[1][7] == "-"  # no traffic in 5m: no burn rate, not 0
 
 

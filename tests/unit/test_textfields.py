@@ -18,10 +18,12 @@ SAMPLES = {
         "messages[].name": {"messages": [{"role": "user", "name": MARK}]},
         "messages[].reasoning": {"messages": [{"role": "assistant", "reasoning": MARK}]},
         "messages[].reasoning_content": {"messages": [{"role": "assistant", "reasoning_content": MARK}]},
-        "messages[].tool_calls[].function.name": {"messages": [{"role": "assistant", "tool_calls": [
-            {"function": {"name": MARK}}]}]},
-        "messages[].tool_calls[].function.arguments": {"messages": [{"role": "assistant", "tool_calls": [
-            {"function": {"arguments": {"deep": [{"k": MARK}]}}}]}]},
+        "messages[].tool_calls[].function.name": {
+            "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": MARK}}]}]
+        },
+        "messages[].tool_calls[].function.arguments": {
+            "messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {"deep": [{"k": MARK}]}}}]}]
+        },
         "messages[].tool_call_id": {"messages": [{"role": "tool", "tool_call_id": MARK}]},
         "messages[].task": {"messages": [{"role": "user", "task": MARK}]},
         "messages[].tools": {"messages": [{"role": "developer", "tools": [{"function": {"description": MARK}}]}]},
@@ -50,19 +52,31 @@ def test_every_field_of_the_spec_is_read(endpoint):
 
 
 def test_a_changed_text_goes_back_where_it_came_from_keys_included():
-    payload = {"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "a"}, "b"]}],
-               "tools": [{"function": {"parameters": {"properties": {"c": {"description": "d"}}}}}]}
+    payload = {
+        "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "a"}, "b"]}],
+        "tools": [{"function": {"parameters": {"properties": {"c": {"description": "d"}}}}}],
+    }
     slots = request_slots(CHAT, payload)
     for get, put in slots:
         put(get().upper())
-    assert payload == {"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "A"}, "B"]}],
-                       "tools": [{"function": {"PARAMETERS": {"PROPERTIES": {"C": {"DESCRIPTION": "D"}}}}}]}
+    assert payload == {
+        "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "A"}, "B"]}],
+        "tools": [{"function": {"PARAMETERS": {"PROPERTIES": {"C": {"DESCRIPTION": "D"}}}}}],
+    }
 
 
 def test_standard_roles_media_and_part_types_are_not_read_as_text():
-    payload = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}, "uuid": "u1"},
-        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}
+    payload = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}, "uuid": "u1"},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                ],
+            }
+        ]
+    }
     assert texts(CHAT, payload) == []
 
 
@@ -87,8 +101,20 @@ def test_token_ids_need_a_tokenizer_and_fields_that_cannot_be_read_are_named():
 
 
 def test_the_response_fields_of_a_chat_choice():
-    choice = {"index": 0, "delta": {"role": "assistant", "content": "a", "refusal": "b", "reasoning": "c",
-                                    "tool_calls": [{"index": 3, "id": "x", "function": {"name": "f", "arguments": "{"}}]}}
+    choice = {
+        "index": 0,
+        "delta": {
+            "role": "assistant",
+            "content": "a",
+            "refusal": "b",
+            "reasoning": "c",
+            "tool_calls": [{"index": 3, "id": "x", "function": {"name": "f", "arguments": "{"}}],
+        },
+    }
     assert [(name, holder[key]) for holder, key, name in choice_texts(CHAT, choice, "delta")] == [
-        ("content", "a"), ("refusal", "b"), ("reasoning", "c"),
-        (("tool_calls", 3, "arguments"), "{"), (("tool_calls", 3, "name"), "f")]
+        ("content", "a"),
+        ("refusal", "b"),
+        ("reasoning", "c"),
+        (("tool_calls", 3, "arguments"), "{"),
+        (("tool_calls", 3, "name"), "f"),
+    ]

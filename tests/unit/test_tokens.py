@@ -22,14 +22,25 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPO / ".keel" / "models" / "demo-tiny"
 CORPUS = REPO / "models" / "demo-tiny" / "corpus.txt"
 
-SYSTEM_USER = [{"role": "system", "content": "You are terse."},
-               {"role": "user", "content": "Hello there, how are you?"}]
-MULTI_TURN = [{"role": "user", "content": "hi"},
-              {"role": "assistant", "content": "hello! how can I help?"},
-              {"role": "user", "content": "tell me a joke about cats, héllo 🙂"}]
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+SYSTEM_USER = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello there, how are you?"},
+]
+MULTI_TURN = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello! how can I help?"},
+    {"role": "user", "content": "tell me a joke about cats, héllo 🙂"},
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 # Loops over content parts, so vLLM hands it OpenAI-style parts; also renders tools and a kwarg.
 PARTS_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|start|>tools\n{{ tools | tojson }}<|end|>\n{% endif %}"
@@ -55,11 +66,11 @@ def counter(demo_dir) -> TokenCounter:
 @pytest.fixture(scope="module")
 def hf_tokenizer(demo_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(demo_dir)
 
 
-def model_copy(demo_dir: Path, tmp_path: Path, *, template: str | None = None,
-               tokenizer_json_edit=None) -> Path:
+def model_copy(demo_dir: Path, tmp_path: Path, *, template: str | None = None, tokenizer_json_edit=None) -> Path:
     copy = tmp_path / "model"
     copy.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -74,8 +85,9 @@ def model_copy(demo_dir: Path, tmp_path: Path, *, template: str | None = None,
 
 
 def hf_chat_tokens(tokenizer, messages, **kwargs) -> int:
-    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=False, **kwargs))
+    return len(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
+    )
 
 
 @pytest.mark.parametrize("messages", [SYSTEM_USER, MULTI_TURN], ids=["system_user", "multi_turn"])
@@ -84,30 +96,33 @@ def test_chat_count_equals_the_engine_count(counter, hf_tokenizer, messages):
 
 
 def test_chat_with_list_of_text_parts_counts_the_parts_joined_by_newlines(counter, hf_tokenizer):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "part one"},
-                                          {"type": "text", "text": "part two"}]}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}]
     joined = [{"role": "user", "content": "part one\npart two"}]
     assert counter.count_chat({"messages": parts}) == hf_chat_tokens(hf_tokenizer, joined)
 
 
 def test_chat_without_generation_prompt_counts_fewer_tokens(counter, hf_tokenizer):
     payload = {"messages": SYSTEM_USER, "add_generation_prompt": False}
-    expected = len(hf_tokenizer.apply_chat_template(SYSTEM_USER, add_generation_prompt=False,
-                                                    tokenize=True, return_dict=False))
+    expected = len(
+        hf_tokenizer.apply_chat_template(SYSTEM_USER, add_generation_prompt=False, tokenize=True, return_dict=False)
+    )
     assert counter.count_chat(payload) == expected
     assert expected < counter.count_chat({"messages": SYSTEM_USER})
 
 
 def test_template_that_loops_over_parts_gets_parts_tools_and_kwargs(demo_dir, tmp_path):
     from transformers import AutoTokenizer
+
     model = model_copy(demo_dir, tmp_path, template=PARTS_TEMPLATE)
-    payload = {"messages": [{"role": "user", "content": "weather in Paris?"}], "tools": TOOLS,
-               "chat_template_kwargs": {"house_style": "brief"}}
+    payload = {
+        "messages": [{"role": "user", "content": "weather in Paris?"}],
+        "tools": TOOLS,
+        "chat_template_kwargs": {"house_style": "brief"},
+    }
     # What vLLM hands the template: string content wrapped as a text part; tools as its
     # pydantic dump (exactly these keys).
     as_vllm_passes_it = [{"role": "user", "content": [{"type": "text", "text": "weather in Paris?"}]}]
-    expected = hf_chat_tokens(AutoTokenizer.from_pretrained(model), as_vllm_passes_it,
-                              tools=TOOLS, house_style="brief")
+    expected = hf_chat_tokens(AutoTokenizer.from_pretrained(model), as_vllm_passes_it, tools=TOOLS, house_style="brief")
     counter = TokenCounter.from_model_dir(model)
     assert counter.count_chat(payload) == expected
     assert counter.count_chat({"messages": payload["messages"]}) < expected
@@ -135,7 +150,8 @@ def test_each_prompt_the_engine_runs_is_counted_on_its_own(counter, hf_tokenizer
     assert counter.count_each(path, {"prompt": [[1, 2, 3], [4, 5]], "truncate_prompt_tokens": 2}) == [2, 2]
     assert counter.count_each(path, {"prompt": []}) == []
     assert counter.count_each("/v1/chat/completions", {"messages": SYSTEM_USER}) == [
-        counter.count_chat({"messages": SYSTEM_USER})]
+        counter.count_chat({"messages": SYSTEM_USER})
+    ]
 
 
 def test_completion_adds_bos_when_the_tokenizer_does_but_chat_does_not_add_a_second(demo_dir, tmp_path):
@@ -168,8 +184,10 @@ def test_truncate_prompt_tokens_caps_the_count_as_the_engine_truncates(counter):
 
 
 def test_template_that_fails_falls_back_to_an_estimate_instead_of_raising(demo_dir, tmp_path):
-    strict = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}" \
-             "{% endif %}{{ m.content }}{% endfor %}"
+    strict = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
     counter = TokenCounter.from_model_dir(model_copy(demo_dir, tmp_path, template=strict))
     texts = "\n".join(m["content"] for m in SYSTEM_USER)
     estimate = counter.count_chat({"messages": SYSTEM_USER})
@@ -203,10 +221,14 @@ def test_model_dir_without_tokenizer_json_is_a_clear_error(tmp_path):
 
 def _random_ascii(rng, specials: list[str]) -> str:
     words = ["hello", "It's", "we'll", "DON'T", "x", "camelCase", "snake_case", "'s", "'", "''"]
-    pieces = [lambda: rng.choice(words), lambda: "".join(rng.choices(string.digits, k=rng.randint(1, 6))),
-              lambda: "".join(rng.choices(string.punctuation, k=rng.randint(1, 4))),
-              lambda: "".join(rng.choices(" \t\n\r\x0b\x0c", k=rng.randint(1, 4))),
-              lambda: rng.choice(specials), lambda: "".join(rng.choices(string.printable + "\x00\x1c\x7f", k=3))]
+    pieces = [
+        lambda: rng.choice(words),
+        lambda: "".join(rng.choices(string.digits, k=rng.randint(1, 6))),
+        lambda: "".join(rng.choices(string.punctuation, k=rng.randint(1, 4))),
+        lambda: "".join(rng.choices(" \t\n\r\x0b\x0c", k=rng.randint(1, 4))),
+        lambda: rng.choice(specials),
+        lambda: "".join(rng.choices(string.printable + "\x00\x1c\x7f", k=3)),
+    ]
     return "".join(rng.choice(pieces)() for _ in range(rng.randint(0, 12)))
 
 
@@ -221,7 +243,9 @@ def test_ascii_text_is_counted_as_the_tokenizer_counts_it(counter, demo_dir):
     texts += CORPUS.read_text(encoding="utf-8").splitlines()[:2000]
     for text in (t for t in texts if t.isascii()):
         for special in (False, True):
-            assert counter._encode(text, special) == len(tokenizer.encode(text, add_special_tokens=special).ids), repr(text)
+            assert counter._encode(text, special) == len(tokenizer.encode(text, add_special_tokens=special).ids), repr(
+                text
+            )
 
 
 def test_tokenizers_the_fast_path_would_miscount_go_to_the_tokenizer(demo_dir, tmp_path):
@@ -235,4 +259,6 @@ def test_tokenizers_the_fast_path_would_miscount_go_to_the_tokenizer(demo_dir, t
         (tmp_path / str(i)).mkdir()
         other = TokenCounter.from_model_dir(model_copy(demo_dir, tmp_path / str(i), tokenizer_json_edit=edit))
         assert other._ascii is None
-        assert other.count_text("Hello There") == len(other._tokenizer.encode("Hello There", add_special_tokens=False).ids)
+        assert other.count_text("Hello There") == len(
+            other._tokenizer.encode("Hello There", add_special_tokens=False).ids
+        )

@@ -62,7 +62,25 @@ from serving.policy.audit.verification import VerifyResult, verify, verify_chain
 from serving.policy.audit.writer import AuditLog
 
 __all__ = [
-    "GENESIS", "RESERVED_FIELDS", "KEY_FILE_ENV", "AuditError", "AuditKey", "AuditKeyError", "AuditLog", "Head",
-    "VerifyResult", "canonical_json", "chain_order", "create_key_file", "head_path", "key_inside", "load_key",
-    "read_head", "record_hash", "rotated_files", "tail", "verify", "verify_chain",
+    "GENESIS",
+    "RESERVED_FIELDS",
+    "KEY_FILE_ENV",
+    "AuditError",
+    "AuditKey",
+    "AuditKeyError",
+    "AuditLog",
+    "Head",
+    "VerifyResult",
+    "canonical_json",
+    "chain_order",
+    "create_key_file",
+    "head_path",
+    "key_inside",
+    "load_key",
+    "read_head",
+    "record_hash",
+    "rotated_files",
+    "tail",
+    "verify",
+    "verify_chain",
 ]

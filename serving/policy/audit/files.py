@@ -55,8 +55,9 @@ def _chain_position(m: re.Match) -> tuple:
 
 def rotated_files(directory: Path, slot: int) -> list[Path]:
     """A slot's rotated files, in chain order."""
-    found = [(m, p) for p in directory.glob(f"audit-{slot}.*.jsonl")
-             if (m := _FILE_NAME.fullmatch(p.name)) and m.group(2)]
+    found = [
+        (m, p) for p in directory.glob(f"audit-{slot}.*.jsonl") if (m := _FILE_NAME.fullmatch(p.name)) and m.group(2)
+    ]
     return [p for m, p in sorted(found, key=lambda mp: _chain_position(mp[0]))]
 
 
@@ -87,8 +88,13 @@ class Head:
 
     def signed(self) -> dict:
         """The fields its MAC covers."""
-        return {"seq": self.seq, "hash": self.hash, "start_seq": self.start[0], "start_prev": self.start[1],
-                "key_id": self.key_id}
+        return {
+            "seq": self.seq,
+            "hash": self.hash,
+            "start_seq": self.start[0],
+            "start_prev": self.start[1],
+            "key_id": self.key_id,
+        }
 
     def to_json(self) -> bytes:
         doc = {"seq": self.seq, "hash": self.hash, "start_seq": self.start[0], "start_prev": self.start[1]}
@@ -102,11 +108,21 @@ def read_head(path: Path) -> Head | None:
     before rotation existed lack the start, which was then always 0 and GENESIS."""
     try:
         doc = orjson.loads(head_path(path).read_bytes())
-        head = Head(doc["seq"], doc["hash"], (doc.get("start_seq", 0), doc.get("start_prev", GENESIS)),
-                    doc.get("key_id"), doc.get("mac"))
-        if isinstance(head.seq, int) and isinstance(head.hash, str) and isinstance(head.start[0], int) \
-                and isinstance(head.start[1], str) and isinstance(head.key_id, (str, type(None))) \
-                and isinstance(head.mac, (str, type(None))):
+        head = Head(
+            doc["seq"],
+            doc["hash"],
+            (doc.get("start_seq", 0), doc.get("start_prev", GENESIS)),
+            doc.get("key_id"),
+            doc.get("mac"),
+        )
+        if (
+            isinstance(head.seq, int)
+            and isinstance(head.hash, str)
+            and isinstance(head.start[0], int)
+            and isinstance(head.start[1], str)
+            and isinstance(head.key_id, (str, type(None)))
+            and isinstance(head.mac, (str, type(None)))
+        ):
             return head
     except FileNotFoundError:
         return None
@@ -132,7 +148,7 @@ def read_last_line(path: Path) -> tuple[bytes | None, int, int]:
                 continue
             start = buf.rfind(b"\n", 0, end)
             if start != -1 or pos == 0:
-                return buf[start + 1:end + 1], pos + end + 1, size
+                return buf[start + 1 : end + 1], pos + end + 1, size
         return None, 0, size
 
 

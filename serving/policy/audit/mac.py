@@ -57,8 +57,9 @@ class AuditKey:
         return isinstance(mac, str) and hmac.compare_digest(self.record_mac(digest), mac)
 
     def head_ok(self, head: Head) -> bool:
-        return head.key_id == self.id and isinstance(head.mac, str) \
-            and hmac.compare_digest(self.head_mac(head), head.mac)
+        return (
+            head.key_id == self.id and isinstance(head.mac, str) and hmac.compare_digest(self.head_mac(head), head.mac)
+        )
 
     def __repr__(self) -> str:
         return f"AuditKey(id={self.id})"  # never the secret
@@ -74,12 +75,16 @@ def load_key(path: str | Path) -> AuditKey:
     except OSError as e:
         raise AuditKeyError(f"audit HMAC key file {path}: {e.strerror}") from None
     if mode & (stat.S_IRWXO | stat.S_IWGRP):
-        raise AuditKeyError(f"audit HMAC key file {path}: mode {stat.filemode(mode)} lets other users read "
-                            f"or change it; run `chmod 600 {path}`")
+        raise AuditKeyError(
+            f"audit HMAC key file {path}: mode {stat.filemode(mode)} lets other users read "
+            f"or change it; run `chmod 600 {path}`"
+        )
     secret = data.strip()
     if len(secret) < MIN_KEY_BYTES:
-        raise AuditKeyError(f"audit HMAC key file {path}: {len(secret)} bytes, at least {MIN_KEY_BYTES} "
-                            "needed; make one with `keel audit keygen PATH`")
+        raise AuditKeyError(
+            f"audit HMAC key file {path}: {len(secret)} bytes, at least {MIN_KEY_BYTES} "
+            "needed; make one with `keel audit keygen PATH`"
+        )
     return AuditKey(secret)
 
 
@@ -90,8 +95,9 @@ def create_key_file(path: str | Path) -> AuditKey:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise AuditKeyError(f"{path} already exists; a key is never overwritten (logs written with it "
-                            "could no longer be verified)") from None
+        raise AuditKeyError(
+            f"{path} already exists; a key is never overwritten (logs written with it could no longer be verified)"
+        ) from None
     except OSError as e:
         raise AuditKeyError(f"{path}: {e.strerror}") from None
     try:

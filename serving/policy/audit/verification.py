@@ -88,8 +88,10 @@ class _Records:
             self.start = (seq, prev)
             self.next_seq = seq
             if seq != 0:
-                self.warnings.append(f"starts at seq {seq}, continuing an earlier file: without the head "
-                                     "it is not checked whether records were cut from the start")
+                self.warnings.append(
+                    f"starts at seq {seq}, continuing an earlier file: without the head "
+                    "it is not checked whether records were cut from the start"
+                )
         try:
             actual = record_hash(rec)
         except (TypeError, orjson.JSONEncodeError):
@@ -100,22 +102,31 @@ class _Records:
             self.bad_macs += 1
             self.last_bad_mac = max(self.last_bad_mac, seq)
             if self.bad_macs <= _MAC_PROBLEMS_SHOWN:
-                problems.append(f"line {lineno}: seq {seq} " + ("has no MAC" if mac is None else
-                                "does not carry this key's MAC") + ": forged, or altered and re-hashed, "
-                                "by someone without the key")
+                problems.append(
+                    f"line {lineno}: seq {seq} "
+                    + ("has no MAC" if mac is None else "does not carry this key's MAC")
+                    + ": forged, or altered and re-hashed, "
+                    "by someone without the key"
+                )
         next_seq = self.next_seq
         if seq > next_seq:
             missing = seq - next_seq
             if self.last is None:
-                problems.append(f"line {lineno}: the file's chain starts at seq {next_seq} but its first "
-                                f"record is seq {seq}: {missing} record(s) removed from the start")
+                problems.append(
+                    f"line {lineno}: the file's chain starts at seq {next_seq} but its first "
+                    f"record is seq {seq}: {missing} record(s) removed from the start"
+                )
             else:
-                problems.append(f"line {lineno}: seq jumps from {next_seq - 1} to {seq}: "
-                                f"{missing} record(s) missing before this line")
+                problems.append(
+                    f"line {lineno}: seq jumps from {next_seq - 1} to {seq}: "
+                    f"{missing} record(s) missing before this line"
+                )
         elif seq < next_seq:
             where = self.recent.get(seq)
-            problems.append(f"line {lineno}: seq {seq} comes after seq {next_seq - 1}: records out of order"
-                            + (f" or duplicated (seq {seq} also on line {where[0]})" if where else ""))
+            problems.append(
+                f"line {lineno}: seq {seq} comes after seq {next_seq - 1}: records out of order"
+                + (f" or duplicated (seq {seq} also on line {where[0]})" if where else "")
+            )
         if seq == self.start[0]:
             expected_prev, prev_line = self.start[1], None
         elif seq - 1 in self.recent:
@@ -124,8 +135,9 @@ class _Records:
             expected_prev = None  # its predecessor is missing: already reported as a gap
         if expected_prev is not None and prev != expected_prev:
             what = f"the hash of seq {seq - 1} (line {prev_line})" if prev_line else "where the file's chain starts"
-            problems.append(f"line {lineno}: prev does not match {what}: a record before it was "
-                            "altered and re-hashed, or replaced")
+            problems.append(
+                f"line {lineno}: prev does not match {what}: a record before it was altered and re-hashed, or replaced"
+            )
         self.recent[seq] = (lineno, stored)
         if len(self.recent) > 1024:
             del self.recent[next(iter(self.recent))]
@@ -177,16 +189,25 @@ def verify(path: str | Path, *, require_head: bool = True, key: AuditKey | None 
         if head_path(path).exists():
             problems.append(f"head file {head_path(path).name} is unreadable: the tail cannot be checked")
         elif require_head:
-            problems.append(f"no head file {head_path(path).name}: cannot tell whether records were cut "
-                            "from the end (verify a copy without it with --no-head)")
+            problems.append(
+                f"no head file {head_path(path).name}: cannot tell whether records were cut "
+                "from the end (verify a copy without it with --no-head)"
+            )
         else:
             warnings.append("no head file: not checked whether records were cut from the end")
     else:
         _check_head(head, check, key, problems, warnings)
     end = (check.last[1], check.last[2]) if check.last else (start[0] - 1, start[1])
     authenticated = key is not None and head is not None and not problems
-    return VerifyResult(ok=not problems, records=check.records, problems=problems, warnings=warnings,
-                        start=start, end=end, authenticated=authenticated)
+    return VerifyResult(
+        ok=not problems,
+        records=check.records,
+        problems=problems,
+        warnings=warnings,
+        start=start,
+        end=end,
+        authenticated=authenticated,
+    )
 
 
 def _head_of(path: Path, f) -> Head | None:
@@ -208,28 +229,39 @@ def _check_head(head: Head, check: _Records, key: AuditKey | None, problems: lis
     """The head against the file's last record, and with a key its MAC."""
     if key is not None:
         if head.key_id is None:
-            problems.append("head: written without an HMAC key, so nothing in this file is authenticated "
-                            "(written before audit.hmac_key_file was set?)")
+            problems.append(
+                "head: written without an HMAC key, so nothing in this file is authenticated "
+                "(written before audit.hmac_key_file was set?)"
+            )
         elif head.key_id != key.id:
-            problems.append(f"head: written with another HMAC key (id {head.key_id}; the key given is "
-                            f"{key.id}): its records' MACs were not checked")
+            problems.append(
+                f"head: written with another HMAC key (id {head.key_id}; the key given is "
+                f"{key.id}): its records' MACs were not checked"
+            )
         elif not key.head_ok(head):
-            problems.append(f"head: its MAC does not match (it records seq {head.seq}): it was forged or "
-                            "altered, e.g. to hide records cut from the end or added after it")
+            problems.append(
+                f"head: its MAC does not match (it records seq {head.seq}): it was forged or "
+                "altered, e.g. to hide records cut from the end or added after it"
+            )
     elif head.key_id is not None:
-        warnings.append(f"written with an HMAC key (id {head.key_id}): its MACs were not checked (give "
-                        "--hmac-key-file); the chain alone catches accidents, not forgery")
+        warnings.append(
+            f"written with an HMAC key (id {head.key_id}): its MACs were not checked (give "
+            "--hmac-key-file); the chain alone catches accidents, not forgery"
+        )
     if check.last:
         last_line, last_seq, last_hash = check.last
     else:
         assert check.start is not None  # with a head the chain starts from it
         last_line, last_seq, last_hash = check.lineno, check.last_seq, check.start[1]
     if head.seq > last_seq:
-        problems.append(f"line {last_line}: the file ends at seq {last_seq} but its head records seq "
-                        f"{head.seq}: {head.seq - last_seq} record(s) removed from the end")
+        problems.append(
+            f"line {last_line}: the file ends at seq {last_seq} but its head records seq "
+            f"{head.seq}: {head.seq - last_seq} record(s) removed from the end"
+        )
     elif head.seq == last_seq and head.hash != last_hash:
-        problems.append(f"line {last_line}: the last record (seq {last_seq}) is not the one its head "
-                        "records: it was replaced")
+        problems.append(
+            f"line {last_line}: the last record (seq {last_seq}) is not the one its head records: it was replaced"
+        )
     elif head.seq < last_seq:
         at = check.recent.get(head.seq)
         if at is not None and at[1] != head.hash:
@@ -237,20 +269,27 @@ def _check_head(head: Head, check: _Records, key: AuditKey | None, problems: lis
             return
         first = check.recent.get(head.seq + 1)
         where = f"line {first[0]}: " if first else ""
-        past = f"{where}{last_seq - head.seq} record(s) (seq {head.seq + 1} to {last_seq}) after the last " \
-               f"one its head records (seq {head.seq})"
+        past = (
+            f"{where}{last_seq - head.seq} record(s) (seq {head.seq + 1} to {last_seq}) after the last "
+            f"one its head records (seq {head.seq})"
+        )
         if check.key is None:
-            problems.append(f"{past}: added by someone else, or written just before a crash (a restarted "
-                            "gateway continues after them); only the HMAC key tells these apart")
+            problems.append(
+                f"{past}: added by someone else, or written just before a crash (a restarted "
+                "gateway continues after them); only the HMAC key tells these apart"
+            )
         elif check.last_bad_mac > head.seq:
             problems.append(f"{past}, without this key's MAC: added by someone else")
         else:
-            problems.append(f"{past}; they carry this key's MAC, so the writer stopped before updating its "
-                            "head (a crash): a restarted gateway continues after them")
+            problems.append(
+                f"{past}; they carry this key's MAC, so the writer stopped before updating its "
+                "head (a crash): a restarted gateway continues after them"
+            )
 
 
-def verify_chain(paths: list[Path], *, require_head: bool = True,
-                 key: AuditKey | None = None) -> list[tuple[Path, VerifyResult]]:
+def verify_chain(
+    paths: list[Path], *, require_head: bool = True, key: AuditKey | None = None
+) -> list[tuple[Path, VerifyResult]]:
     """verify() each file of one chain (oldest first, see chain_order), and that each file
     starts exactly where the one before it ended; a break is a problem of the later file."""
     out = []
@@ -262,8 +301,10 @@ def verify_chain(paths: list[Path], *, require_head: bool = True,
             if (start_seq, start_prev) != (end_seq + 1, end_hash):
                 result.problems.append(
                     f"does not continue {before[0].name}, which ends at seq {end_seq}: this file starts at "
-                    f"seq {start_seq}" + ("" if start_seq != end_seq + 1 else " after another hash")
-                    + ": a file between them is missing, or one of them was replaced")
+                    f"seq {start_seq}"
+                    + ("" if start_seq != end_seq + 1 else " after another hash")
+                    + ": a file between them is missing, or one of them was replaced"
+                )
                 result.ok = result.authenticated = False
         out.append((path, result))
         before = (path, result)

@@ -39,8 +39,15 @@ _MAX_ADOPTED = 100_000  # records past a head a restarted writer checks before g
 class AuditLog:
     """The writer. `write` only enqueues; a background thread chains and appends in batches."""
 
-    def __init__(self, directory: str | Path, *, flush_interval_s: float = 0.2, fsync: bool = False,
-                 max_file_bytes: int | None = None, hmac_key_file: str | Path | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        flush_interval_s: float = 0.2,
+        fsync: bool = False,
+        max_file_bytes: int | None = None,
+        hmac_key_file: str | Path | None = None,
+    ):
         """max_file_bytes: rotate the file once it is this big (None: never). hmac_key_file: MAC
         every record and head with this key (see serving.policy.audit.mac)."""
         self.directory = Path(directory)
@@ -109,8 +116,7 @@ class AuditLog:
         self._thread.join()
         self._drain()  # a write that raced with close
         if self._unwritten:
-            log.error("audit log %s: closing with %d bytes that could not be written",
-                      self.path, len(self._unwritten))
+            log.error("audit log %s: closing with %d bytes that could not be written", self.path, len(self._unwritten))
         os.close(self._fd)
         os.close(self._lock_fd)  # releases the flock: the slot is free for the next process
         atexit.unregister(self.close)
@@ -151,7 +157,7 @@ class AuditLog:
                 # Keep the chained bytes, in order, for the next tick; flush() waiters wait for them.
                 if not self._unwritten:
                     log.error("audit log %s: cannot write: %s (retrying every tick)", self.path, e.error)
-                self._unwritten = data[e.written:]
+                self._unwritten = data[e.written :]
                 return
             if self._unwritten:
                 log.warning("audit log %s: writes succeed again", self.path)
@@ -290,8 +296,7 @@ def _claim_slot(directory: Path, key: AuditKey | None) -> tuple[int, int, tuple[
         except _ForeignChain as e:
             # Left exactly as it is, for `keel audit verify` and an operator; this writer starts
             # or continues a chain in another slot.
-            log.error("audit log %s: not continuing audit-%d (%s); writing to the next free slot",
-                      directory, n, e)
+            log.error("audit log %s: not continuing audit-%d (%s); writing to the next free slot", directory, n, e)
             os.close(fd)
             continue
         except BaseException:
@@ -300,8 +305,10 @@ def _claim_slot(directory: Path, key: AuditKey | None) -> tuple[int, int, tuple[
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for an operator
         return fd, n, position
-    raise AuditError(f"{directory}: all {_MAX_SLOTS} audit slots are locked by other processes "
-                     "or hold chains this writer may not continue")
+    raise AuditError(
+        f"{directory}: all {_MAX_SLOTS} audit slots are locked by other processes "
+        "or hold chains this writer may not continue"
+    )
 
 
 def _rename_all(pairs: list[tuple[Path, Path]]) -> None:
@@ -346,14 +353,16 @@ def _trusted_head(path: Path, key: AuditKey | None) -> Head | None:
     head = read_head(path)
     if key is None:
         if head is not None and head.key_id is not None:
-            raise _ForeignChain(f"{path.name} was written with an HMAC key (id {head.key_id}) and none "
-                                "is configured")
+            raise _ForeignChain(f"{path.name} was written with an HMAC key (id {head.key_id}) and none is configured")
         return head
     if head is None:
         raise _ForeignChain(f"{path.name} has no readable head, so where it ends cannot be authenticated")
     if head.key_id != key.id:
-        raise _ForeignChain(f"{path.name} was written " + ("without an HMAC key" if head.key_id is None else
-                            f"with another HMAC key (id {head.key_id})") + f"; the configured key is {key.id}")
+        raise _ForeignChain(
+            f"{path.name} was written "
+            + ("without an HMAC key" if head.key_id is None else f"with another HMAC key (id {head.key_id})")
+            + f"; the configured key is {key.id}"
+        )
     if not key.head_ok(head):
         raise _ForeignChain(f"the MAC of {head_path(path).name} does not match: it was forged or altered")
     return head
@@ -367,8 +376,9 @@ def _resume_point(path: Path, head: Head | None, key: AuditKey | None) -> tuple[
         if complete_end < size:
             # A torn write from a crash: never acknowledged by flush(), and it would corrupt
             # the next line, so it goes.
-            log.warning("audit log %s: removing an incomplete last line (%d bytes) left by a crash",
-                        path, size - complete_end)
+            log.warning(
+                "audit log %s: removing an incomplete last line (%d bytes) left by a crash", path, size - complete_end
+            )
             os.truncate(path, complete_end)
         if line is not None:
             try:
@@ -379,9 +389,11 @@ def _resume_point(path: Path, head: Head | None, key: AuditKey | None) -> tuple[
             except (orjson.JSONDecodeError, KeyError, TypeError) as e:
                 if key is not None:
                     raise _ForeignChain(f"{path.name}: its last line is not an audit record") from None
-                raise AuditError(f"{path}: the last line is not an audit record, so its chain cannot be "
-                                 f"continued; run `keel audit verify {path}` and move the file aside "
-                                 f"({type(e).__name__})") from None
+                raise AuditError(
+                    f"{path}: the last line is not an audit record, so its chain cannot be "
+                    f"continued; run `keel audit verify {path}` and move the file aside "
+                    f"({type(e).__name__})"
+                ) from None
     if last is None and head is None:
         return 0, GENESIS
     # The head wins a tie or when ahead: records lost from the tail then show up as a gap in the
@@ -389,16 +401,25 @@ def _resume_point(path: Path, head: Head | None, key: AuditKey | None) -> tuple[
     if last is None or (head is not None and head.seq >= last[0]):
         assert head is not None  # last is None here only with a head (neither: returned above)
         if last is not None and (head.seq, head.hash) != last:
-            log.warning("audit log %s: the file ends at seq %d but its head says %d; continuing after "
-                        "the head, so `keel audit verify` will show the gap", path, last[0], head.seq)
+            log.warning(
+                "audit log %s: the file ends at seq %d but its head says %d; continuing after "
+                "the head, so `keel audit verify` will show the gap",
+                path,
+                last[0],
+                head.seq,
+            )
         return head.seq + 1, head.hash
     # Records past the head: a crash between writing a batch and its head, or someone else's.
     # With a key only the writer's own (MACs that match, chained from the head) are continued.
     if head is not None:
         if key is not None:
             _check_past_head(path, head, key)
-        log.warning("audit log %s: records %d to %d are past the head (a crash before it was updated); "
-                    "continuing after them", path, head.seq + 1, last[0])
+        log.warning(
+            "audit log %s: records %d to %d are past the head (a crash before it was updated); continuing after them",
+            path,
+            head.seq + 1,
+            last[0],
+        )
     return last[0] + 1, last[1]
 
 
@@ -419,8 +440,15 @@ def _check_past_head(path: Path, head: Head, key: AuditKey) -> None:
     seq, digest = head.seq, head.hash
     for rec in reversed(past):
         stored, mac = rec.pop("hash", None), rec.pop("mac", None)
-        if rec.get("seq") != seq + 1 or rec.get("prev") != digest or not isinstance(stored, str) \
-                or record_hash(rec) != stored or not key.record_ok(stored, mac):
-            raise _ForeignChain(f"{path.name}: seq {rec.get('seq')} past its head does not carry this key's "
-                                "MAC or does not follow the head: appended by someone else")
+        if (
+            rec.get("seq") != seq + 1
+            or rec.get("prev") != digest
+            or not isinstance(stored, str)
+            or record_hash(rec) != stored
+            or not key.record_ok(stored, mac)
+        ):
+            raise _ForeignChain(
+                f"{path.name}: seq {rec.get('seq')} past its head does not carry this key's "
+                "MAC or does not follow the head: appended by someone else"
+            )
         seq, digest = seq + 1, stored

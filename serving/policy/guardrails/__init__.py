@@ -24,7 +24,16 @@ from serving.policy.guardrails.pii import MASKS, PII_ENTITIES
 from serving.policy.guardrails.scan import MAX_HOLD, GuardrailAction, GuardrailBlocked
 
 __all__ = [
-    "DEFAULT_INJECTION_THRESHOLD", "DENY_MASK", "MASKS", "MAX_HOLD", "PII_ENTITIES",
-    "GuardrailAction", "GuardrailBlocked", "GuardrailPolicy", "GuardrailRule",
-    "InputGuard", "OutputGuard", "StreamScanner",
+    "DEFAULT_INJECTION_THRESHOLD",
+    "DENY_MASK",
+    "MASKS",
+    "MAX_HOLD",
+    "PII_ENTITIES",
+    "GuardrailAction",
+    "GuardrailBlocked",
+    "GuardrailPolicy",
+    "GuardrailRule",
+    "InputGuard",
+    "OutputGuard",
+    "StreamScanner",
 ]

@@ -29,27 +29,34 @@ _OWNER = {  # field -> the rule type it belongs to
 class GuardrailRule(_Strict):
     type: Literal["pii", "prompt_injection", "deny", "max_prompt_tokens"] = Field(
         description="What to detect: pii, prompt_injection (heuristic phrases and chat-template "
-        "markers), deny (terms and regex patterns), max_prompt_tokens (input only).")
+        "markers), deny (terms and regex patterns), max_prompt_tokens (input only)."
+    )
     action: Literal["block", "redact", "flag"] = Field(
-        "block", description="block: reject the request / cut the stream. redact: mask the match "
-        "in place (pii and deny only). flag: record only, text unchanged.")
-    name: str | None = Field(
-        None, min_length=1, description="Label in errors, metrics and audit; default: the type.")
-    entities: list[PiiEntity] | None = Field(
-        None, description="pii: which entities to detect; leave out for all.")
+        "block",
+        description="block: reject the request / cut the stream. redact: mask the match "
+        "in place (pii and deny only). flag: record only, text unchanged.",
+    )
+    name: str | None = Field(None, min_length=1, description="Label in errors, metrics and audit; default: the type.")
+    entities: list[PiiEntity] | None = Field(None, description="pii: which entities to detect; leave out for all.")
     terms: list[str] = Field(
-        default_factory=list, description="deny: words or phrases, matched case-insensitively as "
+        default_factory=list,
+        description="deny: words or phrases, matched case-insensitively as "
         "whole words in the normalised text (accents, full-width and look-alike letters, invisible "
-        "characters folded; a term's own letters are folded too).")
+        "characters folded; a term's own letters are folded too).",
+    )
     patterns: list[str] = Field(
-        default_factory=list, description="deny: regular expressions (Python `regex` syntax), "
+        default_factory=list,
+        description="deny: regular expressions (Python `regex` syntax), "
         "case-sensitive unless they start with (?i), searched in the normalised text (their own "
-        "non-ASCII characters folded the same way).")
+        "non-ASCII characters folded the same way).",
+    )
     threshold: float | None = Field(
-        None, gt=0, description="prompt_injection: the summed weight of distinct phrases that "
-        f"fires the rule (strong phrases weigh 1.0); default {DEFAULT_INJECTION_THRESHOLD}.")
-    limit: int | None = Field(
-        None, ge=1, description="max_prompt_tokens: the most prompt tokens allowed.")
+        None,
+        gt=0,
+        description="prompt_injection: the summed weight of distinct phrases that "
+        f"fires the rule (strong phrases weigh 1.0); default {DEFAULT_INJECTION_THRESHOLD}.",
+    )
+    limit: int | None = Field(None, ge=1, description="max_prompt_tokens: the most prompt tokens allowed.")
 
     @property
     def label(self) -> str:
@@ -59,8 +66,7 @@ class GuardrailRule(_Strict):
     @classmethod
     def _some_entities(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
-            raise ValueError(f"is empty; list some of {', '.join(PII_ENTITIES)}, or leave it out "
-                             "to detect all")
+            raise ValueError(f"is empty; list some of {', '.join(PII_ENTITIES)}, or leave it out to detect all")
         return None if v is None else list(dict.fromkeys(v))
 
     @field_validator("terms")
@@ -107,10 +113,13 @@ class GuardrailRule(_Strict):
 
 class GuardrailPolicy(_Strict):
     input: list[GuardrailRule] = Field(
-        default_factory=list, description="Rules over the prompt, before the engine sees it.")
+        default_factory=list, description="Rules over the prompt, before the engine sees it."
+    )
     output: list[GuardrailRule] = Field(
-        default_factory=list, description="Rules over the response, before the client sees it "
-        "(streamed responses are scanned as they stream).")
+        default_factory=list,
+        description="Rules over the response, before the client sees it "
+        "(streamed responses are scanned as they stream).",
+    )
 
     @field_validator("output")
     @classmethod
@@ -119,4 +128,3 @@ class GuardrailPolicy(_Strict):
             if rule.type == "max_prompt_tokens":
                 raise ValueError(f"rule {i}: max_prompt_tokens checks the prompt; put it under input")
         return v
-

@@ -38,8 +38,9 @@ def _literal(c: str, ignorecase: bool) -> str:
 
 
 def term_source(terms: list[str]) -> str:
-    phrases = {r"\s+".join(w for w in ("".join(_literal(c, True) for c in word) for word in t.split()) if w)
-               for t in terms}
+    phrases = {
+        r"\s+".join(w for w in ("".join(_literal(c, True) for c in word) for word in t.split()) if w) for t in terms
+    }
     return r"(?<!\w)(?:" + "|".join(sorted(phrases, key=len, reverse=True)) + r")(?!\w)"
 
 
@@ -61,7 +62,7 @@ def pattern_source(pattern: str) -> str:
                 escaped = True
             elif class_from < 0 and c == "[":
                 class_from = i
-            elif class_from >= 0 and c == "]" and i > class_from + 1 and pattern[class_from + 1:i] != "^":
+            elif class_from >= 0 and c == "]" and i > class_from + 1 and pattern[class_from + 1 : i] != "^":
                 class_from = -1
             out.append(c)
             continue

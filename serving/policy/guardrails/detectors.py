@@ -38,17 +38,37 @@ class Detector:
     score_key: object = None  # prompt injection: the rule; its detectors' phrases add up
 
 
-def _detector(rule: GuardrailRule, entity: str | None, mask: str, source: str, flags: int = 0,
-              accept=None, lazy: bool = False, builtin: bool = True, weights=None,
-              threshold: float = 0.0, needs=None) -> Detector:
+def _detector(
+    rule: GuardrailRule,
+    entity: str | None,
+    mask: str,
+    source: str,
+    flags: int = 0,
+    accept=None,
+    lazy: bool = False,
+    builtin: bool = True,
+    weights=None,
+    threshold: float = 0.0,
+    needs=None,
+) -> Detector:
     pattern = regex.compile(source, flags)
     starts, pairs = _start_table(source, flags) if builtin else (None, None)
     return Detector(
-        guardrail=rule.label, action=rule.action, entity=entity, mask=mask, source=source,
+        guardrail=rule.label,
+        action=rule.action,
+        entity=entity,
+        mask=mask,
+        source=source,
         pattern=pattern,
         probe=None if lazy else regex.compile(probe_source(source), flags),
-        accept=accept, starts=starts, pairs=pairs, needs=needs, weights=weights,
-        threshold=threshold, score_key=rule if weights is not None else None)
+        accept=accept,
+        starts=starts,
+        pairs=pairs,
+        needs=needs,
+        weights=weights,
+        threshold=threshold,
+        score_key=rule if weights is not None else None,
+    )
 
 
 def probe_source(source: str) -> str:
@@ -65,8 +85,9 @@ def _start_table(source: str, flags: int) -> tuple[frozenset[str], frozenset[int
     character of context and hide a real start. Computed once per pattern (~5 ms)."""
     pattern = regex.compile(source, flags)
     starts = frozenset(ch for ch in map(chr, range(128)) if pattern.match(ch, partial=True))
-    pairs = frozenset(p << 7 | ord(ch) for ch in starts for p in range(128)
-                      if pattern.match(chr(p) + ch, 1, partial=True))
+    pairs = frozenset(
+        p << 7 | ord(ch) for ch in starts for p in range(128) if pattern.match(chr(p) + ch, 1, partial=True)
+    )
     return starts, pairs
 
 
@@ -75,8 +96,7 @@ def detectors_for(rule: GuardrailRule) -> list[Detector]:
         out = []
         for entity in rule.entities or PII_ENTITIES:
             for source, accept, lazy, needs in PII_SOURCES[entity]:
-                out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy,
-                                     needs=needs))
+                out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy, needs=needs))
         return out
     if rule.type == "deny":
         out = []
@@ -87,7 +107,17 @@ def detectors_for(rule: GuardrailRule) -> list[Detector]:
         return out
     if rule.type == "prompt_injection":
         threshold = rule.threshold if rule.threshold is not None else DEFAULT_INJECTION_THRESHOLD
-        return [_detector(rule, None, "", source, regex.IGNORECASE | regex.MULTILINE,
-                          weights=weights, threshold=threshold, needs=needs) for source, weights, needs in INJECTION_SOURCES]
+        return [
+            _detector(
+                rule,
+                None,
+                "",
+                source,
+                regex.IGNORECASE | regex.MULTILINE,
+                weights=weights,
+                threshold=threshold,
+                needs=needs,
+            )
+            for source, weights, needs in INJECTION_SOURCES
+        ]
     return []  # max_prompt_tokens is not a text detector
-

@@ -25,9 +25,12 @@ class InputGuard:
                 if prompt_tokens > rule.limit:
                     if rule.action == "block":
                         raise GuardrailBlocked(
-                            rule.label, "input", None,
+                            rule.label,
+                            "input",
+                            None,
                             f"Blocked by guardrail `{rule.label}`: the prompt has {prompt_tokens} "
-                            f"tokens, more than the {rule.limit} allowed.")
+                            f"tokens, more than the {rule.limit} allowed.",
+                        )
                     tally.add(rule.label, rule.action, None)
         if self._plan.empty:
             return list(texts), tally.actions

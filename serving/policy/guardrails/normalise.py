@@ -31,8 +31,14 @@ from confusable_homoglyphs.confusables import confusables_data
 # Separators the confusables data does not take to ASCII (it folds the em dash to a katakana
 # mark and the dots to the middle dot), but which stand between digit groups and domain labels.
 _SEPARATORS = {
-    "\u2014": "-", "\u2015": "-",  # em dash, horizontal bar
-    "\u00b7": ".", "\u2022": ".", "\u2027": ".", "\u2219": ".", "\u22c5": ".", "\u2e31": ".",
+    "\u2014": "-",
+    "\u2015": "-",  # em dash, horizontal bar
+    "\u00b7": ".",
+    "\u2022": ".",
+    "\u2027": ".",
+    "\u2219": ".",
+    "\u22c5": ".",
+    "\u2e31": ".",
     "\u30fb": ".",  # middle dots and bullets
     "\u3002": ".",  # ideographic full stop: a dot in domain names (IDNA)
 }

@@ -30,6 +30,7 @@ MASKS = {
     "secret": "[SECRET]",
 }
 
+
 def _luhn_ok(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -59,16 +60,94 @@ def _accept_card(m: regex.Match) -> int | None:
 
 # SWIFT IBAN registry: country -> total length.
 _IBAN_LENGTH = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
-    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
-    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
-    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
-    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32,
-    "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
-    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
-    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
-    "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
-    "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+    "AD": 24,
+    "AE": 23,
+    "AL": 28,
+    "AT": 20,
+    "AZ": 28,
+    "BA": 20,
+    "BE": 16,
+    "BG": 22,
+    "BH": 22,
+    "BI": 27,
+    "BR": 29,
+    "BY": 28,
+    "CH": 21,
+    "CR": 22,
+    "CY": 28,
+    "CZ": 24,
+    "DE": 22,
+    "DJ": 27,
+    "DK": 18,
+    "DO": 28,
+    "EE": 20,
+    "EG": 29,
+    "ES": 24,
+    "FI": 18,
+    "FK": 18,
+    "FO": 18,
+    "FR": 27,
+    "GB": 22,
+    "GE": 22,
+    "GI": 23,
+    "GL": 18,
+    "GR": 27,
+    "GT": 28,
+    "HR": 21,
+    "HU": 28,
+    "IE": 22,
+    "IL": 23,
+    "IQ": 23,
+    "IS": 26,
+    "IT": 27,
+    "JO": 30,
+    "KW": 30,
+    "KZ": 20,
+    "LB": 28,
+    "LC": 32,
+    "LI": 21,
+    "LT": 20,
+    "LU": 20,
+    "LV": 21,
+    "LY": 25,
+    "MC": 27,
+    "MD": 24,
+    "ME": 22,
+    "MK": 19,
+    "MN": 20,
+    "MR": 27,
+    "MT": 31,
+    "MU": 30,
+    "NI": 28,
+    "NL": 18,
+    "NO": 15,
+    "OM": 23,
+    "PK": 24,
+    "PL": 28,
+    "PS": 29,
+    "PT": 25,
+    "QA": 29,
+    "RO": 24,
+    "RS": 22,
+    "RU": 33,
+    "SA": 24,
+    "SC": 31,
+    "SD": 18,
+    "SE": 24,
+    "SI": 19,
+    "SK": 24,
+    "SM": 27,
+    "SO": 23,
+    "ST": 25,
+    "SV": 28,
+    "TL": 23,
+    "TN": 24,
+    "TR": 26,
+    "UA": 29,
+    "VA": 22,
+    "VG": 24,
+    "XK": 20,
+    "YE": 30,
 }
 
 
@@ -89,10 +168,10 @@ def _accept_iban(m: regex.Match) -> int | None:
             taken += 1
             if taken == length:
                 end = start + i + 1
-                after = m.string[end:end + 1]
+                after = m.string[end : end + 1]
                 if after.isalnum():  # the IBAN would end inside a group
                     return None
-                compact = text[:i + 1].replace(" ", "")
+                compact = text[: i + 1].replace(" ", "")
                 return end if _iban_ok(compact) else None
     return None
 
@@ -136,45 +215,86 @@ _has_digit = re.compile(r"\d").search  # the same Unicode digits as the patterns
 # to the end. `needs(text)` is false for a text no match can be in (every match holds one of
 # those characters or strings): a whole text that fails it is not searched at all.
 PII_SOURCES: dict[str, list[tuple[str, Callable[[regex.Match], int | None] | None, bool, Callable[[str], object]]]] = {
-    "email": [(
-        r"(?<![\w.%+-])[\w%+-](?:[\w.%+-]{0,62}[\w%+-])?"
-        r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
-        r"(?![\w-]|\.[A-Za-z0-9])", None, False, has("@"))],
+    "email": [
+        (
+            r"(?<![\w.%+-])[\w%+-](?:[\w.%+-]{0,62}[\w%+-])?"
+            r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
+            r"(?![\w-]|\.[A-Za-z0-9])",
+            None,
+            False,
+            has("@"),
+        )
+    ],
     # International (E.164: + and 7-15 digits) or NANP with separators. Bare digit runs, dates
     # (2024-01-31), versions (1.2.3) and prices are not phone numbers here.
-    "phone": [(
-        r"(?<![\w+.-])(?:"
-        r"\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,7}"
-        r"|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
-        r")(?![\w]|[.-]\d)", _accept_phone, False, _has_digit)],
+    "phone": [
+        (
+            r"(?<![\w+.-])(?:"
+            r"\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,7}"
+            r"|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+            r")(?![\w]|[.-]\d)",
+            _accept_phone,
+            False,
+            _has_digit,
+        )
+    ],
     # Digit groups of cards and SSNs may be separated by a space, a hyphen or a dot (the view
     # reads every Unicode space, dash and middle dot as one of those).
     "credit_card": [(r"(?<![\w+-])(?:\d[ .-]?){12,18}\d(?!\w)", _accept_card, False, _has_digit)],
-    "iban": [(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
-              _accept_iban, False, _has_digit)],
-    "us_ssn": [(r"(?<![\w+.-])\d{3}(?P<ssn_sep>[ .-]?)\d{2}(?P=ssn_sep)\d{4}(?!\w|[.-]\d)",
-                _accept_ssn, False, _has_digit)],
+    "iban": [
+        (r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?", _accept_iban, False, _has_digit)
+    ],
+    "us_ssn": [
+        (r"(?<![\w+.-])\d{3}(?P<ssn_sep>[ .-]?)\d{2}(?P=ssn_sep)\d{4}(?!\w|[.-]\d)", _accept_ssn, False, _has_digit)
+    ],
     "ip_address": [
         # An IPv4 address right after "hex:" is the tail of an IPv6 one (::ffff:192.0.2.1).
         (rf"(?<![\w.]|[0-9A-Fa-f]:|::){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", None, False, _has_digit),
-        (rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_HEX4}|{_OCTET}(?:\.{_OCTET}){{3}})?"
-         r"(?![\w:]|\.\d)", _accept_ipv6, False, has(":")),
+        (
+            rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_HEX4}|{_OCTET}(?:\.{_OCTET}){{3}})?"
+            r"(?![\w:]|\.\d)",
+            _accept_ipv6,
+            False,
+            has(":"),
+        ),
     ],
     "secret": [
-        (r"(?<![\w-])(?:"
-         r"sk-keel-[A-Za-z0-9_-]{8,}"  # Keel
-         r"|sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"  # OpenAI
-         r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"  # AWS access key id
-         r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
-         r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
-         r"|AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"  # Google API key
-         r"|[sr]k_live_[A-Za-z0-9]{16,}"  # Stripe
-         r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWT
-         r")", None, False,
-         has("sk-", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "AIza",
-              "k_live_", "eyJ")),
+        (
+            r"(?<![\w-])(?:"
+            r"sk-keel-[A-Za-z0-9_-]{8,}"  # Keel
+            r"|sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"  # OpenAI
+            r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"  # AWS access key id
+            r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
+            r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
+            r"|AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"  # Google API key
+            r"|[sr]k_live_[A-Za-z0-9]{16,}"  # Stripe
+            r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWT
+            r")",
+            None,
+            False,
+            has(
+                "sk-",
+                "AKIA",
+                "ASIA",
+                "ghp_",
+                "gho_",
+                "ghu_",
+                "ghs_",
+                "ghr_",
+                "github_pat_",
+                "xox",
+                "AIza",
+                "k_live_",
+                "eyJ",
+            ),
+        ),
         # A PEM private key through its matching END line; an unterminated one to the end.
-        (r"-----BEGIN (?P<pem_label>(?:[A-Z0-9]+ )*)PRIVATE KEY-----[\s\S]*?"
-         r"(?:-----END (?P=pem_label)PRIVATE KEY-----|\Z)", None, True, has("PRIVATE KEY-----")),
+        (
+            r"-----BEGIN (?P<pem_label>(?:[A-Z0-9]+ )*)PRIVATE KEY-----[\s\S]*?"
+            r"(?:-----END (?P=pem_label)PRIVATE KEY-----|\Z)",
+            None,
+            True,
+            has("PRIVATE KEY-----"),
+        ),
     ],
 }

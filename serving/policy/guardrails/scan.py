@@ -89,8 +89,9 @@ class GuardrailBlocked(Exception):
 
 def blocked(guardrail: str, direction: str, entity: str | None) -> GuardrailBlocked:
     what = "prompt" if direction == "input" else "response"
-    return GuardrailBlocked(guardrail, direction, entity,
-                            f"Blocked by guardrail `{guardrail}`: the {what} contains {_FOUND[entity]}.")
+    return GuardrailBlocked(
+        guardrail, direction, entity, f"Blocked by guardrail `{guardrail}`: the {what} contains {_FOUND[entity]}."
+    )
 
 
 _MATCH, _PENDING, _IDLE = 0, 1, 2
@@ -246,8 +247,8 @@ class Scan:
         n_block, n_redact = len(plan.block), len(plan.redact)
         cursors = [_Cursor(d, 1 << i) if (1 << i) & mask else None for i, d in enumerate(plan.dets)]
         self.block = [c for c in cursors[:n_block] if c is not None]
-        self.redact = [c for c in cursors[n_block:n_block + n_redact] if c is not None]
-        self.flag = [c for c in cursors[n_block + n_redact:] if c is not None]
+        self.redact = [c for c in cursors[n_block : n_block + n_redact] if c is not None]
+        self.flag = [c for c in cursors[n_block + n_redact :] if c is not None]
         # The view the detectors search (normalise.py), in offsets of the view
         self.text = ""  # what is kept: _CONTEXT released characters, then the undecided rest
         self.base = 0  # absolute offset of text[0]
@@ -303,7 +304,7 @@ class Scan:
             # A character whose view differs: from here on the original is kept beside the view.
             # What is left to release reads as itself, and counts in the view's offsets.
             end = self.base + len(self.text)
-            self.orig = self.text[self.released - self.base:]
+            self.orig = self.text[self.released - self.base :]
             self.obase = self.oreleased = self.sbase = self.released
             self.src = list(range(self.released, end))
         assert self.orig is not None and self.src is not None  # kept from the first piece that differs
@@ -322,7 +323,7 @@ class Scan:
             end = self.obase + len(self.orig)
         if end <= self.oreleased:
             return ""
-        piece = self.orig[self.oreleased - self.obase:end - self.obase]
+        piece = self.orig[self.oreleased - self.obase : end - self.obase]
         self.oreleased = end
         return piece
 
@@ -426,11 +427,12 @@ class Scan:
                 if kind == _PENDING:
                     if c.start < hold:
                         hold = c.start
-                elif kind == _MATCH and (best is None or c.start < best.start
-                                         or c.start == best.start and c.end > best.end):
+                elif kind == _MATCH and (
+                    best is None or c.start < best.start or c.start == best.start and c.end > best.end
+                ):
                     best = c
             if best is not None and best.start < hold:
-                out.append(s[pos - base:best.start - base] if self.orig is None else self._original(best.start))
+                out.append(s[pos - base : best.start - base] if self.orig is None else self._original(best.start))
                 out.append(best.det.mask)
                 if self.orig is not None:
                     self._masked(best.end)
@@ -438,7 +440,7 @@ class Scan:
                 pos = best.end
                 continue
             if hold > pos:
-                out.append(s[pos - base:hold - base] if self.orig is None else self._original(hold))
+                out.append(s[pos - base : hold - base] if self.orig is None else self._original(hold))
                 pos = hold
             elif hold == pos and self.orig is not None:
                 out.append(self._original(hold))  # invisible characters between a mask and hold
@@ -462,10 +464,10 @@ class Scan:
             self.text = self.text[cut:]
             self.base += cut
         if self.orig is not None and self.oreleased - self.obase > 256:
-            self.orig = self.orig[self.oreleased - self.obase:]
+            self.orig = self.orig[self.oreleased - self.obase :]
             self.obase = self.oreleased
             if self.src is not None:  # only what is left to release needs its offsets
-                del self.src[:self.released - self.sbase]
+                del self.src[: self.released - self.sbase]
                 self.sbase = self.released
 
     def _drop_original_if_same(self) -> None:
@@ -476,8 +478,11 @@ class Scan:
         o = self.oreleased - self.obase
         n = len(self.text) - i
         assert self.orig is not None and self.src is not None  # called only while an original is kept
-        if n == len(self.orig) - o and self.orig[o:] == self.text[i:] \
-                and self.src[self.released - self.sbase:] == list(range(self.oreleased, self.oreleased + n)):
+        if (
+            n == len(self.orig) - o
+            and self.orig[o:] == self.text[i:]
+            and self.src[self.released - self.sbase :] == list(range(self.oreleased, self.oreleased + n))
+        ):
             self.orig = self.src = None
 
 
