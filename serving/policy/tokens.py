@@ -1,104 +1,44 @@
 """Prompt token counting in the gateway, with the model's own tokenizer and chat template.
 
 Quotas and the max-prompt-tokens guardrail need the number the engine will report as
-`prompt_tokens`, before the request reaches the engine. This mirrors vLLM's OpenAI server
-(vllm/renderers/online_renderer.py, renderers/hf.py, entrypoints/chat_utils.py) and the
-transformers chat-template renderer it calls, using the Rust `tokenizers` library and a jinja2
-sandbox compiled once; transformers is not imported.
+`prompt_tokens`, before the request reaches the engine. vLLM's OpenAI server renders a chat with
+transformers' `apply_chat_template` on the model's tokenizer (vllm/renderers/hf.py,
+safe_apply_chat_template) and encodes the text without adding special tokens again; a
+completion prompt is encoded with them. This calls the same transformers function on the same
+tokenizer files, so the template, its sandbox, its globals and its choice among named templates
+are transformers' own.
 
-Chat: messages are normalized the way vLLM parses them (content parts joined with "\\n", or kept
-as OpenAI parts when the template loops over `message.content`), the template is rendered with
-add_generation_prompt (default true), tools, the tokenizer's special tokens and any
-`chat_template_kwargs`, and the text is encoded with `add_special_tokens` (default false, as vLLM).
-Completions: strings are encoded with `add_special_tokens` (default true, as vLLM); token-id lists
-count as their length. A template that fails to render falls back to an estimate, never raises.
+vLLM's renderer itself is not called: it needs vLLM's ModelConfig, and importing it costs a
+gateway process ~19 s and ~575 MiB (torch, vLLM's config and multimodal packages), while vLLM
+is an engine extra the gateway need not have. transformers' generic fast tokenizer
+(PreTrainedTokenizerFast) is loaded, not AutoTokenizer, whose import brings torch in
+(~6.7 s, ~240 MiB). Measured side by side by `benchmarks/token_count.py`.
+
+What vLLM does to an OpenAI request before it calls the template is taken from its documented
+behaviour, not copied: content parts are joined with "\\n" for templates that treat content as
+a string and kept as OpenAI parts for templates that loop over them (vLLM's
+`--chat-template-content-format auto`); `developer` is sent as `system` to templates that do
+not know it; assistant tool-call arguments go to the template as objects. A template that fails
+to render (or a malformed chat) falls back to an estimate, never raises: the engine's own count
+settles the quota and goes to the audit log either way.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
-from collections import deque
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
 import regex
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-# transformers' SPECIAL_TOKENS_ATTRIBUTES: what templates see as bos_token, eos_token, ...
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Estimate for a chat the template cannot render: role markers and separators per message.
 FALLBACK_TOKENS_PER_MESSAGE = 4
-# Named arguments of transformers' apply_chat_template: vLLM passes them there, not to the template.
-_APPLY_CHAT_TEMPLATE_ARGS = frozenset(
-    {
-        "conversation",
-        "tools",
-        "documents",
-        "chat_template",
-        "add_generation_prompt",
-        "continue_final_message",
-        "tokenize",
-        "sanitize_control_tokens",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_dict",
-        "return_assistant_tokens_mask",
-        "tokenizer_kwargs",
-    }
-)
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-_TEXT_PART_KEYS = {
-    "text": "text",
-    "input_text": "text",
-    "output_text": "text",
-    "refusal": "refusal",
-    "thinking": "thinking",
-}
-_MEDIA_PART_MODALITY = {
-    "image_url": "image",
-    "input_image": "image",
-    "image_pil": "image",
-    "image_embeds": "image",
-    "audio_url": "audio",
-    "input_audio": "audio",
-    "audio_embeds": "audio",
-    "video_url": "video",
-    "video_embeds": "video",
-}
-# vLLM keeps a text part's other fields (e.g. cache_control) for templates that read parts.
-_KNOWN_PART_FIELDS = frozenset(
-    {
-        "audio_embeds",
-        "audio_url",
-        "closed",
-        "data",
-        "file",
-        "image_embeds",
-        "image_pil",
-        "image_url",
-        "input_audio",
-        "name",
-        "prompt_cache_breakpoint",
-        "refusal",
-        "text",
-        "thinking",
-        "type",
-        "uuid",
-        "video_embeds",
-        "video_url",
-    }
-)
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
+# How vLLM's `auto` content format tells a template that loops over message content parts.
+_LOOPS_OVER_CONTENT = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+[^%]*\bcontent\b")
 
 # The pre-tokenization of the ByteLevel pre-tokenizer with use_regex (GPT-2's pattern, as in
 # tokenizers' pre_tokenizers/byte_level.rs).
@@ -196,45 +136,42 @@ class TokenCounter:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
-        chat_templates: dict[str, str],
-        special_tokens: dict[str, str],
+        hf_tokenizer: PreTrainedTokenizerFast,
         *,
+        chat_template: str | None = None,
         default_chat_template_kwargs: dict | None = None,
     ):
-        self._tokenizer = tokenizer
-        self._ascii = _AsciiCounter.for_tokenizer(tokenizer)
-        self._specials_added = tokenizer.num_special_tokens_to_add(False)
+        """chat_template / default_chat_template_kwargs: the engine's --chat-template (its text)
+        and --default-chat-template-kwargs, when the model is served with them."""
+        self._hf = hf_tokenizer
+        self._tokenizer: Tokenizer = hf_tokenizer.backend_tokenizer
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._ascii = _AsciiCounter.for_tokenizer(self._tokenizer)
+        self._specials_added = self._tokenizer.num_special_tokens_to_add(False)
+        self._chat_template = chat_template
         self._default_template_kwargs = dict(default_chat_template_kwargs or {})
-        self._special_tokens = dict(special_tokens)
-        env = _template_environment()
-        self._templates = {name: env.from_string(src) for name, src in chat_templates.items()}
-        # Templates that know the `developer` role; for the others it is sent as `system` (vLLM's way).
-        self._developer_role = {name: "developer" in src for name, src in chat_templates.items()}
-        self._openai_content = {name: _loops_over_content_parts(env, src) for name, src in chat_templates.items()}
+        # A request's chat_template_kwargs reach the template only: never apply_chat_template's
+        # own arguments (tokenize, padding, max_length, return_tensors, ...).
+        self._reserved_kwargs = frozenset(inspect.signature(hf_tokenizer.apply_chat_template).parameters)
+        templates = chat_template if chat_template is not None else hf_tokenizer.chat_template
+        sources = templates.values() if isinstance(templates, dict) else [templates or ""]
+        self._openai_parts = any(_LOOPS_OVER_CONTENT.search(s) for s in sources)
+        # A template knows the role when it compares with it; vLLM checks the same literal.
+        self._developer_role = any('"developer"' in s or "'developer'" in s for s in sources)
 
     @classmethod
     def from_model_dir(
         cls, path: str | Path, *, chat_template: str | None = None, default_chat_template_kwargs: dict | None = None
     ) -> TokenCounter:
-        """chat_template / default_chat_template_kwargs: the engine's --chat-template (its text)
-        and --default-chat-template-kwargs, when the model is served with them."""
         model_dir = Path(path)
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not (model_dir / "tokenizer.json").is_file():
             raise TokenizerNotFound(
                 f"{model_dir}: no tokenizer.json, so prompt tokens cannot be counted for this model "
                 "(the directory must hold a HuggingFace fast tokenizer)"
             )
-        config_file = model_dir / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        special_tokens = {
-            name: text for name in SPECIAL_TOKEN_NAMES if (text := _token_text(config.get(name))) is not None
-        }
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        _align_with_transformers(tokenizer, special_tokens)
-        templates = {"default": chat_template} if chat_template is not None else _read_chat_templates(model_dir, config)
-        return cls(tokenizer, templates, special_tokens, default_chat_template_kwargs=default_chat_template_kwargs)
+        hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
+        return cls(hf_tokenizer, chat_template=chat_template, default_chat_template_kwargs=default_chat_template_kwargs)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -295,7 +232,9 @@ class TokenCounter:
         if self._ascii is not None and len(text) <= _ASCII_MAX_CHARS and text.isascii():
             n = self._ascii.count(text)
             return n + self._specials_added if add_special_tokens else n
-        # encode_batch_fast skips character offsets we never read: a quarter less time per call.
+        # The Rust tokenizer directly: transformers' encode re-sets truncation and padding on it
+        # at every call, which is not safe while a worker thread counts with the same tokenizer;
+        # encode_batch_fast skips character offsets we never read (a quarter less time per call).
         try:
             return len(self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0])
         except TypeError:  # lone surrogates (valid in JSON, not in UTF-8): count them as U+FFFD
@@ -303,60 +242,37 @@ class TokenCounter:
             return len(self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0])
 
     def _render_chat(self, payload: dict, messages: list) -> str:
-        template_kwargs = self._template_kwargs(payload)
-        tools = template_kwargs.pop("tools", None)
-        name = self._template_name(tools)
-        conversation = _conversation(
-            messages, openai_parts=self._openai_content[name], developer_role=self._developer_role[name]
-        )
-        add_generation_prompt = bool(template_kwargs.pop("add_generation_prompt", False))
-        continue_final = template_kwargs.pop("continue_final_message", False)
-        documents = template_kwargs.pop("documents", None)
-        variables = {
-            **self._special_tokens,
-            **{k: v for k, v in template_kwargs.items() if k not in _APPLY_CHAT_TEMPLATE_ARGS},
-        }
-        if continue_final and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt are exclusive")
-        if continue_final:
-            _tag_final_message(conversation)
-        rendered = self._templates[name].render(
-            messages=conversation,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
+        variables = {**self._default_template_kwargs, **(payload.get("chat_template_kwargs") or {})}
+        variables = {k: v for k, v in variables.items() if k not in self._reserved_kwargs}
+        if payload.get("reasoning_effort") is not None:
+            variables["reasoning_effort"] = payload["reasoning_effort"]
+        text = self._hf.apply_chat_template(
+            [self._message(m) for m in messages],
+            tools=payload.get("tools"),
+            documents=payload.get("documents"),
+            chat_template=self._chat_template,
+            add_generation_prompt=payload.get("add_generation_prompt", True) is not False,
+            continue_final_message=payload.get("continue_final_message", False) is True,
+            tokenize=False,
             **variables,
         )
-        if continue_final:
-            rendered = _cut_at_tag(rendered)
-        return rendered
+        if not isinstance(text, str):  # a list of chats renders as a batch: not a chat vLLM takes
+            raise TypeError("messages must be a list of message objects")
+        return text
 
-    def _template_kwargs(self, payload: dict) -> dict:
-        """Template arguments merged in vLLM's order; None and "auto" mean "not set" there."""
-        request = dict(payload.get("chat_template_kwargs") or {})
-        fields = {
-            "add_generation_prompt": payload.get("add_generation_prompt", True),
-            "continue_final_message": payload.get("continue_final_message", False),
-            "documents": payload.get("documents"),
-            "reasoning_effort": payload.get("reasoning_effort"),
-        }
-        if fields["reasoning_effort"] is not None and "enable_thinking" not in request:
-            fields["enable_thinking"] = fields["reasoning_effort"] != "none"
-        request.update(_set_values(fields))
-        defaults = {
-            **self._default_template_kwargs,
-            **_set_values({"tools": _tools_as_vllm_passes_them(payload.get("tools"))}),
-        }
-        return {**defaults, **_set_values(request)}
-
-    def _template_name(self, tools: Any) -> str:
-        if not self._templates:
-            raise LookupError("this model has no chat template")
-        if len(self._templates) == 1:
-            return next(iter(self._templates))
-        if tools is not None and "tool_use" in self._templates:
-            return "tool_use"
-        return "default"
+    def _message(self, message: dict) -> dict:
+        """One OpenAI message as vLLM hands it to the template (see the module docstring)."""
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, list) and not self._openai_parts:
+            message["content"] = "\n".join(p if isinstance(p, str) else p["text"] for p in content if _is_text(p))
+        elif isinstance(content, str) and self._openai_parts:
+            message["content"] = [{"type": "text", "text": content}]
+        if message.get("role") == "developer" and not self._developer_role:
+            message["role"] = "system"
+        if message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_arguments_as_object(call) for call in message["tool_calls"]]
+        return message
 
     def _estimate_chat(self, payload: dict, messages: list) -> int:
         texts = [_message_text(m) for m in messages if isinstance(m, dict)]
@@ -365,8 +281,21 @@ class TokenCounter:
         return self.count_text("\n".join(texts)) + FALLBACK_TOKENS_PER_MESSAGE * len(messages)
 
 
-def _set_values(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if v is not None and not (isinstance(v, str) and v == "auto")}
+def _is_text(part: Any) -> bool:
+    return isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text" and "text" in part)
+
+
+def _arguments_as_object(call: dict) -> dict:
+    # Templates read tool-call arguments as an object; OpenAI clients send a JSON string.
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError:
+            arguments = {}
+    function["arguments"] = arguments if isinstance(arguments, dict) else {}
+    return {**call, "function": function}
 
 
 def _cap(count: int, limit: int | None) -> int:
@@ -377,357 +306,6 @@ def _truncation_limit(payload: dict) -> int | None:
     # vLLM keeps only the first/last `truncate_prompt_tokens` tokens; -1 (the context size) is left to it.
     limit = payload.get("truncate_prompt_tokens")
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):  # older configs store AddedToken dicts
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _align_with_transformers(tokenizer: Tokenizer, special_tokens: dict[str, str]) -> None:
-    """Apply what transformers' fast tokenizer does on load, so ids match what vLLM gets."""
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-    missing = [t for t in dict.fromkeys(special_tokens.values()) if t not in added]
-    if missing:
-        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    # add_bos_token/add_eos_token in the config are ignored: transformers drops them when
-    # tokenizer.json exists, and its post-processor alone decides what add_special_tokens adds.
-
-
-def _read_chat_templates(model_dir: Path, config: dict) -> dict[str, str]:
-    """Templates by name, as transformers loads them: chat_template.jinja wins over the config."""
-    templates: dict[str, str] = {}
-    if (model_dir / "chat_template.jinja").is_file():
-        templates["default"] = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    extra_dir = model_dir / "additional_chat_templates"
-    if extra_dir.is_dir():
-        for file in sorted(extra_dir.glob("*.jinja")):
-            templates[file.stem] = file.read_text(encoding="utf-8")
-    if templates:
-        return templates
-    configured = config.get("chat_template")
-    if isinstance(configured, str):
-        return {"default": configured}
-    if isinstance(configured, list):
-        return {t["name"]: t["template"] for t in configured if isinstance(t, dict)}
-    return {}
-
-
-def _template_environment() -> ImmutableSandboxedEnvironment:
-    """The sandbox, filters and globals transformers gives chat templates."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Unlike jinja's own tojson, no HTML escaping: the text goes to a model, not a browser.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format):
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    # Only construction, so a template cannot reach dict's class attributes.
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    # No dunder or private attributes, so a template cannot reach interpreter internals.
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set underscore-prefixed namespace attributes ({name!r})"
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; renders as is."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-# --- content format detection: vLLM's _detect_content_format, on the template's AST ---------------
-
-
-def _loops_over_content_parts(env: ImmutableSandboxedEnvironment, source: str) -> bool:
-    """True when the template iterates message content parts ("openai" format), as vLLM detects it."""
-    try:
-        ast = env.parse(source)
-        next(_content_item_loops(ast))
-    except StopIteration:
-        return False
-    except Exception:  # noqa: BLE001 - vLLM's default when the template cannot be analysed: "string"
-        return False
-    return True
-
-
-def _is_var(node, name: str) -> bool:
-    return isinstance(node, jinja2.nodes.Name) and node.ctx == "load" and node.name == name
-
-
-def _is_attr(node, name: str, key: str) -> bool:
-    if isinstance(node, jinja2.nodes.Getitem):
-        return _is_var(node.node, name) and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == key
-    if isinstance(node, jinja2.nodes.Getattr):
-        return _is_var(node.node, name) and node.attr == key
-    return False
-
-
-def _is_var_or_elems(node, name: str, key: str | None = None) -> bool:
-    if isinstance(node, jinja2.nodes.Filter):
-        return node.node is not None and _is_var_or_elems(node.node, name, key)
-    if isinstance(node, jinja2.nodes.Test):
-        return _is_var_or_elems(node.node, name, key)
-    if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Slice):
-        return _is_var_or_elems(node.node, name, key)
-    return _is_attr(node, name, key) if key else _is_var(node, name)
-
-
-def _names_bound_to(root, name: str):
-    yield name
-    pending = deque([name])
-    while pending:
-        current = pending.popleft()
-        for assign in root.find_all(jinja2.nodes.Assign):
-            if _is_var_or_elems(assign.node, current) and isinstance(assign.target, jinja2.nodes.Name):
-                yield assign.target.name
-                if assign.target.name != current:
-                    pending.append(assign.target.name)
-
-
-def _message_loop_vars(root):
-    message_lists = list(_names_bound_to(root, "messages"))
-    for loop in root.find_all(jinja2.nodes.For):
-        if isinstance(loop.target, jinja2.nodes.Name) and any(
-            _is_var_or_elems(loop.iter, name) for name in message_lists
-        ):
-            yield loop.target.name
-
-
-def _content_item_loops(root):
-    message_vars = list(_message_loop_vars(root))
-    for loop in root.find_all(jinja2.nodes.For):
-        if (
-            any(_is_var_or_elems(loop.iter, name, "content") for name in message_vars)
-            or isinstance(loop.iter, jinja2.nodes.Name)
-            and loop.iter.name == "content"
-        ):
-            yield loop
-
-
-# --- messages as vLLM hands them to the template --------------------------------------------------
-
-
-def _conversation(messages: list, *, openai_parts: bool, developer_role: bool) -> list[dict]:
-    conversation = [_conversation_message(m, openai_parts) for m in messages]
-    if not developer_role and any(m["role"] == "developer" for m in conversation):
-        conversation = _developer_as_system(conversation)
-    for message in conversation:
-        _tool_call_arguments_as_dicts(message)
-    # transformers drops None-valued keys and copies reasoning under the names templates read.
-    conversation = [{k: v for k, v in m.items() if v is not None} for m in conversation]
-    return [_alias_reasoning(m) for m in conversation]
-
-
-def _conversation_message(message: dict, openai_parts: bool) -> dict:
-    role = message["role"]
-    content = message.get("content")
-    if content is None:
-        parts: list = []
-    elif isinstance(content, str):
-        parts = [{"type": "text", "text": content}]
-    else:
-        parts = list(content)
-    parsed = [p for p in (_content_part(part, openai_parts) for part in parts) if p is not None]
-    result: dict[str, Any] = {"role": role, "content": parsed if openai_parts else "\n".join(parsed)}
-    if role == "assistant":
-        if message.get("tool_calls") is not None:
-            result["tool_calls"] = [dict(call) if isinstance(call, dict) else call for call in message["tool_calls"]]
-        if message.get("reasoning") is not None:
-            result["reasoning"] = result["reasoning_content"] = message["reasoning"]
-    elif role == "tool":
-        if "tool_call_id" in message:
-            result["tool_call_id"] = message["tool_call_id"]
-        if isinstance(result["content"], list):
-            items = result["content"]
-            if all(isinstance(i, dict) and i.get("type") == "text" for i in items):
-                texts = [i.get("text", "") for i in items]
-                result["content"] = "\n".join(texts) if texts else ""
-    if isinstance(message.get("name"), str):
-        result["name"] = message["name"]
-    if isinstance(message.get("task"), str):
-        result["task"] = message["task"]
-    if role == "developer":
-        result["tools"] = message.get("tools")
-    return result
-
-
-def _content_part(part: Any, openai_parts: bool):
-    if isinstance(part, str):
-        return {"type": "text", "text": part} if openai_parts else part
-    if not isinstance(part, dict):
-        raise TypeError("content parts must be strings or objects")
-    kind = part.get("type")
-    if kind in _TEXT_PART_KEYS:
-        text = part.get(_TEXT_PART_KEYS[kind])
-        if text is None:
-            return None
-        if not openai_parts:
-            return text
-        return {"type": "text", "text": text, **{k: v for k, v in part.items() if k not in _KNOWN_PART_FIELDS}}
-    if kind == "tool_reference":
-        return {"type": "tool_reference", "name": part.get("name")} if openai_parts else part.get("name")
-    # Media: counted by the engine's processor, not by the text template; keep the placeholder.
-    modality = _MEDIA_PART_MODALITY.get(kind) if kind is not None else None
-    if openai_parts and modality is not None:
-        return {"type": modality}
-    return None
-
-
-def _developer_as_system(conversation: list[dict]) -> list[dict]:
-    converted = []
-    for message in conversation:
-        if message["role"] == "developer":
-            message = {**message, "role": "system"}
-            message.pop("tools", None)
-        converted.append(message)
-    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
-    if not systems or systems == [0]:
-        return converted
-    texts = []
-    for i in systems:
-        content = converted[i].get("content", "")
-        if isinstance(content, list):
-            content = "\n".join(
-                p["text"] if isinstance(p, dict) else p
-                for p in content
-                if isinstance(p, str) or (isinstance(p, dict) and "text" in p)
-            )
-        if content:
-            texts.append(content)
-    return [{"role": "system", "content": "\n\n".join(texts)}, *[m for m in converted if m["role"] != "system"]]
-
-
-def _tool_call_arguments_as_dicts(message: dict) -> None:
-    # Templates expect tool-call arguments as objects; OpenAI clients send JSON strings.
-    if message["role"] != "assistant" or not isinstance(message.get("tool_calls"), list):
-        return
-    if not message["tool_calls"]:
-        del message["tool_calls"]
-        return
-    calls = []
-    for call in message["tool_calls"]:
-        call = dict(call)
-        function = dict(call.get("function") or {})
-        arguments = function.get("arguments")
-        if not arguments:
-            parsed: Any = {}
-        elif isinstance(arguments, str):
-            try:
-                parsed = json.loads(arguments)
-            except json.JSONDecodeError:
-                parsed = {}
-        else:
-            parsed = arguments
-        function["arguments"] = parsed if isinstance(parsed, dict) else {}
-        call["function"] = function
-        calls.append(call)
-    message["tool_calls"] = calls
-
-
-def _alias_reasoning(message: dict) -> dict:
-    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-    if reasoning is None:
-        return message
-    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
-
-
-def _tools_as_vllm_passes_them(tools: Any) -> list[dict] | None:
-    # vLLM validates tools into pydantic models and dumps them: only known keys, and
-    # description/parameters present (as None) even when the client left them out.
-    if not isinstance(tools, list):
-        return None
-    dumped = []
-    for tool in tools:
-        function = tool.get("function") or {}
-        fn = {
-            "name": function.get("name"),
-            "description": function.get("description"),
-            "parameters": function.get("parameters"),
-        }
-        defer = tool.get("defer_loading")
-        if function.get("strict") is not None:
-            fn["strict"] = function["strict"]
-        fn_defer = function.get("defer_loading")
-        if fn_defer is None:
-            fn_defer = defer
-        if fn_defer is not None:
-            fn["defer_loading"] = fn_defer
-        entry: dict[str, Any] = {"type": tool.get("type", "function"), "function": fn}
-        if defer is not None:
-            entry["defer_loading"] = defer
-        dumped.append(entry)
-    return dumped
-
-
-def _tag_final_message(conversation: list[dict]) -> None:
-    final = conversation[-1]
-    content = final.get("content")
-    if isinstance(content, str):
-        final["content"] = content + _CONTINUE_TAG
-        return
-    for part in reversed(content or []):
-        if isinstance(part, dict) and "text" in part:
-            part["text"] = part["text"] + _CONTINUE_TAG
-            return
-    raise ValueError("continue_final_message: the final message has no text to continue")
-
-
-def _cut_at_tag(rendered: str) -> str:
-    at = rendered.rindex(_CONTINUE_TAG.strip())
-    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-        return rendered[:at]
-    return rendered[:at].rstrip()
 
 
 def _message_text(message: dict) -> str:

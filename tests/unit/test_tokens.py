@@ -262,3 +262,48 @@ def test_tokenizers_the_fast_path_would_miscount_go_to_the_tokenizer(demo_dir, t
         assert other.count_text("Hello There") == len(
             other._tokenizer.encode("Hello There", add_special_tokens=False).ids
         )
+
+
+def test_developer_message_counts_as_system_for_a_template_without_that_role(counter, hf_tokenizer):
+    developer = [{"role": "developer", "content": "You are terse."}, SYSTEM_USER[1]]
+    assert counter.count_chat({"messages": developer}) == hf_chat_tokens(hf_tokenizer, SYSTEM_USER)
+
+
+def test_tool_call_arguments_reach_the_template_as_objects(demo_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = (
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for call in m.tool_calls or [] %}{{ call.function.arguments | tojson }}{% endfor %}\n{% endfor %}"
+    )
+    model = model_copy(demo_dir, tmp_path, template=template)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    as_object = [
+        messages[0],
+        {**messages[1], "tool_calls": [{**call, "function": {**call["function"], "arguments": {"city": "Paris"}}}]},
+    ]
+    expected = hf_chat_tokens(AutoTokenizer.from_pretrained(model), as_object)
+    assert TokenCounter.from_model_dir(model).count_chat({"messages": messages}) == expected
+
+
+def test_chat_template_kwargs_cannot_set_how_the_template_is_applied(counter):
+    """A client's chat_template_kwargs reach the template, never apply_chat_template's own
+    arguments (padding to a huge max_length would cost the gateway memory and time)."""
+    plain = counter.count_chat({"messages": SYSTEM_USER})
+    hostile = {"tokenize": True, "padding": "max_length", "max_length": 10**9, "return_tensors": "np"}
+    assert counter.count_chat({"messages": SYSTEM_USER, "chat_template_kwargs": hostile}) == plain
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"messages": [[{"role": "user", "content": "a batch, not a chat"}]]},
+        {"messages": SYSTEM_USER, "chat_template_kwargs": ["not", "an", "object"]},
+        {"messages": SYSTEM_USER, "add_generation_prompt": True, "continue_final_message": True},
+        {"messages": [{"role": "assistant", "tool_calls": ["not an object"]}]},
+    ],
+    ids=["batch", "kwargs_list", "exclusive_flags", "bad_tool_call"],
+)
+def test_chats_the_template_cannot_take_are_estimated_not_raised(counter, payload):
+    assert counter.count_chat(payload) >= 0
