@@ -7,7 +7,8 @@ import openai
 import pytest
 
 from benchmarks.engine_disconnect import hang_up
-from tests.e2e.conftest import AUTH, wait_for
+from serving.policy.tokens import TokenCounter
+from tests.e2e.conftest import AUTH, REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -58,6 +59,49 @@ def test_usage_matches_what_the_engine_counted(client, stack):
         == r.usage.completion_tokens
         == 17
     )
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CHATS = {
+    "system": {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hello there, how are you? Grüße 🙂"},
+        ]
+    },
+    "multi-part": {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]}
+        ]
+    },
+    "tools": {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "none",
+    },
+}
+PROMPTS = {"string": "The licence says", "list": ["The licence says", "Once upon a time, héllo"]}
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_keel_counts_a_chat_prompt_as_the_engine_does(client, stack, name):
+    counter = TokenCounter.from_model_dir(REPO / ".keel" / "models" / "demo-tiny")
+    r = client.chat.completions.create(model=stack.model, max_tokens=1, **CHATS[name])
+    assert counter.count("/v1/chat/completions", CHATS[name]) == r.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_keel_counts_a_completion_prompt_as_the_engine_does(client, stack, name):
+    counter = TokenCounter.from_model_dir(REPO / ".keel" / "models" / "demo-tiny")
+    r = client.completions.create(model=stack.model, prompt=PROMPTS[name], max_tokens=1)
+    assert counter.count("/v1/completions", {"prompt": PROMPTS[name]}) == r.usage.prompt_tokens
 
 
 def test_unknown_model_is_404(client):
