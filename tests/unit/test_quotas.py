@@ -283,10 +283,9 @@ def test_a_request_longer_than_the_lease_keeps_its_slot_and_its_refund_while_it_
 
 
 def test_a_failed_lease_renewal_is_retried_soon_not_a_whole_interval_later(clock, monkeypatch):
-    from serving.policy import quotas as quotas_module
-    from serving.policy.quotas import QuotaBackendError
+    from serving.policy.quotas import QuotaBackendError, backend
 
-    monkeypatch.setattr(quotas_module, "_RENEW_RETRY_S", 0.05)
+    monkeypatch.setattr(backend, "_RENEW_RETRY_S", 0.05)
     calls = []
 
     async def body():
@@ -396,3 +395,16 @@ def test_backend_config_rejects_a_non_redis_url_and_braces_in_the_prefix():
 
 def test_the_default_backend_is_in_memory():
     assert isinstance(make_backend(QuotaBackendConfig()), MemoryQuotaBackend)
+
+
+def test_an_unknown_backend_is_rejected_naming_the_registered_ones():
+    with pytest.raises(ValidationError, match="should be 'memory' or 'redis'"):
+        QuotaBackendConfig(backend="etcd")
+
+
+def test_each_registered_backend_is_allowed_by_the_config_and_built_by_make_backend():
+    from serving.config import config_json_schema
+    from serving.policy.quotas import BACKENDS, RedisQuotaBackend
+
+    assert config_json_schema()["$defs"]["QuotaBackendConfig"]["properties"]["backend"]["enum"] == list(BACKENDS)
+    assert isinstance(make_backend(QuotaBackendConfig(backend="redis")), RedisQuotaBackend)  # connects lazily

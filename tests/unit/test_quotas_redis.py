@@ -13,7 +13,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from serving.policy import quotas, redis_server
+from serving.policy import redis_server
 from serving.policy.quotas import (
     QuotaBackendConfig,
     QuotaBackendError,
@@ -23,6 +23,7 @@ from serving.policy.quotas import (
     make_backend,
     redis_key,
 )
+from serving.policy.quotas import redis as redis_backend
 from serving.policy.redis_server import RedisServer, RedisServerError, ensure_local_redis
 
 
@@ -326,7 +327,7 @@ def test_a_reserve_that_timed_out_keeps_nothing_when_redis_runs_it_late(cfg, ten
 def test_a_reserve_arriving_after_its_abandon_takes_nothing(cfg, tenant_id, monkeypatch):
     # The race the tombstone closes: the gateway gave up on a reserve (timeout) and released its
     # id before Redis got to run the script. Staged by releasing first, then reserving the same id.
-    monkeypatch.setattr(quotas, "_reservation_id", lambda request_id: request_id)
+    monkeypatch.setattr(redis_backend, "new_reservation_id", lambda request_id: request_id)
     scopes = [Scope("tenant", tenant_id, QuotaLimits(concurrent_requests=1, tokens_per_minute=1000))]
 
     async def body(q):
@@ -415,10 +416,10 @@ def test_more_concurrent_calls_than_connections_all_get_answers(cfg, tenant_id):
         return a.allowed
 
     async def body(q):
-        return await asyncio.gather(*(pair(q, i) for i in range(3 * quotas._POOL_SIZE))), len(q._connections)
+        return await asyncio.gather(*(pair(q, i) for i in range(3 * redis_backend._POOL_SIZE))), len(q._connections)
 
     admitted, connections = run(with_backend(cfg, body))
-    assert all(admitted) and connections <= quotas._POOL_SIZE
+    assert all(admitted) and connections <= redis_backend._POOL_SIZE
     keys = run(tenant_keys(cfg, tenant_id))
     assert redis_key("keel", scopes[0], "open") not in keys  # every reservation settled
 
