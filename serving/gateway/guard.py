@@ -45,9 +45,7 @@ class GuardInput:
         self.rt = rt
         self.recount = recount
         # Policies with rules that read text (max_prompt_tokens alone reads only the count).
-        self.text_rules = {
-            n: any(r.type != "max_prompt_tokens" for r in g.input) for n, g in rt.policy.guardrails.items()
-        }
+        self.text_rules = {n: any(r.kind.reads_text for r in g.input) for n, g in rt.policy.guardrails.items()}
 
     async def on_request(self, ctx: RequestContext) -> None:
         tenant = self.rt.tenant(ctx)

@@ -392,7 +392,7 @@ class CountTokens(_PolicyStage):
             limits = [t.quotas] + [k.quotas for k in t.keys if k.quotas]
             tokens = any(q.tokens_per_minute or q.tokens_per_day for q in limits)
             guard = pol.guardrails.get(t.guardrails) if t.guardrails else None
-            max_prompt = guard is not None and any(r.type == "max_prompt_tokens" for r in guard.input)
+            max_prompt = guard is not None and any(r.kind.reads_prompt_tokens for r in guard.input)
             if tokens or max_prompt:
                 self.needed.add(name)
 

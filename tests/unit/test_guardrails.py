@@ -663,12 +663,10 @@ def _fuzz_texts(n: int, seed: int) -> list[str]:
 
 
 def test_a_whole_text_skips_a_detector_only_when_no_match_of_it_can_be_in_the_text():
-    from serving.policy.guardrails.detectors import detectors_for
-
     dets = [
         d
         for r in (rule(type="pii", action="redact"), rule(type="prompt_injection", action="flag"))
-        for d in detectors_for(r)
+        for d in r.detectors()
     ]
     assert any(d.needs is not None for d in dets)
     for text in _fuzz_texts(3000, seed=7):
@@ -703,3 +701,25 @@ def test_stream_equals_check_text_on_random_texts_fed_a_character_at_a_time():
         out, stream_actions = stream_all(guard, list(text))
         assert out == whole, text
         assert action_counts(stream_actions) == action_counts(actions), text
+
+
+def test_an_unknown_rule_type_names_the_registered_ones():
+    msg = config_error({"strict": {"input": [{"type": "toxicity"}]}})
+    assert "guardrails.strict.input.0.type" in msg
+    assert "should be 'pii', 'prompt_injection', 'deny' or 'max_prompt_tokens'" in msg
+
+
+def test_a_rule_type_added_to_the_registry_is_validated_and_scanned_with_no_other_edit(monkeypatch):
+    from serving.policy.guardrails.config import RULE_TYPES, RuleType
+    from serving.policy.guardrails.detectors import deny_detectors
+
+    shout = RuleType("shout", "shout", actions=("block", "flag"), detectors=lambda r: deny_detectors(r, ["HELLO"], []))
+    monkeypatch.setitem(RULE_TYPES, "shout", shout)
+    with pytest.raises(ValidationError, match="action `redact` is not available for shout; use block or flag"):
+        rule(type="shout", action="redact")
+    with pytest.raises(ValidationError, match="`terms` is only for deny rules, not shout"):
+        rule(type="shout", terms=["x"])
+    with pytest.raises(GuardrailBlocked):
+        OutputGuard([rule(type="shout")]).check_text("well hello there")
+    text, actions = InputGuard([rule(type="shout", action="flag")]).check(["hello"], prompt_tokens=10**6)
+    assert text == ["hello"] and [(a.guardrail, a.action) for a in actions] == [("shout", "flag")]

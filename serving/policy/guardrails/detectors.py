@@ -4,9 +4,9 @@ and the tables that let a stream skip a detector no new character can begin a ma
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import regex
 
@@ -14,8 +14,15 @@ from serving.policy.guardrails.deny import DENY_MASK, pattern_source, term_sourc
 from serving.policy.guardrails.injection import DEFAULT_INJECTION_THRESHOLD, INJECTION_SOURCES
 from serving.policy.guardrails.pii import MASKS, PII_ENTITIES, PII_SOURCES
 
-if TYPE_CHECKING:
-    from serving.policy.guardrails.config import GuardrailRule
+
+class Owner(Protocol):
+    """The rule a detector belongs to (a GuardrailRule): what it is called and what it does."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def action(self) -> str: ...
 
 
 @dataclass(eq=False)
@@ -39,7 +46,7 @@ class Detector:
 
 
 def _detector(
-    rule: GuardrailRule,
+    rule: Owner,
     entity: str | None,
     mask: str,
     source: str,
@@ -91,33 +98,37 @@ def _start_table(source: str, flags: int) -> tuple[frozenset[str], frozenset[int
     return starts, pairs
 
 
-def detectors_for(rule: GuardrailRule) -> list[Detector]:
-    if rule.type == "pii":
-        out = []
-        for entity in rule.entities or PII_ENTITIES:
-            for source, accept, lazy, needs in PII_SOURCES[entity]:
-                out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy, needs=needs))
-        return out
-    if rule.type == "deny":
-        out = []
-        if rule.terms:
-            out.append(_detector(rule, "term", DENY_MASK, term_source(rule.terms), regex.IGNORECASE))
-        for source in rule.patterns:
-            out.append(_detector(rule, "pattern", DENY_MASK, pattern_source(source), builtin=False))
-        return out
-    if rule.type == "prompt_injection":
-        threshold = rule.threshold if rule.threshold is not None else DEFAULT_INJECTION_THRESHOLD
-        return [
-            _detector(
-                rule,
-                None,
-                "",
-                source,
-                regex.IGNORECASE | regex.MULTILINE,
-                weights=weights,
-                threshold=threshold,
-                needs=needs,
-            )
-            for source, weights, needs in INJECTION_SOURCES
-        ]
-    return []  # max_prompt_tokens is not a text detector
+def pii_detectors(rule: Owner, entities: Sequence[str] | None) -> list[Detector]:
+    """A pii rule's detectors: each entity's patterns (every entity when `entities` is None)."""
+    out = []
+    for entity in entities or PII_ENTITIES:
+        for source, accept, lazy, needs in PII_SOURCES[entity]:
+            out.append(_detector(rule, entity, MASKS[entity], source, accept=accept, lazy=lazy, needs=needs))
+    return out
+
+
+def deny_detectors(rule: Owner, terms: list[str], patterns: list[str]) -> list[Detector]:
+    """A deny rule's detectors: one for all its terms, one per pattern."""
+    out = []
+    if terms:
+        out.append(_detector(rule, "term", DENY_MASK, term_source(terms), regex.IGNORECASE))
+    for source in patterns:
+        out.append(_detector(rule, "pattern", DENY_MASK, pattern_source(source), builtin=False))
+    return out
+
+
+def injection_detectors(rule: Owner, threshold: float | None) -> list[Detector]:
+    """A prompt_injection rule's detectors: weighted phrase groups whose weights add up per rule."""
+    return [
+        _detector(
+            rule,
+            None,
+            "",
+            source,
+            regex.IGNORECASE | regex.MULTILINE,
+            weights=weights,
+            threshold=threshold if threshold is not None else DEFAULT_INJECTION_THRESHOLD,
+            needs=needs,
+        )
+        for source, weights, needs in INJECTION_SOURCES
+    ]

@@ -11,25 +11,23 @@ class InputGuard:
     """A policy's input rules, applied to a request's prompt texts before the engine sees them."""
 
     def __init__(self, rules: list[GuardrailRule]):
-        self._token_rules = [r for r in rules if r.type == "max_prompt_tokens"]
-        self._plan = Plan([r for r in rules if r.type != "max_prompt_tokens"])
+        self._count_rules = [r for r in rules if r.kind.reads_prompt_tokens]
+        self._plan = Plan([r for r in rules if r.kind.reads_text])
 
     def check(self, texts: list[str], prompt_tokens: int | None = None) -> tuple[list[str], list[GuardrailAction]]:
         """Returns the texts (redacted where a redact rule matched) and the actions taken.
         Raises GuardrailBlocked on the first block. Injection phrases add up across the texts;
-        max_prompt_tokens is skipped when prompt_tokens is None (nothing counted them)."""
+        the token-count rules (max_prompt_tokens) are skipped when prompt_tokens is None (nothing
+        counted them)."""
         tally = Tally("input")
         if prompt_tokens is not None:
-            for rule in self._token_rules:
-                assert rule.limit is not None  # a max_prompt_tokens rule has its limit
-                if prompt_tokens > rule.limit:
+            for rule in self._count_rules:
+                assert rule.kind.over_count is not None  # what makes it a count rule
+                reason = rule.kind.over_count(rule, prompt_tokens)
+                if reason is not None:
                     if rule.action == "block":
                         raise GuardrailBlocked(
-                            rule.label,
-                            "input",
-                            None,
-                            f"Blocked by guardrail `{rule.label}`: the prompt has {prompt_tokens} "
-                            f"tokens, more than the {rule.limit} allowed.",
+                            rule.label, "input", None, f"Blocked by guardrail `{rule.label}`: {reason}"
                         )
                     tally.add(rule.label, rule.action, None)
         if self._plan.empty:

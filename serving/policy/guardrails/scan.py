@@ -39,15 +39,12 @@ it, only once the two differ: an ASCII text is its own view, and costs one `isas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import regex
 
-from serving.policy.guardrails.detectors import Detector, detectors_for
+from serving.policy.guardrails.config import GuardrailRule
+from serving.policy.guardrails.detectors import Detector
 from serving.policy.guardrails.normalise import fold, fold_piece, marks_end, view
-
-if TYPE_CHECKING:
-    from serving.policy.guardrails.config import GuardrailRule
 
 MAX_HOLD = 8192  # longest text a stream holds back undecided (a 4096-bit RSA PEM key is ~3.3k)
 _CONTEXT = 64  # released characters kept so lookbehinds and \b see what precedes the buffer
@@ -168,7 +165,7 @@ class Plan:
     """A guard's compiled detectors, split by what their matches do to the text."""
 
     def __init__(self, rules: list[GuardrailRule]):
-        dets = [d for rule in rules for d in detectors_for(rule)]
+        dets = [d for rule in rules for d in rule.detectors()]
         self.block = [d for d in dets if d.action == "block"]
         self.redact = [d for d in dets if d.action == "redact"]
         self.flag = [d for d in dets if d.action == "flag"]
