@@ -1,14 +1,23 @@
-"""The policy part of the stack config: tenants and their keys, quotas, guardrails, experiments,
-audit. It lives in the same YAML file as the models, and is the part `keel apply` changes live
-(it reaches the gateways as Ray Serve `user_config`; engines are not restarted).
+"""The policy schema: tenants and their keys, quotas, guardrails, experiments, audit, SLOs,
+anomalies. It is the part of the stack YAML `keel apply` changes live (it reaches the gateways as
+Ray Serve `user_config`; engines are not restarted).
+
+Every policy model is defined here except those bound to a registry or owned by ops, which this
+module imports (each of them imports only serving.schema and its own package's leaf modules, so
+the schema has no import cycle): guardrail rules and RULE_TYPES (serving.policy.guardrails.config),
+quota backends and BACKENDS (serving.policy.quotas.config) with the limits they enforce
+(QuotaLimits, serving.policy.quotas.gcra), SLOs and anomaly detection (serving.ops.slo_config,
+serving.ops.anomaly_config).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from serving.ops.anomaly_config import AnomalyConfig
 from serving.ops.slo_config import SloConfig, check_slos
@@ -16,10 +25,10 @@ from serving.policy.audit import key_inside
 from serving.policy.guardrails import GuardrailPolicy
 from serving.policy.identity import check_digest
 from serving.policy.quotas import QuotaBackendConfig, QuotaLimits
-from serving.policy.routing import Experiment
 from serving.schema import Strict as _Strict
 
 ALL_MODELS = "*"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 
 
 class KeyConfig(_Strict):
@@ -84,6 +93,74 @@ class AuditConfig(_Strict):
                 "could read or replace the key there, so keep it elsewhere (e.g. /etc/keel/audit.key)"
             )
         return v
+
+
+class ShadowConfig(_Strict):
+    """Mirror a share of an experiment's requests to one more model; its answers are discarded."""
+
+    variant: str
+    percent: float  # 0 < percent <= 100: share of requests mirrored to `variant`
+
+    @field_validator("variant")
+    @classmethod
+    def _variant_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("shadow variant must name a configured model")
+        return value
+
+    @field_validator("percent")
+    @classmethod
+    def _percent_in_range(cls, value: float) -> float:
+        if not (0 < value <= 100):
+            raise ValueError(f"shadow percent must be > 0 and <= 100, got {value}")
+        return value
+
+
+class Experiment(_Strict):
+    """One public model name split across weighted variants, each a configured model name."""
+
+    variants: dict[str, float]  # model (deployment) name -> weight >= 0
+    shadow: ShadowConfig | None = None
+    user_header: str = "x-keel-user"  # fallback header for the end-user id when the body has no `user`
+
+    @field_validator("variants")
+    @classmethod
+    def _weights_usable(cls, variants: dict[str, float]) -> dict[str, float]:
+        if not variants:
+            raise ValueError("give at least one variant: {model name: weight}")
+        for name, weight in variants.items():
+            if not name.strip():
+                raise ValueError("variant names must be configured model names, got an empty name")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"variant {name!r} has weight {weight}; weights must be finite and >= 0 "
+                    "(0 drains a variant: it gets no new users)"
+                )
+        if not any(weight > 0 for weight in variants.values()):
+            raise ValueError("at least one variant needs a weight > 0, or nobody can be routed")
+        return variants
+
+    @field_validator("user_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        # Header names are matched lower-cased, as the gateway stores them.
+        name = value.strip().lower()
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"user_header {value!r} is not a valid HTTP header name")
+        return name
+
+    @model_validator(mode="after")
+    def _shadow_is_not_the_live_model(self):
+        if self.shadow is None:
+            return self
+        live = [name for name, weight in self.variants.items() if weight > 0]
+        if live == [self.shadow.variant]:
+            raise ValueError(
+                f"shadow.variant {self.shadow.variant!r} is the only variant with weight > 0, so "
+                "every mirrored request would go to the model that already served it; shadow a "
+                "different model"
+            )
+        return self
 
 
 class PolicyConfig(_Strict):

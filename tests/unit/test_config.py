@@ -208,3 +208,26 @@ def test_loopback_keys_or_an_explicit_opt_out_may_start(tmp_path, server, tenant
     doc = {**GOOD, "server": server, **({"tenants": tenants} if tenants else {})}
     cfg = load_config(write(tmp_path, doc), check_engine_args=False)
     assert cfg.server.host == server["host"]
+
+
+def test_each_policy_schema_module_imports_first_without_a_cycle():
+    """Whichever schema module is imported first, it loads: no import cycle, no import-order workaround."""
+    import importlib
+    import sys
+
+    saved = {name: mod for name, mod in sys.modules.items() if name == "serving" or name.startswith("serving.")}
+    try:
+        for target in (
+            "serving.policy.guardrails.config",
+            "serving.policy.quotas.config",
+            "serving.policy.quotas.gcra",
+            "serving.policy.config",
+            "serving.config",
+        ):
+            for name in [n for n in sys.modules if n == "serving" or n.startswith("serving.")]:
+                del sys.modules[name]
+            importlib.import_module(target)
+    finally:
+        for name in [n for n in sys.modules if n == "serving" or n.startswith("serving.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.policy.routing import Experiment, assign_variant, shadow_selected
+from serving.policy.config import Experiment
+from serving.policy.routing import assign_variant, shadow_selected
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = [f"user-{i}" for i in range(100_000)]
