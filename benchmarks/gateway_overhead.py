@@ -835,7 +835,7 @@ def _replay(spent: dict[str, float], row: str, ctx, client, loop, at_once: bool 
 
 async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str, float]) -> None:
     """One streamed request through gw's request path, adding each step's wall time to `spent`."""
-    from serving.gateway import policy as policy_module
+    from serving.gateway import admission
     from serving.gateway.http import ClientConnection
     from serving.gateway.relay import request_bytes
     from serving.gateway.stages import RequestContext
@@ -875,7 +875,7 @@ async def _profile_one(gw, rid: str, headers: dict, body: bytes, spent: dict[str
     spent["metrics"] += clock() - t
     spent["total on the event loop"] += clock() - started
     t = clock()
-    settling = [task for s in stages if isinstance(s, policy_module.Admit) for task in s._settling]
+    settling = [task for s in stages if isinstance(s, admission.Admit) for task in s._settling]
     if settling:  # the quota settlement, spawned to run after the response
         await asyncio.gather(*settling)
     spent["quota settlement (a task after the response)"] += clock() - t

@@ -64,7 +64,7 @@ class RequestContext:
     usage: dict | None = None  # the engine's own usage, when the response carried it
     completion_chunks: int = 0
     # Set by the relay once the request is written to an engine: from then on the engine may be
-    # generating, and a client that leaves is charged for it (policy.Admit.on_complete).
+    # generating, and a client that leaves is charged for it (admission.Admit.on_complete).
     sent_to_engine: bool = False
 
 

@@ -461,7 +461,7 @@ def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
     the GIL) so it does not stall other requests; short ones are counted inline."""
     import threading
 
-    from serving.gateway import policy as policy_stages
+    from serving.gateway import admission
 
     pol = policy(tmp_path, guardrails={})
     pol["tenants"]["acme"].pop("guardrails")
@@ -490,7 +490,7 @@ def test_a_long_prompt_is_counted_exactly_off_the_event_loop(tmp_path):
 
     short, long, expected, records = run(go())
     assert short.status_code == long.status_code == 200
-    assert len(long.request.content) > policy_stages.OFFLOAD_COUNT_BYTES
+    assert len(long.request.content) > admission.OFFLOAD_COUNT_BYTES
     assert threads[0] == "MainThread" and threads[1].startswith("keel-prompt-work")
     # the long request reserved its exact prompt count + max_tokens
     assert expected > 3000

@@ -1,9 +1,9 @@
 """Per-tenant and per-key quotas: requests/minute, tokens/minute, tokens/day, concurrent requests.
 
 The gateway calls `reserve` at admission with the request's worst-case token cost (each prompt
-plus n times its max_tokens, serving.gateway.policy.reservation) and `settle` exactly once when
+plus n times its max_tokens, serving.gateway.admission.reservation) and `settle` exactly once when
 the request ends: with the engine's real usage, or without one with what the gateway charges
-(serving.gateway.policy.charged_tokens: 0 for a request no engine saw, a release).
+(serving.gateway.admission.charged_tokens: 0 for a request no engine saw, a release).
 
 All limits of all scopes of a request are checked and applied atomically, all or nothing: a
 request rejected by one limit consumes nothing from any other.
