@@ -18,15 +18,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import resource
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import orjson
 
 from serving.errors import GatewayError, error_body
 from serving.gateway import admin_models, anomalies
@@ -38,8 +35,8 @@ from serving.gateway.limits import HttpLimits
 from serving.gateway.metrics import UNROUTED, GatewayMetrics
 from serving.gateway.relay import Upstream, request_bytes
 from serving.gateway.routes import ADMIN, MAIN, METRICS, PUBLIC, find_route
+from serving.gateway.shadow import Shadows
 from serving.gateway.stages import Outcome, Pipeline, RequestContext
-from serving.httpraw import parse_head
 from serving.model_registry.jobs import RegistrationJobs
 from serving.ops.replica_time import ReplicaCensus
 from serving.plan import CONTROL_APP
@@ -49,9 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.gateway")
 
-MAX_SHADOWS_IN_FLIGHT = 32  # past this, shadow copies are dropped (counted), never queued
-SHADOW_TIMEOUT_S = 300
-MAX_SHADOW_RESPONSE = 16 * 1024 * 1024  # read this much of a shadow's answer, at most
 RETRY_AFTER_S = 5
 _FDS_PER_CONNECTION = 2  # a client connection and its engine connection
 
@@ -98,8 +92,7 @@ class Gateway:
         self.connections = 0
         self.requests_in_flight = 0
         self.body_bytes = 0  # request-body bytes held, all requests together
-        self._shadows_in_flight = 0
-        self._shadow_tasks: set[asyncio.Task] = set()
+        self.shadows = Shadows(self.pool, self.metrics, settings)
         self._servers: list[asyncio.Server] = []
         self._relays: dict[Upstream, tuple[int, float]] = {}  # in flight: (progress seen, since when)
         self._watch: asyncio.Task | None = None
@@ -399,7 +392,7 @@ class Gateway:
         try:
             await pipeline.admit(ctx)
             if ctx.shadow is not None:
-                self._spawn_shadow(ctx)
+                self.shadows.spawn(ctx)
             outcome = await self._relay(client, ctx)
         except GatewayError as e:
             client.respond(e.status, e.body(rid), rid, {**ctx.response_headers, **e.headers})
@@ -472,58 +465,6 @@ class Gateway:
             ep.in_flight -= 1
             self.metrics.in_flight.labels(model).dec()
 
-    # -- shadow traffic ----------------------------------------------------------------------
-
-    def _spawn_shadow(self, ctx: RequestContext) -> None:
-        """Mirror the request to ctx.shadow; its answer is read, measured and dropped."""
-        assert ctx.shadow is not None and ctx.model is not None and ctx.payload is not None  # a routed request
-        if self._shadows_in_flight >= MAX_SHADOWS_IN_FLIGHT:
-            self.metrics.shadow_requests.labels(ctx.model, ctx.shadow, "dropped").inc()
-            return
-        ep = self.pool.pick(ctx.shadow)
-        if ep is None:
-            self.metrics.shadow_requests.labels(ctx.model, ctx.shadow, "no_replica").inc()
-            return
-        payload = dict(ctx.payload)
-        payload["model"] = ctx.shadow
-        if payload.get("stream"):
-            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        body = orjson.dumps(payload)
-        shadow_ctx = RequestContext(f"{ctx.request_id}-shadow", ctx.method, ctx.path, {}, body)
-        shadow_ctx.upstream_headers["content-type"] = "application/json"
-        self._shadows_in_flight += 1
-        ep.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(shadow_ctx, ctx.model, ctx.shadow, ep))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow(self, sctx: RequestContext, model: str, variant: str, ep: Endpoint) -> None:
-        started = time.monotonic()
-        status = "error"
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ep.host, ep.port), self.settings.connect_timeout_s
-            )
-            try:
-                writer.write(request_bytes(sctx, ep, self.settings.engine_api_key))
-                data = await asyncio.wait_for(reader.read(MAX_SHADOW_RESPONSE), SHADOW_TIMEOUT_S)
-            finally:
-                writer.close()
-            head, _, body = data.partition(b"\r\n\r\n")
-            code, _ = parse_head(head)
-            status = str(code)
-            usage = _last_usage(body)
-            if usage:
-                self.metrics.shadow_tokens.labels(model, variant, "prompt").inc(usage.get("prompt_tokens") or 0)
-                self.metrics.shadow_tokens.labels(model, variant, "completion").inc(usage.get("completion_tokens") or 0)
-        except (OSError, asyncio.TimeoutError, ValueError):
-            status = "error"
-        finally:
-            ep.in_flight -= 1
-            self._shadows_in_flight -= 1
-            self.metrics.shadow_requests.labels(model, variant, status).inc()
-            self.metrics.shadow_duration.labels(model, variant).observe(time.monotonic() - started)
-
     def _models_body(self, req: Request) -> dict:
         p = req.principal
         rt = self.runtime
@@ -568,19 +509,6 @@ def _connection_cap(configured: int) -> int:
             "server.limits.max_connections %d lowered to %d: the open-file limit is %d", configured, allowed, soft
         )
     return min(configured, allowed)
-
-
-_USAGE_RE = re.compile(rb'"usage":(\{[^{}]*\})')
-
-
-def _last_usage(body: bytes) -> dict | None:
-    found = _USAGE_RE.findall(body)
-    if not found:
-        return None
-    try:
-        return json.loads(found[-1])
-    except ValueError:
-        return None
 
 
 def policy_summary(rt) -> dict:
