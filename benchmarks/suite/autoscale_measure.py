@@ -127,7 +127,7 @@ async def replay(
 def replica_processes(keel_pid: int, app: str, deployment: str) -> list[psutil.Process]:
     """The Serve replica actor processes of `app`/`deployment` started by `keel serve`."""
     tag = f"ServeReplica:{app}:{deployment}"
-    out = []
+    out: list[psutil.Process] = []
     try:
         children = psutil.Process(keel_pid).children(recursive=True)
     except psutil.Error:

@@ -57,6 +57,7 @@ def replicas_needed(per_replica: dict, target: TargetSpec) -> int | None:
     if target.peak_rps is not None:
         peak, each = target.peak_rps, per_replica["request_throughput"]
     else:
+        assert target.peak_concurrency is not None  # TargetSpec holds exactly one of the two
         peak, each = target.peak_concurrency, per_replica["in_flight"]
     if each <= 0:
         return None
@@ -86,7 +87,9 @@ def recommend(
     candidates = []
     for index, setting in enumerate(settings):
         per_replica = per_replica_capacity(setting)
-        needed = replicas_needed(per_replica, target) if per_replica else None
+        if per_replica is None:
+            continue
+        needed = replicas_needed(per_replica, target)
         if needed is None:
             continue
         point = setting["slo_max"]

@@ -15,9 +15,10 @@ import base64
 import html
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from matplotlib import patheffects
@@ -29,11 +30,14 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 from benchmarks.suite.metrics import percentile_key, percentile_word
 from benchmarks.suite.records import FORMAT_VERSION, load_text
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 PLOT_FILES = ("latency_vs_throughput.png", "cost_vs_load.png", "goodput_vs_load.png")
 
 # Fixed style, independent of the user's matplotlibrc; parse_math off so a "$" in a setting
 # name is drawn as text, not parsed as TeX.
-_RC: dict[str, Any] = {
+_RC: dict[RcKeyType, Any] = {
     "text.parse_math": False,
     "font.family": "DejaVu Sans",
     "font.size": 10,
@@ -417,7 +421,9 @@ def _to_html(blocks: list[Block], title: str, images: dict[str, bytes]) -> str:
 def _set_blocks(s: _Set, compare: bool) -> list[Block]:
     r = s.result
     meta, spec, hw = r.get("meta") or {}, r.get("spec") or {}, r.get("hardware") or {}
-    head: Text = [s.label] + ([f" ({s.tag}{', baseline' if s.tag == 'A' else ''})"] if compare else [])
+    head: list[Inline] = [s.label]
+    if compare:
+        head.append(f" ({s.tag}{', baseline' if s.tag == 'A' else ''})")
     blocks: list[Block] = [_Heading(2, head)]
     facts: list[Inline] = []
 
@@ -562,7 +568,7 @@ def _recommendation_blocks(s: _Set) -> list[Block]:
             f"{', ' if summary else ''}{cur} {_num(rec['cost_per_million_output_tokens'])} per million output tokens"
         )
     if summary:
-        blocks.append(_Para([_Bold("Recommended:"), " "] + summary + ["."]))
+        blocks.append(_Para([_Bold("Recommended:"), " ", *summary, "."]))
     items: list[Text] = []
     if rec.get("engine"):
         engine = rec["engine"]
@@ -795,7 +801,7 @@ class _Line:
 def _lines(sets: list[_Set]) -> list[_Line]:
     """One line per (set, setting). Colour follows the setting (by name, or by position when the
     sets share no setting name) and line style the set, so matched lines share a colour."""
-    palette = list(matplotlib.colormaps["tab10"].colors)
+    palette = list(matplotlib.color_sequences["tab10"])
     by_name = len(sets) == 1 or any(_match(sets[0], s).by_name for s in sets[1:])
     by_set = len(sets) > 1 and all(len(s.settings) <= 1 for s in sets)  # e.g. Keel vs bare vLLM
     colors: dict[Any, int] = {}
@@ -830,7 +836,7 @@ def _plain_ticks(ax: Axes, axis: str) -> None:
     target.set_minor_formatter(NullFormatter())
 
 
-def _scale_y(ax: Axes, values: list[float]) -> None:
+def _scale_y(ax: Axes, values: Sequence[float | None]) -> None:
     """Log y when the values span 50× or more (queueing blow-ups), else linear from 0."""
     pos = [v for v in values if v is not None and v > 0]
     if len(pos) >= 2 and max(pos) / min(pos) >= 50:
@@ -840,7 +846,7 @@ def _scale_y(ax: Axes, values: list[float]) -> None:
         ax.set_ylim(bottom=0)
 
 
-def _scale_load_x(ax: Axes, values: list[float]) -> None:
+def _scale_load_x(ax: Axes, values: Sequence[float | None]) -> None:
     """Load levels are usually doubling (1, 2, 4, ...): a log2 axis with a tick at each level."""
     levels = sorted({float(v) for v in values if v is not None and v > 0})
     if len(levels) >= 2 and levels[-1] / levels[0] >= 8:
@@ -909,7 +915,7 @@ def _plot_latency(lines: list[_Line], title: str, path: Path) -> None:
     handles: dict[str, Any] = {}
     pl = _pct_label(lines)
     for ax, metric, name in zip(axes, ("ttft", "tpot"), ("TTFT", "TPOT")):
-        ys_all: list[float] = []
+        ys_all: list[float | None] = []
         for k, ln in enumerate(lines):
             pts = [(p.get("output_throughput"), _q(p, ln.set.pct, metric), p) for p in ln.points]
             pts = [t for t in pts if t[0] is not None and t[1] is not None]

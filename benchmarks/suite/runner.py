@@ -12,6 +12,7 @@ import platform
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
 from benchmarks.suite.datasets import make_requests
@@ -32,9 +33,9 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _hidden(key: str | None) -> str | None:
+def _hidden(key: str) -> str:
     """A key as results record it: a $NAME reference as written, a literal key never."""
-    return key if key is None or key.startswith("$") else "***"
+    return key if key.startswith("$") else "***"
 
 
 def _without_key(command: str) -> str:
@@ -51,9 +52,10 @@ def _without_key(command: str) -> str:
 def _api_key(spec: BenchSpec, has_tenants: bool) -> str | None:
     key = spec.api_key
     if key and key.startswith("$"):
-        key = os.environ.get(key[1:])
+        name = key[1:]
+        key = os.environ.get(name)
         if not key:
-            raise ValueError(f"api_key: the environment variable {spec.api_key[1:]} is not set")
+            raise ValueError(f"api_key: the environment variable {name} is not set")
     if key is None and has_tenants:
         key = DEMO_KEY
     return key
@@ -131,6 +133,7 @@ def run_spec(
                         raise RuntimeError(f"{e}; the end of its log:\n{_log_tail(log_path, log_start)}") from None
                     startup_s = round(time.monotonic() - t0, 1)
                     _say(f"  stack ready in {startup_s:.0f}s at {url} (log: {log_path})")
+                assert url is not None  # BenchSpec holds exactly one of config and url
                 if load.warmup_requests:
                     warm = make_requests(dataset, load.warmup_requests, load.seed + 10_000, tokenizer)
                     failed = asyncio.run(warmup(url, model, warm, load.warmup_requests, key, load.endpoint))
@@ -160,7 +163,7 @@ def run_spec(
             finally:
                 if proc is not None:
                     stop(proc)
-            entry = {
+            entry: dict[str, Any] = {
                 "name": name,
                 "engine": setting.engine,
                 "replicas": setting.replicas,
@@ -195,7 +198,7 @@ def run_spec(
             "url": spec.url,
             "config": str(config_path) if config_path else None,
         },
-        "spec": {**spec.model_dump(mode="json"), "api_key": _hidden(spec.api_key)},
+        "spec": {**spec.model_dump(mode="json"), "api_key": None if spec.api_key is None else _hidden(spec.api_key)},
         "hardware": {
             "name": hw_name,
             "price_per_replica_hour": hardware.price_per_replica_hour,
