@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.suite import autoscale_measure as am
+from benchmarks import autoscale_measure as am
 from serving.config import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -76,7 +76,7 @@ def stack_doc(port: int, metrics_port: int, workdir: Path, autoscaling: dict | N
 def run_bench(workdir: Path, slo: dict, trace: list[dict]) -> Path:
     """`keel bench run` of the demo model on one replica of the same config, the trace's mean
     lengths as its dataset; returns the result file."""
-    from benchmarks.suite.stack import free_port
+    from serving.bench.stack import free_port
 
     config = workdir / "bench-config.yaml"
     doc = stack_doc(free_port(), free_port(), workdir, None)
@@ -138,8 +138,8 @@ def wait_replicas(watch: am.ReplicaWatch, want: int, timeout: float) -> bool:
 
 def measure(trace: list[dict], slo: dict, workdir: Path, tail_s: float) -> dict:
     """The trace against the real stack (see the module's docstring)."""
-    from benchmarks.suite.runner import _tokenizer
-    from benchmarks.suite.stack import free_port, start_keel, stop
+    from serving.bench.runner import _tokenizer
+    from serving.bench.stack import free_port, start_keel, stop
     from serving.config import load_config, load_manifest
     from serving.models import ensure_weights
     from serving.policy.identity import DEMO_KEY

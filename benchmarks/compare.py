@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.loadgen import run_load
-from benchmarks.suite.stack import free_port, keel_doc, start_keel, stop, wait_ready
+from serving.bench.stack import free_port, keel_doc, start_keel, stop, wait_ready
 from serving.config import REPO_ROOT, load_config, load_manifest
 from serving.engine.args import to_cli_args
 from serving.models import ensure_weights

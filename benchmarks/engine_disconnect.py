@@ -28,7 +28,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.compare import RESULTS, start_bare
-from benchmarks.suite.stack import free_port, stop, wait_ready
+from serving.bench.stack import free_port, stop, wait_ready
 from serving.config import REPO_ROOT, load_config
 from serving.models import ensure_weights
 

@@ -69,8 +69,8 @@ from benchmarks.gateway_overhead import (
     engine_answer,
     request_bytes,
 )
-from benchmarks.suite.records import git_version
-from benchmarks.suite.stack import free_port
+from serving.bench.records import git_version
+from serving.bench.stack import free_port
 
 SERVERS = {
     "keel": "Keel gateway (asyncio protocol + httptools)",

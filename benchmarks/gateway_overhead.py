@@ -51,7 +51,7 @@ import numpy as np
 import orjson
 import uvloop
 
-from benchmarks.suite.records import git_version
+from serving.bench.records import git_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"

@@ -208,7 +208,7 @@ def base_doc(port: int, metrics_port: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite.stack import free_port, start_keel, stop, wait_ready
+    from serving.bench.stack import free_port, start_keel, stop, wait_ready
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=4)

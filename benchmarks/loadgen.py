@@ -1,8 +1,8 @@
 """Closed-loop streaming load against any OpenAI-compatible server, with vLLM bench's metrics:
-a one-load-point front end to the `keel bench` suite (benchmarks/suite/), used by
+a one-load-point front end to the `keel bench` suite (serving/bench/), used by
 benchmarks/compare.py and handy from a shell.
 
-Definitions follow `vllm bench serve` (benchmarks/suite/metrics.py): TTFT to the first chunk
+Definitions follow `vllm bench serve` (serving/bench/metrics.py): TTFT to the first chunk
 carrying output text, ITL between such chunks, TPOT = (e2e - TTFT) / (output tokens - 1),
 output throughput = output tokens of successful requests / wall time. Token counts come from
 the server's `usage`; every request uses `ignore_eos`, so it generates exactly max_tokens.
@@ -16,10 +16,10 @@ import argparse
 import asyncio
 import json
 
-from benchmarks.suite.datasets import make_requests
-from benchmarks.suite.loadgen import run_point
-from benchmarks.suite.metrics import summarize
-from benchmarks.suite.spec import DatasetSpec, LoadSpec
+from serving.bench.datasets import make_requests
+from serving.bench.loadgen import run_point
+from serving.bench.metrics import summarize
+from serving.bench.spec import DatasetSpec, LoadSpec
 
 
 async def run_load(

@@ -269,7 +269,7 @@ def _adhoc_spec(args):
     """A bench spec from `keel bench run --url ...` flags."""
     from pydantic import ValidationError
 
-    from benchmarks.suite.spec import BenchSpec
+    from serving.bench.spec import BenchSpec
     from serving.config import format_validation_error
 
     slo: dict = {}
@@ -301,11 +301,11 @@ def _adhoc_spec(args):
 
 
 def _bench(args) -> int:
-    from benchmarks.suite.report import load_results, write_report
+    from serving.bench.report import load_results, write_report
 
     if args.bench_cmd == "run":
-        from benchmarks.suite.runner import run_spec
-        from benchmarks.suite.spec import load_spec
+        from serving.bench.runner import run_spec
+        from serving.bench.spec import load_spec
 
         if args.spec:
             spec_path = Path(args.spec)

@@ -1,5 +1,5 @@
 """A replica model for the simulator, calibrated from a `keel bench` result file
-(benchmarks/suite/records.py): the service curve (TTFT, TPOT and output throughput against the
+(serving/bench/records.py): the service curve (TTFT, TPOT and output throughput against the
 requests a replica runs at once), its maximum concurrency, cold start, price and the SLO.
 """
 

@@ -32,7 +32,7 @@ def load_prices(costs: CostConfig, models: set[str], base: Path | None = None) -
     named but missing from the file, or two currencies, is a ConfigError naming the key."""
     from pydantic import ValidationError
 
-    from benchmarks.suite.spec import DEFAULT_HARDWARE_FILE, HardwareProfile  # serving.config imports us
+    from serving.bench.spec import DEFAULT_HARDWARE_FILE, HardwareProfile  # serving.config imports us
     from serving.config import ConfigError, format_validation_error, read_yaml
 
     path = Path(costs.hardware_file) if costs.hardware_file else DEFAULT_HARDWARE_FILE

@@ -23,7 +23,7 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableSort,
 )
 
-from benchmarks.suite.spec import DEFAULT_HARDWARE_FILE
+from serving.bench.spec import DEFAULT_HARDWARE_FILE
 from serving.config import KeelConfig, read_yaml
 from serving.ops.cost import Price, load_prices
 

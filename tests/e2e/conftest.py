@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.policy.identity import DEMO_KEY  # the demo tenant's key in configs/local.yaml
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.config import load_config
 from serving.ops.dashboard import all_panels, build_dashboard, expand
 from serving.ops.slo_rules import dump, prometheus_doc

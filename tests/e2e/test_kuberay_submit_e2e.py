@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.policy.identity import DEMO_KEY, generate_key, key_digest
 from tests.e2e.conftest import REPO, local_config, wait_for
 

@@ -29,7 +29,7 @@ import openai
 import psutil
 import pytest
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from tests.e2e.conftest import AUTH, DEMO_KEY, local_config, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]

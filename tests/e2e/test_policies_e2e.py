@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.policy.audit.files import read_head
 from serving.policy.identity import key_digest
 from tests.e2e.conftest import DEMO_KEY, local_config, running_stack, wait_for

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from benchmarks.live_changes import keel_apply
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.cli import main as keel
 from serving.ops.slo_config import SloConfig
 from serving.ops.slo_rules import dump, prometheus_doc, rules_doc

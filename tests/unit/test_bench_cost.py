@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.suite.cost import (
+from serving.bench.cost import (
     cost_per_million_output_tokens,
     no_recommendation_reason,
     per_replica_capacity,
     recommend,
     replicas_needed,
 )
-from benchmarks.suite.spec import HardwareProfile, SLOSpec, TargetSpec
+from serving.bench.spec import HardwareProfile, SLOSpec, TargetSpec
 from serving.config import AutoscalingConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.suite.datasets import BenchRequest, length_range, make_requests, read_sharegpt
-from benchmarks.suite.loadgen import arrival_times, run_point, warmup
-from benchmarks.suite.metrics import summarize
-from benchmarks.suite.spec import DatasetSpec, LoadSpec
-from benchmarks.suite.stack import free_port
+from serving.bench.datasets import BenchRequest, length_range, make_requests, read_sharegpt
+from serving.bench.loadgen import arrival_times, run_point, warmup
+from serving.bench.metrics import summarize
+from serving.bench.spec import DatasetSpec, LoadSpec
+from serving.bench.stack import free_port
 from tests.unit.fake_openai import CHUNKS, USAGE_PROMPT_TOKENS, FakeOpenAI
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / ".keel" / "models" / "demo-tiny" / "tokenizer.json"

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from benchmarks.suite.metrics import percentile_key, summarize
-from benchmarks.suite.records import RequestRecord
-from benchmarks.suite.slo import meets_slo, slo_max
-from benchmarks.suite.spec import SLOSpec
+from serving.bench.metrics import percentile_key, summarize
+from serving.bench.records import RequestRecord
+from serving.bench.slo import meets_slo, slo_max
+from serving.bench.spec import SLOSpec
 
 
 def ok(ttft, e2el, itl, prompt, out):

@@ -12,8 +12,8 @@ import re
 import matplotlib.image
 import pytest
 
-from benchmarks.suite.records import FORMAT_VERSION
-from benchmarks.suite.report import load_results, write_report
+from serving.bench.records import FORMAT_VERSION
+from serving.bench.report import load_results, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)</script>"
@@ -280,7 +280,7 @@ def test_compare_matches_by_setting_position_when_the_names_differ(tmp_path):
 def test_compare_plots_overlay_both_sets(compared):
     """Each plot draws every setting of both sets: a setting keeps its colour across the sets,
     and each set has its own line style and marker."""
-    from benchmarks.suite import report
+    from serving.bench import report
 
     lines = report._lines(report._sets([baseline(), candidate()]))
     assert [ln.set.label for ln in lines] == ["keel-main"] * 2 + ["keel-branch"] * 2

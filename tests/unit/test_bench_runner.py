@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.suite import runner
-from benchmarks.suite.spec import BenchSpec
+from serving.bench import runner
+from serving.bench.spec import BenchSpec
 from tests.unit.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[2]

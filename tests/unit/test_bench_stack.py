@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.suite.spec import BenchSpec, SettingSpec
-from benchmarks.suite.stack import _ephemeral_range, free_port, keel_doc
+from serving.bench.spec import BenchSpec, SettingSpec
+from serving.bench.stack import _ephemeral_range, free_port, keel_doc
 from serving.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.engine.replica import DRAIN_SETTLE_S, EngineReplica, EngineSpec
 
 # Answers /health at once; any other path is an answer that lasts until the client hangs up.

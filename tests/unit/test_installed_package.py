@@ -7,12 +7,15 @@ one does not, which is how the image once failed to find any model manifest.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.unit.test_bench_report import baseline
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile.gpu").read_text()
@@ -29,8 +32,7 @@ def image_env(app: Path) -> dict[str, str]:
 def test_installed_keel_validates_the_gpu_config_and_lists_models_from_outside_the_repo(tmp_path):
     src, site, app, elsewhere = (tmp_path / d for d in ("src", "site", "app", "elsewhere"))
     # What the image copies: the package sources to build, then models/ and configs/ under /app.
-    for d in ("serving", "benchmarks"):
-        shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "serving", src / "serving", ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / f, src / f)
     for d in ("models", "configs"):
@@ -85,3 +87,12 @@ def test_installed_keel_validates_the_gpu_config_and_lists_models_from_outside_t
     valid = run("config", "validate", str(app / "configs" / "gpu.example.yaml"), extra=image)
     assert valid.returncode == 0, valid.stderr
     assert "ok (1 model(s): llama-3-8b)" in valid.stdout
+
+    # keel bench ships in the package (benchmarks/ is not installed), its report templates with it.
+    result = elsewhere / "bench-nightly.json"
+    result.write_text(json.dumps(baseline()))
+    report = run("bench", "report", str(result), "--out", str(elsewhere / "report"), extra=image)
+    assert report.returncode == 0, report.stderr
+    assert "Setting `max_num_seqs=8`" in report.stdout
+    page = (elsewhere / "report" / "report.html").read_text()
+    assert "<h3>Setting <code>max_num_seqs=8</code></h3>" in page and page.count("data:image/png;base64,") == 3

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from benchmarks.suite.stack import free_port
+from serving.bench.stack import free_port
 from serving.cli import main as keel
 from serving.config import REPO_ROOT
 from serving.ops.slo_status import PrometheusError, collect, query, table_rows

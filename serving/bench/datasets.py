@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.suite.spec import DatasetSpec
+from serving.bench.spec import DatasetSpec
 
 # Common English words most tokenizers hold as single tokens (with a leading space).
 WORDS = [

@@ -29,9 +29,9 @@ from datetime import datetime
 import numpy as np
 import psutil
 
-from benchmarks.suite.datasets import BenchRequest, _TextSampler
-from benchmarks.suite.loadgen import _send, _session, endpoint_url, request_body
-from benchmarks.suite.records import RequestRecord
+from serving.bench.datasets import BenchRequest, _TextSampler
+from serving.bench.loadgen import _send, _session, endpoint_url, request_body
+from serving.bench.records import RequestRecord
 
 
 def bursty_trace(

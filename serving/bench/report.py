@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from benchmarks.suite.metrics import percentile_key, percentile_word
-from benchmarks.suite.records import FORMAT_VERSION, load_text
+from serving.bench.metrics import percentile_key, percentile_word
+from serving.bench.records import FORMAT_VERSION, load_text
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType

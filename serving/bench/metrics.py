@@ -22,8 +22,8 @@ from collections import Counter
 
 import numpy as np
 
-from benchmarks.suite.records import RequestRecord
-from benchmarks.suite.spec import SLOSpec
+from serving.bench.records import RequestRecord
+from serving.bench.spec import SLOSpec
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 MAX_SAMPLE_ERRORS = 3

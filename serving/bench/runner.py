@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.suite.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
-from benchmarks.suite.datasets import make_requests
-from benchmarks.suite.loadgen import run_point, warmup
-from benchmarks.suite.metrics import percentile_key, percentile_word, summarize
-from benchmarks.suite.records import FORMAT_VERSION, git_version, load_text
-from benchmarks.suite.slo import meets_slo, slo_max
-from benchmarks.suite.spec import BenchSpec, load_hardware
-from benchmarks.suite.stack import free_port, keel_doc, replica_start_s, start_keel, stop, wait_ready
+from serving.bench.cost import cost_per_million_output_tokens, no_recommendation_reason, recommend
+from serving.bench.datasets import make_requests
+from serving.bench.loadgen import run_point, warmup
+from serving.bench.metrics import percentile_key, percentile_word, summarize
+from serving.bench.records import FORMAT_VERSION, git_version, load_text
+from serving.bench.slo import meets_slo, slo_max
+from serving.bench.spec import BenchSpec, load_hardware
+from serving.bench.stack import free_port, keel_doc, replica_start_s, start_keel, stop, wait_ready
 from serving.config import REPO_ROOT, ConfigError, load_config, load_manifest, parse_config
 from serving.models import ensure_weights
 from serving.policy.identity import DEMO_KEY

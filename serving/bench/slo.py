@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.suite.metrics import percentile_key
-from benchmarks.suite.spec import SLOSpec
+from serving.bench.metrics import percentile_key
+from serving.bench.spec import SLOSpec
 
 
 def meets_slo(point: dict, slo: SLOSpec) -> bool:

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 
-from benchmarks.suite.datasets import BenchRequest
-from benchmarks.suite.records import RequestRecord
-from benchmarks.suite.spec import LoadSpec
+from serving.bench.datasets import BenchRequest
+from serving.bench.records import RequestRecord
+from serving.bench.spec import LoadSpec
 
 WARMUP_CONCURRENCY = 2
 WARMUP_TIMEOUT_S = 600.0

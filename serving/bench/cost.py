@@ -15,8 +15,8 @@ import textwrap
 
 import yaml
 
-from benchmarks.suite.metrics import percentile_word
-from benchmarks.suite.spec import HardwareProfile, SLOSpec, TargetSpec
+from serving.bench.metrics import percentile_word
+from serving.bench.spec import HardwareProfile, SLOSpec, TargetSpec
 
 # Deployment keys the recommendation decides; the rest of a base deployment carries over.
 _DECIDED = {"num_replicas", "autoscaling"}
