@@ -193,6 +193,17 @@ def test_text_from_results_is_escaped_in_html(single):
     assert html_escaped(EVIL) in text
 
 
+def test_html_marks_each_point_in_or_out_of_its_slo(single):
+    text = single["html"].read_text()
+    rows = re.findall(r'<tr><td class="l">(c=\d+)</td>.*?</tr>', text, re.S)
+    assert rows[:3] == ["c=1", "c=4", "c=16"]
+    failing = re.findall(r'<tr><td class="l">c=16</td>.*?</tr>', text, re.S)[0]
+    assert failing.endswith('<td class="c"><span class="bad">✗</span></td></tr>')
+    assert "<strong>612.3</strong>" in failing  # over its threshold
+    passing = re.findall(r'<tr><td class="l">c=4</td>.*?</tr>', text, re.S)[0]
+    assert passing.endswith('<td class="c"><span class="ok">✓</span></td></tr>')
+
+
 def html_escaped(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -280,9 +291,10 @@ def test_compare_matches_by_setting_position_when_the_names_differ(tmp_path):
 def test_compare_plots_overlay_both_sets(compared):
     """Each plot draws every setting of both sets: a setting keeps its colour across the sets,
     and each set has its own line style and marker."""
-    from serving.bench import report
+    from serving.bench.report.plots import plot_lines
+    from serving.bench.report.results import result_sets
 
-    lines = report._lines(report._sets([baseline(), candidate()]))
+    lines = plot_lines(result_sets([baseline(), candidate()]))
     assert [ln.set.label for ln in lines] == ["keel-main"] * 2 + ["keel-branch"] * 2
     main, branch = lines[:2], lines[2:]
     assert [ln.color for ln in main] == [ln.color for ln in branch] and main[0].color != main[1].color
