@@ -8,7 +8,8 @@ the baseline: a comparison table gives every other set's figures and their ratio
 plots overlay the sets.
 
 results.py reads and shapes the result files, document.py says what the report says (blocks),
-plots.py draws the plots (matplotlib), render.py writes the blocks as Markdown and HTML.
+plots.py draws the plots (matplotlib), render.py writes the blocks through the jinja2 templates
+in serving/bench/templates/.
 """
 
 from __future__ import annotations

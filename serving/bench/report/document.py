@@ -1,12 +1,12 @@
-"""What the report says, as a list of blocks (headings, paragraphs, tables, ...) that render.py
-writes as both Markdown and HTML, so the two say the same: the comparison with the
+"""What the report says, as a list of blocks (headings, paragraphs, tables, ...) that the
+templates render to both Markdown and HTML, so the two say the same: the comparison with the
 baseline when there are several result sets, then each set's settings, SLO-compliant maxima
 and recommendation, then the plots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from serving.bench.metrics import percentile_word
 from serving.bench.records import load_text
@@ -24,20 +24,30 @@ from serving.bench.report.results import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Blocks and inline spans
+# Blocks and inline spans; `kind` is what the templates dispatch on
 
 
 @dataclass
 class Code:
     text: str
+    kind: ClassVar[str] = "code"
 
 
 @dataclass
 class Bold:
     text: str
+    kind: ClassVar[str] = "bold"
 
 
-Inline = str | Code | Bold
+@dataclass
+class Mark:
+    """✓ or ✗: whether a point meets its SLO (coloured in HTML)."""
+
+    ok: bool
+    kind: ClassVar[str] = "mark"
+
+
+Inline = str | Code | Bold | Mark
 Text = str | list[Inline]
 
 
@@ -45,16 +55,19 @@ Text = str | list[Inline]
 class Heading:
     level: int
     text: Text
+    kind: ClassVar[str] = "heading"
 
 
 @dataclass
 class Para:
     text: Text
+    kind: ClassVar[str] = "para"
 
 
 @dataclass
 class Bullets:
     items: list[Text]
+    kind: ClassVar[str] = "bullets"
 
 
 @dataclass
@@ -62,6 +75,7 @@ class Table:
     header: list[str]
     rows: list[list[Text]]
     align: str = ""  # one of l/r/c per column; default: first two left, the rest right
+    kind: ClassVar[str] = "table"
 
     @property
     def aligns(self) -> str:
@@ -72,12 +86,14 @@ class Table:
 class CodeBlock:
     text: str
     lang: str = ""
+    kind: ClassVar[str] = "code_block"
 
 
 @dataclass
 class Image:
     file: str
     alt: str
+    kind: ClassVar[str] = "image"
 
 
 Block = Heading | Para | Bullets | Table | CodeBlock | Image
@@ -218,7 +234,7 @@ def _setting_blocks(s: ResultSet, setting: dict, i: int) -> list[Block]:
             num(p.get("request_goodput")),
             failed_text(p),
             num(p.get("cost_per_million_output_tokens")),
-            "✓" if p.get("meets_slo") else "✗",
+            [Mark(bool(p.get("meets_slo")))],
         ]
         rows.append(row)
     align = "l" + "r" * (len(header) - 2) + "c"
@@ -338,8 +354,13 @@ def _compare_blocks(sets: list[ResultSet]) -> list[Block]:
         notes: list[Text] = []
         if slo_text(base) != slo_text(other):
             notes.append(
-                f"The SLOs differ ({a}: {slo_text(base)}; {b}: {slo_text(other)}); each set's "
-                "✓/✗ is judged against its own SLO."
+                [
+                    f"The SLOs differ ({a}: {slo_text(base)}; {b}: {slo_text(other)}); each set's ",
+                    Mark(True),
+                    "/",
+                    Mark(False),
+                    " is judged against its own SLO.",
+                ]
             )
         same_currency = base.currency == other.currency
         if not same_currency:
@@ -383,7 +404,7 @@ def _compare_blocks(sets: list[ResultSet]) -> list[Block]:
                     num(cb),
                     num(co),
                     ratio(cb, co) if same_currency else "–",
-                    f"{'✓' if p.get('meets_slo') else '✗'} / {'✓' if q.get('meets_slo') else '✗'}",
+                    [Mark(bool(p.get("meets_slo"))), " / ", Mark(bool(q.get("meets_slo")))],
                 ]
             )
         blocks.append(Table(header, rows, "ll" + "r" * 12 + "c") if rows else Para("No load point matched."))
