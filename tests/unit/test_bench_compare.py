@@ -94,6 +94,30 @@ def test_an_omp_setting_already_in_the_environment_or_the_config_wins():
     assert bare_env(cfg, "demo", environ={"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "3"
 
 
+def test_a_vllm_upgrade_is_measured_bare_against_bare_with_the_other_venvs_python(monkeypatch, tmp_path):
+    started = {}
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    monkeypatch.setattr(compare, "vllm_version", lambda py: "0.29.0" if py == "/old/bin/python" else "0.32.0")
+
+    def start_bare(cfg, model, port, log, python):
+        started[python] = port
+        return subprocess.Popen([sys.executable, "-c", ""])
+
+    monkeypatch.setattr(compare, "start_bare", start_bare)
+    a = compare.argparse.Namespace(
+        baseline="vllm", vllm_python="/old/bin/python", api_key="k", config=str(LOCAL), keel_code=None
+    )
+    servers = compare.start_servers(a, load_config(LOCAL), "demo", "t")
+    assert set(started) == {sys.executable, "/old/bin/python"}  # both bare: no keel stack
+    assert (servers[KEEL]["name"], servers[BASE]["name"]) == ("vLLM 0.32.0", "vLLM 0.29.0")
+    assert servers[KEEL]["key"] is None and servers[BASE]["key"] is None
+    assert bare_command(load_config(LOCAL), "demo", 1, "/old/bin/python")[0] == "/old/bin/python"
+
+
+def test_the_vllm_version_is_read_from_the_interpreters_packages():
+    assert compare.vllm_version(sys.executable)[0].isdigit()
+
+
 # --- the engines' conditions -------------------------------------------------------------------
 
 
