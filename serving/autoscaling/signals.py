@@ -1,6 +1,6 @@
 """The four autoscaling signals, read from one scrape of a vLLM engine's /metrics page.
 
-Metric names as vLLM 0.29 exports them (vllm/v1/metrics/loggers.py): num_requests_running and
+Metric names as vLLM 0.29 and 0.32 export them (vllm/v1/metrics/loggers.py): num_requests_running and
 num_requests_waiting (gauges), kv_cache_usage_perc (a gauge, 0..1 despite its name) and
 cache_config_info (an info gauge whose labels carry the cache config, num_gpu_blocks and
 block_size among them). Parsed with prometheus_client's own text parser.

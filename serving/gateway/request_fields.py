@@ -4,7 +4,7 @@ reservation and of the context check.
 
 vLLM's request models (pydantic, lax mode) run `"n": "20"`, `20.0` and `true` as integers. The
 quota must count what the engine will run, so the fields Keel reads are validated by the same
-library with the same types (vLLM 0.29, entrypoints/openai/*/protocol.py), and a value that lax
+library with the same types (vLLM 0.32, entrypoints/openai/*/protocol.py), and a value that lax
 mode converted is written back in its canonical form: from then on the gateway and the engine
 read the same value. What the engine would refuse is a 400 here, naming the field.
 """

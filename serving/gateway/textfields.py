@@ -2,10 +2,11 @@
 text to the client: one spec per endpoint, read by the guardrail stages and the response
 inspector. A field vLLM adds is one line here.
 
-The reference is vLLM 0.29: the request models (entrypoints/openai/*/protocol.py) and what
-entrypoints/chat_utils.py hands the chat template (_parse_chat_message_content*): every role
-(custom roles too), the text of `text`, `input_text`, `output_text`, `refusal` and `thinking`
-parts, a `tool_reference` part's name, a part's unknown fields (kept for templates that read
+The reference is vLLM 0.32 (no text field changed since 0.29): the request models
+(entrypoints/openai/*/protocol.py) and what renderers/chat_utils.py (entrypoints/ in 0.29)
+hands the chat template (_parse_chat_message_content*): every role (custom roles too), the
+text of `text`, `input_text`, `output_text`, `refusal` and `thinking` parts, a `tool_reference`
+part's name, a part's unknown fields (kept for templates that read
 parts), `name`, `reasoning` (and its old name `reasoning_content`), assistant tool calls,
 `tool_call_id`, `task`, a developer message's `tools`, the request's `tools`, `documents`,
 `chat_template` and `chat_template_kwargs`; on /v1/completions the prompt (text, token ids, or

@@ -1,4 +1,4 @@
-"""The four signals from a vLLM /metrics page, rendered as vLLM 0.29 renders it: its metric
+"""The four signals from a vLLM /metrics page, rendered as vLLM 0.29-0.32 renders it: its metric
 names, its cache_config_info labels (vllm.config.CacheConfig.metrics_info), prometheus_client."""
 
 from __future__ import annotations
