@@ -15,6 +15,13 @@ relay decodes the HTTP body and hands it here:
   that only add text are merged into one: one scan and one event for the lot instead of one
   per token.
 - a JSON body is parsed once at the end, checked and re-serialised only if a watch changed it.
+
+The byte searches and the learned text template are shortcuts for the layout vLLM writes today
+(one compact `data: {...}` line an event). They only ever decide "this is vLLM's layout and I
+know what it says"; an event they do not recognise (keys in another order, spaces, escapes,
+extra fields, `data:` without its space, several data lines) is parsed as the SSE spec and JSON
+read it. tests/unit/test_inspect_layouts.py feeds the same responses in such layouts against
+a full parse.
 """
 
 from __future__ import annotations
@@ -171,20 +178,27 @@ class StreamInspector:
         return holder, key, choice.get("finish_reason") is not None
 
     def _event(self, ev: bytes) -> bytes | None:
-        if not ev.startswith(b"data: "):
+        if self.parse:  # only events that are not JSON objects get here
+            if ev.startswith(_DONE) or (b"[DONE]" in ev and _sse_data(ev) == b"[DONE]"):
+                return self._release_held() + ev
             return ev
-        if ev.startswith(_DONE):
-            return self._release_held() + ev
-        ctx = self.ctx
-        if not self.parse:
-            # Fast path: find the usage chunk and count content chunks without parsing JSON.
-            if b'"usage":{' in ev and b'"choices":[]' in ev:
-                ctx.usage = orjson.loads(ev[6:]).get("usage")
-                return None if self.strip_usage else ev
-            if b'"choices":[{' in ev:
-                ctx.completion_chunks += 1
+        # Only usage and a count of content chunks are needed. An event without the bytes
+        # "usage" has no usage key (JSON text cannot hold a bare quote), and vLLM's content
+        # chunks are found by their bytes; anything else, whatever its layout, is parsed.
+        if b'"usage"' not in ev and b'"choices":[{' in ev:
+            self.ctx.completion_chunks += 1
             return ev
-        return ev  # parse mode: only events that are not JSON objects get here
+        obj = _parse(ev)
+        if obj is None:  # a comment, not JSON
+            return ev
+        if obj.get("choices"):
+            self.ctx.completion_chunks += 1
+            return ev
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.ctx.usage = usage
+            return None if self.strip_usage else ev
+        return ev
 
     def _parsed(self, ev: bytes, obj: dict, events: int) -> bytes | None:
         """One parsed event (ev: its bytes, b"" for a merged one standing for `events` events)."""
@@ -247,13 +261,35 @@ def _same_stream(a: dict, b: dict) -> bool:
 
 
 def _parse(ev: bytes) -> dict | None:
-    if not ev.startswith(b"data: {"):
-        return None
-    try:
-        obj = orjson.loads(ev[6:])
-    except orjson.JSONDecodeError:
+    """The JSON object an SSE event carries, or None ([DONE], a comment, not an object)."""
+    if ev.startswith(b"data: {"):  # vLLM's layout: one data line
+        try:
+            obj = orjson.loads(ev[6:])
+        except orjson.JSONDecodeError:
+            obj = _sse_json(ev)  # several data lines, or not JSON
+    elif b"{" in ev and (ev.startswith(b"data:") or b"\ndata:" in ev):  # [DONE] is no object
+        obj = _sse_json(ev)
+    else:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _sse_json(ev: bytes) -> object:
+    """An event's data parsed as JSON; None if it is not JSON."""
+    try:
+        return orjson.loads(_sse_data(ev))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _sse_data(ev: bytes) -> bytes:
+    """An event's data as the SSE spec reads it: its data lines, each without the one space
+    after the colon, joined by newlines."""
+    return b"\n".join(
+        line[6:] if line.startswith(b"data: ") else line[5:]
+        for line in ev.split(b"\n")
+        if line.startswith(b"data:") or line == b"data"
+    )
 
 
 # A choice's keys that are not news by themselves: its index, texts, (held) logprobs, the finish.
