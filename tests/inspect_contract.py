@@ -8,6 +8,7 @@ shares no code with serving/gateway/inspect.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -182,7 +183,9 @@ def splits(body: bytes, stream: bool, seed: int = 7) -> dict[str, list[bytes]]:
     }
 
 
-def inspect(body, pieces, chat, stream, payload, mode, guard, wants_usage=False) -> tuple[bytes, RequestContext]:
+def inspect(
+    body, pieces, chat, stream, payload, mode, guard, wants_usage=False, shortcuts=True
+) -> tuple[bytes, RequestContext]:
     ctx = RequestContext("r", "POST", "/v1/chat/completions" if chat else "/v1/completions", {}, b"")
     ctx.payload = payload
     ctx.client_wants_usage = wants_usage
@@ -191,7 +194,7 @@ def inspect(body, pieces, chat, stream, payload, mode, guard, wants_usage=False)
         ctx.watches = [OutputGuardWatch(guard, ctx.guardrail_actions)]
     if not stream:
         return inspect_json(ctx, body, chat), ctx
-    inspector = StreamInspector(ctx, chat)
+    inspector = StreamInspector(ctx, chat, shortcuts)
     return b"".join([inspector.feed(p) for p in pieces] + [inspector.finish()]), ctx
 
 
@@ -201,37 +204,39 @@ def check(body: bytes, chat: bool, stream: bool, payload: dict, guard: OutputGua
     ref = view(body, chat, stream)
     primary = "content" if chat else "text"
     redacted = {k: whole(guard, k[1], v) for k, v in ref.fields.items()}
-    for mode in MODES:
-        for cut, pieces in splits(body, stream).items():
-            for wants_usage in (False, True) if stream else (True,):
-                where = f"{mode}, {cut}, client {'asks for' if wants_usage else 'does not ask for'} usage"
-                out, ctx = inspect(body, pieces, chat, stream, payload, mode, guard, wants_usage)
-                seen = view(out, chat, stream)
-                assert ctx.usage == ref.usage, where
-                if stream:
-                    assert seen.usage_events == (ref.usage_events if wants_usage else 0), where
-                    assert out.rstrip().endswith(b"[DONE]") == body.rstrip().endswith(b"[DONE]"), where
-                assert seen.finish == ref.finish, where
-                if mode != "redact and audit":
-                    assert seen.texts() == ref.texts(), where
-                    assert seen.tokens == ref.tokens, where
-                    if mode == "audit text":
-                        assert "".join(ctx.response_text) == "".join(ref.primary), where
-                    continue
-                assert seen.texts() == {k: v for k, v in redacted.items() if v}, where
-                assert Counter("".join(ctx.response_text)) == Counter(
-                    "".join(v for k, v in redacted.items() if k[1] == primary)
-                ), where
-                for (idx, name), text in redacted.items():
-                    if name != primary and text:
-                        label = f"{idx}." + (".".join(map(str, name)) if isinstance(name, tuple) else name)
-                        assert "".join(ctx.response_fields.get(label, [])) == text, where
-                for idx, tokens in ref.tokens.items():
-                    shown = seen.tokens.get(idx, [])
-                    assert shown == tokens[: len(shown)], where  # in order, none made up
-                    choice_clean = all(redacted[k] == v for k, v in ref.fields.items() if k[0] == idx)
-                    if choice_clean and whole(guard, "tokens", "".join(tokens)) == "".join(tokens):
-                        assert shown == tokens, where
-                    else:  # nothing a rule would change is shown in them
-                        assert whole(guard, "tokens", "".join(shown)) == "".join(shown), where
+    for mode, cut, wants_usage, shortcuts in itertools.product(
+        MODES, splits(body, stream), (False, True) if stream else (True,), (True, False) if stream else (True,)
+    ):
+        pieces = splits(body, stream)[cut]
+        where = f"{mode}, {cut}, client {'asks for' if wants_usage else 'does not ask for'} usage"
+        where += "" if shortcuts else ", every event parsed"
+        out, ctx = inspect(body, pieces, chat, stream, payload, mode, guard, wants_usage, shortcuts)
+        seen = view(out, chat, stream)
+        assert ctx.usage == ref.usage, where
+        if stream:
+            assert seen.usage_events == (ref.usage_events if wants_usage else 0), where
+            assert out.rstrip().endswith(b"[DONE]") == body.rstrip().endswith(b"[DONE]"), where
+        assert seen.finish == ref.finish, where
+        if mode != "redact and audit":
+            assert seen.texts() == ref.texts(), where
+            assert seen.tokens == ref.tokens, where
+            if mode == "audit text":
+                assert "".join(ctx.response_text) == "".join(ref.primary), where
+            continue
+        assert seen.texts() == {k: v for k, v in redacted.items() if v}, where
+        assert Counter("".join(ctx.response_text)) == Counter(
+            "".join(v for k, v in redacted.items() if k[1] == primary)
+        ), where
+        for (idx, name), text in redacted.items():
+            if name != primary and text:
+                label = f"{idx}." + (".".join(map(str, name)) if isinstance(name, tuple) else name)
+                assert "".join(ctx.response_fields.get(label, [])) == text, where
+        for idx, tokens in ref.tokens.items():
+            shown = seen.tokens.get(idx, [])
+            assert shown == tokens[: len(shown)], where  # in order, none made up
+            choice_clean = all(redacted[k] == v for k, v in ref.fields.items() if k[0] == idx)
+            if choice_clean and whole(guard, "tokens", "".join(tokens)) == "".join(tokens):
+                assert shown == tokens, where
+            else:  # nothing a rule would change is shown in them
+                assert whole(guard, "tokens", "".join(shown)) == "".join(shown), where
     return ref, redacted
