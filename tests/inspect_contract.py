@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -125,7 +126,7 @@ LAYOUTS = {
     "every character escaped": _escaped,
     "extra fields": lambda o: json.dumps(_extra(o), separators=(",", ":")),
 }
-SSE_LAYOUTS = ("no space after data:", "pretty-printed over several data lines")
+SSE_LAYOUTS = ("no space after data:", "pretty-printed over several data lines", "lines ending in CR LF")
 
 
 def _extra(value):
@@ -144,9 +145,11 @@ def relayout(body: bytes, stream: bool, layout: str) -> bytes:
     out = []
     for ev in sse_events(body):
         if not isinstance(ev, (dict, list)):
-            out.append(b"data: " + ev + b"\n\n")
+            out.append(b"data: " + ev + (b"\r\n\r\n" if layout == "lines ending in CR LF" else b"\n\n"))
         elif layout == "no space after data:":
             out.append(b"data:" + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
+        elif layout == "lines ending in CR LF":
+            out.append(b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\r\n\r\n")
         elif layout == "pretty-printed over several data lines":
             lines = json.dumps(ev, indent=1, ensure_ascii=False).encode().split(b"\n")
             out.append(b"".join(b"data: " + ln + b"\n" for ln in lines) + b"\n")
@@ -171,16 +174,19 @@ def whole(guard: OutputGuard, name, text: str) -> str:
     return OutputGuardWatch(guard, []).field(0, name).last(text)
 
 
-def splits(body: bytes, stream: bool, seed: int = 7) -> dict[str, list[bytes]]:
+def splits(body: bytes, stream: bool, bytewise: bool = False) -> dict[str, list[bytes]]:
     if not stream:
         return {"whole body": [body]}
-    rng = random.Random(seed)
+    rng = random.Random(7)
     cuts = sorted(rng.sample(range(1, len(body)), min(40, len(body) - 1)))
-    return {
+    out = {
         "whole body": [body],
-        "one event a piece": [e + b"\n\n" for e in body.split(b"\n\n") if e],
+        "one event a piece": [e for e in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", body) if e],
         "random pieces": [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])],
     }
+    if bytewise:
+        out["one byte a piece"] = [body[i : i + 1] for i in range(len(body))]
+    return out
 
 
 def inspect(
@@ -198,16 +204,22 @@ def inspect(
     return b"".join([inspector.feed(p) for p in pieces] + [inspector.finish()]), ctx
 
 
-def check(body: bytes, chat: bool, stream: bool, payload: dict, guard: OutputGuard) -> tuple[View, dict]:
-    """body through the inspector in every mode and cut, against a full parse of it. Returns
-    the parse and what the rules make of each of its fields."""
+def check(
+    body: bytes, chat: bool, stream: bool, payload: dict, guard: OutputGuard, bytewise: bool = False
+) -> tuple[View, dict]:
+    """body through the inspector in every mode and cut (bytewise: one byte a piece too), against
+    a full parse of it. Returns the parse and what the rules make of each of its fields."""
     ref = view(body, chat, stream)
     primary = "content" if chat else "text"
     redacted = {k: whole(guard, k[1], v) for k, v in ref.fields.items()}
+    cuts = splits(body, stream, bytewise)
     for mode, cut, wants_usage, shortcuts in itertools.product(
-        MODES, splits(body, stream), (False, True) if stream else (True,), (True, False) if stream else (True,)
+        MODES,
+        cuts,
+        (False, True) if stream else (True,),
+        (True, False) if stream else (True,),
     ):
-        pieces = splits(body, stream)[cut]
+        pieces = cuts[cut]
         where = f"{mode}, {cut}, client {'asks for' if wants_usage else 'does not ask for'} usage"
         where += "" if shortcuts else ", every event parsed"
         out, ctx = inspect(body, pieces, chat, stream, payload, mode, guard, wants_usage, shortcuts)

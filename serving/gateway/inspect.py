@@ -19,9 +19,9 @@ relay decodes the HTTP body and hands it here:
 The byte searches and the learned text template are shortcuts for the layout vLLM writes today
 (one compact `data: {...}` line an event). They only ever decide "this is vLLM's layout and I
 know what it says"; an event they do not recognise (keys in another order, spaces, escapes,
-extra fields, `data:` without its space, several data lines) is parsed as the SSE spec and JSON
-read it. tests/unit/test_inspect_layouts.py feeds the same responses in such layouts against
-a full parse. The shortcuts stay because they measure faster than parsing every event
+extra fields, `data:` without its space, several data lines) is parsed as the SSE spec and
+JSON read it, and lines may end in CR LF. tests/unit/test_inspect_layouts.py feeds the same
+responses in such layouts against a full parse. The shortcuts stay because they measure faster than parsing every event
 (`benchmarks/inspect_feed.py --compare`, 64-token chat stream, µs per stream, 2026-12-06):
 no rules 101 vs 143 (one event a read) and 74 vs 117 (whole stream in one read); output rules
 421 vs 625 and 80 vs 597 (text events merged by the template instead of one parse each).
@@ -59,11 +59,14 @@ class StreamInspector:
         self.tpl: tuple[bytes, bytes, int, dict] | None = None  # prefix, suffix, index, parsed
         self.learned = not shortcuts  # tried: a stream whose text cannot be located is not tried again
         self.shortcuts = shortcuts
+        self.cr = False  # the last piece ended in \r: the next may start with its \n
 
     def feed(self, data: bytes) -> bytes:
-        if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2:
+        if not self.buf and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 and not self.cr:
             events = [data[:-2]]  # the usual piece while the gateway keeps up: one whole event
         else:
+            if self.cr or b"\r" in data:
+                data = self._newlines(data)
             self.buf += data
             if b"\n\n" not in self.buf:
                 return b""
@@ -78,6 +81,16 @@ class StreamInspector:
                     out.append(res)
                     out.append(b"\n\n")
         return b"".join(out)
+
+    def _newlines(self, data: bytes) -> bytes:
+        """SSE lines may end in CR LF or CR as well as LF: all read as LF (JSON text holds no
+        bare CR, so only line ends change)."""
+        if self.cr:
+            data = b"\r" + data
+        self.cr = data.endswith(b"\r")
+        if self.cr:
+            data = data[:-1]
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def finish(self) -> bytes:
         """End of the body: whatever an unterminated last event and held-back text amount to."""
