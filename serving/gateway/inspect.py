@@ -20,8 +20,9 @@ The byte searches and the learned text template are shortcuts for the layout vLL
 (one compact `data: {...}` line an event). They only ever decide "this is vLLM's layout and I
 know what it says"; an event they do not recognise (keys in another order, spaces, escapes,
 extra fields, `data:` without its space, several data lines) is parsed as the SSE spec and
-JSON read it, and lines may end in CR LF. tests/unit/test_inspect_layouts.py feeds the same
-responses in such layouts against a full parse. The shortcuts stay because they measure faster than parsing every event
+JSON read it, and lines may end in CR LF. tests/inspect_contract.py holds the inspector to a
+full parse of the same bytes (the unit tests in other layouts, the e2e test on the engine's).
+The shortcuts stay because they measure faster than parsing every event
 (`benchmarks/inspect_feed.py --compare`, 64-token chat stream, µs per stream, 2026-12-06):
 no rules 101 vs 143 (one event a read) and 74 vs 117 (whole stream in one read); output rules
 421 vs 625 and 80 vs 597 (text events merged by the template instead of one parse each).
@@ -241,8 +242,8 @@ class StreamInspector:
             changed |= c
             if shown or finished or _has_more(choice, self.chat):
                 keep = True
-        if not keep:
-            return None  # everything in it is held back for now
+        if not keep and ctx.watches:
+            return None  # everything in it is held back for now (without watches nothing is)
         return b"data: " + orjson.dumps(obj) if changed else ev
 
     def _text_slot(self, choice: dict):

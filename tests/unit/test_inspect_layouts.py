@@ -70,7 +70,8 @@ def _cmpl_chunk(idx: int, text: str, offset: int, finish=None) -> dict:
     }
 
 
-CMPL_TOKENS = [["write ", "to ", "a", "@b", ".io", " \u00fcber"], ["nothing ", "here"]]
+# "": a token that is part of a character (its text comes with the next one), logprobs and all
+CMPL_TOKENS = [["write ", "to ", "a", "@b", ".io", "", " \u00fcber"], ["nothing ", "", "here"]]
 CMPL_N2 = _sse(
     *(
         _cmpl_chunk(i, tokens[k], sum(map(len, tokens[:k])), "length" if k == len(tokens) - 1 else None)
