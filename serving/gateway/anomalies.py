@@ -61,6 +61,11 @@ class AnomalyWatch:
             now = time.time()
             start = math.floor(now / b) * b
             await asyncio.sleep(start + b - now)
+            # The loop's timers run on the monotonic clock and may wake a moment before the
+            # wall clock reaches the bucket's end: closing then would close this bucket again
+            # on the next turn, as an empty one (an anomaly would end as soon as it started).
+            while (early := start + b - time.time()) > 0:
+                await asyncio.sleep(early)
             keys = list(self.detector.series)
             for i in range(0, len(keys), TICK_SLICE):
                 try:

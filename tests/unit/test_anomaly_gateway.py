@@ -103,3 +103,30 @@ def test_disabled_detection_ends_what_was_active_and_feeds_nothing(tmp_path):
     assert gauge == 0.0
     ends = [r for r in records if r.get("event") == "anomaly" and r["phase"] == "end"]
     assert ends and {r["end_reason"] for r in ends} == {"disabled"}
+
+
+def test_a_tick_that_wakes_before_the_bucket_ends_closes_each_bucket_once(monkeypatch):
+    """The gateway's tick sleeps on the loop's clock, which may wake a millisecond before the wall
+    clock reaches the bucket's end; each bucket is still closed once, after it ended."""
+    import serving.gateway.anomalies as anomalies
+    from serving.ops.anomaly_config import AnomalyConfig
+
+    clock = [1_000_005.0]  # 5 s into a 10 s bucket
+    closed: list[tuple[float, float]] = []  # (bucket start, wall clock when closed)
+
+    async def early_sleep(delay: float) -> None:  # wakes 1 ms early when it can
+        clock[0] += delay - 0.001 if delay > 0.002 else delay
+        if len(closed) >= 3:
+            raise asyncio.CancelledError
+
+    watch = anomalies.AnomalyWatch(AnomalyConfig(bucket_s=10), metrics=None)
+    watch.detector.observe("acme", "demo", 200, 10, 0.01, 0)
+    watch.tick = lambda start, keys=None, done=True: closed.append((start, clock[0]))  # type: ignore[method-assign]
+    monkeypatch.setattr(anomalies.time, "time", lambda: clock[0])
+    monkeypatch.setattr(anomalies.asyncio, "sleep", early_sleep)
+    try:
+        asyncio.run(watch._run())
+    except asyncio.CancelledError:
+        pass
+    assert [start for start, _ in closed] == [1_000_000.0, 1_000_010.0, 1_000_020.0]
+    assert all(at >= start + 10 for start, at in closed)
