@@ -182,6 +182,21 @@ def _slo_lines(lines: list[PlotLine], metric: str, name: str) -> dict[str, float
     return {f"SLO: {name} {' / '.join(pws)} ≤ {limit:g} ms": limit for limit, pws in pcts.items()}
 
 
+def _plot_line(ax, ln: PlotLine, pts: list[tuple], handles: dict[str, Any]) -> None:
+    """One set's line through its (x, y, ...) points, in its colour, style and marker; its legend
+    handle is the first line drawn under its label."""
+    (h,) = ax.plot(
+        [t[0] for t in pts],
+        [t[1] for t in pts],
+        color=ln.color,
+        linestyle=ln.style,
+        marker=ln.marker,
+        markersize=6,
+        linewidth=1.8,
+    )
+    handles.setdefault(ln.label, h)
+
+
 def _plot_latency(lines: list[PlotLine], title: str, path: Path) -> None:
     slo_labels = [
         label for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT")) for label in _slo_lines(lines, metric, name)
@@ -198,16 +213,7 @@ def _plot_latency(lines: list[PlotLine], title: str, path: Path) -> None:
             pts = [t for t in pts if t[0] is not None and t[1] is not None]
             if not pts:
                 continue
-            (h,) = ax.plot(
-                [t[0] for t in pts],
-                [t[1] for t in pts],
-                color=ln.color,
-                linestyle=ln.style,
-                marker=ln.marker,
-                markersize=6,
-                linewidth=1.8,
-            )
-            handles.setdefault(ln.label, h)
+            _plot_line(ax, ln, pts, handles)
             dx, dy, ha, va = _LABEL_OFFSETS[k % len(_LABEL_OFFSETS)]
             for x, y, p in pts:
                 ax.annotate(
@@ -346,16 +352,7 @@ def _plot_goodput(lines: list[PlotLine], title: str, path: Path) -> None:
                 pts = [t for t in pts if t[1] is not None]
                 if not pts:
                     continue
-                (h,) = ax.plot(
-                    [t[0] for t in pts],
-                    [t[1] for t in pts],
-                    color=ln.color,
-                    linestyle=ln.style,
-                    marker=ln.marker,
-                    markersize=6,
-                    linewidth=1.8,
-                )
-                handles.setdefault(ln.label, h)
+                _plot_line(ax, ln, pts, handles)
                 xs_all += [t[0] for t in pts]
                 ys_all += [t[1] for t in pts]
             if not ys_all:
