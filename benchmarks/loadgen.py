@@ -3,9 +3,11 @@ a one-load-point front end to the `keel bench` suite (serving/bench/), used by
 benchmarks/compare.py and handy from a shell.
 
 Definitions follow `vllm bench serve` (serving/bench/metrics.py): TTFT to the first chunk
-carrying output text, ITL between such chunks, TPOT = (e2e - TTFT) / (output tokens - 1),
-output throughput = output tokens of successful requests / wall time. Token counts come from
-the server's `usage`; every request uses `ignore_eos`, so it generates exactly max_tokens.
+carrying output text (to the first chunk with choices when none carries text, as a request
+whose tokens all decode to nothing), ITL between such chunks, TPOT = (e2e - TTFT) / (output
+tokens - 1), output throughput = output tokens of successful requests / wall time. Token counts
+come from the server's `usage`; every request uses `ignore_eos`, so it generates exactly
+max_tokens.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --model demo -c 16 -n 256
 """

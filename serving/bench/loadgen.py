@@ -13,6 +13,13 @@ between chunks carrying text, E2EL = send to the end of the stream; token counts
 usage chunk (stream_options.include_usage). Records come back in the order of `requests`.
 A stream cut after a 200, like a timeout or a refused connection, is a transport failure
 (status 0).
+
+A stream that ends normally with no text in any chunk but usage.completion_tokens > 0 succeeded:
+the model generated only tokens that decode to nothing (the demo model, greedy, can repeat a
+lone UTF-8 continuation byte 64 times; vLLM's detokenizer emits no text for bytes that never
+form a character and streams empty deltas). As in `vllm bench serve`, its TTFT is then at the
+first chunk with choices and its ITL the gaps between such chunks. With neither text nor output
+tokens in usage (or no usage at all) the stream fails as "empty stream".
 """
 
 from __future__ import annotations
@@ -188,6 +195,7 @@ async def _send(
     record.start = sent - start
     text_chunks = 0
     last = sent
+    blank_chunks: list[float] = []  # arrivals of chunks with choices, while none carried text
     usage: dict | None = None
     try:
         async with session.post(url, json=body, headers=headers) as resp:
@@ -216,6 +224,8 @@ async def _send(
                         record.itl.append(arrived - last)
                     last = arrived
                     text_chunks += 1
+                elif text_chunks == 0 and doc.get("choices"):
+                    blank_chunks.append(arrived)
                 if isinstance(doc.get("usage"), dict):
                     usage = doc["usage"]
     except asyncio.TimeoutError:
@@ -229,10 +239,14 @@ async def _send(
         return record
     if usage is not None and isinstance(usage.get("prompt_tokens"), int):
         record.prompt_tokens = usage["prompt_tokens"]
-    if text_chunks == 0:
-        record.error = "empty stream"
-        return record
     completion = usage.get("completion_tokens") if usage is not None else None
+    if text_chunks == 0:
+        if not (isinstance(completion, int) and completion > 0 and blank_chunks):
+            record.error = "empty stream"
+            return record
+        # Tokens that decode to no text: timed by the chunks with choices, as vLLM bench does.
+        record.ttft = blank_chunks[0] - sent
+        record.itl = [b - a for a, b in itertools.pairwise(blank_chunks)]
     record.output_tokens = completion if isinstance(completion, int) else text_chunks
     record.ok = record.output_tokens > 0
     if not record.ok:

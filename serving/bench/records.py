@@ -45,7 +45,7 @@ class RequestRecord:
     ok: bool
     status: int = 0  # HTTP status; 0 when no response came (connection refused, timeout)
     start: float = 0.0  # when it was sent, s since the load point began
-    ttft: float = 0.0  # s from sending to the first chunk carrying output text
+    ttft: float = 0.0  # s from sending to the first chunk carrying output text (see loadgen.py)
     e2el: float = 0.0  # s from sending to the last byte
     itl: list[float] = field(default_factory=list)  # s between consecutive chunks with text
     prompt_tokens: int = 0  # from the server's usage (else the dataset's count)

@@ -14,8 +14,9 @@ USAGE_PROMPT_TOKENS = 11
 class FakeOpenAI:
     """Streams CHUNKS text chunks, each `delay` s after the last, then usage (completion_tokens =
     max_tokens); a marker in the prompt picks a failure: #429, #500, #error, #empty, #drop,
-    #refuse, #slow, #nousage; or #onewrite: the whole answer in one write, as a busy engine
-    that fell behind its reader sends it."""
+    #refuse, #slow, #nousage; #onewrite: the whole answer in one write, as a busy engine
+    that fell behind its reader sends it; or #blank: every chunk's text empty, as vLLM streams
+    tokens that decode to nothing (lone bytes of a UTF-8 character)."""
 
     def __init__(self, delay: float = 0.01):
         self.delay = delay
@@ -111,7 +112,7 @@ class FakeOpenAI:
             else:
                 for i in range(CHUNKS):
                     await asyncio.sleep(self.delay)
-                    await send(chunk(f"t{i} "))
+                    await send(chunk("" if "#blank" in prompt else f"t{i} "))
                 leave()
                 if "#nousage" not in prompt:
                     await send(

@@ -113,6 +113,26 @@ def test_a_200_stream_with_an_error_event_or_no_output_fails_the_request(marker,
     assert (r.ok, r.status, r.error) == (False, 200, error)
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_stream_of_tokens_that_decode_to_no_text_succeeds_timed_by_its_chunks(endpoint):
+    """What vLLM streams when greedy decoding repeats a token that is a lone UTF-8 byte: empty
+    deltas, then usage with the tokens generated. vLLM bench counts it; so does Keel's, with
+    TTFT at the first chunk with choices. Without usage nothing shows it generated anything."""
+
+    async def go():
+        async with FakeOpenAI() as srv:
+            return await run_point(srv.url, "demo", reqs("a #blank", "b #blank #nousage"), load(endpoint=endpoint), 1)
+
+    (blank, unknown), duration = run(go())
+    assert (blank.ok, blank.error, blank.output_tokens, blank.prompt_tokens) == (True, "", 7, USAGE_PROMPT_TOKENS)
+    chunks = CHUNKS + (endpoint == "chat")  # chat's role chunk has choices too
+    assert len(blank.itl) == chunks - 1 and all(gap > 0 for gap in blank.itl)
+    assert 0 < blank.ttft < blank.e2el
+    assert (unknown.ok, unknown.status, unknown.error) == (False, 200, "empty stream")
+    m = summarize([blank], duration)
+    assert m["completed"] == 1 and m["total_output_tokens"] == 7 and m["mean_ttft_ms"] > 0
+
+
 def test_transport_failures_have_status_0():
     async def go():
         async with FakeOpenAI() as srv:
