@@ -14,12 +14,18 @@ during each measurement is read from /proc and reported.
 
 Prints, per concurrency, the per-pair Keel/baseline ratios of output tok/s and their median
 (the figure to judge), the medians of each side, and best-of-rounds TTFT p50 at the lowest
-concurrency (bimodal per run with the tiny model; see benchmarks/README.md).
+concurrency (bimodal per run with the tiny model; see benchmarks/README.md). All of them are
+over clean pairs only: a pair where either side failed a request (a stalled server flatters
+the other) is left out, and listed under the table with the side, how many failed, by status,
+and the sample errors; each row says how many clean pairs its medians are of ("—" for none)
+and the total failed per side. The JSON keeps every pair and, per concurrency, the left-out
+sides (`summary[c]["excluded"]`).
 
     python -m benchmarks.compare                      # 6 rounds, c = 1, 16, 64
     python -m benchmarks.compare --rounds 8 --requests 64:512
     python -m benchmarks.compare --baseline policies-off  # Keel with the config's policies vs none
     python -m benchmarks.compare --baseline vllm --vllm-python OLD/.venv/bin/python  # vLLM vs vLLM
+    python -m benchmarks.compare --baseline keel --base-code OLD  # this Keel vs an older checkout
 
 With `--baseline policies-off` both servers are `keel serve` stacks: the config as it is (its
 tenants, quotas, guardrails, audit) and the same stack with every policy key removed and the
@@ -28,6 +34,10 @@ audit off (a byte relay), so the table is the cost of the policies end to end.
 With `--baseline vllm` both servers are bare vLLM, the same flags and environment: this
 environment's vLLM against the one installed beside `--vllm-python` (another venv), which is
 how a vLLM upgrade is measured (the ratio is new / old).
+
+With `--baseline keel` both servers are `keel serve` stacks on the same config, policies on:
+this checkout against the one at `--base-code` (e.g. a git worktree of the commit before a
+change), which is how a change to Keel itself is measured (the ratio is new / old).
 """
 
 from __future__ import annotations
@@ -275,6 +285,8 @@ def measure_pair(
             f"idle {o['name']} {100 * result['idle_other_cpu_cores']:.1f}% of a core",
             flush=True,
         )
+        if result["failed"]:
+            print(f"      {s['name']} failed {result['failures_by_status']}: {result['sample_errors']}", flush=True)
     return pair
 
 
@@ -287,17 +299,49 @@ def pair_ratio(pair: dict, key: str = "output_throughput") -> float | None:
     return pair[KEEL][key] / b if b else None
 
 
+def pair_failures(pair: dict) -> list[dict]:
+    """Each side of a pair that failed requests: which, how many of how many, by status, and the
+    sample errors. A pair with any is left out of the medians (a stalled side flatters the other)."""
+    return [
+        {
+            "round": pair.get("round"),
+            "c": pair["c"],
+            "side": side,
+            "failed": r["failed"],
+            "requests": r.get("completed", 0) + r["failed"],
+            "failures_by_status": r.get("failures_by_status", {}),
+            "sample_errors": r.get("sample_errors", []),
+            "ratio": pair_ratio(pair),
+        }
+        for side in (KEEL, BASE)
+        if (r := pair[side])["failed"] > 0
+    ]
+
+
 def point_summary(pairs: list[dict]) -> dict:
-    """One concurrency's pairs: the per-pair ratios, their median, each side's medians."""
-    ratios = [pair_ratio(p) for p in pairs]
+    """One concurrency's pairs: the clean pairs' ratios (neither side failed a request), their
+    median and each side's medians over them; every side that failed, listed in `excluded`."""
+    failures = [pair_failures(p) for p in pairs]
+    excluded = [f for fs in failures for f in fs]
+    clean = [p for p, fs in zip(pairs, failures, strict=True) if not fs]
+    ratios = [pair_ratio(p) for p in clean]
     valid = [r for r in ratios if r is not None]
-    med = lambda side, key: statistics.median(p[side][key] for p in pairs)  # noqa: E731
-    out = {"ratios": ratios, "median_ratio": statistics.median(valid) if valid else None}
+
+    def med(side: str, key: str) -> float | None:
+        return statistics.median(p[side][key] for p in clean) if clean else None
+
+    out = {
+        "pairs": len(pairs),
+        "clean_pairs": len(clean),
+        "ratios": ratios,
+        "median_ratio": statistics.median(valid) if valid else None,
+        "excluded": excluded,
+    }
     for side in (KEEL, BASE):
         out[side] = {
             "output_throughput": med(side, "output_throughput"),
             "median_ttft_ms": med(side, "median_ttft_ms"),
-            "best_ttft_ms": min(p[side]["median_ttft_ms"] for p in pairs),
+            "best_ttft_ms": min((p[side]["median_ttft_ms"] for p in clean), default=None),
             "median_tpot_ms": med(side, "median_tpot_ms"),
             "failed": sum(p[side]["failed"] for p in pairs),
             "idle_other_cpu_cores": med(side, "idle_other_cpu_cores"),
@@ -312,30 +356,64 @@ def summarize_pairs(pairs: list[dict]) -> dict[int, dict]:
     return {c: point_summary(ps) for c, ps in by_c.items()}
 
 
+def _num(x: float | None, spec: str, unit: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{unit}"
+
+
+def _share(cores: float | None) -> str:
+    return _num(None if cores is None else 100 * cores, ".1f", "%")
+
+
+def _failure_line(f: dict, side_name: dict[str, str]) -> str:
+    """One failed side of a left-out pair: the round (1-based, as printed while running), how
+    many failed, by status (0: no response), the sample errors and the ratio left out."""
+    statuses = ", ".join(
+        f"{'no response' if st == '0' else 'HTTP ' + st}: {n}" for st, n in sorted(f["failures_by_status"].items())
+    )
+    errors = "; ".join(f"`{' '.join(e.split())}`" for e in f["sample_errors"]) or "no error text"
+    rnd = "?" if f["round"] is None else f["round"] + 1
+    return (
+        f"- round {rnd}, c={f['c']}: {side_name[f['side']]} failed {f['failed']} of {f['requests']} "
+        f"({statuses or 'no status'}): {errors}; the pair's ratio {_num(f['ratio'], '.2f')}, left out"
+    )
+
+
 def table(summary: dict[int, dict], names: tuple[str, str] = ("bare", "Keel")) -> str:
+    """The markdown table over clean pairs, then the pairs left out, one line per failed side."""
     b, k = names
-    fmt = lambda r: "—" if r is None else f"{r:.2f}"  # noqa: E731
+    side_name = {BASE: b, KEEL: k}
     rows = [
-        f"| c | {b} tok/s | {k} tok/s | {k}/{b}, median of pairs | per-pair ratios | {b} TTFT p50 | "
+        f"| c | {b} tok/s | {k} tok/s | {k}/{b}, median of clean pairs | per-pair ratios | {b} TTFT p50 | "
         f"{k} TTFT p50 | {b} TPOT p50 | {k} TPOT p50 | failed ({b}/{k}) | idle {k} / idle {b} CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, s in sorted(summary.items()):
         kb, bb = s[KEEL], s[BASE]
         rows.append(
-            f"| {c} | {bb['output_throughput']:,.0f} | {kb['output_throughput']:,.0f} | "
-            f"**{fmt(s['median_ratio'])}×** | {', '.join(fmt(r) for r in s['ratios'])} | "
-            f"{bb['median_ttft_ms']:.1f} ms | {kb['median_ttft_ms']:.1f} ms | {bb['median_tpot_ms']:.2f} ms | "
-            f"{kb['median_tpot_ms']:.2f} ms | {bb['failed']}/{kb['failed']} | "
-            f"{100 * bb['idle_other_cpu_cores']:.1f}% / {100 * kb['idle_other_cpu_cores']:.1f}% |"
+            f"| {c} | {_num(bb['output_throughput'], ',.0f')} | {_num(kb['output_throughput'], ',.0f')} | "
+            f"**{_num(s['median_ratio'], '.2f', '×')}**, median of {s['clean_pairs']} clean pairs | "
+            f"{', '.join(_num(r, '.2f') for r in s['ratios']) or '—'} | "
+            f"{_num(bb['median_ttft_ms'], '.1f', ' ms')} | {_num(kb['median_ttft_ms'], '.1f', ' ms')} | "
+            f"{_num(bb['median_tpot_ms'], '.2f', ' ms')} | {_num(kb['median_tpot_ms'], '.2f', ' ms')} | "
+            f"{bb['failed']}/{kb['failed']} | "
+            f"{_share(bb['idle_other_cpu_cores'])} / {_share(kb['idle_other_cpu_cores'])} |"
         )
     c1 = min(summary)
     b1, k1 = summary[c1][BASE]["best_ttft_ms"], summary[c1][KEEL]["best_ttft_ms"]
+    best = (
+        f"{b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms)"
+        if b1 is not None and k1 is not None
+        else "no clean pair"
+    )
     rows += [
         "",
-        f"Best-of-rounds TTFT p50 at c={c1}: {b} {b1:.1f} ms, {k} {k1:.1f} ms (Δ {k1 - b1:+.1f} ms). "
-        f"Idle CPU: the server not being measured, median over pairs, % of one core.",
+        f"Best-of-rounds TTFT p50 at c={c1} (clean pairs): {best}. "
+        f"Idle CPU: the server not being measured, median over clean pairs, % of one core.",
     ]
+    excluded = [f for _, s in sorted(summary.items()) for f in s["excluded"]]
+    if excluded:
+        rows += ["", "Pairs left out of the medians (a side failed requests):"]
+        rows += [_failure_line(f, side_name) for f in excluded]
     return "\n".join(rows)
 
 
@@ -347,6 +425,12 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
     names = {KEEL: "Keel", BASE: "bare" if a.baseline == "bare" else "policies off"}
     if a.baseline == "policies-off":
         names[KEEL] = "policies on"
+    if a.baseline == "keel":
+        names = {KEEL: "Keel (this)", BASE: f"Keel ({Path(a.base_code).name})"}
+    codes = {
+        KEEL: Path(a.keel_code).resolve() if a.keel_code else None,
+        BASE: Path(a.base_code).resolve() if a.base_code else None,
+    }
     # --baseline vllm: both sides bare vLLM, this environment's (in the "Keel" slot) vs another's.
     pythons = {KEEL: sys.executable, BASE: a.vllm_python or sys.executable}
     if a.baseline == "vllm":
@@ -357,7 +441,7 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
     for side in (KEEL, BASE):
         port = free_port()
         log = open(RESULTS / f"compare-{stamp}-{side}.log", "wb")  # noqa: SIM115 - closed when its server stops
-        with_policies = side == KEEL and a.baseline != "vllm"
+        with_policies = (side == KEEL and a.baseline != "vllm") or a.baseline == "keel"
         bare = (side == BASE and a.baseline == "bare") or a.baseline == "vllm"
         if bare:
             proc = start_bare(cfg, model, port, log, pythons[side])
@@ -368,7 +452,7 @@ def start_servers(a, cfg, model: str, stamp: str) -> dict[str, dict]:
                 RESULTS,
                 log,
                 name=f"compare-{stamp}-{side}",
-                code=Path(a.keel_code).resolve() if a.keel_code and side == KEEL else None,
+                code=codes[side],
             )
         servers[side] = {
             "name": names[side],
@@ -417,11 +501,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--baseline",
-        choices=["bare", "policies-off", "vllm"],
+        choices=["bare", "policies-off", "vllm", "keel"],
         default="bare",
         help="bare: vLLM's own server; policies-off: the same Keel stack without policies; "
-        "vllm: bare vLLM of this environment vs bare vLLM of --vllm-python",
+        "vllm: bare vLLM of this environment vs bare vLLM of --vllm-python; "
+        "keel: this Keel vs the Keel checkout at --base-code",
     )
+    ap.add_argument("--base-code", help="with --baseline keel: the other Keel checkout (e.g. a git worktree)")
     ap.add_argument("--vllm-python", help="with --baseline vllm: the interpreter of the other vLLM's venv")
     ap.add_argument("--api-key", default=DEMO_KEY, help="key for the config's tenants (demo key)")
     ap.add_argument(
@@ -432,6 +518,11 @@ def main() -> None:
     a = ap.parse_args()
     if (a.baseline == "vllm") != bool(a.vllm_python):
         ap.error("--baseline vllm and --vllm-python go together")
+    if (a.baseline == "keel") != bool(a.base_code):
+        ap.error("--baseline keel and --base-code go together")
+    for flag, code in (("--keel-code", a.keel_code), ("--base-code", a.base_code)):
+        if code and not (Path(code) / "serving" / "__init__.py").is_file():
+            ap.error(f"{flag} {code}: not a Keel checkout (no serving/__init__.py)")
 
     cfg = load_config(a.config)
     model = a.model or next(iter(cfg.models))

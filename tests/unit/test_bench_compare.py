@@ -105,13 +105,31 @@ def test_a_vllm_upgrade_is_measured_bare_against_bare_with_the_other_venvs_pytho
 
     monkeypatch.setattr(compare, "start_bare", start_bare)
     a = compare.argparse.Namespace(
-        baseline="vllm", vllm_python="/old/bin/python", api_key="k", config=str(LOCAL), keel_code=None
+        baseline="vllm", vllm_python="/old/bin/python", api_key="k", config=str(LOCAL), keel_code=None, base_code=None
     )
     servers = compare.start_servers(a, load_config(LOCAL), "demo", "t")
     assert set(started) == {sys.executable, "/old/bin/python"}  # both bare: no keel stack
     assert (servers[KEEL]["name"], servers[BASE]["name"]) == ("vLLM 0.32.0", "vLLM 0.29.0")
     assert servers[KEEL]["key"] is None and servers[BASE]["key"] is None
     assert bare_command(load_config(LOCAL), "demo", 1, "/old/bin/python")[0] == "/old/bin/python"
+
+
+def test_a_keel_change_is_measured_against_the_older_checkout_both_with_policies(monkeypatch, tmp_path):
+    started = {}
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+
+    def start_keel(doc, workdir, log, name, code):
+        started[name.rsplit("-", 1)[1]] = (code, doc)
+        return subprocess.Popen([sys.executable, "-c", ""])
+
+    monkeypatch.setattr(compare, "start_keel", start_keel)
+    a = compare.argparse.Namespace(
+        baseline="keel", vllm_python=None, api_key="k", config=str(LOCAL), keel_code=None, base_code=str(tmp_path)
+    )
+    servers = compare.start_servers(a, load_config(LOCAL), "demo", "t")
+    assert started[KEEL][0] is None and started[BASE][0] == tmp_path.resolve()
+    assert started[KEEL][1]["tenants"] == started[BASE][1]["tenants"]  # the same policies on both
+    assert servers[KEEL]["key"] == servers[BASE]["key"] == "k"
 
 
 def test_the_vllm_version_is_read_from_the_interpreters_packages():
@@ -238,18 +256,21 @@ def test_every_round_pairs_each_point_and_swaps_who_goes_first():
     assert [order for *_, order in s] == [(KEEL, BASE)] * 2 + [(BASE, KEEL)] * 2 + [(KEEL, BASE)] * 2
 
 
-def side(tok_s, ttft=100.0, failed=0, idle=0.01):
+def side(tok_s, ttft=100.0, failed=0, idle=0.01, errors=(), by_status=None, requests=384):
     return {
         "output_throughput": tok_s,
         "median_ttft_ms": ttft,
         "median_tpot_ms": 20.0,
+        "completed": requests - failed,
         "failed": failed,
+        "failures_by_status": by_status or ({"0": failed} if failed else {}),
+        "sample_errors": list(errors),
         "idle_other_cpu_cores": idle,
     }
 
 
-def pair(c, keel, base, **kw):
-    return {"c": c, KEEL: side(keel, **kw), BASE: side(base)}
+def pair(c, keel, base, rnd=0, base_side=None, **kw):
+    return {"round": rnd, "c": c, KEEL: side(keel, **kw), BASE: base_side or side(base)}
 
 
 def test_the_judged_figure_is_the_median_of_per_pair_ratios_not_the_ratio_of_medians():
@@ -264,20 +285,72 @@ def test_the_judged_figure_is_the_median_of_per_pair_ratios_not_the_ratio_of_med
     assert lopsided[KEEL]["output_throughput"] / lopsided[BASE]["output_throughput"] == pytest.approx(1000 / 2000)
 
 
-def test_a_pair_whose_baseline_failed_has_no_ratio_and_does_not_skew_the_median():
+def test_a_pair_whose_baseline_had_no_throughput_has_no_ratio_and_does_not_skew_the_median():
     s = point_summary([pair(64, 1000, 0), pair(64, 950, 1000), pair(64, 1050, 1000)])
     assert s["ratios"] == [None, 0.95, 1.05] and s["median_ratio"] == pytest.approx(1.0)
     assert point_summary([pair(64, 1000, 0)])["median_ratio"] is None
+
+
+RESET = "ClientConnectionResetError: Connection reset by peer"
+STALLED = side(1700, ttft=6000.0, failed=38, errors=[RESET], by_status={"0": 38})
+
+
+def test_a_pair_where_either_side_failed_is_left_out_of_every_median_and_listed_with_its_errors():
+    pairs = [
+        pair(64, 1000, 1000, rnd=0),
+        pair(64, 2000, 0, rnd=1, base_side=STALLED),  # a stalled baseline: 1.18x that is not Keel's
+        pair(64, 1100, 1000, rnd=2),
+        pair(64, 300, 1000, rnd=3, failed=2, errors=["503 no capacity"], by_status={"503": 2}),
+    ]
+    s = point_summary(pairs)
+    assert (s["pairs"], s["clean_pairs"], s["ratios"]) == (4, 2, [1.0, 1.1])
+    assert s["median_ratio"] == pytest.approx(1.05)
+    assert s[KEEL]["output_throughput"] == 1050 and s[BASE]["output_throughput"] == 1000
+    assert s[BASE]["median_ttft_ms"] == 100.0  # the stalled round's 6 s is not in it
+    assert (s[BASE]["failed"], s[KEEL]["failed"]) == (38, 2)  # failures still counted, per side
+    assert [(f["round"], f["side"], f["failed"], f["sample_errors"]) for f in s["excluded"]] == [
+        (1, BASE, 38, [RESET]),
+        (3, KEEL, 2, ["503 no capacity"]),
+    ]
+    stalled = s["excluded"][0]
+    assert stalled["failures_by_status"] == {"0": 38} and stalled["ratio"] == pytest.approx(2000 / 1700)
+
+    text = table({64: s})
+    row64 = next(line for line in text.splitlines() if line.startswith("| 64 |"))
+    assert "**1.05×**, median of 2 clean pairs" in row64 and "| 1.00, 1.10 |" in row64 and "| 38/2 |" in row64
+    listed = text.split("Pairs left out of the medians")[1]
+    assert f"- round 2, c=64: bare failed 38 of 384 (no response: 38): `{RESET}`; the pair's ratio 1.18" in listed
+    assert "- round 4, c=64: Keel failed 2 of 384 (HTTP 503: 2): `503 no capacity`; the pair's ratio 0.30" in listed
+
+
+def test_a_point_without_a_clean_pair_has_no_median():
+    s = point_summary([pair(64, 1000, 1000, failed=1, errors=["empty stream"], by_status={"200": 1})])
+    assert s["clean_pairs"] == 0 and s["ratios"] == [] and s["median_ratio"] is None
+    assert s[KEEL]["output_throughput"] is None and s[BASE]["median_ttft_ms"] is None
+    row = next(line for line in table({64: s}).splitlines() if line.startswith("| 64 |"))
+    assert "**—**, median of 0 clean pairs | — | — | — |" in row and "| 0/1 |" in row
 
 
 def test_the_table_shows_each_pair_failures_and_the_idle_servers_cpu():
     pairs = [
         pair(1, 180, 200, ttft=30.0),
         pair(1, 190, 200, ttft=25.0),
-        pair(64, 2000, 2100, failed=1),
+        pair(1, 190, 200, ttft=5.0, failed=1, errors=["empty stream"]),  # fast, but not clean
+        pair(64, 2000, 2100),
         pair(64, 2050, 2000),
     ]
     text = table(summarize_pairs(pairs))
     row64 = next(line for line in text.splitlines() if line.startswith("| 64 |"))
-    assert "**0.99×**" in row64 and "0.95, 1.02" in row64 and "| 0/1 |" in row64 and "1.0% / 1.0%" in row64
-    assert "Best-of-rounds TTFT p50 at c=1: bare 100.0 ms, Keel 25.0 ms" in text
+    assert "**0.99×**" in row64 and "0.95, 1.02" in row64 and "| 0/0 |" in row64 and "1.0% / 1.0%" in row64
+    row1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert "median of 2 clean pairs" in row1 and "| 0/1 |" in row1
+    assert "Best-of-rounds TTFT p50 at c=1 (clean pairs): bare 100.0 ms, Keel 25.0 ms" in text
+
+
+@pytest.mark.parametrize("flags", [["--baseline", "keel", "--base-code", "/nonexistent"], ["--keel-code", "/tmp"]])
+def test_a_code_flag_that_is_not_a_keel_checkout_stops_before_anything_starts(monkeypatch, capsys, flags):
+    monkeypatch.setattr(sys, "argv", ["compare", *flags])
+    monkeypatch.setattr(compare, "start_servers", lambda *a: pytest.fail("servers started"))
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2 and "not a Keel checkout" in capsys.readouterr().err
