@@ -205,9 +205,11 @@ class EngineReplica:
         self.drain_timeout_s = float((user_config or {}).get("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S))
 
     def requests_in_flight(self) -> int:
-        """Open client connections to the engine's HTTP port. The gateway opens one per request
-        and closes it when the answer ends, so this counts requests from their first byte (vLLM's
-        own gauges count a request only once its engine core has it)."""
+        """Open client connections to the engine's HTTP port: a gateway holds one per request
+        from its first byte to its last, so this counts requests before vLLM's own gauges do
+        (they count a request only once its engine core has it). Gateways keep connections
+        alive between requests (serving/gateway/engine_conns.py): an idle one counts until it
+        is reused or closed, at most the engine's keep-alive timeout (5 s) after a burst."""
         try:
             conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
         except psutil.Error:

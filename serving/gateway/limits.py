@@ -4,7 +4,8 @@ Every byte a client sends may come from an attacker, so nothing a client control
 unbounded: how long a request head or body may take to arrive, how big a head, a header line
 or a body may be, how many connections and requests the gateway holds at once, how much
 request-body memory it holds in all; and, on the engine side, how long an engine may stay
-silent before its request is given up. The defaults follow the well-kept servers (uvicorn,
+silent before its request is given up, and how many idle keep-alive connections to it are
+kept, for how long. The defaults follow the well-kept servers (uvicorn,
 aiohttp, nginx) where they agree; `benchmarks/hostile_load.py` measures a gateway under the
 attacks they stop.
 """
@@ -68,4 +69,20 @@ class HttpLimits(Strict):
         description="An engine that sends nothing for this long (no response head, no "
         "token) has its request ended: 504, or an error event if the stream had begun. A "
         "non-streamed answer arrives whole at the end, so allow for the longest generation.",
+    )
+    engine_keepalive_connections: int = Field(
+        64,
+        ge=0,
+        le=4096,
+        description="Idle keep-alive connections kept per engine replica, for the next "
+        "requests (vLLM's server pays dearly for a new connection under load); 0: a new "
+        "connection per request, closed after it.",
+    )
+    engine_keepalive_s: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="An idle engine connection is used only this long after its last "
+        "response; keep it below the engine's own keep-alive timeout (vLLM: 5 s, "
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so no request goes out on a connection the engine is closing.",
     )

@@ -108,6 +108,13 @@ class GatewayMetrics:
         self.endpoints = Gauge(
             "keel_engine_replicas_ready", "Engine replicas the gateway can route to.", ["model"], registry=r
         )
+        self.engine_connections = Counter(
+            "keel_engine_connections_opened",
+            "New connections to engine replicas; against keel_requests_total it shows how many "
+            "requests went out on a pooled keep-alive connection (serving/gateway/engine_conns.py).",
+            ["model"],
+            registry=r,
+        )
         self.anomalies = Counter(
             "keel_anomalies",
             "Anomalies started, by tenant, model and signal (requests, tokens, "

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import httptools
 
@@ -50,14 +51,17 @@ MAX_RESPONSE_HEAD = 65536
 CUT_MESSAGE = "The model replica stopped before finishing the response; it is incomplete."
 
 
-def request_bytes(ctx: RequestContext, ep, engine_api_key: str | None = None) -> bytes:
+def request_bytes(ctx: RequestContext, ep, engine_api_key: str | None = None, keep_alive: bool = False) -> bytes:
+    """The request as the engine gets it. keep_alive: the connection is pooled after the
+    response (serving/gateway/engine_conns.py); otherwise the engine is told to close it."""
     lines = [
         f"{ctx.method} {ctx.path} HTTP/1.1",
         f"host: {ep.host}:{ep.port}",
         f"content-length: {len(ctx.body)}",
-        "connection: close",  # the response then ends at EOF: no framing to track per chunk
         f"x-request-id: {ctx.upstream_headers.get('x-request-id') or ctx.request_id}",
     ]
+    if not keep_alive:
+        lines.append("connection: close")
     if engine_api_key:  # the engine answers only its gateway (serving.engine.auth)
         lines.append(f"authorization: Bearer {engine_api_key}")
     for k, v in ctx.headers.items():
@@ -69,12 +73,52 @@ def request_bytes(ctx: RequestContext, ep, engine_api_key: str | None = None) ->
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + ctx.body
 
 
+class _End:
+    """httptools callbacks that only note where a response ends (raw relay and error bodies)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def _framing_parser(protocol, chunked: bool, body_length: int | None) -> httptools.HttpResponseParser:
+    """A parser fed the body only, primed with a head that carries the engine's framing."""
+    framing = (
+        b"transfer-encoding: chunked\r\n"
+        if chunked
+        else (b"content-length: %d\r\n" % body_length if body_length is not None else b"")
+    )
+    parser = httptools.HttpResponseParser(protocol)
+    parser.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+    return parser
+
+
 class Upstream(asyncio.Protocol):
-    def __init__(self, client, ctx: RequestContext, loop: asyncio.AbstractEventLoop):
+    """One request's engine connection, for that request. `release(transport)` takes the
+    connection back once the response ended whole and it may carry another (keep-alive);
+    `reused`: the connection came from the pool (a request it loses before any answer is
+    retried, serving/gateway/server.py)."""
+
+    def __init__(
+        self,
+        client,
+        ctx: RequestContext,
+        loop: asyncio.AbstractEventLoop,
+        release: Callable[[asyncio.Transport], None] | None = None,
+    ):
         self.client = client
         self.ctx = ctx
+        self.release = release
+        self.reused = False
         self.transport: asyncio.Transport | None = None
         self.done: asyncio.Future = loop.create_future()
+        self.reusable = False  # the engine's head allows another request on this connection
+        self.end = _End()  # raw relay and error bodies: where the response ends
+        self.framing: httptools.HttpResponseParser | None = None
         self.relaying = False  # past the head: bytes go straight to the client
         self.framed = not client.http10  # the client takes chunked framing
         self.buf = bytearray()
@@ -99,13 +143,15 @@ class Upstream(asyncio.Protocol):
 
     def body_complete(self) -> bool:
         """Did the client get the whole body? (It may close before the engine's EOF reaches us.)"""
-        if self.inspecting:
-            return self.complete
-        if self.chunked:
-            return self.last.endswith(b"0\r\n\r\n")
-        return self.body_length is not None and self.bytes_out >= self.body_length
+        return self.complete
 
     def connection_made(self, transport):
+        self.transport = transport
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Take over a pooled connection."""
+        self.reused = True
+        transport.set_protocol(self)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -116,6 +162,7 @@ class Upstream(asyncio.Protocol):
             self.last = data if len(data) >= 8 else self.last[-8:] + data
             if self.first_byte_at is None:
                 self.first_byte_at = time.monotonic()
+            self._track(data)
             return
         if self.inspecting:
             self._inspect(data)
@@ -125,6 +172,8 @@ class Upstream(asyncio.Protocol):
             if len(self.buf) > MAX_ERROR_BODY:
                 assert self.transport is not None  # data_received comes after connection_made
                 self.transport.abort()
+            else:
+                self._track(data)
             return
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
@@ -142,15 +191,30 @@ class Upstream(asyncio.Protocol):
         rest = bytes(self.buf[end + 4 :])
         self.status = status
         self.headers = headers
-        if status >= 400:
-            self.is_error = True
-            self.buf = bytearray(rest)
-            return
+        close = False
         for k, v in headers:
             if k == "content-length" and v.isdigit():
                 self.body_length = int(v)
             elif k == "transfer-encoding" and "chunked" in v.lower():
                 self.chunked = True
+            elif k == "connection" and "close" in v.lower():
+                close = True
+        # Another request may follow on this connection when the engine said where the body
+        # ends, did not ask to close, and the answer is not an error (an engine may answer an
+        # error before reading the whole request).
+        self.reusable = (
+            self.release is not None
+            and status < 400
+            and not close
+            and self.buf.startswith(b"HTTP/1.1 ")
+            and (self.chunked or self.body_length is not None)
+        )
+        if status >= 400:
+            self.is_error = True
+            self.buf = bytearray()
+            self.framing = _framing_parser(self.end, self.chunked, self.body_length)
+            self.data_received(rest)  # tracks the framing; ends the request when the body is whole
+            return
         self.buf = bytearray()
         if self.ctx.inspect or (self.chunked and not self.framed):
             self._start_decoding(headers)
@@ -163,8 +227,37 @@ class Upstream(asyncio.Protocol):
         self.client.write_head(status, out, self.ctx.request_id, self.ctx.response_headers)
         self.head_sent = True
         self.relaying = True
+        self.framing = _framing_parser(self.end, self.chunked, self.body_length)
         if rest:
             self.data_received(rest)
+        elif self.end.done:  # an empty body (content-length: 0)
+            self._whole()
+
+    def _track(self, data: bytes) -> None:
+        """Raw relay and error bodies: follow the engine's framing (httptools, in C) to know
+        when the response is whole; then the request ends without waiting for an EOF."""
+        assert self.framing is not None
+        try:
+            self.framing.feed_data(data)
+        except httptools.HttpParserError:
+            self.reusable = False  # bytes past the end, or broken framing: the connection goes
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.end.done:
+            self._whole()
+
+    def _whole(self) -> None:
+        """The response ended whole: end the request, and hand the connection back or close it."""
+        self.complete = True
+        transport, self.transport = self.transport, None  # a client leaving now must not abort it
+        self._finish()
+        if transport is None:
+            return
+        if self.reusable and self.release is not None and not transport.get_write_buffer_size():
+            self.release(transport)
+        else:
+            transport.close()
 
     # -- decode mode: a policy needs the response (usage, output guardrails, audit text), or
     #    the client cannot take the engine's chunked framing --------------------------------
@@ -172,13 +265,7 @@ class Upstream(asyncio.Protocol):
     def _start_decoding(self, headers: list[tuple[str, str]]) -> None:
         self.inspecting = True
         self.chat = self.ctx.path.endswith("/chat/completions")
-        framing = (
-            b"transfer-encoding: chunked\r\n"
-            if self.chunked
-            else (b"content-length: %d\r\n" % self.body_length if self.body_length is not None else b"")
-        )
-        self.decoder = httptools.HttpResponseParser(self)
-        self.decoder.feed_data(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+        self.decoder = _framing_parser(self, self.chunked, self.body_length)
         ctype = next((v for k, v in headers if k == "content-type"), "")
         self.out_headers = [
             k + ": " + v
@@ -213,9 +300,12 @@ class Upstream(asyncio.Protocol):
             self.decoder.feed_data(data)
         except httptools.HttpParserError:
             log.warning("request %s: malformed response body from the engine", self.ctx.request_id)
+            self.reusable = False
             self.transport.abort()  # what decoded before the error still goes out
         self._drain()
         self._flush()
+        if self.complete and not self.cut and not self.done.done():
+            self._whole()
 
     # httptools callbacks of self.decoder
     def on_body(self, body: bytes) -> None:
@@ -302,6 +392,7 @@ class Upstream(asyncio.Protocol):
     def _cut(self, e: GuardrailBlocked) -> None:
         """An output guardrail blocked: end the stream with an error event and stop the engine."""
         self.cut = True
+        self.reusable = False
         self.pending.clear()
         self.ctx.blocked = e
         assert self.stream is not None and self.transport is not None  # only a stream is cut
@@ -318,6 +409,7 @@ class Upstream(asyncio.Protocol):
     def give_up(self, idle_s: float) -> None:
         """The engine sent nothing for idle_s: end the request as a gateway timeout."""
         self.stalled_s = idle_s
+        self.reusable = False
         if self.transport is not None:
             self.transport.abort()
 
@@ -363,6 +455,14 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.done.done():
             return
+        if self.reused and not self.buf and not self.status and not self.client.closed and self.stalled_s is None:
+            # A pooled connection the engine closed as the request went out: it never began.
+            self.done.set_result(None)  # the gateway sends it again on a fresh connection
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        """The request's outcome, once the response ended (whole, or with the connection)."""
         rid = self.ctx.request_id
         if self.client.closed and not (self.head_sent and self.body_complete()):
             outcome = Outcome(

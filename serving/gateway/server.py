@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import resource
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from serving.errors import GatewayError, error_body
 from serving.gateway import admin_models, anomalies
 from serving.gateway.endpoints import Endpoint, EndpointPool
+from serving.gateway.engine_conns import EngineConnections
 from serving.gateway.heap import return_large_blocks_to_the_os
 from serving.gateway.hold import HoldSettings, RequestHold
 from serving.gateway.http import ClientConnection, Request
@@ -89,6 +91,8 @@ class Gateway:
             lambda m: self.pool.count(m) > 0, wake, on_change=lambda m, n: self.metrics.held.labels(m).set(n)
         )
         self.max_connections = _connection_cap(self.limits.max_connections)
+        # Idle keep-alive connections to each replica (serving/gateway/engine_conns.py).
+        self.engine_conns = EngineConnections(self.limits.engine_keepalive_connections, self.limits.engine_keepalive_s)
         self.connections = 0
         self.requests_in_flight = 0
         self.body_bytes = 0  # request-body bytes held, all requests together
@@ -137,6 +141,7 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
+        self.engine_conns.close()
         self.registrations.stop()
 
     async def _watch_engines(self) -> None:
@@ -147,6 +152,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(10.0, timeout / 4))
+            self.engine_conns.sweep()
             now = loop.time()
             for up, (seen, since) in list(self._relays.items()):
                 progress = up.progress()
@@ -185,6 +191,7 @@ class Gateway:
 
     def update_endpoints(self, snapshot: dict[str, list[dict]]) -> None:
         self.pool.update(snapshot)
+        self.engine_conns.keep_only(self.pool.all())  # a replica that left: its connections go
         for model in self.models:
             self.metrics.endpoints.labels(model).set(self.pool.count(model))
         self.hold.endpoints_changed()
@@ -413,9 +420,31 @@ class Gateway:
     async def _relay(self, client: ClientConnection, ctx: RequestContext) -> Outcome:
         model = ctx.target
         assert model is not None
+        fresh = False
+        while True:
+            ep, upstream = await self._connect(client, ctx, fresh)
+            self.metrics.in_flight.labels(model).inc()
+            try:
+                outcome = await self._exchange(client, ctx, ep, upstream)
+            finally:
+                ep.in_flight -= 1
+                self.metrics.in_flight.labels(model).dec()
+            if outcome is not None:
+                return outcome
+            # A pooled connection the engine closed as the request went out (no answer came):
+            # once more, on a new connection (a fresh one is never retried, so this runs once).
+            fresh = True
+
+    async def _connect(self, client: ClientConnection, ctx: RequestContext, fresh: bool) -> tuple[Endpoint, Upstream]:
+        """A replica of the request's model and a connection to it: an idle pooled one, or a
+        new one (fresh: always new). Replicas that do not answer are skipped; a model that
+        scales to zero holds the request for a replica."""
+        model = ctx.target
+        assert model is not None
         tried: tuple[Endpoint, ...] = ()
         loop = asyncio.get_running_loop()
         held_until = None
+        conns = self.engine_conns
         while True:
             ep = self.pool.pick(model, exclude=tried)
             if ep is None and self.hold.applies(model) and self.pool.count(model) == 0:
@@ -433,37 +462,48 @@ class Gateway:
                     headers={"retry-after": str(RETRY_AFTER_S)},
                 )
             ep.in_flight += 1  # counted from the pick, so concurrent picks spread while connecting
-            upstream = Upstream(client, ctx, loop)
+            release = functools.partial(conns.give, ep) if conns.enabled else None
+            upstream = Upstream(client, ctx, loop, release)
+            pooled = None if fresh or release is None else conns.take(ep)
+            if pooled is not None:
+                upstream.attach(pooled)
+                return ep, upstream
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: upstream, ep.host, ep.port),  # noqa: B023 - called in this await
                     self.settings.connect_timeout_s,
                 )
-                break
+                self.metrics.engine_connections.labels(model).inc()
+                return ep, upstream
             except (OSError, asyncio.TimeoutError):
                 ep.in_flight -= 1
                 log.warning("replica %s of %s at %s:%s unreachable", ep.replica_id, model, ep.host, ep.port)
                 self.pool.mark_down(ep)
+                conns.drop(ep)
                 tried += (ep,)
             except asyncio.CancelledError:
                 ep.in_flight -= 1
                 raise
-        self.metrics.in_flight.labels(model).inc()
+
+    async def _exchange(
+        self, client: ClientConnection, ctx: RequestContext, ep: Endpoint, upstream: Upstream
+    ) -> Outcome | None:
+        """Send the request on upstream's connection and relay the answer; None when a pooled
+        connection ended before any answer (the caller retries on a new one)."""
+        assert upstream.transport is not None  # connected above
+        if client.closed:
+            upstream.transport.abort()
+            return Outcome(499, error="client disconnected")
+        client.upstream = upstream
+        self._relays[upstream] = (0, asyncio.get_running_loop().time())
         try:
-            assert upstream.transport is not None  # connected above
-            if client.closed:
-                upstream.transport.abort()
-                return Outcome(499, error="client disconnected")
-            client.upstream = upstream
-            self._relays[upstream] = (0, loop.time())
-            upstream.transport.write(request_bytes(ctx, ep, self.settings.engine_api_key))
+            keep_alive = upstream.release is not None
+            upstream.transport.write(request_bytes(ctx, ep, self.settings.engine_api_key, keep_alive))
             ctx.sent_to_engine = True
             return await upstream.done
         finally:
             self._relays.pop(upstream, None)
             client.upstream = None
-            ep.in_flight -= 1
-            self.metrics.in_flight.labels(model).dec()
 
     def _models_body(self, req: Request) -> dict:
         p = req.principal

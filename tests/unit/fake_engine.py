@@ -31,13 +31,27 @@ class FakeEngine:
         field: str = "content",
         alternatives: dict[str, list[str]] | None = None,
         die_after: int | None = None,
+        keep_alive: bool = False,
+        drop_reused: int = 0,
+        says_close: bool = False,
     ):
         """tokens: answer like vLLM does, with these as the generated text pieces (role chunk,
         content chunks, a finish_reason chunk, a usage chunk when asked, [DONE]), with logprobs
         when the request asks (alternatives: token -> other tokens its top_logprobs list) and,
         on /v1/completions, the prompt first when it asks for `echo`.
         field: where a chat answer puts the pieces: content, refusal, reasoning,
-        reasoning_content, or tool_arguments (the arguments of one tool call)."""
+        reasoning_content, or tool_arguments (the arguments of one tool call).
+        keep_alive: serve further requests on a connection, as uvicorn does (otherwise every
+        answer says `connection: close` and the connection closes after it).
+        drop_reused: close this many connections, without an answer, when a second request
+        arrives on them (an engine closing an idle connection as a request goes out).
+        says_close: with keep_alive, answer `connection: close` yet go on serving the connection
+        (so a gateway that reused it anyway would be seen doing so)."""
+        self.says_close = says_close
+        self.keep_alive = keep_alive
+        self.drop_reused = drop_reused
+        self.connections = 0  # connections accepted
+        self.dropped = 0
         self.tokens = tokens
         self.field = field
         self.alternatives = alternatives or {}
@@ -61,14 +75,34 @@ class FakeEngine:
         await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
         try:
-            await self._serve(reader, writer)
+            while True:
+                try:
+                    raw = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as e:
+                    if e.partial or not served:
+                        self.disconnects += 1  # hung up inside a request (or before sending one)
+                    break
+                if served and self.drop_reused:
+                    self.drop_reused -= 1
+                    self.dropped += 1
+                    break
+                served += 1
+                if not await self._serve(raw.decode("latin-1"), reader, writer) or not self.keep_alive:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):  # the gateway hung up first
             self.disconnects += 1
-            writer.close()
+        writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    def _head(self, head: bytes) -> bytes:
+        """A response head as this engine sends it: with `connection: close` unless keep_alive
+        (and not says_close)."""
+        return head if self.keep_alive and not self.says_close else head[:-2] + b"connection: close\r\n\r\n"
+
+    async def _serve(self, head: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """One request; False when the connection is done."""
         lines = head.split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ":" in ln)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
@@ -78,18 +112,18 @@ class FakeEngine:
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(text) + text
             )
             await writer.drain()
-            writer.close()
-            return
+            return False
         self.requests.append((lines[0], headers, body))
         if self.error_status:
             writer.write(
-                f"HTTP/1.1 {self.error_status} Err\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(self.error_body)}\r\nconnection: close\r\n\r\n".encode()
+                self._head(
+                    f"HTTP/1.1 {self.error_status} Err\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(self.error_body)}\r\n\r\n".encode()
+                )
                 + self.error_body
             )
             await writer.drain()
-            writer.close()
-            return
+            return True
         req = json.loads(body)
         try:
             if self.tokens is not None:
@@ -98,22 +132,27 @@ class FakeEngine:
                 await self._answer_plain(reader, writer, req.get("stream", False))
             await writer.drain()
             self.completed += 1
+            return True
         except (ConnectionResetError, BrokenPipeError):
             self.disconnects += 1
-        finally:
-            writer.close()
+            return False
 
     async def _answer_plain(self, reader, writer, stream: bool) -> None:
         if not stream:
             payload = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}).encode()
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload
+                self._head(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver: fake\r\n"
+                    b"content-length: %d\r\n\r\n" % len(payload)
+                )
+                + payload
             )
         else:
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
-                b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                self._head(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nserver: fake\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
             )
             await self._send_events(
                 reader,
@@ -163,13 +202,17 @@ class FakeEngine:
                 separators=(",", ":"),
             ).encode()
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload) + payload
+                self._head(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(payload)
+                )
+                + payload
             )
             return
         writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            self._head(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
         )
         events = []
         if chat:

@@ -206,17 +206,22 @@ def test_engine_500_does_not_leak_internals():
     assert "kernel.cu" not in error_of(r)["message"]
 
 
+async def hang_up_mid_stream(url: str, engine: FakeEngine) -> None:
+    """Read one piece of a stream, hang up, and wait (at most 2 s) for the engine to see it."""
+    async with httpx.AsyncClient(base_url=url) as c, c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
+        async for _ in r.aiter_bytes():
+            break
+    for _ in range(100):
+        if engine.disconnects:
+            break
+        await asyncio.sleep(0.02)
+
+
 def test_client_disconnect_mid_stream_closes_the_engine_connection():
     async def go():
         engine = FakeEngine(chunks=200, delay=0.01)
         gw, url = await start_gateway(engine)
-        async with httpx.AsyncClient(base_url=url) as c, c.stream("POST", "/v1/chat/completions", json=CHAT) as r:
-            async for _ in r.aiter_bytes():
-                break  # read one piece, then hang up
-        for _ in range(100):
-            if engine.disconnects:
-                break
-            await asyncio.sleep(0.02)
+        await hang_up_mid_stream(url, engine)
         async with httpx.AsyncClient(base_url=url) as c:
             metrics = (await c.get("/metrics")).text
         await gw.stop()
