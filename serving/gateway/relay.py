@@ -220,6 +220,9 @@ class Upstream(asyncio.Protocol):
             self._start_decoding(headers)
             if rest:
                 self.data_received(rest)
+            elif self.complete:  # an empty body (content-length: 0): no read will follow
+                self._flush()
+                self._whole()
             return
         if self.body_length is None and not self.chunked:
             self.client.keep_alive = False  # body ends when the connection does
@@ -265,7 +268,6 @@ class Upstream(asyncio.Protocol):
     def _start_decoding(self, headers: list[tuple[str, str]]) -> None:
         self.inspecting = True
         self.chat = self.ctx.path.endswith("/chat/completions")
-        self.decoder = _framing_parser(self, self.chunked, self.body_length)
         ctype = next((v for k, v in headers if k == "content-type"), "")
         self.out_headers = [
             k + ": " + v
@@ -280,6 +282,7 @@ class Upstream(asyncio.Protocol):
         else:
             self.stream = None
             self.body_parts: list[bytes] = []
+            self.decoder = _framing_parser(self, self.chunked, self.body_length)
             return
         framing_out = ["transfer-encoding: chunked"] if self.framed else []
         if not self.framed:
@@ -288,6 +291,8 @@ class Upstream(asyncio.Protocol):
             self.status, [*self.out_headers, *framing_out], self.ctx.request_id, self.ctx.response_headers
         )
         self.head_sent = True
+        # Last: priming it with an empty body's framing already ends the message (on_message_complete).
+        self.decoder = _framing_parser(self, self.chunked, self.body_length)
 
     def _inspect(self, data: bytes) -> None:
         """One read of the engine's body: decoded, inspected in one pass, written in one write

@@ -276,3 +276,25 @@ def test_an_idle_connection_the_engine_closes_leaves_the_pool():
     t.protocol.eof_received()
     t.protocol.connection_lost(None)
     assert pool.idle_count("r1") == 0 and pool.take("r1") is None
+
+
+class EmptyAnswers(FakeEngine):
+    """Answers every request with a 200 and an empty body (content-length: 0)."""
+
+    async def _answer_plain(self, reader, writer, stream: bool) -> None:
+        writer.write(self._head(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n"))
+
+
+def test_an_empty_answer_read_by_the_policies_ends_at_once_and_keeps_its_connection(tmp_path):
+    """No read follows an empty body: the response must end at its head, not at an EOF the
+    engine never sends on a kept-alive connection."""
+
+    async def go():
+        engine = EmptyAnswers(keep_alive=True)
+        async with Harness(policy(tmp_path), {"demo": engine}) as h:
+            rs = [await asyncio.wait_for(h.post(PLAIN), 3) for _ in range(2)]
+            return engine, rs
+
+    engine, rs = run(go())
+    assert [(r.status_code, r.content) for r in rs] == [(200, b"")] * 2
+    assert engine.connections == 1
