@@ -78,7 +78,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: setup lint types deps
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 
 unit: setup
 	$(BIN)/pytest -q tests/unit

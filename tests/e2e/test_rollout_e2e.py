@@ -20,7 +20,11 @@ from serving.config import REPO_ROOT
 from serving.policy.identity import key_digest
 from tests.e2e.conftest import running_stack
 
-pytestmark = pytest.mark.e2e
+# Each rollout starts an engine beside the one serving under load (3-3.5 min on this 2-core box: the
+# replica's three processes each import torch and vLLM while the load holds the cores), and a promotion
+# starts one more; the first test also pays for the stack's start. 12.4 min for the promotion test on
+# a quiet box, past 15 on a busy CI box: the default 900 s is too close.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 KEEL = Path(sys.executable).with_name("keel")
 CANDIDATE = "demo@candidate"
