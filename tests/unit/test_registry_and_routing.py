@@ -57,6 +57,30 @@ def test_registry_watch_returns_on_change_and_on_timeout():
     assert snap1 == {"demo": [{"model": "demo", "replica_id": "a", "host": "10.0.0.1", "port": 9000, "start_s": None}]}
 
 
+def test_a_registry_that_did_not_run_for_longer_than_the_ttl_expires_no_one():
+    """Starved of CPU, the registry's process wakes 15 s late with its replicas' heartbeats still
+    in its queue: those replicas are alive, and a gateway watching must not see them vanish. One
+    that stays silent once the registry runs again still expires."""
+    clock = Clock()
+    reg = EndpointRegistry(ttl_s=10, clock=clock)
+    reg.heartbeat("demo", "a", "127.0.0.1", 9001)
+
+    async def stalled_watch():
+        async def stall():
+            await asyncio.sleep(0.1)
+            clock.t += 15  # the process did not run for 15 s
+
+        task = asyncio.create_task(stall())
+        result = await reg.watch(reg.version, timeout_s=1.5)
+        await task
+        return result
+
+    _, snapshot = asyncio.run(stalled_watch())
+    assert [e["replica_id"] for e in snapshot["demo"]] == ["a"]
+    clock.t += 11  # silent past the ttl while the registry runs
+    assert reg.snapshot() == {}
+
+
 def test_pool_prefers_least_loaded_and_skips_down_replicas():
     clock = Clock()
     pool = EndpointPool(cooldown_s=5, clock=clock)
